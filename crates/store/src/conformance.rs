@@ -1,0 +1,30 @@
+//! The behaviour every backend must show, run against each one.
+
+use bytes::Bytes;
+
+use crate::ObjectStore;
+
+/// Exercises the whole [`ObjectStore`] contract on an empty store.
+pub(crate) async fn run(store: &dyn ObjectStore) {
+    assert!(store.list("generations/").await.unwrap().is_empty(), "a new store lists nothing");
+    assert!(store.get("generations/x/missing").await.unwrap_err().is_not_found());
+    store.delete("generations/x/missing").await.expect("deleting a missing key is not an error");
+
+    let keys = ["generations/b/wal/00000001_00000000.wal.lz4", "generations/a/snapshots/00000000.snapshot.lz4", "generations/b/wal/00000000_00000000.wal.lz4", "other/file"];
+    for (i, key) in keys.iter().enumerate() {
+        store.put(key, Bytes::from(vec![i as u8; i + 1])).await.unwrap();
+    }
+    let listed = store.list("generations/").await.unwrap();
+    let listed_keys: Vec<&str> = listed.iter().map(|m| m.key.as_str()).collect();
+    assert_eq!(listed_keys, ["generations/a/snapshots/00000000.snapshot.lz4", "generations/b/wal/00000000_00000000.wal.lz4", "generations/b/wal/00000001_00000000.wal.lz4"], "sorted, recursive, prefix-filtered");
+    assert_eq!(listed[2].size, 1);
+    let narrow = store.list("generations/b/wal/").await.unwrap();
+    assert_eq!(narrow.len(), 2);
+
+    store.put(keys[0], Bytes::from_static(b"replaced")).await.unwrap();
+    assert_eq!(&store.get(keys[0]).await.unwrap()[..], b"replaced", "put overwrites");
+
+    store.delete(keys[0]).await.unwrap();
+    assert!(store.get(keys[0]).await.unwrap_err().is_not_found());
+    assert_eq!(store.list("generations/b/").await.unwrap().len(), 1);
+}

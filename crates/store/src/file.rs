@@ -1,0 +1,158 @@
+//! `file://` replicas: the replica root is a local directory.
+
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::{Error, ObjectMeta, ObjectStore};
+
+/// Suffix of files being written; listings skip them, as Litestream's do.
+const TEMP_SUFFIX: &str = ".tmp";
+
+/// A replica kept in a local directory. Each put writes `<key>.<random>.tmp`, fsyncs it, renames
+/// it into place and fsyncs the directory, so a crash leaves the old object or the new one.
+/// Creation time is the file's mtime (what Litestream reads).
+#[derive(Debug, Clone)]
+pub struct FileStore {
+    root: PathBuf,
+}
+
+impl FileStore {
+    /// A store rooted at `root`, which need not exist yet.
+    pub fn new(root: impl Into<PathBuf>) -> FileStore {
+        FileStore { root: root.into() }
+    }
+
+    /// The replica root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path_of(&self, key: &str) -> Result<PathBuf, Error> {
+        let bad = key.is_empty() || key.starts_with('/') || key.split('/').any(|part| part == ".." || part.is_empty());
+        if bad {
+            return Err(Error::InvalidKey { key: key.to_string() });
+        }
+        Ok(self.root.join(key))
+    }
+}
+
+fn io_error(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error + use<> {
+    let path = path.display().to_string();
+    move |source| Error::Io { op, path, source }
+}
+
+#[async_trait]
+impl ObjectStore for FileStore {
+    async fn put(&self, key: &str, body: Bytes) -> Result<(), Error> {
+        let path = self.path_of(key)?;
+        tokio::task::spawn_blocking(move || put_blocking(&path, &body)).await.expect("put task panicked")
+    }
+
+    async fn get(&self, key: &str) -> Result<Bytes, Error> {
+        let path = self.path_of(key)?;
+        match tokio::fs::read(&path).await {
+            Ok(data) => Ok(Bytes::from(data)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::NotFound { key: key.to_string() }),
+            Err(e) => Err(io_error("read", &path)(e)),
+        }
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, Error> {
+        let root = self.root.clone();
+        let prefix = prefix.to_string();
+        tokio::task::spawn_blocking(move || list_blocking(&root, &prefix)).await.expect("list task panicked")
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), Error> {
+        let path = self.path_of(key)?;
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_error("remove", &path)(e)),
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!("file://{}", self.root.display())
+    }
+}
+
+fn put_blocking(path: &Path, body: &[u8]) -> Result<(), Error> {
+    use std::io::Write;
+    let dir = path.parent().expect("a key always has a parent under the root");
+    std::fs::create_dir_all(dir).map_err(io_error("create directory", dir))?;
+    // A random temp name lets two writers of the same key (a retry racing a slow first attempt)
+    // never share a half-written file.
+    let temp = PathBuf::from(format!("{}.{:08x}{TEMP_SUFFIX}", path.display(), rand::random::<u32>()));
+    let result = (|| {
+        let mut file = std::fs::File::create(&temp).map_err(io_error("create", &temp))?;
+        file.write_all(body).map_err(io_error("write", &temp))?;
+        file.sync_all().map_err(io_error("fsync", &temp))?;
+        std::fs::rename(&temp, path).map_err(io_error("rename", &temp))?;
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_error("fsync", dir))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    result
+}
+
+fn list_blocking(root: &Path, prefix: &str) -> Result<Vec<ObjectMeta>, Error> {
+    // Walk only the deepest directory the prefix names, not the whole replica.
+    let dir_part = prefix.rfind('/').map_or("", |i| &prefix[..i]);
+    let start = if dir_part.is_empty() { root.to_path_buf() } else { root.join(dir_part) };
+    let mut out = Vec::new();
+    let mut stack = vec![start];
+    while let Some(dir) = stack.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_error("list", &dir)(e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(io_error("list", &dir))?;
+            let path = entry.path();
+            let meta = match entry.metadata() {
+                Ok(meta) => meta,
+                // Removed between read_dir and stat: a concurrent delete, not an error.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_error("stat", &path)(e)),
+            };
+            if meta.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let Ok(relative) = path.strip_prefix(root) else { continue };
+            let key = relative.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/");
+            if key.ends_with(TEMP_SUFFIX) || !key.starts_with(prefix) {
+                continue;
+            }
+            out.push(ObjectMeta { key, size: meta.len(), created: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH) });
+        }
+    }
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn file_store_passes_conformance() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::conformance::run(&FileStore::new(dir.path().join("replica"))).await;
+    }
+
+    #[tokio::test]
+    async fn keys_cannot_escape_the_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path());
+        for key in ["", "/etc/passwd", "a/../../b", "a//b"] {
+            assert!(matches!(store.put(key, Bytes::new()).await, Err(Error::InvalidKey { .. })), "{key}");
+        }
+    }
+}

@@ -1,0 +1,69 @@
+//! Object stores that hold walstream replicas.
+//!
+//! [`ObjectStore`] is the whole contract: put, get, list by prefix and delete of opaque keys
+//! relative to the replica root. A store knows keys and bytes, never WAL: the layout lives in
+//! `walstream-format`. Backends are modules; only the CLI chooses one.
+//!
+//! - [`FileStore`]: a directory, written with temp file, fsync and rename (`file://`).
+//!
+//! ```
+//! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+//! use walstream_store::{FileStore, ObjectStore};
+//! let dir = tempfile::tempdir().unwrap();
+//! let store = FileStore::new(dir.path());
+//! store.put("generations/a/b", bytes::Bytes::from_static(b"hi")).await.unwrap();
+//! assert_eq!(&store.get("generations/a/b").await.unwrap()[..], b"hi");
+//! # });
+//! ```
+#![deny(missing_docs)]
+
+mod error;
+mod file;
+#[cfg(test)]
+mod conformance;
+
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+pub use error::Error;
+pub use file::FileStore;
+
+/// One object as a listing reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectMeta {
+    /// The key, relative to the replica root, with `/` separators.
+    pub key: String,
+    /// Stored (compressed) size in bytes.
+    pub size: u64,
+    /// When the object was created, as the store reports it: file mtime, GCS `timeCreated`.
+    /// Restore picks generations and snapshots by this, as Litestream does.
+    pub created: SystemTime,
+}
+
+/// A place to keep replica objects.
+///
+/// Keys are relative to the replica root and use `/`. Implementations must be safe to call
+/// concurrently.
+#[async_trait]
+pub trait ObjectStore: Send + Sync + std::fmt::Debug {
+    /// Stores `body` at `key`, replacing any object already there. Atomic: a reader sees the old
+    /// object, no object, or the whole new one, never a part. Returns only once the object is
+    /// durable in the store.
+    async fn put(&self, key: &str, body: Bytes) -> Result<(), Error>;
+
+    /// Returns the whole object. A missing key is an error for which
+    /// [`Error::is_not_found`] is true.
+    async fn get(&self, key: &str) -> Result<Bytes, Error>;
+
+    /// Every object whose key starts with `prefix`, at any depth, sorted by key. Temporary
+    /// objects of an unfinished put are never listed. A prefix with no objects is an empty list.
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, Error>;
+
+    /// Removes the object. A missing key is not an error.
+    async fn delete(&self, key: &str) -> Result<(), Error>;
+
+    /// A short description of where this store points, for logs and errors (`file:///x`).
+    fn describe(&self) -> String;
+}
