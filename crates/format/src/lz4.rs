@@ -5,76 +5,214 @@
 //! reader v0.3.13 uses checks them over the wrong bytes and rejects standard ones. Exactly one
 //! frame per object: the Go reader silently stops after the first.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 
-use lz4_flex::frame::{BlockMode, BlockSize, FrameDecoder, FrameEncoder, FrameInfo};
+use lz4_flex::block;
+use xxhash_rust::xxh32::{xxh32, Xxh32};
 
 use crate::Error;
 
 /// The first 7 bytes of every object walstream or Litestream writes: magic, FLG, BD, HC.
 pub const FRAME_PREFIX: [u8; 7] = [0x04, 0x22, 0x4D, 0x18, 0x64, 0x70, 0xB9];
 
-fn frame_info() -> FrameInfo {
-    FrameInfo::new()
-        .block_size(BlockSize::Max4MB)
-        .block_mode(BlockMode::Independent)
-        .content_checksum(true)
-        .block_checksums(false)
-}
+/// Uncompressed bytes per block: BD `0x70`.
+const BLOCK_MAX: usize = 4 << 20;
+const UNCOMPRESSED_BIT: u32 = 0x8000_0000;
+
+const FLG_VERSION_MASK: u8 = 0xC0;
+const FLG_VERSION_1: u8 = 0x40;
+const FLG_INDEPENDENT: u8 = 0x20;
+const FLG_BLOCK_CHECKSUM: u8 = 0x10;
+const FLG_CONTENT_SIZE: u8 = 0x08;
+const FLG_CONTENT_CHECKSUM: u8 = 0x04;
+const FLG_DICT_ID: u8 = 0x01;
+
+// The frame layer is written here on top of lz4_flex's block functions rather than with its
+// FrameEncoder/FrameDecoder: those allocate two 4 MiB buffers per object, which for a stream of
+// small WAL segments costs more than the compression itself.
 
 /// A writer that LZ4-frames everything written to it; call [`FrameWriter::finish`] to write the
-/// end mark and content checksum. Memory is bounded by one 4 MiB block.
+/// end mark and content checksum. Memory is bounded by one 4 MiB block and its compressed form.
 pub struct FrameWriter<W: Write> {
-    encoder: FrameEncoder<W>,
+    inner: W,
+    block: Vec<u8>,
+    compressed: Vec<u8>,
+    checksum: Xxh32,
+    header_written: bool,
 }
 
 impl<W: Write> FrameWriter<W> {
     /// Starts a frame on `inner`.
     pub fn new(inner: W) -> FrameWriter<W> {
-        FrameWriter { encoder: FrameEncoder::with_frame_info(frame_info(), inner) }
+        FrameWriter { inner, block: Vec::new(), compressed: Vec::new(), checksum: Xxh32::new(0), header_written: false }
+    }
+
+    fn write_header_once(&mut self) -> io::Result<()> {
+        if !self.header_written {
+            self.inner.write_all(&FRAME_PREFIX)?;
+            self.header_written = true;
+        }
+        Ok(())
+    }
+
+    fn flush_block(&mut self) -> io::Result<()> {
+        self.write_header_once()?;
+        if self.block.is_empty() {
+            return Ok(());
+        }
+        self.checksum.update(&self.block);
+        self.compressed.resize(block::get_maximum_output_size(self.block.len()), 0);
+        let n = block::compress_into(&self.block, &mut self.compressed).map_err(io::Error::other)?;
+        if n < self.block.len() {
+            self.inner.write_all(&(n as u32).to_le_bytes())?;
+            self.inner.write_all(&self.compressed[..n])?;
+        } else {
+            // Stored raw when compression does not help, as the Go writer does.
+            self.inner.write_all(&(self.block.len() as u32 | UNCOMPRESSED_BIT).to_le_bytes())?;
+            self.inner.write_all(&self.block)?;
+        }
+        self.block.clear();
+        Ok(())
     }
 
     /// Ends the frame and returns the inner writer.
-    pub fn finish(self) -> io::Result<W> {
-        self.encoder.finish().map_err(io::Error::other)
+    pub fn finish(mut self) -> io::Result<W> {
+        self.flush_block()?;
+        self.inner.write_all(&[0, 0, 0, 0])?;
+        self.inner.write_all(&self.checksum.digest().to_le_bytes())?;
+        Ok(self.inner)
     }
 }
 
 impl<W: Write> Write for FrameWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.encoder.write(buf)
+        let room = BLOCK_MAX - self.block.len();
+        let n = buf.len().min(room);
+        self.block.extend_from_slice(&buf[..n]);
+        if self.block.len() == BLOCK_MAX {
+            self.flush_block()?;
+        }
+        Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {
-        self.encoder.flush()
+        self.inner.flush()
     }
 }
 
 /// Compresses `data` into one frame.
 pub fn compress(data: &[u8]) -> Vec<u8> {
-    let mut writer = FrameWriter::new(Vec::with_capacity(data.len() / 2 + 64));
-    writer.write_all(data).expect("writing to a Vec cannot fail");
-    writer.finish().expect("writing to a Vec cannot fail")
-}
-
-/// A reader that decodes one LZ4 frame from `inner`, verifying the content checksum at its end.
-pub fn decoder<R: Read>(inner: R) -> impl Read {
-    FrameDecoder::new(inner)
-}
-
-/// Decodes one whole object. Accepts everything the v0.3.13 reader accepts, including the empty
-/// uncompressed block `00 00 00 80` that Go writes when a snapshot is a multiple of 4 MiB.
-pub fn decompress(data: &[u8]) -> Result<Vec<u8>, Error> {
-    if data.len() < 4 || data[..4] != FRAME_PREFIX[..4] {
-        return Err(Error::Lz4("not an lz4 frame (bad magic)".to_string()));
+    let mut out = Vec::with_capacity(block::get_maximum_output_size(data.len()) + 32);
+    out.extend_from_slice(&FRAME_PREFIX);
+    let mut compressed = Vec::new();
+    for chunk in data.chunks(BLOCK_MAX) {
+        compressed.resize(block::get_maximum_output_size(chunk.len()), 0);
+        let n = block::compress_into(chunk, &mut compressed).expect("output sized by get_maximum_output_size");
+        if n < chunk.len() {
+            out.extend_from_slice(&(n as u32).to_le_bytes());
+            out.extend_from_slice(&compressed[..n]);
+        } else {
+            out.extend_from_slice(&(chunk.len() as u32 | UNCOMPRESSED_BIT).to_le_bytes());
+            out.extend_from_slice(chunk);
+        }
     }
-    let mut out = Vec::with_capacity(data.len() * 2);
-    FrameDecoder::new(data).read_to_end(&mut out).map_err(|e| Error::Lz4(e.to_string()))?;
+    out.extend_from_slice(&[0, 0, 0, 0]);
+    out.extend_from_slice(&xxh32(data, 0).to_le_bytes());
+    out
+}
+
+/// Decodes one whole object. Accepts everything the v0.3.13 reader accepts: any block size
+/// from 64 KB to 4 MB, linked blocks, frames with or without a content checksum or a content
+/// size, and the empty uncompressed block `00 00 00 80` that Go writes when a snapshot is a
+/// multiple of 4 MiB. Bytes after the end of the first frame are ignored, as Go ignores them.
+pub fn decompress(data: &[u8]) -> Result<Vec<u8>, Error> {
+    let bad = |what: &str| Error::Lz4(what.to_string());
+    let mut input = Input { data, at: 0 };
+    if input.take(4).ok_or_else(|| bad("not an lz4 frame (too short)"))? != &FRAME_PREFIX[..4] {
+        return Err(bad("not an lz4 frame (bad magic)"));
+    }
+    let descriptor_start = input.at;
+    let flg = input.byte().ok_or_else(|| bad("truncated frame header"))?;
+    let bd = input.byte().ok_or_else(|| bad("truncated frame header"))?;
+    if flg & FLG_VERSION_MASK != FLG_VERSION_1 {
+        return Err(bad("unsupported lz4 frame version"));
+    }
+    let block_max = match (bd >> 4) & 0x7 {
+        4 => 64 << 10,
+        5 => 256 << 10,
+        6 => 1 << 20,
+        7 => 4 << 20,
+        _ => return Err(bad("invalid block size in frame header")),
+    };
+    if flg & FLG_CONTENT_SIZE != 0 {
+        input.take(8).ok_or_else(|| bad("truncated frame header"))?;
+    }
+    if flg & FLG_DICT_ID != 0 {
+        input.take(4).ok_or_else(|| bad("truncated frame header"))?;
+    }
+    let header_checksum = input.byte().ok_or_else(|| bad("truncated frame header"))?;
+    if (xxh32(&data[descriptor_start..input.at - 1], 0) >> 8) as u8 != header_checksum {
+        return Err(bad("frame header checksum mismatch"));
+    }
+    let mut out: Vec<u8> = Vec::new();
+    loop {
+        let size = u32::from_le_bytes(input.take(4).ok_or_else(|| bad("truncated: no end mark"))?.try_into().unwrap());
+        if size == 0 {
+            break;
+        }
+        let len = (size & !UNCOMPRESSED_BIT) as usize;
+        if len > block_max {
+            return Err(bad("block larger than the frame's block size"));
+        }
+        let payload = input.take(len).ok_or_else(|| bad("truncated block"))?;
+        if flg & FLG_BLOCK_CHECKSUM != 0 {
+            // Go's reader checks these over the wrong bytes; walstream neither writes nor trusts them.
+            input.take(4).ok_or_else(|| bad("truncated block checksum"))?;
+        }
+        if size & UNCOMPRESSED_BIT != 0 {
+            out.extend_from_slice(payload);
+            continue;
+        }
+        let start = out.len();
+        out.resize(start + block_max, 0);
+        let n = if flg & FLG_INDEPENDENT != 0 {
+            block::decompress_into(payload, &mut out[start..])
+        } else {
+            let (before, after) = out.split_at_mut(start);
+            let dict = &before[before.len().saturating_sub(64 << 10)..];
+            block::decompress_into_with_dict(payload, after, dict)
+        }
+        .map_err(|e| Error::Lz4(format!("corrupt block: {e}")))?;
+        out.truncate(start + n);
+    }
+    if flg & FLG_CONTENT_CHECKSUM != 0 {
+        let expected = u32::from_le_bytes(input.take(4).ok_or_else(|| bad("truncated: no content checksum"))?.try_into().unwrap());
+        if xxh32(&out, 0) != expected {
+            return Err(bad("content checksum mismatch"));
+        }
+    }
     Ok(out)
+}
+
+struct Input<'a> {
+    data: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Input<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let slice = self.data.get(self.at..self.at.checked_add(n)?)?;
+        self.at += n;
+        Some(slice)
+    }
+    fn byte(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
     #[test]
     fn frames_begin_with_litestream_prefix_and_end_with_endmark() {
@@ -99,6 +237,34 @@ mod tests {
         frame.extend_from_slice(&[0, 0, 0, 0]);
         frame.extend_from_slice(&xxh32(payload).to_le_bytes());
         assert_eq!(decompress(&frame).unwrap(), payload);
+    }
+
+    #[test]
+    fn streaming_writer_matches_one_shot_output() {
+        let data: Vec<u8> = (0..(9 << 20) as u32).map(|i| (i % 251) as u8 ^ (i >> 13) as u8).collect();
+        let mut writer = FrameWriter::new(Vec::new());
+        for chunk in data.chunks(100_003) {
+            writer.write_all(chunk).unwrap();
+        }
+        let streamed = writer.finish().unwrap();
+        assert_eq!(streamed, compress(&data));
+        assert_eq!(decompress(&streamed).unwrap(), data);
+    }
+
+    #[test]
+    fn incompressible_data_is_stored_raw() {
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let data: Vec<u8> = (0..5000)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect();
+        let framed = compress(&data);
+        assert_eq!(u32::from_le_bytes(framed[7..11].try_into().unwrap()), data.len() as u32 | 0x8000_0000);
+        assert_eq!(decompress(&framed).unwrap(), data);
     }
 
     #[test]
