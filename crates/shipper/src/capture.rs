@@ -1,0 +1,383 @@
+//! The capturer: the one thread that touches the live database. It copies committed WAL frames
+//! into the shadow WAL, decides when a WAL restart starts a new index and when lost continuity
+//! starts a new generation, and publishes the shadow's end for the uploaders.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+use walstream_format::wal::WalHeader;
+use walstream_format::{name, GenerationId, Pos, WAL_HEADER_SIZE};
+
+use crate::error::{io_err, Error};
+use crate::meta::{LocalSnapshot, MetaDir};
+use crate::shadow::{ShadowIndex, COPY_CHUNK_BYTES};
+use crate::source::{wal_path, SourceDb};
+
+/// How often the lock probe runs while walstream pins the WAL and the database is busy. This
+/// bounds how long an application's FULL/RESTART/TRUNCATE checkpoint waits for walstream.
+const PROBE_INTERVAL_ACTIVE: Duration = Duration::from_millis(10);
+/// The same when nothing has changed for [`ACTIVE_WINDOW`].
+const PROBE_INTERVAL_IDLE: Duration = Duration::from_millis(50);
+const ACTIVE_WINDOW: Duration = Duration::from_secs(2);
+/// With no pin held, the WAL is still polled this often in case file events are lost or
+/// unsupported (network filesystems).
+const POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Once one WAL life holds this much, walstream drops its pin after copying so that the
+/// application's next checkpoint can restart the WAL; otherwise a writer that never pauses would
+/// grow the WAL without bound (Litestream #1536).
+const RELEASE_PIN_INDEX_BYTES: u64 = 8 << 20;
+
+/// Start a new generation before an index's offsets stop fitting the 8 hex digits of a name.
+const MAX_INDEX_BYTES: u64 = name::MAX_SEGMENT_OFFSET - (256 << 20);
+
+/// What wakes the capturer.
+#[derive(Debug)]
+pub(crate) enum Wake {
+    /// A file event on the database or its WAL.
+    Changed,
+    /// An uploader found the replica inconsistent with the local shadow.
+    NewGeneration(String),
+    /// Copy what is committed, publish it as final, and stop.
+    Shutdown,
+}
+
+/// The shadow WAL's state, published to the uploaders after every pass.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ShadowState {
+    /// The current generation; `None` until the database exists.
+    pub generation: Option<GenerationId>,
+    /// Where the generation's shadow index files are.
+    pub wal_dir: PathBuf,
+    /// The snapshot the generation starts from.
+    pub snapshot: Option<LocalSnapshot>,
+    /// The committed end of the shadow: everything before it may be shipped.
+    pub end: Option<Pos>,
+    /// Set on the last state, published after the final copy at shutdown.
+    pub is_final: bool,
+}
+
+struct Generation {
+    id: GenerationId,
+    snapshot: LocalSnapshot,
+    /// The shadow of the current WAL life; `None` until the first WAL header is seen.
+    shadow: Option<ShadowIndex>,
+}
+
+pub(crate) struct Capturer {
+    db_path: PathBuf,
+    wal_path: PathBuf,
+    meta: MetaDir,
+    db: SourceDb,
+    generation: Option<Generation>,
+    buf: Vec<u8>,
+    state: watch::Sender<ShadowState>,
+    replica_positions: Vec<watch::Receiver<Option<Pos>>>,
+    last_wal_stat: Option<(u64, SystemTime)>,
+    last_change: Instant,
+    pending_new_generation: Option<String>,
+}
+
+impl Capturer {
+    pub(crate) fn new(db_path: PathBuf, meta: MetaDir, db: SourceDb, state: watch::Sender<ShadowState>, replica_positions: Vec<watch::Receiver<Option<Pos>>>) -> Capturer {
+        let generation = resume_generation(&meta);
+        Capturer {
+            wal_path: wal_path(&db_path),
+            db_path,
+            meta,
+            db,
+            generation,
+            buf: vec![0u8; COPY_CHUNK_BYTES],
+            state,
+            replica_positions,
+            last_wal_stat: None,
+            last_change: Instant::now(),
+            pending_new_generation: None,
+        }
+    }
+
+    /// Runs until [`Wake::Shutdown`] (or every sender is gone), then makes a last copy.
+    pub(crate) fn run(mut self, wakes: Receiver<Wake>) -> Result<(), Error> {
+        self.sync_logged();
+        loop {
+            let timeout = match (self.db.is_pinned(), self.last_change.elapsed() < ACTIVE_WINDOW) {
+                (true, true) => PROBE_INTERVAL_ACTIVE,
+                (true, false) => PROBE_INTERVAL_IDLE,
+                (false, _) => POLL_INTERVAL,
+            };
+            let mut changed = false;
+            let mut shutdown = false;
+            let first = match wakes.recv_timeout(timeout) {
+                Ok(wake) => Some(wake),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => Some(Wake::Shutdown),
+            };
+            // Coalesce a burst of events into one pass.
+            for wake in first.into_iter().chain(std::iter::from_fn(|| wakes.try_recv().ok())) {
+                match wake {
+                    Wake::Changed => changed = true,
+                    Wake::NewGeneration(reason) => {
+                        self.pending_new_generation = Some(reason);
+                        changed = true;
+                    }
+                    Wake::Shutdown => shutdown = true,
+                }
+            }
+            if shutdown {
+                let result = self.sync();
+                self.publish(true);
+                self.db.release_all();
+                return result;
+            }
+            if self.db.blocking_checkpoint_waiting() {
+                if self.db.is_pinned() {
+                    self.step_aside();
+                }
+                // Until the checkpoint finishes nothing can be appended: nothing to protect.
+                continue;
+            }
+            if changed || self.wal_stat_changed() {
+                self.last_change = Instant::now();
+                self.sync_logged();
+            }
+        }
+    }
+
+    fn sync_logged(&mut self) {
+        if let Err(e) = self.sync() {
+            warn!(db = %self.db_path.display(), error = %e, "sync failed; retrying on the next change");
+        }
+    }
+
+    /// One pass: pin, copy, release the old pin, publish.
+    fn sync(&mut self) -> Result<(), Error> {
+        // `clean`: the pin held now was taken before the previous copy and held ever since, so the
+        // WAL cannot have lost a frame that copy did not see (see `SourceDb`).
+        let clean = self.db.is_pinned();
+        self.db.roll_pin();
+        let result = self.copy(clean);
+        self.db.release_previous();
+        if let Some(shadow) = self.generation.as_ref().and_then(|g| g.shadow.as_ref()) {
+            if shadow.committed_len >= RELEASE_PIN_INDEX_BYTES && self.db.is_pinned() {
+                debug!(db = %self.db_path.display(), index = shadow.index, "wal life is large; releasing the pin so the application's checkpoint can restart it");
+                self.db.release_all();
+            }
+        }
+        self.publish(false);
+        self.remove_shipped_shadow();
+        result
+    }
+
+    /// A FULL/RESTART/TRUNCATE checkpoint of another process waits for walstream's pin. It holds
+    /// the write lock, so one more copy captures the WAL life to its end; then walstream steps
+    /// aside and the checkpoint proceeds.
+    fn step_aside(&mut self) {
+        let result = self.copy(true);
+        if result.is_ok() && self.db.blocking_checkpoint_waiting() {
+            if let Some(shadow) = self.generation.as_mut().and_then(|g| g.shadow.as_mut()) {
+                shadow.sealed = true;
+            }
+        }
+        self.db.release_all();
+        self.publish(false);
+        debug!(db = %self.db_path.display(), "stepped aside for a checkpoint");
+    }
+
+    fn wal_stat_changed(&mut self) -> bool {
+        let stat = std::fs::metadata(&self.wal_path).ok().map(|m| (m.len(), m.modified().unwrap_or(SystemTime::UNIX_EPOCH)));
+        let changed = stat != self.last_wal_stat;
+        self.last_wal_stat = stat;
+        changed
+    }
+
+    /// Copies new committed frames into the shadow, following restarts and starting a new
+    /// generation where continuity is lost.
+    fn copy(&mut self, clean: bool) -> Result<(), Error> {
+        if let Some(reason) = self.pending_new_generation.take() {
+            return self.new_generation(&reason);
+        }
+        let Some(generation) = self.generation.as_mut() else {
+            return self.new_generation("no generation exists");
+        };
+        let wal = LiveWal::open(&self.wal_path)?;
+        let page_size = self.db.page_size();
+        let Some(shadow) = generation.shadow.as_mut() else {
+            // No WAL life seen yet in this generation: the first one is the snapshot's index.
+            if let Some(live) = &wal {
+                if let Some((bytes, header)) = live.header {
+                    if header.page_size != page_size {
+                        return self.new_generation("page size changed");
+                    }
+                    let mut shadow = ShadowIndex::create(&self.meta.wal_dir(&generation.id), generation.snapshot.index, bytes, header)?;
+                    shadow.append_from(&live.file, live.len, &mut self.buf)?;
+                    generation.shadow = Some(shadow);
+                }
+            }
+            return Ok(());
+        };
+        if shadow.committed_len >= MAX_INDEX_BYTES {
+            return self.new_generation("max index size exceeded");
+        }
+        let Some(live) = wal.filter(|w| w.header.is_some()) else {
+            // Truncated (TRUNCATE checkpoint) or deleted (last connection closed).
+            if clean || shadow.sealed {
+                shadow.sealed = true;
+                return Ok(());
+            }
+            return self.new_generation("wal truncated by another process");
+        };
+        let (bytes, header) = live.header.expect("filtered above");
+        if bytes == *shadow.header_bytes() {
+            // Within one WAL life committed frames are never rewritten, so a matching header
+            // means continuity unless the file was replaced; the last frame vouches for that.
+            let has_frames = shadow.committed_len > WAL_HEADER_SIZE as u64;
+            if !clean && !shadow.sealed && has_frames && !live.still_holds_last_frame(shadow)? {
+                return self.new_generation("wal overwritten by another process");
+            }
+            shadow.sealed = false;
+            shadow.append_from(&live.file, live.len, &mut self.buf)?;
+            return Ok(());
+        }
+        // The header changed: SQLite restarted the WAL. One restart adds exactly 1 to salt-1.
+        if header.salt1 != shadow.header.salt1.wrapping_add(1) {
+            return self.new_generation("wal restarted more than once while unobserved");
+        }
+        if header.page_size != page_size {
+            return self.new_generation("page size changed");
+        }
+        // The new life overwrites from the front; frames of the old life beyond its reach may
+        // still be there, and carry the old salts, so the chain check accepts only them.
+        let tail_intact = live.still_holds_last_frame(shadow)?;
+        if tail_intact {
+            shadow.append_from(&live.file, live.len, &mut self.buf)?;
+        } else if !(clean || shadow.sealed) {
+            return self.new_generation("wal overwritten by another process");
+        }
+        let next = ShadowIndex::create(&self.meta.wal_dir(&generation.id), shadow.index + 1, bytes, header)?;
+        debug!(db = %self.db_path.display(), index = next.index, "wal restarted; new index");
+        let shadow = generation.shadow.insert(next);
+        shadow.append_from(&live.file, live.len, &mut self.buf)?;
+        Ok(())
+    }
+
+    /// Starts a generation: the current WAL life becomes index 0, then the database file is
+    /// snapshotted. Runs under the caller's pin, so no frame can be back-filled into the file
+    /// that index 0 does not also hold.
+    fn new_generation(&mut self, reason: &str) -> Result<(), Error> {
+        let id = GenerationId::random();
+        info!(db = %self.db_path.display(), generation = %id, reason, "new generation");
+        self.meta.create_generation(&id)?;
+        let mut shadow = None;
+        if let Some(live) = LiveWal::open(&self.wal_path)? {
+            if let Some((bytes, header)) = live.header {
+                let mut index = ShadowIndex::create(&self.meta.wal_dir(&id), 0, bytes, header)?;
+                index.append_from(&live.file, live.len, &mut self.buf)?;
+                shadow = Some(index);
+            }
+        }
+        let snapshot = self.meta.write_snapshot(&id, 0, self.db.db_file(), &mut self.buf)?;
+        self.meta.write_generation(&id)?;
+        self.meta.clean(&id);
+        self.generation = Some(Generation { id, snapshot, shadow });
+        Ok(())
+    }
+
+    fn publish(&mut self, is_final: bool) {
+        let state = match &self.generation {
+            None => ShadowState { is_final, ..ShadowState::default() },
+            Some(generation) => {
+                let end = match &generation.shadow {
+                    Some(shadow) => Pos { generation: generation.id, index: shadow.index, offset: shadow.committed_len },
+                    None => Pos { generation: generation.id, index: generation.snapshot.index, offset: 0 },
+                };
+                ShadowState {
+                    generation: Some(generation.id),
+                    wal_dir: self.meta.wal_dir(&generation.id),
+                    snapshot: Some(generation.snapshot.clone()),
+                    end: Some(end),
+                    is_final,
+                }
+            }
+        };
+        self.state.send_if_modified(|current| {
+            let modified = *current != state;
+            *current = state;
+            modified
+        });
+    }
+
+    /// Deletes shadow indexes every replica has shipped.
+    fn remove_shipped_shadow(&self) {
+        let Some(generation) = &self.generation else { return };
+        let mut keep_from = u32::MAX;
+        for position in &self.replica_positions {
+            match *position.borrow() {
+                Some(pos) if pos.generation == generation.id => keep_from = keep_from.min(pos.index),
+                _ => return,
+            }
+        }
+        if keep_from != u32::MAX {
+            self.meta.remove_shadow_below(&generation.id, keep_from.min(generation.shadow.as_ref().map_or(u32::MAX, |s| s.index)));
+        }
+    }
+}
+
+/// Picks up the generation a previous run left, if its snapshot was completed.
+fn resume_generation(meta: &MetaDir) -> Option<Generation> {
+    let id = meta.read_generation()?;
+    let snapshot = meta.local_snapshot(&id)?;
+    let shadow = match meta.shadow_indexes(&id).last() {
+        Some(&index) => match ShadowIndex::open(&meta.wal_dir(&id), index) {
+            Ok(Some(shadow)) => Some(shadow),
+            _ => return None,
+        },
+        None => None,
+    };
+    info!(generation = %id, "resuming generation");
+    Some(Generation { id, snapshot, shadow })
+}
+
+/// The live `-wal` file as one pass sees it.
+struct LiveWal {
+    file: File,
+    len: u64,
+    /// The header, if the file has a valid one.
+    header: Option<([u8; WAL_HEADER_SIZE], WalHeader)>,
+}
+
+impl LiveWal {
+    fn open(path: &std::path::Path) -> Result<Option<LiveWal>, Error> {
+        let file = match File::open(path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err("open", path)(e)),
+        };
+        let len = file.metadata().map_err(io_err("stat", path))?.len();
+        let mut bytes = [0u8; WAL_HEADER_SIZE];
+        let header = if len >= WAL_HEADER_SIZE as u64 && file.read_exact_at(&mut bytes, 0).is_ok() {
+            WalHeader::parse(&bytes).ok().map(|h| (bytes, h))
+        } else {
+            None
+        };
+        Ok(Some(LiveWal { file, len, header }))
+    }
+
+    /// True if the shadow's last frame is still byte-for-byte in the live WAL at its offset.
+    /// A header-only shadow has no frame to vouch for it, so it is false.
+    fn still_holds_last_frame(&self, shadow: &ShadowIndex) -> Result<bool, Error> {
+        let Some(last) = shadow.last_frame()? else { return Ok(false) };
+        if self.len < shadow.committed_len {
+            return Ok(false);
+        }
+        let mut live = vec![0u8; last.len()];
+        if self.file.read_exact_at(&mut live, shadow.committed_len - last.len() as u64).is_err() {
+            return Ok(false);
+        }
+        Ok(live == last)
+    }
+}

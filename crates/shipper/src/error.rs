@@ -1,0 +1,97 @@
+use std::path::PathBuf;
+
+use walstream_format::Pos;
+
+/// Why replication of a database failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The file exists but does not start with the SQLite header. It is left untouched.
+    #[error("{path} is not a SQLite database (its first 16 bytes are not \"SQLite format 3\\0\"); point walstream at the database file itself")]
+    NotADatabase {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The database could not be put into WAL mode (another connection holds a lock, or it is
+    /// read-only).
+    #[error("{path}: cannot switch to WAL journal mode (still {mode:?}); close other connections or enable WAL in the application")]
+    NotWal {
+        /// The database.
+        path: PathBuf,
+        /// The journal mode SQLite reported.
+        mode: String,
+    },
+    /// SQLite refused an operation on the source database.
+    #[error("sqlite {path}: {source}")]
+    Sqlite {
+        /// The database.
+        path: PathBuf,
+        /// The cause.
+        source: rusqlite::Error,
+    },
+    /// Local file I/O failed (database, WAL or shadow files).
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file involved.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A store operation failed.
+    #[error("replica {replica}: {source}")]
+    Store {
+        /// The replica's name.
+        replica: String,
+        /// The cause.
+        source: walstream_store::Error,
+    },
+    /// An object in the replica is not what its name says.
+    #[error("replica {replica}: object {key}: {source}")]
+    CorruptObject {
+        /// The replica's name.
+        replica: String,
+        /// The object.
+        key: String,
+        /// What is wrong with it.
+        source: walstream_format::Error,
+    },
+    /// The replica holds WAL beyond what this machine ever copied: its history and the local one
+    /// disagree, so the shipper starts a new generation rather than mix them.
+    #[error("replica {replica} is at {remote} but the local shadow wal ends at {local}")]
+    ReplicaAhead {
+        /// The replica's name.
+        replica: String,
+        /// The replica's position.
+        remote: Pos,
+        /// The local end.
+        local: Pos,
+    },
+    /// The file watcher could not be set up.
+    #[error("watch {path}: {source}")]
+    Watch {
+        /// The directory watched.
+        path: PathBuf,
+        /// The cause.
+        source: notify::Error,
+    },
+    /// The final flush did not finish before its deadline.
+    #[error("shutdown deadline passed with {unshipped} replica(s) not fully shipped: {detail}")]
+    FlushIncomplete {
+        /// How many replicas were behind.
+        unshipped: usize,
+        /// Which, and where each stopped.
+        detail: String,
+    },
+}
+
+pub(crate) fn io_err(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
+    let path = path.into();
+    move |source| Error::Io { op, path, source }
+}
+
+pub(crate) fn sqlite_err(path: impl Into<PathBuf>) -> impl FnOnce(rusqlite::Error) -> Error {
+    let path = path.into();
+    move |source| Error::Sqlite { path, source }
+}

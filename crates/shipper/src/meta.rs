@@ -1,0 +1,151 @@
+//! The local metadata directory beside the database: `.<name>-walstream/`.
+//!
+//! ```text
+//! .<name>-walstream/generation                               current generation id
+//! .<name>-walstream/generations/<gen>/wal/<index>.wal        shadow WAL, one file per index
+//! .<name>-walstream/generations/<gen>/snapshots/<index>.snapshot.lz4   the generation's snapshot
+//! ```
+//! The layout mirrors Litestream's `.<name>-litestream/`, under its own name so both tools can
+//! watch one database during a migration without touching each other's state.
+
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use walstream_format::lz4::FrameWriter;
+use walstream_format::{name, GenerationId};
+
+use crate::error::{io_err, Error};
+
+/// The snapshot a generation starts from, compressed on local disk until every replica has it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalSnapshot {
+    /// The WAL index the snapshot was taken at.
+    pub index: u32,
+    /// The LZ4-framed file, ready to upload as is.
+    pub path: PathBuf,
+}
+
+pub(crate) struct MetaDir {
+    root: PathBuf,
+}
+
+impl MetaDir {
+    pub(crate) fn for_db(db_path: &Path, override_dir: Option<&Path>) -> MetaDir {
+        if let Some(dir) = override_dir {
+            return MetaDir { root: dir.to_path_buf() };
+        }
+        let dir = db_path.parent().unwrap_or(Path::new("."));
+        let file = db_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        MetaDir { root: dir.join(format!(".{file}-walstream")) }
+    }
+
+    fn generation_file(&self) -> PathBuf {
+        self.root.join("generation")
+    }
+
+    pub(crate) fn generation_dir(&self, generation: &GenerationId) -> PathBuf {
+        self.root.join(name::GENERATIONS_DIR).join(generation.to_string())
+    }
+
+    pub(crate) fn wal_dir(&self, generation: &GenerationId) -> PathBuf {
+        self.generation_dir(generation).join("wal")
+    }
+
+    fn snapshots_dir(&self, generation: &GenerationId) -> PathBuf {
+        self.generation_dir(generation).join("snapshots")
+    }
+
+    /// The current generation, if the file holds a valid one.
+    pub(crate) fn read_generation(&self) -> Option<GenerationId> {
+        fs::read_to_string(self.generation_file()).ok()?.trim().parse().ok()
+    }
+
+    /// Creates the directories of a new generation.
+    pub(crate) fn create_generation(&self, generation: &GenerationId) -> Result<(), Error> {
+        for dir in [self.wal_dir(generation), self.snapshots_dir(generation)] {
+            fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
+        }
+        Ok(())
+    }
+
+    /// Makes `generation` current, atomically.
+    pub(crate) fn write_generation(&self, generation: &GenerationId) -> Result<(), Error> {
+        let path = self.generation_file();
+        write_atomic(&path, format!("{generation}\n").as_bytes())
+    }
+
+    /// Deletes every generation directory but `keep`, and every leftover temp file.
+    pub(crate) fn clean(&self, keep: &GenerationId) {
+        let Ok(entries) = fs::read_dir(self.root.join(name::GENERATIONS_DIR)) else { return };
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy() != keep.to_string() {
+                let _ = fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+
+    /// Shadow indexes present for `generation`, ascending.
+    pub(crate) fn shadow_indexes(&self, generation: &GenerationId) -> Vec<u32> {
+        let mut indexes: Vec<u32> = fs::read_dir(self.wal_dir(generation))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| name::parse_shadow_wal_file_name(&e.file_name().to_string_lossy()))
+            .collect();
+        indexes.sort_unstable();
+        indexes
+    }
+
+    /// Deletes shadow files below `index`: every replica has shipped them.
+    pub(crate) fn remove_shadow_below(&self, generation: &GenerationId, index: u32) {
+        for old in self.shadow_indexes(generation).into_iter().filter(|&i| i < index) {
+            let _ = fs::remove_file(self.wal_dir(generation).join(name::shadow_wal_file_name(old)));
+        }
+    }
+
+    /// The generation's snapshot, if one was completed.
+    pub(crate) fn local_snapshot(&self, generation: &GenerationId) -> Option<LocalSnapshot> {
+        fs::read_dir(self.snapshots_dir(generation)).ok()?.flatten().find_map(|e| {
+            let file_name = e.file_name().to_string_lossy().into_owned();
+            let index = u32::from_str_radix(file_name.strip_suffix(".snapshot.lz4")?, 16).ok()?;
+            Some(LocalSnapshot { index, path: e.path() })
+        })
+    }
+
+    /// Compresses the database file, as it is now, into the generation's snapshot.
+    ///
+    /// Pages may be back-filled into the file while it is read; they all come from WAL index
+    /// `index`, which restore replays from offset 0 over the snapshot, so the result is
+    /// consistent (the argument Litestream's snapshots rest on too).
+    pub(crate) fn write_snapshot(&self, generation: &GenerationId, index: u32, db_file: &fs::File, buf: &mut [u8]) -> Result<LocalSnapshot, Error> {
+        use std::io::Write;
+        let path = self.snapshots_dir(generation).join(format!("{index:08x}.snapshot.lz4"));
+        let temp = path.with_extension("lz4.tmp");
+        let file = fs::File::create(&temp).map_err(io_err("create", &temp))?;
+        let mut writer = FrameWriter::new(std::io::BufWriter::new(file));
+        let mut offset = 0u64;
+        loop {
+            let n = db_file.read_at(buf, offset).map_err(io_err("read", "database file"))?;
+            if n == 0 {
+                break;
+            }
+            writer.write_all(&buf[..n]).map_err(io_err("write", &temp))?;
+            offset += n as u64;
+        }
+        let file = writer.finish().map_err(io_err("write", &temp))?.into_inner().map_err(|e| io_err("write", &temp)(e.into_error()))?;
+        file.sync_all().map_err(io_err("fsync", &temp))?;
+        fs::rename(&temp, &path).map_err(io_err("rename", &temp))?;
+        Ok(LocalSnapshot { index, path })
+    }
+}
+
+fn write_atomic(path: &Path, data: &[u8]) -> Result<(), Error> {
+    let temp = path.with_extension("tmp");
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+    }
+    fs::write(&temp, data).map_err(io_err("write", &temp))?;
+    fs::File::open(&temp).and_then(|f| f.sync_all()).map_err(io_err("fsync", &temp))?;
+    fs::rename(&temp, path).map_err(io_err("rename", &temp))
+}

@@ -1,0 +1,232 @@
+//! The live database as walstream sees it: header checks, WAL mode, the read pin and the lock
+//! probe. This is the only module that opens SQLite connections to the application's database.
+
+use std::fs::File;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::config::DbConfig;
+use rusqlite::{Connection, OpenFlags};
+use tracing::info;
+
+use crate::error::{io_err, sqlite_err, Error};
+
+const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
+
+/// A database file shorter than this is still being created by its application.
+const MIN_DB_LEN: u64 = 100;
+
+/// How long walstream's own connections wait on a SQLite lock. Short, because walstream never
+/// needs a lock that an application holds for long: it only starts read transactions.
+const BUSY_TIMEOUT: Duration = Duration::from_millis(100);
+
+// Byte offsets of SQLite's WAL-index locks in the -shm file (wal.c: WALINDEX_LOCK_OFFSET = 120).
+const SHM_WRITE_LOCK: i64 = 120;
+const SHM_CKPT_LOCK: i64 = 121;
+
+/// What a look at the database path found.
+pub(crate) enum Presence {
+    /// Not there yet, or still being created.
+    NotYet,
+    /// A SQLite database.
+    Ready,
+}
+
+/// Checks the file at `path` without modifying it.
+pub(crate) fn probe_file(path: &Path) -> Result<Presence, Error> {
+    use std::io::Read;
+    let mut file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Presence::NotYet),
+        Err(e) => return Err(io_err("open", path)(e)),
+    };
+    let len = file.metadata().map_err(io_err("stat", path))?.len();
+    let mut head = Vec::with_capacity(16);
+    (&mut file).take(16).read_to_end(&mut head).map_err(io_err("read", path))?;
+    if head[..] != SQLITE_MAGIC[..head.len()] {
+        return Err(Error::NotADatabase { path: path.to_path_buf() });
+    }
+    Ok(if len < MIN_DB_LEN { Presence::NotYet } else { Presence::Ready })
+}
+
+/// walstream's handle on the application's database.
+///
+/// The read pin: walstream always tries to hold a read transaction that began before its latest
+/// copy of the WAL. While a reader holds a WAL read-mark SQLite cannot restart or truncate the
+/// WAL, and while it holds read-mark 0 it cannot back-fill; either way the frames walstream has
+/// not copied yet cannot be overwritten. The pin is rolled forward after every copy (a new read
+/// transaction on the spare connection, then the old one ends), so it never holds back the
+/// application's checkpoints by more than one copy.
+pub(crate) struct SourceDb {
+    path: PathBuf,
+    conns: [Connection; 2],
+    /// Which connection holds the current pin.
+    pinned: Option<usize>,
+    /// A pin taken by [`SourceDb::roll_pin`] whose predecessor has not been released yet.
+    previous: Option<usize>,
+    page_size: u32,
+    /// Kept open for the life of the process: closing any descriptor of a file drops every POSIX
+    /// lock this process holds on it, including SQLite's own (Litestream does the same).
+    db_file: File,
+    shm_file: Option<File>,
+}
+
+impl SourceDb {
+    /// Opens the database, switching it to WAL mode if it uses a rollback journal.
+    pub(crate) fn open(path: &Path) -> Result<SourceDb, Error> {
+        let open = || -> Result<Connection, Error> {
+            // READ_WRITE without CREATE: walstream must never create the application's file.
+            let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+                .map_err(sqlite_err(path))?;
+            conn.busy_timeout(BUSY_TIMEOUT).map_err(sqlite_err(path))?;
+            // Closing walstream's connections must never checkpoint and delete the WAL: that
+            // would rewrite the database behind the application and break continuity.
+            conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true).map_err(sqlite_err(path))?;
+            Ok(conn)
+        };
+        let conns = [open()?, open()?];
+        let mode: String = conns[0].query_row("PRAGMA journal_mode", [], |r| r.get(0)).map_err(sqlite_err(path))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            info!(db = %path.display(), from = %mode, "database is not in WAL mode, switching journal_mode to wal");
+            let mode: String = conns[0].query_row("PRAGMA journal_mode = wal", [], |r| r.get(0)).map_err(sqlite_err(path))?;
+            if !mode.eq_ignore_ascii_case("wal") {
+                return Err(Error::NotWal { path: path.to_path_buf(), mode });
+            }
+        }
+        let page_size: u32 = conns[0].query_row("PRAGMA page_size", [], |r| r.get(0)).map_err(sqlite_err(path))?;
+        let db_file = File::open(path).map_err(io_err("open", path))?;
+        let mut db = SourceDb { path: path.to_path_buf(), conns, pinned: None, previous: None, page_size, db_file, shm_file: None };
+        db.open_shm();
+        Ok(db)
+    }
+
+    fn open_shm(&mut self) {
+        if self.shm_file.is_none() {
+            self.shm_file = File::open(shm_path(&self.path)).ok();
+        }
+    }
+
+    pub(crate) fn page_size(&self) -> u32 {
+        self.page_size
+    }
+
+    pub(crate) fn db_file(&self) -> &File {
+        &self.db_file
+    }
+
+    /// Starts a new read transaction and keeps the current one until [`SourceDb::release_previous`].
+    /// Returns false if SQLite refused (busy); the caller then copies without a pin.
+    pub(crate) fn roll_pin(&mut self) -> bool {
+        let next = self.pinned.map_or(0, |held| 1 - held);
+        let conn = &self.conns[next];
+        let began = conn.execute_batch("BEGIN").and_then(|()| conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0)));
+        match began {
+            Ok(_) => {
+                self.previous = self.pinned;
+                self.pinned = Some(next);
+                self.open_shm();
+                true
+            }
+            Err(e) => {
+                tracing::debug!(db = %self.path.display(), error = %e, "could not pin the wal");
+                let _ = conn.execute_batch("ROLLBACK");
+                false
+            }
+        }
+    }
+
+    /// Ends the read transaction that [`SourceDb::roll_pin`] replaced.
+    pub(crate) fn release_previous(&mut self) {
+        if let Some(previous) = self.previous.take() {
+            let _ = self.conns[previous].execute_batch("COMMIT");
+        }
+    }
+
+    /// Ends every read transaction walstream holds.
+    pub(crate) fn release_all(&mut self) {
+        self.release_previous();
+        if let Some(held) = self.pinned.take() {
+            let _ = self.conns[held].execute_batch("COMMIT");
+        }
+    }
+
+    pub(crate) fn is_pinned(&self) -> bool {
+        self.pinned.is_some()
+    }
+
+    /// True when another process holds both SQLite's WAL write lock and its checkpoint lock: a
+    /// FULL, RESTART or TRUNCATE checkpoint, which waits for readers such as walstream's pin.
+    /// While the write lock is held nobody can append, so walstream can copy to the end and step
+    /// aside without risk.
+    pub(crate) fn blocking_checkpoint_waiting(&self) -> bool {
+        let Some(shm) = &self.shm_file else { return false };
+        locked_by_other(shm, SHM_WRITE_LOCK) && locked_by_other(shm, SHM_CKPT_LOCK)
+    }
+}
+
+pub(crate) fn wal_path(db: &Path) -> PathBuf {
+    suffixed(db, "-wal")
+}
+
+fn shm_path(db: &Path) -> PathBuf {
+    suffixed(db, "-shm")
+}
+
+fn suffixed(db: &Path, suffix: &str) -> PathBuf {
+    let mut s = db.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+/// Asks the kernel whether another process holds a POSIX lock on one byte of `file`.
+fn locked_by_other(file: &File, offset: i64) -> bool {
+    // SAFETY: `flock` is plain data, and F_GETLK only fills it in.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = libc::F_WRLCK as libc::c_short;
+    lock.l_whence = libc::SEEK_SET as libc::c_short;
+    lock.l_start = offset;
+    lock.l_len = 1;
+    // SAFETY: a valid descriptor and a valid pointer to `lock`.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETLK, &mut lock) };
+    rc == 0 && lock.l_type != libc::F_UNLCK as libc::c_short
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_file_is_not_a_database_and_is_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notes.txt");
+        std::fs::write(&path, "this is not sqlite, it is a long enough text file to pass the size check........................").unwrap();
+        let before = std::fs::read(&path).unwrap();
+        assert!(matches!(probe_file(&path), Err(Error::NotADatabase { .. })));
+        assert!(matches!(SourceDb::open(&path), Err(Error::Sqlite { .. })));
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+    }
+
+    #[test]
+    fn missing_and_empty_files_are_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        assert!(matches!(probe_file(&path), Ok(Presence::NotYet)));
+        std::fs::write(&path, b"").unwrap();
+        assert!(matches!(probe_file(&path), Ok(Presence::NotYet)));
+    }
+
+    #[test]
+    fn rollback_journal_database_is_switched_to_wal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let app = Connection::open(&path).unwrap();
+        app.execute_batch("PRAGMA journal_mode=delete; CREATE TABLE t(x); INSERT INTO t VALUES (1);").unwrap();
+        drop(app);
+        assert!(matches!(probe_file(&path), Ok(Presence::Ready)));
+        let db = SourceDb::open(&path).unwrap();
+        assert_eq!(db.page_size(), 4096);
+        let mode: String = Connection::open(&path).unwrap().query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+        assert_eq!(mode, "wal");
+    }
+}

@@ -1,0 +1,143 @@
+//! Uploaders: one task per replica, shipping the shadow WAL in (index, offset) order.
+
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+use walstream_format::name::{self, ObjectKind};
+use walstream_format::{lz4, Pos};
+use walstream_store::ObjectStore;
+
+use crate::capture::ShadowState;
+use crate::error::{io_err, Error};
+
+/// Uncompressed bytes per segment at most. Segments may end inside a transaction (restore only
+/// applies whole transactions), and this bounds the memory one upload needs.
+pub(crate) const MAX_SEGMENT_BYTES: u64 = 4 << 20;
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// A named destination.
+#[derive(Clone, Debug)]
+pub struct Replica {
+    /// The name in logs and errors (`file`, `gcs`, or the config's `name`).
+    pub name: String,
+    /// Where the objects go.
+    pub store: Arc<dyn ObjectStore>,
+}
+
+pub(crate) struct Uploader {
+    replica: Replica,
+    state: watch::Receiver<ShadowState>,
+    /// The replica's position; `None` until listed (and after an error, so it is listed again,
+    /// as Litestream does).
+    position: watch::Sender<Option<Pos>>,
+    new_generation: std::sync::mpsc::Sender<crate::capture::Wake>,
+}
+
+impl Uploader {
+    pub(crate) fn new(replica: Replica, state: watch::Receiver<ShadowState>, position: watch::Sender<Option<Pos>>, new_generation: std::sync::mpsc::Sender<crate::capture::Wake>) -> Uploader {
+        Uploader { replica, state, position, new_generation }
+    }
+
+    /// Ships until the capturer publishes its final state and all of it is shipped, or the
+    /// capturer goes away.
+    pub(crate) async fn run(mut self) {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let state = self.state.borrow_and_update().clone();
+            match self.ship(&state).await {
+                Ok(()) => backoff = BACKOFF_MIN,
+                Err(e) => {
+                    warn!(replica = %self.replica.name, error = %e, "replica sync failed; retrying");
+                    if let Error::ReplicaAhead { .. } = e {
+                        let _ = self.new_generation.send(crate::capture::Wake::NewGeneration(e.to_string()));
+                    }
+                    self.position.send_replace(None);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    continue;
+                }
+            }
+            let shipped = *self.position.borrow();
+            if state.is_final && shipped == state.end {
+                return;
+            }
+            if self.state.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn ship(&mut self, state: &ShadowState) -> Result<(), Error> {
+        let (Some(generation), Some(end), Some(_)) = (state.generation, state.end, &state.snapshot) else {
+            return Ok(());
+        };
+        let known = *self.position.borrow();
+        let mut pos = match known {
+            Some(pos) if pos.generation == generation => pos,
+            _ => self.resume_position(state).await?,
+        };
+        if pos > end {
+            return Err(Error::ReplicaAhead { replica: self.replica.name.clone(), remote: pos, local: end });
+        }
+        while pos < end {
+            let path = state.wal_dir.join(name::shadow_wal_file_name(pos.index));
+            let file = std::fs::File::open(&path).map_err(io_err("open", &path))?;
+            // Bytes below the published end never change; a finished index is its whole file.
+            let limit = if pos.index == end.index { end.offset } else { file.metadata().map_err(io_err("stat", &path))?.len() };
+            if pos.offset >= limit {
+                pos = Pos { generation, index: pos.index + 1, offset: 0 };
+                continue;
+            }
+            let len = (limit - pos.offset).min(MAX_SEGMENT_BYTES);
+            let mut raw = vec![0u8; len as usize];
+            file.read_exact_at(&mut raw, pos.offset).map_err(io_err("read", &path))?;
+            let key = name::segment_key(&generation, pos.index, pos.offset);
+            self.put(&key, Bytes::from(lz4::compress(&raw))).await?;
+            debug!(replica = %self.replica.name, position = %pos, bytes = len, "shipped segment");
+            pos.offset += len;
+            self.position.send_replace(Some(pos));
+        }
+        self.position.send_replace(Some(pos));
+        Ok(())
+    }
+
+    /// Finds where the replica stands in the current generation, uploading the generation's
+    /// snapshot if the replica lacks it. Like Litestream's `calcPos`, the last segment is
+    /// downloaded to learn its length, so a restarted walstream never re-sends or skips bytes.
+    async fn resume_position(&self, state: &ShadowState) -> Result<Pos, Error> {
+        let generation = state.generation.expect("checked by caller");
+        let snapshot = state.snapshot.as_ref().expect("checked by caller");
+        let snapshots = self.list(&name::snapshots_prefix(&generation)).await?;
+        let has_snapshot = snapshots.iter().any(|key| matches!(name::parse_key(key).map(|k| k.kind), Some(ObjectKind::Snapshot { .. })));
+        if !has_snapshot {
+            let body = std::fs::read(&snapshot.path).map_err(io_err("read", &snapshot.path))?;
+            let key = name::snapshot_key(&generation, snapshot.index);
+            self.put(&key, Bytes::from(body)).await?;
+            info!(replica = %self.replica.name, generation = %generation, index = snapshot.index, "snapshot uploaded");
+            return Ok(Pos { generation, index: snapshot.index, offset: 0 });
+        }
+        let segments = self.list(&name::wal_prefix(&generation)).await?;
+        let last = segments.iter().filter_map(|key| Some((name::parse_key(key)?.pos()?, key))).max_by_key(|(pos, _)| *pos);
+        let Some((start, key)) = last else {
+            return Ok(Pos { generation, index: snapshot.index, offset: 0 });
+        };
+        let body = self.replica.store.get(key).await.map_err(|source| Error::Store { replica: self.replica.name.clone(), source })?;
+        let raw = lz4::decompress(&body).map_err(|source| Error::CorruptObject { replica: self.replica.name.clone(), key: key.clone(), source })?;
+        Ok(Pos { offset: start.offset + raw.len() as u64, ..start })
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, Error> {
+        let objects = self.replica.store.list(prefix).await.map_err(|source| Error::Store { replica: self.replica.name.clone(), source })?;
+        Ok(objects.into_iter().map(|o| o.key).collect())
+    }
+
+    async fn put(&self, key: &str, body: Bytes) -> Result<(), Error> {
+        self.replica.store.put(key, body).await.map_err(|source| Error::Store { replica: self.replica.name.clone(), source })
+    }
+}
