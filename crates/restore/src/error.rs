@@ -1,0 +1,103 @@
+use std::path::PathBuf;
+
+use walstream_format::GenerationId;
+
+/// Why a restore failed. Whatever the reason, nothing was left at the output path.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The output path exists; restore never overwrites.
+    #[error("cannot restore, output path already exists: {}", path.display())]
+    OutputExists {
+        /// The output path.
+        path: PathBuf,
+    },
+    /// The replica holds no generation with a snapshot.
+    #[error("no matching backups found")]
+    NoBackups,
+    /// A WAL index between the snapshot and the last index has no segments.
+    #[error("missing WAL index: {generation}/{index:08x}")]
+    MissingIndex {
+        /// The generation.
+        generation: GenerationId,
+        /// The missing index.
+        index: u32,
+    },
+    /// An index's segments do not start at offset 0.
+    #[error("missing initial wal segment: generation={generation} index={index:08x} offset={offset}")]
+    MissingInitialSegment {
+        /// The generation.
+        generation: GenerationId,
+        /// The index.
+        index: u32,
+        /// The offset its first segment starts at.
+        offset: u64,
+    },
+    /// A segment does not start where the previous one ended.
+    #[error("wal segment {key} starts at offset {found} but the previous segment ended at {expected}")]
+    SegmentGap {
+        /// The segment's key.
+        key: String,
+        /// Where the previous segment ended.
+        expected: u64,
+        /// Where this one starts.
+        found: u64,
+    },
+    /// An object could not be decoded (LZ4 framing, content checksum, truncation).
+    #[error("corrupt object {key}: {source}")]
+    CorruptObject {
+        /// The object's key.
+        key: String,
+        /// What is wrong.
+        source: walstream_format::Error,
+    },
+    /// A segment's frames do not continue the WAL checksum chain: a corrupt or foreign segment.
+    #[error("wal checksum chain breaks in segment {key} at offset {offset}")]
+    ChecksumBreak {
+        /// The segment holding the first frame that does not chain.
+        key: String,
+        /// Its offset within the index.
+        offset: u64,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] walstream_store::Error),
+    /// SQLite refused to apply the WAL or to open the result.
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// SQLite could not check every frame into the database.
+    #[error("applying wal index {index:08x}: checkpoint incomplete (busy={busy} log={log} checkpointed={checkpointed})")]
+    CheckpointIncomplete {
+        /// The index.
+        index: u32,
+        /// The busy flag.
+        busy: i64,
+        /// Frames in the WAL.
+        log: i64,
+        /// Frames checkpointed.
+        checkpointed: i64,
+    },
+    /// `PRAGMA integrity_check` did not say ok.
+    #[error("restored database failed integrity_check: {detail}")]
+    IntegrityCheck {
+        /// SQLite's first complaint.
+        detail: String,
+    },
+    /// Local I/O failed.
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file involved.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// True when there was simply nothing to restore, as opposed to a failure.
+    pub fn is_no_backups(&self) -> bool {
+        matches!(self, Error::NoBackups)
+    }
+}
