@@ -1,0 +1,50 @@
+//! Exit codes. Scripts and init containers branch on these, so they are part of the CLI
+//! contract: never renumber one. (Litestream exits 1 for every error; walstream keeps 1 for
+//! errors without a more specific code.)
+
+use crate::replica_url::UrlError;
+
+pub(crate) const OK: i32 = 0;
+/// Any error without a more specific code.
+pub(crate) const ERROR: i32 = 1;
+// 2 is clap's code for bad arguments.
+/// Restore found no backup in the replica (and `-if-replica-exists` was not given).
+pub(crate) const NO_BACKUP: i32 = 3;
+/// The database path holds something that is not a SQLite database.
+pub(crate) const NOT_A_DATABASE: i32 = 4;
+/// A replica URL that cannot be used.
+pub(crate) const BAD_URL: i32 = 5;
+/// The replica holds a corrupt, truncated or inconsistent object.
+pub(crate) const CORRUPT_REPLICA: i32 = 6;
+/// Restore's output path already exists.
+pub(crate) const OUTPUT_EXISTS: i32 = 7;
+/// The final flush after SIGTERM did not finish before its deadline.
+pub(crate) const FLUSH_INCOMPLETE: i32 = 8;
+/// A second signal cut the graceful shutdown short.
+pub(crate) const INTERRUPTED: i32 = 130;
+
+pub(crate) fn code_for(error: &anyhow::Error) -> i32 {
+    use walstream_restore::Error as R;
+    use walstream_shipper::Error as S;
+    for cause in error.chain() {
+        if cause.is::<UrlError>() {
+            return BAD_URL;
+        }
+        if let Some(e) = cause.downcast_ref::<S>() {
+            return match e {
+                S::NotADatabase { .. } => NOT_A_DATABASE,
+                S::FlushIncomplete { .. } => FLUSH_INCOMPLETE,
+                _ => ERROR,
+            };
+        }
+        if let Some(e) = cause.downcast_ref::<R>() {
+            return match e {
+                R::NoBackups => NO_BACKUP,
+                R::OutputExists { .. } => OUTPUT_EXISTS,
+                R::MissingIndex { .. } | R::MissingInitialSegment { .. } | R::SegmentGap { .. } | R::CorruptObject { .. } | R::ChecksumBreak { .. } | R::IntegrityCheck { .. } | R::CheckpointIncomplete { .. } => CORRUPT_REPLICA,
+                _ => ERROR,
+            };
+        }
+    }
+    ERROR
+}

@@ -1,0 +1,98 @@
+//! The `walstream` command. It parses arguments (accepting Litestream's single-dash flags),
+//! sets up logging and signals, picks the store for each replica URL, and maps every error to
+//! one exit code, here and nowhere else.
+
+mod args;
+mod exit;
+mod replica_url;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+use walstream_shipper::{Replica, Shipper, ShipperConfig};
+
+use args::{Cli, Command, ReplicateArgs, RestoreArgs};
+
+fn main() {
+    let cli = Cli::parse_from(args::litestream_style_argv(std::env::args_os()));
+    init_logging();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
+    let result = runtime.block_on(run(cli));
+    let code = match result {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            tracing::error!("{:#}", e);
+            exit::code_for(&e)
+        }
+    };
+    // Uploads that outlived the shutdown deadline must not keep the process alive.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    std::process::exit(code);
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("WALSTREAM_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Replicate(args) => replicate(args).await,
+        Command::Restore(args) => restore(args).await,
+        Command::Version => {
+            println!("walstream v{} (litestream v0.3.13 compatible)", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+    }
+}
+
+async fn replicate(args: ReplicateArgs) -> anyhow::Result<()> {
+    let mut replicas = Vec::new();
+    for url in &args.replica_urls {
+        let store = replica_url::open(url)?;
+        replicas.push(Replica { name: replica_url::kind(url).to_string(), store: Arc::from(store) });
+    }
+    let mut config = ShipperConfig::new(&args.db_path);
+    config.shutdown_deadline = args.shutdown_timeout;
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone());
+    Shipper::new(config, replicas).run(shutdown).await.with_context(|| format!("replicate {}", args.db_path.display()))
+}
+
+async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
+    // Checked before any network access, so a warm restart of a pod costs nothing.
+    if args.if_db_not_exists && args.output.exists() {
+        info!(path = %args.output.display(), "database already exists, skipping");
+        return Ok(());
+    }
+    let store = replica_url::open(&args.replica_url)?;
+    let options = walstream_restore::RestoreOptions { output: args.output.clone() };
+    match walstream_restore::restore(store.as_ref(), &options).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.is_no_backups() && args.if_replica_exists => {
+            info!("no matching backups found");
+            Ok(())
+        }
+        Err(e) => Err(anyhow::Error::new(e).context(format!("restore {} to {}", args.replica_url, args.output.display()))),
+    }
+}
+
+/// The first SIGTERM or SIGINT starts a graceful shutdown; a second one exits at once.
+fn spawn_signal_handler(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    tokio::spawn(async move {
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            return;
+        };
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        info!("signal received, walstream shutting down");
+        shutdown.cancel();
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        tracing::warn!("second signal: exiting without finishing the flush");
+        std::process::exit(exit::INTERRUPTED);
+    });
+}

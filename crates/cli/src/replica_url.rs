@@ -1,0 +1,90 @@
+//! Replica URLs, parsed as Litestream v0.3.13 parses them (spec §7.2). The CLI is the only place
+//! that chooses a store backend.
+
+use std::path::{Component, Path, PathBuf};
+
+use walstream_store::{FileStore, ObjectStore};
+
+/// A replica URL walstream cannot use.
+#[derive(Debug)]
+pub(crate) struct UrlError {
+    pub(crate) url: String,
+    pub(crate) reason: String,
+}
+
+impl std::fmt::Display for UrlError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "invalid replica URL {:?}: {}", self.url, self.reason)
+    }
+}
+
+impl std::error::Error for UrlError {}
+
+/// The replica type a URL names (`file`, `gcs`), used as the replica's name as Litestream does.
+pub(crate) fn kind(url: &str) -> &str {
+    url.split_once("://").map_or("file", |(scheme, _)| scheme)
+}
+
+/// Opens the store a URL names.
+pub(crate) fn open(url: &str) -> Result<Box<dyn ObjectStore>, UrlError> {
+    let err = |reason: &str| UrlError { url: url.to_string(), reason: reason.to_string() };
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err(err("expected SCHEME://..., e.g. file:///var/lib/backups/db"));
+    };
+    match scheme {
+        "file" => Ok(Box::new(FileStore::new(file_path(rest).ok_or_else(|| err("file:// needs a path, e.g. file:///var/lib/backups/db"))?))),
+        "gcs" | "gs" => Err(err("gcs replicas are not supported by this build yet; use file:// for now")),
+        "s3" | "abs" | "sftp" => Err(err(&format!("{scheme}:// replicas are not supported by walstream; it replicates to gcs:// and file://"))),
+        _ => Err(err(&format!("unknown scheme {scheme:?}; use file:// (or gcs://)"))),
+    }
+}
+
+/// `file:///var/r` is `/var/r`; `file://a/b` is `/a/b` (Go's `path.Clean` of host plus path);
+/// `~` is the home directory.
+fn file_path(rest: &str) -> Option<PathBuf> {
+    if rest.is_empty() {
+        return None;
+    }
+    let path = if let Some(home_relative) = rest.strip_prefix("~/").or(if rest == "~" { Some("") } else { None }) {
+        PathBuf::from(std::env::var_os("HOME")?).join(home_relative)
+    } else {
+        Path::new("/").join(rest)
+    };
+    Some(clean(&path))
+}
+
+fn clean(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_urls_map_like_litestream() {
+        assert_eq!(file_path("/var/backups/r"), Some(PathBuf::from("/var/backups/r")));
+        assert_eq!(file_path("a/b"), Some(PathBuf::from("/a/b")));
+        assert_eq!(file_path("/x/./y/../z/"), Some(PathBuf::from("/x/z")));
+        assert_eq!(file_path(""), None);
+    }
+
+    #[test]
+    fn malformed_urls_name_the_fix() {
+        for url in ["/just/a/path", "ftp://host/x", "file://"] {
+            let e = open(url).unwrap_err();
+            assert!(e.to_string().contains(url), "{e}");
+        }
+        assert_eq!(kind("file:///x"), "file");
+    }
+}
