@@ -1,0 +1,252 @@
+//! Shared fixtures: paths to the binaries, an application writing to SQLite, a replicator
+//! process, restore, and the comparison every test ends with.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use rusqlite::Connection;
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// The `walstream` binary of the same build as this test binary.
+pub fn walstream_bin() -> PathBuf {
+    // target/<profile>/deps/e2e-<hash> -> target/<profile>/walstream
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join("walstream");
+    assert!(bin.exists(), "{} is missing: run the suite with `cargo nextest run --workspace` (or scripts/test.sh) so the binary is built", bin.display());
+    bin
+}
+
+/// The litestream v0.3.13 binary installed by `scripts/install-tools.sh`.
+pub fn litestream_bin() -> PathBuf {
+    let bin = std::env::var_os("LITESTREAM_BIN").map(PathBuf::from).unwrap_or_else(|| workspace_root().join(".tools/litestream/litestream"));
+    assert!(bin.exists(), "{} is missing: run scripts/install-tools.sh (the README's test command does)", bin.display());
+    bin
+}
+
+/// A scratch directory with a database path and a file:// replica in it.
+pub struct Scratch {
+    pub dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    pub fn new() -> Scratch {
+        Scratch { dir: tempfile::tempdir().unwrap() }
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+    pub fn db(&self) -> PathBuf {
+        self.path("app.db")
+    }
+    pub fn replica_url(&self) -> String {
+        format!("file://{}", self.path("replica").display())
+    }
+}
+
+/// The application: a plain SQLite connection in WAL mode with a busy timeout, as apps that
+/// follow Litestream's advice have.
+pub struct App {
+    pub conn: Connection,
+    next_id: i64,
+}
+
+impl App {
+    pub fn open(path: &Path) -> App {
+        let conn = Connection::open(path).unwrap();
+        conn.pragma_update(None, "journal_mode", "wal").unwrap();
+        conn.busy_timeout(Duration::from_secs(10)).unwrap();
+        conn.execute_batch("CREATE TABLE IF NOT EXISTS items (id INTEGER PRIMARY KEY, body TEXT NOT NULL, blob BLOB)").unwrap();
+        let next_id = conn.query_row("SELECT coalesce(max(id), 0) + 1 FROM items", [], |r| r.get(0)).unwrap();
+        App { conn, next_id }
+    }
+
+    /// Commits one transaction of `rows` rows with ~200-byte bodies.
+    pub fn insert(&mut self, rows: usize) {
+        let tx = self.conn.transaction().unwrap();
+        for _ in 0..rows {
+            tx.execute("INSERT INTO items (id, body) VALUES (?1, printf('%.200c', ?1 % 26 + 65) || ?1)", [self.next_id]).unwrap();
+            self.next_id += 1;
+        }
+        tx.commit().unwrap();
+    }
+
+    /// One transaction larger than an LZ4 block and a segment: `bytes` of random blobs.
+    pub fn insert_large(&mut self, bytes: usize) {
+        let tx = self.conn.transaction().unwrap();
+        let chunk = 64 * 1024;
+        for _ in 0..bytes / chunk {
+            tx.execute("INSERT INTO items (id, body, blob) VALUES (?1, 'large', randomblob(?2))", rusqlite::params![self.next_id, chunk as i64]).unwrap();
+            self.next_id += 1;
+        }
+        tx.commit().unwrap();
+    }
+
+    pub fn checkpoint(&self, mode: &str) -> (i64, i64, i64) {
+        self.conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap()
+    }
+
+    pub fn count(&self) -> i64 {
+        self.conn.query_row("SELECT count(*) FROM items", [], |r| r.get(0)).unwrap()
+    }
+}
+
+/// A running `walstream replicate`, its log kept in a file for failure messages.
+pub struct Replicator {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Replicator {
+    pub fn start(db: &Path, urls: &[String], log: PathBuf) -> Replicator {
+        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let child = Command::new(walstream_bin())
+            .arg("replicate")
+            .arg(db)
+            .args(urls)
+            .env("WALSTREAM_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .unwrap();
+        Replicator { child: Some(child), log }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: sending a signal to our own child process.
+        assert_eq!(unsafe { libc::kill(self.pid(), signal) }, 0);
+    }
+
+    /// SIGTERM, then waits (bounded) for the exit status.
+    pub fn stop(mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        self.wait(Duration::from_secs(30))
+    }
+
+    /// Waits (bounded) for an exit the test already caused.
+    pub fn wait_for_exit(mut self) -> ExitStatus {
+        self.wait(Duration::from_secs(30))
+    }
+
+    /// SIGKILL: no chance to flush.
+    pub fn kill(mut self) {
+        self.signal(libc::SIGKILL);
+        self.wait(Duration::from_secs(10));
+    }
+
+    fn wait(&mut self, limit: Duration) -> ExitStatus {
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("replicator did not exit within {limit:?}; log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Replicator {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Waits until `cond` holds, failing the test after `limit`.
+pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until the replicator has uploaded its first snapshot under `replica_dir`.
+pub fn wait_for_snapshot(replica_dir: &Path) {
+    wait_until(Duration::from_secs(20), "the first snapshot", || count_files(replica_dir, ".snapshot.lz4") > 0);
+}
+
+pub fn count_files(dir: &Path, suffix: &str) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| {
+            let path = e.path();
+            if path.is_dir() {
+                count_files(&path, suffix)
+            } else {
+                usize::from(path.to_string_lossy().ends_with(suffix))
+            }
+        })
+        .sum()
+}
+
+/// `walstream ARGS...`, waited for.
+pub fn walstream(args: &[&str]) -> Output {
+    Command::new(walstream_bin()).args(args).output().unwrap()
+}
+
+/// `walstream restore -o OUT URL`; panics with the output if it fails.
+pub fn restore(url: &str, out: &Path) {
+    let output = walstream(&["restore", "-o", out.to_str().unwrap(), url]);
+    assert!(output.status.success(), "walstream restore failed ({}): {}", output.status, String::from_utf8_lossy(&output.stderr));
+}
+
+/// Every row of every table, in rowid order: what "the same database" means for these tests.
+pub fn dump(path: &Path) -> Vec<(String, Vec<Vec<rusqlite::types::Value>>)> {
+    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    let mut tables: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    tables.sort();
+    tables
+        .into_iter()
+        .map(|table| {
+            let mut stmt = conn.prepare(&format!("SELECT * FROM \"{table}\" ORDER BY rowid")).unwrap();
+            let n = stmt.column_count();
+            let rows = stmt.query_map([], |r| (0..n).map(|i| r.get::<_, rusqlite::types::Value>(i)).collect()).unwrap().map(Result::unwrap).collect();
+            (table, rows)
+        })
+        .collect()
+}
+
+/// Asserts the restored database passes integrity_check and holds exactly the source's rows.
+pub fn assert_same_database(source: &Path, restored: &Path) {
+    let conn = Connection::open(restored).unwrap();
+    let check: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
+    assert_eq!(check, "ok", "integrity_check of {}", restored.display());
+    drop(conn);
+    let (want, got) = (dump(source), dump(restored));
+    let summary = |d: &Vec<(String, Vec<Vec<rusqlite::types::Value>>)>| d.iter().map(|(t, rows)| format!("{t}:{}", rows.len())).collect::<Vec<_>>().join(",");
+    assert!(want == got, "restored database differs from the source: source has {}, restored has {}", summary(&want), summary(&got));
+}
+
+/// Files in `dir` (not recursive), sorted, for "nothing was left behind" checks.
+pub fn list_dir(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    names
+}

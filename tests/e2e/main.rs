@@ -1,0 +1,10 @@
+//! End-to-end tests. Each test drives the real `walstream` binary (built by the workspace) as a
+//! separate process against a SQLite database written by the test, and checks the result by
+//! restoring and comparing with the source. Interop tests run the real litestream v0.3.13 that
+//! `scripts/install-tools.sh` puts in `.tools/`.
+
+mod cli;
+mod crash;
+mod harness;
+mod interop;
+mod replicate;
