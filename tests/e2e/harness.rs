@@ -12,13 +12,30 @@ pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
-/// The `walstream` binary of the same build as this test binary.
+/// The `walstream` binary, built from the current sources with this test binary's profile.
+///
+/// `cargo nextest run` / `cargo test` rebuild test targets but not the CLI's binary, so a test
+/// could silently run a stale `walstream`. Each test process asks cargo once; when the binary is
+/// fresh that is a no-op of a few hundred milliseconds.
 pub fn walstream_bin() -> PathBuf {
-    // target/<profile>/deps/e2e-<hash> -> target/<profile>/walstream
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().unwrap().parent().unwrap().join("walstream");
-    assert!(bin.exists(), "{} is missing: run the suite with `cargo nextest run --workspace` (or scripts/test.sh) so the binary is built", bin.display());
-    bin
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            // target/<profile>/deps/e2e-<hash> -> target/<profile>/walstream
+            let exe = std::env::current_exe().unwrap();
+            let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+            let release = profile_dir.file_name().is_some_and(|n| n == "release");
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let mut build = Command::new(cargo);
+            build.current_dir(workspace_root()).args(["build", "--quiet", "-p", "walstream-cli", "--bin", "walstream"]);
+            if release {
+                build.arg("--release");
+            }
+            let status = build.status().expect("running cargo to build walstream");
+            assert!(status.success(), "building walstream failed");
+            profile_dir.join("walstream")
+        })
+        .clone()
 }
 
 /// The litestream v0.3.13 binary installed by `scripts/install-tools.sh`.

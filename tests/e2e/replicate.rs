@@ -41,7 +41,6 @@ fn restore_equals_source_after_checkpoints_large_transactions_and_vacuum() {
     let replicator = Replicator::start(&scratch.db(), &[scratch.replica_url()], scratch.path("replicate.log"));
     wait_for_snapshot(&scratch.path("replica"));
     mixed_load(&mut app);
-    eprintln!("LOG {}", replicator.log_text());
     let status = replicator.stop();
     assert!(status.success(), "replicate exited {status}");
 
