@@ -18,15 +18,26 @@ use crate::meta::{LocalSnapshot, MetaDir};
 use crate::shadow::{ShadowIndex, COPY_CHUNK_BYTES};
 use crate::source::{wal_path, SourceDb};
 
-/// How often the lock probe runs while walstream pins the WAL and the database is busy. This
-/// bounds how long an application's FULL/RESTART/TRUNCATE checkpoint waits for walstream.
-const PROBE_INTERVAL_ACTIVE: Duration = Duration::from_millis(10);
-/// The same when nothing has changed for [`ACTIVE_WINDOW`].
-const PROBE_INTERVAL_IDLE: Duration = Duration::from_millis(50);
-const ACTIVE_WINDOW: Duration = Duration::from_secs(2);
-/// With no pin held, the WAL is still polled this often in case file events are lost or
-/// unsupported (network filesystems).
-const POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// How long the capturer sleeps between passes when no event arrives.
+#[derive(Clone, Copy, Debug)]
+struct Timing {
+    /// How often the lock probe runs while walstream pins the WAL and the database is busy. This
+    /// bounds how long an application's FULL/RESTART/TRUNCATE checkpoint waits for walstream.
+    probe_active: Duration,
+    /// The same when nothing has changed for `active_window`.
+    probe_idle: Duration,
+    active_window: Duration,
+    /// With no pin held, the WAL is still polled this often in case file events are lost or
+    /// unsupported (network filesystems).
+    poll: Duration,
+}
+
+const TIMING: Timing = Timing {
+    probe_active: Duration::from_millis(10),
+    probe_idle: Duration::from_millis(50),
+    active_window: Duration::from_secs(2),
+    poll: Duration::from_secs(1),
+};
 
 /// Once one WAL life holds this much, walstream drops its pin after copying so that the
 /// application's next checkpoint can restart the WAL; otherwise a writer that never pauses would
@@ -81,6 +92,7 @@ pub(crate) struct Capturer {
     last_wal_stat: Option<(u64, SystemTime)>,
     last_change: Instant,
     pending_new_generation: Option<String>,
+    timing: Timing,
 }
 
 impl Capturer {
@@ -98,6 +110,7 @@ impl Capturer {
             last_wal_stat: None,
             last_change: Instant::now(),
             pending_new_generation: None,
+            timing: TIMING,
         }
     }
 
@@ -105,10 +118,10 @@ impl Capturer {
     pub(crate) fn run(mut self, wakes: Receiver<Wake>) -> Result<(), Error> {
         self.sync_logged();
         loop {
-            let timeout = match (self.db.is_pinned(), self.last_change.elapsed() < ACTIVE_WINDOW) {
-                (true, true) => PROBE_INTERVAL_ACTIVE,
-                (true, false) => PROBE_INTERVAL_IDLE,
-                (false, _) => POLL_INTERVAL,
+            let timeout = match (self.db.is_pinned(), self.last_change.elapsed() < self.timing.active_window) {
+                (true, true) => self.timing.probe_active,
+                (true, false) => self.timing.probe_idle,
+                (false, _) => self.timing.poll,
             };
             let mut changed = false;
             let mut shutdown = false;
@@ -379,5 +392,55 @@ impl LiveWal {
             return Ok(false);
         }
         Ok(live == last)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rusqlite::Connection;
+
+    /// With no event and no timer able to wake the capturer, only the copy made on shutdown
+    /// can carry the last commits into the final state.
+    #[test]
+    fn shutdown_copies_what_was_committed_since_the_last_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let db_path = dir.path().join("db");
+        let app = Connection::open(&db_path).unwrap();
+        app.execute_batch("PRAGMA journal_mode=wal; CREATE TABLE t(x); INSERT INTO t VALUES (1);").unwrap();
+
+        let source = SourceDb::open(&db_path).unwrap();
+        let (state_tx, mut state_rx) = watch::channel(ShadowState::default());
+        let mut capturer = Capturer::new(db_path.clone(), MetaDir::for_db(&db_path, None), source, state_tx, Vec::new());
+        let never = Duration::from_secs(3600);
+        capturer.timing = Timing { probe_active: never, probe_idle: never, active_window: never, poll: never };
+        let (wake_tx, wake_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || capturer.run(wake_rx));
+
+        let first = wait_for(&mut state_rx, |s| s.end.is_some());
+        for i in 0..100 {
+            app.execute("INSERT INTO t VALUES (?1)", [i]).unwrap();
+        }
+        let wal_len = std::fs::metadata(wal_path(&db_path)).unwrap().len();
+        assert_eq!(state_rx.borrow().end, first.end, "the capturer ran a pass before shutdown; the test proves nothing");
+
+        wake_tx.send(Wake::Shutdown).unwrap();
+        thread.join().unwrap().unwrap();
+        let last = state_rx.borrow().clone();
+        assert!(last.is_final);
+        assert_eq!(last.generation, first.generation);
+        assert_eq!(last.end.map(|p| p.offset), Some(wal_len), "the final state must end where the WAL's last commit does");
+    }
+
+    fn wait_for(rx: &mut watch::Receiver<ShadowState>, ready: impl Fn(&ShadowState) -> bool) -> ShadowState {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let state = rx.borrow_and_update().clone();
+            if ready(&state) {
+                return state;
+            }
+            assert!(Instant::now() < deadline, "no capture pass within 10 s");
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 }
