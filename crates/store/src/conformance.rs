@@ -5,7 +5,7 @@ use bytes::Bytes;
 use crate::ObjectStore;
 
 /// Exercises the whole [`ObjectStore`] contract on an empty store.
-pub(crate) async fn run(store: &dyn ObjectStore) {
+pub async fn run(store: &dyn ObjectStore) {
     assert!(store.list("generations/").await.unwrap().is_empty(), "a new store lists nothing");
     assert!(store.get("generations/x/missing").await.unwrap_err().is_not_found());
     store.delete("generations/x/missing").await.expect("deleting a missing key is not an error");
@@ -27,4 +27,16 @@ pub(crate) async fn run(store: &dyn ObjectStore) {
     store.delete(keys[0]).await.unwrap();
     assert!(store.get(keys[0]).await.unwrap_err().is_not_found());
     assert_eq!(store.list("generations/b/").await.unwrap().len(), 1);
+
+    // put_file: small, and large enough for a backend to stream it in several chunks.
+    let dir = tempfile::tempdir().unwrap();
+    for (i, len) in [100usize, (20 << 20) + 12345].into_iter().enumerate() {
+        let path = dir.path().join("upload");
+        let body: Vec<u8> = (0..len).map(|j| (j * 7 + j / 4096 + i) as u8).collect();
+        std::fs::write(&path, &body).unwrap();
+        let key = format!("generations/c/snapshots/{i:08x}.snapshot.lz4");
+        store.put_file(&key, &path).await.unwrap();
+        assert!(store.get(&key).await.unwrap() == body, "put_file of {len} bytes must store them all");
+        assert_eq!(store.list("generations/c/").await.unwrap().iter().find(|m| m.key == key).map(|m| m.size), Some(len as u64));
+    }
 }

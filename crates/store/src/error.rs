@@ -24,6 +24,30 @@ pub enum Error {
         /// The cause.
         source: std::io::Error,
     },
+    /// The bucket a replica URL names does not exist.
+    #[error("bucket {bucket:?} does not exist: create it (gcloud storage buckets create gs://{bucket}) or fix the replica URL")]
+    BucketNotFound {
+        /// The bucket's name.
+        bucket: String,
+    },
+    /// The store refused the credentials, or none could be obtained.
+    #[error("credentials from {source_name} were rejected or unavailable: {detail}; check the service account and its roles/storage.objectAdmin on the bucket")]
+    Credentials {
+        /// Where the credentials came from (`GOOGLE_APPLICATION_CREDENTIALS=...`, the metadata server).
+        source_name: String,
+        /// What the store or the credential source said.
+        detail: String,
+    },
+    /// A remote request failed for another reason, after its retries.
+    #[error("{op} {target}: {detail}")]
+    Remote {
+        /// What was being done.
+        op: &'static str,
+        /// The object or store involved.
+        target: String,
+        /// What went wrong, on one line.
+        detail: String,
+    },
 }
 
 impl Error {

@@ -48,7 +48,18 @@ fn io_error(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Err
 impl ObjectStore for FileStore {
     async fn put(&self, key: &str, body: Bytes) -> Result<(), Error> {
         let path = self.path_of(key)?;
-        tokio::task::spawn_blocking(move || put_blocking(&path, &body)).await.expect("put task panicked")
+        tokio::task::spawn_blocking(move || write_atomically(&path, |file| std::io::Write::write_all(file, &body))).await.expect("put task panicked")
+    }
+
+    async fn put_file(&self, key: &str, source: &Path) -> Result<(), Error> {
+        let path = self.path_of(key)?;
+        let source = source.to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            let mut input = std::fs::File::open(&source).map_err(io_error("open", &source))?;
+            write_atomically(&path, |file| std::io::copy(&mut input, file).map(drop))
+        })
+        .await
+        .expect("put task panicked")
     }
 
     async fn get(&self, key: &str) -> Result<Bytes, Error> {
@@ -80,8 +91,8 @@ impl ObjectStore for FileStore {
     }
 }
 
-fn put_blocking(path: &Path, body: &[u8]) -> Result<(), Error> {
-    use std::io::Write;
+/// Creates `path` with what `fill` writes, all or nothing.
+fn write_atomically(path: &Path, fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>) -> Result<(), Error> {
     let dir = path.parent().expect("a key always has a parent under the root");
     std::fs::create_dir_all(dir).map_err(io_error("create directory", dir))?;
     // A random temp name lets two writers of the same key (a retry racing a slow first attempt)
@@ -89,7 +100,7 @@ fn put_blocking(path: &Path, body: &[u8]) -> Result<(), Error> {
     let temp = PathBuf::from(format!("{}.{:08x}{TEMP_SUFFIX}", path.display(), rand::random::<u32>()));
     let result = (|| {
         let mut file = std::fs::File::create(&temp).map_err(io_error("create", &temp))?;
-        file.write_all(body).map_err(io_error("write", &temp))?;
+        fill(&mut file).map_err(io_error("write", &temp))?;
         file.sync_all().map_err(io_error("fsync", &temp))?;
         std::fs::rename(&temp, path).map_err(io_error("rename", &temp))?;
         std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_error("fsync", dir))

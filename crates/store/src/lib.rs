@@ -5,6 +5,7 @@
 //! `walstream-format`. Backends are modules; only the CLI chooses one.
 //!
 //! - [`FileStore`]: a directory, written with temp file, fsync and rename (`file://`).
+//! - [`GcsStore`]: a Google Cloud Storage bucket through the JSON API (`gcs://`).
 //!
 //! ```
 //! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
@@ -19,8 +20,11 @@
 
 mod error;
 mod file;
-#[cfg(test)]
-mod conformance;
+mod gcs;
+/// The behaviour every backend must show, for backends' own tests and the e2e suite.
+#[cfg(any(test, feature = "conformance"))]
+#[doc(hidden)]
+pub mod conformance;
 
 use std::time::SystemTime;
 
@@ -29,6 +33,7 @@ use bytes::Bytes;
 
 pub use error::Error;
 pub use file::FileStore;
+pub use gcs::{GcsStore, RetryPolicy};
 
 /// One object as a listing reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,6 +57,13 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     /// object, no object, or the whole new one, never a part. Returns only once the object is
     /// durable in the store.
     async fn put(&self, key: &str, body: Bytes) -> Result<(), Error>;
+
+    /// Stores the file at `path` as `key`, with [`put`](ObjectStore::put)'s guarantees. Backends
+    /// stream it, so a large snapshot never has to fit in memory; the default reads it whole.
+    async fn put_file(&self, key: &str, path: &std::path::Path) -> Result<(), Error> {
+        let body = tokio::fs::read(path).await.map_err(|source| Error::Io { op: "read", path: path.display().to_string(), source })?;
+        self.put(key, Bytes::from(body)).await
+    }
 
     /// Returns the whole object. A missing key is an error for which
     /// [`Error::is_not_found`] is true.

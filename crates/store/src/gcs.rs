@@ -1,0 +1,343 @@
+//! `gcs://BUCKET/PATH`: Google Cloud Storage through its JSON API (`gcloud-storage`).
+//!
+//! The client is made on first use, so a replicator can start while the network or the emulator
+//! is still down. Every request has a timeout and is retried with jittered exponential backoff
+//! on 408, 429, 5xx and transport errors: uploads and deletes too, since object names are
+//! deterministic and re-sending one is harmless.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use gcloud_storage::client::{Client, ClientConfig};
+use gcloud_storage::http::objects::delete::DeleteObjectRequest;
+use gcloud_storage::http::objects::download::Range;
+use gcloud_storage::http::objects::get::GetObjectRequest;
+use gcloud_storage::http::objects::list::ListObjectsRequest;
+use gcloud_storage::http::objects::upload::{Media, UploadObjectRequest, UploadType};
+use gcloud_storage::http::resumable_upload_client::{ChunkSize, UploadStatus};
+use gcloud_storage::http::Error as HttpError;
+use tokio::io::AsyncReadExt;
+use tokio::sync::OnceCell;
+use tracing::debug;
+
+use crate::{Error, ObjectMeta, ObjectStore};
+
+/// Objects above this size are sent as a resumable upload in chunks of this size, so a large
+/// snapshot never has to be in memory at once. A multiple of 256 KiB, as GCS requires.
+const CHUNK_BYTES: usize = 8 << 20;
+/// GCS's own page size limit; a long-lived replica lists thousands of segments.
+const LIST_PAGE_SIZE: i32 = 1000;
+
+/// How hard one request is tried before its error is returned to the caller (who may retry on
+/// its own schedule, as the replicator does).
+#[derive(Clone, Copy, Debug)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included.
+    pub attempts: u32,
+    /// The backoff before the first retry; it doubles each time, with full jitter.
+    pub initial_backoff: Duration,
+    /// The backoff never grows beyond this.
+    pub max_backoff: Duration,
+    /// Each HTTP request fails after this long.
+    pub request_timeout: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy { attempts: 6, initial_backoff: Duration::from_millis(100), max_backoff: Duration::from_secs(5), request_timeout: Duration::from_secs(60) }
+    }
+}
+
+/// A replica in a GCS bucket, under an optional path prefix.
+pub struct GcsStore {
+    bucket: String,
+    /// Object names are `prefix/key`; empty for the bucket's root.
+    prefix: String,
+    /// `host:port` (or a URL) of an emulator from `STORAGE_EMULATOR_HOST`.
+    emulator: Option<String>,
+    retry: RetryPolicy,
+    client: OnceCell<Client>,
+}
+
+impl std::fmt::Debug for GcsStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GcsStore").field("bucket", &self.bucket).field("prefix", &self.prefix).field("emulator", &self.emulator).finish()
+    }
+}
+
+impl GcsStore {
+    /// A store for `bucket` with objects under `prefix` (no leading or trailing `/`; empty for
+    /// the root). Honours `STORAGE_EMULATOR_HOST` as Google's own clients do.
+    pub fn new(bucket: impl Into<String>, prefix: impl Into<String>) -> GcsStore {
+        let emulator = std::env::var("STORAGE_EMULATOR_HOST").ok().filter(|h| !h.is_empty());
+        GcsStore { bucket: bucket.into(), prefix: prefix.into(), emulator, retry: RetryPolicy::default(), client: OnceCell::new() }
+    }
+
+    /// The same store with another retry policy.
+    pub fn with_retry(mut self, retry: RetryPolicy) -> GcsStore {
+        self.retry = retry;
+        self
+    }
+
+    async fn client(&self) -> Result<&Client, Error> {
+        self.client.get_or_try_init(|| self.connect()).await
+    }
+
+    async fn connect(&self) -> Result<Client, Error> {
+        let http = reqwest::Client::builder()
+            .timeout(self.retry.request_timeout)
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| Error::Remote { op: "create HTTP client", target: self.describe(), detail: e.to_string() })?;
+        let http = Some(reqwest_middleware::ClientBuilder::new(http).build());
+        let config = match &self.emulator {
+            Some(host) => {
+                let endpoint = if host.contains("://") { host.trim_end_matches('/').to_string() } else { format!("http://{host}") };
+                ClientConfig { http, storage_endpoint: endpoint, ..ClientConfig::default() }.anonymous()
+            }
+            None => ClientConfig { http, ..ClientConfig::default() }
+                .with_auth()
+                .await
+                .map_err(|e| match e {
+                    // The metadata server or token endpoint did not answer: try again later.
+                    gcloud_storage::client::google_cloud_auth::error::Error::HttpError(e) => Error::Remote { op: "fetch credentials", target: credential_source(), detail: one_line(&error_chain(&e)) },
+                    e => Error::Credentials { source_name: credential_source(), detail: one_line(&e.to_string()) },
+                })?,
+        };
+        Ok(Client::new(config))
+    }
+
+    fn object_name(&self, key: &str) -> Result<String, Error> {
+        if key.is_empty() || key.starts_with('/') || key.split('/').any(|part| part == "..") {
+            return Err(Error::InvalidKey { key: key.to_string() });
+        }
+        Ok(if self.prefix.is_empty() { key.to_string() } else { format!("{}/{key}", self.prefix) })
+    }
+
+    /// Runs `attempt` until it succeeds, fails for good, or the policy's attempts are spent.
+    async fn retrying<T, F, Fut>(&self, op: &'static str, key: &str, mut attempt: F) -> Result<T, Error>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, HttpError>>,
+    {
+        let mut backoff = self.retry.initial_backoff;
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            // Credentials are (re)tried with the request: an unreachable metadata server is as
+            // transient as an unreachable bucket.
+            let outcome = match self.client().await {
+                Ok(client) => attempt(client.clone()).await.map_err(|e| self.classify(op, key, e)),
+                Err(e) => {
+                    let transient = !matches!(e, Error::Credentials { .. });
+                    Err(Failure { error: e, transient })
+                }
+            };
+            match outcome {
+                Ok(value) => return Ok(value),
+                Err(Failure { error, transient }) if transient && tries < self.retry.attempts => {
+                    let sleep = backoff.mul_f64(rand::random::<f64>());
+                    debug!(op, key, error = %error, attempt = tries, "GCS request failed; retrying in {sleep:?}");
+                    tokio::time::sleep(sleep).await;
+                    backoff = (backoff * 2).min(self.retry.max_backoff);
+                }
+                Err(Failure { error, .. }) => return Err(error),
+            }
+        }
+    }
+
+    fn classify(&self, op: &'static str, key: &str, e: HttpError) -> Failure {
+        let remote = |detail: String| Error::Remote { op, target: format!("{}/{key}", self.describe()), detail };
+        match e {
+            HttpError::Response(r) => self.classify_status(op, key, r.code, &r.message),
+            // A status without a JSON error body (an emulator, a proxy) is still a status.
+            HttpError::HttpClient(e) if e.status().is_some() => self.classify_status(op, key, e.status().unwrap().as_u16(), &error_chain(&e)),
+            HttpError::HttpClient(e) => {
+                let kind = if e.is_timeout() {
+                    "timed out"
+                } else if e.is_connect() {
+                    "could not connect"
+                } else {
+                    "transport error"
+                };
+                Failure { error: remote(format!("{kind}: {}", one_line(&error_chain(&e)))), transient: true }
+            }
+            HttpError::TokenSource(e) => Failure { error: Error::Credentials { source_name: self.credential_source_in_use(), detail: one_line(&e.to_string()) }, transient: true },
+            other => Failure { error: remote(one_line(&other.to_string())), transient: true },
+        }
+    }
+
+    fn classify_status(&self, op: &'static str, key: &str, code: u16, message: &str) -> Failure {
+        let transient = matches!(code, 408 | 429 | 500..=599);
+        let error = match code {
+            404 if op == "get" => Error::NotFound { key: key.to_string() },
+            404 => Error::BucketNotFound { bucket: self.bucket.clone() },
+            401 | 403 => Error::Credentials { source_name: self.credential_source_in_use(), detail: format!("HTTP {code}: {}", one_line(message)) },
+            _ => Error::Remote { op, target: format!("{}/{key}", self.describe()), detail: format!("HTTP {code}: {}", one_line(message)) },
+        };
+        Failure { error, transient }
+    }
+
+    fn credential_source_in_use(&self) -> String {
+        match &self.emulator {
+            Some(host) => format!("none (STORAGE_EMULATOR_HOST={host})"),
+            None => credential_source(),
+        }
+    }
+
+    fn upload_request(&self, name: &str) -> (UploadObjectRequest, UploadType) {
+        let request = UploadObjectRequest { bucket: self.bucket.clone(), ..Default::default() };
+        (request, UploadType::Simple(Media::new(name.to_string())))
+    }
+
+    /// One resumable upload of the whole file, `CHUNK_BYTES` at a time.
+    async fn upload_file_in_chunks(&self, client: Client, name: &str, path: &Path, len: u64) -> Result<(), HttpError> {
+        let (request, upload_type) = self.upload_request(name);
+        let session = client.prepare_resumable_upload(&request, &upload_type).await?;
+        let mut file = tokio::fs::File::open(path).await.map_err(|e| HttpError::HttpMiddleware(anyhow::Error::new(e).context(path.display().to_string())))?;
+        let mut sent = 0u64;
+        loop {
+            let want = (len - sent).min(CHUNK_BYTES as u64) as usize;
+            let mut chunk = vec![0u8; want];
+            file.read_exact(&mut chunk).await.map_err(|e| HttpError::HttpMiddleware(anyhow::Error::new(e).context(path.display().to_string())))?;
+            let range = ChunkSize::new(sent, sent + want as u64 - 1, Some(len));
+            match session.upload_multiple_chunk(chunk, &range).await? {
+                UploadStatus::Ok(_) => return Ok(()),
+                UploadStatus::ResumeIncomplete(_) | UploadStatus::NotStarted => sent += want as u64,
+            }
+            if sent >= len {
+                return Err(HttpError::HttpMiddleware(anyhow::anyhow!("the resumable upload sent every byte but was not finalized")));
+            }
+        }
+    }
+}
+
+struct Failure {
+    error: Error,
+    transient: bool,
+}
+
+#[async_trait]
+impl ObjectStore for GcsStore {
+    async fn put(&self, key: &str, body: Bytes) -> Result<(), Error> {
+        let name = self.object_name(key)?;
+        self.retrying("put", key, |client| {
+            let (request, upload_type) = self.upload_request(&name);
+            let body = body.clone();
+            async move { client.upload_object(&request, body, &upload_type).await.map(drop) }
+        })
+        .await
+    }
+
+    async fn put_file(&self, key: &str, path: &Path) -> Result<(), Error> {
+        let len = tokio::fs::metadata(path).await.map_err(|source| Error::Io { op: "stat", path: path.display().to_string(), source })?.len();
+        if len <= CHUNK_BYTES as u64 {
+            let body = tokio::fs::read(path).await.map_err(|source| Error::Io { op: "read", path: path.display().to_string(), source })?;
+            return self.put(key, Bytes::from(body)).await;
+        }
+        let name = self.object_name(key)?;
+        // A failed chunk restarts the whole upload in a new session: simple, and a snapshot is
+        // uploaded once per generation.
+        self.retrying("put", key, |client| self.upload_file_in_chunks(client, &name, path, len)).await
+    }
+
+    async fn get(&self, key: &str) -> Result<Bytes, Error> {
+        let name = self.object_name(key)?;
+        self.retrying("get", key, |client| {
+            let request = GetObjectRequest { bucket: self.bucket.clone(), object: name.clone(), ..Default::default() };
+            async move { client.download_object(&request, &Range::default()).await.map(Bytes::from) }
+        })
+        .await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, Error> {
+        let full_prefix = if self.prefix.is_empty() { prefix.to_string() } else { format!("{}/{prefix}", self.prefix) };
+        let strip = if self.prefix.is_empty() { 0 } else { self.prefix.len() + 1 };
+        let mut objects = Vec::new();
+        let mut page_token = None;
+        loop {
+            let page = self
+                .retrying("list", prefix, |client| {
+                    let request = ListObjectsRequest { bucket: self.bucket.clone(), prefix: Some(full_prefix.clone()), page_token: page_token.clone(), max_results: Some(LIST_PAGE_SIZE), ..Default::default() };
+                    async move { client.list_objects(&request).await }
+                })
+                .await?;
+            for object in page.items.unwrap_or_default() {
+                let Some(key) = object.name.get(strip..) else { continue };
+                let created = object.time_created.map_or(SystemTime::UNIX_EPOCH, |t| {
+                    let nanos = t.unix_timestamp_nanos();
+                    SystemTime::UNIX_EPOCH + Duration::from_nanos(u64::try_from(nanos).unwrap_or(0))
+                });
+                objects.push(ObjectMeta { key: key.to_string(), size: u64::try_from(object.size).unwrap_or(0), created });
+            }
+            page_token = page.next_page_token.filter(|t| !t.is_empty());
+            if page_token.is_none() {
+                break;
+            }
+        }
+        objects.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(objects)
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), Error> {
+        let name = self.object_name(key)?;
+        let result = self
+            .retrying("delete", key, |client| {
+                let request = DeleteObjectRequest { bucket: self.bucket.clone(), object: name.clone(), ..Default::default() };
+                async move { client.delete_object(&request).await }
+            })
+            .await;
+        match result {
+            // A 404 on delete means the object is gone already (or a retried delete succeeded).
+            Err(Error::BucketNotFound { .. }) => Ok(()),
+            other => other,
+        }
+    }
+
+    fn describe(&self) -> String {
+        if self.prefix.is_empty() {
+            format!("gcs://{}", self.bucket)
+        } else {
+            format!("gcs://{}/{}", self.bucket, self.prefix)
+        }
+    }
+}
+
+/// Which Application Default Credentials source the Google client will use, in its own order,
+/// so an error can say which one was rejected.
+fn credential_source() -> String {
+    if std::env::var_os("GOOGLE_APPLICATION_CREDENTIALS_JSON").is_some() {
+        return "GOOGLE_APPLICATION_CREDENTIALS_JSON".to_string();
+    }
+    if let Some(path) = std::env::var_os("GOOGLE_APPLICATION_CREDENTIALS") {
+        return format!("GOOGLE_APPLICATION_CREDENTIALS={}", Path::new(&path).display());
+    }
+    if let Some(home) = std::env::var_os("HOME") {
+        let adc = Path::new(&home).join(".config/gcloud/application_default_credentials.json");
+        if adc.exists() {
+            return format!("gcloud application-default credentials at {}", adc.display());
+        }
+    }
+    "the metadata server (Cloud Run / GCE / GKE workload identity)".to_string()
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// Library messages can span lines (JSON bodies); an error walstream prints is one line.
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
