@@ -20,31 +20,49 @@ pub(crate) const CORRUPT_REPLICA: i32 = 6;
 pub(crate) const OUTPUT_EXISTS: i32 = 7;
 /// The final flush after SIGTERM did not finish before its deadline.
 pub(crate) const FLUSH_INCOMPLETE: i32 = 8;
+/// The replica's bucket does not exist.
+pub(crate) const BUCKET_NOT_FOUND: i32 = 9;
+/// The object store refused the credentials, or none could be found.
+pub(crate) const CREDENTIALS: i32 = 10;
 /// A second signal cut the graceful shutdown short.
 pub(crate) const INTERRUPTED: i32 = 130;
 
+/// The code of the first cause in the chain that has one of its own.
 pub(crate) fn code_for(error: &anyhow::Error) -> i32 {
+    error.chain().find_map(specific_code).unwrap_or(ERROR)
+}
+
+fn specific_code(cause: &(dyn std::error::Error + 'static)) -> Option<i32> {
     use walstream_restore::Error as R;
     use walstream_shipper::Error as S;
-    for cause in error.chain() {
-        if cause.is::<UrlError>() {
-            return BAD_URL;
-        }
-        if let Some(e) = cause.downcast_ref::<S>() {
-            return match e {
-                S::NotADatabase { .. } => NOT_A_DATABASE,
-                S::FlushIncomplete { .. } => FLUSH_INCOMPLETE,
-                _ => ERROR,
-            };
-        }
-        if let Some(e) = cause.downcast_ref::<R>() {
-            return match e {
-                R::NoBackups => NO_BACKUP,
-                R::OutputExists { .. } => OUTPUT_EXISTS,
-                R::MissingIndex { .. } | R::MissingInitialSegment { .. } | R::SegmentGap { .. } | R::CorruptObject { .. } | R::ChecksumBreak { .. } | R::IntegrityCheck { .. } | R::CheckpointIncomplete { .. } => CORRUPT_REPLICA,
-                _ => ERROR,
-            };
-        }
+    if cause.is::<UrlError>() {
+        return Some(BAD_URL);
     }
-    ERROR
+    if let Some(e) = cause.downcast_ref::<S>() {
+        return match e {
+            S::NotADatabase { .. } => Some(NOT_A_DATABASE),
+            S::FlushIncomplete { .. } => Some(FLUSH_INCOMPLETE),
+            _ => None,
+        };
+    }
+    if let Some(e) = cause.downcast_ref::<R>() {
+        return match e {
+            R::NoBackups => Some(NO_BACKUP),
+            R::OutputExists { .. } => Some(OUTPUT_EXISTS),
+            // Transparent: the store error is not a separate link of the chain.
+            R::Store(e) => store_code(e),
+            R::MissingIndex { .. } | R::MissingInitialSegment { .. } | R::SegmentGap { .. } | R::CorruptObject { .. } | R::ChecksumBreak { .. } | R::IntegrityCheck { .. } | R::CheckpointIncomplete { .. } => Some(CORRUPT_REPLICA),
+            _ => None,
+        };
+    }
+    store_code(cause.downcast_ref::<walstream_store::Error>()?)
+}
+
+fn store_code(e: &walstream_store::Error) -> Option<i32> {
+    use walstream_store::Error as Store;
+    match e {
+        Store::BucketNotFound { .. } => Some(BUCKET_NOT_FOUND),
+        Store::Credentials { .. } => Some(CREDENTIALS),
+        _ => None,
+    }
 }

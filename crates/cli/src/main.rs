@@ -36,7 +36,9 @@ fn main() {
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("WALSTREAM_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    // Colour only for a person at a terminal; log collectors get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).with_target(false).init();
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -59,7 +61,9 @@ async fn replicate(args: ReplicateArgs) -> anyhow::Result<()> {
     let mut config = ShipperConfig::new(&args.db_path);
     config.shutdown_deadline = args.shutdown_timeout;
     let shutdown = CancellationToken::new();
-    spawn_signal_handler(shutdown.clone());
+    spawn_signal_handler(shutdown.clone())?;
+    // Logged once signals are handled: from here on SIGTERM always means a final flush.
+    info!(db = %args.db_path.display(), replicas = ?args.replica_urls, "walstream v{} started", env!("CARGO_PKG_VERSION"));
     Shipper::new(config, replicas).run(shutdown).await.with_context(|| format!("replicate {}", args.db_path.display()))
 }
 
@@ -81,13 +85,13 @@ async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
     }
 }
 
-/// The first SIGTERM or SIGINT starts a graceful shutdown; a second one exits at once.
-fn spawn_signal_handler(shutdown: CancellationToken) {
+/// The first SIGTERM or SIGINT starts a graceful shutdown; a second one exits at once. The
+/// handlers are in place when this returns.
+fn spawn_signal_handler(shutdown: CancellationToken) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     tokio::spawn(async move {
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-            return;
-        };
         tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
         info!("signal received, walstream shutting down");
         shutdown.cancel();
@@ -95,4 +99,5 @@ fn spawn_signal_handler(shutdown: CancellationToken) {
         tracing::warn!("second signal: exiting without finishing the flush");
         std::process::exit(exit::INTERRUPTED);
     });
+    Ok(())
 }

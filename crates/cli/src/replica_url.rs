@@ -3,7 +3,7 @@
 
 use std::path::{Component, Path, PathBuf};
 
-use walstream_store::{FileStore, ObjectStore};
+use walstream_store::{FileStore, GcsStore, ObjectStore};
 
 /// A replica URL walstream cannot use.
 #[derive(Debug)]
@@ -22,7 +22,10 @@ impl std::error::Error for UrlError {}
 
 /// The replica type a URL names (`file`, `gcs`), used as the replica's name as Litestream does.
 pub(crate) fn kind(url: &str) -> &str {
-    url.split_once("://").map_or("file", |(scheme, _)| scheme)
+    match url.split_once("://").map_or("file", |(scheme, _)| scheme) {
+        "gs" => "gcs",
+        scheme => scheme,
+    }
 }
 
 /// Opens the store a URL names.
@@ -33,10 +36,26 @@ pub(crate) fn open(url: &str) -> Result<Box<dyn ObjectStore>, UrlError> {
     };
     match scheme {
         "file" => Ok(Box::new(FileStore::new(file_path(rest).ok_or_else(|| err("file:// needs a path, e.g. file:///var/lib/backups/db"))?))),
-        "gcs" | "gs" => Err(err("gcs replicas are not supported by this build yet; use file:// for now")),
+        // Litestream rejects gs:// with a confusing message (#336); it is the same thing.
+        "gcs" | "gs" => {
+            let (bucket, path) = gcs_location(rest).ok_or_else(|| err("gcs:// needs a bucket, e.g. gcs://my-bucket/db"))?;
+            Ok(Box::new(GcsStore::new(bucket, path)))
+        }
         "s3" | "abs" | "sftp" => Err(err(&format!("{scheme}:// replicas are not supported by walstream; it replicates to gcs:// and file://"))),
         _ => Err(err(&format!("unknown scheme {scheme:?}; use file:// (or gcs://)"))),
     }
+}
+
+/// `gcs://BUCKET/PATH`: the bucket is the host; the path is `path.Clean`ed with its leading `/`
+/// dropped, and `.` (no path) is the bucket's root, as in Litestream.
+fn gcs_location(rest: &str) -> Option<(String, String)> {
+    let (bucket, path) = rest.split_once('/').unwrap_or((rest, ""));
+    if bucket.is_empty() || !bucket.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.')) {
+        return None;
+    }
+    let cleaned = clean(&Path::new("/").join(path));
+    let path = cleaned.to_string_lossy().trim_start_matches('/').to_string();
+    Some((bucket.to_string(), path))
 }
 
 /// `file:///var/r` is `/var/r`; `file://a/b` is `/a/b` (Go's `path.Clean` of host plus path);
@@ -80,8 +99,20 @@ mod tests {
     }
 
     #[test]
+    fn gcs_urls_map_like_litestream() {
+        assert_eq!(gcs_location("b"), Some(("b".into(), "".into())));
+        assert_eq!(gcs_location("b/"), Some(("b".into(), "".into())));
+        assert_eq!(gcs_location("my-bucket/apps/db/"), Some(("my-bucket".into(), "apps/db".into())));
+        assert_eq!(gcs_location("b/x/../y/./z"), Some(("b".into(), "y/z".into())));
+        assert_eq!(gcs_location(""), None);
+        assert_eq!(gcs_location("Upper/x"), None);
+        assert_eq!(open("gs://b/db").unwrap().describe(), "gcs://b/db");
+        assert_eq!(kind("gs://b/db"), "gcs");
+    }
+
+    #[test]
     fn malformed_urls_name_the_fix() {
-        for url in ["/just/a/path", "ftp://host/x", "file://"] {
+        for url in ["/just/a/path", "ftp://host/x", "file://", "gcs://", "gs:///path-without-bucket"] {
             let e = open(url).unwrap_err();
             assert!(e.to_string().contains(url), "{e}");
         }
