@@ -116,9 +116,9 @@ impl Uploader {
         let snapshots = self.list(&name::snapshots_prefix(&generation)).await?;
         let has_snapshot = snapshots.iter().any(|key| matches!(name::parse_key(key).map(|k| k.kind), Some(ObjectKind::Snapshot { .. })));
         if !has_snapshot {
-            let body = std::fs::read(&snapshot.path).map_err(io_err("read", &snapshot.path))?;
             let key = name::snapshot_key(&generation, snapshot.index);
-            self.put(&key, Bytes::from(body)).await?;
+            // Streamed from disk: a snapshot may be far larger than the memory walstream may use.
+            self.replica.store.put_file(&key, &snapshot.path).await.map_err(|source| Error::Store { replica: self.replica.name.clone(), source })?;
             info!(replica = %self.replica.name, generation = %generation, index = snapshot.index, "snapshot uploaded");
             return Ok(Pos { generation, index: snapshot.index, offset: 0 });
         }
