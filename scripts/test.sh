@@ -5,6 +5,27 @@ cd "$(dirname "$0")/.."
 scripts/install-tools.sh
 # Build every binary once (the e2e tests run target/debug/walstream), then run all tests.
 cargo build --workspace --all-targets --locked
+
+# One GCS emulator for the whole run; each test makes its own bucket in it. (Without this the
+# tests start one per test process.)
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+.tools/fake-gcs-server -scheme http -host 127.0.0.1 -port "$port" -public-host "127.0.0.1:$port" \
+  -external-url "http://127.0.0.1:$port" -backend memory -log-level error >/dev/null 2>&1 &
+emulator=$!
+trap 'kill $emulator 2>/dev/null || true' EXIT
+python3 - "$port" <<'PY'
+import sys, time, urllib.request
+for _ in range(200):
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/storage/v1/b", timeout=1)
+        break
+    except OSError:
+        time.sleep(0.1)
+else:
+    sys.exit("fake-gcs-server did not start")
+PY
+export WALSTREAM_TEST_GCS_HOST="127.0.0.1:$port"
+
 cargo nextest run --workspace --locked --no-fail-fast "$@"
 # Doc tests are not run by nextest.
 cargo test --workspace --doc --locked

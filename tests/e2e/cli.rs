@@ -32,16 +32,17 @@ fn malformed_replica_urls_are_rejected_with_their_own_code() {
     assert!(!scratch.path("out.db").exists());
 }
 
-#[test]
-fn restore_from_an_empty_replica_says_no_backup_or_skips_when_asked() {
-    let scratch = Scratch::new();
-    let out = scratch.path("out.db");
-    let output = walstream(&["restore", "-o", out.to_str().unwrap(), &scratch.replica_url()]);
-    assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
-    assert!(stderr(&output).contains("no matching backups found"));
-    let output = walstream(&["restore", "-if-replica-exists", "-o", out.to_str().unwrap(), &scratch.replica_url()]);
-    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
-    assert_eq!(list_dir(scratch.dir.path()), Vec::<String>::new());
+on_both_backends! {
+    fn restore_from_an_empty_replica_says_no_backup_or_skips_when_asked(backend: Backend) {
+        let scratch = Scratch::on(backend);
+        let out = scratch.path("out.db");
+        let output = walstream(&["restore", "-o", out.to_str().unwrap(), &scratch.replica_url()]);
+        assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
+        assert!(stderr(&output).contains("no matching backups found"));
+        let output = walstream(&["restore", "-if-replica-exists", "-o", out.to_str().unwrap(), &scratch.replica_url()]);
+        assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+        assert_eq!(list_dir(scratch.dir.path()), Vec::<String>::new());
+    }
 }
 
 #[test]
@@ -59,53 +60,53 @@ fn restore_never_overwrites_and_if_db_not_exists_skips_without_reading_the_repli
 }
 
 /// Replicates a small database and returns the scratch dir holding the replica.
-fn replicated() -> Scratch {
-    let scratch = Scratch::new();
+fn replicated(backend: Backend) -> Scratch {
+    let scratch = Scratch::on(backend);
     let mut app = App::open(&scratch.db());
-    let replicator = Replicator::start(&scratch.db(), &[scratch.replica_url()], scratch.path("replicate.log"));
+    let replicator = scratch.start_replicator();
     for _ in 0..20 {
         app.insert(3);
     }
-    assert!(replicator.stop().success());
+    replicator.stop_ok();
     scratch
 }
 
-fn first_segment(scratch: &Scratch) -> std::path::PathBuf {
-    let generation = std::fs::read_dir(scratch.path("replica/generations")).unwrap().next().unwrap().unwrap().path();
-    let mut segments: Vec<_> = std::fs::read_dir(generation.join("wal")).unwrap().flatten().map(|e| e.path()).collect();
-    segments.sort();
-    segments.into_iter().next().unwrap()
+/// The key of the replica's first WAL segment that holds frames, not just the WAL header.
+fn first_frames_segment(scratch: &Scratch) -> String {
+    scratch.replica_keys().into_iter().find(|k| k.contains("/wal/") && scratch.read_object(k).len() > 64).expect("a segment with frames")
 }
 
-#[test]
-fn a_corrupt_segment_fails_restore_naming_it_and_leaves_nothing() {
-    let scratch = replicated();
-    let segment = first_segment(&scratch);
-    let mut bytes = std::fs::read(&segment).unwrap();
-    let middle = bytes.len() / 2;
-    bytes[middle] ^= 0x55;
-    std::fs::write(&segment, &bytes).unwrap();
+on_both_backends! {
+    fn a_corrupt_segment_fails_restore_naming_it_and_leaves_nothing(backend: Backend) {
+        let scratch = replicated(backend);
+        let segment = first_frames_segment(&scratch);
+        let mut bytes = scratch.read_object(&segment);
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0x55;
+        scratch.overwrite_object(&segment, &bytes);
 
-    let restore_dir = scratch.path("restore");
-    std::fs::create_dir(&restore_dir).unwrap();
-    let out = restore_dir.join("out.db");
-    let output = walstream(&["restore", "-o", out.to_str().unwrap(), &scratch.replica_url()]);
-    assert_eq!(output.status.code(), Some(6), "{}", stderr(&output));
-    let name = segment.file_name().unwrap().to_string_lossy().into_owned();
-    assert!(stderr(&output).contains(&name), "the error must name {name}: {}", stderr(&output));
-    assert_eq!(list_dir(&restore_dir), Vec::<String>::new(), "no output and no temp files");
+        let restore_dir = scratch.path("restore");
+        std::fs::create_dir(&restore_dir).unwrap();
+        let out = restore_dir.join("out.db");
+        let output = walstream(&["restore", "-o", out.to_str().unwrap(), &scratch.replica_url()]);
+        assert_eq!(output.status.code(), Some(6), "{}", stderr(&output));
+        let name = segment.rsplit('/').next().unwrap();
+        assert!(stderr(&output).contains(name), "the error must name {name}: {}", stderr(&output));
+        assert_eq!(list_dir(&restore_dir), Vec::<String>::new(), "no output and no temp files");
+    }
 }
 
-#[test]
-fn a_truncated_segment_fails_restore_naming_it_and_leaves_nothing() {
-    let scratch = replicated();
-    let segment = first_segment(&scratch);
-    let bytes = std::fs::read(&segment).unwrap();
-    std::fs::write(&segment, &bytes[..bytes.len() - 10]).unwrap();
-    let out = scratch.path("out.db");
-    let output = walstream(&["restore", "-o", out.to_str().unwrap(), &scratch.replica_url()]);
-    assert_eq!(output.status.code(), Some(6), "{}", stderr(&output));
-    assert!(stderr(&output).contains(&*segment.file_name().unwrap().to_string_lossy()), "{}", stderr(&output));
-    assert!(!out.exists());
-    assert!(list_dir(scratch.dir.path()).iter().all(|n| !n.contains("walstream-restore")), "{:?}", list_dir(scratch.dir.path()));
+on_both_backends! {
+    fn a_truncated_segment_fails_restore_naming_it_and_leaves_nothing(backend: Backend) {
+        let scratch = replicated(backend);
+        let segment = first_frames_segment(&scratch);
+        let bytes = scratch.read_object(&segment);
+        scratch.overwrite_object(&segment, &bytes[..bytes.len() - 10]);
+        let out = scratch.path("out.db");
+        let output = walstream(&["restore", "-o", out.to_str().unwrap(), &scratch.replica_url()]);
+        assert_eq!(output.status.code(), Some(6), "{}", stderr(&output));
+        assert!(stderr(&output).contains(segment.rsplit('/').next().unwrap()), "{}", stderr(&output));
+        assert!(!out.exists());
+        assert!(list_dir(scratch.dir.path()).iter().all(|n| !n.contains("walstream-restore")), "{:?}", list_dir(scratch.dir.path()));
+    }
 }

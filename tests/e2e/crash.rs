@@ -15,108 +15,106 @@ fn seed() -> u64 {
     seed
 }
 
-#[test]
-fn sigkill_at_random_points_under_load_loses_nothing() {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
-    let scratch = Scratch::new();
-    App::open(&scratch.db()).insert(1);
+on_both_backends! {
+    fn sigkill_at_random_points_under_load_loses_nothing(backend: Backend) {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
+        let scratch = Scratch::on(backend);
+        App::open(&scratch.db()).insert(1);
+        // Build walstream now: a build while the writer runs would pile up a backlog the final
+        // flush cannot ship within its deadline.
+        walstream_bin();
 
-    // The application keeps writing, and checkpointing, through every crash.
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let (db, stop, mut rng) = (scratch.db(), stop.clone(), rand::rngs::StdRng::seed_from_u64(rng.gen()));
-        std::thread::spawn(move || {
-            let mut app = App::open(&db);
-            let mut commits = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                app.insert(rng.gen_range(1..20));
-                commits += 1;
-                match rng.gen_range(0..200) {
-                    0 => {
-                        app.checkpoint("TRUNCATE");
+        // The application keeps writing, and checkpointing, through every crash.
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (db, stop, mut rng) = (scratch.db(), stop.clone(), rand::rngs::StdRng::seed_from_u64(rng.gen()));
+            std::thread::spawn(move || {
+                let mut app = App::open(&db);
+                let mut commits = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    app.insert(rng.gen_range(1..20));
+                    commits += 1;
+                    match rng.gen_range(0..200) {
+                        0 => {
+                            app.checkpoint("TRUNCATE");
+                        }
+                        1 => app.insert_large(5 << 20),
+                        2..=4 => {
+                            app.checkpoint("PASSIVE");
+                        }
+                        _ => {}
                     }
-                    1 => app.insert_large(5 << 20),
-                    2..=4 => {
-                        app.checkpoint("PASSIVE");
-                    }
-                    _ => {}
+                    std::thread::sleep(Duration::from_micros(rng.gen_range(0..2000)));
                 }
-                std::thread::sleep(Duration::from_micros(rng.gen_range(0..2000)));
-            }
-            commits
-        })
-    };
+                commits
+            })
+        };
 
-    for round in 0..8 {
-        let replicator = Replicator::start(&scratch.db(), &[scratch.replica_url()], scratch.path("replicate.log"));
-        std::thread::sleep(Duration::from_millis(rng.gen_range(30..700)));
-        replicator.kill();
-        eprintln!("round {round}: killed");
-        std::thread::sleep(Duration::from_millis(rng.gen_range(0..200)));
+        for round in 0..8 {
+            let replicator = scratch.start_replicator();
+            std::thread::sleep(Duration::from_millis(rng.gen_range(30..700)));
+            replicator.kill();
+            eprintln!("round {round}: killed");
+            std::thread::sleep(Duration::from_millis(rng.gen_range(0..200)));
+        }
+        stop.store(true, Ordering::Relaxed);
+        let commits = writer.join().unwrap();
+        assert!(commits > 100, "the writer made only {commits} commits");
+
+        let replicator = scratch.start_replicator();
+        std::thread::sleep(Duration::from_millis(300));
+        replicator.stop_ok();
+        scratch.assert_restores_source();
     }
-    stop.store(true, Ordering::Relaxed);
-    let commits = writer.join().unwrap();
-    assert!(commits > 100, "the writer made only {commits} commits");
-
-    let replicator = Replicator::start(&scratch.db(), &[scratch.replica_url()], scratch.path("replicate.log"));
-    std::thread::sleep(Duration::from_millis(300));
-    let status = replicator.stop();
-    assert!(status.success(), "replicate exited {status}");
-    let restored = scratch.path("restored.db");
-    restore(&scratch.replica_url(), &restored);
-    assert_same_database(&scratch.db(), &restored);
 }
 
-#[test]
-fn sigterm_right_after_a_burst_ships_every_commit() {
-    let scratch = Scratch::new();
-    let mut app = App::open(&scratch.db());
-    app.insert(1);
-    let replicator = Replicator::start(&scratch.db(), &[scratch.replica_url()], scratch.path("replicate.log"));
-    wait_for_snapshot(&scratch.path("replica"));
-    for _ in 0..500 {
+on_both_backends! {
+    fn sigterm_right_after_a_burst_ships_every_commit(backend: Backend) {
+        let scratch = Scratch::on(backend);
+        let mut app = App::open(&scratch.db());
         app.insert(1);
+        let replicator = scratch.start_replicator();
+        wait_for_snapshot(&scratch);
+        for _ in 0..500 {
+            app.insert(1);
+        }
+        app.insert_large(2 << 20);
+        let committed = app.count();
+        // No pause: the signal races the file events of the last commits.
+        replicator.stop_ok();
+        let restored = scratch.assert_restores_source();
+        assert_eq!(App::open(&restored).count(), committed);
     }
-    app.insert_large(2 << 20);
-    let committed = app.count();
-    // No pause: the signal races the file events of the last commits.
-    let status = replicator.stop();
-    assert!(status.success(), "replicate exited {status}");
-    let restored = scratch.path("restored.db");
-    restore(&scratch.replica_url(), &restored);
-    assert_same_database(&scratch.db(), &restored);
-    assert_eq!(App::open(&restored).count(), committed);
 }
 
-/// The replicator is frozen (SIGSTOP) while the app commits, then gets SIGTERM and SIGCONT
-/// together: none of those commits was copied before the signal, so only the final flush can
-/// ship them.
-#[test]
-fn sigterm_ships_commits_made_while_the_replicator_could_not_run() {
-    let scratch = Scratch::new();
-    let mut app = App::open(&scratch.db());
-    app.insert(1);
-    let replicator = Replicator::start(&scratch.db(), &[scratch.replica_url()], scratch.path("replicate.log"));
-    wait_for_snapshot(&scratch.path("replica"));
-    for round in 0..3 {
-        replicator.signal(libc::SIGSTOP);
-        for _ in 0..50 {
-            app.insert(2);
+on_both_backends! {
+    /// The replicator is frozen (SIGSTOP) while the app commits, then gets SIGTERM and SIGCONT
+    /// together: none of those commits was copied before the signal, so only the final flush can
+    /// ship them.
+    fn sigterm_ships_commits_made_while_the_replicator_could_not_run(backend: Backend) {
+        let scratch = Scratch::on(backend);
+        let mut app = App::open(&scratch.db());
+        app.insert(1);
+        let replicator = scratch.start_replicator();
+        wait_for_snapshot(&scratch);
+        for round in 0..3 {
+            replicator.signal(libc::SIGSTOP);
+            for _ in 0..50 {
+                app.insert(2);
+            }
+            if round == 2 {
+                app.insert_large(3 << 20);
+            } else {
+                replicator.signal(libc::SIGCONT);
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
         }
-        if round == 2 {
-            app.insert_large(3 << 20);
-        } else {
-            replicator.signal(libc::SIGCONT);
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
+        let committed = app.count();
+        replicator.signal(libc::SIGTERM);
+        replicator.signal(libc::SIGCONT);
+        let status = replicator.wait_for_exit();
+        assert!(status.success(), "replicate exited {status}");
+        let restored = scratch.assert_restores_source();
+        assert_eq!(App::open(&restored).count(), committed);
     }
-    let committed = app.count();
-    replicator.signal(libc::SIGTERM);
-    replicator.signal(libc::SIGCONT);
-    let status = replicator.wait_for_exit();
-    assert!(status.success(), "replicate exited {status}");
-    let restored = scratch.path("restored.db");
-    restore(&scratch.replica_url(), &restored);
-    assert_same_database(&scratch.db(), &restored);
-    assert_eq!(App::open(&restored).count(), committed);
 }

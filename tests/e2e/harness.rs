@@ -45,14 +45,54 @@ pub fn litestream_bin() -> PathBuf {
     bin
 }
 
-/// A scratch directory with a database path and a file:// replica in it.
-pub struct Scratch {
-    pub dir: tempfile::TempDir,
+/// Where a test's replica lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// A directory in the scratch dir.
+    File,
+    /// A fresh bucket on the emulator.
+    Gcs,
 }
 
+/// Writes the test `fn $name(backend: Backend)` once and runs it as `$name::file` and
+/// `$name::gcs`.
+macro_rules! on_both_backends {
+    ($(#[$meta:meta])* fn $name:ident($backend:ident: Backend) $body:block) => {
+        $(#[$meta])*
+        mod $name {
+            use super::*;
+            fn run($backend: Backend) $body
+            #[test]
+            fn file() {
+                run(Backend::File)
+            }
+            #[test]
+            fn gcs() {
+                run(Backend::Gcs)
+            }
+        }
+    };
+}
+pub(crate) use on_both_backends;
+
+/// A scratch directory with a database path, and a replica on the chosen backend.
+pub struct Scratch {
+    pub dir: tempfile::TempDir,
+    /// The bucket of a gcs replica.
+    pub bucket: Option<String>,
+}
+
+/// The path inside the bucket that gcs replicas use, so prefixes are exercised.
+pub const GCS_REPLICA_PATH: &str = "apps/db";
+
 impl Scratch {
+    /// A scratch dir with a file:// replica.
     pub fn new() -> Scratch {
-        Scratch { dir: tempfile::tempdir().unwrap() }
+        Scratch::on(Backend::File)
+    }
+    pub fn on(backend: Backend) -> Scratch {
+        let bucket = (backend == Backend::Gcs).then(crate::emulator::fresh_bucket);
+        Scratch { dir: tempfile::tempdir().unwrap(), bucket }
     }
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
@@ -61,8 +101,65 @@ impl Scratch {
         self.path("app.db")
     }
     pub fn replica_url(&self) -> String {
-        format!("file://{}", self.path("replica").display())
+        match &self.bucket {
+            Some(bucket) => format!("gcs://{bucket}/{GCS_REPLICA_PATH}"),
+            None => format!("file://{}", self.path("replica").display()),
+        }
     }
+    /// `walstream replicate` of this database to this replica, logging to `replicate.log`.
+    pub fn start_replicator(&self) -> Replicator {
+        Replicator::start(&self.db(), &[self.replica_url()], self.path("replicate.log"))
+    }
+
+    /// Restores the replica to `restored.db` with walstream, asserts it equals the source
+    /// database, and returns its path.
+    pub fn assert_restores_source(&self) -> PathBuf {
+        let restored = self.path("restored.db");
+        restore(&self.replica_url(), &restored);
+        assert_same_database(&self.db(), &restored);
+        restored
+    }
+
+    /// Keys of every object in the replica, relative to its root, sorted.
+    pub fn replica_keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = match &self.bucket {
+            Some(bucket) => crate::emulator::list(bucket, &format!("{GCS_REPLICA_PATH}/")).into_iter().map(|name| name[GCS_REPLICA_PATH.len() + 1..].to_string()).collect(),
+            None => {
+                let root = self.path("replica");
+                files_under(&root).into_iter().map(|p| p.strip_prefix(&root).unwrap().to_string_lossy().into_owned()).collect()
+            }
+        };
+        keys.sort();
+        keys
+    }
+    /// How many generations the replica holds.
+    pub fn generation_count(&self) -> usize {
+        let mut generations: Vec<String> = self.replica_keys().iter().filter_map(|k| k.strip_prefix("generations/")?.split('/').next().map(str::to_string)).collect();
+        generations.dedup();
+        generations.len()
+    }
+    /// Replaces one replica object's bytes.
+    pub fn overwrite_object(&self, key: &str, body: &[u8]) {
+        match &self.bucket {
+            Some(bucket) => crate::emulator::put(bucket, &format!("{GCS_REPLICA_PATH}/{key}"), body),
+            None => std::fs::write(self.path("replica").join(key), body).unwrap(),
+        }
+    }
+    /// One replica object's bytes.
+    pub fn read_object(&self, key: &str) -> Vec<u8> {
+        match &self.bucket {
+            Some(bucket) => crate::emulator::get(bucket, &format!("{GCS_REPLICA_PATH}/{key}")),
+            None => std::fs::read(self.path("replica").join(key)).unwrap(),
+        }
+    }
+}
+
+/// `command` with `STORAGE_EMULATOR_HOST` set when this test process uses the emulator.
+pub fn with_emulator(command: &mut Command) -> &mut Command {
+    if let Some(host) = crate::emulator::host_if_started() {
+        command.env("STORAGE_EMULATOR_HOST", host);
+    }
+    command
 }
 
 /// The application: a plain SQLite connection in WAL mode with a busy timeout, as apps that
@@ -120,8 +217,16 @@ pub struct Replicator {
 
 impl Replicator {
     pub fn start(db: &Path, urls: &[String], log: PathBuf) -> Replicator {
+        Replicator::start_with_env(db, urls, log, &[])
+    }
+
+    /// The same, with extra environment variables (which win over the harness's own).
+    pub fn start_with_env(db: &Path, urls: &[String], log: PathBuf, env: &[(&str, &str)]) -> Replicator {
+        let started = |log: &Path| std::fs::read_to_string(log).unwrap_or_default().matches("walstream v").count();
+        let earlier_starts = started(&log);
         let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
-        let child = Command::new(walstream_bin())
+        let child = with_emulator(&mut Command::new(walstream_bin()))
+            .envs(env.iter().copied())
             .arg("replicate")
             .arg(db)
             .args(urls)
@@ -130,7 +235,10 @@ impl Replicator {
             .stderr(log_file)
             .spawn()
             .unwrap();
-        Replicator { child: Some(child), log }
+        let replicator = Replicator { child: Some(child), log };
+        // Until walstream handles signals, a SIGTERM would kill it without a flush.
+        wait_until(Duration::from_secs(10), "walstream to start", || started(&replicator.log) > earlier_starts);
+        replicator
     }
 
     pub fn pid(&self) -> i32 {
@@ -146,6 +254,17 @@ impl Replicator {
     pub fn stop(mut self) -> ExitStatus {
         self.signal(libc::SIGTERM);
         self.wait(Duration::from_secs(30))
+    }
+
+    /// SIGTERM, and asserts a clean exit, showing the log's tail if not.
+    pub fn stop_ok(self) {
+        let log = self.log.clone();
+        let status = self.stop();
+        if !status.success() {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect();
+            panic!("replicate exited {status}; log tail:\n{}", tail.join("\n"));
+        }
     }
 
     /// Waits (bounded) for an exit the test already caused.
@@ -197,29 +316,30 @@ pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-/// Waits until the replicator has uploaded its first snapshot under `replica_dir`.
-pub fn wait_for_snapshot(replica_dir: &Path) {
-    wait_until(Duration::from_secs(20), "the first snapshot", || count_files(replica_dir, ".snapshot.lz4") > 0);
+/// Waits until the replicator has uploaded its first snapshot.
+pub fn wait_for_snapshot(scratch: &Scratch) {
+    wait_until(Duration::from_secs(20), "the first snapshot", || scratch.replica_keys().iter().any(|k| k.ends_with(".snapshot.lz4")));
 }
 
-pub fn count_files(dir: &Path, suffix: &str) -> usize {
-    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+/// Every file under `dir`, at any depth.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
     entries
         .flatten()
-        .map(|e| {
+        .flat_map(|e| {
             let path = e.path();
             if path.is_dir() {
-                count_files(&path, suffix)
+                files_under(&path)
             } else {
-                usize::from(path.to_string_lossy().ends_with(suffix))
+                vec![path]
             }
         })
-        .sum()
+        .collect()
 }
 
 /// `walstream ARGS...`, waited for.
 pub fn walstream(args: &[&str]) -> Output {
-    Command::new(walstream_bin()).args(args).output().unwrap()
+    with_emulator(&mut Command::new(walstream_bin())).args(args).output().unwrap()
 }
 
 /// `walstream restore -o OUT URL`; panics with the output if it fails.

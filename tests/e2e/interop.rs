@@ -20,39 +20,41 @@ fn load(app: &mut App, checkpoint: &str) {
     }
 }
 
-#[test]
-fn litestream_restores_what_walstream_wrote() {
-    let scratch = Scratch::new();
-    let mut app = App::open(&scratch.db());
-    app.insert(1);
-    let replicator = Replicator::start(&scratch.db(), &[scratch.replica_url()], scratch.path("replicate.log"));
-    wait_for_snapshot(&scratch.path("replica"));
-    load(&mut app, "TRUNCATE");
-    assert!(replicator.stop().success());
+on_both_backends! {
+    fn litestream_restores_what_walstream_wrote(backend: Backend) {
+        let scratch = Scratch::on(backend);
+        let mut app = App::open(&scratch.db());
+        app.insert(1);
+        let replicator = scratch.start_replicator();
+        wait_for_snapshot(&scratch);
+        load(&mut app, "TRUNCATE");
+        replicator.stop_ok();
 
-    let restored = scratch.path("by-litestream.db");
-    let output = Command::new(litestream_bin()).args(["restore", "-o"]).arg(&restored).arg(scratch.replica_url()).output().unwrap();
-    assert!(output.status.success(), "litestream restore failed: {}", String::from_utf8_lossy(&output.stderr));
-    assert_same_database(&scratch.db(), &restored);
+        let restored = scratch.path("by-litestream.db");
+        let output = with_emulator(&mut Command::new(litestream_bin())).args(["restore", "-o"]).arg(&restored).arg(scratch.replica_url()).output().unwrap();
+        assert!(output.status.success(), "litestream restore failed: {}", String::from_utf8_lossy(&output.stderr));
+        assert_same_database(&scratch.db(), &restored);
+    }
 }
 
-#[test]
-fn walstream_restores_what_litestream_wrote() {
-    let scratch = Scratch::new();
-    let mut app = App::open(&scratch.db());
-    app.insert(1);
-    let log = std::fs::File::create(scratch.path("litestream.log")).unwrap();
-    let mut litestream = Command::new(litestream_bin()).arg("replicate").arg(scratch.db()).arg(scratch.replica_url()).stdout(Stdio::null()).stderr(log).spawn().unwrap();
-    wait_for_snapshot(&scratch.path("replica"));
-    load(&mut app, "PASSIVE");
-    // Litestream polls once a second; its final sync on SIGTERM ships the rest. v0.3.13 often
-    // exits 1 after that sync ("release read lock: context canceled"), so its exit status says
-    // nothing about the data: the restore below does.
-    // SAFETY: signalling our own child.
-    assert_eq!(unsafe { libc::kill(litestream.id() as i32, libc::SIGTERM) }, 0);
-    litestream.wait().unwrap();
+on_both_backends! {
+    fn walstream_restores_what_litestream_wrote(backend: Backend) {
+        let scratch = Scratch::on(backend);
+        let mut app = App::open(&scratch.db());
+        app.insert(1);
+        let log = std::fs::File::create(scratch.path("litestream.log")).unwrap();
+        let mut litestream = with_emulator(&mut Command::new(litestream_bin())).arg("replicate").arg(scratch.db()).arg(scratch.replica_url()).stdout(Stdio::null()).stderr(log).spawn().unwrap();
+        wait_for_snapshot(&scratch);
+        load(&mut app, "PASSIVE");
+        // Litestream polls once a second; its final sync on SIGTERM ships the rest. v0.3.13 often
+        // exits 1 after that sync ("release read lock: context canceled"), so its exit status says
+        // nothing about the data: the restore below does.
+        // SAFETY: signalling our own child.
+        assert_eq!(unsafe { libc::kill(litestream.id() as i32, libc::SIGTERM) }, 0);
+        litestream.wait().unwrap();
 
-    let restored = scratch.path("by-walstream.db");
-    restore(&scratch.replica_url(), &restored);
-    assert_same_database(&scratch.db(), &restored);
+        let restored = scratch.path("by-walstream.db");
+        restore(&scratch.replica_url(), &restored);
+        assert_same_database(&scratch.db(), &restored);
+    }
 }

@@ -5,6 +5,8 @@
 
 mod cli;
 mod crash;
+mod emulator;
+mod gcs;
 mod harness;
 mod interop;
 mod replicate;

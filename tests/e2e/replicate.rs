@@ -33,84 +33,80 @@ fn mixed_load(app: &mut App) {
     app.insert(10);
 }
 
-#[test]
-fn restore_equals_source_after_checkpoints_large_transactions_and_vacuum() {
-    let scratch = Scratch::new();
-    let mut app = App::open(&scratch.db());
-    app.insert(1);
-    let replicator = Replicator::start(&scratch.db(), &[scratch.replica_url()], scratch.path("replicate.log"));
-    wait_for_snapshot(&scratch.path("replica"));
-    mixed_load(&mut app);
-    let status = replicator.stop();
-    assert!(status.success(), "replicate exited {status}");
+on_both_backends! {
+    fn restore_equals_source_after_checkpoints_large_transactions_and_vacuum(backend: Backend) {
+        let scratch = Scratch::on(backend);
+        let mut app = App::open(&scratch.db());
+        app.insert(1);
+        let replicator = scratch.start_replicator();
+        wait_for_snapshot(&scratch);
+        mixed_load(&mut app);
+        replicator.stop_ok();
 
-    let restored = scratch.path("restored.db");
-    restore(&scratch.replica_url(), &restored);
-    assert_same_database(&scratch.db(), &restored);
-    // The app's TRUNCATE checkpoints were followed as new indexes of one generation, not as new
-    // generations with full snapshots.
-    let generations = std::fs::read_dir(scratch.path("replica/generations")).unwrap().count();
-    assert_eq!(generations, 1, "app checkpoints must not start new generations");
-}
-
-#[test]
-fn database_created_after_walstream_starts_is_replicated() {
-    let scratch = Scratch::new();
-    let replicator = Replicator::start(&scratch.db(), &[scratch.replica_url()], scratch.path("replicate.log"));
-    std::thread::sleep(Duration::from_millis(400));
-    assert!(!scratch.db().exists(), "walstream must not create the application's database");
-    let mut app = App::open(&scratch.db());
-    for _ in 0..50 {
-        app.insert(2);
+        scratch.assert_restores_source();
+        // The app's TRUNCATE checkpoints were followed as new indexes of one generation, not as new
+        // generations with full snapshots.
+        let generations = scratch.generation_count();
+        assert_eq!(generations, 1, "app checkpoints must not start new generations");
     }
-    wait_for_snapshot(&scratch.path("replica"));
-    app.insert(1);
-    let status = replicator.stop();
-    assert!(status.success(), "replicate exited {status}");
-    let restored = scratch.path("restored.db");
-    restore(&scratch.replica_url(), &restored);
-    assert_same_database(&scratch.db(), &restored);
 }
 
-#[test]
-fn two_replica_urls_each_restore_the_source() {
-    let scratch = Scratch::new();
-    let mut app = App::open(&scratch.db());
-    let second = format!("file://{}", scratch.path("replica2").display());
-    let replicator = Replicator::start(&scratch.db(), &[scratch.replica_url(), second.clone()], scratch.path("replicate.log"));
-    for _ in 0..100 {
+on_both_backends! {
+    fn database_created_after_walstream_starts_is_replicated(backend: Backend) {
+        let scratch = Scratch::on(backend);
+        let replicator = scratch.start_replicator();
+        std::thread::sleep(Duration::from_millis(400));
+        assert!(!scratch.db().exists(), "walstream must not create the application's database");
+        let mut app = App::open(&scratch.db());
+        for _ in 0..50 {
+            app.insert(2);
+        }
+        wait_for_snapshot(&scratch);
+        app.insert(1);
+        replicator.stop_ok();
+        scratch.assert_restores_source();
+    }
+}
+
+on_both_backends! {
+    fn two_replica_urls_each_restore_the_source(backend: Backend) {
+        let scratch = Scratch::on(backend);
+        let mut app = App::open(&scratch.db());
+        let second = format!("file://{}", scratch.path("replica2").display());
+        let replicator = Replicator::start(&scratch.db(), &[scratch.replica_url(), second.clone()], scratch.path("replicate.log"));
+        for _ in 0..100 {
+            app.insert(4);
+        }
+        app.checkpoint("TRUNCATE");
         app.insert(4);
-    }
-    app.checkpoint("TRUNCATE");
-    app.insert(4);
-    assert!(replicator.stop().success());
-    for (i, url) in [scratch.replica_url(), second].iter().enumerate() {
-        let restored = scratch.path(&format!("restored{i}.db"));
-        restore(url, &restored);
-        assert_same_database(&scratch.db(), &restored);
+        replicator.stop_ok();
+        for (i, url) in [scratch.replica_url(), second].iter().enumerate() {
+            let restored = scratch.path(&format!("restored{i}.db"));
+            restore(url, &restored);
+            assert_same_database(&scratch.db(), &restored);
+        }
     }
 }
 
-#[test]
-fn restart_of_walstream_continues_the_generation() {
-    let scratch = Scratch::new();
-    let mut app = App::open(&scratch.db());
-    let replicator = Replicator::start(&scratch.db(), &[scratch.replica_url()], scratch.path("replicate.log"));
-    for _ in 0..50 {
-        app.insert(2);
+on_both_backends! {
+    fn restart_of_walstream_continues_the_generation(backend: Backend) {
+        let scratch = Scratch::on(backend);
+        let mut app = App::open(&scratch.db());
+        let replicator = scratch.start_replicator();
+        for _ in 0..50 {
+            app.insert(2);
+        }
+        replicator.stop_ok();
+        for _ in 0..50 {
+            app.insert(2);
+        }
+        let replicator = scratch.start_replicator();
+        for _ in 0..50 {
+            app.insert(2);
+        }
+        replicator.stop_ok();
+        scratch.assert_restores_source();
+        let generations = scratch.generation_count();
+        assert_eq!(generations, 1, "an orderly restart with the WAL intact keeps the generation");
     }
-    assert!(replicator.stop().success());
-    for _ in 0..50 {
-        app.insert(2);
-    }
-    let replicator = Replicator::start(&scratch.db(), &[scratch.replica_url()], scratch.path("replicate.log"));
-    for _ in 0..50 {
-        app.insert(2);
-    }
-    assert!(replicator.stop().success());
-    let restored = scratch.path("restored.db");
-    restore(&scratch.replica_url(), &restored);
-    assert_same_database(&scratch.db(), &restored);
-    let generations = std::fs::read_dir(scratch.path("replica/generations")).unwrap().count();
-    assert_eq!(generations, 1, "an orderly restart with the WAL intact keeps the generation");
 }
