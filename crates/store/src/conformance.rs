@@ -28,6 +28,12 @@ pub async fn run(store: &dyn ObjectStore) {
     assert!(store.get(keys[0]).await.unwrap_err().is_not_found());
     assert_eq!(store.list("generations/b/").await.unwrap().len(), 1);
 
+    store.put("generations/d/wal/00000000_00000000.wal.lz4", Bytes::from_static(b"1")).await.unwrap();
+    store.put("generations/d/snapshots/00000000.snapshot.lz4", Bytes::from_static(b"2")).await.unwrap();
+    assert_eq!(store.delete_prefix("generations/d/").await.unwrap(), 2, "a generation's every object");
+    assert!(store.list("generations/d/").await.unwrap().is_empty());
+    assert_eq!(store.list("generations/b/").await.unwrap().len(), 1, "other generations stay");
+
     // put_file: small, and large enough for a backend to stream it in several chunks.
     let dir = tempfile::tempdir().unwrap();
     for (i, len) in [100usize, (20 << 20) + 12345].into_iter().enumerate() {

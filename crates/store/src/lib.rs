@@ -76,6 +76,17 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     /// Removes the object. A missing key is not an error.
     async fn delete(&self, key: &str) -> Result<(), Error>;
 
+    /// Removes every object whose key starts with `prefix` (a whole generation, say), and
+    /// returns how many there were. Not atomic: an interrupted call leaves a subset, and calling
+    /// it again finishes the job.
+    async fn delete_prefix(&self, prefix: &str) -> Result<usize, Error> {
+        let objects = self.list(prefix).await?;
+        for object in &objects {
+            self.delete(&object.key).await?;
+        }
+        Ok(objects.len())
+    }
+
     /// A short description of where this store points, for logs and errors (`file:///x`).
     fn describe(&self) -> String;
 }
