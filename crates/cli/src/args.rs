@@ -3,7 +3,9 @@
 
 use std::ffi::OsString;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
+
+use walstream_format::GenerationId;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -20,6 +22,12 @@ pub(crate) enum Command {
     Replicate(ReplicateArgs),
     /// Restore a database from a replica URL.
     Restore(RestoreArgs),
+    /// List the generations of a replica.
+    Generations(ListArgs),
+    /// List the snapshots of a replica.
+    Snapshots(ListArgs),
+    /// List the WAL segments of a replica.
+    Wal(ListArgs),
     /// Print the version.
     Version,
 }
@@ -28,7 +36,7 @@ pub(crate) enum Command {
 pub(crate) struct ReplicateArgs {
     /// The database to replicate. It may not exist yet: walstream waits for it.
     pub(crate) db_path: PathBuf,
-    /// Where to replicate: file:///path (more schemes to come).
+    /// Where to replicate: file:///path or gcs://bucket/path.
     #[arg(required = true, value_name = "REPLICA_URL")]
     pub(crate) replica_urls: Vec<String>,
     /// How long the final flush may take after SIGTERM, e.g. 8s or 500ms.
@@ -47,8 +55,54 @@ pub(crate) struct RestoreArgs {
     /// Exit successfully if the replica holds no backup.
     #[arg(long)]
     pub(crate) if_replica_exists: bool,
-    /// The replica to restore from: file:///path.
+    /// Restore from this generation (16 hex digits).
+    #[arg(long, value_name = "NAME")]
+    pub(crate) generation: Option<GenerationId>,
+    /// Replay WAL up to and including this index (hex, as Litestream prints it in names).
+    #[arg(long, value_name = "HEX", value_parser = parse_hex_index)]
+    pub(crate) index: Option<u32>,
+    /// Restore the database as it was at this moment (RFC 3339, e.g. 2026-11-22T13:07:31.5Z).
+    #[arg(long, value_name = "RFC3339", value_parser = parse_timestamp)]
+    pub(crate) timestamp: Option<SystemTime>,
+    /// How many objects to download at once.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) parallelism: u32,
+    /// Only from the replica of this name (in URL mode, the scheme: file or gcs).
+    #[arg(long, value_name = "NAME")]
+    pub(crate) replica: Option<String>,
+    /// Print what would be restored, and an estimate of how long it takes, without restoring.
+    #[arg(long)]
+    pub(crate) dry_run: bool,
+    /// After a successful restore (or an allowed skip), listen on ADDR (host:port) and answer
+    /// every TCP connection, and HTTP GET with 200, until SIGTERM; then exit 0. For a startup
+    /// probe of a container that depends on this one (Cloud Run).
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) serve_ready: Option<String>,
+    /// The replica to restore from: file:///path or gcs://bucket/path.
     pub(crate) replica_url: String,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct ListArgs {
+    /// Only the replica of this name (in URL mode, the scheme: file or gcs).
+    #[arg(long, value_name = "NAME")]
+    pub(crate) replica: Option<String>,
+    /// Only this generation (wal).
+    #[arg(long, value_name = "NAME")]
+    pub(crate) generation: Option<GenerationId>,
+    /// The replica: file:///path or gcs://bucket/path.
+    pub(crate) replica_url: String,
+}
+
+fn parse_hex_index(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0x"), 16).map_err(|_| format!("invalid -index {s:?}: expected a hex WAL index such as 0000002a or 2a"))
+}
+
+/// RFC 3339 with optional fractional seconds and any offset, as Go's `time.RFC3339` parses.
+pub(crate) fn parse_timestamp(s: &str) -> Result<SystemTime, String> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map(SystemTime::from)
+        .map_err(|_| format!("invalid -timestamp {s:?}, must specify in ISO 8601 format (e.g. 2000-01-01T00:00:00Z)"))
 }
 
 /// Go-style durations: "8s", "500ms", "2m", "1h", "1.5s".
@@ -114,6 +168,21 @@ mod tests {
         let Command::Restore(args) = cli.command else { panic!("not restore") };
         assert!(args.if_db_not_exists && args.if_replica_exists);
         assert_eq!(args.output, PathBuf::from("/data/db"));
+    }
+
+    #[test]
+    fn point_in_time_flags_parse_like_litestream() {
+        let cli = Cli::try_parse_from(argv(&["walstream", "restore", "-generation", "00000000000000aa", "-index", "0000002a", "-parallelism", "4", "-o", "/d", "gcs://b/db"])).unwrap();
+        let Command::Restore(args) = cli.command else { panic!("not restore") };
+        assert_eq!(args.generation.unwrap().to_string(), "00000000000000aa");
+        assert_eq!(args.index, Some(42));
+        assert_eq!(args.parallelism, 4);
+        let t = parse_timestamp("2026-11-22T13:07:31.5Z").unwrap();
+        assert_eq!(t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_millis() % 1000, 500);
+        assert_eq!(parse_timestamp("2026-11-22T15:07:31+02:00").unwrap(), parse_timestamp("2026-11-22T13:07:31Z").unwrap());
+        assert!(parse_timestamp("yesterday").unwrap_err().contains("ISO 8601"));
+        assert!(Cli::try_parse_from(argv(&["walstream", "restore", "-index", "zz", "-o", "/d", "file:///r"])).is_err());
+        assert!(Cli::try_parse_from(argv(&["walstream", "restore", "-generation", "nope", "-o", "/d", "file:///r"])).is_err());
     }
 
     #[test]

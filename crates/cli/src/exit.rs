@@ -24,8 +24,23 @@ pub(crate) const FLUSH_INCOMPLETE: i32 = 8;
 pub(crate) const BUCKET_NOT_FOUND: i32 = 9;
 /// The object store refused the credentials, or none could be found.
 pub(crate) const CREDENTIALS: i32 = 10;
-/// A second signal cut the graceful shutdown short.
+/// The replica has backups, but not the generation, index or moment asked for (or `-index`
+/// and `-timestamp` together).
+pub(crate) const NO_SUCH_RESTORE_POINT: i32 = 11;
+/// A signal cut a restore short, or a second signal cut the graceful shutdown short.
 pub(crate) const INTERRUPTED: i32 = 130;
+
+/// A signal arrived before a restore finished; nothing was written.
+#[derive(Debug)]
+pub(crate) struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("interrupted by a signal before the restore finished; nothing was written")
+    }
+}
+
+impl std::error::Error for Interrupted {}
 
 /// The code of the first cause in the chain that has one of its own.
 pub(crate) fn code_for(error: &anyhow::Error) -> i32 {
@@ -38,6 +53,9 @@ fn specific_code(cause: &(dyn std::error::Error + 'static)) -> Option<i32> {
     if cause.is::<UrlError>() {
         return Some(BAD_URL);
     }
+    if cause.is::<Interrupted>() {
+        return Some(INTERRUPTED);
+    }
     if let Some(e) = cause.downcast_ref::<S>() {
         return match e {
             S::NotADatabase { .. } => Some(NOT_A_DATABASE),
@@ -49,9 +67,10 @@ fn specific_code(cause: &(dyn std::error::Error + 'static)) -> Option<i32> {
         return match e {
             R::NoBackups => Some(NO_BACKUP),
             R::OutputExists { .. } => Some(OUTPUT_EXISTS),
+            R::GenerationNotFound { .. } | R::IndexNotFound { .. } | R::BeforeFirstSnapshot { .. } | R::IndexAndTimestamp => Some(NO_SUCH_RESTORE_POINT),
             // Transparent: the store error is not a separate link of the chain.
             R::Store(e) => store_code(e),
-            R::MissingIndex { .. } | R::MissingInitialSegment { .. } | R::SegmentGap { .. } | R::CorruptObject { .. } | R::ChecksumBreak { .. } | R::IntegrityCheck { .. } | R::CheckpointIncomplete { .. } => Some(CORRUPT_REPLICA),
+            R::MissingIndex { .. } | R::MissingInitialSegment { .. } | R::SegmentGap { .. } | R::CorruptObject { .. } | R::ChecksumBreak { .. } | R::IntegrityCheck { .. } => Some(CORRUPT_REPLICA),
             _ => None,
         };
     }

@@ -15,6 +15,31 @@ pub enum Error {
     /// The replica holds no generation with a snapshot.
     #[error("no matching backups found")]
     NoBackups,
+    /// `-generation` names a generation the replica does not have (or one without a snapshot).
+    #[error("generation {generation} not found in the replica (list them with `walstream generations`)")]
+    GenerationNotFound {
+        /// The generation asked for.
+        generation: GenerationId,
+    },
+    /// `-index` names an index the generation does not have.
+    #[error("index {index:08x} not found in generation {generation} (list them with `walstream wal`)")]
+    IndexNotFound {
+        /// The generation.
+        generation: GenerationId,
+        /// The index asked for.
+        index: u32,
+    },
+    /// `-index` and `-timestamp` together.
+    #[error("cannot specify index & timestamp to restore")]
+    IndexAndTimestamp,
+    /// The timestamp is before anything the replica can restore.
+    #[error("nothing to restore at {}: the earliest restorable time is {}", crate::rfc3339(*timestamp), crate::rfc3339(*earliest))]
+    BeforeFirstSnapshot {
+        /// The moment asked for.
+        timestamp: std::time::SystemTime,
+        /// The first snapshot's creation time.
+        earliest: std::time::SystemTime,
+    },
     /// A WAL index between the snapshot and the last index has no segments.
     #[error("missing WAL index: {generation}/{index:08x}")]
     MissingIndex {
@@ -65,18 +90,6 @@ pub enum Error {
     /// SQLite refused to apply the WAL or to open the result.
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
-    /// SQLite could not check every frame into the database.
-    #[error("applying wal index {index:08x}: checkpoint incomplete (busy={busy} log={log} checkpointed={checkpointed})")]
-    CheckpointIncomplete {
-        /// The index.
-        index: u32,
-        /// The busy flag.
-        busy: i64,
-        /// Frames in the WAL.
-        log: i64,
-        /// Frames checkpointed.
-        checkpointed: i64,
-    },
     /// `PRAGMA integrity_check` did not say ok.
     #[error("restored database failed integrity_check: {detail}")]
     IntegrityCheck {

@@ -1,15 +1,18 @@
 //! Restores a database from a replica written by walstream or Litestream v0.3.13.
 //!
-//! [`plan`] lists the replica and chooses what to apply: the generation updated last, its
-//! latest snapshot and every WAL index after it ([`RestorePlan`]). [`restore`] then downloads,
-//! verifies the checksum chain of every index, applies it to a temporary file, runs
-//! `PRAGMA integrity_check` and renames the result into place. On any failure nothing is left
-//! at the output path and no temporary file remains.
+//! [`plan`] lists the replica and chooses what to apply for a [`Target`] (latest state, a
+//! generation, an index or a moment): a snapshot and the WAL indexes after it
+//! ([`RestorePlan`]). [`restore`] then downloads objects in parallel, verifies the checksum
+//! chain of every index, writes each index's committed pages straight into a temporary file (no
+//! SQLite checkpoint), runs `PRAGMA integrity_check` and links the result into place. On any
+//! failure nothing is left at the output path and no temporary file remains.
 #![deny(missing_docs)]
 
 mod apply;
 mod error;
+mod fetch;
 mod plan;
+mod progress;
 
 use std::path::{Path, PathBuf};
 
@@ -17,13 +20,27 @@ use tracing::info;
 use walstream_store::ObjectStore;
 
 pub use error::Error;
-pub use plan::{plan, IndexPlan, RestorePlan, SegmentRef};
+pub use progress::Progress;
+pub use plan::{list_replica, plan, plan_from, GenerationListing, IndexPlan, ReplicaListing, RestorePlan, SegmentRef, Target};
 
 /// What to restore, and where.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct RestoreOptions {
     /// The database file to create. It must not exist.
     pub output: PathBuf,
+    /// Which state to restore.
+    pub target: Target,
+    /// How many objects to download at once (at least 1).
+    pub parallelism: usize,
+    /// Who hears about progress, if anyone.
+    pub progress: Option<std::sync::Arc<dyn Progress>>,
+}
+
+impl RestoreOptions {
+    /// The latest state, to `output`, eight downloads at once, quietly.
+    pub fn new(output: impl Into<PathBuf>) -> RestoreOptions {
+        RestoreOptions { output: output.into(), target: Target::default(), parallelism: 8, progress: None }
+    }
 }
 
 /// What a successful restore did.
@@ -33,18 +50,27 @@ pub struct RestoreOutcome {
     pub plan: RestorePlan,
 }
 
-/// Restores the latest state of `store` to `options.output`.
+/// Restores `options.target` from `store` to `options.output`. Dropping the future before it
+/// finishes leaves nothing behind either.
 pub async fn restore(store: &dyn ObjectStore, options: &RestoreOptions) -> Result<RestoreOutcome, Error> {
     if options.output.exists() {
         return Err(Error::OutputExists { path: options.output.clone() });
     }
-    let plan = plan(store).await?;
+    let plan = plan(store, &options.target).await?;
     info!(generation = %plan.generation, snapshot_index = plan.snapshot_index, indexes = plan.indexes.len(), "restoring");
     let temp = TempDatabase::new(&options.output);
-    apply::apply(store, &plan, temp.path()).await?;
+    let progress = options.progress.as_deref().unwrap_or(&progress::Silent);
+    apply::apply(store, &plan, temp.path(), options.parallelism, progress).await?;
     temp.persist(&options.output)?;
     info!(path = %options.output.display(), "restored");
     Ok(RestoreOutcome { plan })
+}
+
+/// `t` as RFC 3339 in UTC with whole seconds, as Litestream prints times
+/// (`2026-11-22T13:07:28Z`).
+pub fn rfc3339(t: std::time::SystemTime) -> String {
+    let t = time::OffsetDateTime::from(t).replace_nanosecond(0).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_else(|_| "?".to_string())
 }
 
 /// The file a restore builds, beside the output so the final rename is atomic. Dropping it

@@ -1,0 +1,129 @@
+//! `generations`, `snapshots` and `wal`: the replica's contents in Litestream's columns
+//! (spec §7.1), so scripts written against `litestream` keep working.
+
+use std::time::{Duration, SystemTime};
+
+use walstream_restore::{rfc3339, ReplicaListing};
+
+/// `name generation lag start end`.
+pub(crate) fn generations(replica: &str, listing: &ReplicaListing, now: SystemTime) -> String {
+    let mut rows = vec![row(&["name", "generation", "lag", "start", "end"])];
+    for (id, generation) in &listing.generations {
+        let (Some(start), Some(end)) = (generation.created(), generation.updated()) else { continue };
+        let lag = now.duration_since(end).unwrap_or(Duration::ZERO);
+        rows.push(vec![replica.to_string(), id.to_string(), go_duration(truncate(lag)), rfc3339(start), rfc3339(end)]);
+    }
+    table(&rows)
+}
+
+/// `replica generation index size created`.
+pub(crate) fn snapshots(replica: &str, listing: &ReplicaListing) -> String {
+    let mut rows = vec![row(&["replica", "generation", "index", "size", "created"])];
+    for (id, generation) in &listing.generations {
+        for (index, object) in &generation.snapshots {
+            rows.push(vec![replica.to_string(), id.to_string(), index.to_string(), object.size.to_string(), rfc3339(object.created)]);
+        }
+    }
+    table(&rows)
+}
+
+/// `replica generation index offset size created`.
+pub(crate) fn wal(replica: &str, listing: &ReplicaListing) -> String {
+    let mut rows = vec![row(&["replica", "generation", "index", "offset", "size", "created"])];
+    for (id, generation) in &listing.generations {
+        for (index, offset, object) in &generation.segments {
+            rows.push(vec![replica.to_string(), id.to_string(), index.to_string(), offset.to_string(), object.size.to_string(), rfc3339(object.created)]);
+        }
+    }
+    table(&rows)
+}
+
+fn row(cells: &[&str]) -> Vec<String> {
+    cells.iter().map(|c| c.to_string()).collect()
+}
+
+/// Go's tabwriter with padding 2: every column but the last padded to its widest cell plus two.
+fn table(rows: &[Vec<String>]) -> String {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns).map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for row in rows {
+        for (c, cell) in row.iter().enumerate() {
+            out.push_str(cell);
+            if c + 1 < row.len() {
+                out.push_str(&" ".repeat(widths[c] - cell.chars().count() + 2));
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Litestream's `truncateDuration`: coarser precision for longer lags.
+fn truncate(d: Duration) -> Duration {
+    let unit = if d > Duration::from_secs(10) {
+        Duration::from_secs(1)
+    } else if d > Duration::from_secs(1) {
+        Duration::from_millis(100)
+    } else if d > Duration::from_millis(1) {
+        Duration::from_millis(1)
+    } else {
+        Duration::from_micros(1)
+    };
+    Duration::from_nanos((d.as_nanos() / unit.as_nanos() * unit.as_nanos()) as u64)
+}
+
+/// Go's `time.Duration.String` for non-negative durations: `1h2m3.5s`, `250ms`, `0s`.
+fn go_duration(d: Duration) -> String {
+    let nanos = d.as_nanos();
+    if nanos == 0 {
+        return "0s".to_string();
+    }
+    if nanos < 1_000_000_000 {
+        let (value, unit) = if nanos < 1_000 {
+            (nanos as f64, "ns")
+        } else if nanos < 1_000_000 {
+            (nanos as f64 / 1e3, "µs")
+        } else {
+            (nanos as f64 / 1e6, "ms")
+        };
+        return format!("{}{unit}", trim_float(value));
+    }
+    let total_seconds = d.as_secs();
+    let (hours, minutes) = (total_seconds / 3600, total_seconds / 60 % 60);
+    let seconds = (total_seconds % 60) as f64 + f64::from(d.subsec_nanos()) / 1e9;
+    let mut out = String::new();
+    if hours > 0 {
+        out.push_str(&format!("{hours}h"));
+    }
+    if hours > 0 || minutes > 0 {
+        out.push_str(&format!("{minutes}m"));
+    }
+    out.push_str(&format!("{}s", trim_float(seconds)));
+    out
+}
+
+fn trim_float(value: f64) -> String {
+    let text = format!("{value:.9}");
+    text.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_print_like_go() {
+        assert_eq!(go_duration(truncate(Duration::from_millis(3_723_456))), "1h2m3s");
+        assert_eq!(go_duration(truncate(Duration::from_millis(2_345))), "2.3s");
+        assert_eq!(go_duration(truncate(Duration::from_micros(250_400))), "250ms");
+        assert_eq!(go_duration(Duration::ZERO), "0s");
+        assert_eq!(go_duration(Duration::from_secs(60)), "1m0s");
+    }
+
+    #[test]
+    fn tables_pad_like_tabwriter() {
+        let text = table(&[row(&["name", "generation"]), row(&["file", "00000000000000aa"])]);
+        assert_eq!(text, "name  generation\nfile  00000000000000aa\n");
+    }
+}
