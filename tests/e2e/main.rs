@@ -10,3 +10,4 @@ mod gcs;
 mod harness;
 mod interop;
 mod replicate;
+mod restore;

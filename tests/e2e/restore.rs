@@ -1,0 +1,248 @@
+//! Restore's own surface: point in time, generation and index, the listing commands, dry runs
+//! and the readiness mode Cloud Run's startup probe waits on.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::harness::*;
+
+fn stderr(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    time::OffsetDateTime::from(t).format(&time::format_description::well_known::Rfc3339).unwrap()
+}
+
+fn rows_in(path: &std::path::Path) -> i64 {
+    rusqlite::Connection::open(path).unwrap().query_row("SELECT count(*) FROM items", [], |r| r.get(0)).unwrap()
+}
+
+/// `walstream restore EXTRA... -o OUT URL`: the row count restored, or the failed output.
+fn restore_rows(scratch: &Scratch, name: &str, extra: &[&str]) -> Result<i64, std::process::Output> {
+    let out = scratch.path(name);
+    let mut args = vec!["restore"];
+    args.extend_from_slice(extra);
+    let url = scratch.replica_url();
+    args.extend_from_slice(&["-o", out.to_str().unwrap(), &url]);
+    let output = walstream(&args);
+    if !output.status.success() {
+        assert!(!out.exists(), "a failed restore left {}", out.display());
+        return Err(output);
+    }
+    let rows = rows_in(&out);
+    std::fs::remove_file(&out).unwrap();
+    Ok(rows)
+}
+
+/// Waits until a restore of the latest state holds `rows` rows, and returns the moment after.
+fn shipped(scratch: &Scratch, rows: i64) -> SystemTime {
+    wait_until(Duration::from_secs(20), &format!("{rows} rows in the replica"), || restore_rows(scratch, "probe.db", &[]).ok() == Some(rows));
+    let at = SystemTime::now();
+    // Objects written from now on are created strictly after `at`.
+    std::thread::sleep(Duration::from_millis(30));
+    at
+}
+
+/// The generation ids the `generations` command lists, checking its columns on the way.
+fn listed_generations(scratch: &Scratch, backend: Backend) -> Vec<String> {
+    let output = walstream(&["generations", &scratch.replica_url()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = String::from_utf8(output.stdout).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(lines.next().unwrap().split_whitespace().collect::<Vec<_>>(), ["name", "generation", "lag", "start", "end"]);
+    lines
+        .map(|line| {
+            let cells: Vec<&str> = line.split_whitespace().collect();
+            assert_eq!(cells.len(), 5, "{line}");
+            assert_eq!(cells[0], if backend == Backend::Gcs { "gcs" } else { "file" });
+            assert!(cells[3] <= cells[4] && cells[4].ends_with('Z'), "start <= end, RFC 3339 UTC: {line}");
+            cells[1].to_string()
+        })
+        .collect()
+}
+
+on_both_backends! {
+    fn point_in_time_restores_each_moment_across_generations(backend: Backend) {
+        let scratch = Scratch::on(backend);
+        let mut app = App::open(&scratch.db());
+        let replicator = scratch.start_replicator();
+        app.insert(10);
+        let t1 = shipped(&scratch, 10);
+        // A new WAL index, so -index has something to choose.
+        app.checkpoint("TRUNCATE");
+        app.insert(10);
+        let t2 = shipped(&scratch, 20);
+        replicator.stop_ok();
+        let between = SystemTime::now();
+        std::thread::sleep(Duration::from_millis(30));
+        // Without its generation file the replicator cannot resume: a second generation.
+        std::fs::remove_file(scratch.path(".app.db-walstream/generation")).unwrap();
+        let replicator = scratch.start_replicator();
+        app.insert(10);
+        let t3 = shipped(&scratch, 30);
+        replicator.stop_ok();
+        assert_eq!(scratch.generation_count(), 2);
+
+        let at = |t: SystemTime| restore_rows(&scratch, "pitr.db", &["-timestamp", &rfc3339(t)]).unwrap_or_else(|o| panic!("restore at {}: {}", rfc3339(t), stderr(&o)));
+        assert_eq!(at(t1), 10);
+        assert_eq!(at(t2), 20);
+        assert_eq!(at(between), 20, "between two generations: the first one's last state");
+        assert_eq!(at(t3), 30);
+        assert_eq!(at(SystemTime::now() + Duration::from_secs(3600)), 30, "after the last write: the latest state (litestream fails here)");
+        let failed = restore_rows(&scratch, "pitr.db", &["-timestamp", "2001-02-03T04:05:06Z"]).unwrap_err();
+        assert_eq!(failed.status.code(), Some(11), "{}", stderr(&failed));
+        assert!(stderr(&failed).contains("earliest restorable time is 20"), "{}", stderr(&failed));
+
+        let generations = listed_generations(&scratch, backend);
+        assert_eq!(generations.len(), 2);
+        // Listed by name, which is random: find the first by what it restores.
+        let first = generations.iter().find(|g| restore_rows(&scratch, "g.db", &["-generation", g]).unwrap() == 20).expect("a generation holding 20 rows").clone();
+        assert_eq!(restore_rows(&scratch, "g.db", &["-generation", &first, "-index", "0"]).unwrap(), 10, "index 0 holds the first ten rows");
+        assert_eq!(restore_rows(&scratch, "g.db", &["-generation", &first, "-index", "1", "-parallelism", "1"]).unwrap(), 20);
+        for (args, what) in [
+            (vec!["-generation", &first, "-index", "7f"], "index 0000007f not found"),
+            (vec!["-generation", "0123456789abcdef"], "generation 0123456789abcdef not found"),
+            (vec!["-index", "0", "-timestamp", "2030-01-01T00:00:00Z"], "cannot specify index & timestamp"),
+        ] {
+            let failed = restore_rows(&scratch, "g.db", &args).unwrap_err();
+            assert_eq!(failed.status.code(), Some(11), "{args:?}: {}", stderr(&failed));
+            assert!(stderr(&failed).contains(what), "{args:?}: {}", stderr(&failed));
+        }
+        assert_eq!(list_dir(scratch.dir.path()).iter().filter(|n| n.contains("walstream-restore")).count(), 0, "no temporary files remain");
+
+        let output = walstream(&["snapshots", &scratch.replica_url()]);
+        let text = String::from_utf8(output.stdout).unwrap();
+        assert_eq!(text.lines().next().unwrap().split_whitespace().collect::<Vec<_>>(), ["replica", "generation", "index", "size", "created"]);
+        assert_eq!(text.lines().count(), 3, "one snapshot per generation:\n{text}");
+        let output = walstream(&["wal", "-generation", &first, &scratch.replica_url()]);
+        let text = String::from_utf8(output.stdout).unwrap();
+        assert_eq!(text.lines().next().unwrap().split_whitespace().collect::<Vec<_>>(), ["replica", "generation", "index", "offset", "size", "created"]);
+        let indexes: Vec<&str> = text.lines().skip(1).map(|l| l.split_whitespace().nth(2).unwrap()).collect();
+        assert!(indexes.contains(&"0") && indexes.contains(&"1"), "{text}");
+        assert!(text.lines().skip(1).all(|l| l.contains(&first)), "-generation filters:\n{text}");
+    }
+}
+
+on_both_backends! {
+    fn dry_run_prints_the_plan_and_restores_nothing(backend: Backend) {
+        let scratch = Scratch::on(backend);
+        let mut app = App::open(&scratch.db());
+        let replicator = scratch.start_replicator();
+        app.insert(50);
+        replicator.stop_ok();
+        let out = scratch.path("dry.db");
+        let output = walstream(&["restore", "-dry-run", "-o", out.to_str().unwrap(), &scratch.replica_url()]);
+        assert!(output.status.success(), "{}", stderr(&output));
+        let text = String::from_utf8(output.stdout).unwrap();
+        for line in ["generation  ", "snapshot    index 00000000", "wal         indexes 00000000..", "download    ", "estimate    "] {
+            assert!(text.contains(line), "missing {line:?} in:\n{text}");
+        }
+        assert!(!out.exists());
+        let output = walstream(&["restore", "-replica", "s3", "-o", out.to_str().unwrap(), &scratch.replica_url()]);
+        assert_eq!(output.status.code(), Some(1));
+        assert!(stderr(&output).contains("replica \"s3\" not found"), "{}", stderr(&output));
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `walstream restore -serve-ready ADDR ...` as a child.
+fn spawn_restore(scratch: &Scratch, addr: &str, extra: &[&str], out: &std::path::Path) -> std::process::Child {
+    let log = std::fs::File::create(scratch.path("restore.log")).unwrap();
+    with_emulator(&mut Command::new(walstream_bin()))
+        .arg("restore")
+        .args(extra)
+        .args(["-serve-ready", addr, "-o", out.to_str().unwrap(), &scratch.replica_url()])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+fn wait_exit(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "restore did not exit within {limit:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+on_both_backends! {
+    fn serve_ready_listens_only_once_the_database_is_in_place(backend: Backend) {
+        let scratch = Scratch::on(backend);
+        let mut app = App::open(&scratch.db());
+        let replicator = scratch.start_replicator();
+        for _ in 0..20 {
+            app.insert(500);
+        }
+        app.insert_large(3 << 20);
+        replicator.stop_ok();
+
+        let out = scratch.path("served.db");
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut child = spawn_restore(&scratch, &addr, &["-if-db-not-exists", "-if-replica-exists"], &out);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut stream = loop {
+            if let Ok(stream) = TcpStream::connect(&addr) {
+                break stream;
+            }
+            assert!(child.try_wait().unwrap().is_none(), "restore exited before listening: {}", std::fs::read_to_string(scratch.path("restore.log")).unwrap());
+            assert!(Instant::now() < deadline, "never ready");
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        // The first moment a probe gets through, the whole database is already there.
+        assert_same_database(&scratch.db(), &out);
+        stream.write_all(b"GET / HTTP/1.1\r\nHost: probe\r\n\r\n").unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+        assert!(TcpStream::connect(&addr).is_ok(), "still serving after a probe");
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        assert_eq!(wait_exit(&mut child, Duration::from_secs(5)).code(), Some(0));
+
+        // A warm restart: the database exists, so it is ready at once without the replica.
+        let mut child = spawn_restore(&scratch, &addr, &["-if-db-not-exists"], &out);
+        wait_until(Duration::from_secs(10), "readiness after a skip", || TcpStream::connect(&addr).is_ok());
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        assert_eq!(wait_exit(&mut child, Duration::from_secs(5)).code(), Some(0));
+    }
+}
+
+on_both_backends! {
+    fn serve_ready_never_listens_when_restore_fails(backend: Backend) {
+        let scratch = Scratch::on(backend);
+        let out = scratch.path("never.db");
+        let addr = format!("127.0.0.1:{}", free_port());
+        let connected = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicBool::new(false));
+        let prober = {
+            let (addr, connected, done) = (addr.clone(), connected.clone(), done.clone());
+            std::thread::spawn(move || {
+                while !done.load(Ordering::Relaxed) {
+                    if TcpStream::connect(&addr).is_ok() {
+                        connected.store(true, Ordering::Relaxed);
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            })
+        };
+        // An empty replica without -if-replica-exists: no backup is a failure.
+        let mut child = spawn_restore(&scratch, &addr, &[], &out);
+        assert_eq!(wait_exit(&mut child, Duration::from_secs(20)).code(), Some(3));
+        done.store(true, Ordering::Relaxed);
+        prober.join().unwrap();
+        assert!(!connected.load(Ordering::Relaxed), "a failed restore must never answer a probe");
+        assert!(!out.exists());
+    }
+}
