@@ -171,6 +171,10 @@ impl FrameChain {
             return None;
         }
         let frame_header = FrameHeader::parse(frame).ok()?;
+        // SQLite's walDecodeFrame: page 0 does not exist, so such a frame ends the log.
+        if frame_header.pgno == 0 {
+            return None;
+        }
         if frame_header.salt1 != self.header.salt1 || frame_header.salt2 != self.header.salt2 {
             return None;
         }

@@ -1,12 +1,14 @@
-//! Building the database: the snapshot, then each WAL index written straight into the file.
+//! Building the database: the snapshot, then the WAL indexes written straight into the file.
 //!
-//! Applying an index does what SQLite's recovery plus a full checkpoint would do (spec §6.4):
-//! follow the checksum chain, keep frames up to the last commit, write each page's last
-//! version in place and set the file to the committed size. Doing it here instead of through
-//! SQLite means one write per changed page per index, no WAL file, no `-shm` and no checkpoint;
-//! the test below holds it to SQLite's own replay, byte for byte.
+//! Applying one index is what SQLite's recovery plus a full checkpoint does (spec §6.4): follow
+//! the checksum chain, keep frames up to the last commit, write each page's last version in
+//! place and set the file to the committed size. Applying a run of indexes is that, once per
+//! index, in order. [`Image`] gets the same bytes with each page written at most once: it
+//! takes the indexes newest first, keeps a page's newest version, skips versions a later index
+//! superseded or a later truncation cut off, and zeroes the pages a truncation emptied. No
+//! WAL file, no `-shm`, no checkpoint; the tests hold it to SQLite's own replay, byte for byte,
+//! after every index.
 
-use std::collections::HashSet;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -21,24 +23,27 @@ use crate::plan::RestorePlan;
 use crate::progress::Progress;
 use crate::Error;
 
-/// Builds `temp` from the plan: snapshot, every index in order, fsync, integrity check.
+/// Builds `temp` from the plan: snapshot, the indexes newest first, fsync, integrity check.
 pub(crate) async fn apply(store: &dyn ObjectStore, plan: &RestorePlan, temp: &Path, parallelism: usize, progress: &dyn Progress) -> Result<(), Error> {
     let objects = 1 + plan.indexes.iter().map(|i| i.segments.len() as u64).sum::<u64>();
     let bytes = plan.snapshot.size + plan.indexes.iter().flat_map(|i| &i.segments).map(|s| s.size).sum::<u64>();
     progress.start(objects, bytes);
 
-    // The WAL downloads start with the snapshot's, not after it.
-    let (sender, mut fetched) = mpsc::channel(parallelism.max(2));
-    let downloads = fetch::fetch_indexes(store, &plan.indexes, parallelism, progress, sender);
+    // The WAL downloads start with the snapshot's, not after it. Two verified indexes waiting
+    // keep the writer busy; more would only hold memory.
+    let (sender, mut fetched) = mpsc::channel(2);
+    let downloads = fetch::fetch_indexes(store, plan.indexes.iter().rev().collect(), parallelism, progress, sender);
     let build = async move {
         let snapshot = fetch::fetch_object(store, &plan.snapshot.key, progress).await?;
         let page_size = db_page_size(&snapshot).ok_or_else(|| Error::CorruptObject { key: plan.snapshot.key.clone(), source: walstream_format::Error::Lz4("snapshot is not a SQLite database".into()) })?;
-        let file = std::sync::Arc::new(write_new(temp, &snapshot)?);
+        let mut image = Image::new(write_new(temp, &snapshot)?, page_size, snapshot.len() as u64);
         drop(snapshot);
         while let Some(index) = fetched.recv().await {
-            let (index, file) = (index?, file.clone());
-            tokio::task::spawn_blocking(move || apply_index(&file, page_size, &index)).await.expect("apply task panicked")?;
+            let index = index.await.expect("verify task panicked")?;
+            image = tokio::task::spawn_blocking(move || image.apply_older(&index).map(|()| image)).await.expect("apply task panicked")?;
         }
+        let write_error = |source| Error::Io { op: "write", path: temp.to_path_buf(), source };
+        let file = tokio::task::spawn_blocking(move || image.finish()).await.expect("apply task panicked").map_err(write_error)?;
         file.sync_all().map_err(|source| Error::Io { op: "fsync", path: temp.to_path_buf(), source })?;
         Ok::<(), Error>(())
     };
@@ -66,19 +71,23 @@ fn write_new(path: &Path, data: &[u8]) -> Result<File, Error> {
     Ok(file)
 }
 
-/// Applies one index to the database file, after checking it as SQLite's recovery would, so
-/// that a corrupt segment is an error naming it rather than WAL that is silently cut short.
-pub(crate) fn apply_index(db: &File, page_size: u32, index: &FetchedIndex) -> Result<(), Error> {
-    let first_key = || index.segment_at(0).to_string();
-    let header = WalHeader::parse(&index.wal).map_err(|source| Error::CorruptObject { key: first_key(), source })?;
-    if header.page_size != page_size {
-        return Err(Error::CorruptObject { key: first_key(), source: walstream_format::Error::BadPageSize { page_size: header.page_size } });
+/// An index checked as SQLite's recovery would check it, so that a corrupt segment is an
+/// error naming it rather than WAL that is silently cut short.
+pub(crate) struct VerifiedIndex {
+    fetched: FetchedIndex,
+    header: WalHeader,
+    committed: Committed,
+}
+
+/// Checks one index. CPU-bound (every byte is checksummed), so the fetcher runs it for several
+/// indexes at once while earlier ones are applied.
+pub(crate) fn verify_index(fetched: FetchedIndex) -> Result<VerifiedIndex, Error> {
+    let header = WalHeader::parse(&fetched.wal).map_err(|source| Error::CorruptObject { key: fetched.segment_at(0).to_string(), source })?;
+    let committed = committed_frames(&fetched.wal, header);
+    if committed.valid_len < fetched.wal.len() as u64 {
+        return Err(Error::ChecksumBreak { key: fetched.segment_at(committed.valid_len).to_string(), offset: committed.valid_len });
     }
-    let committed = committed_frames(&index.wal, header);
-    if committed.valid_len < index.wal.len() as u64 {
-        return Err(Error::ChecksumBreak { key: index.segment_at(committed.valid_len).to_string(), offset: committed.valid_len });
-    }
-    write_pages(db, &index.wal, header, &committed).map_err(|source| Error::Io { op: "write", path: format!("wal index {:08x}", index.index).into(), source })
+    Ok(VerifiedIndex { fetched, header, committed })
 }
 
 /// What SQLite's recovery keeps of a WAL.
@@ -105,24 +114,79 @@ pub(crate) fn committed_frames(wal: &[u8], header: WalHeader) -> Committed {
     committed
 }
 
-/// Writes the last committed version of each page, newest first so each page is written once,
-/// then sets the file to the committed size, as SQLite's checkpoint does.
-pub(crate) fn write_pages(db: &File, wal: &[u8], header: WalHeader, committed: &Committed) -> std::io::Result<()> {
-    if committed.frames == 0 {
-        return Ok(());
+/// The database file being built from a snapshot and indexes given newest first.
+pub(crate) struct Image {
+    file: File,
+    page_size: u32,
+    /// Pages the snapshot filled.
+    snapshot_pages: u32,
+    /// By page number: whether the file already holds the page's final content.
+    settled: Vec<bool>,
+    /// The smallest committed size of the indexes applied so far: a page above it was cut off
+    /// by a truncation after any older version of it.
+    smallest: u32,
+    /// The newest index's committed size: the final size of the file.
+    final_pages: Option<u32>,
+}
+
+impl Image {
+    /// An image whose file already holds the snapshot, `snapshot_len` bytes.
+    pub(crate) fn new(file: File, page_size: u32, snapshot_len: u64) -> Image {
+        let snapshot_pages = u32::try_from(snapshot_len / u64::from(page_size)).unwrap_or(u32::MAX);
+        Image { file, page_size, snapshot_pages, settled: Vec::new(), smallest: u32::MAX, final_pages: None }
     }
-    let frame_size = header.frame_size() as usize;
-    let mut written = HashSet::new();
-    for n in (0..committed.frames).rev() {
-        let frame = &wal[WAL_HEADER_SIZE + n * frame_size..][..frame_size];
-        let pgno = u32::from_be_bytes(frame[..4].try_into().expect("4 bytes"));
-        // Pages past the committed size are cut off below anyway; SQLite skips them too.
-        if pgno > committed.db_pages || !written.insert(pgno) {
-            continue;
+
+    /// Applies an index older than every index applied so far.
+    pub(crate) fn apply_older(&mut self, index: &VerifiedIndex) -> Result<(), Error> {
+        if index.header.page_size != self.page_size {
+            return Err(Error::CorruptObject { key: index.fetched.segment_at(0).to_string(), source: walstream_format::Error::BadPageSize { page_size: index.header.page_size } });
         }
-        db.write_all_at(&frame[FRAME_HEADER_SIZE..], u64::from(pgno - 1) * u64::from(header.page_size))?;
+        let committed = &index.committed;
+        // An index without a commit changes nothing, not even the size, as in SQLite.
+        if committed.frames == 0 {
+            return Ok(());
+        }
+        self.final_pages.get_or_insert(committed.db_pages);
+        self.smallest = self.smallest.min(committed.db_pages);
+        let frame_size = index.header.frame_size() as usize;
+        let wal = &index.fetched.wal;
+        for n in (0..committed.frames).rev() {
+            let frame = &wal[WAL_HEADER_SIZE + n * frame_size..][..frame_size];
+            let pgno = u32::from_be_bytes(frame[..4].try_into().expect("4 bytes"));
+            if pgno == 0 || pgno > self.smallest || self.is_settled(pgno) {
+                continue;
+            }
+            self.write_page(pgno, &frame[FRAME_HEADER_SIZE..]).map_err(|source| Error::Io { op: "write", path: format!("page {pgno} from wal index {:08x}", index.fetched.index).into(), source })?;
+        }
+        Ok(())
     }
-    db.set_len(u64::from(committed.db_pages) * u64::from(header.page_size))
+
+    /// Zeroes the snapshot's pages that a truncation emptied and nothing rewrote, sets the final
+    /// size, and returns the file.
+    pub(crate) fn finish(mut self) -> std::io::Result<File> {
+        let Some(final_pages) = self.final_pages else { return Ok(self.file) };
+        let zeros = vec![0u8; self.page_size as usize];
+        for pgno in self.smallest.saturating_add(1)..=self.snapshot_pages.min(final_pages) {
+            if !self.is_settled(pgno) {
+                self.write_page(pgno, &zeros)?;
+            }
+        }
+        self.file.set_len(u64::from(final_pages) * u64::from(self.page_size))?;
+        Ok(self.file)
+    }
+
+    fn is_settled(&self, pgno: u32) -> bool {
+        self.settled.get(pgno as usize).copied().unwrap_or(false)
+    }
+
+    fn write_page(&mut self, pgno: u32, page: &[u8]) -> std::io::Result<()> {
+        self.file.write_all_at(page, u64::from(pgno - 1) * u64::from(self.page_size))?;
+        if self.settled.len() <= pgno as usize {
+            self.settled.resize(pgno as usize + 1, false);
+        }
+        self.settled[pgno as usize] = true;
+        Ok(())
+    }
 }
 
 fn integrity_check(db: &Path) -> Result<(), Error> {

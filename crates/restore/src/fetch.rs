@@ -1,11 +1,12 @@
 //! Downloading a plan's WAL: many objects in flight at once, delivered one whole index at a
-//! time and in order, so application can start while later indexes are still downloading.
+//! time in the order asked for, so application can start while later indexes are still downloading.
 
 use futures_util::stream::{self, StreamExt};
 use tokio::sync::mpsc;
 use walstream_format::lz4;
 use walstream_store::ObjectStore;
 
+use crate::apply::{verify_index, VerifiedIndex};
 use crate::plan::{IndexPlan, SegmentRef};
 use crate::progress::Progress;
 use crate::Error;
@@ -33,9 +34,13 @@ pub(crate) async fn fetch_object(store: &dyn ObjectStore, key: &str, progress: &
     tokio::task::spawn_blocking(move || lz4::decompress(&body).map_err(|source| Error::CorruptObject { key: owned_key, source })).await.expect("lz4 task panicked")
 }
 
-/// Sends every index of `indexes`, in order, to `out`, keeping up to `parallelism` downloads
-/// in flight. Stops at the first error, which it sends too; stops quietly if `out` is closed.
-pub(crate) async fn fetch_indexes(store: &dyn ObjectStore, indexes: &[IndexPlan], parallelism: usize, progress: &dyn Progress, out: mpsc::Sender<Result<FetchedIndex, Error>>) {
+/// An index being verified on a blocking thread.
+pub(crate) type Verifying = tokio::task::JoinHandle<Result<VerifiedIndex, Error>>;
+
+/// Sends every index of `indexes`, in the order given, to `out` as it is verified, keeping up to
+/// `parallelism` downloads in flight. Stops at the first error, which it sends too; stops
+/// quietly if `out` is closed.
+pub(crate) async fn fetch_indexes(store: &dyn ObjectStore, indexes: Vec<&IndexPlan>, parallelism: usize, progress: &dyn Progress, out: mpsc::Sender<Verifying>) {
     let segments = indexes.iter().flat_map(|plan| plan.segments.iter().map(move |segment| (plan.index, segment)));
     let mut downloads = stream::iter(segments).map(|(index, segment): (u32, &SegmentRef)| async move { (index, segment, fetch_object(store, &segment.key, progress).await) }).buffered(parallelism.max(1));
     let mut current: Option<FetchedIndex> = None;
@@ -57,13 +62,13 @@ pub(crate) async fn fetch_indexes(store: &dyn ObjectStore, indexes: &[IndexPlan]
             left_in_index -= 1;
             Ok(())
         });
+        let failed = step.is_err();
         let ready = match step {
-            Err(e) => Some(Err(e)),
-            Ok(()) if left_in_index == 0 => current.take().map(Ok),
+            Err(e) => Some(tokio::task::spawn(std::future::ready(Err(e)))),
+            Ok(()) if left_in_index == 0 => current.take().map(|index| tokio::task::spawn_blocking(move || verify_index(index))),
             Ok(()) => None,
         };
         if let Some(item) = ready {
-            let failed = item.is_err();
             if out.send(item).await.is_err() || failed {
                 return;
             }

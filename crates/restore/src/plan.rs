@@ -227,11 +227,14 @@ mod tests {
         listing
     }
 
-    fn summary(plan: &RestorePlan) -> (String, u32, Vec<(u32, Vec<u64>)>) {
+    /// (generation, snapshot index, [(index, [segment offsets])]).
+    type Summary = (String, u32, Vec<(u32, Vec<u64>)>);
+
+    fn summary(plan: &RestorePlan) -> Summary {
         (plan.generation.to_string(), plan.snapshot_index, plan.indexes.iter().map(|i| (i.index, i.segments.iter().map(|s| s.offset).collect())).collect())
     }
 
-    fn plan_at(target: Target) -> Result<(String, u32, Vec<(u32, Vec<u64>)>), Error> {
+    fn plan_at(target: Target) -> Result<Summary, Error> {
         plan_from(listing(), &target).map(|p| summary(&p))
     }
 

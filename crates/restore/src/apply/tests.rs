@@ -25,10 +25,19 @@ fn sqlite_replay(db: &Path, wal: &[u8]) {
     let _ = std::fs::remove_file(side(db, "-shm"));
 }
 
-fn native_apply(db: &Path, wal: &[u8], page_size: u32) -> Result<(), Error> {
+/// Applies `wals` (oldest first) to `db` the way a restore does: newest first through an
+/// [`Image`]. Each WAL is split into two segments to check that errors name the right one.
+fn native_apply(db: &Path, wals: &[Vec<u8>], page_size: u32) -> Result<(), Error> {
     let file = std::fs::OpenOptions::new().read(true).write(true).open(db).unwrap();
-    let index = FetchedIndex { index: 0, wal: wal.to_vec(), segments: vec![("seg-a".into(), 0), ("seg-b".into(), (WAL_HEADER_SIZE + 2 * (page_size as usize + FRAME_HEADER_SIZE)) as u64)] };
-    apply_index(&file, page_size, &index)
+    let len = file.metadata().unwrap().len();
+    let mut image = Image::new(file, page_size, len);
+    for (n, wal) in wals.iter().enumerate().rev() {
+        let second = (WAL_HEADER_SIZE + 2 * (page_size as usize + FRAME_HEADER_SIZE)) as u64;
+        let index = FetchedIndex { index: n as u32, wal: wal.clone(), segments: vec![("seg-a".into(), 0), ("seg-b".into(), second)] };
+        image.apply_older(&verify_index(index)?)?;
+    }
+    image.finish().unwrap();
+    Ok(())
 }
 
 /// A few random transactions: inserts of any size (overflow pages), updates, deletes, and now
@@ -78,24 +87,31 @@ fn native_apply_matches_sqlite_replay_on_random_workloads() {
         random_transactions(&conn, &mut rng);
         conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)").unwrap();
 
-        let (native, reference) = (dir.path().join("native.db"), dir.path().join("reference.db"));
-        std::fs::copy(&source, &native).unwrap();
-        std::fs::copy(&source, &reference).unwrap();
-        let indexes = rng.gen_range(1..6);
+        let snapshot = std::fs::read(&source).unwrap();
+        let reference = dir.path().join("reference.db");
+        std::fs::write(&reference, &snapshot).unwrap();
+        let (mut wals, mut states) = (Vec::new(), Vec::new());
+        let indexes = rng.gen_range(1..7);
         for index in 0..indexes {
             random_transactions(&conn, &mut rng);
             let mut wal = std::fs::read(side(&source, "-wal")).unwrap();
-            let last = index + 1 == indexes;
-            if last && rng.gen_bool(0.5) {
+            if index + 1 == indexes && rng.gen_bool(0.5) {
                 // Cut at a frame boundary: a tail of frames after the last commit is ignored.
                 let frame = page_size as usize + FRAME_HEADER_SIZE;
                 let frames = (wal.len() - WAL_HEADER_SIZE) / frame;
                 wal.truncate(WAL_HEADER_SIZE + rng.gen_range(0..=frames) * frame);
             }
-            native_apply(&native, &wal, page_size).unwrap();
             sqlite_replay(&reference, &wal);
-            assert!(std::fs::read(&native).unwrap() == std::fs::read(&reference).unwrap(), "seed {seed}, index {index}: native apply differs from SQLite's replay");
+            states.push(std::fs::read(&reference).unwrap());
+            wals.push(wal);
             conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)").unwrap();
+        }
+        // Every prefix of the run, so each index is at some point the newest and the oldest.
+        let native = dir.path().join("native.db");
+        for n in 1..=wals.len() {
+            std::fs::write(&native, &snapshot).unwrap();
+            native_apply(&native, &wals[..n], page_size).unwrap();
+            assert!(std::fs::read(&native).unwrap() == states[n - 1], "seed {seed}: native apply of {n} indexes differs from SQLite's replay");
         }
         let check: String = Connection::open(&native).unwrap().query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
         assert_eq!(check, "ok", "seed {seed}");
@@ -112,7 +128,7 @@ fn uncut_replay_reproduces_the_source_file() {
     std::fs::copy(&source, &restored).unwrap();
     for _ in 0..8 {
         random_transactions(&conn, &mut rng);
-        native_apply(&restored, &std::fs::read(side(&source, "-wal")).unwrap(), 4096).unwrap();
+        native_apply(&restored, &[std::fs::read(side(&source, "-wal")).unwrap()], 4096).unwrap();
         conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)").unwrap();
         assert!(std::fs::read(&restored).unwrap() == std::fs::read(&source).unwrap(), "the restored file must equal the checkpointed source");
     }
@@ -132,7 +148,7 @@ fn a_broken_chain_names_the_segment_holding_it() {
     let before = std::fs::read(&copy).unwrap();
     // A flipped byte in the fourth frame: it lies in the second segment, which starts at the third.
     wal[WAL_HEADER_SIZE + 3 * (4096 + FRAME_HEADER_SIZE) + 200] ^= 0x55;
-    match native_apply(&copy, &wal, 4096) {
+    match native_apply(&copy, &[wal.clone()], 4096) {
         Err(Error::ChecksumBreak { key, offset }) => {
             assert_eq!(key, "seg-b");
             assert_eq!(offset, (WAL_HEADER_SIZE + 3 * (4096 + FRAME_HEADER_SIZE)) as u64);
@@ -140,5 +156,70 @@ fn a_broken_chain_names_the_segment_holding_it() {
         other => panic!("expected a checksum break, got {other:?}"),
     }
     assert!(std::fs::read(&copy).unwrap() == before, "nothing is written from a corrupt index");
-    assert!(matches!(native_apply(&copy, &wal[..WAL_HEADER_SIZE], 8192), Err(Error::CorruptObject { .. })), "a page size that differs from the database's is corrupt");
+    assert!(matches!(native_apply(&copy, &[wal[..WAL_HEADER_SIZE].to_vec()], 8192), Err(Error::CorruptObject { .. })), "a page size that differs from the database's is corrupt");
+}
+
+/// A WAL SQLite accepts, holding `frames` of (page number, commit size or 0, fill byte). Page 1
+/// is `page1` with its in-header size set to its transaction's, as SQLite checks that.
+fn synthetic_wal(page_size: u32, salt: u32, page1: &[u8], frames: &[(u32, u32, u8)]) -> Vec<u8> {
+    use walstream_format::wal::checksum_update;
+    use walstream_format::ByteOrder;
+    let mut wal = Vec::new();
+    for word in [0x377f_0682u32, 3_007_000, page_size, 0, salt, salt.rotate_left(7)] {
+        wal.extend_from_slice(&word.to_be_bytes());
+    }
+    let mut sum = checksum_update(ByteOrder::Little, (0, 0), &wal);
+    wal.extend_from_slice(&sum.0.to_be_bytes());
+    wal.extend_from_slice(&sum.1.to_be_bytes());
+    for (n, &(pgno, commit, fill)) in frames.iter().enumerate() {
+        let mut page = vec![fill; page_size as usize];
+        if pgno == 1 {
+            let size = frames[n..].iter().map(|f| f.1).find(|c| *c != 0).expect("page 1 in a committed transaction");
+            page.copy_from_slice(page1);
+            page[28..32].copy_from_slice(&size.to_be_bytes());
+        }
+        let mut head = Vec::new();
+        for word in [pgno, commit, salt, salt.rotate_left(7)] {
+            head.extend_from_slice(&word.to_be_bytes());
+        }
+        sum = checksum_update(ByteOrder::Little, checksum_update(ByteOrder::Little, sum, &head[..8]), &page);
+        wal.extend_from_slice(&head);
+        wal.extend_from_slice(&sum.0.to_be_bytes());
+        wal.extend_from_slice(&sum.1.to_be_bytes());
+        wal.extend_from_slice(&page);
+    }
+    wal
+}
+
+/// Truncations and regrowth without rewriting: pages a truncation emptied must read as zeros,
+/// never as an older version, exactly as SQLite leaves them.
+#[test]
+fn truncated_pages_stay_empty_when_the_file_grows_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source.db");
+    let conn = wal_database(&source, 4096);
+    conn.execute("INSERT INTO t (v) VALUES (randomblob(60000))", []).unwrap();
+    conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)").unwrap();
+    drop(conn);
+    let snapshot = std::fs::read(&source).unwrap();
+    assert!(snapshot.len() >= 10 * 4096, "the snapshot needs pages to cut");
+    let page1 = &snapshot[..4096];
+    let wals = [
+        synthetic_wal(4096, 11, page1, &[(2, 0, 0xa1), (1, 3, 0)]),               // shrink to 3 pages
+        synthetic_wal(4096, 12, page1, &[(8, 0, 0xb2), (1, 10, 0)]),              // grow to 10, writing only page 8
+        synthetic_wal(4096, 13, page1, &[(5, 0, 0xc3), (3, 0, 0xc4), (1, 6, 0)]), // cut page 8 off again at 6
+        synthetic_wal(4096, 14, page1, &[(9, 0, 0xd5), (1, 9, 0), (4, 0, 0xd6)]), // grow to 9; a tail without commit
+    ];
+    let reference = dir.path().join("reference.db");
+    std::fs::write(&reference, &snapshot).unwrap();
+    let native = dir.path().join("native.db");
+    for n in 1..=wals.len() {
+        sqlite_replay(&reference, &wals[n - 1]);
+        std::fs::write(&native, &snapshot).unwrap();
+        native_apply(&native, &wals[..n], 4096).unwrap();
+        let (want, got) = (std::fs::read(&reference).unwrap(), std::fs::read(&native).unwrap());
+        assert_eq!(got.len(), want.len(), "size after {n} indexes");
+        let differing: Vec<usize> = (0..want.len() / 4096).filter(|p| want[p * 4096..][..4096] != got[p * 4096..][..4096]).map(|p| p + 1).collect();
+        assert!(differing.is_empty(), "after {n} indexes, pages {differing:?} differ from SQLite's replay");
+    }
 }
