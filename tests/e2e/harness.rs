@@ -16,7 +16,9 @@ pub fn workspace_root() -> PathBuf {
 ///
 /// `cargo nextest run` / `cargo test` rebuild test targets but not the CLI's binary, so a test
 /// could silently run a stale `walstream`. Each test process asks cargo once; when the binary is
-/// fresh that is a no-op of a few hundred milliseconds.
+/// fresh that is a no-op of a few hundred milliseconds. It asks for the whole workspace with all
+/// targets, as `scripts/test.sh` builds it: with only `-p walstream-cli`, cargo would resolve
+/// the store without the tests' `conformance` feature and relink everything, twice per run.
 pub fn walstream_bin() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BUILT
@@ -27,7 +29,7 @@ pub fn walstream_bin() -> PathBuf {
             let release = profile_dir.file_name().is_some_and(|n| n == "release");
             let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
             let mut build = Command::new(cargo);
-            build.current_dir(workspace_root()).args(["build", "--quiet", "-p", "walstream-cli", "--bin", "walstream"]);
+            build.current_dir(workspace_root()).args(["build", "--quiet", "--workspace", "--all-targets"]);
             if release {
                 build.arg("--release");
             }

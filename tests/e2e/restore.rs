@@ -246,3 +246,29 @@ on_both_backends! {
         assert!(!out.exists());
     }
 }
+
+#[test]
+fn sigterm_during_a_restore_abandons_it_and_leaves_nothing() {
+    let scratch = Scratch::new();
+    let mut app = App::open(&scratch.db());
+    let replicator = scratch.start_replicator();
+    // Random blobs: a snapshot large enough that the restore is still writing when signalled.
+    app.insert_large(40 << 20);
+    replicator.stop_ok();
+    let out = scratch.path("interrupted.db");
+    let mut child = with_emulator(&mut Command::new(walstream_bin()))
+        .args(["restore", "-o", out.to_str().unwrap(), &scratch.replica_url()])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(scratch.path("restore.log")).unwrap())
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(20), "the restore to start", || std::fs::read_to_string(scratch.path("restore.log")).unwrap().contains("restoring"));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = wait_exit(&mut child, Duration::from_secs(10));
+    let log = std::fs::read_to_string(scratch.path("restore.log")).unwrap();
+    assert_eq!(status.code(), Some(130), "{log}");
+    assert!(log.contains("nothing was written"), "{log}");
+    let left: Vec<String> = list_dir(scratch.dir.path()).into_iter().filter(|n| n.contains("interrupted")).collect();
+    assert!(left.is_empty(), "an abandoned restore left {left:?}");
+}
