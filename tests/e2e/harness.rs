@@ -320,7 +320,7 @@ pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
 
 /// Waits until the replicator has uploaded its first snapshot.
 pub fn wait_for_snapshot(scratch: &Scratch) {
-    wait_until(Duration::from_secs(20), "the first snapshot", || scratch.replica_keys().iter().any(|k| k.ends_with(".snapshot.lz4")));
+    wait_until(Duration::from_secs(60), "the first snapshot", || scratch.replica_keys().iter().any(|k| k.ends_with(".snapshot.lz4")));
 }
 
 /// Every file under `dir`, at any depth.

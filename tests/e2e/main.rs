@@ -4,6 +4,7 @@
 //! `scripts/install-tools.sh` puts in `.tools/`.
 
 mod cli;
+mod config;
 mod crash;
 mod emulator;
 mod gcs;

@@ -144,7 +144,7 @@ on_both_backends! {
         }
         assert!(!out.exists());
         let output = walstream(&["restore", "-replica", "s3", "-o", out.to_str().unwrap(), &scratch.replica_url()]);
-        assert_eq!(output.status.code(), Some(1));
+        assert_eq!(output.status.code(), Some(12));
         assert!(stderr(&output).contains("replica \"s3\" not found"), "{}", stderr(&output));
     }
 }

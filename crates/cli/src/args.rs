@@ -28,6 +28,8 @@ pub(crate) enum Command {
     Snapshots(ListArgs),
     /// List the WAL segments of a replica.
     Wal(ListArgs),
+    /// List the databases of the config file and their replicas.
+    Databases(ConfigArgs),
     /// Print the version.
     Version,
 }
@@ -44,11 +46,26 @@ pub(crate) struct ReplicateArgs {
     pub(crate) shutdown_timeout: Duration,
 }
 
+/// `-config` and `-no-expand-env`, shared by every command that can read the config file.
+#[derive(Args, Debug, Clone)]
+pub(crate) struct ConfigArgs {
+    /// The config file (litestream.yml keys). Default: $WALSTREAM_CONFIG, $LITESTREAM_CONFIG,
+    /// /etc/walstream.yml, or /etc/litestream.yml if only that exists.
+    #[arg(long, value_name = "PATH")]
+    pub(crate) config: Option<PathBuf>,
+    /// Do not expand $VAR and ${VAR} in the config file.
+    #[arg(long)]
+    pub(crate) no_expand_env: bool,
+}
+
 #[derive(Args, Debug)]
 pub(crate) struct RestoreArgs {
-    /// Where to write the database; it must not exist.
+    #[command(flatten)]
+    pub(crate) config: ConfigArgs,
+    /// Where to write the database; it must not exist. Required with a replica URL; with a
+    /// database path, defaults to that path.
     #[arg(short = 'o', value_name = "PATH")]
-    pub(crate) output: PathBuf,
+    pub(crate) output: Option<PathBuf>,
     /// Exit successfully, without touching the network, if the output already exists.
     #[arg(long)]
     pub(crate) if_db_not_exists: bool,
@@ -67,7 +84,7 @@ pub(crate) struct RestoreArgs {
     /// How many objects to download at once.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
     pub(crate) parallelism: u32,
-    /// Only from the replica of this name (in URL mode, the scheme: file or gcs).
+    /// Only from the replica of this name (with a URL, its scheme: file or gcs).
     #[arg(long, value_name = "NAME")]
     pub(crate) replica: Option<String>,
     /// Print what would be restored, and an estimate of how long it takes, without restoring.
@@ -78,20 +95,30 @@ pub(crate) struct RestoreArgs {
     /// probe of a container that depends on this one (Cloud Run).
     #[arg(long, value_name = "ADDR")]
     pub(crate) serve_ready: Option<String>,
-    /// The replica to restore from: file:///path or gcs://bucket/path.
-    pub(crate) replica_url: String,
+    /// A replica URL (file:///path, gcs://bucket/path), or a database path from the config file
+    /// to restore from its replicas.
+    #[arg(value_name = "DB_PATH|REPLICA_URL")]
+    pub(crate) source: String,
 }
 
 #[derive(Args, Debug)]
 pub(crate) struct ListArgs {
-    /// Only the replica of this name (in URL mode, the scheme: file or gcs).
+    #[command(flatten)]
+    pub(crate) config: ConfigArgs,
+    /// Only the replica of this name (with a URL, its scheme: file or gcs).
     #[arg(long, value_name = "NAME")]
     pub(crate) replica: Option<String>,
     /// Only this generation (wal).
     #[arg(long, value_name = "NAME")]
     pub(crate) generation: Option<GenerationId>,
-    /// The replica: file:///path or gcs://bucket/path.
-    pub(crate) replica_url: String,
+    /// A replica URL, or a database path from the config file.
+    #[arg(value_name = "DB_PATH|REPLICA_URL")]
+    pub(crate) source: String,
+}
+
+/// Litestream's test for a URL rather than a path: `^\w+://`.
+pub(crate) fn is_url(s: &str) -> bool {
+    s.split_once("://").is_some_and(|(scheme, _)| !scheme.is_empty() && scheme.chars().all(|c| c.is_alphanumeric() || c == '_'))
 }
 
 fn parse_hex_index(s: &str) -> Result<u32, String> {
@@ -105,19 +132,9 @@ pub(crate) fn parse_timestamp(s: &str) -> Result<SystemTime, String> {
         .map_err(|_| format!("invalid -timestamp {s:?}, must specify in ISO 8601 format (e.g. 2000-01-01T00:00:00Z)"))
 }
 
-/// Go-style durations: "8s", "500ms", "2m", "1h", "1.5s".
+/// Go-style durations: "8s", "500ms", "2m", "1h30m".
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(|| format!("invalid duration {s:?}: missing unit (e.g. 8s, 500ms)"))?;
-    let (number, unit) = s.split_at(split);
-    let value: f64 = number.parse().map_err(|_| format!("invalid duration {s:?}"))?;
-    let seconds = match unit {
-        "ms" => value / 1000.0,
-        "s" => value,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        _ => return Err(format!("invalid duration {s:?}: unit must be ms, s, m or h")),
-    };
-    Ok(Duration::from_secs_f64(seconds))
+    crate::config::go_duration(s)
 }
 
 /// Rewrites `-long-flag` to `--long-flag` so clap accepts Litestream's spelling. Single-letter
@@ -167,7 +184,7 @@ mod tests {
         let cli = Cli::try_parse_from(argv(&["walstream", "restore", "-if-db-not-exists", "-if-replica-exists", "-o", "/data/db", "file:///backup/db"])).unwrap();
         let Command::Restore(args) = cli.command else { panic!("not restore") };
         assert!(args.if_db_not_exists && args.if_replica_exists);
-        assert_eq!(args.output, PathBuf::from("/data/db"));
+        assert_eq!(args.output, Some(PathBuf::from("/data/db")));
     }
 
     #[test]
@@ -192,5 +209,6 @@ mod tests {
         assert_eq!(parse_duration("1.5m").unwrap(), Duration::from_secs(90));
         assert!(parse_duration("8").is_err());
         assert!(parse_duration("8 parsecs").is_err());
+        assert!(is_url("gcs://b/db") && is_url("file:///r") && !is_url("/data/db") && !is_url("://x"));
     }
 }

@@ -27,6 +27,8 @@ pub(crate) const CREDENTIALS: i32 = 10;
 /// The replica has backups, but not the generation, index or moment asked for (or `-index`
 /// and `-timestamp` together).
 pub(crate) const NO_SUCH_RESTORE_POINT: i32 = 11;
+/// The config file is missing or invalid, or does not name the database or replica asked for.
+pub(crate) const CONFIG: i32 = 12;
 /// A signal cut a restore short, or a second signal cut the graceful shutdown short.
 pub(crate) const INTERRUPTED: i32 = 130;
 
@@ -52,6 +54,9 @@ fn specific_code(cause: &(dyn std::error::Error + 'static)) -> Option<i32> {
     use walstream_shipper::Error as S;
     if cause.is::<UrlError>() {
         return Some(BAD_URL);
+    }
+    if cause.is::<crate::config::ConfigError>() {
+        return Some(CONFIG);
     }
     if cause.is::<Interrupted>() {
         return Some(INTERRUPTED);

@@ -1,41 +1,71 @@
-//! `generations`, `snapshots` and `wal`: the replica's contents in Litestream's columns
+//! `generations`, `snapshots`, `wal` and `databases`: replicas and config in Litestream's columns
 //! (spec §7.1), so scripts written against `litestream` keep working.
 
+use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use walstream_restore::{rfc3339, ReplicaListing};
 
-/// `name generation lag start end`.
-pub(crate) fn generations(replica: &str, listing: &ReplicaListing, now: SystemTime) -> String {
-    let mut rows = vec![row(&["name", "generation", "lag", "start", "end"])];
-    for (id, generation) in &listing.generations {
-        let (Some(start), Some(end)) = (generation.created(), generation.updated()) else { continue };
-        let lag = now.duration_since(end).unwrap_or(Duration::ZERO);
-        rows.push(vec![replica.to_string(), id.to_string(), go_duration(truncate(lag)), rfc3339(start), rfc3339(end)]);
-    }
-    table(&rows)
+use crate::config::Config;
+
+/// Which listing.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Kind {
+    /// `name generation lag start end`.
+    Generations,
+    /// `replica generation index size created`.
+    Snapshots,
+    /// `replica generation index offset size created`.
+    Wal,
 }
 
-/// `replica generation index size created`.
-pub(crate) fn snapshots(replica: &str, listing: &ReplicaListing) -> String {
-    let mut rows = vec![row(&["replica", "generation", "index", "size", "created"])];
-    for (id, generation) in &listing.generations {
-        for (index, object) in &generation.snapshots {
-            rows.push(vec![replica.to_string(), id.to_string(), index.to_string(), object.size.to_string(), rfc3339(object.created)]);
+/// The listing of every replica in one table. `lag` is measured back from `now`.
+pub(crate) fn table(kind: Kind, replicas: &[(String, ReplicaListing)], now: SystemTime) -> String {
+    let header: &[&str] = match kind {
+        Kind::Generations => &["name", "generation", "lag", "start", "end"],
+        Kind::Snapshots => &["replica", "generation", "index", "size", "created"],
+        Kind::Wal => &["replica", "generation", "index", "offset", "size", "created"],
+    };
+    let mut rows = vec![row(header)];
+    for (replica, listing) in replicas {
+        for (id, generation) in &listing.generations {
+            match kind {
+                Kind::Generations => {
+                    let (Some(start), Some(end)) = (generation.created(), generation.updated()) else { continue };
+                    let lag = now.duration_since(end).unwrap_or(Duration::ZERO);
+                    rows.push(vec![replica.clone(), id.to_string(), go_duration(truncate(lag)), rfc3339(start), rfc3339(end)]);
+                }
+                Kind::Snapshots => {
+                    for (index, object) in &generation.snapshots {
+                        rows.push(vec![replica.clone(), id.to_string(), index.to_string(), object.size.to_string(), rfc3339(object.created)]);
+                    }
+                }
+                Kind::Wal => {
+                    for (index, offset, object) in &generation.segments {
+                        rows.push(vec![replica.clone(), id.to_string(), index.to_string(), offset.to_string(), object.size.to_string(), rfc3339(object.created)]);
+                    }
+                }
+            }
         }
     }
-    table(&rows)
+    table_text(&rows)
 }
 
-/// `replica generation index offset size created`.
-pub(crate) fn wal(replica: &str, listing: &ReplicaListing) -> String {
-    let mut rows = vec![row(&["replica", "generation", "index", "offset", "size", "created"])];
-    for (id, generation) in &listing.generations {
-        for (index, offset, object) in &generation.segments {
-            rows.push(vec![replica.to_string(), id.to_string(), index.to_string(), offset.to_string(), object.size.to_string(), rfc3339(object.created)]);
-        }
+/// `path replicas`: every database of the config, its replica names joined with `,`.
+pub(crate) fn databases(config: &Config) -> String {
+    let mut rows = vec![row(&["path", "replicas"])];
+    for db in &config.dbs {
+        rows.push(vec![db.path.display().to_string(), db.replicas.iter().map(|r| r.name.as_str()).collect::<Vec<_>>().join(",")]);
     }
-    table(&rows)
+    table_text(&rows)
+}
+
+/// When the database last changed: the later of its own and its WAL's modification times.
+pub(crate) fn last_change(db: &Path) -> Option<SystemTime> {
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut wal = db.as_os_str().to_owned();
+    wal.push("-wal");
+    modified(db).max(modified(Path::new(&wal)))
 }
 
 fn row(cells: &[&str]) -> Vec<String> {
@@ -43,7 +73,7 @@ fn row(cells: &[&str]) -> Vec<String> {
 }
 
 /// Go's tabwriter with padding 2: every column but the last padded to its widest cell plus two.
-fn table(rows: &[Vec<String>]) -> String {
+fn table_text(rows: &[Vec<String>]) -> String {
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..columns).map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0)).collect();
     let mut out = String::new();
@@ -123,7 +153,7 @@ mod tests {
 
     #[test]
     fn tables_pad_like_tabwriter() {
-        let text = table(&[row(&["name", "generation"]), row(&["file", "00000000000000aa"])]);
+        let text = table_text(&[row(&["name", "generation"]), row(&["file", "00000000000000aa"])]);
         assert_eq!(text, "name  generation\nfile  00000000000000aa\n");
     }
 }

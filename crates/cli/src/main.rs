@@ -3,12 +3,14 @@
 //! one exit code, here and nowhere else.
 
 mod args;
+mod config;
 mod dry_run;
 mod exit;
 mod list;
 mod progress;
 mod ready;
 mod replica_url;
+mod source;
 
 use std::sync::Arc;
 
@@ -18,7 +20,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 use walstream_shipper::{Replica, Shipper, ShipperConfig};
 
-use args::{Cli, Command, ListArgs, ReplicateArgs, RestoreArgs};
+use args::{Cli, Command, ConfigArgs, ListArgs, ReplicateArgs, RestoreArgs};
+use walstream_restore::{ReplicaListing, RestorePlan};
 
 fn main() {
     let cli = Cli::parse_from(args::litestream_style_argv(std::env::args_os()));
@@ -49,9 +52,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Replicate(args) => replicate(args).await,
         Command::Restore(args) => restore(args).await,
-        Command::Generations(args) => print_listing(args, |name, listing| list::generations(name, listing, std::time::SystemTime::now())).await,
-        Command::Snapshots(args) => print_listing(args, list::snapshots).await,
-        Command::Wal(args) => print_listing(args, list::wal).await,
+        Command::Generations(args) => print_listing(args, list::Kind::Generations).await,
+        Command::Snapshots(args) => print_listing(args, list::Kind::Snapshots).await,
+        Command::Wal(args) => print_listing(args, list::Kind::Wal).await,
+        Command::Databases(args) => print_databases(&args),
         Command::Version => {
             println!("walstream v{} (litestream v0.3.13 compatible)", env!("CARGO_PKG_VERSION"));
             Ok(())
@@ -89,63 +93,108 @@ async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
 /// Restores, or decides that nothing needs restoring; either way the database is ready after an
 /// `Ok`.
 async fn restore_database(args: &RestoreArgs, shutdown: &CancellationToken) -> anyhow::Result<()> {
-    // Checked before any network access, so a warm restart of a pod costs nothing.
-    if args.if_db_not_exists && args.output.exists() {
-        info!(path = %args.output.display(), "database already exists, skipping");
+    // Everything local first: a bad config or URL fails before any network access, and a warm
+    // restart of a pod (-if-db-not-exists) costs nothing.
+    let source = source::resolve(&args.source, &args.config, args.replica.as_deref())?;
+    let output = match (&args.output, &source.db) {
+        (Some(output), _) => output.clone(),
+        (None, Some(db)) => db.clone(),
+        (None, None) => anyhow::bail!("output path required: give -o PATH when restoring from a replica URL"),
+    };
+    if args.if_db_not_exists && output.exists() {
+        info!(path = %output.display(), "database already exists, skipping");
         return Ok(());
     }
-    let store = open_replica(&args.replica_url, args.replica.as_deref())?;
-    let options = walstream_restore::RestoreOptions { output: args.output.clone(), target: target(args), parallelism: args.parallelism as usize, progress: progress::bar_if_terminal() };
-    let context = || format!("restore {} to {}", args.replica_url, args.output.display());
-    let result = if args.dry_run {
-        match walstream_restore::plan(store.as_ref(), &options.target).await {
-            Ok(plan) => {
-                print!("{}", dry_run::describe(&plan, options.parallelism));
-                if dry_run::estimate(&plan, options.parallelism) > dry_run::CLOUD_RUN_STARTUP_WINDOW {
-                    tracing::warn!("this restore would not fit Cloud Run's 240 s startup-probe window; restore to a persistent volume or snapshot more often");
-                }
-                Ok(())
-            }
-            Err(e) => Err(e),
-        }
-    } else {
-        tokio::select! {
-            // Dropping the restore removes its temporary file.
-            result = walstream_restore::restore(store.as_ref(), &options) => result.map(|_| ()),
-            () = shutdown.cancelled() => return Err(anyhow::Error::new(exit::Interrupted).context(context())),
-        }
-    };
-    match result {
-        Ok(()) => Ok(()),
-        Err(e) if e.is_no_backups() && args.if_replica_exists => {
-            info!("no matching backups found");
-            Ok(())
-        }
-        Err(e) => Err(anyhow::Error::new(e).context(context())),
+    if output.exists() && !args.dry_run {
+        return Err(walstream_restore::Error::OutputExists { path: output }.into());
     }
+    let options = walstream_restore::RestoreOptions { output, target: target(args), parallelism: args.parallelism as usize, progress: progress::bar_if_terminal() };
+    let context = || format!("restore {} to {}", args.source, options.output.display());
+    let work = async {
+        let Some(chosen) = choose_replica(&source, &options.target).await? else {
+            return Ok(false);
+        };
+        if args.dry_run {
+            print!("replica     {}\n{}", chosen.name, dry_run::describe(&chosen.plan, options.parallelism));
+            if dry_run::estimate(&chosen.plan, options.parallelism) > dry_run::CLOUD_RUN_STARTUP_WINDOW {
+                tracing::warn!("this restore would not fit Cloud Run's 240 s startup-probe window; restore to a persistent volume or snapshot more often");
+            }
+        } else {
+            walstream_restore::restore_plan(chosen.store.as_ref(), chosen.plan, &options).await.map_err(anyhow::Error::new)?;
+        }
+        Ok::<bool, anyhow::Error>(true)
+    };
+    let found = tokio::select! {
+        // Dropping the restore removes its temporary file.
+        result = work => result.with_context(context)?,
+        () = shutdown.cancelled() => return Err(anyhow::Error::new(exit::Interrupted).context(context())),
+    };
+    if !found {
+        if args.if_replica_exists {
+            info!("no matching backups found");
+            return Ok(());
+        }
+        return Err(anyhow::Error::new(walstream_restore::Error::NoBackups).context(context()));
+    }
+    Ok(())
+}
+
+/// The replica a restore reads, and what it will apply.
+struct ChosenReplica {
+    name: String,
+    store: Box<dyn walstream_store::ObjectStore>,
+    plan: RestorePlan,
+    /// When the plan's generation was last written to.
+    updated: Option<std::time::SystemTime>,
+}
+
+/// Plans the restore on every replica and keeps the one whose chosen generation was updated
+/// last, as Litestream does. `None` when no replica has a backup.
+async fn choose_replica(source: &source::Source, target: &walstream_restore::Target) -> anyhow::Result<Option<ChosenReplica>> {
+    let mut best: Option<ChosenReplica> = None;
+    for replica in &source.replicas {
+        let store = replica_url::open(&replica.url)?;
+        let listing = walstream_restore::list_replica(store.as_ref()).await.with_context(|| format!("replica {}", replica.name))?;
+        let updated: std::collections::BTreeMap<_, _> = listing.generations.iter().map(|(id, g)| (*id, g.updated())).collect();
+        match walstream_restore::plan_from(listing, target) {
+            Ok(plan) => {
+                let updated = updated.get(&plan.generation).copied().flatten();
+                if best.as_ref().is_none_or(|best| updated > best.updated) {
+                    best = Some(ChosenReplica { name: replica.name.clone(), store, plan, updated });
+                }
+            }
+            Err(e) if e.is_no_backups() => continue,
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("replica {}", replica.name))),
+        }
+    }
+    Ok(best)
 }
 
 fn target(args: &RestoreArgs) -> walstream_restore::Target {
     walstream_restore::Target { generation: args.generation, index: args.index, timestamp: args.timestamp }
 }
 
-/// Opens a replica URL, honouring `-replica NAME` as Litestream does in URL mode, where the
-/// only replica is named after its type.
-fn open_replica(url: &str, only: Option<&str>) -> anyhow::Result<Box<dyn walstream_store::ObjectStore>> {
-    let store = replica_url::open(url)?;
-    if let Some(name) = only.filter(|name| *name != replica_url::kind(url)) {
-        anyhow::bail!("replica {name:?} not found for {url:?} (in URL mode the only replica is named {:?})", replica_url::kind(url));
+async fn print_listing(args: ListArgs, kind: list::Kind) -> anyhow::Result<()> {
+    let source = source::resolve(&args.source, &args.config, args.replica.as_deref())?;
+    let mut listings: Vec<(String, ReplicaListing)> = Vec::new();
+    for replica in &source.replicas {
+        let store = replica_url::open(&replica.url)?;
+        let mut listing = walstream_restore::list_replica(store.as_ref()).await.with_context(|| format!("list replica {} ({})", replica.name, replica.url))?;
+        if let Some(generation) = args.generation {
+            listing.generations.retain(|id, _| *id == generation);
+        }
+        listings.push((replica.name.clone(), listing));
     }
-    Ok(store)
+    // Litestream's lag: from the database's last change when it is known, else from now.
+    let now = source.db.as_deref().and_then(list::last_change).unwrap_or_else(std::time::SystemTime::now);
+    print!("{}", list::table(kind, &listings, now));
+    Ok(())
 }
 
-async fn print_listing(args: ListArgs, table: impl Fn(&str, &walstream_restore::ReplicaListing) -> String) -> anyhow::Result<()> {
-    let store = open_replica(&args.replica_url, args.replica.as_deref())?;
-    let mut listing = walstream_restore::list_replica(store.as_ref()).await.with_context(|| format!("list {}", args.replica_url))?;
-    if let Some(generation) = args.generation {
-        listing.generations.retain(|id, _| *id == generation);
-    }
-    print!("{}", table(replica_url::kind(&args.replica_url), &listing));
+fn print_databases(args: &ConfigArgs) -> anyhow::Result<()> {
+    let path = args.config.clone().unwrap_or_else(config::default_path);
+    let config = config::load(&path, !args.no_expand_env)?;
+    print!("{}", list::databases(&config));
     Ok(())
 }
 

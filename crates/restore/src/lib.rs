@@ -57,6 +57,14 @@ pub async fn restore(store: &dyn ObjectStore, options: &RestoreOptions) -> Resul
         return Err(Error::OutputExists { path: options.output.clone() });
     }
     let plan = plan(store, &options.target).await?;
+    restore_plan(store, plan, options).await
+}
+
+/// Applies a plan made earlier (to choose between replicas, say) to `options.output`.
+pub async fn restore_plan(store: &dyn ObjectStore, plan: RestorePlan, options: &RestoreOptions) -> Result<RestoreOutcome, Error> {
+    if options.output.exists() {
+        return Err(Error::OutputExists { path: options.output.clone() });
+    }
     info!(generation = %plan.generation, snapshot_index = plan.snapshot_index, indexes = plan.indexes.len(), "restoring");
     let temp = TempDatabase::new(&options.output);
     let progress = options.progress.as_deref().unwrap_or(&progress::Silent);

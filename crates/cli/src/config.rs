@@ -1,0 +1,336 @@
+//! The config file: the same YAML keys as `litestream.yml` v0.3.13 (spec §7.3), so an existing
+//! file works unchanged. `$VAR` and `${VAR}` are expanded over the whole text first, unless
+//! `-no-expand-env`; unknown keys are ignored, as Litestream's parser ignores them.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::replica_url;
+
+/// A config file that cannot be used. The message names the file and the key.
+#[derive(Debug)]
+pub(crate) struct ConfigError(pub(crate) String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The databases a config file names.
+#[derive(Debug)]
+pub(crate) struct Config {
+    pub(crate) dbs: Vec<DbConfig>,
+}
+
+#[derive(Debug)]
+pub(crate) struct DbConfig {
+    /// Absolute, with `~` expanded.
+    pub(crate) path: PathBuf,
+    pub(crate) replicas: Vec<ReplicaConfig>,
+}
+
+#[derive(Debug)]
+pub(crate) struct ReplicaConfig {
+    /// Unique within its database; the type when not given.
+    pub(crate) name: String,
+    /// The replica as a URL, however the file spelled it (`url`, or `type` with `path`/`bucket`).
+    pub(crate) url: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct RawConfig {
+    #[serde(default)]
+    dbs: Vec<RawDb>,
+    logging: Option<RawLogging>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct RawLogging {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    level: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct RawDb {
+    path: Option<String>,
+    #[serde(default)]
+    replicas: Vec<RawReplica>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct RawReplica {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    name: Option<String>,
+    url: Option<String>,
+    path: Option<String>,
+    bucket: Option<String>,
+    sync_interval: Option<String>,
+    snapshot_interval: Option<String>,
+    retention: Option<String>,
+    retention_check_interval: Option<String>,
+    validation_interval: Option<String>,
+}
+
+/// Which file to read: `-config`, else `$WALSTREAM_CONFIG`, else `$LITESTREAM_CONFIG`, else
+/// `/etc/walstream.yml`, or `/etc/litestream.yml` when only that one exists (a drop-in keeps its
+/// mounted file).
+pub(crate) fn default_path() -> PathBuf {
+    for var in ["WALSTREAM_CONFIG", "LITESTREAM_CONFIG"] {
+        if let Some(path) = std::env::var_os(var).filter(|v| !v.is_empty()) {
+            return PathBuf::from(path);
+        }
+    }
+    let (ours, theirs) = (PathBuf::from("/etc/walstream.yml"), PathBuf::from("/etc/litestream.yml"));
+    if !ours.exists() && theirs.exists() {
+        return theirs;
+    }
+    ours
+}
+
+/// Reads and checks a config file.
+pub(crate) fn load(path: &Path, expand_env: bool) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => ConfigError(format!("config file not found: {}; give one with -config PATH", path.display())),
+        _ => ConfigError(format!("cannot read config file {}: {e}", path.display())),
+    })?;
+    let text = if expand_env { expand(&text, |name| std::env::var(name).ok()) } else { text };
+    parse(&text).map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))
+}
+
+fn parse(text: &str) -> Result<Config, String> {
+    let raw: RawConfig = if text.trim().is_empty() { RawConfig { dbs: Vec::new(), logging: None } } else { serde_yaml_ng::from_str(text).map_err(|e| e.to_string())? };
+    if let Some(logging) = &raw.logging {
+        match logging.kind.as_deref().unwrap_or("") {
+            "" | "text" | "json" => {}
+            other => return Err(format!("logging.type: unknown value {other:?}; use text or json")),
+        }
+        if let Some(level) = &logging.level {
+            if !["debug", "info", "warn", "warning", "error"].contains(&level.to_ascii_lowercase().as_str()) {
+                return Err(format!("logging.level: unknown value {level:?}; use debug, info, warn or error"));
+            }
+        }
+    }
+    let mut dbs = Vec::new();
+    for (i, db) in raw.dbs.into_iter().enumerate() {
+        let key = format!("dbs[{i}]");
+        let path = db.path.filter(|p| !p.is_empty()).ok_or_else(|| format!("{key}.path: required"))?;
+        let mut replicas: Vec<ReplicaConfig> = Vec::new();
+        for (j, replica) in db.replicas.into_iter().enumerate() {
+            let replica = replica_config(replica, &format!("{key}.replicas[{j}]"))?;
+            if replicas.iter().any(|r| r.name == replica.name) {
+                return Err(format!("{key}.replicas[{j}]: duplicate replica name {:?}; give each replica of a database its own name", replica.name));
+            }
+            replicas.push(replica);
+        }
+        dbs.push(DbConfig { path: absolute(&path), replicas });
+    }
+    Ok(Config { dbs })
+}
+
+fn replica_config(raw: RawReplica, key: &str) -> Result<ReplicaConfig, String> {
+    let url = match (&raw.url, raw.kind.as_deref()) {
+        (Some(url), _) => {
+            if raw.path.is_some() || raw.bucket.is_some() {
+                return Err(format!("{key}: url cannot be combined with path or bucket"));
+            }
+            url.clone()
+        }
+        (None, None | Some("file")) => {
+            let path = raw.path.as_deref().filter(|p| !p.is_empty()).ok_or_else(|| format!("{key}: a file replica needs path (or url)"))?;
+            if path.contains("://") {
+                return Err(format!("{key}.path: replica path cannot be a url, please use the 'url' field instead"));
+            }
+            format!("file://{}", absolute(path).display())
+        }
+        (None, Some("gcs")) => {
+            let bucket = raw.bucket.as_deref().filter(|b| !b.is_empty()).ok_or_else(|| format!("{key}: a gcs replica needs bucket (or url)"))?;
+            format!("gcs://{bucket}/{}", raw.path.as_deref().unwrap_or("").trim_start_matches('/'))
+        }
+        (None, Some(other)) => return Err(format!("{key}.type: unknown replica type in config: {other:?}; walstream replicates to file and gcs")),
+    };
+    // Fail now, naming the key, rather than when the replica is first used.
+    replica_url::open(&url).map_err(|e| format!("{key}: {e}"))?;
+    let name = raw.name.filter(|n| !n.is_empty()).unwrap_or_else(|| replica_url::kind(&url).to_string());
+    // The timing keys are checked so that a typo fails at load time, naming the key.
+    for (field, value) in [
+        ("sync-interval", &raw.sync_interval),
+        ("snapshot-interval", &raw.snapshot_interval),
+        ("retention", &raw.retention),
+        ("retention-check-interval", &raw.retention_check_interval),
+        ("validation-interval", &raw.validation_interval),
+    ] {
+        if let Some(value) = value {
+            go_duration(value).map_err(|e| format!("{key}.{field}: {e}"))?;
+        }
+    }
+    Ok(ReplicaConfig { name, url })
+}
+
+/// Go's `time.ParseDuration`: a sequence of number+unit, e.g. `1h30m`, `1.5s`, `500ms`.
+pub(crate) fn go_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("invalid duration {s:?}; use e.g. 1s, 500ms, 24h, 1h30m");
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let mut rest = s;
+    let mut total = 0f64;
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let number_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(bad)?;
+        let value: f64 = rest[..number_len].parse().map_err(|_| bad())?;
+        rest = &rest[number_len..];
+        let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(bad()),
+        };
+        total += value * scale;
+        rest = &rest[unit_len..];
+    }
+    Ok(Duration::from_secs_f64(total))
+}
+
+/// `~` to the home directory, then absolute against the working directory, as Litestream does.
+pub(crate) fn absolute(path: &str) -> PathBuf {
+    let expanded = match path.strip_prefix("~/").or((path == "~").then_some("")) {
+        Some(rest) => std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default().join(rest),
+        None => PathBuf::from(path),
+    };
+    std::path::absolute(&expanded).unwrap_or(expanded)
+}
+
+/// Go's `os.ExpandEnv`: `${NAME}` and `$NAME` become the variable's value, empty when unset.
+fn expand(text: &str, lookup: impl Fn(&str) -> Option<String>) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 1..];
+        if let Some(braced) = after.strip_prefix('{') {
+            if let Some(end) = braced.find('}') {
+                out.push_str(&lookup(&braced[..end]).unwrap_or_default());
+                rest = &braced[end + 1..];
+                continue;
+            }
+        }
+        let name_len = after.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(after.len());
+        if name_len == 0 {
+            out.push('$');
+            rest = after;
+            continue;
+        }
+        out.push_str(&lookup(&after[..name_len]).unwrap_or_default());
+        rest = &after[name_len..];
+    }
+    out.push_str(rest);
+    out
+}
+
+impl Config {
+    /// The database configured at `path` (compared as absolute paths).
+    pub(crate) fn db(&self, path: &str) -> Result<&DbConfig, ConfigError> {
+        let wanted = absolute(path);
+        self.dbs.iter().find(|db| db.path == wanted).ok_or_else(|| ConfigError(format!("database not found in config: {}", wanted.display())))
+    }
+}
+
+impl DbConfig {
+    /// Its replicas, or only the one named `only`.
+    pub(crate) fn replicas(&self, only: Option<&str>) -> Result<Vec<&ReplicaConfig>, ConfigError> {
+        match only {
+            None => Ok(self.replicas.iter().collect()),
+            Some(name) => match self.replicas.iter().find(|r| r.name == name) {
+                Some(replica) => Ok(vec![replica]),
+                None => Err(ConfigError(format!("replica {name:?} not found for database {:?}", self.path.display().to_string()))),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = "
+dbs:
+  - path: /data/app.db
+    replicas:
+      - url: gcs://my-bucket/app.db
+        sync-interval: 1s
+        retention: 72h
+      - type: file
+        name: local
+        path: /backups/app
+        snapshot-interval: 1h30m
+  - path: /data/other.db
+    replicas:
+      - type: gcs
+        bucket: b2
+        path: other
+unknown-top-level-key: ignored
+";
+
+    #[test]
+    fn litestream_keys_are_read() {
+        let config = parse(EXAMPLE).unwrap();
+        assert_eq!(config.dbs.len(), 2);
+        let app = config.db("/data/app.db").unwrap();
+        let names: Vec<&str> = app.replicas.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["gcs", "local"]);
+        assert_eq!(app.replicas[0].url, "gcs://my-bucket/app.db");
+        assert_eq!(app.replicas[1].url, "file:///backups/app");
+        assert_eq!(config.db("/data/other.db").unwrap().replicas[0].url, "gcs://b2/other");
+        assert!(config.db("/data/missing.db").unwrap_err().to_string().contains("database not found in config: /data/missing.db"));
+        assert!(app.replicas(Some("s3")).unwrap_err().to_string().contains("replica \"s3\" not found for database \"/data/app.db\""));
+    }
+
+    #[test]
+    fn bad_files_name_the_key() {
+        let cases = [
+            ("dbs:\n  - replicas: []\n", "dbs[0].path: required"),
+            ("dbs:\n  - path: /a\n    replicas:\n      - url: gcs://b/x\n      - url: gs://b/y\n", "dbs[0].replicas[1]: duplicate replica name \"gcs\""),
+            ("dbs:\n  - path: /a\n    replicas:\n      - path: gcs://b/x\n", "replica path cannot be a url"),
+            ("dbs:\n  - path: /a\n    replicas:\n      - type: s3\n        bucket: b\n", "dbs[0].replicas[0].type: unknown replica type"),
+            ("dbs:\n  - path: /a\n    replicas:\n      - url: file:///r\n        sync-interval: abc\n", "dbs[0].replicas[0].sync-interval: invalid duration \"abc\""),
+            ("logging:\n  type: xml\n", "logging.type: unknown value \"xml\""),
+            ("dbs:\n  - path: [1, 2]\n", "line 2"),
+        ];
+        for (text, want) in cases {
+            let error = parse(text).unwrap_err();
+            assert!(error.contains(want), "{text:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn environment_is_expanded_like_go() {
+        let lookup = |name: &str| (name == "BUCKET").then(|| "prod".to_string());
+        assert_eq!(expand("url: gcs://${BUCKET}/$BUCKET/db $UNSET.", lookup), "url: gcs://prod/prod/db .");
+        assert_eq!(expand("price: 5$ and $", lookup), "price: 5$ and $");
+    }
+
+    #[test]
+    fn go_durations() {
+        assert_eq!(go_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(go_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(go_duration("0").unwrap(), Duration::ZERO);
+        assert!(go_duration("5").is_err() && go_duration("").is_err() && go_duration("1d").is_err());
+    }
+}

@@ -1,0 +1,99 @@
+//! The config file in restore and the listing commands: the same `litestream.yml` keys, the
+//! database path instead of a URL, and errors that name the file and the key.
+
+use std::process::Command;
+
+use crate::harness::*;
+
+fn stderr(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn stdout(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// `walstream ARGS` with extra environment variables.
+fn walstream_env(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    with_emulator(&mut Command::new(walstream_bin())).envs(env.iter().copied()).args(args).output().unwrap()
+}
+
+on_both_backends! {
+    fn restore_and_list_by_database_path_from_a_litestream_config(backend: Backend) {
+        let scratch = Scratch::on(backend);
+        let mut app = App::open(&scratch.db());
+        let replicator = scratch.start_replicator();
+        app.insert(300);
+        replicator.stop_ok();
+
+        // The database the config names is where a pod's init container restores to. Its
+        // replicas: an empty one (no backup yet) and the real one, through ${VARS}.
+        let target = scratch.path("pod/app.db");
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        let config = scratch.path("litestream.yml");
+        std::fs::write(&config, format!(
+            "dbs:\n  - path: {}\n    replicas:\n      - name: empty\n        type: file\n        path: {}\n      - name: primary\n        url: ${{REPLICA_URL}}\n",
+            target.display(),
+            scratch.path("empty-replica").display(),
+        )).unwrap();
+        let env = [("REPLICA_URL", scratch.replica_url())];
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let (config_arg, target_arg) = (config.to_str().unwrap(), target.to_str().unwrap());
+
+        let output = walstream_env(&["databases", "-config", config_arg], &env);
+        assert!(output.status.success(), "{}", stderr(&output));
+        let lines: Vec<Vec<String>> = stdout(&output).lines().map(|l| l.split_whitespace().map(str::to_string).collect()).collect();
+        assert_eq!(lines, [vec!["path".to_string(), "replicas".into()], vec![target_arg.to_string(), "empty,primary".into()]]);
+
+        let output = walstream_env(&["generations", "-config", config_arg, target_arg], &env);
+        assert!(output.status.success(), "{}", stderr(&output));
+        let rows: Vec<String> = stdout(&output).lines().skip(1).map(str::to_string).collect();
+        assert_eq!(rows.len(), 1, "{}", stdout(&output));
+        assert!(rows[0].starts_with("primary "), "replicas are listed by their configured name: {}", rows[0]);
+
+        // No -o: the database path itself; the empty replica loses to the one with a backup.
+        let output = walstream_env(&["restore", "-if-db-not-exists", "-config", config_arg, target_arg], &env);
+        assert!(output.status.success(), "{}", stderr(&output));
+        assert_same_database(&scratch.db(), &target);
+        let output = walstream_env(&["restore", "-if-db-not-exists", "-config", config_arg, target_arg], &env);
+        assert!(stderr(&output).contains("database already exists, skipping"), "{}", stderr(&output));
+
+        // Only the empty replica: nothing to restore, which -if-replica-exists allows.
+        let elsewhere = scratch.path("elsewhere.db");
+        let output = walstream_env(&["restore", "-config", config_arg, "-replica", "empty", "-o", elsewhere.to_str().unwrap(), target_arg], &env);
+        assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
+        let output = walstream_env(&["restore", "-config", config_arg, "-replica", "empty", "-if-replica-exists", "-o", elsewhere.to_str().unwrap(), target_arg], &env);
+        assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+        assert!(!elsewhere.exists());
+
+        // LITESTREAM_CONFIG is honoured when -config is not given.
+        let mut env_with_config = env.clone();
+        env_with_config.push(("LITESTREAM_CONFIG", config_arg));
+        let output = walstream_env(&["snapshots", target_arg], &env_with_config);
+        assert!(output.status.success() && stdout(&output).lines().count() == 2, "{}{}", stdout(&output), stderr(&output));
+    }
+}
+
+#[test]
+fn config_errors_name_the_file_and_key_and_exit_12() {
+    let scratch = Scratch::new();
+    let config = scratch.path("walstream.yml");
+    let (config_arg, out) = (config.to_str().unwrap(), scratch.path("out.db"));
+    let out_arg = out.to_str().unwrap();
+    let case = |args: &[&str], want: &str| {
+        let output = walstream(args);
+        assert_eq!(output.status.code(), Some(12), "{args:?}: {}", stderr(&output));
+        assert!(stderr(&output).contains(want), "{args:?}: {}", stderr(&output));
+        assert_eq!(stderr(&output).trim().lines().count(), 1, "one line: {}", stderr(&output));
+    };
+    case(&["restore", "-config", config_arg, "-o", out_arg, "/data/app.db"], "config file not found");
+    std::fs::write(&config, "dbs:\n  - path: /data/app.db\n    replicas:\n      - url: file:///r\n        retention: forever\n").unwrap();
+    case(&["databases", "-config", config_arg], "dbs[0].replicas[0].retention: invalid duration \"forever\"");
+    std::fs::write(&config, "dbs:\n  - path: /data/app.db\n    replicas:\n      - url: file:///r\n").unwrap();
+    case(&["restore", "-config", config_arg, "-o", out_arg, "/data/other.db"], "database not found in config: /data/other.db");
+    case(&["wal", "-config", config_arg, "-replica", "gcs", "/data/app.db"], "replica \"gcs\" not found for database \"/data/app.db\"");
+    case(&["restore", "-config", config_arg, "-o", out_arg, "file:///r"], "cannot specify a replica URL and the -config flag");
+    let output = walstream(&["restore", "file:///r"]);
+    assert!(stderr(&output).contains("output path required"), "{}", stderr(&output));
+    assert!(!out.exists());
+}
