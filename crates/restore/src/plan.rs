@@ -273,4 +273,25 @@ mod tests {
         assert!(matches!(plan_at(Target { index: Some(0), timestamp: Some(at(12)), ..Target::default() }), Err(Error::IndexAndTimestamp)));
         assert!(matches!(plan_from(ReplicaListing::default(), &Target::default()), Err(Error::NoBackups)));
     }
+
+    #[test]
+    fn holes_in_the_wal_are_errors_naming_where() {
+        let a: GenerationId = A.parse().unwrap();
+        let only_a = |edit: &dyn Fn(&mut GenerationListing)| {
+            let mut listing = listing();
+            listing.generations.retain(|id, _| *id == a);
+            edit(listing.generations.get_mut(&a).unwrap());
+            plan_from(listing, &Target { generation: Some(a), index: Some(1), timestamp: None })
+        };
+        // Index 0 without its offset-0 segment.
+        match only_a(&|g| g.segments.retain(|(i, o, _)| !(*i == 0 && *o == 0))) {
+            Err(Error::MissingInitialSegment { index: 0, offset: 100, .. }) => {}
+            other => panic!("expected a missing initial segment, got {other:?}"),
+        }
+        // Index 0 gone entirely while index 1 remains.
+        match only_a(&|g| g.segments.retain(|(i, _, _)| *i != 0)) {
+            Err(e @ Error::MissingIndex { index: 0, .. }) => assert!(e.to_string().contains("00000000000000aa/00000000"), "{e}"),
+            other => panic!("expected a missing index, got {other:?}"),
+        }
+    }
 }
