@@ -143,7 +143,9 @@ impl Shipper {
     }
 }
 
-/// Waits for a SQLite database at `path`. Returns false if shutdown came first.
+/// Waits for a SQLite database at `path`. Returns false if shutdown came first and there is
+/// still no database; one that appeared meanwhile (an app that wrote and exited between two
+/// looks) is replicated and flushed like any other.
 async fn wait_for_database(path: &std::path::Path, shutdown: &CancellationToken) -> Result<bool, Error> {
     let mut logged = false;
     loop {
@@ -156,7 +158,7 @@ async fn wait_for_database(path: &std::path::Path, shutdown: &CancellationToken)
         }
         tokio::select! {
             () = tokio::time::sleep(WAIT_FOR_DB_INTERVAL) => {}
-            () = shutdown.cancelled() => return Ok(false),
+            () = shutdown.cancelled() => return Ok(matches!(probe_file(path)?, Presence::Ready)),
         }
     }
 }
