@@ -224,12 +224,18 @@ impl Replicator {
 
     /// The same, with extra environment variables (which win over the harness's own).
     pub fn start_with_env(db: &Path, urls: &[String], log: PathBuf, env: &[(&str, &str)]) -> Replicator {
+        Replicator::start_with_args(db, urls, log, env, &[])
+    }
+
+    /// The same, with extra flags before the database path.
+    pub fn start_with_args(db: &Path, urls: &[String], log: PathBuf, env: &[(&str, &str)], flags: &[&str]) -> Replicator {
         let started = |log: &Path| std::fs::read_to_string(log).unwrap_or_default().matches("walstream v").count();
         let earlier_starts = started(&log);
         let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
         let child = with_emulator(&mut Command::new(walstream_bin()))
             .envs(env.iter().copied())
             .arg("replicate")
+            .args(flags)
             .arg(db)
             .args(urls)
             .env("WALSTREAM_LOG", "debug")

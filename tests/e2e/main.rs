@@ -7,6 +7,7 @@ mod cli;
 mod config;
 mod crash;
 mod emulator;
+mod exec;
 mod gcs;
 mod harness;
 mod interop;

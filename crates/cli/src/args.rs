@@ -44,6 +44,10 @@ pub(crate) struct ReplicateArgs {
     /// How long the final flush may take after SIGTERM, e.g. 8s or 500ms.
     #[arg(long, default_value = "8s", value_parser = parse_duration)]
     pub(crate) shutdown_timeout: Duration,
+    /// Run this command (the application) once replication is running, pass SIGTERM/SIGINT on
+    /// to it, and exit with its exit code after the final flush.
+    #[arg(long, value_name = "CMD")]
+    pub(crate) exec: Option<String>,
 }
 
 /// `-config` and `-no-expand-env`, shared by every command that can read the config file.

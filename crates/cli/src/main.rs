@@ -5,6 +5,7 @@
 mod args;
 mod config;
 mod dry_run;
+mod exec;
 mod exit;
 mod list;
 mod progress;
@@ -71,11 +72,44 @@ async fn replicate(args: ReplicateArgs) -> anyhow::Result<()> {
     }
     let mut config = ShipperConfig::new(&args.db_path);
     config.shutdown_deadline = args.shutdown_timeout;
-    let shutdown = CancellationToken::new();
-    spawn_signal_handler(shutdown.clone())?;
+    let signalled = CancellationToken::new();
+    spawn_signal_handler(signalled.clone())?;
     // Logged once signals are handled: from here on SIGTERM always means a final flush.
     info!(db = %args.db_path.display(), replicas = ?args.replica_urls, "walstream v{} started", env!("CARGO_PKG_VERSION"));
-    Shipper::new(config, replicas).run(shutdown).await.with_context(|| format!("replicate {}", args.db_path.display()))
+    let context = || format!("replicate {}", args.db_path.display());
+    let Some(command) = &args.exec else {
+        return Shipper::new(config, replicas).run(signalled).await.with_context(context);
+    };
+
+    let stop_shipping = CancellationToken::new();
+    let shipper = Shipper::new(config, replicas).run(stop_shipping.clone());
+    tokio::pin!(shipper);
+    let mut child = exec::spawn(command)?;
+    let mut forwarded = None;
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status.context("waiting for the -exec command")?,
+            () = signalled.cancelled(), if forwarded.is_none() => {
+                let signal = FIRST_SIGNAL.load(std::sync::atomic::Ordering::SeqCst);
+                exec::forward(&child, signal);
+                forwarded = Some(signal);
+            }
+            result = &mut shipper => {
+                // Replication failed (or ended) under a running app: stop the app rather than
+                // let it write what nobody ships.
+                exec::forward(&child, libc::SIGTERM);
+                let _ = child.wait().await;
+                return result.with_context(context);
+            }
+        }
+    };
+    info!(status = %status, "-exec command exited, walstream shutting down");
+    stop_shipping.cancel();
+    shipper.await.with_context(context)?;
+    match exec::exit_code(status, forwarded) {
+        0 => Ok(()),
+        code => Err(exec::AppExit(code).into()),
+    }
 }
 
 async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
@@ -198,6 +232,9 @@ fn print_databases(args: &ConfigArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The first SIGTERM or SIGINT received, for passing on to an `-exec` command.
+static FIRST_SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(libc::SIGTERM);
+
 /// The first SIGTERM or SIGINT starts a graceful shutdown; a second one exits at once. The
 /// handlers are in place when this returns.
 fn spawn_signal_handler(shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -205,8 +242,9 @@ fn spawn_signal_handler(shutdown: CancellationToken) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     tokio::spawn(async move {
-        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-        info!("signal received, walstream shutting down");
+        let signal = tokio::select! { _ = term.recv() => libc::SIGTERM, _ = int.recv() => libc::SIGINT };
+        FIRST_SIGNAL.store(signal, std::sync::atomic::Ordering::SeqCst);
+        info!(signal, "signal received, walstream shutting down");
         shutdown.cancel();
         tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
         tracing::warn!("second signal: exiting without finishing the flush");
