@@ -44,8 +44,6 @@ impl std::fmt::Display for Interrupted {
 
 impl std::error::Error for Interrupted {}
 
-/// (`replicate -exec` exits with the application's own code, whatever it is.)
-
 /// The code of the first cause in the chain that has one of its own.
 pub(crate) fn code_for(error: &anyhow::Error) -> i32 {
     error.chain().find_map(specific_code).unwrap_or(ERROR)
@@ -60,6 +58,7 @@ fn specific_code(cause: &(dyn std::error::Error + 'static)) -> Option<i32> {
     if cause.is::<crate::config::ConfigError>() {
         return Some(CONFIG);
     }
+    // `replicate -exec` exits with the application's own code, whatever it is.
     if let Some(crate::exec::AppExit(code)) = cause.downcast_ref() {
         return Some(*code);
     }
