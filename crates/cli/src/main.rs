@@ -26,6 +26,12 @@ use walstream_restore::{ReplicaListing, RestorePlan};
 
 fn main() {
     let cli = Cli::parse_from(args::litestream_style_argv(std::env::args_os()));
+    // For deploy manifests' tests: is this command line one walstream accepts? Parsing (above)
+    // exits 2 with clap's message if not; nothing else runs.
+    if std::env::var_os("WALSTREAM_CHECK_ARGS").is_some() {
+        println!("ok: {:?}", cli.command);
+        std::process::exit(exit::OK);
+    }
     init_logging();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
     let result = runtime.block_on(run(cli));
