@@ -5,6 +5,9 @@ cd "$(dirname "$0")/.."
 scripts/install-tools.sh
 # Build every binary once (the e2e tests run target/debug/walstream), then run all tests.
 cargo build --workspace --all-targets --locked
+# The binary the container image holds; the deploy tests run it.
+scripts/build-release.sh
+export WALSTREAM_RELEASE_BIN="$PWD/target/dist/walstream"
 
 # One GCS emulator for the whole run; each test makes its own bucket in it. (Without this the
 # tests start one per test process.)

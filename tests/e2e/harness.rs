@@ -40,6 +40,18 @@ pub fn walstream_bin() -> PathBuf {
         .clone()
 }
 
+/// The binary the container image holds (`scripts/build-release.sh`, which `scripts/test.sh`
+/// runs and announces in `WALSTREAM_RELEASE_BIN`); the debug build when run outside it.
+pub fn release_bin() -> PathBuf {
+    match std::env::var_os("WALSTREAM_RELEASE_BIN") {
+        Some(path) => PathBuf::from(path),
+        None => {
+            eprintln!("WALSTREAM_RELEASE_BIN is not set (scripts/test.sh sets it): using the debug build");
+            walstream_bin()
+        }
+    }
+}
+
 /// The litestream v0.3.13 binary installed by `scripts/install-tools.sh`.
 pub fn litestream_bin() -> PathBuf {
     let bin = std::env::var_os("LITESTREAM_BIN").map(PathBuf::from).unwrap_or_else(|| workspace_root().join(".tools/litestream/litestream"));

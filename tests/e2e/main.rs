@@ -6,6 +6,7 @@
 mod cli;
 mod config;
 mod crash;
+mod deploy;
 mod emulator;
 mod exec;
 mod gcs;
