@@ -41,7 +41,7 @@ pub enum Error {
         earliest: std::time::SystemTime,
     },
     /// A WAL index between the snapshot and the last index has no segments.
-    #[error("missing WAL index: {generation}/{index:08x}")]
+    #[error("missing wal index {index:08x} of generation {generation}: no object {}", walstream_format::name::segment_key(generation, *index, 0))]
     MissingIndex {
         /// The generation.
         generation: GenerationId,
@@ -49,7 +49,7 @@ pub enum Error {
         index: u32,
     },
     /// An index's segments do not start at offset 0.
-    #[error("missing initial wal segment: generation={generation} index={index:08x} offset={offset}")]
+    #[error("missing initial wal segment {} (the index's first segment starts at offset {offset})", walstream_format::name::segment_key(generation, *index, 0))]
     MissingInitialSegment {
         /// The generation.
         generation: GenerationId,

@@ -285,12 +285,12 @@ mod tests {
         };
         // Index 0 without its offset-0 segment.
         match only_a(&|g| g.segments.retain(|(i, o, _)| !(*i == 0 && *o == 0))) {
-            Err(Error::MissingInitialSegment { index: 0, offset: 100, .. }) => {}
+            Err(e @ Error::MissingInitialSegment { index: 0, offset: 100, .. }) => assert!(e.to_string().contains("generations/00000000000000aa/wal/00000000_00000000.wal.lz4"), "{e}"),
             other => panic!("expected a missing initial segment, got {other:?}"),
         }
         // Index 0 gone entirely while index 1 remains.
         match only_a(&|g| g.segments.retain(|(i, _, _)| *i != 0)) {
-            Err(e @ Error::MissingIndex { index: 0, .. }) => assert!(e.to_string().contains("00000000000000aa/00000000"), "{e}"),
+            Err(e @ Error::MissingIndex { index: 0, .. }) => assert!(e.to_string().contains("generations/00000000000000aa/wal/00000000_00000000.wal.lz4"), "{e}"),
             other => panic!("expected a missing index, got {other:?}"),
         }
     }
