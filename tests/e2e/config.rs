@@ -97,3 +97,38 @@ fn config_errors_name_the_file_and_key_and_exit_12() {
     assert!(stderr(&output).contains("output path required"), "{}", stderr(&output));
     assert!(!out.exists());
 }
+
+on_both_backends! {
+    fn one_process_replicates_every_database_of_the_config(backend: Backend) {
+        let scratch = Scratch::on(backend);
+        let (first, second) = (scratch.db(), scratch.path("second.db"));
+        // The second database's replica lives beside the first one's, under its own path.
+        let second_url = match &scratch.bucket {
+            Some(bucket) => format!("gcs://{bucket}/apps/second"),
+            None => format!("file://{}", scratch.path("replica-second").display()),
+        };
+        let config = scratch.path("walstream.yml");
+        std::fs::write(&config, format!(
+            "dbs:\n  - path: {}\n    replicas:\n      - url: {}\n  - path: {}\n    meta-path: {}\n    replicas:\n      - name: backup\n        url: {second_url}\n",
+            first.display(), scratch.replica_url(), second.display(), scratch.path("second-meta").display(),
+        )).unwrap();
+        let (mut app1, mut app2) = (App::open(&first), App::open(&second));
+        let replicator = Replicator::start_args(&["-config".into(), config.clone().into()], scratch.path("replicate.log"), &[]);
+        for _ in 0..40 {
+            app1.insert(5);
+            app2.insert(3);
+        }
+        app2.checkpoint("TRUNCATE");
+        app2.insert(7);
+        replicator.stop_ok();
+        assert!(scratch.path("second-meta").is_dir(), "meta-path is used for the second database");
+        for (db, name) in [(&first, "restored-1.db"), (&second, "restored-2.db")] {
+            let out = scratch.path(name);
+            let output = walstream(&["restore", "-config", config.to_str().unwrap(), "-o", out.to_str().unwrap(), db.to_str().unwrap()]);
+            assert!(output.status.success(), "{}", stderr(&output));
+            assert_same_database(db, &out);
+        }
+        let output = walstream(&["config", "check", "-config", config.to_str().unwrap()]);
+        assert!(output.status.success() && stdout(&output).contains("ok, 2 databases, 2 replicas"), "{}{}", stdout(&output), stderr(&output));
+    }
+}

@@ -241,15 +241,21 @@ impl Replicator {
 
     /// The same, with extra flags before the database path.
     pub fn start_with_args(db: &Path, urls: &[String], log: PathBuf, env: &[(&str, &str)], flags: &[&str]) -> Replicator {
+        let mut args: Vec<std::ffi::OsString> = flags.iter().map(Into::into).collect();
+        args.push(db.into());
+        args.extend(urls.iter().map(Into::into));
+        Replicator::start_args(&args, log, env)
+    }
+
+    /// `walstream replicate ARGS...`, e.g. config mode with no database on the command line.
+    pub fn start_args(args: &[std::ffi::OsString], log: PathBuf, env: &[(&str, &str)]) -> Replicator {
         let started = |log: &Path| std::fs::read_to_string(log).unwrap_or_default().matches("walstream v").count();
         let earlier_starts = started(&log);
         let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
         let child = with_emulator(&mut Command::new(walstream_bin()))
             .envs(env.iter().copied())
             .arg("replicate")
-            .args(flags)
-            .arg(db)
-            .args(urls)
+            .args(args)
             .env("WALSTREAM_LOG", "debug")
             .stdout(Stdio::null())
             .stderr(log_file)

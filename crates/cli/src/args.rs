@@ -30,24 +30,36 @@ pub(crate) enum Command {
     Wal(ListArgs),
     /// List the databases of the config file and their replicas.
     Databases(ConfigArgs),
+    /// Check a config file without starting anything: `walstream config check`.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Print the version.
     Version,
 }
 
 #[derive(Args, Debug)]
 pub(crate) struct ReplicateArgs {
-    /// The database to replicate. It may not exist yet: walstream waits for it.
-    pub(crate) db_path: PathBuf,
+    #[command(flatten)]
+    pub(crate) config: ConfigArgs,
+    /// The database to replicate (it may not exist yet: walstream waits for it). Without it,
+    /// every database of the config file is replicated.
+    pub(crate) db_path: Option<PathBuf>,
     /// Where to replicate: file:///path or gcs://bucket/path.
-    #[arg(required = true, value_name = "REPLICA_URL")]
+    #[arg(value_name = "REPLICA_URL")]
     pub(crate) replica_urls: Vec<String>,
     /// How long the final flush may take after SIGTERM, e.g. 8s or 500ms.
     #[arg(long, default_value = "8s", value_parser = parse_duration)]
     pub(crate) shutdown_timeout: Duration,
     /// Run this command (the application) once replication is running, pass SIGTERM/SIGINT on
-    /// to it, and exit with its exit code after the final flush.
+    /// to it, and exit with its exit code after the final flush. Overrides the config's `exec`.
     #[arg(long, value_name = "CMD")]
     pub(crate) exec: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum ConfigCommand {
+    /// Read and check the config file; print what it replicates.
+    Check(ConfigArgs),
 }
 
 /// `-config` and `-no-expand-env`, shared by every command that can read the config file.

@@ -25,12 +25,16 @@ impl std::error::Error for ConfigError {}
 #[derive(Debug)]
 pub(crate) struct Config {
     pub(crate) dbs: Vec<DbConfig>,
+    /// The `exec` command, if any.
+    pub(crate) exec: Option<String>,
 }
 
 #[derive(Debug)]
 pub(crate) struct DbConfig {
     /// Absolute, with `~` expanded.
     pub(crate) path: PathBuf,
+    /// `meta-path`: where walstream keeps its local state for this database.
+    pub(crate) meta_path: Option<PathBuf>,
     pub(crate) replicas: Vec<ReplicaConfig>,
 }
 
@@ -47,6 +51,7 @@ pub(crate) struct ReplicaConfig {
 struct RawConfig {
     #[serde(default)]
     dbs: Vec<RawDb>,
+    exec: Option<String>,
     logging: Option<RawLogging>,
 }
 
@@ -62,6 +67,7 @@ struct RawLogging {
 #[serde(rename_all = "kebab-case")]
 struct RawDb {
     path: Option<String>,
+    meta_path: Option<String>,
     #[serde(default)]
     replicas: Vec<RawReplica>,
 }
@@ -109,7 +115,7 @@ pub(crate) fn load(path: &Path, expand_env: bool) -> Result<Config, ConfigError>
 }
 
 fn parse(text: &str) -> Result<Config, String> {
-    let raw: RawConfig = if text.trim().is_empty() { RawConfig { dbs: Vec::new(), logging: None } } else { serde_yaml_ng::from_str(text).map_err(|e| e.to_string())? };
+    let raw: RawConfig = if text.trim().is_empty() { RawConfig { dbs: Vec::new(), exec: None, logging: None } } else { serde_yaml_ng::from_str(text).map_err(|e| e.to_string())? };
     if let Some(logging) = &raw.logging {
         match logging.kind.as_deref().unwrap_or("") {
             "" | "text" | "json" => {}
@@ -133,9 +139,9 @@ fn parse(text: &str) -> Result<Config, String> {
             }
             replicas.push(replica);
         }
-        dbs.push(DbConfig { path: absolute(&path), replicas });
+        dbs.push(DbConfig { path: absolute(&path), meta_path: db.meta_path.filter(|p| !p.is_empty()).map(|p| absolute(&p)), replicas });
     }
-    Ok(Config { dbs })
+    Ok(Config { dbs, exec: raw.exec.filter(|e| !e.trim().is_empty()) })
 }
 
 fn replica_config(raw: RawReplica, key: &str) -> Result<ReplicaConfig, String> {
@@ -281,11 +287,13 @@ dbs:
         path: /backups/app
         snapshot-interval: 1h30m
   - path: /data/other.db
+    meta-path: /var/lib/walstream/other
     replicas:
       - type: gcs
         bucket: b2
         path: other
 unknown-top-level-key: ignored
+exec: node server.js
 ";
 
     #[test]
@@ -298,6 +306,8 @@ unknown-top-level-key: ignored
         assert_eq!(app.replicas[0].url, "gcs://my-bucket/app.db");
         assert_eq!(app.replicas[1].url, "file:///backups/app");
         assert_eq!(config.db("/data/other.db").unwrap().replicas[0].url, "gcs://b2/other");
+        assert_eq!(config.db("/data/other.db").unwrap().meta_path, Some(PathBuf::from("/var/lib/walstream/other")));
+        assert_eq!(config.exec.as_deref(), Some("node server.js"));
         assert!(config.db("/data/missing.db").unwrap_err().to_string().contains("database not found in config: /data/missing.db"));
         assert!(app.replicas(Some("s3")).unwrap_err().to_string().contains("replica \"s3\" not found for database \"/data/app.db\""));
     }
