@@ -132,3 +132,51 @@ on_both_backends! {
         assert!(output.status.success() && stdout(&output).contains("ok, 2 databases, 2 replicas"), "{}{}", stdout(&output), stderr(&output));
     }
 }
+
+/// Every line of `text` as a JSON object with a Cloud Logging severity and a message.
+fn json_lines(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .map(|line| {
+            let value: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+            assert!(["DEBUG", "INFO", "WARNING", "ERROR"].contains(&value["severity"].as_str().unwrap_or("")), "{line}");
+            assert!(value["message"].is_string() && value["time"].is_string(), "{line}");
+            value
+        })
+        .collect()
+}
+
+#[test]
+fn logs_are_json_lines_with_a_severity_when_asked() {
+    let scratch = Scratch::new();
+    // URL mode: WALSTREAM_LOG_FORMAT.
+    let output = walstream_env(&["restore", "-o", scratch.path("out.db").to_str().unwrap(), &scratch.replica_url()], &[("WALSTREAM_LOG_FORMAT", "json")]);
+    assert_eq!(output.status.code(), Some(3));
+    let lines = json_lines(&stderr(&output));
+    assert!(lines.iter().any(|l| l["severity"] == "ERROR" && l["message"].as_str().unwrap().contains("no matching backups found")), "{lines:?}");
+
+    // Config mode: logging.type json, level debug, and the daemon logs to stdout unless
+    // logging.stderr, as Litestream does.
+    let config = scratch.path("walstream.yml");
+    std::fs::write(&config, format!("logging:\n  type: json\n  level: debug\ndbs:\n  - path: {}\n    replicas:\n      - url: {}\n", scratch.db().display(), scratch.replica_url())).unwrap();
+    let mut app = App::open(&scratch.db());
+    app.insert(10);
+    // Files, not pipes: nobody reads a pipe until the end, and debug logs could fill it.
+    let (out_log, err_log) = (scratch.path("stdout.log"), scratch.path("stderr.log"));
+    let mut child = with_emulator(&mut Command::new(walstream_bin()))
+        .args(["replicate", "-config", config.to_str().unwrap()])
+        .stdout(std::fs::File::create(&out_log).unwrap())
+        .stderr(std::fs::File::create(&err_log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for_snapshot(&scratch);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    let (out, err) = (std::fs::read_to_string(&out_log).unwrap(), std::fs::read_to_string(&err_log).unwrap());
+    assert!(status.success(), "{err}");
+    let lines = json_lines(&out);
+    assert!(lines.iter().any(|l| l["message"].as_str().unwrap().ends_with(" started")), "{lines:?}");
+    assert!(lines.iter().any(|l| l["severity"] == "DEBUG"), "logging.level: debug shows debug lines");
+    assert!(err.is_empty(), "the daemon logs to stdout: {err}");
+    scratch.assert_restores_source();
+}

@@ -27,6 +27,18 @@ pub(crate) struct Config {
     pub(crate) dbs: Vec<DbConfig>,
     /// The `exec` command, if any.
     pub(crate) exec: Option<String>,
+    pub(crate) logging: LoggingConfig,
+}
+
+/// The `logging` keys.
+#[derive(Debug, Default)]
+pub(crate) struct LoggingConfig {
+    /// `debug`, `info`, `warn` (or `warning`), `error`.
+    pub(crate) level: Option<String>,
+    /// JSON lines instead of text.
+    pub(crate) json: bool,
+    /// Logs to stderr instead of stdout (the daemon's default, as in Litestream).
+    pub(crate) stderr: bool,
 }
 
 #[derive(Debug)]
@@ -61,6 +73,8 @@ struct RawLogging {
     #[serde(rename = "type")]
     kind: Option<String>,
     level: Option<String>,
+    #[serde(default)]
+    stderr: bool,
 }
 
 #[derive(Deserialize)]
@@ -116,11 +130,15 @@ pub(crate) fn load(path: &Path, expand_env: bool) -> Result<Config, ConfigError>
 
 fn parse(text: &str) -> Result<Config, String> {
     let raw: RawConfig = if text.trim().is_empty() { RawConfig { dbs: Vec::new(), exec: None, logging: None } } else { serde_yaml_ng::from_str(text).map_err(|e| e.to_string())? };
+    let mut logging_config = LoggingConfig::default();
     if let Some(logging) = &raw.logging {
         match logging.kind.as_deref().unwrap_or("") {
-            "" | "text" | "json" => {}
+            "" | "text" => {}
+            "json" => logging_config.json = true,
             other => return Err(format!("logging.type: unknown value {other:?}; use text or json")),
         }
+        logging_config.level = logging.level.clone();
+        logging_config.stderr = logging.stderr;
         if let Some(level) = &logging.level {
             if !["debug", "info", "warn", "warning", "error"].contains(&level.to_ascii_lowercase().as_str()) {
                 return Err(format!("logging.level: unknown value {level:?}; use debug, info, warn or error"));
@@ -141,7 +159,7 @@ fn parse(text: &str) -> Result<Config, String> {
         }
         dbs.push(DbConfig { path: absolute(&path), meta_path: db.meta_path.filter(|p| !p.is_empty()).map(|p| absolute(&p)), replicas });
     }
-    Ok(Config { dbs, exec: raw.exec.filter(|e| !e.trim().is_empty()) })
+    Ok(Config { dbs, exec: raw.exec.filter(|e| !e.trim().is_empty()), logging: logging_config })
 }
 
 fn replica_config(raw: RawReplica, key: &str) -> Result<ReplicaConfig, String> {

@@ -8,6 +8,7 @@ mod dry_run;
 mod exec;
 mod exit;
 mod list;
+mod logging;
 mod progress;
 mod ready;
 mod replica_url;
@@ -32,7 +33,7 @@ fn main() {
         println!("ok: {:?}", cli.command);
         std::process::exit(exit::OK);
     }
-    init_logging();
+    logging::init(log_settings(&cli));
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
     let result = runtime.block_on(run(cli));
     let code = match result {
@@ -47,12 +48,21 @@ fn main() {
     std::process::exit(code);
 }
 
-fn init_logging() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("WALSTREAM_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    // Colour only for a person at a terminal; log collectors get plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).with_target(false).init();
+/// The config file's `logging` keys when this command reads a config file. A config that cannot
+/// be read gives the defaults here; the command itself then reports why.
+fn log_settings(cli: &Cli) -> logging::Settings {
+    let (config_args, daemon) = match &cli.command {
+        Command::Replicate(args) if args.db_path.is_none() => (&args.config, true),
+        Command::Restore(args) if !args::is_url(&args.source) => (&args.config, false),
+        Command::Generations(args) | Command::Snapshots(args) | Command::Wal(args) if !args::is_url(&args.source) => (&args.config, false),
+        Command::Databases(args) | Command::Config(args::ConfigCommand::Check(args)) => (args, false),
+        _ => return logging::Settings::default(),
+    };
+    let path = config_args.config.clone().unwrap_or_else(config::default_path);
+    match config::load(&path, !config_args.no_expand_env) {
+        Ok(config) => logging::Settings::from_config(&config.logging, daemon),
+        Err(_) => logging::Settings::default(),
+    }
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

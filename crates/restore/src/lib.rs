@@ -81,6 +81,11 @@ pub fn rfc3339(t: std::time::SystemTime) -> String {
     t.format(&time::format_description::well_known::Rfc3339).unwrap_or_else(|_| "?".to_string())
 }
 
+/// `t` as RFC 3339 in UTC with nanoseconds, for log lines.
+pub fn rfc3339_precise(t: std::time::SystemTime) -> String {
+    time::OffsetDateTime::from(t).format(&time::format_description::well_known::Rfc3339).unwrap_or_else(|_| "?".to_string())
+}
+
 /// The file a restore builds, beside the output so the final rename is atomic. Dropping it
 /// removes it and its SQLite side files unless it was persisted.
 struct TempDatabase {
