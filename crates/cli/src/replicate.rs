@@ -1,0 +1,115 @@
+//! `walstream replicate`: the databases to replicate (command line or config file), one
+//! shipper each, and the `-exec` supervision loop.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+use walstream_shipper::{Replica, Shipper, ShipperConfig};
+
+use crate::args::ReplicateArgs;
+use crate::signals::{spawn_signal_handler, FIRST_SIGNAL};
+use crate::{config, exec, replica_url};
+
+/// One database to replicate, and where.
+struct Job {
+    config: ShipperConfig,
+    replicas: Vec<Replica>,
+}
+
+/// The databases `replicate` was asked for: the one on the command line, or every one in the
+/// config file. Also the config's `exec`, if it was read.
+fn replication_jobs(args: &ReplicateArgs) -> anyhow::Result<(Vec<Job>, Option<String>)> {
+    let open = |name: &str, url: &str| -> anyhow::Result<Replica> { Ok(Replica { name: name.to_string(), store: Arc::from(replica_url::open(url)?) }) };
+    if let Some(db_path) = &args.db_path {
+        if args.config.config.is_some() {
+            return Err(config::ConfigError("cannot specify a replica URL and the -config flag".into()).into());
+        }
+        anyhow::ensure!(!args.replica_urls.is_empty(), "must specify at least one replica URL for {}", db_path.display());
+        let replicas = args.replica_urls.iter().map(|url| open(replica_url::kind(url), url)).collect::<anyhow::Result<_>>()?;
+        let mut config = ShipperConfig::new(db_path);
+        config.shutdown_deadline = args.shutdown_timeout;
+        return Ok((vec![Job { config, replicas }], None));
+    }
+    let path = args.config.config.clone().unwrap_or_else(config::default_path);
+    let file = config::load(&path, !args.config.no_expand_env)?;
+    if file.dbs.is_empty() {
+        return Err(config::ConfigError(format!("config file {}: no databases specified in dbs", path.display())).into());
+    }
+    let mut jobs = Vec::new();
+    for db in &file.dbs {
+        let replicas = db.replicas.iter().map(|r| open(&r.name, &r.url)).collect::<anyhow::Result<_>>()?;
+        let mut config = ShipperConfig::new(&db.path);
+        config.meta_dir = db.meta_path.clone();
+        config.shutdown_deadline = args.shutdown_timeout;
+        jobs.push(Job { config, replicas });
+    }
+    Ok((jobs, file.exec))
+}
+
+/// Replicates every job until `shutdown`, then flushes each. If one fails, the others are
+/// stopped (and flushed) too, and the first error is returned.
+async fn ship_all(jobs: Vec<Job>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    use futures_util::stream::{FuturesUnordered, StreamExt};
+    let stop = shutdown.child_token();
+    let mut running: FuturesUnordered<_> = jobs
+        .into_iter()
+        .map(|job| {
+            let (stop, db) = (stop.clone(), job.config.db_path.clone());
+            async move { Shipper::new(job.config, job.replicas).run(stop).await.with_context(|| format!("replicate {}", db.display())) }
+        })
+        .collect();
+    let mut first_error = None;
+    while let Some(result) = running.next().await {
+        if let Err(e) = result {
+            stop.cancel();
+            first_error.get_or_insert(e);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+pub(crate) async fn replicate(args: ReplicateArgs) -> anyhow::Result<()> {
+    let (jobs, config_exec) = replication_jobs(&args)?;
+    let command = args.exec.clone().or(config_exec);
+    let signalled = CancellationToken::new();
+    spawn_signal_handler(signalled.clone())?;
+    let dbs: Vec<String> = jobs.iter().map(|j| j.config.db_path.display().to_string()).collect();
+    // Logged once signals are handled: from here on SIGTERM always means a final flush.
+    info!(dbs = ?dbs, "walstream v{} started", env!("CARGO_PKG_VERSION"));
+    let Some(command) = command else {
+        return ship_all(jobs, signalled).await;
+    };
+
+    let stop_shipping = CancellationToken::new();
+    let shipper = ship_all(jobs, stop_shipping.clone());
+    tokio::pin!(shipper);
+    let mut child = exec::spawn(&command)?;
+    let mut forwarded = None;
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status.context("waiting for the -exec command")?,
+            () = signalled.cancelled(), if forwarded.is_none() => {
+                let signal = FIRST_SIGNAL.load(std::sync::atomic::Ordering::SeqCst);
+                exec::forward(&child, signal);
+                forwarded = Some(signal);
+            }
+            result = &mut shipper => {
+                // Replication failed (or ended) under a running app: stop the app rather than
+                // let it write what nobody ships.
+                exec::forward(&child, libc::SIGTERM);
+                let _ = child.wait().await;
+                return result;
+            }
+        }
+    };
+    info!(status = %status, "-exec command exited, walstream shutting down");
+    stop_shipping.cancel();
+    shipper.await?;
+    match exec::exit_code(status, forwarded) {
+        0 => Ok(()),
+        code => Err(exec::AppExit(code).into()),
+    }
+}
+
