@@ -110,3 +110,34 @@ on_both_backends! {
         assert_eq!(generations, 1, "an orderly restart with the WAL intact keeps the generation");
     }
 }
+
+#[test]
+fn a_second_replicator_of_the_same_database_refuses_at_once() {
+    let scratch = Scratch::new();
+    let mut app = App::open(&scratch.db());
+    let first = scratch.start_replicator();
+    app.insert(10);
+    wait_for_snapshot(&scratch);
+    let other_replica = format!("file://{}", scratch.path("other-replica").display());
+    let mut second = with_emulator(&mut std::process::Command::new(walstream_bin()))
+        .args(["replicate", scratch.db().to_str().unwrap(), &other_replica])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = second.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "the second replicator kept running");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut message = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut message).unwrap();
+    assert_eq!(status.code(), Some(13), "{message}");
+    assert!(message.contains("another walstream is already replicating this database"), "{message}");
+    assert!(!scratch.path("other-replica").exists(), "the refused replicator wrote nothing");
+    app.insert(10);
+    first.stop_ok();
+    scratch.assert_restores_source();
+}

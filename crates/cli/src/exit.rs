@@ -29,6 +29,8 @@ pub(crate) const CREDENTIALS: i32 = 10;
 pub(crate) const NO_SUCH_RESTORE_POINT: i32 = 11;
 /// The config file is missing or invalid, or does not name the database or replica asked for.
 pub(crate) const CONFIG: i32 = 12;
+/// Another walstream process is already replicating the database.
+pub(crate) const ALREADY_REPLICATING: i32 = 13;
 /// A signal cut a restore short, or a second signal cut the graceful shutdown short.
 pub(crate) const INTERRUPTED: i32 = 130;
 
@@ -69,6 +71,7 @@ fn specific_code(cause: &(dyn std::error::Error + 'static)) -> Option<i32> {
         return match e {
             S::NotADatabase { .. } => Some(NOT_A_DATABASE),
             S::FlushIncomplete { .. } => Some(FLUSH_INCOMPLETE),
+            S::AlreadyReplicating { .. } => Some(ALREADY_REPLICATING),
             _ => None,
         };
     }

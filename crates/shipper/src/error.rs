@@ -76,6 +76,12 @@ pub enum Error {
         /// The cause.
         source: notify::Error,
     },
+    /// Another walstream process is replicating this database.
+    #[error("another walstream is already replicating this database (it holds {}); stop it first, or replicate a different database", lock.display())]
+    AlreadyReplicating {
+        /// The lock file the other process holds.
+        lock: PathBuf,
+    },
     /// The final flush did not finish before its deadline.
     #[error("shutdown deadline passed with {unshipped} replica(s) not fully shipped: {detail}")]
     FlushIncomplete {

@@ -83,6 +83,9 @@ impl Shipper {
         if !wait_for_database(&db_path, &shutdown).await? {
             return Ok(());
         }
+        // Held until this function returns. Taken once the path holds a SQLite database, so a
+        // path that is not one is refused without leaving a metadata directory behind.
+        let _lock = meta::MetaDir::for_db(&db_path, self.config.meta_dir.as_deref()).lock()?;
         let source = {
             let db_path = db_path.clone();
             tokio::task::spawn_blocking(move || SourceDb::open(&db_path)).await.expect("open task panicked")?
