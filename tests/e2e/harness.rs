@@ -2,7 +2,7 @@
 //! process, restore, and the comparison every test ends with.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output};
 use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
@@ -257,7 +257,8 @@ impl Replicator {
             .arg("replicate")
             .args(args)
             .env("WALSTREAM_LOG", "debug")
-            .stdout(Stdio::null())
+            // In config mode the daemon logs to stdout (as Litestream does): keep both.
+            .stdout(log_file.try_clone().unwrap())
             .stderr(log_file)
             .spawn()
             .unwrap();
