@@ -3,9 +3,6 @@
 
 use crate::harness::*;
 
-fn stderr(output: &std::process::Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
 
 #[test]
 fn a_file_that_is_not_sqlite_is_refused_and_left_untouched() {

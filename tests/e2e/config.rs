@@ -5,13 +5,7 @@ use std::process::Command;
 
 use crate::harness::*;
 
-fn stderr(output: &std::process::Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
 
-fn stdout(output: &std::process::Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
 
 /// `walstream ARGS` with extra environment variables.
 fn walstream_env(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {

@@ -99,9 +99,6 @@ fn cloud_run_args(name: &str, replica: &str, data: &Path, ready_addr: &str) -> V
         .collect()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 fn spawn(program: &Path, args: &[String], log: &Path, env: &[(&str, String)]) -> Child {
     with_emulator(&mut Command::new(program)).args(args).envs(env.iter().map(|(k, v)| (*k, v.as_str()))).stdout(Stdio::null()).stderr(std::fs::File::create(log).unwrap()).spawn().unwrap()

@@ -10,9 +10,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::harness::*;
 
-fn stderr(output: &std::process::Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
 
 fn rfc3339(t: SystemTime) -> String {
     time::OffsetDateTime::from(t).format(&time::format_description::well_known::Rfc3339).unwrap()
@@ -149,9 +146,6 @@ on_both_backends! {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 /// `walstream restore -serve-ready ADDR ...` as a child.
 fn spawn_restore(scratch: &Scratch, addr: &str, extra: &[&str], out: &std::path::Path) -> std::process::Child {
