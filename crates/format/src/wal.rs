@@ -164,6 +164,12 @@ impl FrameChain {
         &self.header
     }
 
+    /// The running checksum through the last accepted frame (the header's before the first):
+    /// what SQLite keeps in its wal-index as `aFrameCksum`.
+    pub fn checksum(&self) -> (u32, u32) {
+        self.checksum
+    }
+
     /// Checks one whole frame (header plus page) and, if it continues the chain, advances past it.
     /// Returns `None`, leaving the chain unchanged, for a frame SQLite's recovery would stop at.
     pub fn accept(&mut self, frame: &[u8]) -> Option<FrameHeader> {

@@ -39,10 +39,13 @@ const TIMING: Timing = Timing {
     poll: Duration::from_secs(1),
 };
 
-/// Once one WAL life holds this much, walstream drops its pin after copying so that the
-/// application's next checkpoint can restart the WAL; otherwise a writer that never pauses would
-/// grow the WAL without bound (Litestream #1536).
-const RELEASE_PIN_INDEX_BYTES: u64 = 8 << 20;
+/// A pin with a read-mark above 0 keeps SQLite from ever restarting the WAL (Litestream #1536),
+/// so walstream moves its pin to read-mark 0 whenever the application's checkpoint has
+/// back-filled the whole WAL ([`Capturer::follow_backfill`]). A writer that never pauses leaves
+/// no such moment: once one WAL life holds this much, walstream drops its pin after copying so
+/// the application's checkpoint can restart the WAL. A TRUNCATE checkpoint landing in that gap
+/// right after a commit walstream has not copied costs a new generation, never data.
+const DROP_PIN_WAL_BYTES: u64 = 32 << 20;
 
 /// Start a new generation before an index's offsets stop fitting the 8 hex digits of a name.
 const MAX_INDEX_BYTES: u64 = name::MAX_SEGMENT_OFFSET - (256 << 20);
@@ -92,6 +95,8 @@ pub(crate) struct Capturer {
     last_wal_stat: Option<(u64, SystemTime)>,
     last_change: Instant,
     pending_new_generation: Option<String>,
+    /// The wal-index state (salt-1, frames) at which the pin last followed a complete back-fill.
+    rolled_at_backfill: Option<(u32, u32)>,
     timing: Timing,
 }
 
@@ -110,6 +115,7 @@ impl Capturer {
             last_wal_stat: None,
             last_change: Instant::now(),
             pending_new_generation: None,
+            rolled_at_backfill: None,
             timing: TIMING,
         }
     }
@@ -157,6 +163,8 @@ impl Capturer {
             if changed || self.wal_stat_changed() {
                 self.last_change = Instant::now();
                 self.sync_logged();
+            } else {
+                self.follow_backfill();
             }
         }
     }
@@ -175,11 +183,8 @@ impl Capturer {
         self.db.roll_pin();
         let result = self.copy(clean);
         self.db.release_previous();
-        if let Some(shadow) = self.generation.as_ref().and_then(|g| g.shadow.as_ref()) {
-            if shadow.committed_len >= RELEASE_PIN_INDEX_BYTES && self.db.is_pinned() {
-                debug!(db = %self.db_path.display(), index = shadow.index, "wal life is large; releasing the pin so the application's checkpoint can restart it");
-                self.db.release_all();
-            }
+        if result.is_ok() {
+            self.let_busy_wal_restart();
         }
         self.publish(false);
         self.remove_shipped_shadow();
@@ -199,6 +204,43 @@ impl Capturer {
         self.db.release_all();
         self.publish(false);
         debug!(db = %self.db_path.display(), "stepped aside for a checkpoint");
+    }
+
+    /// Where the shadow of the current WAL life ends: (index, committed length).
+    fn shadow_end(&self) -> Option<(u32, u64)> {
+        let shadow = self.generation.as_ref()?.shadow.as_ref()?;
+        Some((shadow.index, shadow.committed_len))
+    }
+
+    /// See [`DROP_PIN_WAL_BYTES`].
+    fn let_busy_wal_restart(&mut self) {
+        let Some((index, len)) = self.shadow_end() else { return };
+        if len >= DROP_PIN_WAL_BYTES && self.db.is_pinned() {
+            debug!(db = %self.db_path.display(), index, "wal life is large and never fully back-filled; dropping the pin so the application's checkpoint can restart it");
+            self.db.release_all();
+        }
+    }
+
+    /// Once SQLite has back-filled every frame, a read transaction begun now takes read-mark 0:
+    /// the application's next write may then restart the WAL, but nothing can be back-filled,
+    /// so the WAL cannot restart again unseen. The old pin is held until the new one exists, and
+    /// a complete back-fill under it means no frame was appended since it began, so everything
+    /// in the WAL has been copied.
+    fn follow_backfill(&mut self) {
+        if !self.db.is_pinned() {
+            return;
+        }
+        let Some(index) = self.db.wal_index_header() else { return };
+        if index.max_frame == 0 || index.backfilled != index.max_frame {
+            return;
+        }
+        let at = (index.salt1, index.max_frame);
+        if self.rolled_at_backfill != Some(at) {
+            self.rolled_at_backfill = Some(at);
+            if self.db.roll_pin() {
+                self.db.release_previous();
+            }
+        }
     }
 
     fn wal_stat_changed(&mut self) -> bool {
@@ -238,11 +280,22 @@ impl Capturer {
         }
         let Some(live) = wal.filter(|w| w.header.is_some()) else {
             // Truncated (TRUNCATE checkpoint) or deleted (last connection closed).
-            if clean || shadow.sealed {
+            let ended_at_shadow = match self.db.wal_index_header() {
+                // A restart keeps the running checksum, and any frame written since the shadow's
+                // end would have changed it: this holds however the pin fared meanwhile.
+                Some(index) => {
+                    let ended = index.max_frame == 0 && index.salt1 != shadow.header.salt1 && index.frame_checksum == shadow.end_checksum();
+                    shadow.next_salt1 = ended.then_some(index.salt1);
+                    ended
+                }
+                // No wal-index left to ask (the last connection closed): only the pin can vouch.
+                None => clean || shadow.sealed,
+            };
+            if ended_at_shadow {
                 shadow.sealed = true;
                 return Ok(());
             }
-            return self.new_generation("wal truncated by another process");
+            return self.new_generation("wal truncated with commits walstream had not copied");
         };
         let (bytes, header) = live.header.expect("filtered above");
         if bytes == *shadow.header_bytes() {
@@ -253,11 +306,13 @@ impl Capturer {
                 return self.new_generation("wal overwritten by another process");
             }
             shadow.sealed = false;
+            shadow.next_salt1 = None;
             shadow.append_from(&live.file, live.len, &mut self.buf)?;
             return Ok(());
         }
-        // The header changed: SQLite restarted the WAL. One restart adds exactly 1 to salt-1.
-        if header.salt1 != shadow.header.salt1.wrapping_add(1) {
+        // The header changed: SQLite restarted the WAL. One restart adds exactly 1 to salt-1;
+        // restarts of a WAL already seen empty add more without losing anything.
+        if header.salt1 != shadow.next_salt1.unwrap_or(shadow.header.salt1.wrapping_add(1)) {
             return self.new_generation("wal restarted more than once while unobserved");
         }
         if header.page_size != page_size {
@@ -430,6 +485,131 @@ mod tests {
         assert!(last.is_final);
         assert_eq!(last.generation, first.generation);
         assert_eq!(last.end.map(|p| p.offset), Some(wal_len), "the final state must end where the WAL's last commit does");
+    }
+
+    /// A capturer driven pass by pass, with an application connection in the same process.
+    struct Harness {
+        _dir: tempfile::TempDir,
+        app: Connection,
+        capturer: Capturer,
+    }
+
+    impl Harness {
+        fn new() -> Harness {
+            let dir = tempfile::tempdir().unwrap();
+            let db_path = dir.path().join("db");
+            let app = Connection::open(&db_path).unwrap();
+            app.execute_batch("PRAGMA journal_mode=wal; PRAGMA wal_autocheckpoint=0; CREATE TABLE t(x); INSERT INTO t VALUES (1);").unwrap();
+            let source = SourceDb::open(&db_path).unwrap();
+            let (state_tx, _) = watch::channel(ShadowState::default());
+            let capturer = Capturer::new(db_path.clone(), MetaDir::for_db(&db_path, None), source, state_tx, Vec::new());
+            Harness { _dir: dir, app, capturer }
+        }
+
+        fn insert(&self) {
+            self.app.execute("INSERT INTO t VALUES (randomblob(100))", []).unwrap();
+        }
+
+        /// The application's TRUNCATE checkpoint, which must not be held back.
+        fn truncate(&self) {
+            let busy: i64 = self.app.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0)).unwrap();
+            assert_eq!(busy, 0, "the checkpoint was blocked; the test proves nothing");
+            assert_eq!(std::fs::metadata(wal_path(&self.capturer.db_path)).unwrap().len(), 0);
+        }
+
+        /// One capture pass, then walstream lets go of the WAL, as it does for a while after a
+        /// pass on a huge WAL life or after stepping aside.
+        fn pass_then_unpin(&mut self) {
+            self.capturer.sync().unwrap();
+            self.capturer.db.release_all();
+        }
+
+        fn generation(&self) -> GenerationId {
+            self.capturer.generation.as_ref().unwrap().id
+        }
+    }
+
+    #[test]
+    fn truncation_after_everything_was_copied_keeps_the_generation() {
+        let mut h = Harness::new();
+        h.pass_then_unpin();
+        let generation = h.generation();
+        h.insert();
+        h.pass_then_unpin();
+        h.truncate();
+        h.pass_then_unpin();
+        assert_eq!(h.generation(), generation, "nothing was lost, so the generation must go on");
+        // Idle TRUNCATE checkpoints restart an empty WAL again; seen by a pass each, the next
+        // life still follows.
+        for _ in 0..2 {
+            h.truncate();
+            h.pass_then_unpin();
+        }
+        h.insert();
+        h.pass_then_unpin();
+        assert_eq!(h.generation(), generation);
+        assert_eq!(h.capturer.shadow_end().unwrap().0, 1, "the life after the truncation is the next index");
+        // Two restarts between passes look the same as a life written and truncated unseen.
+        h.truncate();
+        h.pass_then_unpin();
+        h.truncate();
+        h.truncate();
+        h.insert();
+        h.pass_then_unpin();
+        assert_ne!(h.generation(), generation, "an unverifiable salt jump must not be taken on trust");
+    }
+
+    #[test]
+    fn truncation_after_an_uncopied_commit_starts_a_new_generation() {
+        let mut h = Harness::new();
+        h.pass_then_unpin();
+        let generation = h.generation();
+        h.insert();
+        h.truncate();
+        h.pass_then_unpin();
+        assert_ne!(h.generation(), generation, "a commit walstream never saw is gone from the WAL");
+    }
+
+    #[test]
+    fn a_life_written_and_truncated_between_passes_is_not_taken_for_an_idle_restart() {
+        for then_write_again in [false, true] {
+            let mut h = Harness::new();
+            h.insert();
+            h.pass_then_unpin();
+            h.truncate();
+            h.pass_then_unpin();
+            let generation = h.generation();
+            assert!(h.capturer.generation.as_ref().unwrap().shadow.as_ref().unwrap().sealed);
+            // Unseen: a whole WAL life with a commit, gone again.
+            h.insert();
+            h.truncate();
+            if then_write_again {
+                h.insert();
+            }
+            h.pass_then_unpin();
+            assert_ne!(h.generation(), generation, "the unseen commit (then_write_again={then_write_again}) must break the generation");
+        }
+    }
+
+    #[test]
+    fn the_wal_restarts_after_the_apps_checkpoint_while_walstream_stays_pinned() {
+        let mut h = Harness::new();
+        h.capturer.sync().unwrap();
+        h.insert();
+        h.capturer.sync().unwrap();
+        let generation = h.generation();
+        let (busy, frames, backfilled): (i64, i64, i64) = h.app.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap();
+        assert_eq!((busy, backfilled), (0, frames), "walstream's pin sits at the end of the WAL, so the app's checkpoint back-fills it all");
+        let wal = wal_path(&h.capturer.db_path);
+        let wal_header = || std::fs::read(&wal).unwrap()[..WAL_HEADER_SIZE].to_vec();
+        let before = wal_header();
+        h.capturer.follow_backfill();
+        assert!(h.capturer.db.is_pinned(), "walstream must never leave the WAL unprotected here");
+        h.insert();
+        assert_ne!(wal_header(), before, "the application's write should have restarted the WAL");
+        h.capturer.sync().unwrap();
+        assert_eq!(h.generation(), generation);
+        assert_eq!(h.capturer.shadow_end().unwrap().0, 1, "the restarted WAL is the next index");
     }
 
     fn wait_for(rx: &mut watch::Receiver<ShadowState>, ready: impl Fn(&ShadowState) -> bool) -> ShadowState {

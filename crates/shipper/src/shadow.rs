@@ -32,6 +32,10 @@ pub(crate) struct ShadowIndex {
     /// Set when walstream knows this WAL life ended with nothing left uncopied, so a restart or
     /// truncation of the live WAL continues the generation instead of breaking it.
     pub(crate) sealed: bool,
+    /// Set while the live WAL is truncated and SQLite's wal-index shows this life ended exactly
+    /// at the shadow's end: the salt-1 the next life will get. An idle TRUNCATE checkpoint adds 1
+    /// without writing a frame, so the next life may be more than one restart away.
+    pub(crate) next_salt1: Option<u32>,
 }
 
 impl ShadowIndex {
@@ -41,7 +45,7 @@ impl ShadowIndex {
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).map_err(io_err("create", &path))?;
         file.write_all_at(&header_bytes, 0).map_err(io_err("write", &path))?;
         file.sync_data().map_err(io_err("fsync", &path))?;
-        Ok(ShadowIndex { index, path, file, header, header_bytes, committed_len: WAL_HEADER_SIZE as u64, chain: FrameChain::new(header), sealed: false })
+        Ok(ShadowIndex { index, path, file, header, header_bytes, committed_len: WAL_HEADER_SIZE as u64, chain: FrameChain::new(header), sealed: false, next_salt1: None })
     }
 
     /// Reopens an index after a restart of walstream, cutting any tail a crash left after the
@@ -59,7 +63,7 @@ impl ShadowIndex {
             return Ok(None);
         }
         let Ok(header) = WalHeader::parse(&header_bytes) else { return Ok(None) };
-        let mut shadow = ShadowIndex { index, path, file, header, header_bytes, committed_len: WAL_HEADER_SIZE as u64, chain: FrameChain::new(header), sealed: false };
+        let mut shadow = ShadowIndex { index, path, file, header, header_bytes, committed_len: WAL_HEADER_SIZE as u64, chain: FrameChain::new(header), sealed: false, next_salt1: None };
         // Re-validate the whole file: it is the source of every future upload of this index.
         let mut buf = vec![0u8; COPY_CHUNK_BYTES];
         let reader = shadow.file.try_clone().map_err(io_err("open", &shadow.path))?;
@@ -69,6 +73,11 @@ impl ShadowIndex {
 
     pub(crate) fn header_bytes(&self) -> &[u8; WAL_HEADER_SIZE] {
         &self.header_bytes
+    }
+
+    /// The WAL's running checksum at `committed_len`.
+    pub(crate) fn end_checksum(&self) -> (u32, u32) {
+        self.chain.checksum()
     }
 
     /// The last frame of the shadow, to compare with the live WAL at the same offset; `None` if

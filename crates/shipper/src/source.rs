@@ -25,6 +25,46 @@ const BUSY_TIMEOUT: Duration = Duration::from_millis(100);
 const SHM_WRITE_LOCK: i64 = 120;
 const SHM_CKPT_LOCK: i64 = 121;
 
+/// The wal-index header (wal.c `WalIndexHdr`) is 48 bytes, stored twice at the start of -shm;
+/// the checkpoint info (`WalCkptInfo`) follows, starting with `nBackfill`.
+const WAL_INDEX_HDR_SIZE: usize = 48;
+const WAL_INDEX_READ_SIZE: usize = 2 * WAL_INDEX_HDR_SIZE + 4;
+const WAL_INDEX_VERSION: u32 = 3_007_000;
+
+/// What SQLite's wal-index header says about the WAL's current life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct WalIndexHeader {
+    /// Frames in the current life; 0 right after a restart or truncation.
+    pub(crate) max_frame: u32,
+    /// The running checksum through the last frame written. A restart leaves it alone, so after a
+    /// TRUNCATE checkpoint it still identifies where the previous life ended.
+    pub(crate) frame_checksum: (u32, u32),
+    /// Salt-1 of the current life; every restart adds 1.
+    pub(crate) salt1: u32,
+    /// Frames already checkpointed into the database file.
+    pub(crate) backfilled: u32,
+}
+
+impl WalIndexHeader {
+    /// Parses the two copies SQLite keeps; `None` unless both are initialized and equal (a
+    /// writer updates one, then the other).
+    fn parse(shm: &[u8; WAL_INDEX_READ_SIZE]) -> Option<WalIndexHeader> {
+        let (first, rest) = shm.split_at(WAL_INDEX_HDR_SIZE);
+        let (second, ckpt_info) = rest.split_at(WAL_INDEX_HDR_SIZE);
+        let native = |at: usize| u32::from_ne_bytes(first[at..at + 4].try_into().expect("4 bytes"));
+        if first != second || native(0) != WAL_INDEX_VERSION || first[12] != 1 {
+            return None;
+        }
+        Some(WalIndexHeader {
+            max_frame: native(16),
+            frame_checksum: (native(24), native(28)),
+            // The salts are the WAL header's own big-endian bytes.
+            salt1: u32::from_be_bytes(first[32..36].try_into().expect("4 bytes")),
+            backfilled: u32::from_ne_bytes(ckpt_info[..4].try_into().expect("4 bytes")),
+        })
+    }
+}
+
 /// What a look at the database path found.
 pub(crate) enum Presence {
     /// Not there yet, or still being created.
@@ -134,6 +174,15 @@ impl SourceDb {
                 false
             }
         }
+    }
+
+    /// Reads the wal-index header from -shm; `None` if there is none or it is mid-update.
+    pub(crate) fn wal_index_header(&mut self) -> Option<WalIndexHeader> {
+        use std::os::unix::fs::FileExt;
+        self.open_shm();
+        let mut bytes = [0u8; WAL_INDEX_READ_SIZE];
+        self.shm_file.as_ref()?.read_exact_at(&mut bytes, 0).ok()?;
+        WalIndexHeader::parse(&bytes)
     }
 
     /// Ends the read transaction that [`SourceDb::roll_pin`] replaced.
