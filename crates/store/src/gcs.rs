@@ -192,16 +192,23 @@ impl GcsStore {
         (request, UploadType::Simple(Media::new(name.to_string())))
     }
 
-    /// One resumable upload of the whole file, `CHUNK_BYTES` at a time.
-    async fn upload_file_in_chunks(&self, client: Client, name: &str, path: &Path, len: u64) -> Result<(), HttpError> {
+    /// One resumable upload of the whole file, `CHUNK_BYTES` at a time. The length comes from
+    /// the open file, not the path: a snapshot replaced by a newer one under the same name
+    /// while this runs must not be uploaded as a mix of the two.
+    async fn upload_file_in_chunks(&self, client: Client, name: &str, path: &Path) -> Result<(), HttpError> {
+        let io = |e: std::io::Error| HttpError::HttpMiddleware(anyhow::Error::new(e).context(path.display().to_string()));
+        let mut file = tokio::fs::File::open(path).await.map_err(io)?;
+        let len = file.metadata().await.map_err(io)?.len();
+        if len == 0 {
+            return Err(HttpError::HttpMiddleware(anyhow::anyhow!("{} is empty", path.display())));
+        }
         let (request, upload_type) = self.upload_request(name);
         let session = client.prepare_resumable_upload(&request, &upload_type).await?;
-        let mut file = tokio::fs::File::open(path).await.map_err(|e| HttpError::HttpMiddleware(anyhow::Error::new(e).context(path.display().to_string())))?;
         let mut sent = 0u64;
         loop {
             let want = (len - sent).min(CHUNK_BYTES as u64) as usize;
             let mut chunk = vec![0u8; want];
-            file.read_exact(&mut chunk).await.map_err(|e| HttpError::HttpMiddleware(anyhow::Error::new(e).context(path.display().to_string())))?;
+            file.read_exact(&mut chunk).await.map_err(io)?;
             let range = ChunkSize::new(sent, sent + want as u64 - 1, Some(len));
             match session.upload_multiple_chunk(chunk, &range).await? {
                 UploadStatus::Ok(_) => return Ok(()),
@@ -240,7 +247,7 @@ impl ObjectStore for GcsStore {
         let name = self.object_name(key)?;
         // A failed chunk restarts the whole upload in a new session: simple, and a snapshot is
         // uploaded once per generation.
-        self.retrying("put", key, |client| self.upload_file_in_chunks(client, &name, path, len)).await
+        self.retrying("put", key, |client| self.upload_file_in_chunks(client, &name, path)).await
     }
 
     async fn get(&self, key: &str) -> Result<Bytes, Error> {
