@@ -14,3 +14,4 @@ mod harness;
 mod interop;
 mod replicate;
 mod restore;
+mod retention;

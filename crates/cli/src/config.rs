@@ -56,6 +56,8 @@ pub(crate) struct ReplicaConfig {
     pub(crate) name: String,
     /// The replica as a URL, however the file spelled it (`url`, or `type` with `path`/`bucket`).
     pub(crate) url: String,
+    /// `snapshot-interval`, `retention`, `retention-check-interval`.
+    pub(crate) policy: walstream_shipper::RetentionPolicy,
 }
 
 #[derive(Deserialize)]
@@ -186,19 +188,26 @@ fn replica_config(raw: RawReplica, key: &str) -> Result<ReplicaConfig, String> {
     // Fail now, naming the key, rather than when the replica is first used.
     replica_url::open(&url).map_err(|e| format!("{key}: {e}"))?;
     let name = raw.name.filter(|n| !n.is_empty()).unwrap_or_else(|| replica_url::kind(&url).to_string());
-    // The timing keys are checked so that a typo fails at load time, naming the key.
-    for (field, value) in [
-        ("sync-interval", &raw.sync_interval),
-        ("snapshot-interval", &raw.snapshot_interval),
-        ("retention", &raw.retention),
-        ("retention-check-interval", &raw.retention_check_interval),
-        ("validation-interval", &raw.validation_interval),
-    ] {
-        if let Some(value) = value {
-            go_duration(value).map_err(|e| format!("{key}.{field}: {e}"))?;
-        }
+    // Every timing key is checked so that a typo fails at load time, naming the key.
+    let duration = |field: &str, value: &Option<String>| -> Result<Option<Duration>, String> {
+        value.as_deref().map(go_duration).transpose().map_err(|e| format!("{key}.{field}: {e}"))
+    };
+    duration("sync-interval", &raw.sync_interval)?;
+    duration("validation-interval", &raw.validation_interval)?;
+    let mut policy = walstream_shipper::RetentionPolicy::default();
+    if let Some(interval) = duration("snapshot-interval", &raw.snapshot_interval)? {
+        policy.snapshot_interval = Some(interval).filter(|i| !i.is_zero());
     }
-    Ok(ReplicaConfig { name, url })
+    if let Some(retention) = duration("retention", &raw.retention)? {
+        policy.retention = Some(retention).filter(|r| !r.is_zero());
+    }
+    if let Some(interval) = duration("retention-check-interval", &raw.retention_check_interval)? {
+        if interval.is_zero() {
+            return Err(format!("{key}.retention-check-interval: must be more than 0"));
+        }
+        policy.check_interval = interval;
+    }
+    Ok(ReplicaConfig { name, url, policy })
 }
 
 /// Go's `time.ParseDuration`: a sequence of number+unit, e.g. `1h30m`, `1.5s`, `500ms`.
@@ -304,6 +313,8 @@ dbs:
         name: local
         path: /backups/app
         snapshot-interval: 1h30m
+        retention: 0
+        retention-check-interval: 10m
   - path: /data/other.db
     meta-path: /var/lib/walstream/other
     replicas:
@@ -323,6 +334,11 @@ exec: node server.js
         assert_eq!(names, ["gcs", "local"]);
         assert_eq!(app.replicas[0].url, "gcs://my-bucket/app.db");
         assert_eq!(app.replicas[1].url, "file:///backups/app");
+        let hours = |h: u64| Duration::from_secs(h * 3600);
+        let (gcs, local) = (app.replicas[0].policy, app.replicas[1].policy);
+        assert_eq!((gcs.snapshot_interval, gcs.retention, gcs.check_interval), (None, Some(hours(72)), hours(1)), "retention as given, Litestream's other defaults");
+        assert_eq!((local.snapshot_interval, local.retention, local.check_interval), (Some(Duration::from_secs(5400)), None, Duration::from_secs(600)), "retention 0 keeps everything");
+        assert_eq!(config.db("/data/other.db").unwrap().replicas[0].policy, walstream_shipper::RetentionPolicy::default());
         assert_eq!(config.db("/data/other.db").unwrap().replicas[0].url, "gcs://b2/other");
         assert_eq!(config.db("/data/other.db").unwrap().meta_path, Some(PathBuf::from("/var/lib/walstream/other")));
         assert_eq!(config.exec.as_deref(), Some("node server.js"));

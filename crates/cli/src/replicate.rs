@@ -21,7 +21,7 @@ struct Job {
 /// The databases `replicate` was asked for: the one on the command line, or every one in the
 /// config file. Also the config's `exec`, if it was read.
 fn replication_jobs(args: &ReplicateArgs) -> anyhow::Result<(Vec<Job>, Option<String>)> {
-    let open = |name: &str, url: &str| -> anyhow::Result<Replica> { Ok(Replica { name: name.to_string(), store: Arc::from(replica_url::open(url)?) }) };
+    let open = |name: &str, url: &str| -> anyhow::Result<Replica> { Ok(Replica::new(name, Arc::from(replica_url::open(url)?))) };
     if let Some(db_path) = &args.db_path {
         if args.config.config.is_some() {
             return Err(config::ConfigError("cannot specify a replica URL and the -config flag".into()).into());
@@ -39,7 +39,11 @@ fn replication_jobs(args: &ReplicateArgs) -> anyhow::Result<(Vec<Job>, Option<St
     }
     let mut jobs = Vec::new();
     for db in &file.dbs {
-        let replicas = db.replicas.iter().map(|r| open(&r.name, &r.url)).collect::<anyhow::Result<_>>()?;
+        let replicas = db
+            .replicas
+            .iter()
+            .map(|r| Ok(Replica { policy: r.policy, ..open(&r.name, &r.url)? }))
+            .collect::<anyhow::Result<_>>()?;
         let mut config = ShipperConfig::new(&db.path);
         config.meta_dir = db.meta_path.clone();
         config.shutdown_deadline = args.shutdown_timeout;

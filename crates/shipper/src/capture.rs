@@ -57,6 +57,8 @@ pub(crate) enum Wake {
     Changed,
     /// An uploader found the replica inconsistent with the local shadow.
     NewGeneration(String),
+    /// A replica's snapshot interval elapsed, or its retention found no snapshot to keep.
+    Snapshot,
     /// Copy what is committed, publish it as final, and stop.
     Shutdown,
 }
@@ -95,6 +97,7 @@ pub(crate) struct Capturer {
     last_wal_stat: Option<(u64, SystemTime)>,
     last_change: Instant,
     pending_new_generation: Option<String>,
+    pending_snapshot: bool,
     /// The wal-index state (salt-1, frames) at which the pin last followed a complete back-fill.
     rolled_at_backfill: Option<(u32, u32)>,
     timing: Timing,
@@ -115,6 +118,7 @@ impl Capturer {
             last_wal_stat: None,
             last_change: Instant::now(),
             pending_new_generation: None,
+            pending_snapshot: false,
             rolled_at_backfill: None,
             timing: TIMING,
         }
@@ -142,6 +146,10 @@ impl Capturer {
                     Wake::Changed => changed = true,
                     Wake::NewGeneration(reason) => {
                         self.pending_new_generation = Some(reason);
+                        changed = true;
+                    }
+                    Wake::Snapshot => {
+                        self.pending_snapshot = true;
                         changed = true;
                     }
                     Wake::Shutdown => shutdown = true,
@@ -181,8 +189,11 @@ impl Capturer {
         // WAL cannot have lost a frame that copy did not see (see `SourceDb`).
         let clean = self.db.is_pinned();
         self.db.roll_pin();
-        let result = self.copy(clean);
+        let mut result = self.copy(clean);
         self.db.release_previous();
+        if result.is_ok() && self.pending_snapshot && self.db.is_pinned() {
+            result = self.snapshot();
+        }
         if result.is_ok() {
             self.let_busy_wal_restart();
         }
@@ -204,6 +215,20 @@ impl Capturer {
         self.db.release_all();
         self.publish(false);
         debug!(db = %self.db_path.display(), "stepped aside for a checkpoint");
+    }
+
+    /// Snapshots the database file at the current index, under the pin (see
+    /// [`MetaDir::write_snapshot`] for why the label is right), and keeps the previous local
+    /// snapshot for an upload that may still be reading it.
+    fn snapshot(&mut self) -> Result<(), Error> {
+        let Some(generation) = self.generation.as_mut() else { return Ok(()) };
+        let index = generation.shadow.as_ref().map_or(generation.snapshot.index, |s| s.index);
+        let snapshot = self.meta.write_snapshot(&generation.id, index, self.db.db_file(), &mut self.buf)?;
+        self.meta.remove_snapshots_below(&generation.id, generation.snapshot.index);
+        info!(db = %self.db_path.display(), generation = %generation.id, index, "snapshot taken");
+        generation.snapshot = snapshot;
+        self.pending_snapshot = false;
+        Ok(())
     }
 
     /// Where the shadow of the current WAL life ends: (index, committed length).
@@ -349,6 +374,7 @@ impl Capturer {
             }
         }
         let snapshot = self.meta.write_snapshot(&id, 0, self.db.db_file(), &mut self.buf)?;
+        self.pending_snapshot = false;
         self.meta.write_generation(&id)?;
         self.meta.clean(&id);
         self.generation = Some(Generation { id, snapshot, shadow });

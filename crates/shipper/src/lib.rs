@@ -8,7 +8,9 @@
 //!   with a snapshot when continuity is lost. It publishes the shadow's committed end as a
 //!   [`ShadowState`].
 //! - one uploader task per [`Replica`], which ships the shadow in (index, offset) order as
-//!   LZ4 segments named exactly as Litestream v0.3.13 names them.
+//!   LZ4 segments named exactly as Litestream v0.3.13 names them, and the latest snapshot.
+//! - one upkeep task per replica, which asks the capturer for snapshots on the replica's
+//!   snapshot interval and deletes what its retention no longer needs.
 //!
 //! On shutdown the capturer copies once more and the uploaders drain everything committed
 //! before the signal, within a deadline.
@@ -17,6 +19,7 @@
 mod capture;
 mod error;
 mod meta;
+mod retention;
 mod shadow;
 mod source;
 mod upload;
@@ -33,6 +36,7 @@ use tracing::{info, warn};
 pub use capture::ShadowState;
 pub use error::Error;
 pub use meta::LocalSnapshot;
+pub use retention::RetentionPolicy;
 pub use upload::Replica;
 
 use capture::{Capturer, Wake};
@@ -106,6 +110,8 @@ impl Shipper {
         for replica in self.replicas {
             let (position_tx, position_rx) = tokio::sync::watch::channel(None);
             positions.push(position_rx);
+            // Upkeep ends with the capturer's final state; it never holds up shutdown.
+            tokio::spawn(retention::run(replica.clone(), replica.policy, state_rx.clone(), wake_tx.clone()));
             uploaders.spawn(Uploader::new(replica, state_rx.clone(), position_tx, wake_tx.clone()).run());
         }
         let meta = meta::MetaDir::for_db(&db_path, self.config.meta_dir.as_deref());

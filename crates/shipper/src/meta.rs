@@ -17,13 +17,16 @@ use walstream_format::{name, GenerationId};
 
 use crate::error::{io_err, Error};
 
-/// The snapshot a generation starts from, compressed on local disk until every replica has it.
+/// The generation's latest snapshot, compressed on local disk, ready for any replica that lacks
+/// it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LocalSnapshot {
     /// The WAL index the snapshot was taken at.
     pub index: u32,
     /// The LZ4-framed file, ready to upload as is.
     pub path: PathBuf,
+    /// When it was taken: a later snapshot at the same index is a different one.
+    pub created: std::time::SystemTime,
 }
 
 pub(crate) struct MetaDir {
@@ -124,20 +127,39 @@ impl MetaDir {
         }
     }
 
-    /// The generation's snapshot, if one was completed.
+    /// The generation's latest completed snapshot.
     pub(crate) fn local_snapshot(&self, generation: &GenerationId) -> Option<LocalSnapshot> {
-        fs::read_dir(self.snapshots_dir(generation)).ok()?.flatten().find_map(|e| {
-            let file_name = e.file_name().to_string_lossy().into_owned();
-            let index = u32::from_str_radix(file_name.strip_suffix(".snapshot.lz4")?, 16).ok()?;
-            Some(LocalSnapshot { index, path: e.path() })
-        })
+        self.local_snapshots(generation).into_iter().max_by_key(|s| (s.index, s.created))
     }
 
-    /// Compresses the database file, as it is now, into the generation's snapshot.
+    fn local_snapshots(&self, generation: &GenerationId) -> Vec<LocalSnapshot> {
+        let Ok(entries) = fs::read_dir(self.snapshots_dir(generation)) else { return Vec::new() };
+        entries
+            .flatten()
+            .filter_map(|e| {
+                let file_name = e.file_name().to_string_lossy().into_owned();
+                let index = u32::from_str_radix(file_name.strip_suffix(".snapshot.lz4")?, 16).ok()?;
+                let created = e.metadata().ok()?.modified().ok()?;
+                Some(LocalSnapshot { index, path: e.path(), created })
+            })
+            .collect()
+    }
+
+    /// Deletes local snapshots below `index`. The caller keeps the one before the latest, which
+    /// an uploader may still be reading.
+    pub(crate) fn remove_snapshots_below(&self, generation: &GenerationId, index: u32) {
+        for old in self.local_snapshots(generation).into_iter().filter(|s| s.index < index) {
+            let _ = fs::remove_file(old.path);
+        }
+    }
+
+    /// Compresses the database file, as it is now, into a snapshot at WAL index `index`, the
+    /// index the capturer is in.
     ///
-    /// Pages may be back-filled into the file while it is read; they all come from WAL index
-    /// `index`, which restore replays from offset 0 over the snapshot, so the result is
-    /// consistent (the argument Litestream's snapshots rest on too).
+    /// Every earlier index is wholly in the file: SQLite restarts or truncates the WAL only after
+    /// back-filling all of it. Pages of index `index` may be back-filled while the file is read;
+    /// restore replays that index from offset 0 over the snapshot, so the result is consistent
+    /// (the argument Litestream's snapshots rest on too).
     pub(crate) fn write_snapshot(&self, generation: &GenerationId, index: u32, db_file: &fs::File, buf: &mut [u8]) -> Result<LocalSnapshot, Error> {
         use std::io::Write;
         let path = self.snapshots_dir(generation).join(format!("{index:08x}.snapshot.lz4"));
@@ -156,7 +178,8 @@ impl MetaDir {
         let file = writer.finish().map_err(io_err("write", &temp))?.into_inner().map_err(|e| io_err("write", &temp)(e.into_error()))?;
         file.sync_all().map_err(io_err("fsync", &temp))?;
         fs::rename(&temp, &path).map_err(io_err("rename", &temp))?;
-        Ok(LocalSnapshot { index, path })
+        let created = fs::metadata(&path).and_then(|m| m.modified()).map_err(io_err("stat", &path))?;
+        Ok(LocalSnapshot { index, path, created })
     }
 }
 

@@ -13,6 +13,8 @@ use walstream_store::ObjectStore;
 
 use crate::capture::ShadowState;
 use crate::error::{io_err, Error};
+use crate::meta::LocalSnapshot;
+use crate::retention::RetentionPolicy;
 
 /// Uncompressed bytes per segment at most. Segments may end inside a transaction (restore only
 /// applies whole transactions), and this bounds the memory one upload needs.
@@ -28,6 +30,15 @@ pub struct Replica {
     pub name: String,
     /// Where the objects go.
     pub store: Arc<dyn ObjectStore>,
+    /// Snapshot interval and retention.
+    pub policy: RetentionPolicy,
+}
+
+impl Replica {
+    /// A replica with Litestream's default policy.
+    pub fn new(name: impl Into<String>, store: Arc<dyn ObjectStore>) -> Replica {
+        Replica { name: name.into(), store, policy: RetentionPolicy::default() }
+    }
 }
 
 pub(crate) struct Uploader {
@@ -37,11 +48,13 @@ pub(crate) struct Uploader {
     /// as Litestream does).
     position: watch::Sender<Option<Pos>>,
     new_generation: std::sync::mpsc::Sender<crate::capture::Wake>,
+    /// The newest snapshot this replica is known to hold.
+    uploaded_snapshot: Option<LocalSnapshot>,
 }
 
 impl Uploader {
     pub(crate) fn new(replica: Replica, state: watch::Receiver<ShadowState>, position: watch::Sender<Option<Pos>>, new_generation: std::sync::mpsc::Sender<crate::capture::Wake>) -> Uploader {
-        Uploader { replica, state, position, new_generation }
+        Uploader { replica, state, position, new_generation, uploaded_snapshot: None }
     }
 
     /// Ships until the capturer publishes its final state and all of it is shipped, or the
@@ -74,7 +87,7 @@ impl Uploader {
     }
 
     async fn ship(&mut self, state: &ShadowState) -> Result<(), Error> {
-        let (Some(generation), Some(end), Some(_)) = (state.generation, state.end, &state.snapshot) else {
+        let (Some(generation), Some(end), Some(snapshot)) = (state.generation, state.end, &state.snapshot) else {
             return Ok(());
         };
         let known = *self.position.borrow();
@@ -104,23 +117,39 @@ impl Uploader {
             self.position.send_replace(Some(pos));
         }
         self.position.send_replace(Some(pos));
+        if self.uploaded_snapshot.as_ref() != Some(snapshot) {
+            self.put_snapshot(&generation, snapshot).await?;
+        }
+        Ok(())
+    }
+
+    /// Streamed from disk: a snapshot may be far larger than the memory walstream may use.
+    async fn put_snapshot(&mut self, generation: &walstream_format::GenerationId, snapshot: &LocalSnapshot) -> Result<(), Error> {
+        let key = name::snapshot_key(generation, snapshot.index);
+        self.replica.store.put_file(&key, &snapshot.path).await.map_err(|source| Error::Store { replica: self.replica.name.clone(), source })?;
+        info!(replica = %self.replica.name, generation = %generation, index = snapshot.index, "snapshot uploaded");
+        self.uploaded_snapshot = Some(snapshot.clone());
         Ok(())
     }
 
     /// Finds where the replica stands in the current generation, uploading the generation's
     /// snapshot if the replica lacks it. Like Litestream's `calcPos`, the last segment is
     /// downloaded to learn its length, so a restarted walstream never re-sends or skips bytes.
-    async fn resume_position(&self, state: &ShadowState) -> Result<Pos, Error> {
+    async fn resume_position(&mut self, state: &ShadowState) -> Result<Pos, Error> {
         let generation = state.generation.expect("checked by caller");
         let snapshot = state.snapshot.as_ref().expect("checked by caller");
         let snapshots = self.list(&name::snapshots_prefix(&generation)).await?;
-        let has_snapshot = snapshots.iter().any(|key| matches!(name::parse_key(key).map(|k| k.kind), Some(ObjectKind::Snapshot { .. })));
-        if !has_snapshot {
-            let key = name::snapshot_key(&generation, snapshot.index);
-            // Streamed from disk: a snapshot may be far larger than the memory walstream may use.
-            self.replica.store.put_file(&key, &snapshot.path).await.map_err(|source| Error::Store { replica: self.replica.name.clone(), source })?;
-            info!(replica = %self.replica.name, generation = %generation, index = snapshot.index, "snapshot uploaded");
-            return Ok(Pos { generation, index: snapshot.index, offset: 0 });
+        let newest = snapshots.iter().filter_map(|key| match name::parse_key(key)?.kind {
+            ObjectKind::Snapshot { index } => Some(index),
+            ObjectKind::Segment { .. } => None,
+        });
+        match newest.max() {
+            None => {
+                self.put_snapshot(&generation, snapshot).await?;
+                return Ok(Pos { generation, index: snapshot.index, offset: 0 });
+            }
+            Some(index) if index >= snapshot.index => self.uploaded_snapshot = Some(snapshot.clone()),
+            Some(_) => {}
         }
         let segments = self.list(&name::wal_prefix(&generation)).await?;
         let last = segments.iter().filter_map(|key| Some((name::parse_key(key)?.pos()?, key))).max_by_key(|(pos, _)| *pos);

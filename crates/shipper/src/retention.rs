@@ -1,0 +1,221 @@
+//! Per-replica upkeep: periodic snapshots and retention (Litestream's `snapshot-interval`,
+//! `retention` and `retention-check-interval`, spec §5).
+//!
+//! Retention only ever deletes what a restore of the current generation cannot need: snapshots
+//! and WAL below the oldest retained snapshot of a generation, and whole generations with no
+//! retained snapshot, never the current one. When nothing is retained it asks the capturer for
+//! a snapshot and deletes nothing until that snapshot is on the replica.
+
+use std::collections::BTreeMap;
+use std::sync::mpsc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+use tracing::{info, warn};
+use walstream_format::name::{self, ObjectKind};
+use walstream_format::GenerationId;
+use walstream_store::ObjectMeta;
+
+use crate::capture::{ShadowState, Wake};
+use crate::upload::Replica;
+
+/// How long a requested snapshot may take before it is asked for again.
+const SNAPSHOT_WAIT: Duration = Duration::from_secs(60);
+
+/// When a replica gets snapshots and loses old data. Defaults are Litestream's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetentionPolicy {
+    /// Take a snapshot this often; `None` only at the start of a generation (and when
+    /// retention finds none retained).
+    pub snapshot_interval: Option<Duration>,
+    /// Keep restorable history this far back; `None` keeps everything.
+    pub retention: Option<Duration>,
+    /// How often retention runs; the first check is one interval after start.
+    pub check_interval: Duration,
+}
+
+impl Default for RetentionPolicy {
+    fn default() -> RetentionPolicy {
+        RetentionPolicy { snapshot_interval: None, retention: Some(Duration::from_secs(24 * 3600)), check_interval: Duration::from_secs(3600) }
+    }
+}
+
+/// What one retention check decided.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct RetentionPlan {
+    /// Keys to delete, snapshots last within each generation so an interrupted run never leaves
+    /// WAL without the snapshot it starts from.
+    pub(crate) delete: Vec<String>,
+    /// The current generation has no retained snapshot on this replica.
+    pub(crate) need_snapshot: bool,
+}
+
+#[derive(Default)]
+struct Listing<'a> {
+    snapshots: Vec<(u32, &'a ObjectMeta)>,
+    segments: Vec<(u32, &'a ObjectMeta)>,
+}
+
+/// Decides what to delete from a listing of `generations/`.
+pub(crate) fn plan(objects: &[ObjectMeta], current: GenerationId, cutoff: SystemTime) -> RetentionPlan {
+    let mut generations: BTreeMap<GenerationId, Listing> = BTreeMap::new();
+    for object in objects {
+        let Some(key) = name::parse_key(&object.key) else { continue };
+        let listing = generations.entry(key.generation).or_default();
+        match key.kind {
+            ObjectKind::Snapshot { index } => listing.snapshots.push((index, object)),
+            ObjectKind::Segment { index, .. } => listing.segments.push((index, object)),
+        }
+    }
+    let oldest_retained = |listing: &Listing| listing.snapshots.iter().filter(|(_, o)| o.created >= cutoff).map(|(index, _)| *index).min();
+    let Some(current_min) = generations.get(&current).and_then(oldest_retained) else {
+        // Without a retained snapshot of the current generation on the replica, the other
+        // generations may still be all a restore has: keep everything.
+        return RetentionPlan { delete: Vec::new(), need_snapshot: true };
+    };
+    let mut delete = Vec::new();
+    for (generation, listing) in &generations {
+        let min_index = if *generation == current { Some(current_min) } else { oldest_retained(listing) };
+        let below = |index: u32| min_index.is_none_or(|min| index < min);
+        delete.extend(listing.segments.iter().filter(|(i, _)| below(*i)).map(|(_, o)| o.key.clone()));
+        delete.extend(listing.snapshots.iter().filter(|(i, _)| below(*i)).map(|(_, o)| o.key.clone()));
+    }
+    RetentionPlan { delete, need_snapshot: false }
+}
+
+/// Runs the replica's snapshot timer and retention checks until the state channel closes.
+pub(crate) async fn run(replica: Replica, policy: RetentionPolicy, mut state: watch::Receiver<ShadowState>, wake: mpsc::Sender<Wake>) {
+    let retention = policy.retention.filter(|r| !r.is_zero());
+    let check_every = retention.map(|r| policy.check_interval.min(r).max(Duration::from_millis(100)));
+    let mut next_check = check_every.map(|every| tokio::time::Instant::now() + every);
+    loop {
+        let snapshot_due = policy.snapshot_interval.filter(|i| !i.is_zero()).and_then(|interval| {
+            let taken = state.borrow().snapshot.as_ref()?.created;
+            let age = SystemTime::now().duration_since(taken).unwrap_or_default();
+            Some(tokio::time::Instant::now() + interval.saturating_sub(age))
+        });
+        let sleep_until = [snapshot_due, next_check].into_iter().flatten().min();
+        tokio::select! {
+            changed = state.changed() => {
+                if changed.is_err() || state.borrow().is_final {
+                    return;
+                }
+                continue;
+            }
+            () = sleep_opt(sleep_until) => {}
+        }
+        let now = tokio::time::Instant::now();
+        if snapshot_due.is_some_and(|due| due <= now) {
+            let before = state.borrow().snapshot.clone();
+            let _ = wake.send(Wake::Snapshot);
+            // The next deadline comes from the new snapshot once it is published.
+            let _ = tokio::time::timeout(SNAPSHOT_WAIT, state.wait_for(|s| s.snapshot != before || s.is_final)).await;
+        }
+        if let (Some(every), Some(due), Some(retention)) = (check_every, next_check, retention) {
+            if due <= now {
+                next_check = Some(now + every);
+                let current = state.borrow().generation;
+                if let Some(current) = current {
+                    if let Err(e) = enforce(&replica, current, retention, &wake).await {
+                        warn!(replica = %replica.name, error = %e, "retention check failed; retrying at the next check");
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_opt(until: Option<tokio::time::Instant>) {
+    match until {
+        Some(until) => tokio::time::sleep_until(until).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn enforce(replica: &Replica, current: GenerationId, retention: Duration, wake: &mpsc::Sender<Wake>) -> Result<(), walstream_store::Error> {
+    let objects = replica.store.list(&name::generations_prefix()).await?;
+    let cutoff = SystemTime::now().checked_sub(retention).unwrap_or(SystemTime::UNIX_EPOCH);
+    let plan = plan(&objects, current, cutoff);
+    if plan.need_snapshot {
+        info!(replica = %replica.name, "no snapshot inside the retention window; taking one");
+        let _ = wake.send(Wake::Snapshot);
+    }
+    for key in &plan.delete {
+        replica.store.delete(key).await?;
+    }
+    if !plan.delete.is_empty() {
+        info!(replica = %replica.name, deleted = plan.delete.len(), "retention removed objects outside the window");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &str = "1111111111111111";
+    const B: &str = "2222222222222222";
+
+    fn object(key: String, created_secs: u64) -> ObjectMeta {
+        ObjectMeta { key, size: 1, created: SystemTime::UNIX_EPOCH + Duration::from_secs(created_secs) }
+    }
+
+    /// Generation A (old): snapshot 0 at t=10, WAL 0 and 1. Generation B (current): snapshot 0
+    /// at t=100, WAL 0..=2, snapshot 2 at t=200, WAL 2 and 3.
+    fn listing() -> Vec<ObjectMeta> {
+        let (a, b): (GenerationId, GenerationId) = (A.parse().unwrap(), B.parse().unwrap());
+        vec![
+            object(name::snapshot_key(&a, 0), 10),
+            object(name::segment_key(&a, 0, 0), 11),
+            object(name::segment_key(&a, 1, 0), 12),
+            object(name::snapshot_key(&b, 0), 100),
+            object(name::segment_key(&b, 0, 0), 101),
+            object(name::segment_key(&b, 0, 4152), 102),
+            object(name::segment_key(&b, 1, 0), 103),
+            object(name::segment_key(&b, 2, 0), 150),
+            object(name::snapshot_key(&b, 2), 200),
+            object(name::segment_key(&b, 3, 0), 201),
+        ]
+    }
+
+    fn deleted(cutoff: u64) -> RetentionPlan {
+        plan(&listing(), B.parse().unwrap(), SystemTime::UNIX_EPOCH + Duration::from_secs(cutoff))
+    }
+
+    #[test]
+    fn everything_inside_the_window_is_kept() {
+        assert_eq!(deleted(5), RetentionPlan::default());
+    }
+
+    #[test]
+    fn an_old_generation_goes_and_the_current_one_keeps_its_oldest_retained_chain() {
+        let plan = deleted(50);
+        assert!(!plan.need_snapshot);
+        assert_eq!(plan.delete.len(), 3, "all of generation A: {:?}", plan.delete);
+        assert!(plan.delete.iter().all(|k| k.contains(A)));
+    }
+
+    #[test]
+    fn wal_and_snapshots_below_the_oldest_retained_snapshot_go() {
+        let plan = deleted(150);
+        let b: Vec<&String> = plan.delete.iter().filter(|k| k.contains(B)).collect();
+        assert_eq!(b.len(), 4, "snapshot 0 and WAL of indexes 0 and 1: {b:?}");
+        assert!(b.iter().all(|k| !k.contains("/00000002") && !k.contains("/00000003")), "{b:?}");
+        // The snapshot is deleted after the WAL it starts.
+        assert!(plan.delete.last().unwrap().ends_with(".snapshot.lz4"));
+    }
+
+    #[test]
+    fn nothing_goes_while_the_current_generation_has_no_retained_snapshot() {
+        let plan = deleted(300);
+        assert_eq!(plan, RetentionPlan { delete: Vec::new(), need_snapshot: true });
+        let only_old = plan_of_generation_without_snapshot();
+        assert!(only_old.need_snapshot && only_old.delete.is_empty());
+    }
+
+    fn plan_of_generation_without_snapshot() -> RetentionPlan {
+        // The current generation's snapshot is still uploading: generation A is all there is.
+        let objects: Vec<ObjectMeta> = listing().into_iter().filter(|o| o.key.contains(A)).collect();
+        plan(&objects, B.parse().unwrap(), SystemTime::UNIX_EPOCH)
+    }
+}
