@@ -32,17 +32,9 @@ fn main() -> anyhow::Result<()> {
         Some("restore") => {}
         _ => bail!("usage: walstream-bench restore [--db-mib 75] [--transactions 350000] [--runs 3] --walstream PATH --litestream PATH"),
     }
-    let mut options = Options {
-        db_mib: 75,
-        transactions: 350_000,
-        runs: 3,
-        walstream: PathBuf::new(),
-        litestream: PathBuf::new(),
-    };
+    let mut options = Options { db_mib: 75, transactions: 350_000, runs: 3, walstream: PathBuf::new(), litestream: PathBuf::new() };
     while let Some(flag) = args.next() {
-        let value = args
-            .next()
-            .with_context(|| format!("{flag} needs a value"))?;
+        let value = args.next().with_context(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--db-mib" => options.db_mib = value.parse()?,
             "--transactions" => options.transactions = value.parse()?,
@@ -52,10 +44,7 @@ fn main() -> anyhow::Result<()> {
             _ => bail!("unknown flag {flag}"),
         }
     }
-    ensure!(
-        options.walstream.is_file() && options.litestream.is_file(),
-        "--walstream and --litestream must name the binaries"
-    );
+    ensure!(options.walstream.is_file() && options.litestream.is_file(), "--walstream and --litestream must name the binaries");
     restore_bench(&options)
 }
 
@@ -75,16 +64,9 @@ fn measure(command: &mut Command) -> anyhow::Result<Measured> {
     let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
     let wall = start.elapsed();
     ensure!(pid > 0, "wait4 failed");
-    ensure!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "{command:?} failed with status {status:#x}"
-    );
+    ensure!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "{command:?} failed with status {status:#x}");
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    Ok(Measured {
-        wall,
-        cpu: tv(usage.ru_utime) + tv(usage.ru_stime),
-        max_rss_kib: usage.ru_maxrss,
-    })
+    Ok(Measured { wall, cpu: tv(usage.ru_utime) + tv(usage.ru_stime), max_rss_kib: usage.ru_maxrss })
 }
 
 fn restore_bench(options: &Options) -> anyhow::Result<()> {
@@ -102,50 +84,26 @@ fn restore_bench(options: &Options) -> anyhow::Result<()> {
         .arg(&url)
         .stderr(replicate_log)
         .spawn()?;
-    wait_for(Duration::from_secs(120), || {
-        has_file_ending(&replica, ".snapshot.lz4")
-    })?;
+    wait_for(Duration::from_secs(120), || has_file_ending(&replica, ".snapshot.lz4"))?;
 
-    eprintln!(
-        "committing {} transactions while walstream replicates",
-        options.transactions
-    );
+    eprintln!("committing {} transactions while walstream replicates", options.transactions);
     let started = Instant::now();
     update_rows(&db, rows, options.transactions)?;
     let write_time = started.elapsed();
     // SAFETY: signalling our own child.
     unsafe { libc::kill(replicator.id() as i32, libc::SIGTERM) };
     let status = replicator.wait()?;
-    ensure!(
-        status.success(),
-        "walstream replicate exited {status}; see its log"
-    );
+    ensure!(status.success(), "walstream replicate exited {status}; see its log");
     let (segments, wal_bytes, indexes) = replica_wal_stats(&replica)?;
     let expected = fingerprint(&db)?;
 
-    let mut results: Vec<(&str, Vec<Measured>)> = vec![
-        ("walstream", Vec::new()),
-        ("litestream v0.3.13", Vec::new()),
-    ];
+    let mut results: Vec<(&str, Vec<Measured>)> = vec![("walstream", Vec::new()), ("litestream v0.3.13", Vec::new())];
     for run in 0..options.runs {
         for (n, (tool, measured)) in results.iter_mut().enumerate() {
             let out = dir.path().join(format!("restored-{n}-{run}.db"));
-            let binary = if n == 0 {
-                &options.walstream
-            } else {
-                &options.litestream
-            };
-            let m = measure(
-                Command::new(binary)
-                    .args(["restore", "-o"])
-                    .arg(&out)
-                    .arg(&url)
-                    .stderr(std::process::Stdio::null()),
-            )?;
-            ensure!(
-                fingerprint(&out)? == expected,
-                "{tool}'s restore differs from the source"
-            );
+            let binary = if n == 0 { &options.walstream } else { &options.litestream };
+            let m = measure(Command::new(binary).args(["restore", "-o"]).arg(&out).arg(&url).stderr(std::process::Stdio::null()))?;
+            ensure!(fingerprint(&out)? == expected, "{tool}'s restore differs from the source");
             eprintln!("{tool} run {}: {:.2}s", run + 1, m.wall.as_secs_f64());
             measured.push(m);
             for suffix in ["", "-wal", "-shm", ".tmp-wal", ".tmp-shm"] {
@@ -157,10 +115,7 @@ fn restore_bench(options: &Options) -> anyhow::Result<()> {
     let db_bytes = std::fs::metadata(&db)?.len();
     println!("restore of a {:.1} MB database ({rows} rows) with {} one-row UPDATE transactions since its snapshot", db_bytes as f64 / 1e6, options.transactions);
     println!("replica: file://, {indexes} WAL indexes, {segments} segments, {:.1} MB of compressed WAL (written in {:.1}s)", wal_bytes as f64 / 1e6, write_time.as_secs_f64());
-    println!(
-        "median of {} runs each, alternating; every restore checked against the source",
-        options.runs
-    );
+    println!("median of {} runs each, alternating; every restore checked against the source", options.runs);
     println!();
     println!("| tool | wall (s) | CPU (s) | peak RSS (MiB) |");
     println!("|---|---:|---:|---:|");
@@ -168,21 +123,12 @@ fn restore_bench(options: &Options) -> anyhow::Result<()> {
     for (tool, measured) in &mut results {
         let wall = median(measured.iter().map(|m| m.wall.as_secs_f64()).collect());
         let cpu = median(measured.iter().map(|m| m.cpu.as_secs_f64()).collect());
-        let rss = median(
-            measured
-                .iter()
-                .map(|m| m.max_rss_kib as f64 / 1024.0)
-                .collect(),
-        );
+        let rss = median(measured.iter().map(|m| m.max_rss_kib as f64 / 1024.0).collect());
         println!("| {tool} | {wall:.2} | {cpu:.2} | {rss:.1} |");
         walls.push(wall);
     }
     println!();
-    println!(
-        "walstream's wall time is {:.1}% of litestream's ({:.1}x faster)",
-        100.0 * walls[0] / walls[1],
-        walls[1] / walls[0]
-    );
+    println!("walstream's wall time is {:.1}% of litestream's ({:.1}x faster)", 100.0 * walls[0] / walls[1], walls[1] / walls[0]);
     Ok(())
 }
 
@@ -197,16 +143,11 @@ fn fill(db: &Path, mib: u64) -> anyhow::Result<i64> {
     conn.pragma_update(None, "journal_mode", "wal")?;
     conn.execute_batch("CREATE TABLE items (id INTEGER PRIMARY KEY, body TEXT NOT NULL)")?;
     let mut rows = 0i64;
-    while std::fs::metadata(db)?.len() + std::fs::metadata(wal_path(db)).map_or(0, |m| m.len())
-        < mib << 20
-    {
+    while std::fs::metadata(db)?.len() + std::fs::metadata(wal_path(db)).map_or(0, |m| m.len()) < mib << 20 {
         let tx = conn.unchecked_transaction()?;
         for _ in 0..10_000 {
             rows += 1;
-            tx.execute(
-                "INSERT INTO items (id, body) VALUES (?1, hex(randomblob(100)))",
-                [rows],
-            )?;
+            tx.execute("INSERT INTO items (id, body) VALUES (?1, hex(randomblob(100)))", [rows])?;
         }
         tx.commit()?;
     }
@@ -235,11 +176,7 @@ fn wal_path(db: &Path) -> PathBuf {
 fn fingerprint(db: &Path) -> anyhow::Result<(i64, u64)> {
     let conn = Connection::open(db)?;
     let check: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
-    ensure!(
-        check == "ok",
-        "{}: integrity_check says {check}",
-        db.display()
-    );
+    ensure!(check == "ok", "{}: integrity_check says {check}", db.display());
     let mut stmt = conn.prepare("SELECT id, body FROM items ORDER BY id")?;
     let mut rows = stmt.query([])?;
     let (mut count, mut hash) = (0i64, 0xcbf29ce484222325u64);
@@ -254,50 +191,22 @@ fn fingerprint(db: &Path) -> anyhow::Result<(i64, u64)> {
 }
 
 fn has_file_ending(dir: &Path, suffix: &str) -> bool {
-    walk(dir)
-        .iter()
-        .any(|p| p.to_string_lossy().ends_with(suffix))
+    walk(dir).iter().any(|p| p.to_string_lossy().ends_with(suffix))
 }
 
 /// (segments, their bytes, distinct indexes) of the replica's WAL.
 fn replica_wal_stats(replica: &Path) -> anyhow::Result<(usize, u64, usize)> {
-    let segments: Vec<PathBuf> = walk(replica)
-        .into_iter()
-        .filter(|p| p.to_string_lossy().ends_with(".wal.lz4"))
-        .collect();
-    let bytes = segments
-        .iter()
-        .map(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
-        .sum();
-    let mut indexes: Vec<String> = segments
-        .iter()
-        .filter_map(|p| {
-            p.file_name()?
-                .to_str()?
-                .split('_')
-                .next()
-                .map(str::to_string)
-        })
-        .collect();
+    let segments: Vec<PathBuf> = walk(replica).into_iter().filter(|p| p.to_string_lossy().ends_with(".wal.lz4")).collect();
+    let bytes = segments.iter().map(|p| std::fs::metadata(p).map_or(0, |m| m.len())).sum();
+    let mut indexes: Vec<String> = segments.iter().filter_map(|p| p.file_name()?.to_str()?.split('_').next().map(str::to_string)).collect();
     indexes.sort();
     indexes.dedup();
     Ok((segments.len(), bytes, indexes.len()))
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .flat_map(|e| {
-            if e.path().is_dir() {
-                walk(&e.path())
-            } else {
-                vec![e.path()]
-            }
-        })
-        .collect()
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    entries.flatten().flat_map(|e| if e.path().is_dir() { walk(&e.path()) } else { vec![e.path()] }).collect()
 }
 
 fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> anyhow::Result<()> {
