@@ -85,6 +85,16 @@ struct Generation {
     shadow: Option<ShadowIndex>,
 }
 
+impl Generation {
+    /// The committed end of the shadow: where the current index is, and how far it is copied.
+    fn end(&self) -> Pos {
+        match &self.shadow {
+            Some(shadow) => Pos { generation: self.id, index: shadow.index, offset: shadow.committed_len },
+            None => Pos { generation: self.id, index: self.snapshot.index, offset: 0 },
+        }
+    }
+}
+
 pub(crate) struct Capturer {
     db_path: PathBuf,
     wal_path: PathBuf,
@@ -222,7 +232,7 @@ impl Capturer {
     /// snapshot for an upload that may still be reading it.
     fn snapshot(&mut self) -> Result<(), Error> {
         let Some(generation) = self.generation.as_mut() else { return Ok(()) };
-        let index = generation.shadow.as_ref().map_or(generation.snapshot.index, |s| s.index);
+        let index = generation.end().index;
         let snapshot = self.meta.write_snapshot(&generation.id, index, self.db.db_file(), &mut self.buf)?;
         self.meta.remove_snapshots_below(&generation.id, generation.snapshot.index);
         info!(db = %self.db_path.display(), generation = %generation.id, index, "snapshot taken");
@@ -384,19 +394,13 @@ impl Capturer {
     fn publish(&mut self, is_final: bool) {
         let state = match &self.generation {
             None => ShadowState { is_final, ..ShadowState::default() },
-            Some(generation) => {
-                let end = match &generation.shadow {
-                    Some(shadow) => Pos { generation: generation.id, index: shadow.index, offset: shadow.committed_len },
-                    None => Pos { generation: generation.id, index: generation.snapshot.index, offset: 0 },
-                };
-                ShadowState {
-                    generation: Some(generation.id),
-                    wal_dir: self.meta.wal_dir(&generation.id),
-                    snapshot: Some(generation.snapshot.clone()),
-                    end: Some(end),
-                    is_final,
-                }
-            }
+            Some(generation) => ShadowState {
+                generation: Some(generation.id),
+                wal_dir: self.meta.wal_dir(&generation.id),
+                snapshot: Some(generation.snapshot.clone()),
+                end: Some(generation.end()),
+                is_final,
+            },
         };
         self.state.send_if_modified(|current| {
             let modified = *current != state;

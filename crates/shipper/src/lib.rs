@@ -111,7 +111,7 @@ impl Shipper {
             let (position_tx, position_rx) = tokio::sync::watch::channel(None);
             positions.push(position_rx);
             // Upkeep ends with the capturer's final state; it never holds up shutdown.
-            tokio::spawn(retention::run(replica.clone(), replica.policy, state_rx.clone(), wake_tx.clone()));
+            tokio::spawn(retention::run(replica.clone(), state_rx.clone(), wake_tx.clone()));
             uploaders.spawn(Uploader::new(replica, state_rx.clone(), position_tx, wake_tx.clone()).run());
         }
         let meta = meta::MetaDir::for_db(&db_path, self.config.meta_dir.as_deref());

@@ -84,7 +84,8 @@ pub(crate) fn plan(objects: &[ObjectMeta], current: GenerationId, cutoff: System
 }
 
 /// Runs the replica's snapshot timer and retention checks until the state channel closes.
-pub(crate) async fn run(replica: Replica, policy: RetentionPolicy, mut state: watch::Receiver<ShadowState>, wake: mpsc::Sender<Wake>) {
+pub(crate) async fn run(replica: Replica, mut state: watch::Receiver<ShadowState>, wake: mpsc::Sender<Wake>) {
+    let policy = replica.policy;
     let retention = policy.retention.filter(|r| !r.is_zero());
     let check_every = retention.map(|r| policy.check_interval.min(r).max(Duration::from_millis(100)));
     let mut next_check = check_every.map(|every| tokio::time::Instant::now() + every);
