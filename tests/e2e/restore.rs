@@ -15,8 +15,15 @@ fn rfc3339(t: SystemTime) -> String {
     time::OffsetDateTime::from(t).format(&time::format_description::well_known::Rfc3339).unwrap()
 }
 
+/// Rows in `items`, or 0 before the table exists: a replica caught between its first snapshot
+/// and its first segment restores the database as it was before the app's CREATE TABLE.
 fn rows_in(path: &std::path::Path) -> i64 {
-    rusqlite::Connection::open(path).unwrap().query_row("SELECT count(*) FROM items", [], |r| r.get(0)).unwrap()
+    let conn = rusqlite::Connection::open(path).unwrap();
+    let tables: i64 = conn.query_row("SELECT count(*) FROM sqlite_master WHERE name = 'items'", [], |r| r.get(0)).unwrap();
+    if tables == 0 {
+        return 0;
+    }
+    conn.query_row("SELECT count(*) FROM items", [], |r| r.get(0)).unwrap()
 }
 
 /// `walstream restore EXTRA... -o OUT URL`: the row count restored, or the failed output.
