@@ -131,7 +131,7 @@ fn request(method: &str, path: &str, body: Option<&str>) -> std::io::Result<(u16
     request_on(host(), method, path, body)
 }
 
-fn request_on(host: &str, method: &str, path: &str, body: Option<&str>) -> std::io::Result<(u16, String)> {
+pub(crate) fn request_on(host: &str, method: &str, path: &str, body: Option<&str>) -> std::io::Result<(u16, String)> {
     request_bytes(host, method, path, body.map(str::as_bytes))
 }
 

@@ -15,3 +15,4 @@ mod interop;
 mod replicate;
 mod restore;
 mod retention;
+mod server;

@@ -30,6 +30,9 @@ pub(crate) enum Command {
     Wal(ListArgs),
     /// List the databases of the config file and their replicas.
     Databases(ConfigArgs),
+    /// Wait until every transaction committed so far is in every replica (asks the running
+    /// `walstream replicate` on its addr; exit 14 on timeout).
+    Sync(SyncArgs),
     /// Check a config file without starting anything: `walstream config check`.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -54,6 +57,29 @@ pub(crate) struct ReplicateArgs {
     /// to it, and exit with its exit code after the final flush. Overrides the config's `exec`.
     #[arg(long, value_name = "CMD")]
     pub(crate) exec: Option<String>,
+    /// Serve /metrics, /healthz, /readyz and POST /sync on HOST:PORT (or :PORT). Overrides the
+    /// config's `addr`.
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_addr)]
+    pub(crate) addr: Option<String>,
+}
+
+/// `walstream sync`: wait until everything committed so far is in every replica.
+#[derive(Args, Debug)]
+pub(crate) struct SyncArgs {
+    #[command(flatten)]
+    pub(crate) config: ConfigArgs,
+    /// Only this database (default: every database the replicator serves).
+    pub(crate) db_path: Option<PathBuf>,
+    /// The running replicator's address; default: the config file's `addr`.
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_addr)]
+    pub(crate) addr: Option<String>,
+    /// Give up (exit 14) when the replicas have not confirmed within this long.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub(crate) timeout: Duration,
+}
+
+fn parse_addr(s: &str) -> Result<String, String> {
+    crate::config::check_addr(s).map(|()| s.to_string())
 }
 
 #[derive(Subcommand, Debug)]

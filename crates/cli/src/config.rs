@@ -27,6 +27,8 @@ pub(crate) struct Config {
     pub(crate) dbs: Vec<DbConfig>,
     /// The `exec` command, if any.
     pub(crate) exec: Option<String>,
+    /// `addr`: where to serve metrics, health and the sync barrier (`host:port`, `:port`).
+    pub(crate) addr: Option<String>,
     pub(crate) logging: LoggingConfig,
 }
 
@@ -66,6 +68,7 @@ struct RawConfig {
     #[serde(default)]
     dbs: Vec<RawDb>,
     exec: Option<String>,
+    addr: Option<String>,
     logging: Option<RawLogging>,
 }
 
@@ -131,7 +134,7 @@ pub(crate) fn load(path: &Path, expand_env: bool) -> Result<Config, ConfigError>
 }
 
 fn parse(text: &str) -> Result<Config, String> {
-    let raw: RawConfig = if text.trim().is_empty() { RawConfig { dbs: Vec::new(), exec: None, logging: None } } else { serde_yaml_ng::from_str(text).map_err(|e| e.to_string())? };
+    let raw: RawConfig = if text.trim().is_empty() { RawConfig { dbs: Vec::new(), exec: None, addr: None, logging: None } } else { serde_yaml_ng::from_str(text).map_err(|e| e.to_string())? };
     let mut logging_config = LoggingConfig::default();
     if let Some(logging) = &raw.logging {
         match logging.kind.as_deref().unwrap_or("") {
@@ -161,7 +164,19 @@ fn parse(text: &str) -> Result<Config, String> {
         }
         dbs.push(DbConfig { path: absolute(&path), meta_path: db.meta_path.filter(|p| !p.is_empty()).map(|p| absolute(&p)), replicas });
     }
-    Ok(Config { dbs, exec: raw.exec.filter(|e| !e.trim().is_empty()), logging: logging_config })
+    let addr = raw.addr.filter(|a| !a.is_empty());
+    if let Some(addr) = &addr {
+        check_addr(addr).map_err(|e| format!("addr: {e}"))?;
+    }
+    Ok(Config { dbs, exec: raw.exec.filter(|e| !e.trim().is_empty()), addr, logging: logging_config })
+}
+
+/// `host:port` or `:port`, as Litestream accepts it.
+pub(crate) fn check_addr(addr: &str) -> Result<(), String> {
+    match addr.rsplit_once(':') {
+        Some((_, port)) if port.parse::<u16>().is_ok() => Ok(()),
+        _ => Err(format!("must specify port for bind address: {addr:?}; use host:port or :port")),
+    }
 }
 
 fn replica_config(raw: RawReplica, key: &str) -> Result<ReplicaConfig, String> {
@@ -323,6 +338,7 @@ dbs:
         path: other
 unknown-top-level-key: ignored
 exec: node server.js
+addr: :9090
 ";
 
     #[test]
@@ -342,6 +358,7 @@ exec: node server.js
         assert_eq!(config.db("/data/other.db").unwrap().replicas[0].url, "gcs://b2/other");
         assert_eq!(config.db("/data/other.db").unwrap().meta_path, Some(PathBuf::from("/var/lib/walstream/other")));
         assert_eq!(config.exec.as_deref(), Some("node server.js"));
+        assert_eq!(config.addr.as_deref(), Some(":9090"));
         assert!(config.db("/data/missing.db").unwrap_err().to_string().contains("database not found in config: /data/missing.db"));
         assert!(app.replicas(Some("s3")).unwrap_err().to_string().contains("replica \"s3\" not found for database \"/data/app.db\""));
     }
@@ -355,6 +372,7 @@ exec: node server.js
             ("dbs:\n  - path: /a\n    replicas:\n      - type: s3\n        bucket: b\n", "dbs[0].replicas[0].type: unknown replica type"),
             ("dbs:\n  - path: /a\n    replicas:\n      - url: file:///r\n        sync-interval: abc\n", "dbs[0].replicas[0].sync-interval: invalid duration \"abc\""),
             ("logging:\n  type: xml\n", "logging.type: unknown value \"xml\""),
+            ("addr: localhost\n", "addr: must specify port for bind address"),
             ("dbs:\n  - path: [1, 2]\n", "line 2"),
         ];
         for (text, want) in cases {

@@ -31,6 +31,8 @@ pub(crate) const NO_SUCH_RESTORE_POINT: i32 = 11;
 pub(crate) const CONFIG: i32 = 12;
 /// Another walstream process is already replicating the database.
 pub(crate) const ALREADY_REPLICATING: i32 = 13;
+/// `walstream sync`: the replicas did not confirm before the timeout (or replication stopped).
+pub(crate) const SYNC_NOT_CONFIRMED: i32 = 14;
 /// A signal cut a restore short, or a second signal cut the graceful shutdown short.
 pub(crate) const INTERRUPTED: i32 = 130;
 
@@ -66,6 +68,9 @@ fn specific_code(cause: &(dyn std::error::Error + 'static)) -> Option<i32> {
     }
     if cause.is::<Interrupted>() {
         return Some(INTERRUPTED);
+    }
+    if cause.is::<crate::sync_client::NotConfirmed>() {
+        return Some(SYNC_NOT_CONFIRMED);
     }
     if let Some(e) = cause.downcast_ref::<S>() {
         return match e {

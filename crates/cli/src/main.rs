@@ -9,13 +9,16 @@ mod exec;
 mod exit;
 mod list;
 mod logging;
+mod metrics;
 mod progress;
 mod ready;
 mod replica_url;
 mod replicate;
 mod restore;
+mod server;
 mod signals;
 mod source;
+mod sync_client;
 
 use anyhow::Context;
 use clap::Parser;
@@ -71,6 +74,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Snapshots(args) => print_listing(args, list::Kind::Snapshots).await,
         Command::Wal(args) => print_listing(args, list::Kind::Wal).await,
         Command::Databases(args) => print_databases(&args),
+        Command::Sync(args) => sync_client::sync(args).await,
         Command::Config(args::ConfigCommand::Check(args)) => check_config(&args),
         Command::Version => {
             println!("walstream v{} (litestream v0.3.13 compatible)", env!("CARGO_PKG_VERSION"));

@@ -10,7 +10,7 @@ use walstream_shipper::{Replica, Shipper, ShipperConfig};
 
 use crate::args::ReplicateArgs;
 use crate::signals::{spawn_signal_handler, FIRST_SIGNAL};
-use crate::{config, exec, replica_url};
+use crate::{config, exec, replica_url, server};
 
 /// One database to replicate, and where.
 struct Job {
@@ -18,9 +18,16 @@ struct Job {
     replicas: Vec<Replica>,
 }
 
+/// What the config file adds to the jobs: its `exec` and `addr`.
+#[derive(Default)]
+struct Extras {
+    exec: Option<String>,
+    addr: Option<String>,
+}
+
 /// The databases `replicate` was asked for: the one on the command line, or every one in the
-/// config file. Also the config's `exec`, if it was read.
-fn replication_jobs(args: &ReplicateArgs) -> anyhow::Result<(Vec<Job>, Option<String>)> {
+/// config file.
+fn replication_jobs(args: &ReplicateArgs) -> anyhow::Result<(Vec<Job>, Extras)> {
     let open = |name: &str, url: &str| -> anyhow::Result<Replica> { Ok(Replica::new(name, Arc::from(replica_url::open(url)?))) };
     if let Some(db_path) = &args.db_path {
         if args.config.config.is_some() {
@@ -30,7 +37,7 @@ fn replication_jobs(args: &ReplicateArgs) -> anyhow::Result<(Vec<Job>, Option<St
         let replicas = args.replica_urls.iter().map(|url| open(replica_url::kind(url), url)).collect::<anyhow::Result<_>>()?;
         let mut config = ShipperConfig::new(db_path);
         config.shutdown_deadline = args.shutdown_timeout;
-        return Ok((vec![Job { config, replicas }], None));
+        return Ok((vec![Job { config, replicas }], Extras::default()));
     }
     let path = args.config.config.clone().unwrap_or_else(config::default_path);
     let file = config::load(&path, !args.config.no_expand_env)?;
@@ -49,19 +56,19 @@ fn replication_jobs(args: &ReplicateArgs) -> anyhow::Result<(Vec<Job>, Option<St
         config.shutdown_deadline = args.shutdown_timeout;
         jobs.push(Job { config, replicas });
     }
-    Ok((jobs, file.exec))
+    Ok((jobs, Extras { exec: file.exec, addr: file.addr }))
 }
 
 /// Replicates every job until `shutdown`, then flushes each. If one fails, the others are
 /// stopped (and flushed) too, and the first error is returned.
-async fn ship_all(jobs: Vec<Job>, shutdown: CancellationToken) -> anyhow::Result<()> {
+async fn ship_all(shippers: Vec<Shipper>, shutdown: CancellationToken) -> anyhow::Result<()> {
     use futures_util::stream::{FuturesUnordered, StreamExt};
     let stop = shutdown.child_token();
-    let mut running: FuturesUnordered<_> = jobs
+    let mut running: FuturesUnordered<_> = shippers
         .into_iter()
-        .map(|job| {
-            let (stop, db) = (stop.clone(), job.config.db_path.clone());
-            async move { Shipper::new(job.config, job.replicas).run(stop).await.with_context(|| format!("replicate {}", db.display())) }
+        .map(|shipper| {
+            let (stop, db) = (stop.clone(), shipper.handle().db_path().to_path_buf());
+            async move { shipper.run(stop).await.with_context(|| format!("replicate {}", db.display())) }
         })
         .collect();
     let mut first_error = None;
@@ -75,19 +82,32 @@ async fn ship_all(jobs: Vec<Job>, shutdown: CancellationToken) -> anyhow::Result
 }
 
 pub(crate) async fn replicate(args: ReplicateArgs) -> anyhow::Result<()> {
-    let (jobs, config_exec) = replication_jobs(&args)?;
-    let command = args.exec.clone().or(config_exec);
+    let (jobs, extras) = replication_jobs(&args)?;
+    let command = args.exec.clone().or(extras.exec);
+    let shippers: Vec<Shipper> = jobs.into_iter().map(|job| Shipper::new(job.config, job.replicas)).collect();
+    let handles: Vec<_> = shippers.iter().map(Shipper::handle).collect();
+    // Bound before anything starts, so a taken port fails the command at once.
+    let listener = match args.addr.clone().or(extras.addr) {
+        Some(addr) => Some(server::bind(&addr).await?),
+        None => None,
+    };
     let signalled = CancellationToken::new();
     spawn_signal_handler(signalled.clone())?;
-    let dbs: Vec<String> = jobs.iter().map(|j| j.config.db_path.display().to_string()).collect();
+    let dbs: Vec<String> = handles.iter().map(|h| h.db_path().display().to_string()).collect();
     // Logged once signals are handled: from here on SIGTERM always means a final flush.
     info!(dbs = ?dbs, "walstream v{} started", env!("CARGO_PKG_VERSION"));
+    // Served until replication has ended, so /sync keeps answering during the final flush.
+    let stop_serving = CancellationToken::new();
+    let _stop_serving_on_return = stop_serving.clone().drop_guard();
+    if let Some(listener) = listener {
+        tokio::spawn(server::serve(listener, handles, stop_serving));
+    }
     let Some(command) = command else {
-        return ship_all(jobs, signalled).await;
+        return ship_all(shippers, signalled).await;
     };
 
     let stop_shipping = CancellationToken::new();
-    let shipper = ship_all(jobs, stop_shipping.clone());
+    let shipper = ship_all(shippers, stop_shipping.clone());
     tokio::pin!(shipper);
     let mut child = exec::spawn(&command)?;
     let mut forwarded = None;

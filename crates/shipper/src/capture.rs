@@ -17,6 +17,7 @@ use crate::error::{io_err, Error};
 use crate::meta::{LocalSnapshot, MetaDir};
 use crate::shadow::{ShadowIndex, COPY_CHUNK_BYTES};
 use crate::source::{wal_path, SourceDb};
+use crate::status::DbCounters;
 
 /// How long the capturer sleeps between passes when no event arrives.
 #[derive(Clone, Copy, Debug)]
@@ -59,6 +60,8 @@ pub(crate) enum Wake {
     NewGeneration(String),
     /// A replica's snapshot interval elapsed, or its retention found no snapshot to keep.
     Snapshot,
+    /// Copy what is committed, publish it, and reply with the shadow's end: the sync barrier.
+    Sync(tokio::sync::oneshot::Sender<Option<Pos>>),
     /// Copy what is committed, publish it as final, and stop.
     Shutdown,
 }
@@ -110,11 +113,14 @@ pub(crate) struct Capturer {
     pending_snapshot: bool,
     /// The wal-index state (salt-1, frames) at which the pin last followed a complete back-fill.
     rolled_at_backfill: Option<(u32, u32)>,
+    /// Sync barriers waiting for the next successful pass.
+    pending_syncs: Vec<tokio::sync::oneshot::Sender<Option<Pos>>>,
+    counters: std::sync::Arc<DbCounters>,
     timing: Timing,
 }
 
 impl Capturer {
-    pub(crate) fn new(db_path: PathBuf, meta: MetaDir, db: SourceDb, state: watch::Sender<ShadowState>, replica_positions: Vec<watch::Receiver<Option<Pos>>>) -> Capturer {
+    pub(crate) fn new(db_path: PathBuf, meta: MetaDir, db: SourceDb, state: watch::Sender<ShadowState>, replica_positions: Vec<watch::Receiver<Option<Pos>>>, counters: std::sync::Arc<DbCounters>) -> Capturer {
         let generation = resume_generation(&meta);
         Capturer {
             wal_path: wal_path(&db_path),
@@ -130,6 +136,8 @@ impl Capturer {
             pending_new_generation: None,
             pending_snapshot: false,
             rolled_at_backfill: None,
+            pending_syncs: Vec::new(),
+            counters,
             timing: TIMING,
         }
     }
@@ -143,7 +151,8 @@ impl Capturer {
                 (true, false) => self.timing.probe_idle,
                 (false, _) => self.timing.poll,
             };
-            let mut changed = false;
+            // A barrier waiting through a blocked pass keeps asking for one.
+            let mut changed = !self.pending_syncs.is_empty();
             let mut shutdown = false;
             let first = match wakes.recv_timeout(timeout) {
                 Ok(wake) => Some(wake),
@@ -162,12 +171,19 @@ impl Capturer {
                         self.pending_snapshot = true;
                         changed = true;
                     }
+                    Wake::Sync(reply) => {
+                        self.pending_syncs.push(reply);
+                        changed = true;
+                    }
                     Wake::Shutdown => shutdown = true,
                 }
             }
             if shutdown {
-                let result = self.sync();
+                let result = self.timed_sync();
                 self.publish(true);
+                if result.is_ok() {
+                    self.answer_syncs();
+                }
                 self.db.release_all();
                 return result;
             }
@@ -188,8 +204,25 @@ impl Capturer {
     }
 
     fn sync_logged(&mut self) {
-        if let Err(e) = self.sync() {
-            warn!(db = %self.db_path.display(), error = %e, "sync failed; retrying on the next change");
+        match self.timed_sync() {
+            Ok(()) => self.answer_syncs(),
+            Err(e) => warn!(db = %self.db_path.display(), error = %e, "sync failed; retrying on the next change"),
+        }
+    }
+
+    fn timed_sync(&mut self) -> Result<(), Error> {
+        let started = Instant::now();
+        let result = self.sync();
+        self.counters.record_pass(started.elapsed(), result.is_ok());
+        result
+    }
+
+    /// After a successful pass: everything committed before the barriers asked is in the
+    /// published end.
+    fn answer_syncs(&mut self) {
+        let end = self.generation.as_ref().map(Generation::end);
+        for reply in self.pending_syncs.drain(..) {
+            let _ = reply.send(end);
         }
     }
 
@@ -304,7 +337,8 @@ impl Capturer {
                         return self.new_generation("page size changed");
                     }
                     let mut shadow = ShadowIndex::create(&self.meta.wal_dir(&generation.id), generation.snapshot.index, bytes, header)?;
-                    shadow.append_from(&live.file, live.len, &mut self.buf)?;
+                    self.counters.shadow_bytes.fetch_add(WAL_HEADER_SIZE as u64, std::sync::atomic::Ordering::Relaxed);
+                    self.counters.shadow_bytes.fetch_add(shadow.append_from(&live.file, live.len, &mut self.buf)?, std::sync::atomic::Ordering::Relaxed);
                     generation.shadow = Some(shadow);
                 }
             }
@@ -342,7 +376,7 @@ impl Capturer {
             }
             shadow.sealed = false;
             shadow.next_salt1 = None;
-            shadow.append_from(&live.file, live.len, &mut self.buf)?;
+            self.counters.shadow_bytes.fetch_add(shadow.append_from(&live.file, live.len, &mut self.buf)?, std::sync::atomic::Ordering::Relaxed);
             return Ok(());
         }
         // The header changed: SQLite restarted the WAL. One restart adds exactly 1 to salt-1;
@@ -357,14 +391,15 @@ impl Capturer {
         // still be there, and carry the old salts, so the chain check accepts only them.
         let tail_intact = live.still_holds_last_frame(shadow)?;
         if tail_intact {
-            shadow.append_from(&live.file, live.len, &mut self.buf)?;
+            self.counters.shadow_bytes.fetch_add(shadow.append_from(&live.file, live.len, &mut self.buf)?, std::sync::atomic::Ordering::Relaxed);
         } else if !(clean || shadow.sealed) {
             return self.new_generation("wal overwritten by another process");
         }
         let next = ShadowIndex::create(&self.meta.wal_dir(&generation.id), shadow.index + 1, bytes, header)?;
+        self.counters.shadow_bytes.fetch_add(WAL_HEADER_SIZE as u64, std::sync::atomic::Ordering::Relaxed);
         debug!(db = %self.db_path.display(), index = next.index, "wal restarted; new index");
         let shadow = generation.shadow.insert(next);
-        shadow.append_from(&live.file, live.len, &mut self.buf)?;
+        self.counters.shadow_bytes.fetch_add(shadow.append_from(&live.file, live.len, &mut self.buf)?, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
@@ -379,7 +414,8 @@ impl Capturer {
         if let Some(live) = LiveWal::open(&self.wal_path)? {
             if let Some((bytes, header)) = live.header {
                 let mut index = ShadowIndex::create(&self.meta.wal_dir(&id), 0, bytes, header)?;
-                index.append_from(&live.file, live.len, &mut self.buf)?;
+                self.counters.shadow_bytes.fetch_add(WAL_HEADER_SIZE as u64, std::sync::atomic::Ordering::Relaxed);
+                self.counters.shadow_bytes.fetch_add(index.append_from(&live.file, live.len, &mut self.buf)?, std::sync::atomic::Ordering::Relaxed);
                 shadow = Some(index);
             }
         }
@@ -496,7 +532,7 @@ mod tests {
 
         let source = SourceDb::open(&db_path).unwrap();
         let (state_tx, mut state_rx) = watch::channel(ShadowState::default());
-        let mut capturer = Capturer::new(db_path.clone(), MetaDir::for_db(&db_path, None), source, state_tx, Vec::new());
+        let mut capturer = Capturer::new(db_path.clone(), MetaDir::for_db(&db_path, None), source, state_tx, Vec::new(), Default::default());
         let never = Duration::from_secs(3600);
         capturer.timing = Timing { probe_active: never, probe_idle: never, active_window: never, poll: never };
         let (wake_tx, wake_rx) = std::sync::mpsc::channel();
@@ -532,7 +568,7 @@ mod tests {
             app.execute_batch("PRAGMA journal_mode=wal; PRAGMA wal_autocheckpoint=0; CREATE TABLE t(x); INSERT INTO t VALUES (1);").unwrap();
             let source = SourceDb::open(&db_path).unwrap();
             let (state_tx, _) = watch::channel(ShadowState::default());
-            let capturer = Capturer::new(db_path.clone(), MetaDir::for_db(&db_path, None), source, state_tx, Vec::new());
+            let capturer = Capturer::new(db_path.clone(), MetaDir::for_db(&db_path, None), source, state_tx, Vec::new(), Default::default());
             Harness { _dir: dir, app, capturer }
         }
 

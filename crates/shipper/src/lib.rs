@@ -22,6 +22,7 @@ mod meta;
 mod retention;
 mod shadow;
 mod source;
+mod status;
 mod upload;
 mod watch;
 
@@ -37,6 +38,7 @@ pub use capture::ShadowState;
 pub use error::Error;
 pub use meta::LocalSnapshot;
 pub use retention::RetentionPolicy;
+pub use status::{DbStatus, Handle, ReplicaStatus, SyncError};
 pub use upload::Replica;
 
 use capture::{Capturer, Wake};
@@ -72,31 +74,59 @@ impl ShipperConfig {
 pub struct Shipper {
     config: ShipperConfig,
     replicas: Vec<Replica>,
+    // Made up front so a [`Handle`] works before the database exists.
+    db_path: PathBuf,
+    wake_tx: mpsc::Sender<Wake>,
+    wake_rx: mpsc::Receiver<Wake>,
+    state_tx: tokio::sync::watch::Sender<ShadowState>,
+    positions: Vec<tokio::sync::watch::Sender<Option<walstream_format::Pos>>>,
+    counters: std::sync::Arc<status::DbCounters>,
+    replica_counters: Vec<std::sync::Arc<status::ReplicaCounters>>,
 }
 
 impl Shipper {
     /// A shipper for `config.db_path` to `replicas`.
     pub fn new(config: ShipperConfig, replicas: Vec<Replica>) -> Shipper {
-        Shipper { config, replicas }
+        let db_path = std::path::absolute(&config.db_path).unwrap_or(config.db_path.clone());
+        let (wake_tx, wake_rx) = mpsc::channel();
+        let positions = replicas.iter().map(|_| tokio::sync::watch::channel(None).0).collect();
+        let replica_counters = replicas.iter().map(|_| Default::default()).collect();
+        Shipper { config, replicas, db_path, wake_tx, wake_rx, state_tx: tokio::sync::watch::channel(ShadowState::default()).0, positions, counters: Default::default(), replica_counters }
+    }
+
+    /// A view for metrics, readiness and the sync barrier, valid for as long as the shipper runs.
+    pub fn handle(&self) -> Handle {
+        Handle {
+            db_path: self.db_path.clone(),
+            counters: self.counters.clone(),
+            state: self.state_tx.subscribe(),
+            replicas: self
+                .replicas
+                .iter()
+                .zip(&self.positions)
+                .zip(&self.replica_counters)
+                .map(|((replica, position), counters)| status::ReplicaView { name: replica.name.clone(), kind: replica.store.kind(), position: position.subscribe(), counters: counters.clone() })
+                .collect(),
+            wake: self.wake_tx.clone(),
+        }
     }
 
     /// Replicates until `shutdown` is cancelled, then ships everything committed so far and
     /// returns. A file at the path that is not a SQLite database is an error at once.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
-        let db_path = std::path::absolute(&self.config.db_path).unwrap_or(self.config.db_path.clone());
+        let Shipper { config, replicas, db_path, wake_tx, wake_rx, state_tx, positions: position_txs, counters, replica_counters } = self;
         if !wait_for_database(&db_path, &shutdown).await? {
             return Ok(());
         }
         // Held until this function returns. Taken once the path holds a SQLite database, so a
         // path that is not one is refused without leaving a metadata directory behind.
-        let _lock = meta::MetaDir::for_db(&db_path, self.config.meta_dir.as_deref()).lock()?;
+        let _lock = meta::MetaDir::for_db(&db_path, config.meta_dir.as_deref()).lock()?;
         let source = {
             let db_path = db_path.clone();
             tokio::task::spawn_blocking(move || SourceDb::open(&db_path)).await.expect("open task panicked")?
         };
-        info!(db = %db_path.display(), replicas = self.replicas.len(), "replicating");
+        info!(db = %db_path.display(), replicas = replicas.len(), "replicating");
 
-        let (wake_tx, wake_rx) = mpsc::channel();
         let watcher = match watch::watch(&db_path, wake_tx.clone()) {
             Ok(watcher) => Some(watcher),
             Err(e) => {
@@ -104,18 +134,16 @@ impl Shipper {
                 None
             }
         };
-        let (state_tx, state_rx) = tokio::sync::watch::channel(ShadowState::default());
+        let state_rx = state_tx.subscribe();
         let mut uploaders = JoinSet::new();
-        let mut positions = Vec::new();
-        for replica in self.replicas {
-            let (position_tx, position_rx) = tokio::sync::watch::channel(None);
-            positions.push(position_rx);
+        let positions: Vec<_> = position_txs.iter().map(|p| p.subscribe()).collect();
+        for ((replica, position_tx), replica_counters) in replicas.into_iter().zip(position_txs).zip(replica_counters) {
             // Upkeep ends with the capturer's final state; it never holds up shutdown.
             tokio::spawn(retention::run(replica.clone(), state_rx.clone(), wake_tx.clone()));
-            uploaders.spawn(Uploader::new(replica, state_rx.clone(), position_tx, wake_tx.clone()).run());
+            uploaders.spawn(Uploader::new(replica, state_rx.clone(), position_tx, wake_tx.clone(), replica_counters).run());
         }
-        let meta = meta::MetaDir::for_db(&db_path, self.config.meta_dir.as_deref());
-        let capturer = Capturer::new(db_path.clone(), meta, source, state_tx, positions.clone());
+        let meta = meta::MetaDir::for_db(&db_path, config.meta_dir.as_deref());
+        let capturer = Capturer::new(db_path.clone(), meta, source, state_tx, positions.clone(), counters);
         let capturer = std::thread::Builder::new()
             .name("walstream-capture".into())
             .spawn(move || capturer.run(wake_rx))
@@ -131,7 +159,7 @@ impl Shipper {
             Ok(())
         });
 
-        let drained = tokio::time::timeout(self.config.shutdown_deadline, async {
+        let drained = tokio::time::timeout(config.shutdown_deadline, async {
             while uploaders.join_next().await.is_some() {}
         })
         .await;

@@ -15,6 +15,7 @@ use crate::capture::ShadowState;
 use crate::error::{io_err, Error};
 use crate::meta::LocalSnapshot;
 use crate::retention::RetentionPolicy;
+use crate::status::ReplicaCounters;
 
 /// Uncompressed bytes per segment at most. Segments may end inside a transaction (restore only
 /// applies whole transactions), and this bounds the memory one upload needs.
@@ -50,11 +51,12 @@ pub(crate) struct Uploader {
     new_generation: std::sync::mpsc::Sender<crate::capture::Wake>,
     /// The newest snapshot this replica is known to hold.
     uploaded_snapshot: Option<LocalSnapshot>,
+    counters: Arc<ReplicaCounters>,
 }
 
 impl Uploader {
-    pub(crate) fn new(replica: Replica, state: watch::Receiver<ShadowState>, position: watch::Sender<Option<Pos>>, new_generation: std::sync::mpsc::Sender<crate::capture::Wake>) -> Uploader {
-        Uploader { replica, state, position, new_generation, uploaded_snapshot: None }
+    pub(crate) fn new(replica: Replica, state: watch::Receiver<ShadowState>, position: watch::Sender<Option<Pos>>, new_generation: std::sync::mpsc::Sender<crate::capture::Wake>, counters: Arc<ReplicaCounters>) -> Uploader {
+        Uploader { replica, state, position, new_generation, uploaded_snapshot: None, counters }
     }
 
     /// Ships until the capturer publishes its final state and all of it is shipped, or the
@@ -63,7 +65,10 @@ impl Uploader {
         let mut backoff = BACKOFF_MIN;
         loop {
             let state = self.state.borrow_and_update().clone();
-            match self.ship(&state).await {
+            self.counters.observe(*self.position.borrow(), state.end);
+            let shipped = self.ship(&state).await;
+            self.counters.observe(*self.position.borrow(), state.end);
+            match shipped {
                 Ok(()) => backoff = BACKOFF_MIN,
                 Err(e) => {
                     warn!(replica = %self.replica.name, error = %e, "replica sync failed; retrying");
@@ -114,6 +119,7 @@ impl Uploader {
             self.put(&key, Bytes::from(lz4::compress(&raw))).await?;
             debug!(replica = %self.replica.name, position = %pos, bytes = len, "shipped segment");
             pos.offset += len;
+            self.counters.wal_bytes.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
             self.position.send_replace(Some(pos));
         }
         self.position.send_replace(Some(pos));

@@ -86,6 +86,10 @@ impl ObjectStore for FileStore {
         }
     }
 
+    fn kind(&self) -> &'static str {
+        "file"
+    }
+
     fn describe(&self) -> String {
         format!("file://{}", self.root.display())
     }

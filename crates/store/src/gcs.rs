@@ -303,6 +303,10 @@ impl ObjectStore for GcsStore {
         }
     }
 
+    fn kind(&self) -> &'static str {
+        "gcs"
+    }
+
     fn describe(&self) -> String {
         if self.prefix.is_empty() {
             format!("gcs://{}", self.bucket)

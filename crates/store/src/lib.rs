@@ -89,4 +89,7 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
 
     /// A short description of where this store points, for logs and errors (`file:///x`).
     fn describe(&self) -> String;
+
+    /// The backend, as Litestream's `type` key and metric labels name it: `file`, `gcs`.
+    fn kind(&self) -> &'static str;
 }

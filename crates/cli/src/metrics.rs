@@ -1,0 +1,95 @@
+//! `/metrics`: Prometheus text with Litestream v0.3.13's series names (spec §8), so existing
+//! dashboards keep working, plus walstream's lag and backlog per replica. Values are read from
+//! the shippers at scrape time; nothing is kept between scrapes but the counters' totals.
+
+use prometheus::{CounterVec, Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use walstream_shipper::Handle;
+
+pub(crate) struct Metrics {
+    registry: Registry,
+    handles: Vec<Handle>,
+    db_size: IntGaugeVec,
+    wal_size: IntGaugeVec,
+    total_wal_bytes: IntCounterVec,
+    shadow_wal_index: IntGaugeVec,
+    shadow_wal_size: IntGaugeVec,
+    sync_count: IntCounterVec,
+    sync_error_count: IntCounterVec,
+    sync_seconds: CounterVec,
+    replica_wal_bytes: IntCounterVec,
+    replica_wal_index: IntGaugeVec,
+    replica_wal_offset: IntGaugeVec,
+    replica_lag_seconds: GaugeVec,
+    replica_pending_bytes: IntGaugeVec,
+}
+
+const DB: &[&str] = &["db"];
+const REPLICA: &[&str] = &["db", "name"];
+
+impl Metrics {
+    pub(crate) fn new(handles: Vec<Handle>) -> Metrics {
+        let registry = Registry::new();
+        macro_rules! register {
+            ($kind:ident, $name:literal, $help:literal, $labels:expr) => {{
+                let metric = $kind::new(Opts::new($name, $help), $labels).expect("valid metric definition");
+                registry.register(Box::new(metric.clone())).expect("metric names are unique");
+                metric
+            }};
+        }
+        Metrics {
+            db_size: register!(IntGaugeVec, "litestream_db_size", "The current size of the real DB", DB),
+            wal_size: register!(IntGaugeVec, "litestream_wal_size", "The current size of the real WAL", DB),
+            total_wal_bytes: register!(IntCounterVec, "litestream_total_wal_bytes", "Total number of bytes written to shadow WAL", DB),
+            shadow_wal_index: register!(IntGaugeVec, "litestream_shadow_wal_index", "The current index of the shadow WAL", DB),
+            shadow_wal_size: register!(IntGaugeVec, "litestream_shadow_wal_size", "Current size of shadow WAL, in bytes", DB),
+            sync_count: register!(IntCounterVec, "litestream_sync_count", "Number of sync operations", DB),
+            sync_error_count: register!(IntCounterVec, "litestream_sync_error_count", "Number of sync errors", DB),
+            sync_seconds: register!(CounterVec, "litestream_sync_seconds", "Time spent syncing shadow WAL, in seconds", DB),
+            replica_wal_bytes: register!(IntCounterVec, "litestream_replica_wal_bytes", "The number wal bytes written", REPLICA),
+            replica_wal_index: register!(IntGaugeVec, "litestream_replica_wal_index", "The current WAL index", REPLICA),
+            replica_wal_offset: register!(IntGaugeVec, "litestream_replica_wal_offset", "The current WAL offset", REPLICA),
+            replica_lag_seconds: register!(GaugeVec, "walstream_replica_lag_seconds", "How long the replica has been missing a commit walstream had captured (0 when caught up)", REPLICA),
+            replica_pending_bytes: register!(IntGaugeVec, "walstream_replica_pending_bytes", "WAL bytes captured locally but not yet in the replica", REPLICA),
+            registry,
+            handles,
+        }
+    }
+
+    /// The exposition text, in the content type [`CONTENT_TYPE`].
+    pub(crate) fn render(&self) -> String {
+        for handle in &self.handles {
+            let status = handle.status();
+            let db = status.db_path.display().to_string();
+            let db = [db.as_str()];
+            self.db_size.with_label_values(&db).set(status.db_size as i64);
+            self.wal_size.with_label_values(&db).set(status.wal_size as i64);
+            raise(&self.total_wal_bytes.with_label_values(&db), status.shadow_bytes_total);
+            self.shadow_wal_index.with_label_values(&db).set(status.shadow_index.map_or(0, i64::from));
+            self.shadow_wal_size.with_label_values(&db).set(status.shadow_size as i64);
+            raise(&self.sync_count.with_label_values(&db), status.passes);
+            raise(&self.sync_error_count.with_label_values(&db), status.failed_passes);
+            let seconds = self.sync_seconds.with_label_values(&db);
+            seconds.inc_by((status.pass_seconds - seconds.get()).max(0.0));
+            for replica in &status.replicas {
+                let labels = [db[0], replica.name.as_str()];
+                raise(&self.replica_wal_bytes.with_label_values(&labels), replica.wal_bytes_total);
+                if let Some(position) = replica.position {
+                    self.replica_wal_index.with_label_values(&labels).set(i64::from(position.index));
+                    self.replica_wal_offset.with_label_values(&labels).set(position.offset as i64);
+                }
+                self.replica_lag_seconds.with_label_values(&labels).set(replica.lag.as_secs_f64());
+                self.replica_pending_bytes.with_label_values(&labels).set(replica.pending_bytes as i64);
+            }
+        }
+        let mut text = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut text).expect("text encoding into memory");
+        String::from_utf8(text).expect("the text format is UTF-8")
+    }
+}
+
+pub(crate) const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Counters only go up: raise one to a total the shipper keeps.
+fn raise(counter: &prometheus::IntCounter, total: u64) {
+    counter.inc_by(total.saturating_sub(counter.get()));
+}

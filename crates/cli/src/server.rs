@@ -1,0 +1,129 @@
+//! The HTTP server on `addr` while replicating: `/metrics`, `/healthz`, `/readyz`, and
+//! `POST /sync`, the durability barrier an application calls before it acknowledges a write
+//! that must survive the loss of this machine.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+use walstream_shipper::{Handle, SyncError};
+
+use crate::metrics::{self, Metrics};
+
+/// How long `POST /sync` waits when the request does not say.
+pub(crate) const DEFAULT_SYNC_TIMEOUT: Duration = Duration::from_secs(30);
+
+struct Routes {
+    metrics: Metrics,
+    handles: Vec<Handle>,
+}
+
+/// Listens on `addr` as Litestream does: `:9090` means every interface.
+pub(crate) async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
+    let bind_to = if addr.starts_with(':') { format!("0.0.0.0{addr}") } else { addr.to_string() };
+    let listener = TcpListener::bind(&bind_to).await.with_context(|| format!("addr: cannot listen on {addr:?}; give a free host:port such as :9090"))?;
+    let local = listener.local_addr().map_or(addr.to_string(), |a| a.to_string());
+    info!(addr = %local, "serving /metrics, /healthz, /readyz and POST /sync");
+    Ok(listener)
+}
+
+/// Serves until `shutdown` is cancelled.
+pub(crate) async fn serve(listener: TcpListener, handles: Vec<Handle>, shutdown: CancellationToken) {
+    let routes = Arc::new(Routes { metrics: Metrics::new(handles.clone()), handles });
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    debug!(error = %e, "accept failed");
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => return,
+        };
+        let routes = routes.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let routes = routes.clone();
+                async move { Ok::<_, Infallible>(routes.answer(request).await) }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+                debug!(error = %e, "http connection ended with an error");
+            }
+        });
+    }
+}
+
+impl Routes {
+    async fn answer(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+        let query = request.uri().query().unwrap_or("");
+        match (request.method(), request.uri().path()) {
+            (&Method::GET, "/metrics") => {
+                let text = self.metrics.render();
+                Response::builder().header("Content-Type", metrics::CONTENT_TYPE).body(Full::new(Bytes::from(text))).expect("valid response")
+            }
+            (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n".into()),
+            (&Method::GET, "/readyz") => {
+                let waiting: Vec<String> = self.handles.iter().filter(|h| !h.ready()).map(|h| h.db_path().display().to_string()).collect();
+                if waiting.is_empty() {
+                    text(StatusCode::OK, "ready\n".into())
+                } else {
+                    text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: first sync not finished for {}\n", waiting.join(", ")))
+                }
+            }
+            (&Method::POST, "/sync") => self.sync(query).await,
+            (_, "/metrics" | "/healthz" | "/readyz" | "/sync") => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed: GET /metrics, /healthz, /readyz; POST /sync\n".into()),
+            _ => text(StatusCode::NOT_FOUND, "not found: GET /metrics, /healthz, /readyz; POST /sync\n".into()),
+        }
+    }
+
+    /// `POST /sync?timeout=10s&db=/data/db`: every database (or the one named) in every replica.
+    async fn sync(&self, query: &str) -> Response<Full<Bytes>> {
+        let mut timeout = DEFAULT_SYNC_TIMEOUT;
+        let mut db = None;
+        for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+            match &*key {
+                "timeout" => match crate::args::parse_duration(&value) {
+                    Ok(t) => timeout = t,
+                    Err(e) => return text(StatusCode::BAD_REQUEST, format!("timeout: {e}\n")),
+                },
+                "db" => db = Some(std::path::absolute(&*value).unwrap_or_else(|_| value.to_string().into())),
+                _ => return text(StatusCode::BAD_REQUEST, format!("unknown parameter {key:?}: use timeout and db\n")),
+            }
+        }
+        let chosen: Vec<&Handle> = self.handles.iter().filter(|h| db.as_deref().is_none_or(|db| h.db_path() == db)).collect();
+        if chosen.is_empty() {
+            return text(StatusCode::NOT_FOUND, format!("no database {} is replicated here\n", db.unwrap_or_default().display()));
+        }
+        let results = futures_util::future::join_all(chosen.iter().map(|h| h.sync(timeout))).await;
+        let mut body = String::new();
+        let mut status = StatusCode::OK;
+        for (handle, result) in chosen.iter().zip(results) {
+            match result {
+                Ok(()) => body.push_str(&format!("synced {}\n", handle.db_path().display())),
+                Err(e) => {
+                    status = match e {
+                        SyncError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+                        SyncError::NotRunning { .. } => StatusCode::SERVICE_UNAVAILABLE,
+                    }
+                    .max(status);
+                    body.push_str(&format!("error: {e}\n"));
+                }
+            }
+        }
+        text(status, body)
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    Response::builder().status(status).header("Content-Type", "text/plain; charset=utf-8").body(Full::new(Bytes::from(body))).expect("valid response")
+}

@@ -1,0 +1,248 @@
+//! What a running shipper can be asked from outside: its counters and positions for metrics and
+//! readiness, and the durability barrier ([`Handle::sync`]). Everything here is read on demand,
+//! so a process nobody scrapes pays only for a few atomic adds.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{oneshot, watch};
+use walstream_format::{name, Pos};
+
+use crate::capture::{ShadowState, Wake};
+
+/// Counters the capturer keeps for one database.
+#[derive(Debug, Default)]
+pub(crate) struct DbCounters {
+    /// Capture passes, failed passes, and the time spent in them.
+    pub(crate) passes: AtomicU64,
+    pub(crate) failed_passes: AtomicU64,
+    pub(crate) pass_nanos: AtomicU64,
+    /// Committed WAL bytes appended to the shadow.
+    pub(crate) shadow_bytes: AtomicU64,
+}
+
+impl DbCounters {
+    pub(crate) fn record_pass(&self, took: Duration, ok: bool) {
+        self.passes.fetch_add(1, Relaxed);
+        if !ok {
+            self.failed_passes.fetch_add(1, Relaxed);
+        }
+        self.pass_nanos.fetch_add(took.as_nanos() as u64, Relaxed);
+    }
+}
+
+/// What one uploader reports.
+#[derive(Debug, Default)]
+pub(crate) struct ReplicaCounters {
+    /// Uncompressed WAL bytes uploaded.
+    pub(crate) wal_bytes: AtomicU64,
+    /// Set once the replica has held everything the capturer published at some moment.
+    pub(crate) caught_up_once: AtomicBool,
+    /// Since when the replica has been missing a commit the capturer had published.
+    pub(crate) behind_since: Mutex<Option<Instant>>,
+}
+
+impl ReplicaCounters {
+    /// Called by the uploader whenever it compares its position with the published end.
+    pub(crate) fn observe(&self, position: Option<Pos>, end: Option<Pos>) {
+        let caught_up = end.is_some() && position == end;
+        let mut behind_since = self.behind_since.lock().unwrap_or_else(|e| e.into_inner());
+        if caught_up {
+            self.caught_up_once.store(true, Relaxed);
+            *behind_since = None;
+        } else if end.is_some() {
+            behind_since.get_or_insert_with(Instant::now);
+        }
+    }
+}
+
+/// A cheap, cloneable view of a running (or not yet started) shipper.
+#[derive(Clone, Debug)]
+pub struct Handle {
+    pub(crate) db_path: PathBuf,
+    pub(crate) counters: Arc<DbCounters>,
+    pub(crate) state: watch::Receiver<ShadowState>,
+    pub(crate) replicas: Vec<ReplicaView>,
+    pub(crate) wake: mpsc::Sender<Wake>,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct ReplicaView {
+    pub(crate) name: String,
+    pub(crate) kind: &'static str,
+    pub(crate) position: watch::Receiver<Option<Pos>>,
+    pub(crate) counters: Arc<ReplicaCounters>,
+}
+
+/// One database's figures at the moment of asking.
+#[derive(Clone, Debug)]
+pub struct DbStatus {
+    /// The database path, absolute when it could be made so.
+    pub db_path: PathBuf,
+    /// Size of the database file (0 if it does not exist yet).
+    pub db_size: u64,
+    /// Size of the live `-wal` file.
+    pub wal_size: u64,
+    /// Committed WAL bytes copied into the shadow since start.
+    pub shadow_bytes_total: u64,
+    /// The shadow's current index, if a generation exists.
+    pub shadow_index: Option<u32>,
+    /// Bytes of shadow WAL kept locally for the current generation.
+    pub shadow_size: u64,
+    /// Capture passes, failed passes and seconds spent in them.
+    pub passes: u64,
+    /// Of those, the failed ones.
+    pub failed_passes: u64,
+    /// Time spent in capture passes.
+    pub pass_seconds: f64,
+    /// One entry per replica, in configuration order.
+    pub replicas: Vec<ReplicaStatus>,
+}
+
+/// One replica's figures.
+#[derive(Clone, Debug)]
+pub struct ReplicaStatus {
+    /// The replica's name.
+    pub name: String,
+    /// The store type (`file`, `gcs`).
+    pub kind: &'static str,
+    /// Where the replica stands; `None` until known.
+    pub position: Option<Pos>,
+    /// Uncompressed WAL bytes uploaded since start.
+    pub wal_bytes_total: u64,
+    /// How long the replica has been missing a commit walstream had copied (0 when caught up).
+    pub lag: Duration,
+    /// Shadow bytes captured but not yet in this replica.
+    pub pending_bytes: u64,
+    /// Whether the replica has once held everything captured (readiness).
+    pub caught_up_once: bool,
+}
+
+/// Why [`Handle::sync`] could not confirm.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// The deadline passed first.
+    #[error("not every replica of {db} confirmed within {timeout:?}: {behind}")]
+    Timeout {
+        /// The database.
+        db: String,
+        /// The deadline.
+        timeout: Duration,
+        /// The replicas still behind, with their positions.
+        behind: String,
+    },
+    /// The shipper has stopped (or never started).
+    #[error("{db} is not being replicated (walstream is shutting down or the database does not exist yet)")]
+    NotRunning {
+        /// The database.
+        db: String,
+    },
+}
+
+impl Handle {
+    /// The database this handle reports on.
+    pub fn db_path(&self) -> &Path {
+        &self.db_path
+    }
+
+    /// True once every replica has held everything captured at some moment since start.
+    pub fn ready(&self) -> bool {
+        self.replicas.iter().all(|r| r.counters.caught_up_once.load(Relaxed))
+    }
+
+    /// Figures for metrics; reads a few file sizes.
+    pub fn status(&self) -> DbStatus {
+        let state = self.state.borrow().clone();
+        let len = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+        let shadow_len = |index: u32| len(&state.wal_dir.join(name::shadow_wal_file_name(index)));
+        let shadow_size = match state.end {
+            Some(end) => (0..=end.index).map(shadow_len).sum(),
+            None => 0,
+        };
+        let mut wal = self.db_path.clone().into_os_string();
+        wal.push("-wal");
+        let replicas = self
+            .replicas
+            .iter()
+            .map(|r| {
+                let position = *r.position.borrow();
+                let pending_bytes = match (state.end, position) {
+                    (Some(end), Some(pos)) if pos.generation == end.generation && pos <= end => {
+                        (pos.index..=end.index).map(|i| if i == end.index { end.offset } else { shadow_len(i) }).sum::<u64>() - pos.offset
+                    }
+                    (Some(_), _) => shadow_size,
+                    (None, _) => 0,
+                };
+                let behind_since = *r.counters.behind_since.lock().unwrap_or_else(|e| e.into_inner());
+                ReplicaStatus {
+                    name: r.name.clone(),
+                    kind: r.kind,
+                    position,
+                    wal_bytes_total: r.counters.wal_bytes.load(Relaxed),
+                    lag: behind_since.map_or(Duration::ZERO, |t| t.elapsed()),
+                    pending_bytes,
+                    caught_up_once: r.counters.caught_up_once.load(Relaxed),
+                }
+            })
+            .collect();
+        DbStatus {
+            db_path: self.db_path.clone(),
+            db_size: len(&self.db_path),
+            wal_size: len(Path::new(&wal)),
+            shadow_bytes_total: self.counters.shadow_bytes.load(Relaxed),
+            shadow_index: state.end.map(|e| e.index),
+            shadow_size,
+            passes: self.counters.passes.load(Relaxed),
+            failed_passes: self.counters.failed_passes.load(Relaxed),
+            pass_seconds: self.counters.pass_nanos.load(Relaxed) as f64 / 1e9,
+            replicas,
+        }
+    }
+
+    /// The durability barrier: returns once every replica holds every transaction committed
+    /// before the call. The capturer makes a pass first, so a commit that no file event has
+    /// announced yet is included.
+    pub async fn sync(&self, timeout: Duration) -> Result<(), SyncError> {
+        let db = self.db_path.display().to_string();
+        let confirmed = tokio::time::timeout(timeout, async {
+            let (reply_tx, reply_rx) = oneshot::channel();
+            self.wake.send(Wake::Sync(reply_tx)).map_err(|_| SyncError::NotRunning { db: db.clone() })?;
+            let mut target = reply_rx.await.map_err(|_| SyncError::NotRunning { db: db.clone() })?;
+            let mut state = self.state.clone();
+            for replica in &self.replicas {
+                let mut position = replica.position.clone();
+                loop {
+                    // A new generation since the pass starts from a snapshot holding every
+                    // earlier commit: its end is the target now.
+                    let current = state.borrow_and_update().end;
+                    if current.map(|c| c.generation) != target.map(|t| t.generation) {
+                        target = current;
+                    }
+                    let Some(target) = target else { break };
+                    let at = *position.borrow_and_update();
+                    if at.is_some_and(|at| at.generation == target.generation && at >= target) {
+                        break;
+                    }
+                    tokio::select! {
+                        changed = position.changed() => changed.map_err(|_| SyncError::NotRunning { db: db.clone() })?,
+                        changed = state.changed() => changed.map_err(|_| SyncError::NotRunning { db: db.clone() })?,
+                    }
+                }
+            }
+            Ok(())
+        })
+        .await;
+        confirmed.unwrap_or_else(|_| {
+            let end = self.state.borrow().end;
+            let behind: Vec<String> = self
+                .replicas
+                .iter()
+                .filter(|r| *r.position.borrow() != end)
+                .map(|r| format!("replica {} at {}", r.name, r.position.borrow().map_or("an unknown position".into(), |p| p.to_string())))
+                .collect();
+            Err(SyncError::Timeout { db: db.clone(), timeout, behind: format!("{} (captured up to {})", behind.join(", "), end.map_or("nothing".into(), |p| p.to_string())) })
+        })
+    }
+}

@@ -1,0 +1,152 @@
+//! `replicate -addr`: `/healthz`, `/readyz`, `/metrics` in Litestream's series names, and the
+//! durability barrier (`POST /sync`, `walstream sync`).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::emulator::request_on;
+use crate::harness::*;
+
+fn get(addr: &str, path: &str) -> (u16, String) {
+    request_on(addr, "GET", path, None).unwrap_or_else(|e| panic!("GET {path} on {addr}: {e}"))
+}
+
+fn start_serving(scratch: &Scratch, url: &str) -> (Replicator, String) {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let replicator = Replicator::start_with_args(&scratch.db(), &[url.to_string()], scratch.path("replicate.log"), &[], &["-addr", &addr]);
+    // The server is bound before the start line is logged.
+    (replicator, addr)
+}
+
+/// Rows in a restore of the replica as it is now.
+fn restored_rows(scratch: &Scratch, name: &str) -> i64 {
+    let out = scratch.path(name);
+    restore(&scratch.replica_url(), &out);
+    let rows = App::open(&out).count();
+    std::fs::remove_file(&out).unwrap();
+    rows
+}
+
+/// A series' samples: labels and value.
+type Samples = Vec<(HashMap<String, String>, f64)>;
+
+/// Samples by series name.
+fn scrape(addr: &str) -> HashMap<String, Samples> {
+    let (status, text) = get(addr, "/metrics");
+    assert_eq!(status, 200, "{text}");
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("Prometheus text format");
+    let mut series: HashMap<String, Samples> = HashMap::new();
+    for sample in scrape.samples {
+        let value = match sample.value {
+            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => v,
+            other => panic!("{}: unexpected sample {other:?}", sample.metric),
+        };
+        let labels = sample.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        series.entry(sample.metric).or_default().push((labels, value));
+    }
+    series
+}
+
+on_both_backends! {
+    fn sync_returns_once_a_restore_holds_every_earlier_commit(backend: Backend) {
+        let scratch = Scratch::on(backend);
+        let (replicator, addr) = start_serving(&scratch, &scratch.replica_url());
+        assert_eq!(get(&addr, "/healthz"), (200, "ok\n".to_string()));
+        // Nothing is replicated before the database exists: not ready.
+        let (status, body) = get(&addr, "/readyz");
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains(scratch.db().to_str().unwrap()), "{body}");
+
+        let mut app = App::open(&scratch.db());
+        wait_until(Duration::from_secs(20), "/readyz to turn ready", || get(&addr, "/readyz").0 == 200);
+        for round in 1..=3 {
+            app.insert(300);
+            let output = walstream(&["sync", "-addr", &addr, "-timeout", "20s"]);
+            assert!(output.status.success(), "round {round}: {}", stderr(&output));
+            assert!(stdout(&output).contains(&format!("synced {}", scratch.db().display())), "{}", stdout(&output));
+            assert_eq!(restored_rows(&scratch, "synced.db"), app.count(), "round {round}: every row committed before sync is in the replica");
+        }
+
+        // The barrier holds with no final flush after it: SIGKILL at once.
+        app.insert(500);
+        let (status, body) = request_on(&addr, "POST", "/sync?timeout=20s", None).unwrap();
+        assert_eq!(status, 200, "{body}");
+        replicator.kill();
+        assert_eq!(restored_rows(&scratch, "killed.db"), app.count());
+    }
+}
+
+on_both_backends! {
+    fn metrics_carry_litestreams_series_and_the_replicas_lag(backend: Backend) {
+        let scratch = Scratch::on(backend);
+        let mut app = App::open(&scratch.db());
+        app.insert(400);
+        let (replicator, addr) = start_serving(&scratch, &scratch.replica_url());
+        app.insert(100);
+        let (status, body) = request_on(&addr, "POST", "/sync", None).unwrap();
+        assert_eq!(status, 200, "{body}");
+
+        let series = scrape(&addr);
+        let db = scratch.db().display().to_string();
+        let name = if backend == Backend::Gcs { "gcs" } else { "file" };
+        let value = |metric: &str, replica: bool| -> f64 {
+            let samples = series.get(metric).unwrap_or_else(|| panic!("no {metric} in {:?}", series.keys()));
+            let sample = samples.iter().find(|(labels, _)| labels.get("db") == Some(&db) && (!replica || labels.get("name").map(String::as_str) == Some(name)));
+            sample.unwrap_or_else(|| panic!("{metric}: no sample for db {db}: {samples:?}")).1
+        };
+        assert_eq!(value("litestream_db_size", false), std::fs::metadata(scratch.db()).unwrap().len() as f64);
+        assert!(value("litestream_wal_size", false) > 0.0);
+        assert!(value("litestream_total_wal_bytes", false) > 0.0);
+        assert!(value("litestream_shadow_wal_size", false) > 0.0);
+        assert!(value("litestream_sync_count", false) >= 1.0);
+        assert_eq!(value("litestream_sync_error_count", false), 0.0);
+        assert!(value("litestream_sync_seconds", false) > 0.0);
+        assert_eq!(value("litestream_shadow_wal_index", false), value("litestream_replica_wal_index", true));
+        assert!(value("litestream_replica_wal_offset", true) > 0.0);
+        assert_eq!(value("litestream_replica_wal_bytes", true), value("litestream_total_wal_bytes", false), "everything captured was uploaded");
+        assert_eq!(value("walstream_replica_pending_bytes", true), 0.0, "synced: nothing pending");
+        assert_eq!(value("walstream_replica_lag_seconds", true), 0.0, "synced: no lag");
+        replicator.stop_ok();
+    }
+}
+
+#[test]
+fn sync_times_out_naming_the_replica_that_cannot_keep_up() {
+    let scratch = Scratch::new();
+    // A replica directory below a regular file: every upload fails.
+    std::fs::write(scratch.path("blocker"), b"").unwrap();
+    let url = format!("file://{}/replica", scratch.path("blocker").display());
+    let mut app = App::open(&scratch.db());
+    app.insert(10);
+    let (replicator, addr) = start_serving(&scratch, &url);
+    let output = walstream(&["sync", "-addr", &addr, "-timeout", "1s"]);
+    assert_eq!(output.status.code(), Some(14), "{}", stderr(&output));
+    assert!(stderr(&output).contains("not every replica of") && stderr(&output).contains("replica file at"), "{}", stderr(&output));
+    let (status, body) = request_on(&addr, "POST", "/sync?timeout=300ms", None).unwrap();
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(get(&addr, "/readyz").0, 503, "never synced: not ready");
+    replicator.kill();
+
+    // No addr anywhere: the config error names the key.
+    std::fs::write(scratch.path("walstream.yml"), "dbs: []\n").unwrap();
+    let output = walstream(&["sync", "-config", scratch.path("walstream.yml").to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(12), "{}", stderr(&output));
+    assert!(stderr(&output).contains("no addr; set addr there or give -addr HOST:PORT"), "{}", stderr(&output));
+    // Nobody listening: says what to check.
+    let output = walstream(&["sync", "-addr", &addr]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(stderr(&output).contains("is `walstream replicate` running with addr"), "{}", stderr(&output));
+}
+
+#[test]
+fn an_addr_in_use_fails_at_start() {
+    let scratch = Scratch::new();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let output = walstream(&["replicate", "-addr", &addr, scratch.db().to_str().unwrap(), &scratch.replica_url()]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(stderr(&output).contains(&format!("addr: cannot listen on \"{addr}\"")), "{}", stderr(&output));
+    let output = walstream(&["replicate", "-addr", "localhost", scratch.db().to_str().unwrap(), &scratch.replica_url()]);
+    assert_eq!(output.status.code(), Some(2), "clap rejects it: {}", stderr(&output));
+    assert!(stderr(&output).contains("must specify port for bind address"), "{}", stderr(&output));
+}
