@@ -12,6 +12,7 @@ mod exec;
 mod gcs;
 mod harness;
 mod interop;
+mod lease;
 mod replicate;
 mod restore;
 mod retention;

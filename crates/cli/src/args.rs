@@ -61,6 +61,17 @@ pub(crate) struct ReplicateArgs {
     /// config's `addr`.
     #[arg(long, value_name = "HOST:PORT", value_parser = parse_addr)]
     pub(crate) addr: Option<String>,
+    /// How long to wait for a replica's lease held by another walstream (a rollout's overlap,
+    /// a crashed holder's lease running out) before exiting with code 15. 0s: refuse at once.
+    #[arg(long, default_value = "2m", value_parser = parse_duration)]
+    pub(crate) lease_timeout: Duration,
+    /// How long a replica lease lasts without renewal; it is renewed before uploads, so an
+    /// idle replicator makes no requests.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub(crate) lease_ttl: Duration,
+    /// Do not take the replica lease (the `walstream-lease` object at the replica's root).
+    #[arg(long)]
+    pub(crate) no_lease: bool,
 }
 
 /// `walstream sync`: wait until everything committed so far is in every replica.

@@ -33,6 +33,9 @@ pub(crate) const CONFIG: i32 = 12;
 pub(crate) const ALREADY_REPLICATING: i32 = 13;
 /// `walstream sync`: the replicas did not confirm before the timeout (or replication stopped).
 pub(crate) const SYNC_NOT_CONFIRMED: i32 = 14;
+/// replicate: another walstream (another machine or container) holds the replica's lease, or
+/// took it over.
+pub(crate) const REPLICA_LEASED: i32 = 15;
 /// A signal cut a restore short, or a second signal cut the graceful shutdown short.
 pub(crate) const INTERRUPTED: i32 = 130;
 
@@ -77,6 +80,7 @@ fn specific_code(cause: &(dyn std::error::Error + 'static)) -> Option<i32> {
             S::NotADatabase { .. } => Some(NOT_A_DATABASE),
             S::FlushIncomplete { .. } => Some(FLUSH_INCOMPLETE),
             S::AlreadyReplicating { .. } => Some(ALREADY_REPLICATING),
+            S::Leased { .. } | S::LeaseLost { .. } => Some(REPLICA_LEASED),
             _ => None,
         };
     }

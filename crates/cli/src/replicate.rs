@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
-use walstream_shipper::{Replica, Shipper, ShipperConfig};
+use walstream_shipper::{LeasePolicy, Replica, Shipper, ShipperConfig};
 
 use crate::args::ReplicateArgs;
 use crate::signals::{spawn_signal_handler, FIRST_SIGNAL};
@@ -37,6 +37,7 @@ fn replication_jobs(args: &ReplicateArgs) -> anyhow::Result<(Vec<Job>, Extras)> 
         let replicas = args.replica_urls.iter().map(|url| open(replica_url::kind(url), url)).collect::<anyhow::Result<_>>()?;
         let mut config = ShipperConfig::new(db_path);
         config.shutdown_deadline = args.shutdown_timeout;
+        config.lease = lease_policy(args);
         return Ok((vec![Job { config, replicas }], Extras::default()));
     }
     let path = args.config.config.clone().unwrap_or_else(config::default_path);
@@ -54,9 +55,14 @@ fn replication_jobs(args: &ReplicateArgs) -> anyhow::Result<(Vec<Job>, Extras)> 
         let mut config = ShipperConfig::new(&db.path);
         config.meta_dir = db.meta_path.clone();
         config.shutdown_deadline = args.shutdown_timeout;
+        config.lease = lease_policy(args);
         jobs.push(Job { config, replicas });
     }
     Ok((jobs, Extras { exec: file.exec, addr: file.addr }))
+}
+
+fn lease_policy(args: &ReplicateArgs) -> Option<LeasePolicy> {
+    (!args.no_lease).then_some(LeasePolicy { ttl: args.lease_ttl, wait: args.lease_timeout })
 }
 
 /// Replicates every job until `shutdown`, then flushes each. If one fails, the others are

@@ -82,6 +82,28 @@ pub enum Error {
         /// The lock file the other process holds.
         lock: PathBuf,
     },
+    /// Another replicator (another machine or container) holds the replica's lease.
+    #[error("replica {replica} ({target}) is leased by {holder} ({until}): another walstream is replicating to it; stop that one (it hands the lease back on SIGTERM), wait longer with --lease-timeout, or give this database its own replica path")]
+    Leased {
+        /// The replica's name.
+        replica: String,
+        /// Where it points.
+        target: String,
+        /// The holder the lease names.
+        holder: String,
+        /// When it runs out.
+        until: String,
+    },
+    /// Another replicator took the replica's lease while this one held it (after it expired).
+    #[error("lost the lease of replica {replica} ({target}), now held by {holder}: another walstream took this replica over, so this one stops writing to it")]
+    LeaseLost {
+        /// The replica's name.
+        replica: String,
+        /// Where it points.
+        target: String,
+        /// Who holds it now.
+        holder: String,
+    },
     /// The final flush did not finish before its deadline.
     #[error("shutdown deadline passed with {unshipped} replica(s) not fully shipped: {detail}")]
     FlushIncomplete {

@@ -18,6 +18,7 @@
 
 mod capture;
 mod error;
+mod lease;
 mod meta;
 mod retention;
 mod shadow;
@@ -36,6 +37,7 @@ use tracing::{info, warn};
 
 pub use capture::ShadowState;
 pub use error::Error;
+pub use lease::LeasePolicy;
 pub use meta::LocalSnapshot;
 pub use retention::RetentionPolicy;
 pub use status::{DbStatus, Handle, ReplicaStatus, SyncError};
@@ -60,12 +62,14 @@ pub struct ShipperConfig {
     pub meta_dir: Option<PathBuf>,
     /// How long the final flush may take after shutdown is requested.
     pub shutdown_deadline: Duration,
+    /// The replica lease (one writer per replica across machines); `None` turns it off.
+    pub lease: Option<LeasePolicy>,
 }
 
 impl ShipperConfig {
     /// Defaults for everything but the path.
     pub fn new(db_path: impl Into<PathBuf>) -> ShipperConfig {
-        ShipperConfig { db_path: db_path.into(), meta_dir: None, shutdown_deadline: DEFAULT_SHUTDOWN_DEADLINE }
+        ShipperConfig { db_path: db_path.into(), meta_dir: None, shutdown_deadline: DEFAULT_SHUTDOWN_DEADLINE, lease: Some(LeasePolicy::default()) }
     }
 }
 
@@ -120,7 +124,12 @@ impl Shipper {
         }
         // Held until this function returns. Taken once the path holds a SQLite database, so a
         // path that is not one is refused without leaving a metadata directory behind.
-        let _lock = meta::MetaDir::for_db(&db_path, config.meta_dir.as_deref()).lock()?;
+        let meta = meta::MetaDir::for_db(&db_path, config.meta_dir.as_deref());
+        let _lock = meta.lock()?;
+        let lease_terms = match config.lease {
+            Some(policy) => Some((meta.lease_holder()?, policy)),
+            None => None,
+        };
         let source = {
             let db_path = db_path.clone();
             tokio::task::spawn_blocking(move || SourceDb::open(&db_path)).await.expect("open task panicked")?
@@ -138,18 +147,31 @@ impl Shipper {
         let mut uploaders = JoinSet::new();
         let positions: Vec<_> = position_txs.iter().map(|p| p.subscribe()).collect();
         for ((replica, position_tx), replica_counters) in replicas.into_iter().zip(position_txs).zip(replica_counters) {
+            let may_write = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
             // Upkeep ends with the capturer's final state; it never holds up shutdown.
-            tokio::spawn(retention::run(replica.clone(), state_rx.clone(), wake_tx.clone()));
-            uploaders.spawn(Uploader::new(replica, state_rx.clone(), position_tx, wake_tx.clone(), replica_counters).run());
+            tokio::spawn(retention::run(replica.clone(), state_rx.clone(), wake_tx.clone(), may_write.clone()));
+            uploaders.spawn(Uploader::new(replica, state_rx.clone(), position_tx, wake_tx.clone(), replica_counters, lease_terms.clone(), may_write).run());
         }
-        let meta = meta::MetaDir::for_db(&db_path, config.meta_dir.as_deref());
         let capturer = Capturer::new(db_path.clone(), meta, source, state_tx, positions.clone(), counters);
         let capturer = std::thread::Builder::new()
             .name("walstream-capture".into())
             .spawn(move || capturer.run(wake_rx))
             .map_err(error::io_err("spawn capture thread", &db_path))?;
 
-        shutdown.cancelled().await;
+        // An uploader ends early only when its replica belongs to another replicator: then this
+        // database stops as if signalled, and the error is reported once the rest is flushed.
+        let mut failed: Option<Error> = None;
+        while failed.is_none() {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                Some(joined) = uploaders.join_next(), if !uploaders.is_empty() => {
+                    if let Ok(Err(e)) = joined {
+                        warn!(db = %db_path.display(), error = %e, "replica refused; stopping");
+                        failed = Some(e);
+                    }
+                }
+            }
+        }
         info!(db = %db_path.display(), "shutting down: shipping what is committed");
         drop(watcher);
         let _ = wake_tx.send(Wake::Shutdown);
@@ -160,7 +182,11 @@ impl Shipper {
         });
 
         let drained = tokio::time::timeout(config.shutdown_deadline, async {
-            while uploaders.join_next().await.is_some() {}
+            while let Some(joined) = uploaders.join_next().await {
+                if let Ok(Err(e)) = joined {
+                    failed.get_or_insert(e);
+                }
+            }
         })
         .await;
         if drained.is_err() {
@@ -173,6 +199,9 @@ impl Shipper {
                 .collect();
             uploaders.abort_all();
             return Err(Error::FlushIncomplete { unshipped: behind.len(), detail: format!("{} (local end {})", behind.join(", "), end.map_or("none".into(), |p| p.to_string())) });
+        }
+        if let Some(e) = failed {
+            return Err(e);
         }
         capture_result?;
         info!(db = %db_path.display(), "replication stopped; everything committed was shipped");

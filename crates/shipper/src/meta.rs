@@ -79,6 +79,27 @@ impl MetaDir {
         self.generation_dir(generation).join("snapshots")
     }
 
+    /// Who this replicator is to a replica lease: the host name and a random id made once per
+    /// metadata directory, so walstream restarted on the same disk is recognised as the same
+    /// holder while another machine or a fresh container is not.
+    pub(crate) fn lease_holder(&self) -> Result<String, Error> {
+        let path = self.root.join("lease-holder");
+        if let Some(id) = fs::read_to_string(&path).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()) {
+            return Ok(id);
+        }
+        let mut host = [0u8; 256];
+        // SAFETY: gethostname writes at most `host.len()` bytes into the buffer it is given.
+        let host = if unsafe { libc::gethostname(host.as_mut_ptr().cast(), host.len()) } == 0 {
+            String::from_utf8_lossy(&host[..host.iter().position(|&b| b == 0).unwrap_or(host.len())]).into_owned()
+        } else {
+            "unknown-host".to_string()
+        };
+        let id = format!("{} {}", host.replace(char::is_whitespace, "-"), GenerationId::random());
+        fs::create_dir_all(&self.root).map_err(io_err("create directory", &self.root))?;
+        write_atomic(&path, format!("{id}\n").as_bytes())?;
+        Ok(id)
+    }
+
     /// The current generation, if the file holds a valid one.
     pub(crate) fn read_generation(&self) -> Option<GenerationId> {
         fs::read_to_string(self.generation_file()).ok()?.trim().parse().ok()

@@ -84,7 +84,8 @@ pub(crate) fn plan(objects: &[ObjectMeta], current: GenerationId, cutoff: System
 }
 
 /// Runs the replica's snapshot timer and retention checks until the state channel closes.
-pub(crate) async fn run(replica: Replica, mut state: watch::Receiver<ShadowState>, wake: mpsc::Sender<Wake>) {
+/// Deletes only while `may_write` (this replicator holds the replica's lease).
+pub(crate) async fn run(replica: Replica, mut state: watch::Receiver<ShadowState>, wake: mpsc::Sender<Wake>, may_write: std::sync::Arc<std::sync::atomic::AtomicBool>) {
     let policy = replica.policy;
     let retention = policy.retention.filter(|r| !r.is_zero());
     let check_every = retention.map(|r| policy.check_interval.min(r).max(Duration::from_millis(100)));
@@ -116,7 +117,7 @@ pub(crate) async fn run(replica: Replica, mut state: watch::Receiver<ShadowState
             if due <= now {
                 next_check = Some(now + every);
                 let current = state.borrow().generation;
-                if let Some(current) = current {
+                if let Some(current) = current.filter(|_| may_write.load(std::sync::atomic::Ordering::SeqCst)) {
                     if let Err(e) = enforce(&replica, current, retention, &wake).await {
                         warn!(replica = %replica.name, error = %e, "retention check failed; retrying at the next check");
                     }

@@ -15,7 +15,9 @@ use crate::capture::ShadowState;
 use crate::error::{io_err, Error};
 use crate::meta::LocalSnapshot;
 use crate::retention::RetentionPolicy;
+use crate::lease::{Lease, LeasePolicy};
 use crate::status::ReplicaCounters;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Uncompressed bytes per segment at most. Segments may end inside a transaction (restore only
 /// applies whole transactions), and this bounds the memory one upload needs.
@@ -52,16 +54,58 @@ pub(crate) struct Uploader {
     /// The newest snapshot this replica is known to hold.
     uploaded_snapshot: Option<LocalSnapshot>,
     counters: Arc<ReplicaCounters>,
+    /// Who this replicator is and its lease policy, when leases are on.
+    lease_terms: Option<(String, LeasePolicy)>,
+    lease: Option<Lease>,
+    /// Whether this replicator may write to the replica now; retention reads it too.
+    may_write: Arc<AtomicBool>,
 }
 
 impl Uploader {
-    pub(crate) fn new(replica: Replica, state: watch::Receiver<ShadowState>, position: watch::Sender<Option<Pos>>, new_generation: std::sync::mpsc::Sender<crate::capture::Wake>, counters: Arc<ReplicaCounters>) -> Uploader {
-        Uploader { replica, state, position, new_generation, uploaded_snapshot: None, counters }
+    pub(crate) fn new(replica: Replica, state: watch::Receiver<ShadowState>, position: watch::Sender<Option<Pos>>, new_generation: std::sync::mpsc::Sender<crate::capture::Wake>, counters: Arc<ReplicaCounters>, lease_terms: Option<(String, LeasePolicy)>, may_write: Arc<AtomicBool>) -> Uploader {
+        Uploader { replica, state, position, new_generation, uploaded_snapshot: None, counters, lease_terms, lease: None, may_write }
     }
 
     /// Ships until the capturer publishes its final state and all of it is shipped, or the
-    /// capturer goes away.
-    pub(crate) async fn run(mut self) {
+    /// capturer goes away. Fails only when the replica belongs to another replicator.
+    pub(crate) async fn run(mut self) -> Result<(), Error> {
+        if let Some((holder, policy)) = self.lease_terms.clone() {
+            self.lease = Some(self.acquire_lease(&holder, policy).await?);
+        }
+        self.may_write.store(true, Ordering::SeqCst);
+        let result = self.ship_until_final().await;
+        self.may_write.store(false, Ordering::SeqCst);
+        if let Some(lease) = self.lease.take() {
+            if result.is_ok() {
+                lease.release(&self.replica).await;
+            }
+        }
+        result
+    }
+
+    /// Retries the lease's store errors (a replicator may start before the network is up),
+    /// through the final flush too, whose deadline bounds it. Waiting for another holder ends
+    /// at shutdown: that holder is not about to let go.
+    async fn acquire_lease(&self, holder: &str, policy: LeasePolicy) -> Result<Lease, Error> {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let mut state = self.state.clone();
+            let shutdown = async move {
+                let _ = state.wait_for(|s| s.is_final).await;
+            };
+            match Lease::acquire(&self.replica, holder, policy, shutdown).await {
+                Err(Error::Store { source, .. }) => {
+                    warn!(replica = %self.replica.name, error = %source, "replica sync failed: cannot read the replica lease; retrying");
+                    let pause = if self.state.borrow().is_final { BACKOFF_MIN } else { backoff };
+                    tokio::time::sleep(pause).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn ship_until_final(&mut self) -> Result<(), Error> {
         let mut backoff = BACKOFF_MIN;
         loop {
             let state = self.state.borrow_and_update().clone();
@@ -70,6 +114,7 @@ impl Uploader {
             self.counters.observe(*self.position.borrow(), state.end);
             match shipped {
                 Ok(()) => backoff = BACKOFF_MIN,
+                Err(e @ Error::LeaseLost { .. }) => return Err(e),
                 Err(e) => {
                     warn!(replica = %self.replica.name, error = %e, "replica sync failed; retrying");
                     if let Error::ReplicaAhead { .. } = e {
@@ -83,10 +128,10 @@ impl Uploader {
             }
             let shipped = *self.position.borrow();
             if state.is_final && shipped == state.end {
-                return;
+                return Ok(());
             }
             if self.state.changed().await.is_err() {
-                return;
+                return Ok(());
             }
         }
     }
@@ -131,6 +176,7 @@ impl Uploader {
 
     /// Streamed from disk: a snapshot may be far larger than the memory walstream may use.
     async fn put_snapshot(&mut self, generation: &walstream_format::GenerationId, snapshot: &LocalSnapshot) -> Result<(), Error> {
+        self.confirm_lease().await?;
         let key = name::snapshot_key(generation, snapshot.index);
         self.replica.store.put_file(&key, &snapshot.path).await.map_err(|source| Error::Store { replica: self.replica.name.clone(), source })?;
         info!(replica = %self.replica.name, generation = %generation, index = snapshot.index, "snapshot uploaded");
@@ -167,12 +213,23 @@ impl Uploader {
         Ok(Pos { offset: start.offset + raw.len() as u64, ..start })
     }
 
+    /// Every write is preceded by this: a lease lost while idle stops the write.
+    async fn confirm_lease(&mut self) -> Result<(), Error> {
+        let Some(lease) = self.lease.as_mut() else { return Ok(()) };
+        let confirmed = lease.confirm(&self.replica).await;
+        if let Err(Error::LeaseLost { .. }) = confirmed {
+            self.may_write.store(false, Ordering::SeqCst);
+        }
+        confirmed
+    }
+
     async fn list(&self, prefix: &str) -> Result<Vec<String>, Error> {
         let objects = self.replica.store.list(prefix).await.map_err(|source| Error::Store { replica: self.replica.name.clone(), source })?;
         Ok(objects.into_iter().map(|o| o.key).collect())
     }
 
-    async fn put(&self, key: &str, body: Bytes) -> Result<(), Error> {
+    async fn put(&mut self, key: &str, body: Bytes) -> Result<(), Error> {
+        self.confirm_lease().await?;
         self.replica.store.put(key, body).await.map_err(|source| Error::Store { replica: self.replica.name.clone(), source })
     }
 }

@@ -34,6 +34,20 @@ pub async fn run(store: &dyn ObjectStore) {
     assert!(store.list("generations/d/").await.unwrap().is_empty());
     assert_eq!(store.list("generations/b/").await.unwrap().len(), 1, "other generations stay");
 
+    // Compare-and-swap, as a lease uses it.
+    let lease = "walstream-lease";
+    assert!(store.get_versioned(lease).await.unwrap().is_none());
+    let v1 = store.put_if(lease, Bytes::from_static(b"a"), None).await.unwrap();
+    assert!(matches!(store.put_if(lease, Bytes::from_static(b"b"), None).await, Err(crate::Error::PreconditionFailed { .. })), "create-only fails once it exists");
+    let (body, read_version) = store.get_versioned(lease).await.unwrap().unwrap();
+    assert_eq!((&body[..], read_version), (&b"a"[..], v1));
+    let v2 = store.put_if(lease, Bytes::from_static(b"c"), Some(v1)).await.unwrap();
+    assert_ne!(v1, v2);
+    assert!(matches!(store.put_if(lease, Bytes::from_static(b"d"), Some(v1)).await, Err(crate::Error::PreconditionFailed { .. })), "a stale version fails");
+    assert_eq!(&store.get_versioned(lease).await.unwrap().unwrap().0[..], b"c", "and writes nothing");
+    assert!(store.list("generations/").await.unwrap().iter().all(|m| !m.key.contains("lease")), "the lease is not under generations/");
+    store.delete(lease).await.unwrap();
+
     // put_file: small, and large enough for a backend to stream it in several chunks.
     let dir = tempfile::tempdir().unwrap();
     for (i, len) in [100usize, (20 << 20) + 12345].into_iter().enumerate() {

@@ -38,6 +38,12 @@ pub enum Error {
         /// What the store or the credential source said.
         detail: String,
     },
+    /// A conditional write found the object changed since it was read.
+    #[error("{key} was changed by someone else since it was read")]
+    PreconditionFailed {
+        /// The key written.
+        key: String,
+    },
     /// A remote request failed for another reason, after its retries.
     #[error("{op} {target}: {detail}")]
     Remote {

@@ -6,7 +6,7 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::{Error, ObjectMeta, ObjectStore};
+use crate::{Error, ObjectMeta, ObjectStore, Version};
 
 /// Suffix of files being written; listings skip them, as Litestream's do.
 const TEMP_SUFFIX: &str = ".tmp";
@@ -86,6 +86,31 @@ impl ObjectStore for FileStore {
         }
     }
 
+    async fn get_versioned(&self, key: &str) -> Result<Option<(Bytes, Version)>, Error> {
+        let path = self.path_of(key)?;
+        tokio::task::spawn_blocking(move || {
+            let _lock = CasLock::take(&path)?;
+            read_versioned(&path)
+        })
+        .await
+        .expect("get task panicked")
+    }
+
+    async fn put_if(&self, key: &str, body: Bytes, expected: Option<Version>) -> Result<Version, Error> {
+        let path = self.path_of(key)?;
+        let key = key.to_string();
+        tokio::task::spawn_blocking(move || {
+            let _lock = CasLock::take(&path)?;
+            if read_versioned(&path)?.map(|(_, version)| version) != expected {
+                return Err(Error::PreconditionFailed { key });
+            }
+            write_atomically(&path, |file| std::io::Write::write_all(file, &body))?;
+            Ok(read_versioned(&path)?.expect("just written").1)
+        })
+        .await
+        .expect("put task panicked")
+    }
+
     fn kind(&self) -> &'static str {
         "file"
     }
@@ -93,6 +118,41 @@ impl ObjectStore for FileStore {
     fn describe(&self) -> String {
         format!("file://{}", self.root.display())
     }
+}
+
+/// An exclusive `flock` on `<path>.lock.tmp` (the suffix keeps it out of listings), which
+/// serialises compare-and-swap between processes on one machine.
+struct CasLock {
+    _held: std::fs::File,
+}
+
+impl CasLock {
+    fn take(path: &Path) -> Result<CasLock, Error> {
+        let dir = path.parent().expect("a key always has a parent under the root");
+        std::fs::create_dir_all(dir).map_err(io_error("create directory", dir))?;
+        let lock_path = PathBuf::from(format!("{}.lock{TEMP_SUFFIX}", path.display()));
+        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(io_error("open", &lock_path))?;
+        // SAFETY: flock on a descriptor this function owns; released when it is closed.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX) } != 0 {
+            return Err(io_error("lock", &lock_path)(std::io::Error::last_os_error()));
+        }
+        Ok(CasLock { _held: file })
+    }
+}
+
+/// The file and its version: inode and modification time, which every replacing rename
+/// changes (a new inode, written now).
+fn read_versioned(path: &Path) -> Result<Option<(Bytes, Version)>, Error> {
+    use std::os::unix::fs::MetadataExt;
+    let file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_error("open", path)(e)),
+    };
+    let meta = file.metadata().map_err(io_error("stat", path))?;
+    let body = std::fs::read(path).map_err(io_error("read", path))?;
+    let version = meta.ino().rotate_left(32) ^ (meta.mtime() as u64).wrapping_mul(1_000_000_007) ^ meta.mtime_nsec() as u64;
+    Ok(Some((Bytes::from(body), version)))
 }
 
 /// Creates `path` with what `fill` writes, all or nothing.

@@ -47,6 +47,10 @@ pub struct ObjectMeta {
     pub created: SystemTime,
 }
 
+/// One state of an object, for compare-and-swap: the GCS generation, or for files a
+/// fingerprint of inode and modification time.
+pub type Version = u64;
+
 /// A place to keep replica objects.
 ///
 /// Keys are relative to the replica root and use `/`. Implementations must be safe to call
@@ -86,6 +90,16 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
         }
         Ok(objects.len())
     }
+
+    /// Reads a small object together with its version, for [`put_if`](ObjectStore::put_if);
+    /// `None` if there is no such object.
+    async fn get_versioned(&self, key: &str) -> Result<Option<(Bytes, Version)>, Error>;
+
+    /// Stores `body` at `key` only if the object is still at version `expected` (`None`: only
+    /// if there is no such object), and returns the new version. If it is not,
+    /// [`Error::PreconditionFailed`] and nothing is written. A retried request whose first try
+    /// succeeded also fails this way, so callers re-read and recognise their own body.
+    async fn put_if(&self, key: &str, body: Bytes, expected: Option<Version>) -> Result<Version, Error>;
 
     /// A short description of where this store points, for logs and errors (`file:///x`).
     fn describe(&self) -> String;
