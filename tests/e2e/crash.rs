@@ -118,3 +118,31 @@ on_both_backends! {
         assert_eq!(App::open(&restored).count(), committed);
     }
 }
+
+#[test]
+fn a_flush_that_cannot_finish_in_time_is_reported_and_a_second_signal_exits_at_once() {
+    let scratch = Scratch::new();
+    // A replica directory below a regular file: nothing can be shipped.
+    std::fs::write(scratch.path("blocker"), b"").unwrap();
+    let url = format!("file://{}/replica", scratch.path("blocker").display());
+    let mut app = App::open(&scratch.db());
+    app.insert(50);
+
+    let replicator = Replicator::start_with_args(&scratch.db(), std::slice::from_ref(&url), scratch.path("deadline.log"), &[], &["-shutdown-timeout", "1s"]);
+    app.insert(50);
+    replicator.signal(libc::SIGTERM);
+    let log = scratch.path("deadline.log");
+    let status = replicator.wait_for_exit();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(8), "{text}");
+    assert!(text.contains("shutdown deadline passed with 1 replica(s) not fully shipped: replica #1 at"), "names what it could not ship:\n{text}");
+
+    // A 60 s budget, cut short by a second signal (wait_for_exit gives up after 30 s).
+    let replicator = Replicator::start_with_args(&scratch.db(), &[url], scratch.path("twice.log"), &[], &["-shutdown-timeout", "60s"]);
+    replicator.signal(libc::SIGTERM);
+    wait_until(Duration::from_secs(10), "the graceful shutdown to begin", || replicator.log_text().contains("shutting down"));
+    replicator.signal(libc::SIGTERM);
+    let log = scratch.path("twice.log");
+    let status = replicator.wait_for_exit();
+    assert_eq!(status.code(), Some(130), "{}", std::fs::read_to_string(&log).unwrap());
+}
