@@ -106,6 +106,15 @@ on_both_backends! {
         assert_eq!(value("litestream_replica_wal_bytes", true), value("litestream_total_wal_bytes", false), "everything captured was uploaded");
         assert_eq!(value("walstream_replica_pending_bytes", true), 0.0, "synced: nothing pending");
         assert_eq!(value("walstream_replica_lag_seconds", true), 0.0, "synced: no lag");
+        let operation = |op: &str| series.get("litestream_replica_operation_total").and_then(|s| s.iter().find(|(l, _)| l.get("operation").map(String::as_str) == Some(op) && l.get("replica_type").map(String::as_str) == Some(name))).map(|s| s.1);
+        let put_bytes = series.get("litestream_replica_operation_bytes").and_then(|s| s.iter().find(|(l, _)| l.get("operation").map(String::as_str) == Some("PUT"))).map(|s| s.1);
+        if backend == Backend::Gcs {
+            assert!(operation("PUT").is_some_and(|n| n >= 2.0), "a snapshot and a segment at least: {:?}", series.get("litestream_replica_operation_total"));
+            assert!(operation("LIST").is_some_and(|n| n >= 1.0));
+            assert!(put_bytes.is_some_and(|b| b > 0.0));
+        } else {
+            assert_eq!(operation("PUT"), None, "the file client's operations are not counted, as in Litestream");
+        }
         replicator.stop_ok();
     }
 }

@@ -21,10 +21,13 @@ pub(crate) struct Metrics {
     replica_wal_offset: IntGaugeVec,
     replica_lag_seconds: GaugeVec,
     replica_pending_bytes: IntGaugeVec,
+    operation_total: IntCounterVec,
+    operation_bytes: IntCounterVec,
 }
 
 const DB: &[&str] = &["db"];
 const REPLICA: &[&str] = &["db", "name"];
+const OPERATION: &[&str] = &["replica_type", "operation"];
 
 impl Metrics {
     pub(crate) fn new(handles: Vec<Handle>) -> Metrics {
@@ -50,6 +53,8 @@ impl Metrics {
             replica_wal_offset: register!(IntGaugeVec, "litestream_replica_wal_offset", "The current WAL offset", REPLICA),
             replica_lag_seconds: register!(GaugeVec, "walstream_replica_lag_seconds", "How long the replica has been missing a commit walstream had captured (0 when caught up)", REPLICA),
             replica_pending_bytes: register!(IntGaugeVec, "walstream_replica_pending_bytes", "WAL bytes captured locally but not yet in the replica", REPLICA),
+            operation_total: register!(IntCounterVec, "litestream_replica_operation_total", "The number of replica operations performed", OPERATION),
+            operation_bytes: register!(IntCounterVec, "litestream_replica_operation_bytes", "The number of bytes used by replica operations", OPERATION),
             registry,
             handles,
         }
@@ -57,6 +62,8 @@ impl Metrics {
 
     /// The exposition text, in the content type [`CONTENT_TYPE`].
     pub(crate) fn render(&self) -> String {
+        // Litestream labels operations by store type only: sum every replica of a type.
+        let mut operations: std::collections::BTreeMap<(&str, &str), (u64, u64)> = Default::default();
         for handle in &self.handles {
             let status = handle.status();
             let db = status.db_path.display().to_string();
@@ -79,6 +86,17 @@ impl Metrics {
                 }
                 self.replica_lag_seconds.with_label_values(&labels).set(replica.lag.as_secs_f64());
                 self.replica_pending_bytes.with_label_values(&labels).set(replica.pending_bytes as i64);
+                for (op, requests, bytes) in replica.operations.into_iter().flatten() {
+                    let total = operations.entry((replica.kind, op.label())).or_default();
+                    total.0 += requests;
+                    total.1 += bytes;
+                }
+            }
+        }
+        for ((kind, op), (requests, bytes)) in operations {
+            raise(&self.operation_total.with_label_values(&[kind, op]), requests);
+            if matches!(op, "GET" | "PUT") {
+                raise(&self.operation_bytes.with_label_values(&[kind, op]), bytes);
             }
         }
         let mut text = Vec::new();

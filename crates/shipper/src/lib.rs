@@ -109,7 +109,7 @@ impl Shipper {
                 .iter()
                 .zip(&self.positions)
                 .zip(&self.replica_counters)
-                .map(|((replica, position), counters)| status::ReplicaView { name: replica.name.clone(), kind: replica.store.kind(), position: position.subscribe(), counters: counters.clone() })
+                .map(|((replica, position), counters)| status::ReplicaView { name: replica.name.clone(), kind: replica.store.kind(), position: position.subscribe(), counters: counters.clone(), store: replica.store.clone() })
                 .collect(),
             wake: self.wake_tx.clone(),
         }

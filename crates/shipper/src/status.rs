@@ -74,6 +74,7 @@ pub(crate) struct ReplicaView {
     pub(crate) kind: &'static str,
     pub(crate) position: watch::Receiver<Option<Pos>>,
     pub(crate) counters: Arc<ReplicaCounters>,
+    pub(crate) store: Arc<dyn walstream_store::ObjectStore>,
 }
 
 /// One database's figures at the moment of asking.
@@ -118,6 +119,9 @@ pub struct ReplicaStatus {
     pub pending_bytes: u64,
     /// Whether the replica has once held everything captured (readiness).
     pub caught_up_once: bool,
+    /// Requests sent and bytes moved, per operation, by a remote store (retention's and the
+    /// lease's included); `None` for local stores.
+    pub operations: Option<[(walstream_store::Operation, u64, u64); 4]>,
 }
 
 /// Why [`Handle::sync`] could not confirm.
@@ -184,6 +188,7 @@ impl Handle {
                     lag: behind_since.map_or(Duration::ZERO, |t| t.elapsed()),
                     pending_bytes,
                     caught_up_once: r.counters.caught_up_once.load(Relaxed),
+                    operations: r.store.operations().map(|o| o.totals()),
                 }
             })
             .collect();

@@ -22,7 +22,7 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::OnceCell;
 use tracing::debug;
 
-use crate::{Error, ObjectMeta, ObjectStore, Version};
+use crate::{Error, ObjectMeta, ObjectStore, Operation, OperationCounts, Version};
 
 /// Objects above this size are sent as a resumable upload in chunks of this size, so a large
 /// snapshot never has to be in memory at once. A multiple of 256 KiB, as GCS requires.
@@ -59,6 +59,7 @@ pub struct GcsStore {
     emulator: Option<String>,
     retry: RetryPolicy,
     client: OnceCell<Client>,
+    operations: OperationCounts,
 }
 
 impl std::fmt::Debug for GcsStore {
@@ -72,7 +73,7 @@ impl GcsStore {
     /// the root). Honours `STORAGE_EMULATOR_HOST` as Google's own clients do.
     pub fn new(bucket: impl Into<String>, prefix: impl Into<String>) -> GcsStore {
         let emulator = std::env::var("STORAGE_EMULATOR_HOST").ok().filter(|h| !h.is_empty());
-        GcsStore { bucket: bucket.into(), prefix: prefix.into(), emulator, retry: RetryPolicy::default(), client: OnceCell::new() }
+        GcsStore { bucket: bucket.into(), prefix: prefix.into(), emulator, retry: RetryPolicy::default(), client: OnceCell::new(), operations: OperationCounts::default() }
     }
 
     /// The same store with another retry policy.
@@ -129,7 +130,10 @@ impl GcsStore {
             // Credentials are (re)tried with the request: an unreachable metadata server is as
             // transient as an unreachable bucket.
             let outcome = match self.client().await {
-                Ok(client) => attempt(client.clone()).await.map_err(|e| self.classify(op, key, e)),
+                Ok(client) => {
+                    self.operations.request(operation_of(op));
+                    attempt(client.clone()).await.map_err(|e| self.classify(op, key, e))
+                }
                 Err(e) => {
                     let transient = !matches!(e, Error::Credentials { .. });
                     Err(Failure { error: e, transient })
@@ -222,6 +226,15 @@ impl GcsStore {
     }
 }
 
+fn operation_of(op: &str) -> Operation {
+    match op {
+        "get" => Operation::Get,
+        "list" => Operation::List,
+        "delete" => Operation::Delete,
+        _ => Operation::Put,
+    }
+}
+
 struct Failure {
     error: Error,
     transient: bool,
@@ -236,7 +249,9 @@ impl ObjectStore for GcsStore {
             let body = body.clone();
             async move { client.upload_object(&request, body, &upload_type).await.map(drop) }
         })
-        .await
+        .await?;
+        self.operations.bytes(Operation::Put, body.len() as u64);
+        Ok(())
     }
 
     async fn put_file(&self, key: &str, path: &Path) -> Result<(), Error> {
@@ -248,16 +263,21 @@ impl ObjectStore for GcsStore {
         let name = self.object_name(key)?;
         // A failed chunk restarts the whole upload in a new session: simple, and a snapshot is
         // uploaded once per generation.
-        self.retrying("put", key, |client| self.upload_file_in_chunks(client, &name, path)).await
+        self.retrying("put", key, |client| self.upload_file_in_chunks(client, &name, path)).await?;
+        self.operations.bytes(Operation::Put, len);
+        Ok(())
     }
 
     async fn get(&self, key: &str) -> Result<Bytes, Error> {
         let name = self.object_name(key)?;
-        self.retrying("get", key, |client| {
-            let request = GetObjectRequest { bucket: self.bucket.clone(), object: name.clone(), ..Default::default() };
-            async move { client.download_object(&request, &Range::default()).await.map(Bytes::from) }
-        })
-        .await
+        let body = self
+            .retrying("get", key, |client| {
+                let request = GetObjectRequest { bucket: self.bucket.clone(), object: name.clone(), ..Default::default() };
+                async move { client.download_object(&request, &Range::default()).await.map(Bytes::from) }
+            })
+            .await?;
+        self.operations.bytes(Operation::Get, body.len() as u64);
+        Ok(body)
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, Error> {
@@ -347,6 +367,10 @@ impl ObjectStore for GcsStore {
 
     fn kind(&self) -> &'static str {
         "gcs"
+    }
+
+    fn operations(&self) -> Option<&OperationCounts> {
+        Some(&self.operations)
     }
 
     fn describe(&self) -> String {

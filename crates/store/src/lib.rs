@@ -47,6 +47,59 @@ pub struct ObjectMeta {
     pub created: SystemTime,
 }
 
+/// A kind of request to a remote store, as Litestream's `litestream_replica_operation_*`
+/// metrics label it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Operation {
+    /// A download or a metadata read.
+    Get,
+    /// An upload (each chunk of a resumable one counts as one).
+    Put,
+    /// A deletion.
+    Delete,
+    /// One page of a listing.
+    List,
+}
+
+impl Operation {
+    /// Every operation, in label order.
+    pub const ALL: [Operation; 4] = [Operation::Get, Operation::Put, Operation::Delete, Operation::List];
+
+    /// The label value: `GET`, `PUT`, `DELETE`, `LIST`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Operation::Get => "GET",
+            Operation::Put => "PUT",
+            Operation::Delete => "DELETE",
+            Operation::List => "LIST",
+        }
+    }
+}
+
+/// Requests a remote store has sent (retries included) and the bytes of those that succeeded.
+#[derive(Debug, Default)]
+pub struct OperationCounts {
+    requests: [std::sync::atomic::AtomicU64; 4],
+    bytes: [std::sync::atomic::AtomicU64; 4],
+}
+
+impl OperationCounts {
+    /// Counts one request.
+    pub fn request(&self, op: Operation) {
+        self.requests[op as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Counts the payload of a GET or PUT that succeeded.
+    pub fn bytes(&self, op: Operation, bytes: u64) {
+        self.bytes[op as usize].fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// (operation, requests, bytes) for every operation.
+    pub fn totals(&self) -> [(Operation, u64, u64); 4] {
+        Operation::ALL.map(|op| (op, self.requests[op as usize].load(std::sync::atomic::Ordering::Relaxed), self.bytes[op as usize].load(std::sync::atomic::Ordering::Relaxed)))
+    }
+}
+
 /// One state of an object, for compare-and-swap: the GCS generation, or for files a
 /// fingerprint of inode and modification time.
 pub type Version = u64;
@@ -106,4 +159,10 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
 
     /// The backend, as Litestream's `type` key and metric labels name it: `file`, `gcs`.
     fn kind(&self) -> &'static str;
+
+    /// The requests a remote backend has sent; `None` for local ones (Litestream does not
+    /// count the file client's either).
+    fn operations(&self) -> Option<&OperationCounts> {
+        None
+    }
 }
