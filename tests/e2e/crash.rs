@@ -8,12 +8,6 @@ use rand::{Rng, SeedableRng};
 
 use crate::harness::*;
 
-/// The seed, printed so a failure can be replayed with WALSTREAM_TEST_SEED.
-fn seed() -> u64 {
-    let seed = std::env::var("WALSTREAM_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
-    eprintln!("WALSTREAM_TEST_SEED={seed}");
-    seed
-}
 
 on_both_backends! {
     fn sigkill_at_random_points_under_load_loses_nothing(backend: Backend) {

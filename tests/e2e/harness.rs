@@ -429,3 +429,10 @@ pub fn list_dir(dir: &Path) -> Vec<String> {
     names.sort();
     names
 }
+
+/// A random seed for a test, printed so a failure can be replayed with WALSTREAM_TEST_SEED.
+pub fn seed() -> u64 {
+    let seed = std::env::var("WALSTREAM_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+    eprintln!("WALSTREAM_TEST_SEED={seed}");
+    seed
+}

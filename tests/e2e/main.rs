@@ -9,6 +9,8 @@ mod crash;
 mod deploy;
 mod emulator;
 mod exec;
+mod fault_proxy;
+mod faults;
 mod gcs;
 mod harness;
 mod interop;

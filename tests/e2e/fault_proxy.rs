@@ -1,0 +1,192 @@
+//! A fault-injecting HTTP proxy between walstream and fake-gcs-server. Each request is read
+//! whole, then either forwarded (on a fresh upstream connection, `Connection: close`, so every
+//! response ends at EOF and is relayed byte for byte) or answered with a fault. Which requests
+//! fail is decided by a seeded RNG, so a failing run replays with the seed it printed.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// What the proxy may do to one request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Fault {
+    /// Answer with this status and a JSON error, without forwarding.
+    Status(u16),
+    /// Forward nothing; close the connection after reading half the request body (an upload
+    /// cut mid-way), with a TCP reset.
+    ResetRequest,
+    /// Forward, then relay only half the response before a reset (a download cut mid-way).
+    ResetResponse,
+}
+
+pub const ALL_FAULTS: [Fault; 6] = [Fault::Status(500), Fault::Status(503), Fault::Status(429), Fault::Status(408), Fault::ResetRequest, Fault::ResetResponse];
+
+struct Plan {
+    rng: StdRng,
+    /// Chance that a request gets a fault, and which faults to draw from.
+    fault_rate: f64,
+    faults: Vec<Fault>,
+    /// Until then, every connection is accepted and never answered.
+    black_hole_until: Option<Instant>,
+}
+
+/// A running proxy. Dropping it leaves the listener thread running until the test process
+/// ends, which is harmless.
+pub struct FaultProxy {
+    pub addr: String,
+    plan: Arc<Mutex<Plan>>,
+    injected: Arc<Mutex<std::collections::HashMap<(Fault, &'static str), u64>>>,
+    forwarded: Arc<AtomicU64>,
+    held: Arc<AtomicU64>,
+}
+
+impl FaultProxy {
+    pub fn start(upstream: &str, seed: u64) -> FaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let plan = Arc::new(Mutex::new(Plan { rng: StdRng::seed_from_u64(seed), fault_rate: 0.0, faults: Vec::new(), black_hole_until: None }));
+        let proxy = FaultProxy { addr: addr.clone(), plan, injected: Default::default(), forwarded: Default::default(), held: Default::default() };
+        let (plan, injected, forwarded, held, upstream) = (proxy.plan.clone(), proxy.injected.clone(), proxy.forwarded.clone(), proxy.held.clone(), upstream.to_string());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let (plan, injected, forwarded, held, upstream, addr) = (plan.clone(), injected.clone(), forwarded.clone(), held.clone(), upstream.clone(), addr.clone());
+                std::thread::spawn(move || {
+                    let _ = serve(client, &upstream, &addr, &plan, &injected, &forwarded, &held);
+                });
+            }
+        });
+        proxy
+    }
+
+    /// From now on, each request fails with probability `rate`, with one of `faults`.
+    pub fn inject(&self, rate: f64, faults: &[Fault]) {
+        let mut plan = self.plan.lock().unwrap();
+        plan.fault_rate = rate;
+        plan.faults = faults.to_vec();
+    }
+
+    /// Every connection in the next `duration` is accepted and left unanswered, as a network
+    /// partition looks to a client.
+    pub fn black_hole(&self, duration: Duration) {
+        self.plan.lock().unwrap().black_hole_until = Some(Instant::now() + duration);
+    }
+
+    /// Faults injected, by fault and by the operation of the request that got it.
+    pub fn injected(&self) -> std::collections::HashMap<(Fault, &'static str), u64> {
+        self.injected.lock().unwrap().clone()
+    }
+
+    pub fn forwarded(&self) -> u64 {
+        self.forwarded.load(Ordering::Relaxed)
+    }
+
+    /// Connections swallowed by a black hole.
+    pub fn held(&self) -> u64 {
+        self.held.load(Ordering::Relaxed)
+    }
+}
+
+/// The GCS JSON API operation a request head is: `GET`, `LIST`, `PUT` or `DELETE`.
+fn operation(head: &str) -> &'static str {
+    let mut words = head.split_whitespace();
+    let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+    let path = path.split('?').next().unwrap_or("");
+    match method {
+        "DELETE" => "DELETE",
+        "POST" | "PUT" => "PUT",
+        _ if path.ends_with("/o") => "LIST",
+        _ => "GET",
+    }
+}
+
+fn serve(client: TcpStream, upstream: &str, own_addr: &str, plan: &Mutex<Plan>, injected: &Mutex<std::collections::HashMap<(Fault, &'static str), u64>>, forwarded: &AtomicU64, held: &AtomicU64) -> std::io::Result<()> {
+    let mut reader = BufReader::new(client.try_clone()?);
+    loop {
+        let hole = plan.lock().unwrap().black_hole_until.filter(|until| *until > Instant::now());
+        if let Some(until) = hole {
+            held.fetch_add(1, Ordering::Relaxed);
+            std::thread::sleep(until.saturating_duration_since(Instant::now()));
+            return Ok(());
+        }
+        // The request head, then its body by Content-Length.
+        let mut head = Vec::new();
+        loop {
+            let mut line = Vec::new();
+            if reader.read_until(b'\n', &mut line)? == 0 {
+                return Ok(());
+            }
+            let end = line == b"\r\n";
+            head.extend_from_slice(&line);
+            if end {
+                break;
+            }
+        }
+        let head_text = String::from_utf8_lossy(&head).into_owned();
+        let length: usize = head_text.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0))).unwrap_or(0);
+        let fault = {
+            let mut plan = plan.lock().unwrap();
+            let Plan { rng, fault_rate, faults, .. } = &mut *plan;
+            (!faults.is_empty() && rng.gen_bool(*fault_rate)).then(|| faults[rng.gen_range(0..faults.len())])
+        };
+        if let Some(fault) = fault {
+            *injected.lock().unwrap().entry((fault, operation(&head_text))).or_default() += 1;
+        }
+        if fault == Some(Fault::ResetRequest) {
+            let mut half = vec![0u8; length / 2];
+            let _ = reader.read_exact(&mut half);
+            return reset(&client);
+        }
+        let mut body = vec![0u8; length];
+        reader.read_exact(&mut body)?;
+        if let Some(Fault::Status(code)) = fault {
+            let json = format!("{{\"error\":{{\"code\":{code},\"message\":\"injected by the test proxy\"}}}}");
+            write!(&client, "HTTP/1.1 {code} Injected\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{json}", json.len())?;
+            continue;
+        }
+        // Forward on a fresh connection that closes after the response.
+        let mut request = String::new();
+        for line in head_text.split("\r\n").filter(|l| !l.is_empty()) {
+            let lower = line.to_ascii_lowercase();
+            if lower.starts_with("connection:") || lower.starts_with("keep-alive:") {
+                continue;
+            }
+            request.push_str(line);
+            request.push_str("\r\n");
+        }
+        request.push_str("Connection: close\r\n\r\n");
+        let mut up = TcpStream::connect(upstream)?;
+        up.write_all(request.as_bytes())?;
+        up.write_all(&body)?;
+        let mut response = Vec::new();
+        up.read_to_end(&mut response)?;
+        forwarded.fetch_add(1, Ordering::Relaxed);
+        // A resumable upload's session URL must come back through the proxy too.
+        let split = response.windows(4).position(|w| w == b"\r\n\r\n").map_or(response.len(), |i| i + 4);
+        let head = String::from_utf8_lossy(&response[..split]).replace(upstream, own_addr);
+        let mut out = head.into_bytes();
+        out.extend_from_slice(&response[split..]);
+        if fault == Some(Fault::ResetResponse) {
+            (&client).write_all(&out[..out.len() / 2])?;
+            return reset(&client);
+        }
+        (&client).write_all(&out)?;
+        // The upstream answered `Connection: close`, so the client will not send another.
+        let _ = client.shutdown(Shutdown::Write);
+        return Ok(());
+    }
+}
+
+/// Closes with RST rather than FIN: what a crashed peer or a middlebox cutting in looks like.
+fn reset(stream: &TcpStream) -> std::io::Result<()> {
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: setsockopt on a descriptor this function borrows, with a correctly sized value.
+    unsafe {
+        libc::setsockopt(std::os::fd::AsRawFd::as_raw_fd(stream), libc::SOL_SOCKET, libc::SO_LINGER, (&linger as *const libc::linger).cast(), std::mem::size_of::<libc::linger>() as libc::socklen_t);
+    }
+    stream.shutdown(Shutdown::Both)
+}

@@ -1,0 +1,120 @@
+//! Store faults between walstream and the bucket (through `fault_proxy`): random errors and
+//! resets on every request type while the app writes, and a full outage. Each ends with a
+//! restore, straight from the emulator, compared with the source.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use crate::emulator;
+use crate::fault_proxy::{FaultProxy, ALL_FAULTS};
+use crate::harness::*;
+
+
+/// A config replicating the scratch database through `proxy`, with snapshots and retention on
+/// short timers so DELETEs and LISTs happen too.
+fn start_through(scratch: &Scratch, proxy: &FaultProxy, log: &str) -> Replicator {
+    let config = scratch.path("walstream.yml");
+    let text = format!(
+        "dbs:\n  - path: {}\n    replicas:\n      - url: {}\n        snapshot-interval: 2s\n        retention: 3s\n        retention-check-interval: 1s\n",
+        scratch.db().display(),
+        scratch.replica_url()
+    );
+    std::fs::write(&config, text).unwrap();
+    let args: Vec<std::ffi::OsString> = vec!["-config".into(), config.into()];
+    Replicator::start_args(&args, scratch.path(log), &[("STORAGE_EMULATOR_HOST", &proxy.addr)])
+}
+
+/// Peak resident memory of a running process, from /proc.
+fn peak_rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok()).unwrap()
+}
+
+#[test]
+fn random_faults_on_every_request_type_and_crashes_lose_nothing() {
+    let scratch = Scratch::on(Backend::Gcs);
+    let proxy = FaultProxy::start(emulator::host(), seed());
+    let mut app = App::open(&scratch.db());
+    app.insert(50);
+    proxy.inject(0.3, &ALL_FAULTS);
+    let covered = |proxy: &FaultProxy| {
+        let injected = proxy.injected();
+        ["GET", "LIST", "PUT", "DELETE"].iter().all(|op| injected.keys().any(|(_, o)| o == op)) && ALL_FAULTS.iter().all(|f| injected.keys().any(|(g, _)| g == f))
+    };
+    // Phases of writing under faults, each ended by SIGKILL: every restart reads the lease and
+    // the replica's position again (GETs and LISTs), as a crashed replicator would.
+    let mut phases = 0;
+    while phases < 3 || (!covered(&proxy) && phases < 12) {
+        phases += 1;
+        let replicator = start_through(&scratch, &proxy, "faults.log");
+        let started = Instant::now();
+        let mut round = 0;
+        while started.elapsed() < Duration::from_millis(2500) {
+            app.insert(40);
+            round += 1;
+            if round % 10 == 0 {
+                app.checkpoint(["PASSIVE", "TRUNCATE", "RESTART", "FULL"][(round / 10) % 4]);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        replicator.kill();
+    }
+    proxy.inject(0.0, &[]);
+    let replicator = start_through(&scratch, &proxy, "faults.log");
+    app.insert(10);
+    replicator.stop_ok();
+    scratch.assert_restores_source();
+
+    let injected = proxy.injected();
+    eprintln!("{phases} phases; faults injected: {injected:?}; requests forwarded: {}", proxy.forwarded());
+    let operations: HashSet<&str> = injected.keys().map(|(_, op)| *op).collect();
+    for op in ["GET", "LIST", "PUT", "DELETE"] {
+        assert!(operations.contains(op), "no fault hit a {op}: {injected:?}");
+    }
+    for fault in ALL_FAULTS {
+        assert!(injected.keys().any(|(f, _)| *f == fault), "{fault:?} never injected: {injected:?}");
+    }
+}
+
+#[test]
+fn a_thirty_second_outage_is_caught_up_with_and_the_app_never_waits() {
+    let scratch = Scratch::on(Backend::Gcs);
+    let proxy = FaultProxy::start(emulator::host(), seed());
+    let mut app = App::open(&scratch.db());
+    app.insert(50);
+    let replicator = start_through(&scratch, &proxy, "outage.log");
+    wait_for_snapshot(&scratch);
+
+    proxy.black_hole(Duration::from_secs(30));
+    let outage = Instant::now();
+    let mut worst_commit = Duration::ZERO;
+    let mut round = 0;
+    while outage.elapsed() < Duration::from_secs(30) {
+        let t = Instant::now();
+        app.insert(25);
+        worst_commit = worst_commit.max(t.elapsed());
+        round += 1;
+        if round % 40 == 0 {
+            app.checkpoint("PASSIVE");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let rss_kib = peak_rss_kib(replicator.pid());
+    eprintln!("outage: {} rows committed, worst commit {worst_commit:?}, replicator peak RSS {rss_kib} KiB, connections held {}", app.count(), proxy.held());
+    assert!(proxy.held() > 0, "the outage swallowed walstream's requests");
+    // Liveness, not speed: a commit that waited for the store would take the whole outage.
+    assert!(worst_commit < Duration::from_secs(5), "the app waited {worst_commit:?} for a commit during the outage");
+    assert!(rss_kib < 64 * 1024, "memory stays bounded during an outage: peak RSS {rss_kib} KiB");
+
+    // Caught up without a restart or a shutdown flush.
+    let rows = app.count();
+    let probe = scratch.path("probe.db");
+    wait_until(Duration::from_secs(90), "the replica to catch up after the outage", || {
+        let output = walstream(&["restore", "-o", probe.to_str().unwrap(), &scratch.replica_url()]);
+        let caught_up = output.status.success() && App::open(&probe).count() == rows;
+        let _ = std::fs::remove_file(&probe);
+        caught_up
+    });
+    replicator.stop_ok();
+    scratch.assert_restores_source();
+}
