@@ -143,3 +143,37 @@ fn a_second_replicator_of_the_same_database_refuses_at_once() {
     first.stop_ok();
     scratch.assert_restores_source();
 }
+
+on_both_backends! {
+    /// An operator moves a restored older copy over the database while walstream runs: the
+    /// path now names another file. walstream must start a new generation from that file, not
+    /// append its WAL to a snapshot of the old one.
+    fn a_database_replaced_by_an_older_copy_starts_a_new_generation(backend: Backend) {
+        let scratch = Scratch::on(backend);
+        let mut app = App::open(&scratch.db());
+        app.insert(2000);
+        let replicator = scratch.start_replicator();
+        wait_for_snapshot(&scratch);
+        let older = scratch.path("older.db");
+        app.conn.execute("VACUUM INTO ?1", [older.to_str().unwrap()]).unwrap();
+        app.insert(3000);
+        app.conn.execute("DELETE FROM items WHERE id % 7 = 0", []).unwrap();
+        app.checkpoint("TRUNCATE");
+        app.insert(5);
+        drop(app);
+
+        // The replacement, as a restore procedure does it: the old WAL and index go too.
+        for suffix in ["-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", scratch.db().display()));
+        }
+        std::fs::rename(&older, scratch.db()).unwrap();
+        let mut app = App::open(&scratch.db());
+        assert_eq!(app.count(), 2000);
+        app.insert(10);
+        wait_until(Duration::from_secs(20), "walstream to notice the replaced file", || replicator.log_text().contains("database file replaced"));
+        app.insert(10);
+        replicator.stop_ok();
+        assert_eq!(scratch.generation_count(), 2);
+        scratch.assert_restores_source();
+    }
+}

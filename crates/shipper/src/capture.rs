@@ -228,6 +228,9 @@ impl Capturer {
 
     /// One pass: pin, copy, release the old pin, publish.
     fn sync(&mut self) -> Result<(), Error> {
+        if self.db.file_replaced() {
+            self.follow_replaced_file()?;
+        }
         // `clean`: the pin held now was taken before the previous copy and held ever since, so the
         // WAL cannot have lost a frame that copy did not see (see `SourceDb`).
         let clean = self.db.is_pinned();
@@ -243,6 +246,19 @@ impl Capturer {
         self.publish(false);
         self.remove_shipped_shadow();
         result
+    }
+
+    /// The database path names a new file: its history is not the old file's. walstream
+    /// reopens it and the pass starts a new generation from it.
+    fn follow_replaced_file(&mut self) -> Result<(), Error> {
+        // Opened first, so a file that is not a database leaves the old connections in place
+        // and the error is retried on the next pass.
+        let replacement = SourceDb::open(&self.db_path)?;
+        drop(std::mem::replace(&mut self.db, replacement));
+        self.last_wal_stat = None;
+        self.rolled_at_backfill = None;
+        self.pending_new_generation = Some("database file replaced".into());
+        Ok(())
     }
 
     /// A FULL/RESTART/TRUNCATE checkpoint of another process waits for walstream's pin. It holds
@@ -322,7 +338,12 @@ impl Capturer {
     /// generation where continuity is lost.
     fn copy(&mut self, clean: bool) -> Result<(), Error> {
         if let Some(reason) = self.pending_new_generation.take() {
-            return self.new_generation(&reason);
+            let result = self.new_generation(&reason);
+            // Until it succeeds, nothing may be appended to the old generation.
+            if result.is_err() {
+                self.pending_new_generation = Some(reason);
+            }
+            return result;
         }
         let Some(generation) = self.generation.as_mut() else {
             return self.new_generation("no generation exists");

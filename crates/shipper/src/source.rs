@@ -155,6 +155,17 @@ impl SourceDb {
         &self.db_file
     }
 
+    /// True when the path now names another file than the one opened (a restored copy moved
+    /// over it): every descriptor and connection here belongs to the old one.
+    pub(crate) fn file_replaced(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (std::fs::metadata(&self.path), self.db_file.metadata()) {
+            (Ok(now), Ok(held)) => (now.dev(), now.ino()) != (held.dev(), held.ino()),
+            // Gone or unreadable: nothing else to follow yet.
+            _ => false,
+        }
+    }
+
     /// Starts a new read transaction and keeps the current one until [`SourceDb::release_previous`].
     /// Returns false if SQLite refused (busy); the caller then copies without a pin.
     pub(crate) fn roll_pin(&mut self) -> bool {
