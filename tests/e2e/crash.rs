@@ -116,9 +116,7 @@ on_both_backends! {
 #[test]
 fn a_flush_that_cannot_finish_in_time_is_reported_and_a_second_signal_exits_at_once() {
     let scratch = Scratch::new();
-    // A replica directory below a regular file: nothing can be shipped.
-    std::fs::write(scratch.path("blocker"), b"").unwrap();
-    let url = format!("file://{}/replica", scratch.path("blocker").display());
+    let url = scratch.unwritable_replica_url();
     let mut app = App::open(&scratch.db());
     app.insert(50);
 

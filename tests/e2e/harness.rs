@@ -125,6 +125,12 @@ impl Scratch {
         Replicator::start(&self.db(), &[self.replica_url()], self.path("replicate.log"))
     }
 
+    /// A `file://` replica no write can reach (its directory would be below a regular file).
+    pub fn unwritable_replica_url(&self) -> String {
+        std::fs::write(self.path("blocker"), b"").unwrap();
+        format!("file://{}/replica", self.path("blocker").display())
+    }
+
     /// Restores the replica to `restored.db` with walstream, asserts it equals the source
     /// database, and returns its path.
     pub fn assert_restores_source(&self) -> PathBuf {

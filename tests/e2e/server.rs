@@ -122,9 +122,7 @@ on_both_backends! {
 #[test]
 fn sync_times_out_naming_the_replica_that_cannot_keep_up() {
     let scratch = Scratch::new();
-    // A replica directory below a regular file: every upload fails.
-    std::fs::write(scratch.path("blocker"), b"").unwrap();
-    let url = format!("file://{}/replica", scratch.path("blocker").display());
+    let url = scratch.unwritable_replica_url();
     let mut app = App::open(&scratch.db());
     app.insert(10);
     let (replicator, addr) = start_serving(&scratch, &url);
