@@ -52,7 +52,7 @@ async fn restore_database(args: &RestoreArgs, shutdown: &CancellationToken) -> a
                 tracing::warn!("this restore would not fit Cloud Run's 240 s startup-probe window; restore to a persistent volume or snapshot more often");
             }
         } else {
-            walstream_restore::restore_plan(chosen.store.as_ref(), chosen.plan, &options).await.map_err(anyhow::Error::new)?;
+            walstream_restore::restore_replanning(chosen.store.as_ref(), chosen.plan, &options).await.map_err(anyhow::Error::new)?;
         }
         Ok::<bool, anyhow::Error>(true)
     };

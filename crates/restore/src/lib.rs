@@ -16,7 +16,7 @@ mod progress;
 
 use std::path::{Path, PathBuf};
 
-use tracing::info;
+use tracing::{info, warn};
 use walstream_store::ObjectStore;
 
 pub use error::Error;
@@ -57,7 +57,27 @@ pub async fn restore(store: &dyn ObjectStore, options: &RestoreOptions) -> Resul
         return Err(Error::OutputExists { path: options.output.clone() });
     }
     let plan = plan(store, &options.target).await?;
-    restore_plan(store, plan, options).await
+    restore_replanning(store, plan, options).await
+}
+
+/// How many times a restore plans again after an object of its plan vanished.
+const REPLAN_ATTEMPTS: u32 = 3;
+
+/// [`restore_plan`], planned again from a fresh listing when an object of the plan disappears
+/// while it runs: retention deletes a snapshot and the WAL below it once a newer snapshot
+/// exists, and the newer one then serves the same target.
+pub async fn restore_replanning(store: &dyn ObjectStore, mut plan: RestorePlan, options: &RestoreOptions) -> Result<RestoreOutcome, Error> {
+    let mut attempt = 1;
+    loop {
+        match restore_plan(store, plan, options).await {
+            Err(Error::Store(e)) if e.is_not_found() && attempt < REPLAN_ATTEMPTS => {
+                warn!(error = %e, "an object of the restore plan was deleted meanwhile (retention?); planning again");
+                plan = plan_from(list_replica(store).await?, &options.target)?;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Applies a plan made earlier (to choose between replicas, say) to `options.output`.
@@ -135,5 +155,89 @@ impl Drop for TempDatabase {
             path.push(suffix);
             let _ = std::fs::remove_file(PathBuf::from(path));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_trait::async_trait;
+    use bytes::Bytes;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use walstream_format::{lz4, name, GenerationId};
+    use walstream_store::{FileStore, ObjectMeta, OperationCounts, Version};
+
+    /// A database file holding `rows` rows, LZ4-framed as a snapshot object.
+    fn snapshot_body(dir: &Path, rows: i64) -> Bytes {
+        let path = dir.join(format!("src-{rows}.db"));
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch("CREATE TABLE t (x INTEGER)").unwrap();
+        for x in 0..rows {
+            conn.execute("INSERT INTO t VALUES (?1)", [x]).unwrap();
+        }
+        drop(conn);
+        Bytes::from(lz4::compress(&std::fs::read(&path).unwrap()))
+    }
+
+    /// Retention racing the restore: the first read of snapshot 0 finds that a newer snapshot
+    /// was uploaded and snapshot 0 deleted just before.
+    #[derive(Debug)]
+    struct RetentionRacer {
+        inner: FileStore,
+        generation: GenerationId,
+        newer: Bytes,
+        armed: AtomicBool,
+    }
+
+    #[async_trait]
+    impl ObjectStore for RetentionRacer {
+        async fn put(&self, key: &str, body: Bytes) -> Result<(), walstream_store::Error> {
+            self.inner.put(key, body).await
+        }
+        async fn get(&self, key: &str) -> Result<Bytes, walstream_store::Error> {
+            if key == name::snapshot_key(&self.generation, 0) && self.armed.swap(false, Ordering::SeqCst) {
+                self.inner.put(&name::snapshot_key(&self.generation, 1), self.newer.clone()).await?;
+                self.inner.delete(key).await?;
+            }
+            self.inner.get(key).await
+        }
+        async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, walstream_store::Error> {
+            self.inner.list(prefix).await
+        }
+        async fn delete(&self, key: &str) -> Result<(), walstream_store::Error> {
+            self.inner.delete(key).await
+        }
+        async fn get_versioned(&self, key: &str) -> Result<Option<(Bytes, Version)>, walstream_store::Error> {
+            self.inner.get_versioned(key).await
+        }
+        async fn put_if(&self, key: &str, body: Bytes, expected: Option<Version>) -> Result<Version, walstream_store::Error> {
+            self.inner.put_if(key, body, expected).await
+        }
+        fn describe(&self) -> String {
+            self.inner.describe()
+        }
+        fn kind(&self) -> &'static str {
+            "file"
+        }
+        fn operations(&self) -> Option<&OperationCounts> {
+            None
+        }
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_deleted_by_retention_mid_restore_is_planned_around() {
+        let dir = tempfile::tempdir().unwrap();
+        let generation = GenerationId::random();
+        let inner = FileStore::new(dir.path().join("replica"));
+        inner.put(&name::snapshot_key(&generation, 0), snapshot_body(dir.path(), 3)).await.unwrap();
+        let store = RetentionRacer { inner, generation, newer: snapshot_body(dir.path(), 5), armed: AtomicBool::new(true) };
+
+        let output = dir.path().join("restored.db");
+        let outcome = restore(&store, &RestoreOptions::new(&output)).await.expect("planned again around the deleted snapshot");
+        assert_eq!(outcome.plan.snapshot_index, 1);
+        let rows: i64 = rusqlite::Connection::open(&output).unwrap().query_row("SELECT count(*) FROM t", [], |r| r.get(0)).unwrap();
+        assert_eq!(rows, 5);
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().contains("walstream-restore")).collect();
+        assert!(leftovers.is_empty(), "the abandoned attempt left {leftovers:?}");
     }
 }
