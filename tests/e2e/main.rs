@@ -19,3 +19,4 @@ mod replicate;
 mod restore;
 mod retention;
 mod server;
+mod stall;

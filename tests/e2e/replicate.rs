@@ -173,7 +173,9 @@ on_both_backends! {
         wait_until(Duration::from_secs(20), "walstream to notice the replaced file", || replicator.log_text().contains("database file replaced"));
         app.insert(10);
         replicator.stop_ok();
-        assert_eq!(scratch.generation_count(), 2);
+        // A pass between the removal of the old WAL and the rename may start one more
+        // generation, still from the old file; the last one must come from the new file.
+        assert!(scratch.generation_count() >= 2);
         scratch.assert_restores_source();
     }
 }

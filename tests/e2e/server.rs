@@ -139,8 +139,9 @@ fn sync_times_out_naming_the_replica_that_cannot_keep_up() {
     let output = walstream(&["sync", "-config", scratch.path("walstream.yml").to_str().unwrap()]);
     assert_eq!(output.status.code(), Some(12), "{}", stderr(&output));
     assert!(stderr(&output).contains("no addr; set addr there or give -addr HOST:PORT"), "{}", stderr(&output));
-    // Nobody listening: says what to check.
-    let output = walstream(&["sync", "-addr", &addr]);
+    // Nobody listening (port 1 is privileged and unused; the replicator's old port could be
+    // taken by another test by now): says what to check.
+    let output = walstream(&["sync", "-addr", "127.0.0.1:1"]);
     assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
     assert!(stderr(&output).contains("is `walstream replicate` running with addr"), "{}", stderr(&output));
 }
