@@ -43,6 +43,7 @@ pub struct FaultProxy {
     injected: Arc<Mutex<std::collections::HashMap<(Fault, &'static str), u64>>>,
     forwarded: Arc<AtomicU64>,
     held: Arc<AtomicU64>,
+    large_puts: Arc<AtomicU64>,
 }
 
 impl FaultProxy {
@@ -50,13 +51,14 @@ impl FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let plan = Arc::new(Mutex::new(Plan { rng: StdRng::seed_from_u64(seed), fault_rate: 0.0, faults: Vec::new(), black_hole_until: None }));
-        let proxy = FaultProxy { addr: addr.clone(), plan, injected: Default::default(), forwarded: Default::default(), held: Default::default() };
-        let (plan, injected, forwarded, held, upstream) = (proxy.plan.clone(), proxy.injected.clone(), proxy.forwarded.clone(), proxy.held.clone(), upstream.to_string());
+        let proxy = FaultProxy { addr: addr.clone(), plan, injected: Default::default(), forwarded: Default::default(), held: Default::default(), large_puts: Default::default() };
+        let (plan, injected, upstream) = (proxy.plan.clone(), proxy.injected.clone(), upstream.to_string());
+        let counters = Counters { forwarded: proxy.forwarded.clone(), held: proxy.held.clone(), large_puts: proxy.large_puts.clone() };
         std::thread::spawn(move || {
             for client in listener.incoming().flatten() {
-                let (plan, injected, forwarded, held, upstream, addr) = (plan.clone(), injected.clone(), forwarded.clone(), held.clone(), upstream.clone(), addr.clone());
+                let (plan, injected, counters, upstream, addr) = (plan.clone(), injected.clone(), counters.clone(), upstream.clone(), addr.clone());
                 std::thread::spawn(move || {
-                    let _ = serve(client, &upstream, &addr, &plan, &injected, &forwarded, &held);
+                    let _ = serve(client, &upstream, &addr, &plan, &injected, &counters);
                 });
             }
         });
@@ -89,6 +91,18 @@ impl FaultProxy {
     pub fn held(&self) -> u64 {
         self.held.load(Ordering::Relaxed)
     }
+
+    /// Uploads of more than 1 MiB forwarded (chunks of a resumable snapshot upload).
+    pub fn large_puts(&self) -> u64 {
+        self.large_puts.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Clone)]
+struct Counters {
+    forwarded: Arc<AtomicU64>,
+    held: Arc<AtomicU64>,
+    large_puts: Arc<AtomicU64>,
 }
 
 /// The GCS JSON API operation a request head is: `GET`, `LIST`, `PUT` or `DELETE`.
@@ -104,12 +118,12 @@ fn operation(head: &str) -> &'static str {
     }
 }
 
-fn serve(client: TcpStream, upstream: &str, own_addr: &str, plan: &Mutex<Plan>, injected: &Mutex<std::collections::HashMap<(Fault, &'static str), u64>>, forwarded: &AtomicU64, held: &AtomicU64) -> std::io::Result<()> {
+fn serve(client: TcpStream, upstream: &str, own_addr: &str, plan: &Mutex<Plan>, injected: &Mutex<std::collections::HashMap<(Fault, &'static str), u64>>, counters: &Counters) -> std::io::Result<()> {
     let mut reader = BufReader::new(client.try_clone()?);
     loop {
         let hole = plan.lock().unwrap().black_hole_until.filter(|until| *until > Instant::now());
         if let Some(until) = hole {
-            held.fetch_add(1, Ordering::Relaxed);
+            counters.held.fetch_add(1, Ordering::Relaxed);
             std::thread::sleep(until.saturating_duration_since(Instant::now()));
             return Ok(());
         }
@@ -164,7 +178,10 @@ fn serve(client: TcpStream, upstream: &str, own_addr: &str, plan: &Mutex<Plan>, 
         up.write_all(&body)?;
         let mut response = Vec::new();
         up.read_to_end(&mut response)?;
-        forwarded.fetch_add(1, Ordering::Relaxed);
+        counters.forwarded.fetch_add(1, Ordering::Relaxed);
+        if operation(&head_text) == "PUT" && length > 1 << 20 {
+            counters.large_puts.fetch_add(1, Ordering::Relaxed);
+        }
         // A resumable upload's session URL must come back through the proxy too.
         let split = response.windows(4).position(|w| w == b"\r\n\r\n").map_or(response.len(), |i| i + 4);
         let head = String::from_utf8_lossy(&response[..split]).replace(upstream, own_addr);

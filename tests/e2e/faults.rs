@@ -118,3 +118,25 @@ fn a_thirty_second_outage_is_caught_up_with_and_the_app_never_waits() {
     replicator.stop_ok();
     scratch.assert_restores_source();
 }
+
+#[test]
+fn sigkill_in_the_middle_of_a_snapshot_upload_leaves_no_snapshot_and_loses_nothing() {
+    let scratch = Scratch::on(Backend::Gcs);
+    let proxy = FaultProxy::start(emulator::host(), seed());
+    let mut app = App::open(&scratch.db());
+    // A database file of about 40 MiB of random pages: its snapshot goes up in 8 MiB chunks.
+    app.insert_large(40 << 20);
+    app.checkpoint("TRUNCATE");
+    let replicator = start_through(&scratch, &proxy, "first.log");
+    wait_until(Duration::from_secs(60), "two chunks of the snapshot to be uploaded", || proxy.large_puts() >= 2);
+    replicator.kill();
+    let snapshots = scratch.replica_keys().into_iter().filter(|k| k.ends_with(".snapshot.lz4")).count();
+    assert_eq!(snapshots, 0, "an unfinished resumable upload must not be visible as a snapshot");
+
+    app.insert(100);
+    let replicator = scratch.start_replicator();
+    wait_for_snapshot(&scratch);
+    app.insert(100);
+    replicator.stop_ok();
+    scratch.assert_restores_source();
+}
