@@ -22,6 +22,9 @@ pub enum Fault {
     ResetRequest,
     /// Forward, then relay only half the response before a reset (a download cut mid-way).
     ResetResponse,
+    /// Read the request, forward nothing, answer nothing for this long, then close: a hung
+    /// server, which only the client's request timeout ends.
+    Stall(Duration),
 }
 
 pub const ALL_FAULTS: [Fault; 6] = [Fault::Status(500), Fault::Status(503), Fault::Status(429), Fault::Status(408), Fault::ResetRequest, Fault::ResetResponse];
@@ -157,6 +160,10 @@ fn serve(client: TcpStream, upstream: &str, own_addr: &str, plan: &Mutex<Plan>, 
         }
         let mut body = vec![0u8; length];
         reader.read_exact(&mut body)?;
+        if let Some(Fault::Stall(duration)) = fault {
+            std::thread::sleep(duration);
+            return Ok(());
+        }
         if let Some(Fault::Status(code)) = fault {
             let json = format!("{{\"error\":{{\"code\":{code},\"message\":\"injected by the test proxy\"}}}}");
             write!(&client, "HTTP/1.1 {code} Injected\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{json}", json.len())?;

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use crate::emulator;
-use crate::fault_proxy::{FaultProxy, ALL_FAULTS};
+use crate::fault_proxy::{Fault, FaultProxy, ALL_FAULTS};
 use crate::harness::*;
 
 
@@ -137,6 +137,39 @@ fn sigkill_in_the_middle_of_a_snapshot_upload_leaves_no_snapshot_and_loses_nothi
     let replicator = scratch.start_replicator();
     wait_for_snapshot(&scratch);
     app.insert(100);
+    replicator.stop_ok();
+    scratch.assert_restores_source();
+}
+
+#[test]
+fn requests_that_hang_are_abandoned_after_the_request_timeout_and_retried() {
+    let scratch = Scratch::on(Backend::Gcs);
+    let proxy = FaultProxy::start(emulator::host(), seed());
+    let mut app = App::open(&scratch.db());
+    app.insert(20);
+    proxy.inject(0.25, &[Fault::Stall(Duration::from_secs(20))]);
+    let config = scratch.path("walstream.yml");
+    std::fs::write(&config, format!("dbs:\n  - path: {}\n    replicas:\n      - url: {}\n", scratch.db().display(), scratch.replica_url())).unwrap();
+    let args: Vec<std::ffi::OsString> = vec!["-config".into(), config.into()];
+    let replicator = Replicator::start_args(&args, scratch.path("stall.log"), &[("STORAGE_EMULATOR_HOST", &proxy.addr), ("WALSTREAM_GCS_TIMEOUT", "1s")]);
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(6) {
+        app.insert(20);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let stalled: u64 = proxy.injected().values().sum();
+    proxy.inject(0.0, &[]);
+    // Caught up while running: a hung request did not hold the uploader for its 20 s.
+    let rows = app.count();
+    let probe = scratch.path("probe.db");
+    wait_until(Duration::from_secs(15), "the replica to catch up past the hung requests", || {
+        let output = walstream(&["restore", "-o", probe.to_str().unwrap(), &scratch.replica_url()]);
+        let caught_up = output.status.success() && App::open(&probe).count() == rows;
+        let _ = std::fs::remove_file(&probe);
+        caught_up
+    });
+    assert!(stalled >= 1, "no request was stalled");
+    assert!(replicator.log_text().contains("timed out"), "{}", replicator.log_text());
     replicator.stop_ok();
     scratch.assert_restores_source();
 }

@@ -3,7 +3,7 @@
 
 use std::path::{Component, Path, PathBuf};
 
-use walstream_store::{FileStore, GcsStore, ObjectStore};
+use walstream_store::{FileStore, GcsStore, ObjectStore, RetryPolicy};
 
 /// A replica URL walstream cannot use.
 #[derive(Debug)]
@@ -39,7 +39,13 @@ pub(crate) fn open(url: &str) -> Result<Box<dyn ObjectStore>, UrlError> {
         // Litestream rejects gs:// with a confusing message (#336); it is the same thing.
         "gcs" | "gs" => {
             let (bucket, path) = gcs_location(rest).ok_or_else(|| err("gcs:// needs a bucket, e.g. gcs://my-bucket/db"))?;
-            Ok(Box::new(GcsStore::new(bucket, path)))
+            let mut store = GcsStore::new(bucket, path);
+            // How long one request may hang before it is abandoned and retried.
+            if let Some(value) = std::env::var("WALSTREAM_GCS_TIMEOUT").ok().filter(|v| !v.is_empty()) {
+                let timeout = crate::config::go_duration(&value).map_err(|e| err(&format!("WALSTREAM_GCS_TIMEOUT: {e}")))?;
+                store = store.with_retry(RetryPolicy { request_timeout: timeout, ..RetryPolicy::default() });
+            }
+            Ok(Box::new(store))
         }
         "s3" | "abs" | "sftp" => Err(err(&format!("{scheme}:// replicas are not supported by walstream; it replicates to gcs:// and file://"))),
         _ => Err(err(&format!("unknown scheme {scheme:?}; use file:// (or gcs://)"))),
