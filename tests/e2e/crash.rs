@@ -138,3 +138,30 @@ fn a_flush_that_cannot_finish_in_time_is_reported_and_a_second_signal_exits_at_o
     let status = replicator.wait_for_exit();
     assert_eq!(status.code(), Some(130), "{}", std::fs::read_to_string(&log).unwrap());
 }
+
+on_both_backends! {
+    /// While walstream is down the app commits and closes its last connection: SQLite
+    /// checkpoints those commits into the file and deletes the WAL, so they exist nowhere
+    /// walstream could copy them from as WAL. The restarted replicator must notice and start
+    /// over from a snapshot.
+    fn commits_checkpointed_away_while_walstream_was_down_are_shipped(backend: Backend) {
+        let scratch = Scratch::on(backend);
+        let mut app = App::open(&scratch.db());
+        app.insert(100);
+        let replicator = scratch.start_replicator();
+        wait_for_snapshot(&scratch);
+        app.insert(100);
+        replicator.kill();
+        app.insert(300);
+        drop(app);
+        let wal = format!("{}-wal", scratch.db().display());
+        assert!(!std::path::Path::new(&wal).exists(), "closing the last connection deletes the WAL");
+
+        let replicator = scratch.start_replicator();
+        let mut app = App::open(&scratch.db());
+        app.insert(10);
+        replicator.stop_ok();
+        let restored = scratch.assert_restores_source();
+        assert_eq!(App::open(&restored).count(), 510);
+    }
+}
