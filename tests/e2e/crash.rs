@@ -11,55 +11,74 @@ use crate::harness::*;
 
 on_both_backends! {
     fn sigkill_at_random_points_under_load_loses_nothing(backend: Backend) {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
-        let scratch = Scratch::on(backend);
-        App::open(&scratch.db()).insert(1);
-        // Build walstream now: a build while the writer runs would pile up a backlog the final
-        // flush cannot ship within its deadline.
-        walstream_bin();
-
-        // The application keeps writing, and checkpointing, through every crash.
-        let stop = Arc::new(AtomicBool::new(false));
-        let writer = {
-            let (db, stop, mut rng) = (scratch.db(), stop.clone(), rand::rngs::StdRng::seed_from_u64(rng.gen()));
-            std::thread::spawn(move || {
-                let mut app = App::open(&db);
-                let mut commits = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    app.insert(rng.gen_range(1..20));
-                    commits += 1;
-                    match rng.gen_range(0..200) {
-                        0 => {
-                            app.checkpoint("TRUNCATE");
-                        }
-                        1 => app.insert_large(5 << 20),
-                        2..=4 => {
-                            app.checkpoint("PASSIVE");
-                        }
-                        _ => {}
-                    }
-                    std::thread::sleep(Duration::from_micros(rng.gen_range(0..2000)));
-                }
-                commits
-            })
-        };
-
-        for round in 0..8 {
-            let replicator = scratch.start_replicator();
-            std::thread::sleep(Duration::from_millis(rng.gen_range(30..700)));
-            replicator.kill();
-            eprintln!("round {round}: killed");
-            std::thread::sleep(Duration::from_millis(rng.gen_range(0..200)));
-        }
-        stop.store(true, Ordering::Relaxed);
-        let commits = writer.join().unwrap();
-        assert!(commits > 100, "the writer made only {commits} commits");
-
-        let replicator = scratch.start_replicator();
-        std::thread::sleep(Duration::from_millis(300));
-        replicator.stop_ok();
-        scratch.assert_restores_source();
+        crash_under_load(backend, 8);
     }
+}
+
+/// The nightly-style run: many more crashes than CI can afford. `cargo nextest run --run-ignored
+/// only nightly_` (about 4 minutes).
+#[test]
+#[ignore = "nightly: 100 crashes on each backend"]
+fn nightly_sigkill_at_random_points_under_load_loses_nothing() {
+    crash_under_load(Backend::File, 100);
+    crash_under_load(Backend::Gcs, 100);
+}
+
+/// SIGKILL `rounds` times at seeded random moments while the app writes and checkpoints, then
+/// restore and compare.
+fn crash_under_load(backend: Backend, rounds: usize) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
+    let scratch = Scratch::on(backend);
+    App::open(&scratch.db()).insert(1);
+    // Build walstream now: a build while the writer runs would pile up a backlog the final
+    // flush cannot ship within its deadline.
+    walstream_bin();
+
+    // The application keeps writing, and checkpointing, through every crash.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (db, stop, mut rng) = (scratch.db(), stop.clone(), rand::rngs::StdRng::seed_from_u64(rng.gen()));
+        std::thread::spawn(move || {
+            let mut app = App::open(&db);
+            let mut commits = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                app.insert(rng.gen_range(1..20));
+                commits += 1;
+                match rng.gen_range(0..200) {
+                    0 => {
+                        app.checkpoint("TRUNCATE");
+                    }
+                    1 => app.insert_large(5 << 20),
+                    2..=4 => {
+                        app.checkpoint("PASSIVE");
+                    }
+                    _ => {}
+                }
+                std::thread::sleep(Duration::from_micros(rng.gen_range(0..2000)));
+            }
+            commits
+        })
+    };
+
+    for round in 0..rounds {
+        let replicator = scratch.start_replicator();
+        std::thread::sleep(Duration::from_millis(rng.gen_range(30..700)));
+        replicator.kill();
+        eprintln!("round {round}: killed");
+        std::thread::sleep(Duration::from_millis(rng.gen_range(0..200)));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let commits = writer.join().unwrap();
+    assert!(commits > 100, "the writer made only {commits} commits");
+
+    // Catch up on the backlog the crashes left (the barrier), then a clean stop, whose flush
+    // deadline is not meant for minutes of backlog.
+    let addr = format!("127.0.0.1:{}", free_port());
+    let replicator = Replicator::start_with_args(&scratch.db(), &[scratch.replica_url()], scratch.path("replicate.log"), &[], &["-addr", &addr]);
+    let synced = walstream(&["sync", "-addr", &addr, "-timeout", "300s"]);
+    assert!(synced.status.success(), "{}", stderr(&synced));
+    replicator.stop_ok();
+    scratch.assert_restores_source();
 }
 
 on_both_backends! {
