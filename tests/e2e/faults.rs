@@ -24,6 +24,17 @@ fn start_through(scratch: &Scratch, proxy: &FaultProxy, log: &str) -> Replicator
     Replicator::start_args(&args, scratch.path(log), &[("STORAGE_EMULATOR_HOST", &proxy.addr)])
 }
 
+/// Waits, while the replicator runs, until a restore of the replica holds `rows` rows.
+fn wait_for_replica_to_hold(scratch: &Scratch, rows: i64, limit: Duration, what: &str) {
+    let probe = scratch.path("probe.db");
+    wait_until(limit, what, || {
+        let output = walstream(&["restore", "-o", probe.to_str().unwrap(), &scratch.replica_url()]);
+        let caught_up = output.status.success() && App::open(&probe).count() == rows;
+        let _ = std::fs::remove_file(&probe);
+        caught_up
+    });
+}
+
 /// Peak resident memory of a running process, from /proc.
 fn peak_rss_kib(pid: i32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -107,14 +118,7 @@ fn a_thirty_second_outage_is_caught_up_with_and_the_app_never_waits() {
     assert!(rss_kib < 64 * 1024, "memory stays bounded during an outage: peak RSS {rss_kib} KiB");
 
     // Caught up without a restart or a shutdown flush.
-    let rows = app.count();
-    let probe = scratch.path("probe.db");
-    wait_until(Duration::from_secs(90), "the replica to catch up after the outage", || {
-        let output = walstream(&["restore", "-o", probe.to_str().unwrap(), &scratch.replica_url()]);
-        let caught_up = output.status.success() && App::open(&probe).count() == rows;
-        let _ = std::fs::remove_file(&probe);
-        caught_up
-    });
+    wait_for_replica_to_hold(&scratch, app.count(), Duration::from_secs(90), "the replica to catch up after the outage");
     replicator.stop_ok();
     scratch.assert_restores_source();
 }
@@ -160,14 +164,7 @@ fn requests_that_hang_are_abandoned_after_the_request_timeout_and_retried() {
     let stalled: u64 = proxy.injected().values().sum();
     proxy.inject(0.0, &[]);
     // Caught up while running: a hung request did not hold the uploader for its 20 s.
-    let rows = app.count();
-    let probe = scratch.path("probe.db");
-    wait_until(Duration::from_secs(15), "the replica to catch up past the hung requests", || {
-        let output = walstream(&["restore", "-o", probe.to_str().unwrap(), &scratch.replica_url()]);
-        let caught_up = output.status.success() && App::open(&probe).count() == rows;
-        let _ = std::fs::remove_file(&probe);
-        caught_up
-    });
+    wait_for_replica_to_hold(&scratch, app.count(), Duration::from_secs(15), "the replica to catch up past the hung requests");
     assert!(stalled >= 1, "no request was stalled");
     assert!(replicator.log_text().contains("timed out"), "{}", replicator.log_text());
     replicator.stop_ok();
