@@ -25,6 +25,9 @@ pub enum Fault {
     /// Read the request, forward nothing, answer nothing for this long, then close: a hung
     /// server, which only the client's request timeout ends.
     Stall(Duration),
+    /// Hold the request this long, then forward it: a slow network path, during which the
+    /// store may change under the client.
+    Delay(Duration),
 }
 
 pub const ALL_FAULTS: [Fault; 6] = [Fault::Status(500), Fault::Status(503), Fault::Status(429), Fault::Status(408), Fault::ResetRequest, Fault::ResetResponse];
@@ -36,6 +39,16 @@ struct Plan {
     faults: Vec<Fault>,
     /// Until then, every connection is accepted and never answered.
     black_hole_until: Option<Instant>,
+    /// Faults for chosen requests, ahead of the random ones.
+    targeted: Vec<Targeted>,
+}
+
+/// A fault for the next `remaining` requests of one operation whose head contains `contains`.
+struct Targeted {
+    operation: &'static str,
+    contains: String,
+    fault: Fault,
+    remaining: u32,
 }
 
 /// A running proxy. Dropping it leaves the listener thread running until the test process
@@ -53,7 +66,7 @@ impl FaultProxy {
     pub fn start(upstream: &str, seed: u64) -> FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
-        let plan = Arc::new(Mutex::new(Plan { rng: StdRng::seed_from_u64(seed), fault_rate: 0.0, faults: Vec::new(), black_hole_until: None }));
+        let plan = Arc::new(Mutex::new(Plan { rng: StdRng::seed_from_u64(seed), fault_rate: 0.0, faults: Vec::new(), black_hole_until: None, targeted: Vec::new() }));
         let proxy = FaultProxy { addr: addr.clone(), plan, injected: Default::default(), forwarded: Default::default(), held: Default::default(), large_puts: Default::default() };
         let (plan, injected, upstream) = (proxy.plan.clone(), proxy.injected.clone(), upstream.to_string());
         let counters = Counters { forwarded: proxy.forwarded.clone(), held: proxy.held.clone(), large_puts: proxy.large_puts.clone() };
@@ -73,6 +86,12 @@ impl FaultProxy {
         let mut plan = self.plan.lock().unwrap();
         plan.fault_rate = rate;
         plan.faults = faults.to_vec();
+    }
+
+    /// The next `count` requests of `operation` (`GET`, `LIST`, `PUT`, `DELETE`) whose request
+    /// line or headers contain `contains` get `fault`, whatever the random plan says.
+    pub fn target(&self, operation: &'static str, contains: &str, fault: Fault, count: u32) {
+        self.plan.lock().unwrap().targeted.push(Targeted { operation, contains: contains.to_string(), fault, remaining: count });
     }
 
     /// Every connection in the next `duration` is accepted and left unanswered, as a network
@@ -147,8 +166,15 @@ fn serve(client: TcpStream, upstream: &str, own_addr: &str, plan: &Mutex<Plan>, 
         let length: usize = head_text.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0))).unwrap_or(0);
         let fault = {
             let mut plan = plan.lock().unwrap();
-            let Plan { rng, fault_rate, faults, .. } = &mut *plan;
-            (!faults.is_empty() && rng.gen_bool(*fault_rate)).then(|| faults[rng.gen_range(0..faults.len())])
+            let Plan { rng, fault_rate, faults, targeted, .. } = &mut *plan;
+            let chosen = targeted.iter_mut().find(|t| t.remaining > 0 && t.operation == operation(&head_text) && head_text.contains(&t.contains));
+            match chosen {
+                Some(target) => {
+                    target.remaining -= 1;
+                    Some(target.fault)
+                }
+                None => (!faults.is_empty() && rng.gen_bool(*fault_rate)).then(|| faults[rng.gen_range(0..faults.len())]),
+            }
         };
         if let Some(fault) = fault {
             *injected.lock().unwrap().entry((fault, operation(&head_text))).or_default() += 1;
@@ -163,6 +189,9 @@ fn serve(client: TcpStream, upstream: &str, own_addr: &str, plan: &Mutex<Plan>, 
         if let Some(Fault::Stall(duration)) = fault {
             std::thread::sleep(duration);
             return Ok(());
+        }
+        if let Some(Fault::Delay(duration)) = fault {
+            std::thread::sleep(duration);
         }
         if let Some(Fault::Status(code)) = fault {
             let json = format!("{{\"error\":{{\"code\":{code},\"message\":\"injected by the test proxy\"}}}}");

@@ -75,3 +75,73 @@ on_both_backends! {
         assert_same_database(&scratch.db(), &restored);
     }
 }
+
+/// Retention racing a restore, end to end: the restore's GETs go through the fault proxy, which
+/// holds one GET of a snapshot (then, in a second restore, of a WAL segment) for 3 s while
+/// the replicator, with a 1 s snapshot interval and 1 s retention, deletes what the restore
+/// planned on. Each restore must notice, plan again and produce a consistent database; after
+/// the writer stops, a restore must equal the source.
+#[test]
+fn retention_deleting_what_a_running_restore_planned_on_does_not_fail_the_restore() {
+    use crate::fault_proxy::{Fault, FaultProxy};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let scratch = Scratch::on(Backend::Gcs);
+    let config = scratch.path("walstream.yml");
+    std::fs::write(&config, format!(
+        "dbs:\n  - path: {}\n    replicas:\n      - url: {}\n        snapshot-interval: 1s\n        retention: 1s\n        retention-check-interval: 200ms\n",
+        scratch.db().display(), scratch.replica_url(),
+    )).unwrap();
+    let mut app = App::open(&scratch.db());
+    app.insert(20);
+    let replicator = Replicator::start_args(&["-config".into(), config.into()], scratch.path("replicate.log"), &[]);
+    wait_for_snapshot(&scratch);
+
+    // The app keeps writing, and checkpoints so that indexes advance and retention has WAL
+    // below each new snapshot to delete.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut round = 0;
+            while !stop.load(Ordering::Relaxed) {
+                app.insert(10);
+                round += 1;
+                if round % 15 == 0 {
+                    app.checkpoint("TRUNCATE");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            app
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+
+    let proxy = FaultProxy::start(crate::emulator::host(), seed());
+    for (n, object) in ["snapshot.lz4", "wal.lz4"].into_iter().enumerate() {
+        proxy.target("GET", object, Fault::Delay(Duration::from_secs(3)), 1);
+        let out = scratch.path(&format!("racing-{n}.db"));
+        let output = Command::new(walstream_bin())
+            .env("STORAGE_EMULATOR_HOST", &proxy.addr)
+            .args(["restore", "-o", out.to_str().unwrap(), &scratch.replica_url()])
+            .output()
+            .unwrap();
+        let log = stderr(&output);
+        assert!(output.status.success(), "the restore racing retention on {object} failed ({}): {log}", output.status);
+        assert!(log.contains("planning again"), "retention never deleted the {object} the restore planned on, so nothing raced:\n{log}");
+        // A consistent database: rows 1..=k, each as the app wrote it (restore itself ran
+        // integrity_check before the rename).
+        let restored = rusqlite::Connection::open(&out).unwrap();
+        let (count, max, wrong): (i64, i64, i64) = restored
+            .query_row("SELECT count(*), max(id), sum(body != printf('%.200c', id % 26 + 65) || id) FROM items", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap();
+        assert!(count >= 20 && count == max && wrong == 0, "restore racing {object}: {count} rows, max id {max}, {wrong} bodies wrong");
+    }
+
+    stop.store(true, Ordering::Relaxed);
+    let app = writer.join().unwrap();
+    replicator.stop_ok();
+    scratch.assert_restores_source();
+    drop(app);
+}

@@ -84,6 +84,15 @@ pub enum Error {
         /// Its offset within the index.
         offset: u64,
     },
+    /// Objects of the plan vanished on every attempt: retention deletes faster than this
+    /// restore reads.
+    #[error("the replica changed under the restore {attempts} times in a row ({source}); retention deletes objects faster than this restore reads them: retry, or lengthen the replica's `retention`")]
+    ReplicaKeptChanging {
+        /// How many plans were tried.
+        attempts: u32,
+        /// The last object found missing.
+        source: walstream_store::Error,
+    },
     /// The store failed.
     #[error(transparent)]
     Store(#[from] walstream_store::Error),

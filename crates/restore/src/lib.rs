@@ -75,6 +75,7 @@ pub async fn restore_replanning(store: &dyn ObjectStore, mut plan: RestorePlan, 
                 plan = plan_from(list_replica(store).await?, &options.target)?;
                 attempt += 1;
             }
+            Err(Error::Store(e)) if e.is_not_found() => return Err(Error::ReplicaKeptChanging { attempts: attempt, source: e }),
             other => return other,
         }
     }
@@ -163,7 +164,7 @@ mod tests {
     use super::*;
     use async_trait::async_trait;
     use bytes::Bytes;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicU32, Ordering};
     use walstream_format::{lz4, name, GenerationId};
     use walstream_store::{FileStore, ObjectMeta, OperationCounts, Version};
 
@@ -179,14 +180,14 @@ mod tests {
         Bytes::from(lz4::compress(&std::fs::read(&path).unwrap()))
     }
 
-    /// Retention racing the restore: the first read of snapshot 0 finds that a newer snapshot
-    /// was uploaded and snapshot 0 deleted just before.
+    /// Retention racing the restore: the first `races` reads of a snapshot find that a newer
+    /// snapshot was uploaded at the next index and this one deleted just before.
     #[derive(Debug)]
     struct RetentionRacer {
         inner: FileStore,
         generation: GenerationId,
         newer: Bytes,
-        armed: AtomicBool,
+        races: AtomicU32,
     }
 
     #[async_trait]
@@ -195,9 +196,12 @@ mod tests {
             self.inner.put(key, body).await
         }
         async fn get(&self, key: &str) -> Result<Bytes, walstream_store::Error> {
-            if key == name::snapshot_key(&self.generation, 0) && self.armed.swap(false, Ordering::SeqCst) {
-                self.inner.put(&name::snapshot_key(&self.generation, 1), self.newer.clone()).await?;
-                self.inner.delete(key).await?;
+            let racing = (0..16).find(|i| key == name::snapshot_key(&self.generation, *i));
+            if let Some(index) = racing {
+                if self.races.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+                    self.inner.put(&name::snapshot_key(&self.generation, index + 1), self.newer.clone()).await?;
+                    self.inner.delete(key).await?;
+                }
             }
             self.inner.get(key).await
         }
@@ -230,7 +234,7 @@ mod tests {
         let generation = GenerationId::random();
         let inner = FileStore::new(dir.path().join("replica"));
         inner.put(&name::snapshot_key(&generation, 0), snapshot_body(dir.path(), 3)).await.unwrap();
-        let store = RetentionRacer { inner, generation, newer: snapshot_body(dir.path(), 5), armed: AtomicBool::new(true) };
+        let store = RetentionRacer { inner, generation, newer: snapshot_body(dir.path(), 5), races: AtomicU32::new(1) };
 
         let output = dir.path().join("restored.db");
         let outcome = restore(&store, &RestoreOptions::new(&output)).await.expect("planned again around the deleted snapshot");
@@ -239,5 +243,21 @@ mod tests {
         assert_eq!(rows, 5);
         let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().contains("walstream-restore")).collect();
         assert!(leftovers.is_empty(), "the abandoned attempt left {leftovers:?}");
+    }
+
+    #[tokio::test]
+    async fn a_restore_outrun_by_retention_on_every_attempt_says_so_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let generation = GenerationId::random();
+        let inner = FileStore::new(dir.path().join("replica"));
+        inner.put(&name::snapshot_key(&generation, 0), snapshot_body(dir.path(), 3)).await.unwrap();
+        let store = RetentionRacer { inner, generation, newer: snapshot_body(dir.path(), 5), races: AtomicU32::new(REPLAN_ATTEMPTS) };
+
+        let output = dir.path().join("restored.db");
+        let error = restore(&store, &RestoreOptions::new(&output)).await.expect_err("every plan was outrun");
+        assert!(matches!(error, Error::ReplicaKeptChanging { attempts: REPLAN_ATTEMPTS, .. }), "{error:?}");
+        assert!(error.to_string().contains("lengthen the replica's `retention`"), "{error}");
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.file_name()).filter(|n| n != "replica" && !n.to_string_lossy().starts_with("src-")).collect();
+        assert!(left.is_empty(), "a failed restore left {left:?}");
     }
 }
