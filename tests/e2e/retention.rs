@@ -145,3 +145,33 @@ fn retention_deleting_what_a_running_restore_planned_on_does_not_fail_the_restor
     scratch.assert_restores_source();
     drop(app);
 }
+
+/// An idle database costs no requests, even with a retention check every 200 ms: the check
+/// after the first knows nothing can expire for an hour. Counted at the proxy, not from
+/// walstream's own metrics.
+#[test]
+fn an_idle_replica_is_not_listed_at_every_retention_check() {
+    use crate::fault_proxy::FaultProxy;
+
+    let scratch = Scratch::on(Backend::Gcs);
+    let proxy = FaultProxy::start(crate::emulator::host(), seed());
+    let config = scratch.path("walstream.yml");
+    std::fs::write(&config, format!(
+        "dbs:\n  - path: {}\n    replicas:\n      - url: {}\n        retention: 1h\n        retention-check-interval: 200ms\n",
+        scratch.db().display(), scratch.replica_url(),
+    )).unwrap();
+    let mut app = App::open(&scratch.db());
+    app.insert(10);
+    let replicator = Replicator::start_args(&["-config".into(), config.into()], scratch.path("replicate.log"), &[("STORAGE_EMULATOR_HOST", &proxy.addr)]);
+    wait_for_snapshot(&scratch);
+    // Start-up: lease, listings, snapshot, WAL, and the first retention check.
+    std::thread::sleep(Duration::from_secs(1));
+    let settled = proxy.forwarded();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(proxy.forwarded(), settled, "an idle replicator made requests over 3 s (15 retention checks)");
+
+    app.insert(1);
+    wait_until(Duration::from_secs(20), "the commit to be shipped", || proxy.forwarded() > settled);
+    replicator.stop_ok();
+    scratch.assert_restores_source();
+}

@@ -158,3 +158,38 @@ fn an_addr_in_use_fails_at_start() {
     assert_eq!(output.status.code(), Some(2), "clap rejects it: {}", stderr(&output));
     assert!(stderr(&output).contains("must specify port for bind address"), "{}", stderr(&output));
 }
+
+on_both_backends! {
+    fn sync_interval_holds_commits_for_one_upload_and_a_sync_or_shutdown_ships_them_at_once(backend: Backend) {
+        let scratch = Scratch::on(backend);
+        let wal_objects = || scratch.replica_keys().iter().filter(|k| k.contains("/wal/")).count();
+        let mut app = App::open(&scratch.db());
+        app.insert(10);
+        let addr = format!("127.0.0.1:{}", free_port());
+        let replicator = Replicator::start_with_args(&scratch.db(), &[scratch.replica_url()], scratch.path("replicate.log"), &[], &["-sync-interval", "60s", "-addr", &addr]);
+        wait_for_snapshot(&scratch);
+        // The start's WAL goes up right behind the snapshot; that upload opens a 60 s window.
+        wait_until(Duration::from_secs(20), "the initial WAL to be shipped", || wal_objects() > 0);
+        std::thread::sleep(Duration::from_millis(300));
+        let before = wal_objects();
+
+        for _ in 0..20 {
+            app.insert(1);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(wal_objects(), before, "commits inside the sync interval were uploaded one by one");
+        assert!(restored_rows(&scratch, "held.db") < app.count(), "the held commits are already in the replica");
+
+        // A sync barrier ends the wait: one upload carries all 20 commits.
+        let output = walstream(&["sync", "-addr", &addr, "-timeout", "20s"]);
+        assert!(output.status.success(), "{}", stderr(&output));
+        assert_eq!(wal_objects(), before + 1, "the held commits should go up together");
+        assert_eq!(restored_rows(&scratch, "synced.db"), app.count());
+
+        // So does shutdown.
+        app.insert(5);
+        replicator.stop_ok();
+        scratch.assert_restores_source();
+    }
+}

@@ -69,6 +69,11 @@ pub(crate) struct ReplicateArgs {
     /// idle replicator makes no requests.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub(crate) lease_ttl: Duration,
+    /// The least time between two WAL uploads to each replica (the config's `sync-interval`):
+    /// commits arriving sooner are shipped together, trading lag for fewer PUTs. A commit after
+    /// a quiet spell, `walstream sync` and shutdown ship at once. Default: every commit at once.
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pub(crate) sync_interval: Duration,
     /// Do not take the replica lease (the `walstream-lease` object at the replica's root).
     #[arg(long)]
     pub(crate) no_lease: bool,

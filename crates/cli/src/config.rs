@@ -60,6 +60,8 @@ pub(crate) struct ReplicaConfig {
     pub(crate) url: String,
     /// `snapshot-interval`, `retention`, `retention-check-interval`.
     pub(crate) policy: walstream_shipper::RetentionPolicy,
+    /// `sync-interval`: the least time between two WAL uploads; zero when not given.
+    pub(crate) sync_interval: Duration,
 }
 
 #[derive(Deserialize)]
@@ -207,7 +209,7 @@ fn replica_config(raw: RawReplica, key: &str) -> Result<ReplicaConfig, String> {
     let duration = |field: &str, value: &Option<String>| -> Result<Option<Duration>, String> {
         value.as_deref().map(go_duration).transpose().map_err(|e| format!("{key}.{field}: {e}"))
     };
-    duration("sync-interval", &raw.sync_interval)?;
+    let sync_interval = duration("sync-interval", &raw.sync_interval)?.unwrap_or(Duration::ZERO);
     duration("validation-interval", &raw.validation_interval)?;
     let mut policy = walstream_shipper::RetentionPolicy::default();
     if let Some(interval) = duration("snapshot-interval", &raw.snapshot_interval)? {
@@ -222,7 +224,7 @@ fn replica_config(raw: RawReplica, key: &str) -> Result<ReplicaConfig, String> {
         }
         policy.check_interval = interval;
     }
-    Ok(ReplicaConfig { name, url, policy })
+    Ok(ReplicaConfig { name, url, policy, sync_interval })
 }
 
 /// Go's `time.ParseDuration`: a sequence of number+unit, e.g. `1h30m`, `1.5s`, `500ms`.

@@ -34,7 +34,7 @@ fn replication_jobs(args: &ReplicateArgs) -> anyhow::Result<(Vec<Job>, Extras)> 
             return Err(config::ConfigError("cannot specify a replica URL and the -config flag".into()).into());
         }
         anyhow::ensure!(!args.replica_urls.is_empty(), "must specify at least one replica URL for {}", db_path.display());
-        let replicas = args.replica_urls.iter().map(|url| open(replica_url::kind(url), url)).collect::<anyhow::Result<_>>()?;
+        let replicas = args.replica_urls.iter().map(|url| Ok(Replica { sync_interval: args.sync_interval, ..open(replica_url::kind(url), url)? })).collect::<anyhow::Result<_>>()?;
         let mut config = ShipperConfig::new(db_path);
         config.shutdown_deadline = args.shutdown_timeout;
         config.lease = lease_policy(args);
@@ -50,7 +50,7 @@ fn replication_jobs(args: &ReplicateArgs) -> anyhow::Result<(Vec<Job>, Extras)> 
         let replicas = db
             .replicas
             .iter()
-            .map(|r| Ok(Replica { policy: r.policy, ..open(&r.name, &r.url)? }))
+            .map(|r| Ok(Replica { policy: r.policy, sync_interval: r.sync_interval, ..open(&r.name, &r.url)? }))
             .collect::<anyhow::Result<_>>()?;
         let mut config = ShipperConfig::new(&db.path);
         config.meta_dir = db.meta_path.clone();

@@ -79,6 +79,9 @@ pub struct ShadowState {
     pub end: Option<Pos>,
     /// Set on the last state, published after the final copy at shutdown.
     pub is_final: bool,
+    /// How many sync barriers (`walstream sync`, POST /sync) have been asked for: uploaders
+    /// holding back for `sync-interval` ship at once when it changes.
+    pub syncs_requested: u64,
 }
 
 struct Generation {
@@ -115,6 +118,7 @@ pub(crate) struct Capturer {
     rolled_at_backfill: Option<(u32, u32)>,
     /// Sync barriers waiting for the next successful pass.
     pending_syncs: Vec<tokio::sync::oneshot::Sender<Option<Pos>>>,
+    syncs_requested: u64,
     counters: std::sync::Arc<DbCounters>,
     timing: Timing,
 }
@@ -137,6 +141,7 @@ impl Capturer {
             pending_snapshot: false,
             rolled_at_backfill: None,
             pending_syncs: Vec::new(),
+            syncs_requested: 0,
             counters,
             timing: TIMING,
         }
@@ -173,6 +178,7 @@ impl Capturer {
                     }
                     Wake::Sync(reply) => {
                         self.pending_syncs.push(reply);
+                        self.syncs_requested += 1;
                         changed = true;
                     }
                     Wake::Shutdown => shutdown = true,
@@ -450,13 +456,14 @@ impl Capturer {
 
     fn publish(&mut self, is_final: bool) {
         let state = match &self.generation {
-            None => ShadowState { is_final, ..ShadowState::default() },
+            None => ShadowState { is_final, syncs_requested: self.syncs_requested, ..ShadowState::default() },
             Some(generation) => ShadowState {
                 generation: Some(generation.id),
                 wal_dir: self.meta.wal_dir(&generation.id),
                 snapshot: Some(generation.snapshot.clone()),
                 end: Some(generation.end()),
                 is_final,
+                syncs_requested: self.syncs_requested,
             },
         };
         self.state.send_if_modified(|current| {

@@ -118,13 +118,27 @@ pub(crate) async fn run(replica: Replica, mut state: watch::Receiver<ShadowState
                 next_check = Some(now + every);
                 let current = state.borrow().generation;
                 if let Some(current) = current.filter(|_| may_write.load(std::sync::atomic::Ordering::SeqCst)) {
-                    if let Err(e) = enforce(&replica, current, retention, &wake).await {
-                        warn!(replica = %replica.name, error = %e, "retention check failed; retrying at the next check");
+                    match enforce(&replica, current, retention, &wake).await {
+                        Ok(Some(expiry)) => {
+                            let until = expiry.duration_since(SystemTime::now()).unwrap_or_default();
+                            next_check = Some((now + every).max(tokio::time::Instant::now() + until));
+                        }
+                        Ok(None) => {}
+                        Err(e) => warn!(replica = %replica.name, error = %e, "retention check failed; retrying at the next check"),
                     }
                 }
             }
         }
     }
+}
+
+/// When the plan can next change: the moment the oldest snapshot inside the window leaves it.
+/// Until then a listing finds nothing new to delete, since this replicator is the replica's only
+/// writer and what it uploads is newer still; so an idle replica is not listed again before
+/// then.
+fn next_expiry(objects: &[ObjectMeta], cutoff: SystemTime, retention: Duration) -> Option<SystemTime> {
+    let kept_snapshots = objects.iter().filter(|o| o.created >= cutoff && matches!(name::parse_key(&o.key).map(|k| k.kind), Some(ObjectKind::Snapshot { .. })));
+    Some(kept_snapshots.map(|o| o.created).min()? + retention)
 }
 
 async fn sleep_opt(until: Option<tokio::time::Instant>) {
@@ -134,7 +148,8 @@ async fn sleep_opt(until: Option<tokio::time::Instant>) {
     }
 }
 
-async fn enforce(replica: &Replica, current: GenerationId, retention: Duration, wake: &mpsc::Sender<Wake>) -> Result<(), walstream_store::Error> {
+/// One check; returns when the next one could find something to do, if it can tell.
+async fn enforce(replica: &Replica, current: GenerationId, retention: Duration, wake: &mpsc::Sender<Wake>) -> Result<Option<SystemTime>, walstream_store::Error> {
     let objects = replica.store.list(&name::generations_prefix()).await?;
     let cutoff = SystemTime::now().checked_sub(retention).unwrap_or(SystemTime::UNIX_EPOCH);
     let plan = plan(&objects, current, cutoff);
@@ -142,13 +157,14 @@ async fn enforce(replica: &Replica, current: GenerationId, retention: Duration, 
         info!(replica = %replica.name, "no snapshot inside the retention window; taking one");
         let _ = wake.send(Wake::Snapshot);
     }
+    let next = if plan.need_snapshot { None } else { next_expiry(&objects, cutoff, retention) };
     for key in &plan.delete {
         replica.store.delete(key).await?;
     }
     if !plan.delete.is_empty() {
         info!(replica = %replica.name, deleted = plan.delete.len(), "retention removed objects outside the window");
     }
-    Ok(())
+    Ok(next)
 }
 
 #[cfg(test)]
@@ -213,6 +229,17 @@ mod tests {
         assert_eq!(plan, RetentionPlan { delete: Vec::new(), need_snapshot: true });
         let only_old = plan_of_generation_without_snapshot();
         assert!(only_old.need_snapshot && only_old.delete.is_empty());
+    }
+
+    #[test]
+    fn the_next_listing_waits_for_the_oldest_kept_snapshot_to_expire() {
+        let at = |secs| SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+        let retention = Duration::from_secs(1000);
+        // Cutoff 50: generation A's snapshot (t=10) goes; B's snapshot 0 (t=100) is the oldest kept.
+        assert_eq!(next_expiry(&listing(), at(50), retention), Some(at(1100)));
+        // Cutoff 150: B's snapshot 2 (t=200) is all that is kept; WAL times do not count.
+        assert_eq!(next_expiry(&listing(), at(150), retention), Some(at(1200)));
+        assert_eq!(next_expiry(&listing(), at(300), retention), None);
     }
 
     fn plan_of_generation_without_snapshot() -> RetentionPlan {

@@ -35,12 +35,17 @@ pub struct Replica {
     pub store: Arc<dyn ObjectStore>,
     /// Snapshot interval and retention.
     pub policy: RetentionPolicy,
+    /// The least time between two WAL uploads (the config's `sync-interval`): commits arriving
+    /// sooner are held and shipped together, trading lag for fewer PUTs. A commit after a quiet
+    /// spell is shipped at once; a sync barrier or shutdown ends the wait. Zero ships every
+    /// pass at once.
+    pub sync_interval: Duration,
 }
 
 impl Replica {
-    /// A replica with Litestream's default policy.
+    /// A replica with Litestream's default policy that ships every commit at once.
     pub fn new(name: impl Into<String>, store: Arc<dyn ObjectStore>) -> Replica {
-        Replica { name: name.into(), store, policy: RetentionPolicy::default() }
+        Replica { name: name.into(), store, policy: RetentionPolicy::default(), sync_interval: Duration::ZERO }
     }
 }
 
@@ -59,11 +64,13 @@ pub(crate) struct Uploader {
     lease: Option<Lease>,
     /// Whether this replicator may write to the replica now; retention reads it too.
     may_write: Arc<AtomicBool>,
+    /// When the last WAL segment upload began, for `sync_interval`.
+    last_segment_put: Option<tokio::time::Instant>,
 }
 
 impl Uploader {
     pub(crate) fn new(replica: Replica, state: watch::Receiver<ShadowState>, position: watch::Sender<Option<Pos>>, new_generation: std::sync::mpsc::Sender<crate::capture::Wake>, counters: Arc<ReplicaCounters>, lease_terms: Option<(String, LeasePolicy)>, may_write: Arc<AtomicBool>) -> Uploader {
-        Uploader { replica, state, position, new_generation, uploaded_snapshot: None, counters, lease_terms, lease: None, may_write }
+        Uploader { replica, state, position, new_generation, uploaded_snapshot: None, counters, lease_terms, lease: None, may_write, last_segment_put: None }
     }
 
     /// Ships until the capturer publishes its final state and all of it is shipped, or the
@@ -133,6 +140,21 @@ impl Uploader {
             if self.state.changed().await.is_err() {
                 return Ok(());
             }
+            self.hold_for_sync_interval(state.syncs_requested).await;
+        }
+    }
+
+    /// With a `sync_interval`, waits until it has passed since the last segment upload, unless
+    /// a sync barrier is asked for or the capturer publishes its final state meanwhile.
+    async fn hold_for_sync_interval(&mut self, syncs_seen: u64) {
+        let (interval, Some(last)) = (self.replica.sync_interval, self.last_segment_put) else { return };
+        if interval.is_zero() {
+            return;
+        }
+        let mut state = self.state.clone();
+        tokio::select! {
+            () = tokio::time::sleep_until(last + interval) => {}
+            _ = state.wait_for(|s| s.is_final || s.syncs_requested != syncs_seen) => {}
         }
     }
 
@@ -161,6 +183,7 @@ impl Uploader {
             let mut raw = vec![0u8; len as usize];
             file.read_exact_at(&mut raw, pos.offset).map_err(io_err("read", &path))?;
             let key = name::segment_key(&generation, pos.index, pos.offset);
+            self.last_segment_put = Some(tokio::time::Instant::now());
             self.put(&key, Bytes::from(lz4::compress(&raw))).await?;
             debug!(replica = %self.replica.name, position = %pos, bytes = len, "shipped segment");
             pos.offset += len;
