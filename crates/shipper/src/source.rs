@@ -95,9 +95,9 @@ pub(crate) fn probe_file(path: &Path) -> Result<Presence, Error> {
 /// The read pin: walstream always tries to hold a read transaction that began before its latest
 /// copy of the WAL. While a reader holds a WAL read-mark SQLite cannot restart or truncate the
 /// WAL, and while it holds read-mark 0 it cannot back-fill; either way the frames walstream has
-/// not copied yet cannot be overwritten. The pin is rolled forward after every copy (a new read
-/// transaction on the spare connection, then the old one ends), so it never holds back the
-/// application's checkpoints by more than one copy.
+/// not copied yet cannot be overwritten. The pin is rolled forward by a copy (a new read
+/// transaction on the spare connection, then the old one ends) once it is a quarter second old
+/// (`PIN_ROLL_INTERVAL`), so it never holds back the application's checkpoints for longer.
 pub(crate) struct SourceDb {
     path: PathBuf,
     conns: [Connection; 2],
@@ -105,6 +105,8 @@ pub(crate) struct SourceDb {
     pinned: Option<usize>,
     /// A pin taken by [`SourceDb::roll_pin`] whose predecessor has not been released yet.
     previous: Option<usize>,
+    /// When the current pin was taken.
+    pinned_at: Option<std::time::Instant>,
     page_size: u32,
     /// Kept open for the life of the process: closing any descriptor of a file drops every POSIX
     /// lock this process holds on it, including SQLite's own (Litestream does the same).
@@ -136,7 +138,7 @@ impl SourceDb {
         }
         let page_size: u32 = conns[0].query_row("PRAGMA page_size", [], |r| r.get(0)).map_err(sqlite_err(path))?;
         let db_file = File::open(path).map_err(io_err("open", path))?;
-        let mut db = SourceDb { path: path.to_path_buf(), conns, pinned: None, previous: None, page_size, db_file, shm_file: None };
+        let mut db = SourceDb { path: path.to_path_buf(), conns, pinned: None, previous: None, pinned_at: None, page_size, db_file, shm_file: None };
         db.open_shm();
         Ok(db)
     }
@@ -176,6 +178,7 @@ impl SourceDb {
             Ok(_) => {
                 self.previous = self.pinned;
                 self.pinned = Some(next);
+                self.pinned_at = Some(std::time::Instant::now());
                 self.open_shm();
                 true
             }
@@ -213,6 +216,11 @@ impl SourceDb {
 
     pub(crate) fn is_pinned(&self) -> bool {
         self.pinned.is_some()
+    }
+
+    /// How long the current pin has been held; `None` without one.
+    pub(crate) fn pin_age(&self) -> Option<Duration> {
+        self.pinned.and(self.pinned_at).map(|at| at.elapsed())
     }
 
     /// True when another process holds both SQLite's WAL write lock and its checkpoint lock: a
