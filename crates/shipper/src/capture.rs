@@ -43,7 +43,7 @@ struct Timing {
 const TIMING: Timing = Timing {
     probe_active: Duration::from_millis(10),
     probe_idle: Duration::from_millis(50),
-    active_window: Duration::from_secs(2),
+    active_window: Duration::from_millis(250),
     poll: Duration::from_secs(1),
     pin_roll: Duration::from_millis(250),
 };

@@ -1,33 +1,128 @@
-//! File events on the database directory, turned into capturer wake-ups.
+//! File events on the databases' directories, turned into capturer wake-ups.
+//!
+//! One inotify watcher serves the whole process. A watcher per database, each on the shared
+//! directory, made every event reach every database's watcher thread: with 100 databases in one
+//! directory, each commit woke 100 threads, and that was most of walstream's CPU.
 
+use std::collections::HashMap;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
 
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 
 use crate::capture::Wake;
 use crate::error::Error;
 
-/// Watches the directory holding `db_path` (the WAL may not exist yet, and is deleted and
-/// re-created by SQLite) and wakes the capturer on any event for the database or its WAL.
-/// Dropping the returned watcher stops it.
-pub(crate) fn watch(db_path: &Path, wakes: Sender<Wake>) -> Result<RecommendedWatcher, Error> {
-    let dir = db_path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+/// Who wants events of which files: directory → (database file name, wake-up channel, id).
+type Routes = HashMap<PathBuf, Vec<(OsString, Sender<Wake>, u64)>>;
+
+struct Shared {
+    watcher: RecommendedWatcher,
+    routes: Arc<Mutex<Routes>>,
+    next_id: u64,
+}
+
+static SHARED: Mutex<Option<Shared>> = Mutex::new(None);
+
+/// Wake-ups for one database until dropped.
+pub(crate) struct Subscription {
+    dir: PathBuf,
+    id: u64,
+}
+
+/// Wakes the capturer on any event for the database or its WAL (the WAL may not exist yet,
+/// and SQLite deletes and re-creates it, so the directory is watched).
+pub(crate) fn watch(db_path: &Path, wakes: Sender<Wake>) -> Result<Subscription, Error> {
+    let dir = db_path.parent().map(Path::to_path_buf).filter(|d| !d.as_os_str().is_empty()).unwrap_or_else(|| PathBuf::from("."));
     let file_name = db_path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        let Ok(event) = event else {
-            // An overflowed or broken watch: wake anyway, the pass finds what changed.
-            let _ = wakes.send(Wake::Changed);
-            return;
-        };
-        let ours = event.paths.iter().any(|p| {
-            p.file_name().is_some_and(|n| n.as_encoded_bytes().starts_with(file_name.as_encoded_bytes()))
-        });
-        if ours {
+    let mut shared = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+    if shared.is_none() {
+        let routes: Arc<Mutex<Routes>> = Arc::default();
+        let watcher = notify::recommended_watcher({
+            let routes = routes.clone();
+            move |event: notify::Result<notify::Event>| route(&routes, event)
+        })
+        .map_err(|source| Error::Watch { path: dir.clone(), source })?;
+        *shared = Some(Shared { watcher, routes, next_id: 0 });
+    }
+    let shared = shared.as_mut().expect("set above");
+    // The routes lock is never held across a call into the watcher: its event thread takes that
+    // lock to deliver, and (un)watch waits for the event thread.
+    let watched = shared.routes.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&dir);
+    if !watched {
+        shared.watcher.watch(&dir, RecursiveMode::NonRecursive).map_err(|source| Error::Watch { path: dir.clone(), source })?;
+    }
+    shared.next_id += 1;
+    let id = shared.next_id;
+    shared.routes.lock().unwrap_or_else(|e| e.into_inner()).entry(dir.clone()).or_default().push((file_name, wakes, id));
+    Ok(Subscription { dir, id })
+}
+
+/// Sends each event to the databases whose files it names: the database, `-wal`, `-shm`.
+fn route(routes: &Mutex<Routes>, event: notify::Result<notify::Event>) {
+    let routes = routes.lock().unwrap_or_else(|e| e.into_inner());
+    let Ok(event) = event else {
+        // An overflowed or broken watch: wake everyone, each pass finds what changed.
+        for (_, wakes, _) in routes.values().flatten() {
             let _ = wakes.send(Wake::Changed);
         }
-    })
-    .map_err(|source| Error::Watch { path: dir.clone(), source })?;
-    watcher.watch(&dir, RecursiveMode::NonRecursive).map_err(|source| Error::Watch { path: dir, source })?;
-    Ok(watcher)
+        return;
+    };
+    for path in &event.paths {
+        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else { continue };
+        let Some(subscribers) = routes.get(dir) else { continue };
+        for (db_name, wakes, _) in subscribers {
+            if name.as_encoded_bytes().starts_with(db_name.as_encoded_bytes()) {
+                let _ = wakes.send(Wake::Changed);
+            }
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut shared = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(shared) = shared.as_mut() else { return };
+        let last = {
+            let mut routes = shared.routes.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(subscribers) = routes.get_mut(&self.dir) else { return };
+            subscribers.retain(|(_, _, id)| *id != self.id);
+            let last = subscribers.is_empty();
+            if last {
+                routes.remove(&self.dir);
+            }
+            last
+        };
+        if last {
+            let _ = shared.watcher.unwatch(&self.dir);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn events_reach_only_the_database_they_name_and_stop_after_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a_tx, a_rx) = std::sync::mpsc::channel();
+        let (b_tx, b_rx) = std::sync::mpsc::channel();
+        let a = watch(&dir.path().join("a.db"), a_tx).unwrap();
+        let _b = watch(&dir.path().join("b.db"), b_tx).unwrap();
+        std::fs::write(dir.path().join("a.db-wal"), b"x").unwrap();
+        assert!(matches!(a_rx.recv_timeout(Duration::from_secs(5)), Ok(Wake::Changed)));
+        assert!(b_rx.recv_timeout(Duration::from_millis(300)).is_err(), "b was woken by a's WAL");
+        std::fs::write(dir.path().join("b.db"), b"y").unwrap();
+        assert!(matches!(b_rx.recv_timeout(Duration::from_secs(5)), Ok(Wake::Changed)));
+        drop(a);
+        while a_rx.try_recv().is_ok() {}
+        std::fs::write(dir.path().join("a.db-wal"), b"z").unwrap();
+        std::fs::write(dir.path().join("b.db-wal"), b"z").unwrap();
+        assert!(matches!(b_rx.recv_timeout(Duration::from_secs(5)), Ok(Wake::Changed)));
+        assert!(a_rx.recv_timeout(Duration::from_millis(300)).is_err(), "a was woken after its subscription ended");
+    }
 }

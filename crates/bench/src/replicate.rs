@@ -1,0 +1,477 @@
+//! `walstream-bench replicate`: walstream and litestream v0.3.13 replicating the same workloads
+//! to the same fake-gcs-server, one tool after the other, each phase with a fresh database,
+//! bucket and replicator process:
+//!
+//! - idle: the replicator after start-up, with nothing committed for `--idle-secs`; then single
+//!   commits 1.2–1.7 s apart, each timed from its commit to the bucket's last upload before
+//!   the next commit (the emulator logs a request once it has answered it);
+//! - saturated: one connection committing `--transactions` 200-byte rows flat out (the same
+//!   load for both, and first with no replicator at all); the app's transaction rate, the
+//!   replicator's CPU over the load and its drain, its peak RSS, and the drain: from the
+//!   writer's stop to the last upload before a restore with the tool itself, made while the
+//!   replicator still runs, equals the source;
+//! - trickle: one commit a second for `--trickle-secs`: uploads and listings (walstream also
+//!   with `-sync-interval 10s`);
+//! - many: `--dbs` databases in one process, each committing every 2 s, for `--many-secs`.
+//!
+//! Requests are counted from the emulator's request log (`emulator`), CPU and memory from
+//! /proc. Run it through `scripts/bench-replicate.sh`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, ensure, Context};
+use rand::{Rng, SeedableRng};
+use rusqlite::Connection;
+
+use crate::common::{fingerprint, median};
+use crate::emulator::{Emulator, Op, Request};
+use crate::proc_stats;
+
+struct Options {
+    walstream: PathBuf,
+    litestream: PathBuf,
+    fake_gcs: PathBuf,
+    chart: Option<PathBuf>,
+    idle_secs: u64,
+    lag_samples: usize,
+    transactions: u64,
+    trickle_secs: u64,
+    dbs: usize,
+    many_secs: u64,
+}
+
+pub fn run(mut args: impl Iterator<Item = String>) -> anyhow::Result<()> {
+    let mut o = Options { walstream: PathBuf::new(), litestream: PathBuf::new(), fake_gcs: PathBuf::new(), chart: None, idle_secs: 60, lag_samples: 20, transactions: 300_000, trickle_secs: 30, dbs: 100, many_secs: 30 };
+    while let Some(flag) = args.next() {
+        let value = args.next().with_context(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--walstream" => o.walstream = value.into(),
+            "--litestream" => o.litestream = value.into(),
+            "--fake-gcs-server" => o.fake_gcs = value.into(),
+            "--chart" => o.chart = Some(value.into()),
+            "--idle-secs" => o.idle_secs = value.parse()?,
+            "--lag-samples" => o.lag_samples = value.parse()?,
+            "--transactions" => o.transactions = value.parse()?,
+            "--trickle-secs" => o.trickle_secs = value.parse()?,
+            "--dbs" => o.dbs = value.parse()?,
+            "--many-secs" => o.many_secs = value.parse()?,
+            _ => bail!("unknown flag {flag}"),
+        }
+    }
+    ensure!(o.walstream.is_file() && o.litestream.is_file() && o.fake_gcs.exists(), "--walstream, --litestream and --fake-gcs-server must name the binaries");
+    ensure!(o.lag_samples >= 2 && o.dbs >= 1, "--lag-samples must be at least 2 and --dbs at least 1");
+
+    let dir = tempfile::tempdir()?;
+    let emulator = Emulator::start(&o.fake_gcs, dir.path())?;
+    let walstream = Tool { label: "walstream", bin: o.walstream.clone(), prefix: "ws", flags: vec![], hold: Duration::ZERO };
+    let paced = Tool { label: "walstream -sync-interval 1s", bin: o.walstream.clone(), prefix: "ws1", flags: vec!["-sync-interval".into(), "1s".into()], hold: Duration::from_secs(1) };
+    let coalescing = Tool { label: "walstream -sync-interval 10s", bin: o.walstream.clone(), prefix: "ws10", flags: vec!["-sync-interval".into(), "10s".into()], hold: Duration::from_secs(10) };
+    let litestream = Tool { label: "litestream v0.3.13", bin: o.litestream.clone(), prefix: "ls", flags: vec![], hold: Duration::ZERO };
+    let bench = Bench { o: &o, dir: dir.path(), emulator: &emulator };
+
+    eprintln!("no replicator: {} transactions", o.transactions);
+    let unreplicated = bench.unreplicated()?;
+    let mut results = Vec::new();
+    for tool in [&walstream, &litestream] {
+        eprintln!("{}: idle for {} s, then {} single commits", tool.label, o.idle_secs, o.lag_samples);
+        let idle = bench.idle(tool)?;
+        eprintln!("{}: {} transactions flat out", tool.label, o.transactions);
+        let saturated = bench.saturated(tool)?;
+        eprintln!("{}: 1 commit/s for {} s", tool.label, o.trickle_secs);
+        let trickle = bench.trickle(tool)?;
+        eprintln!("{}: {} databases for {} s", tool.label, o.dbs, o.many_secs);
+        let many = bench.many(tool)?;
+        results.push(ToolResults { label: tool.label, idle, saturated, trickle, many });
+    }
+    let mut windowed = Vec::new();
+    for tool in [&paced, &coalescing] {
+        eprintln!("{}: 1 commit/s for {} s", tool.label, o.trickle_secs);
+        windowed.push((tool.label, bench.trickle(tool)?));
+    }
+
+    report(&o, unreplicated, &results[0], &results[1], &windowed);
+    if let Some(path) = &o.chart {
+        std::fs::write(path, crate::chart::svg(&results[0].chart_values(), &results[1].chart_values()))?;
+        eprintln!("chart written to {}", path.display());
+    }
+    Ok(())
+}
+
+/// A replicator and how to run it.
+struct Tool {
+    label: &'static str,
+    bin: PathBuf,
+    /// Bucket and file name prefix, so each run has its own.
+    prefix: &'static str,
+    flags: Vec<String>,
+    /// How long it may hold commits back on purpose (`-sync-interval`).
+    hold: Duration,
+}
+
+struct ToolResults {
+    label: &'static str,
+    idle: Idle,
+    saturated: Saturated,
+    trickle: Trickle,
+    many: Many,
+}
+
+struct Idle {
+    /// Requests of any kind while idle.
+    requests: usize,
+    lags: Vec<Duration>,
+}
+
+struct Saturated {
+    tx_per_sec: f64,
+    cpu: Duration,
+    peak_rss_kib: u64,
+    /// Writer stopped → the last upload before a restore equal to the source.
+    drain: Duration,
+    /// Restores made until one equalled the source.
+    restores_needed: usize,
+    uploads: usize,
+    lists: usize,
+    restore: Duration,
+}
+
+struct Trickle {
+    commits: usize,
+    uploads: usize,
+    lists: usize,
+}
+
+struct Many {
+    cpu: Duration,
+    peak_rss_kib: u64,
+}
+
+struct Bench<'a> {
+    o: &'a Options,
+    dir: &'a Path,
+    emulator: &'a Emulator,
+}
+
+/// A phase's database, bucket and running replicator.
+struct Phase<'a> {
+    bench: &'a Bench<'a>,
+    bucket: String,
+    db: PathBuf,
+    child: Child,
+}
+
+impl Bench<'_> {
+    /// A database with a table and a few rows, its bucket, and `tool` replicating it; returns
+    /// once start-up traffic has settled.
+    fn start(&self, tool: &Tool, phase: &str) -> anyhow::Result<Phase<'_>> {
+        let bucket = format!("{}-{phase}", tool.prefix);
+        self.emulator.create_bucket(&bucket)?;
+        let db = self.dir.join(format!("{bucket}.db"));
+        create_db(&db)?;
+        let log = std::fs::File::create(self.dir.join(format!("{bucket}.log")))?;
+        let child = Command::new(&tool.bin)
+            .arg("replicate")
+            .args(&tool.flags)
+            .arg(&db)
+            .arg(format!("gcs://{bucket}/db"))
+            .env("STORAGE_EMULATOR_HOST", &self.emulator.host)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        let phase = Phase { bench: self, bucket, db, child };
+        phase.settle(1)?;
+        Ok(phase)
+    }
+
+    fn idle(&self, tool: &Tool) -> anyhow::Result<Idle> {
+        let phase = self.start(tool, "idle")?;
+        let quiet_from = SystemTime::now();
+        std::thread::sleep(Duration::from_secs(self.o.idle_secs));
+        let requests = phase.requests_since(quiet_from)?.len();
+
+        let conn = app_connection(&phase.db)?;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let mut commits = Vec::new();
+        for _ in 0..self.o.lag_samples {
+            conn.execute("INSERT INTO items (body) VALUES (hex(randomblob(100)))", [])?;
+            commits.push(SystemTime::now());
+            std::thread::sleep(Duration::from_millis(rng.gen_range(1200..1700)));
+        }
+        let uploads: Vec<SystemTime> = phase.requests_since(commits[0])?.into_iter().filter(|r| r.op == Op::Upload).map(|r| r.at).collect();
+        let mut lags = Vec::new();
+        for (n, committed) in commits.iter().enumerate() {
+            let next = commits.get(n + 1).copied().unwrap_or(SystemTime::now());
+            let last = uploads.iter().filter(|at| *at > committed && *at < &next).max().with_context(|| format!("{}: commit {n} was not uploaded before the next commit", tool.label))?;
+            lags.push(last.duration_since(*committed)?);
+        }
+        phase.stop();
+        Ok(Idle { requests, lags })
+    }
+
+    /// The app's rate with nothing replicating its database.
+    fn unreplicated(&self) -> anyhow::Result<f64> {
+        let db = self.dir.join("unreplicated.db");
+        create_db(&db)?;
+        let elapsed = commit_flat_out(&db, self.o.transactions)?;
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+        }
+        Ok(self.o.transactions as f64 / elapsed.as_secs_f64())
+    }
+
+    fn saturated(&self, tool: &Tool) -> anyhow::Result<Saturated> {
+        let phase = self.start(tool, "saturated")?;
+        let pid = phase.child.id();
+        let before = proc_stats::read(pid)?;
+        let began = SystemTime::now();
+        let elapsed = commit_flat_out(&phase.db, self.o.transactions)?;
+        let stopped = SystemTime::now();
+        let expected = fingerprint(&phase.db)?;
+        // Drained when a restore made after the uploads pause equals the source; until then the
+        // replicator may be between uploads (litestream compresses a whole second of WAL first).
+        let deadline = Instant::now() + Duration::from_secs(600);
+        let mut attempt = 0;
+        let (last_upload, restore) = loop {
+            let last_upload = phase.wait_for_quiet(stopped, Duration::from_secs(3), Duration::from_secs(600))?;
+            attempt += 1;
+            let restored = self.dir.join(format!("{}-restored-{attempt}.db", phase.bucket));
+            let restore_started = Instant::now();
+            let output = Command::new(&tool.bin)
+                .args(["restore", "-o"])
+                .arg(&restored)
+                .arg(format!("gcs://{}/db", phase.bucket))
+                .env("STORAGE_EMULATOR_HOST", &self.emulator.host)
+                .stderr(Stdio::piped())
+                .output()?;
+            let restore = restore_started.elapsed();
+            ensure!(output.status.success(), "{} restore failed: {}", tool.label, String::from_utf8_lossy(&output.stderr));
+            let equal = fingerprint(&restored)? == expected;
+            for suffix in ["", "-wal", "-shm"] {
+                let _ = std::fs::remove_file(format!("{}{suffix}", restored.display()));
+            }
+            if equal {
+                break (last_upload, restore);
+            }
+            ensure!(Instant::now() < deadline, "{}: no restore equal to the source within 600 s of the writer stopping", tool.label);
+            eprintln!("{}: restore {attempt} after the writer stopped is not yet equal to the source; waiting", tool.label);
+            std::thread::sleep(Duration::from_secs(1));
+        };
+        let after = proc_stats::read(pid)?;
+        let requests = phase.requests_since(began)?;
+        phase.stop();
+        Ok(Saturated {
+            tx_per_sec: self.o.transactions as f64 / elapsed.as_secs_f64(),
+            cpu: after.cpu - before.cpu,
+            peak_rss_kib: after.peak_rss_kib,
+            drain: last_upload.duration_since(stopped).unwrap_or_default(),
+            restores_needed: attempt,
+            uploads: requests.iter().filter(|r| r.op == Op::Upload).count(),
+            lists: requests.iter().filter(|r| r.op == Op::List).count(),
+            restore,
+        })
+    }
+
+    fn trickle(&self, tool: &Tool) -> anyhow::Result<Trickle> {
+        let phase = self.start(tool, "trickle")?;
+        let conn = app_connection(&phase.db)?;
+        let began = SystemTime::now();
+        let start = Instant::now();
+        let commits = self.o.trickle_secs as usize;
+        for n in 0..commits {
+            std::thread::sleep((start + Duration::from_secs(n as u64)).saturating_duration_since(Instant::now()));
+            conn.execute("INSERT INTO items (body) VALUES (hex(randomblob(100)))", [])?;
+        }
+        std::thread::sleep(tool.hold);
+        phase.wait_for_quiet(SystemTime::now(), Duration::from_secs(3), Duration::from_secs(60))?;
+        let requests = phase.requests_since(began)?;
+        phase.stop();
+        Ok(Trickle { commits, uploads: requests.iter().filter(|r| r.op == Op::Upload).count(), lists: requests.iter().filter(|r| r.op == Op::List).count() })
+    }
+
+    fn many(&self, tool: &Tool) -> anyhow::Result<Many> {
+        let bucket = format!("{}-many", tool.prefix);
+        self.emulator.create_bucket(&bucket)?;
+        let dbs: Vec<PathBuf> = (0..self.o.dbs).map(|n| self.dir.join(format!("{bucket}-{n}.db"))).collect();
+        let mut config = String::from("dbs:\n");
+        for (n, db) in dbs.iter().enumerate() {
+            create_db(db)?;
+            config.push_str(&format!("  - path: {}\n    replicas:\n      - url: gcs://{bucket}/db-{n}\n", db.display()));
+        }
+        let config_path = self.dir.join(format!("{bucket}.yml"));
+        std::fs::write(&config_path, config)?;
+        let log = std::fs::File::create(self.dir.join(format!("{bucket}.log")))?;
+        let child = Command::new(&tool.bin)
+            .args(["replicate", "-config"])
+            .arg(&config_path)
+            .env("STORAGE_EMULATOR_HOST", &self.emulator.host)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        let phase = Phase { bench: self, bucket, db: dbs[0].clone(), child };
+        phase.settle(self.o.dbs)?;
+        let pid = phase.child.id();
+        let before = proc_stats::read(pid)?;
+        let conns = dbs.iter().map(|db| app_connection(db)).collect::<anyhow::Result<Vec<_>>>()?;
+        // Each database commits once every 2 s, spread evenly.
+        let gap = Duration::from_secs(2) / self.o.dbs as u32;
+        let start = Instant::now();
+        let mut n = 0usize;
+        while start.elapsed() < Duration::from_secs(self.o.many_secs) {
+            std::thread::sleep((start + gap * n as u32).saturating_duration_since(Instant::now()));
+            conns[n % conns.len()].execute("INSERT INTO items (body) VALUES (hex(randomblob(100)))", [])?;
+            n += 1;
+        }
+        let after = proc_stats::read(pid)?;
+        phase.stop();
+        Ok(Many { cpu: after.cpu - before.cpu, peak_rss_kib: after.peak_rss_kib })
+    }
+}
+
+impl Phase<'_> {
+    fn requests_since(&self, since: SystemTime) -> anyhow::Result<Vec<Request>> {
+        Ok(self.bench.emulator.requests(&self.bucket)?.into_iter().filter(|r| r.at >= since).collect())
+    }
+
+    /// Warnings and generation changes the replicator logged, which explain extra requests.
+    fn report_log(&self) {
+        let log = std::fs::read_to_string(self.bench.dir.join(format!("{}.log", self.bucket))).unwrap_or_default();
+        let notable: Vec<&str> = log.lines().filter(|l| l.contains("WARN") || (l.contains("new generation") && !l.contains("no generation exists"))).collect();
+        for line in notable.iter().take(5) {
+            eprintln!("{}: {line}", self.bucket);
+        }
+        if notable.len() > 5 {
+            eprintln!("{}: … {} more such lines", self.bucket, notable.len() - 5);
+        }
+    }
+
+    /// Waits for at least `uploads` uploads, then for 3 s without a request.
+    fn settle(&self, uploads: usize) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let requests = self.bench.emulator.requests(&self.bucket)?;
+            let uploaded = requests.iter().filter(|r| r.op == Op::Upload).count();
+            let quiet = requests.last().is_some_and(|r| r.at.elapsed().unwrap_or_default() > Duration::from_secs(3));
+            if uploaded >= uploads && quiet {
+                return Ok(());
+            }
+            ensure!(Instant::now() < deadline, "{}: start-up did not settle ({uploaded} uploads)", self.bucket);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Waits until no upload has come for `quiet` after `from`; returns the last upload's time.
+    fn wait_for_quiet(&self, from: SystemTime, quiet: Duration, limit: Duration) -> anyhow::Result<SystemTime> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let last = self.bench.emulator.requests(&self.bucket)?.iter().filter(|r| r.op == Op::Upload).map(|r| r.at).max().unwrap_or(from).max(from);
+            if last.elapsed().unwrap_or_default() > quiet {
+                return Ok(last);
+            }
+            ensure!(Instant::now() < deadline, "{}: uploads did not stop within {limit:?}", self.bucket);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGTERM, then the exit, or SIGKILL after 30 s. litestream v0.3.13 often exits 1 after its
+    /// final sync ("context canceled"), and once hung in it, so the status is not checked: the
+    /// restores are.
+    fn stop(mut self) {
+        self.report_log();
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!("{}: the replicator did not exit 30 s after SIGTERM; killing it", self.bucket);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn create_db(db: &Path) -> anyhow::Result<()> {
+    let conn = Connection::open(db)?;
+    conn.pragma_update(None, "journal_mode", "wal")?;
+    conn.execute_batch("CREATE TABLE items (id INTEGER PRIMARY KEY, body TEXT NOT NULL); INSERT INTO items (body) VALUES ('first');")?;
+    Ok(())
+}
+
+/// Commits `transactions` one-row inserts as fast as one connection can; returns how long it took.
+fn commit_flat_out(db: &Path, transactions: u64) -> anyhow::Result<Duration> {
+    let conn = app_connection(db)?;
+    let mut insert = conn.prepare("INSERT INTO items (body) VALUES (hex(randomblob(100)))")?;
+    let started = Instant::now();
+    for _ in 0..transactions {
+        insert.execute([])?;
+    }
+    Ok(started.elapsed())
+}
+
+/// The application's connection, as Litestream advises: WAL, synchronous=NORMAL, a busy timeout.
+fn app_connection(db: &Path) -> anyhow::Result<Connection> {
+    let conn = Connection::open(db)?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.pragma_update(None, "synchronous", "normal")?;
+    Ok(conn)
+}
+
+fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// The `q` quantile (nearest rank) of `values`.
+fn quantile(values: &[Duration], q: f64) -> Duration {
+    let mut sorted = values.to_vec();
+    sorted.sort();
+    sorted[((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1]
+}
+
+impl ToolResults {
+    fn lag_p50(&self) -> Duration {
+        Duration::from_secs_f64(median(self.idle.lags.iter().map(Duration::as_secs_f64).collect()))
+    }
+
+    fn chart_values(&self) -> crate::chart::Values {
+        crate::chart::Values {
+            label: self.label,
+            lag_p50_ms: millis(self.lag_p50()),
+            lag_p99_ms: millis(quantile(&self.idle.lags, 0.99)),
+            cpu_secs: self.saturated.cpu.as_secs_f64(),
+            peak_rss_mib: self.saturated.peak_rss_kib as f64 / 1024.0,
+        }
+    }
+}
+
+fn report(o: &Options, unreplicated: f64, ws: &ToolResults, ls: &ToolResults, windowed: &[(&str, Trickle)]) {
+    let verdict = |met: bool| if met { "met" } else { "**not met**" };
+    let drain = |s: &Saturated| format!("{:.2} ({} restore{})", s.drain.as_secs_f64(), s.restores_needed, if s.restores_needed == 1 { "" } else { "s" });
+    let (wl, ll) = (ws.lag_p50(), ls.lag_p50());
+    let (wsat, lsat) = (&ws.saturated, &ls.saturated);
+    println!("one run, same machine, same fake-gcs-server; each phase a fresh database, bucket and process");
+    println!();
+    println!("| measure | walstream | litestream v0.3.13 | target | |");
+    println!("|---|---:|---:|---|---|");
+    println!("| idle commit → bucket, p50 (ms, {} commits) | {:.0} | {:.0} | ≤ a tenth of litestream's | {} |", o.lag_samples, millis(wl), millis(ll), verdict(wl * 10 <= ll));
+    println!("| idle commit → bucket, p99 (ms) | {:.0} | {:.0} | | |", millis(quantile(&ws.idle.lags, 0.99)), millis(quantile(&ls.idle.lags, 0.99)));
+    println!("| requests while idle for {} s | {} | {} | 0 | {} |", o.idle_secs, ws.idle.requests, ls.idle.requests, verdict(ws.idle.requests == 0));
+    println!("| {} one-row transactions flat out: app tx/s (no replicator: {:.0}) | {:.0} | {:.0} | ≥ litestream's | {} |", o.transactions, unreplicated, wsat.tx_per_sec, lsat.tx_per_sec, verdict(wsat.tx_per_sec >= lsat.tx_per_sec));
+    println!("| replicator CPU-s, load + drain | {:.2} | {:.2} | ≤ a fifth of litestream's | {} |", wsat.cpu.as_secs_f64(), lsat.cpu.as_secs_f64(), verdict(wsat.cpu * 5 <= lsat.cpu));
+    println!("| replicator peak RSS (MiB) | {:.1} | {:.1} | ≤ 25 MB (23.8 MiB) | {} |", wsat.peak_rss_kib as f64 / 1024.0, lsat.peak_rss_kib as f64 / 1024.0, verdict(wsat.peak_rss_kib * 1024 <= 25_000_000));
+    println!("| writer stops → restore equals source (s) | {} | {} | ≤ 1 s | {} |", drain(wsat), drain(lsat), verdict(wsat.drain <= Duration::from_secs(1)));
+    println!("| uploads / LISTs during load + drain | {} / {} | {} / {} | no LIST in steady state | {} |", wsat.uploads, wsat.lists, lsat.uploads, lsat.lists, verdict(wsat.lists == 0));
+    println!("| restore of that replica, by each tool (s) | {:.2} | {:.2} | | |", wsat.restore.as_secs_f64(), lsat.restore.as_secs_f64());
+    println!("| trickle, {} commits at 1/s: uploads / LISTs | {} / {} | {} / {} | uploads ≤ litestream's, no LIST | {} |", ws.trickle.commits, ws.trickle.uploads, ws.trickle.lists, ls.trickle.uploads, ls.trickle.lists, verdict(ws.trickle.uploads <= ls.trickle.uploads && ws.trickle.lists == 0));
+    for (label, trickle) in windowed {
+        println!("| the same with {label} | {} / {} | | uploads ≤ litestream's | {} |", trickle.uploads, trickle.lists, verdict(trickle.uploads <= ls.trickle.uploads));
+    }
+    let per_db = |m: &Many| (m.cpu.as_secs_f64() * 1000.0 / o.dbs as f64, m.peak_rss_kib as f64 / o.dbs as f64);
+    let ((wc, wr), (lc, lr)) = (per_db(&ws.many), per_db(&ls.many));
+    println!("| {} databases, one commit each per 2 s, {} s: CPU-ms per database | {:.1} | {:.1} | | |", o.dbs, o.many_secs, wc, lc);
+    println!("| the same: peak RSS per database (KiB) | {:.0} | {:.0} | | |", wr, lr);
+    println!("| the same: total CPU-s / peak RSS (MiB) | {:.2} / {:.1} | {:.2} / {:.1} | | |", ws.many.cpu.as_secs_f64(), ws.many.peak_rss_kib as f64 / 1024.0, ls.many.cpu.as_secs_f64(), ls.many.peak_rss_kib as f64 / 1024.0);
+}
