@@ -190,13 +190,27 @@ mod tests {
         races: AtomicU32,
     }
 
+    impl RetentionRacer {
+        /// A replica in `dir` holding one snapshot (3 rows) at index 0; each of the first `races`
+        /// snapshot reads is outrun by a newer snapshot of 5 rows.
+        async fn over_snapshot_of_3_rows(dir: &Path, races: u32) -> RetentionRacer {
+            let generation = GenerationId::random();
+            let inner = FileStore::new(dir.join("replica"));
+            inner.put(&name::snapshot_key(&generation, 0), snapshot_body(dir, 3)).await.unwrap();
+            RetentionRacer { inner, generation, newer: snapshot_body(dir, 5), races: AtomicU32::new(races) }
+        }
+    }
+
     #[async_trait]
     impl ObjectStore for RetentionRacer {
         async fn put(&self, key: &str, body: Bytes) -> Result<(), walstream_store::Error> {
             self.inner.put(key, body).await
         }
         async fn get(&self, key: &str) -> Result<Bytes, walstream_store::Error> {
-            let racing = (0..16).find(|i| key == name::snapshot_key(&self.generation, *i));
+            let racing = name::parse_key(key).and_then(|k| match k.kind {
+                name::ObjectKind::Snapshot { index } => Some(index),
+                name::ObjectKind::Segment { .. } => None,
+            });
             if let Some(index) = racing {
                 if self.races.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
                     self.inner.put(&name::snapshot_key(&self.generation, index + 1), self.newer.clone()).await?;
@@ -231,10 +245,7 @@ mod tests {
     #[tokio::test]
     async fn a_snapshot_deleted_by_retention_mid_restore_is_planned_around() {
         let dir = tempfile::tempdir().unwrap();
-        let generation = GenerationId::random();
-        let inner = FileStore::new(dir.path().join("replica"));
-        inner.put(&name::snapshot_key(&generation, 0), snapshot_body(dir.path(), 3)).await.unwrap();
-        let store = RetentionRacer { inner, generation, newer: snapshot_body(dir.path(), 5), races: AtomicU32::new(1) };
+        let store = RetentionRacer::over_snapshot_of_3_rows(dir.path(), 1).await;
 
         let output = dir.path().join("restored.db");
         let outcome = restore(&store, &RestoreOptions::new(&output)).await.expect("planned again around the deleted snapshot");
@@ -248,10 +259,7 @@ mod tests {
     #[tokio::test]
     async fn a_restore_outrun_by_retention_on_every_attempt_says_so_and_leaves_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let generation = GenerationId::random();
-        let inner = FileStore::new(dir.path().join("replica"));
-        inner.put(&name::snapshot_key(&generation, 0), snapshot_body(dir.path(), 3)).await.unwrap();
-        let store = RetentionRacer { inner, generation, newer: snapshot_body(dir.path(), 5), races: AtomicU32::new(REPLAN_ATTEMPTS) };
+        let store = RetentionRacer::over_snapshot_of_3_rows(dir.path(), REPLAN_ATTEMPTS).await;
 
         let output = dir.path().join("restored.db");
         let error = restore(&store, &RestoreOptions::new(&output)).await.expect_err("every plan was outrun");

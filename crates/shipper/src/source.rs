@@ -96,8 +96,9 @@ pub(crate) fn probe_file(path: &Path) -> Result<Presence, Error> {
 /// copy of the WAL. While a reader holds a WAL read-mark SQLite cannot restart or truncate the
 /// WAL, and while it holds read-mark 0 it cannot back-fill; either way the frames walstream has
 /// not copied yet cannot be overwritten. The pin is rolled forward by a copy (a new read
-/// transaction on the spare connection, then the old one ends) once it is a quarter second old
-/// (`PIN_ROLL_INTERVAL`), so it never holds back the application's checkpoints for longer.
+/// transaction on the spare connection, then the old one ends) once it is a quarter second
+/// old (the capturer's `Timing::pin_roll`), so it never holds back the application's
+/// checkpoints for longer.
 pub(crate) struct SourceDb {
     path: PathBuf,
     conns: [Connection; 2],
