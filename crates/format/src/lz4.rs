@@ -101,23 +101,45 @@ impl<W: Write> Write for FrameWriter<W> {
 
 /// Compresses `data` into one frame.
 pub fn compress(data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(block::get_maximum_output_size(data.len()) + 32);
-    out.extend_from_slice(&FRAME_PREFIX);
-    let mut compressed = Vec::new();
-    for chunk in data.chunks(BLOCK_MAX) {
-        compressed.resize(block::get_maximum_output_size(chunk.len()), 0);
-        let n = block::compress_into(chunk, &mut compressed).expect("output sized by get_maximum_output_size");
-        if n < chunk.len() {
-            out.extend_from_slice(&(n as u32).to_le_bytes());
-            out.extend_from_slice(&compressed[..n]);
-        } else {
-            out.extend_from_slice(&(chunk.len() as u32 | UNCOMPRESSED_BIT).to_le_bytes());
-            out.extend_from_slice(chunk);
-        }
-    }
-    out.extend_from_slice(&[0, 0, 0, 0]);
-    out.extend_from_slice(&xxh32(data, 0).to_le_bytes());
+    let mut out = vec![0u8; max_compressed_len(data.len())];
+    let n = compress_into(data, &mut out);
+    out.truncate(n);
     out
+}
+
+/// The most bytes [`compress_into`] may write for `len` bytes of input.
+pub fn max_compressed_len(len: usize) -> usize {
+    let block_bound = |n: usize| 4 + block::get_maximum_output_size(n);
+    let (full, rest) = (len / BLOCK_MAX, len % BLOCK_MAX);
+    FRAME_PREFIX.len() + full * block_bound(BLOCK_MAX) + block_bound(rest) + 8
+}
+
+/// Writes one frame of `data` to the front of `out` and returns its length. Blocks are
+/// compressed in place after their size field, with no scratch buffer: the uploader calls this
+/// for every segment, and fresh megabyte buffers cost it more in page faults than compressing.
+///
+/// # Panics
+/// If `out` is shorter than [`max_compressed_len`].
+pub fn compress_into(data: &[u8], out: &mut [u8]) -> usize {
+    assert!(out.len() >= max_compressed_len(data.len()), "lz4 output buffer too small");
+    out[..FRAME_PREFIX.len()].copy_from_slice(&FRAME_PREFIX);
+    let mut at = FRAME_PREFIX.len();
+    for chunk in data.chunks(BLOCK_MAX) {
+        let payload = at + 4;
+        let n = block::compress_into(chunk, &mut out[payload..]).expect("output sized by max_compressed_len");
+        let size = if n < chunk.len() {
+            n as u32
+        } else {
+            // Stored raw when compression does not help, as the Go writer does.
+            out[payload..payload + chunk.len()].copy_from_slice(chunk);
+            chunk.len() as u32 | UNCOMPRESSED_BIT
+        };
+        out[at..payload].copy_from_slice(&size.to_le_bytes());
+        at = payload + (size & !UNCOMPRESSED_BIT) as usize;
+    }
+    out[at..at + 4].copy_from_slice(&[0, 0, 0, 0]);
+    out[at + 4..at + 8].copy_from_slice(&xxh32(data, 0).to_le_bytes());
+    at + 8
 }
 
 /// Decodes one whole object. Accepts everything the v0.3.13 reader accepts: any block size
@@ -265,6 +287,23 @@ mod tests {
         let framed = compress(&data);
         assert_eq!(u32::from_le_bytes(framed[7..11].try_into().unwrap()), data.len() as u32 | 0x8000_0000);
         assert_eq!(decompress(&framed).unwrap(), data);
+    }
+
+    #[test]
+    fn max_compressed_len_holds_incompressible_data_of_several_blocks() {
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let data: Vec<u8> = (0..(BLOCK_MAX + 1000))
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect();
+        let mut out = vec![0u8; max_compressed_len(data.len())];
+        let n = compress_into(&data, &mut out);
+        assert_eq!(n, FRAME_PREFIX.len() + 4 + BLOCK_MAX + 4 + 1000 + 8, "two raw blocks");
+        assert_eq!(decompress(&out[..n]).unwrap(), data);
     }
 
     #[test]
