@@ -19,6 +19,9 @@ use crate::common::wait_for;
 pub enum Op {
     /// An upload request (a simple, multipart or resumable upload, or one chunk of it).
     Upload,
+    /// An upload on a generation precondition (`ifGenerationMatch`): walstream's replica lease,
+    /// which litestream has no counterpart of.
+    ConditionalUpload,
     Get,
     List,
     Delete,
@@ -91,6 +94,7 @@ fn parse_line(line: &str, bucket: &str) -> Option<Request> {
         return None;
     }
     let op = match method {
+        "POST" | "PUT" if path.starts_with("/upload/") && target.contains("ifGenerationMatch=") => Op::ConditionalUpload,
         "POST" | "PUT" if path.starts_with("/upload/") => Op::Upload,
         "DELETE" => Op::Delete,
         "GET" if rest.is_empty() => Op::List,
@@ -120,6 +124,7 @@ mod tests {
         let op = |request: &str| parse_line(&line(request), "ws-a").map(|r| r.op);
         assert_eq!(op("POST /upload/storage/v1/b/ws-a/o?uploadType=media&name=x%2Fy"), Some(Op::Upload));
         assert_eq!(op("PUT /upload/storage/v1/b/ws-a/o?uploadType=resumable&upload_id=1"), Some(Op::Upload));
+        assert_eq!(op("POST /upload/storage/v1/b/ws-a/o?uploadType=multipart&ifGenerationMatch=0"), Some(Op::ConditionalUpload));
         assert_eq!(op("GET /storage/v1/b/ws-a/o?prefix=db%2F"), Some(Op::List));
         assert_eq!(op("GET /storage/v1/b/ws-a/o/db%2Fx?alt=media"), Some(Op::Get));
         assert_eq!(op("GET /download/storage/v1/b/ws-a/o/db%2Fx?alt=media"), Some(Op::Get));

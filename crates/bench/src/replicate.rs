@@ -11,8 +11,8 @@
 //!   replicator's CPU over the load and its drain, its peak RSS, and the drain: from the
 //!   writer's stop to the last upload before a restore with the tool itself, made while the
 //!   replicator still runs, equals the source;
-//! - trickle: one commit a second for `--trickle-secs`: uploads and listings (walstream also
-//!   with `-sync-interval 10s`);
+//! - trickle: one commit a second for `--trickle-secs`: uploads, lease renewals and listings
+//!   (walstream also with `-no-lease`, `-sync-interval 1s` and `-sync-interval 10s`);
 //! - many: `--dbs` databases in one process, each committing every 2 s, for `--many-secs`.
 //!
 //! Requests are counted from the emulator's request log (`emulator`), CPU and memory from
@@ -69,6 +69,7 @@ pub fn run(mut args: impl Iterator<Item = String>) -> anyhow::Result<()> {
     let walstream = Tool { label: "walstream", bin: o.walstream.clone(), prefix: "ws", flags: vec![], hold: Duration::ZERO };
     let paced = Tool { label: "walstream -sync-interval 1s", bin: o.walstream.clone(), prefix: "ws1", flags: vec!["-sync-interval".into(), "1s".into()], hold: Duration::from_secs(1) };
     let coalescing = Tool { label: "walstream -sync-interval 10s", bin: o.walstream.clone(), prefix: "ws10", flags: vec!["-sync-interval".into(), "10s".into()], hold: Duration::from_secs(10) };
+    let unleased = Tool { label: "walstream -no-lease", bin: o.walstream.clone(), prefix: "wsnl", flags: vec!["-no-lease".into()], hold: Duration::ZERO };
     let litestream = Tool { label: "litestream v0.3.13", bin: o.litestream.clone(), prefix: "ls", flags: vec![], hold: Duration::ZERO };
     let bench = Bench { o: &o, dir: dir.path(), emulator: &emulator };
 
@@ -87,7 +88,7 @@ pub fn run(mut args: impl Iterator<Item = String>) -> anyhow::Result<()> {
         results.push(ToolResults { label: tool.label, idle, saturated, trickle, many });
     }
     let mut windowed = Vec::new();
-    for tool in [&paced, &coalescing] {
+    for tool in [&unleased, &paced, &coalescing] {
         eprintln!("{}: 1 commit/s for {} s", tool.label, o.trickle_secs);
         windowed.push((tool.label, bench.trickle(tool)?));
     }
@@ -140,8 +141,24 @@ struct Saturated {
 
 struct Trickle {
     commits: usize,
+    /// Segment and snapshot uploads.
     uploads: usize,
+    /// Lease renewals (walstream only; off with `-no-lease`).
+    lease_uploads: usize,
     lists: usize,
+}
+
+impl Trickle {
+    fn puts(&self) -> usize {
+        self.uploads + self.lease_uploads
+    }
+
+    fn uploads_cell(&self) -> String {
+        match self.lease_uploads {
+            0 => self.uploads.to_string(),
+            n => format!("{} + {n} lease", self.uploads),
+        }
+    }
 }
 
 struct Many {
@@ -237,11 +254,13 @@ impl Bench<'_> {
         // replicator may be between uploads (litestream compresses a whole second of WAL first).
         let deadline = Instant::now() + Duration::from_secs(600);
         let mut attempt = 0;
+        let mut first_restore_at = None;
         let (last_upload, restore) = loop {
             let last_upload = phase.wait_for_quiet(stopped, Duration::from_secs(3), Duration::from_secs(600))?;
             attempt += 1;
             let restored = self.dir.join(format!("{}-restored-{attempt}.db", phase.bucket));
             let restore_started = Instant::now();
+            first_restore_at.get_or_insert_with(SystemTime::now);
             let output = Command::new(&tool.bin)
                 .args(["restore", "-o"])
                 .arg(&restored)
@@ -263,7 +282,10 @@ impl Bench<'_> {
             std::thread::sleep(Duration::from_secs(1));
         };
         let after = proc_stats::read(pid)?;
-        let requests = phase.requests_since(began)?;
+        // Only the replicator uploads; the restores list the same bucket, so LISTs are counted
+        // until the first restore (litestream may still be uploading after it).
+        let first_restore_at = first_restore_at.expect("the loop restores at least once");
+        let requests: Vec<Request> = phase.requests_since(began)?;
         phase.stop();
         Ok(Saturated {
             tx_per_sec: self.o.transactions as f64 / elapsed.as_secs_f64(),
@@ -271,8 +293,8 @@ impl Bench<'_> {
             peak_rss_kib: after.peak_rss_kib,
             drain: last_upload.duration_since(stopped).unwrap_or_default(),
             restores_needed: attempt,
-            uploads: requests.iter().filter(|r| r.op == Op::Upload).count(),
-            lists: requests.iter().filter(|r| r.op == Op::List).count(),
+            uploads: requests.iter().filter(|r| matches!(r.op, Op::Upload | Op::ConditionalUpload)).count(),
+            lists: requests.iter().filter(|r| r.op == Op::List && r.at < first_restore_at).count(),
             restore,
         })
     }
@@ -291,7 +313,8 @@ impl Bench<'_> {
         phase.wait_for_quiet(SystemTime::now(), Duration::from_secs(3), Duration::from_secs(60))?;
         let requests = phase.requests_since(began)?;
         phase.stop();
-        Ok(Trickle { commits, uploads: requests.iter().filter(|r| r.op == Op::Upload).count(), lists: requests.iter().filter(|r| r.op == Op::List).count() })
+        let count = |op: Op| requests.iter().filter(|r| r.op == op).count();
+        Ok(Trickle { commits, uploads: count(Op::Upload), lease_uploads: count(Op::ConditionalUpload), lists: count(Op::List) })
     }
 
     fn many(&self, tool: &Tool) -> anyhow::Result<Many> {
@@ -473,11 +496,11 @@ fn report(o: &Options, unreplicated: f64, ws: &ToolResults, ls: &ToolResults, wi
     println!("| replicator CPU-s, load + drain | {:.2} | {:.2} | ≤ a fifth of litestream's | {} |", wsat.cpu.as_secs_f64(), lsat.cpu.as_secs_f64(), verdict(wsat.cpu * 5 <= lsat.cpu));
     println!("| replicator peak RSS (MiB) | {:.1} | {:.1} | ≤ 25 MB (23.8 MiB) | {} |", wsat.peak_rss_kib as f64 / 1024.0, lsat.peak_rss_kib as f64 / 1024.0, verdict(wsat.peak_rss_kib * 1024 <= 25_000_000));
     println!("| writer stops → restore equals source (s) | {} | {} | ≤ 1 s | {} |", drain(wsat), drain(lsat), verdict(wsat.drain <= Duration::from_secs(1)));
-    println!("| uploads / LISTs during load + drain | {} / {} | {} / {} | no LIST in steady state | {} |", wsat.uploads, wsat.lists, lsat.uploads, lsat.lists, verdict(wsat.lists == 0));
+    println!("| uploads during load + drain / LISTs before the first restore | {} / {} | {} / {} | no LIST in steady state | {} |", wsat.uploads, wsat.lists, lsat.uploads, lsat.lists, verdict(wsat.lists == 0));
     println!("| restore of that replica, by each tool (s) | {:.2} | {:.2} | | |", wsat.restore.as_secs_f64(), lsat.restore.as_secs_f64());
-    println!("| trickle, {} commits at 1/s: uploads / LISTs | {} / {} | {} / {} | uploads ≤ litestream's, no LIST | {} |", ws.trickle.commits, ws.trickle.uploads, ws.trickle.lists, ls.trickle.uploads, ls.trickle.lists, verdict(ws.trickle.uploads <= ls.trickle.uploads && ws.trickle.lists == 0));
+    println!("| trickle, {} commits at 1/s: PUTs / LISTs | {} / {} | {} / {} | PUTs ≤ litestream's, no LIST | {} |", ws.trickle.commits, ws.trickle.uploads_cell(), ws.trickle.lists, ls.trickle.uploads_cell(), ls.trickle.lists, verdict(ws.trickle.puts() <= ls.trickle.puts() && ws.trickle.lists == 0));
     for (label, trickle) in windowed {
-        println!("| the same with {label} | {} / {} | | uploads ≤ litestream's | {} |", trickle.uploads, trickle.lists, verdict(trickle.uploads <= ls.trickle.uploads));
+        println!("| the same with {label} | {} / {} | | PUTs ≤ litestream's | {} |", trickle.uploads_cell(), trickle.lists, verdict(trickle.puts() <= ls.trickle.puts()));
     }
     let per_db = |m: &Many| (m.cpu.as_secs_f64() * 1000.0 / o.dbs as f64, m.peak_rss_kib as f64 / o.dbs as f64);
     let ((wc, wr), (lc, lr)) = (per_db(&ws.many), per_db(&ls.many));
