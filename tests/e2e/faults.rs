@@ -13,13 +13,7 @@ use crate::harness::*;
 /// A config replicating the scratch database through `proxy`, with snapshots and retention on
 /// short timers so DELETEs and LISTs happen too.
 fn start_through(scratch: &Scratch, proxy: &FaultProxy, log: &str) -> Replicator {
-    let config = scratch.path("walstream.yml");
-    let text = format!(
-        "dbs:\n  - path: {}\n    replicas:\n      - url: {}\n        snapshot-interval: 2s\n        retention: 3s\n        retention-check-interval: 1s\n",
-        scratch.db().display(),
-        scratch.replica_url()
-    );
-    std::fs::write(&config, text).unwrap();
+    let config = scratch.write_config(&["snapshot-interval: 2s", "retention: 3s", "retention-check-interval: 1s"]);
     let args: Vec<std::ffi::OsString> = vec!["-config".into(), config.into()];
     Replicator::start_args(&args, scratch.path(log), &[("STORAGE_EMULATOR_HOST", &proxy.addr)])
 }
@@ -152,8 +146,7 @@ fn requests_that_hang_are_abandoned_after_the_request_timeout_and_retried() {
     let mut app = App::open(&scratch.db());
     app.insert(20);
     proxy.inject(0.25, &[Fault::Stall(Duration::from_secs(20))]);
-    let config = scratch.path("walstream.yml");
-    std::fs::write(&config, format!("dbs:\n  - path: {}\n    replicas:\n      - url: {}\n", scratch.db().display(), scratch.replica_url())).unwrap();
+    let config = scratch.write_config(&[]);
     let args: Vec<std::ffi::OsString> = vec!["-config".into(), config.into()];
     let replicator = Replicator::start_args(&args, scratch.path("stall.log"), &[("STORAGE_EMULATOR_HOST", &proxy.addr), ("WALSTREAM_GCS_TIMEOUT", "1s")]);
     let started = Instant::now();

@@ -120,6 +120,18 @@ impl Scratch {
             None => format!("file://{}", self.path("replica").display()),
         }
     }
+    /// Writes `walstream.yml`: this database, replicated to this replica with `replica_keys`
+    /// (`"retention: 3s"`, …) added to the replica's entry; returns its path.
+    pub fn write_config(&self, replica_keys: &[&str]) -> PathBuf {
+        let mut text = format!("dbs:\n  - path: {}\n    replicas:\n      - url: {}\n", self.db().display(), self.replica_url());
+        for key in replica_keys {
+            text.push_str(&format!("        {key}\n"));
+        }
+        let config = self.path("walstream.yml");
+        std::fs::write(&config, text).unwrap();
+        config
+    }
+
     /// `walstream replicate` of this database to this replica, logging to `replicate.log`.
     pub fn start_replicator(&self) -> Replicator {
         Replicator::start(&self.db(), &[self.replica_url()], self.path("replicate.log"))

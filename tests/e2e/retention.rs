@@ -24,11 +24,7 @@ fn snapshots(scratch: &Scratch) -> Vec<(String, u32)> {
 on_both_backends! {
     fn retention_drops_old_generations_and_history_and_keeps_the_latest_chain(backend: Backend) {
         let scratch = Scratch::on(backend);
-        let config = scratch.path("walstream.yml");
-        std::fs::write(&config, format!(
-            "dbs:\n  - path: {}\n    replicas:\n      - url: {}\n        snapshot-interval: 1s\n        retention: 3s\n        retention-check-interval: 500ms\n",
-            scratch.db().display(), scratch.replica_url(),
-        )).unwrap();
+        let config = scratch.write_config(&["snapshot-interval: 1s", "retention: 3s", "retention-check-interval: 500ms"]);
         let start = || Replicator::start_args(&["-config".into(), config.clone().into()], scratch.path("replicate.log"), &[]);
         let mut app = App::open(&scratch.db());
         app.insert(5);
@@ -88,11 +84,7 @@ fn retention_deleting_what_a_running_restore_planned_on_does_not_fail_the_restor
     use std::sync::Arc;
 
     let scratch = Scratch::on(Backend::Gcs);
-    let config = scratch.path("walstream.yml");
-    std::fs::write(&config, format!(
-        "dbs:\n  - path: {}\n    replicas:\n      - url: {}\n        snapshot-interval: 1s\n        retention: 1s\n        retention-check-interval: 200ms\n",
-        scratch.db().display(), scratch.replica_url(),
-    )).unwrap();
+    let config = scratch.write_config(&["snapshot-interval: 1s", "retention: 1s", "retention-check-interval: 200ms"]);
     let mut app = App::open(&scratch.db());
     app.insert(20);
     let replicator = Replicator::start_args(&["-config".into(), config.into()], scratch.path("replicate.log"), &[]);
@@ -155,11 +147,7 @@ fn an_idle_replica_is_not_listed_at_every_retention_check() {
 
     let scratch = Scratch::on(Backend::Gcs);
     let proxy = FaultProxy::start(crate::emulator::host(), seed());
-    let config = scratch.path("walstream.yml");
-    std::fs::write(&config, format!(
-        "dbs:\n  - path: {}\n    replicas:\n      - url: {}\n        retention: 1h\n        retention-check-interval: 200ms\n",
-        scratch.db().display(), scratch.replica_url(),
-    )).unwrap();
+    let config = scratch.write_config(&["retention: 1h", "retention-check-interval: 200ms"]);
     let mut app = App::open(&scratch.db());
     app.insert(10);
     let replicator = Replicator::start_args(&["-config".into(), config.into()], scratch.path("replicate.log"), &[("STORAGE_EMULATOR_HOST", &proxy.addr)]);

@@ -273,17 +273,22 @@ mod tests {
         assert_eq!(decompress(&streamed).unwrap(), data);
     }
 
-    #[test]
-    fn incompressible_data_is_stored_raw() {
-        let mut state = 0x9E37_79B9_7F4A_7C15u64;
-        let data: Vec<u8> = (0..5000)
+    /// Incompressible bytes (xorshift64).
+    fn noise(len: usize, seed: u64) -> Vec<u8> {
+        let mut state = seed;
+        (0..len)
             .map(|_| {
                 state ^= state << 13;
                 state ^= state >> 7;
                 state ^= state << 17;
                 state as u8
             })
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn incompressible_data_is_stored_raw() {
+        let data = noise(5000, 0x9E37_79B9_7F4A_7C15);
         let framed = compress(&data);
         assert_eq!(u32::from_le_bytes(framed[7..11].try_into().unwrap()), data.len() as u32 | 0x8000_0000);
         assert_eq!(decompress(&framed).unwrap(), data);
@@ -291,15 +296,7 @@ mod tests {
 
     #[test]
     fn max_compressed_len_holds_incompressible_data_of_several_blocks() {
-        let mut state = 0x2545_F491_4F6C_DD1Du64;
-        let data: Vec<u8> = (0..(BLOCK_MAX + 1000))
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state as u8
-            })
-            .collect();
+        let data = noise(BLOCK_MAX + 1000, 0x2545_F491_4F6C_DD1D);
         let mut out = vec![0u8; max_compressed_len(data.len())];
         let n = compress_into(&data, &mut out);
         assert_eq!(n, FRAME_PREFIX.len() + 4 + BLOCK_MAX + 4 + 1000 + 8, "two raw blocks");
