@@ -216,7 +216,7 @@ impl Bench<'_> {
             // Timed from the commit's start: the log's timestamps are cut to the millisecond, so
             // an upload within the commit's own millisecond can log before the commit returns.
             commits.push(SystemTime::now());
-            conn.execute("INSERT INTO items (body) VALUES (hex(randomblob(100)))", [])?;
+            conn.execute(INSERT_ROW, [])?;
             std::thread::sleep(Duration::from_millis(rng.gen_range(1200..1700)));
         }
         let uploads: Vec<SystemTime> = phase.requests_since(commits[0])?.into_iter().filter(|r| r.op == Op::Upload).map(|r| r.at).collect();
@@ -307,7 +307,7 @@ impl Bench<'_> {
         let commits = self.o.trickle_secs as usize;
         for n in 0..commits {
             std::thread::sleep((start + Duration::from_secs(n as u64)).saturating_duration_since(Instant::now()));
-            conn.execute("INSERT INTO items (body) VALUES (hex(randomblob(100)))", [])?;
+            conn.execute(INSERT_ROW, [])?;
         }
         std::thread::sleep(tool.hold);
         phase.wait_for_quiet(SystemTime::now(), Duration::from_secs(3), Duration::from_secs(60))?;
@@ -347,7 +347,7 @@ impl Bench<'_> {
         let mut n = 0usize;
         while start.elapsed() < Duration::from_secs(self.o.many_secs) {
             std::thread::sleep((start + gap * n as u32).saturating_duration_since(Instant::now()));
-            conns[n % conns.len()].execute("INSERT INTO items (body) VALUES (hex(randomblob(100)))", [])?;
+            conns[n % conns.len()].execute(INSERT_ROW, [])?;
             n += 1;
         }
         let after = proc_stats::read(pid)?;
@@ -427,6 +427,9 @@ impl Drop for Phase<'_> {
     }
 }
 
+/// Every phase's transaction: one row with a 200-byte body.
+const INSERT_ROW: &str = "INSERT INTO items (body) VALUES (hex(randomblob(100)))";
+
 fn create_db(db: &Path) -> anyhow::Result<()> {
     let conn = Connection::open(db)?;
     conn.pragma_update(None, "journal_mode", "wal")?;
@@ -437,7 +440,7 @@ fn create_db(db: &Path) -> anyhow::Result<()> {
 /// Commits `transactions` one-row inserts as fast as one connection can; returns how long it took.
 fn commit_flat_out(db: &Path, transactions: u64) -> anyhow::Result<Duration> {
     let conn = app_connection(db)?;
-    let mut insert = conn.prepare("INSERT INTO items (body) VALUES (hex(randomblob(100)))")?;
+    let mut insert = conn.prepare(INSERT_ROW)?;
     let started = Instant::now();
     for _ in 0..transactions {
         insert.execute([])?;
