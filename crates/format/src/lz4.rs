@@ -109,9 +109,8 @@ pub fn compress(data: &[u8]) -> Vec<u8> {
 
 /// The most bytes [`compress_into`] may write for `len` bytes of input.
 pub fn max_compressed_len(len: usize) -> usize {
-    let block_bound = |n: usize| 4 + block::get_maximum_output_size(n);
     let (full, rest) = (len / BLOCK_MAX, len % BLOCK_MAX);
-    FRAME_PREFIX.len() + full * block_bound(BLOCK_MAX) + block_bound(rest) + 8
+    FRAME_PREFIX.len() + full * FrameBuilder::block_bound(BLOCK_MAX) + FrameBuilder::block_bound(rest) + FrameBuilder::END_LEN
 }
 
 /// Writes one frame of `data` to the front of `out` and returns its length. Blocks are
@@ -122,24 +121,77 @@ pub fn max_compressed_len(len: usize) -> usize {
 /// If `out` is shorter than [`max_compressed_len`].
 pub fn compress_into(data: &[u8], out: &mut [u8]) -> usize {
     assert!(out.len() >= max_compressed_len(data.len()), "lz4 output buffer too small");
-    out[..FRAME_PREFIX.len()].copy_from_slice(&FRAME_PREFIX);
-    let mut at = FRAME_PREFIX.len();
+    let mut frame = FrameBuilder::start(out);
     for chunk in data.chunks(BLOCK_MAX) {
-        let payload = at + 4;
-        let n = block::compress_into(chunk, &mut out[payload..]).expect("output sized by max_compressed_len");
-        let size = if n < chunk.len() {
+        frame.push(chunk, out);
+    }
+    frame.finish(out)
+}
+
+/// One frame built a block at a time in a buffer the caller owns and grows, so that a segment's
+/// size can follow its compressed length: the caller reads a piece, pushes it, and stops when
+/// the frame is big enough. Every method writes at [`FrameBuilder::written`] and panics if `out` has
+/// less room than it asks for.
+pub struct FrameBuilder {
+    len: usize,
+    raw_len: usize,
+    checksum: Xxh32,
+}
+
+impl FrameBuilder {
+    /// Bytes [`FrameBuilder::finish`] writes: the end mark and the content checksum.
+    pub const END_LEN: usize = 8;
+
+    /// The most bytes [`FrameBuilder::push`] writes for `raw_len` bytes.
+    pub fn block_bound(raw_len: usize) -> usize {
+        4 + block::get_maximum_output_size(raw_len)
+    }
+
+    /// Writes the frame header to the front of `out`.
+    pub fn start(out: &mut [u8]) -> FrameBuilder {
+        out[..FRAME_PREFIX.len()].copy_from_slice(&FRAME_PREFIX);
+        FrameBuilder { len: FRAME_PREFIX.len(), raw_len: 0, checksum: Xxh32::new(0) }
+    }
+
+    /// Bytes of frame written so far.
+    pub fn written(&self) -> usize {
+        self.len
+    }
+
+    /// Uncompressed bytes pushed so far.
+    pub fn raw_len(&self) -> usize {
+        self.raw_len
+    }
+
+    /// Appends `raw` (at most one 4 MiB block) as one block; `out` needs
+    /// [`FrameBuilder::block_bound`] bytes of room after [`FrameBuilder::written`].
+    pub fn push(&mut self, raw: &[u8], out: &mut [u8]) {
+        assert!(raw.len() <= BLOCK_MAX, "an lz4 block holds at most 4 MiB");
+        if raw.is_empty() {
+            return;
+        }
+        let (at, payload) = (self.len, self.len + 4);
+        let n = block::compress_into(raw, &mut out[payload..payload + block::get_maximum_output_size(raw.len())]).expect("output sized by block_bound");
+        let size = if n < raw.len() {
             n as u32
         } else {
             // Stored raw when compression does not help, as the Go writer does.
-            out[payload..payload + chunk.len()].copy_from_slice(chunk);
-            chunk.len() as u32 | UNCOMPRESSED_BIT
+            out[payload..payload + raw.len()].copy_from_slice(raw);
+            raw.len() as u32 | UNCOMPRESSED_BIT
         };
         out[at..payload].copy_from_slice(&size.to_le_bytes());
-        at = payload + (size & !UNCOMPRESSED_BIT) as usize;
+        self.len = payload + (size & !UNCOMPRESSED_BIT) as usize;
+        self.raw_len += raw.len();
+        self.checksum.update(raw);
     }
-    out[at..at + 4].copy_from_slice(&[0, 0, 0, 0]);
-    out[at + 4..at + 8].copy_from_slice(&xxh32(data, 0).to_le_bytes());
-    at + 8
+
+    /// Writes the end mark and content checksum; returns the frame's length.
+    pub fn finish(self, out: &mut [u8]) -> usize {
+        let at = self.len;
+        out[at..at + 4].copy_from_slice(&[0, 0, 0, 0]);
+        out[at + 4..at + 8].copy_from_slice(&self.checksum.digest().to_le_bytes());
+        at + Self::END_LEN
+    }
 }
 
 /// Decodes one whole object. Accepts everything the v0.3.13 reader accepts: any block size
@@ -301,6 +353,24 @@ mod tests {
         let n = compress_into(&data, &mut out);
         assert_eq!(n, FRAME_PREFIX.len() + 4 + BLOCK_MAX + 4 + 1000 + 8, "two raw blocks");
         assert_eq!(decompress(&out[..n]).unwrap(), data);
+    }
+
+    #[test]
+    fn a_frame_built_piece_by_piece_decodes_to_the_pieces_joined() {
+        let mut data = noise(300_000, 7);
+        data.extend((0..700_000u32).map(|i| (i % 13) as u8));
+        let mut out = vec![0u8; FRAME_PREFIX.len()];
+        let mut frame = FrameBuilder::start(&mut out);
+        for piece in data.chunks(262_144).chain([&b""[..]]) {
+            out.resize(frame.written() + FrameBuilder::block_bound(piece.len()), 0);
+            frame.push(piece, &mut out);
+        }
+        assert_eq!(frame.raw_len(), data.len());
+        out.resize(frame.written() + FrameBuilder::END_LEN, 0);
+        let n = frame.finish(&mut out);
+        assert_eq!(n, out.len());
+        assert!(n < data.len(), "the repetitive part compressed");
+        assert_eq!(decompress(&out).unwrap(), data);
     }
 
     #[test]
