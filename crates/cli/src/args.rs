@@ -71,8 +71,8 @@ pub(crate) struct ReplicateArgs {
     pub(crate) lease_ttl: Duration,
     /// The least time between two WAL uploads to each replica (the config's `sync-interval`):
     /// commits arriving sooner are shipped together, trading lag for fewer PUTs. A commit after
-    /// a quiet spell, `walstream sync` and shutdown ship at once. Default: every commit at once.
-    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    /// a quiet spell, `walstream sync` and shutdown ship at once. 0s ships every commit at once.
+    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
     pub(crate) sync_interval: Duration,
     /// Do not take the replica lease (the `walstream-lease` object at the replica's root).
     #[arg(long)]
@@ -258,6 +258,17 @@ mod tests {
         assert!(parse_timestamp("yesterday").unwrap_err().contains("ISO 8601"));
         assert!(Cli::try_parse_from(argv(&["walstream", "restore", "-index", "zz", "-o", "/d", "file:///r"])).is_err());
         assert!(Cli::try_parse_from(argv(&["walstream", "restore", "-generation", "nope", "-o", "/d", "file:///r"])).is_err());
+    }
+
+    #[test]
+    fn replicate_defaults_to_the_shippers_sync_interval_and_zero_means_at_once() {
+        let sync_interval = |extra: &[&str]| {
+            let cli = Cli::try_parse_from(argv(&[&["walstream", "replicate"], extra, &["/d", "gcs://b/db"]].concat())).unwrap();
+            let Command::Replicate(args) = cli.command else { panic!("not replicate") };
+            args.sync_interval
+        };
+        assert_eq!(sync_interval(&[]), walstream_shipper::DEFAULT_SYNC_INTERVAL);
+        assert_eq!(sync_interval(&["-sync-interval", "0s"]), Duration::ZERO);
     }
 
     #[test]

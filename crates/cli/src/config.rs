@@ -209,7 +209,7 @@ fn replica_config(raw: RawReplica, key: &str) -> Result<ReplicaConfig, String> {
     let duration = |field: &str, value: &Option<String>| -> Result<Option<Duration>, String> {
         value.as_deref().map(go_duration).transpose().map_err(|e| format!("{key}.{field}: {e}"))
     };
-    let sync_interval = duration("sync-interval", &raw.sync_interval)?.unwrap_or(Duration::ZERO);
+    let sync_interval = duration("sync-interval", &raw.sync_interval)?.unwrap_or(walstream_shipper::DEFAULT_SYNC_INTERVAL);
     duration("validation-interval", &raw.validation_interval)?;
     let mut policy = walstream_shipper::RetentionPolicy::default();
     if let Some(interval) = duration("snapshot-interval", &raw.snapshot_interval)? {

@@ -41,7 +41,7 @@ pub use lease::LeasePolicy;
 pub use meta::LocalSnapshot;
 pub use retention::RetentionPolicy;
 pub use status::{DbStatus, Handle, ReplicaStatus, SyncError};
-pub use upload::Replica;
+pub use upload::{Replica, DEFAULT_SYNC_INTERVAL};
 
 use capture::{Capturer, Wake};
 use source::{probe_file, Presence, SourceDb};
