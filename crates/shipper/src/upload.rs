@@ -20,9 +20,9 @@ use crate::status::ReplicaCounters;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// A segment ends once its frame reaches this many bytes. Counting compressed bytes, not raw
-/// ones, keeps a PUT's memory bounded whatever the data while making compressible WAL (a
-/// saturated writer's, ten to one) take a tenth of the requests: at a 1 MiB raw bound the
-/// requests, each costing both ends far more than its bytes, were what the writer competed with.
+/// ones, keeps a PUT's memory bounded whatever the data while compressible WAL (a saturated
+/// writer's compresses ten to one) takes fewer requests, each a Class A operation on GCS: a
+/// 10 s saturated writer made 1,082 to 1,496 PUTs at a 1 MiB raw bound, 530 and 554 with this.
 /// Segments may end inside a transaction; restore only applies whole transactions.
 pub(crate) const SEGMENT_TARGET_BYTES: usize = 1 << 20;
 
