@@ -61,16 +61,9 @@ impl<W: Write> FrameWriter<W> {
             return Ok(());
         }
         self.checksum.update(&self.block);
-        self.compressed.resize(block::get_maximum_output_size(self.block.len()), 0);
-        let n = block::compress_into(&self.block, &mut self.compressed).map_err(io::Error::other)?;
-        if n < self.block.len() {
-            self.inner.write_all(&(n as u32).to_le_bytes())?;
-            self.inner.write_all(&self.compressed[..n])?;
-        } else {
-            // Stored raw when compression does not help, as the Go writer does.
-            self.inner.write_all(&(self.block.len() as u32 | UNCOMPRESSED_BIT).to_le_bytes())?;
-            self.inner.write_all(&self.block)?;
-        }
+        self.compressed.resize(FrameBuilder::block_bound(self.block.len()), 0);
+        let n = encode_block(&self.block, &mut self.compressed);
+        self.inner.write_all(&self.compressed[..n])?;
         self.block.clear();
         Ok(())
     }
@@ -170,17 +163,7 @@ impl FrameBuilder {
         if raw.is_empty() {
             return;
         }
-        let (at, payload) = (self.len, self.len + 4);
-        let n = block::compress_into(raw, &mut out[payload..payload + block::get_maximum_output_size(raw.len())]).expect("output sized by block_bound");
-        let size = if n < raw.len() {
-            n as u32
-        } else {
-            // Stored raw when compression does not help, as the Go writer does.
-            out[payload..payload + raw.len()].copy_from_slice(raw);
-            raw.len() as u32 | UNCOMPRESSED_BIT
-        };
-        out[at..payload].copy_from_slice(&size.to_le_bytes());
-        self.len = payload + (size & !UNCOMPRESSED_BIT) as usize;
+        self.len += encode_block(raw, &mut out[self.len..self.len + Self::block_bound(raw.len())]);
         self.raw_len += raw.len();
         self.checksum.update(raw);
     }
@@ -192,6 +175,22 @@ impl FrameBuilder {
         out[at + 4..at + 8].copy_from_slice(&self.checksum.digest().to_le_bytes());
         at + Self::END_LEN
     }
+}
+
+/// Writes `raw` as one block (its size field, then its bytes) to the front of `out`, which
+/// holds [`FrameBuilder::block_bound`] bytes; returns the bytes written. Compressed in place
+/// after the size field, or stored raw when compression does not help, as the Go writer does.
+fn encode_block(raw: &[u8], out: &mut [u8]) -> usize {
+    let (size_field, payload) = out.split_at_mut(4);
+    let n = block::compress_into(raw, payload).expect("output sized by block_bound");
+    let size = if n < raw.len() {
+        n as u32
+    } else {
+        payload[..raw.len()].copy_from_slice(raw);
+        raw.len() as u32 | UNCOMPRESSED_BIT
+    };
+    size_field.copy_from_slice(&size.to_le_bytes());
+    4 + (size & !UNCOMPRESSED_BIT) as usize
 }
 
 /// Decodes one whole object. Accepts everything the v0.3.13 reader accepts: any block size
