@@ -15,8 +15,8 @@ use walstream_format::{name, GenerationId, Pos, WAL_HEADER_SIZE};
 
 use crate::error::{io_err, Error};
 use crate::meta::{LocalSnapshot, MetaDir};
-use crate::shadow::{ShadowIndex, COPY_CHUNK_BYTES};
-use crate::source::{wal_path, SourceDb};
+use crate::shadow::{ShadowIndex, SpareFile, COPY_CHUNK_BYTES};
+use crate::source::{wal_path, SourceDb, WalIndexHeader};
 use crate::status::DbCounters;
 
 /// How long the capturer sleeps between passes when no event arrives.
@@ -124,6 +124,7 @@ pub(crate) struct Capturer {
     meta: MetaDir,
     db: SourceDb,
     generation: Option<Generation>,
+    spare: SpareFile,
     buf: Vec<u8>,
     state: watch::Sender<ShadowState>,
     replica_positions: Vec<watch::Receiver<Option<Pos>>>,
@@ -146,6 +147,7 @@ impl Capturer {
         Capturer {
             wal_path: wal_path(&db_path),
             db_path,
+            spare: SpareFile::new(meta.spare_shadow_path()),
             meta,
             db,
             generation,
@@ -227,6 +229,7 @@ impl Capturer {
                 self.sync_logged();
             } else {
                 self.follow_backfill();
+                self.spare.expire();
                 if let Err(e) = self.sync_shadow() {
                     warn!(db = %self.db_path.display(), error = %e, "cannot fsync the shadow wal; retrying");
                 }
@@ -390,6 +393,8 @@ impl Capturer {
             return self.new_generation("no generation exists");
         };
         let wal = LiveWal::open(&self.wal_path)?;
+        let wal_index = self.db.wal_index_header();
+        let hint = |header: &WalHeader| committed_hint(wal_index, header);
         let page_size = self.db.page_size();
         let Some(shadow) = generation.shadow.as_mut() else {
             // No WAL life seen yet in this generation: the first one is the snapshot's index.
@@ -398,9 +403,9 @@ impl Capturer {
                     if header.page_size != page_size {
                         return self.new_generation("page size changed");
                     }
-                    let mut shadow = ShadowIndex::create(&self.meta.wal_dir(&generation.id), generation.snapshot.index, bytes, header)?;
+                    let mut shadow = ShadowIndex::create(&self.meta.wal_dir(&generation.id), generation.snapshot.index, bytes, header, &mut self.spare)?;
                     self.counters.shadow_bytes.fetch_add(WAL_HEADER_SIZE as u64, std::sync::atomic::Ordering::Relaxed);
-                    self.counters.shadow_bytes.fetch_add(shadow.append_from(&live.file, live.len, &mut self.buf)?, std::sync::atomic::Ordering::Relaxed);
+                    self.counters.shadow_bytes.fetch_add(shadow.append_from(&live.file, live.len, hint(&shadow.header), &mut self.buf)?, std::sync::atomic::Ordering::Relaxed);
                     generation.shadow = Some(shadow);
                 }
             }
@@ -438,7 +443,7 @@ impl Capturer {
             }
             shadow.sealed = false;
             shadow.next_salt1 = None;
-            self.counters.shadow_bytes.fetch_add(shadow.append_from(&live.file, live.len, &mut self.buf)?, std::sync::atomic::Ordering::Relaxed);
+            self.counters.shadow_bytes.fetch_add(shadow.append_from(&live.file, live.len, hint(&shadow.header), &mut self.buf)?, std::sync::atomic::Ordering::Relaxed);
             return Ok(());
         }
         // The header changed: SQLite restarted the WAL. One restart adds exactly 1 to salt-1;
@@ -453,16 +458,16 @@ impl Capturer {
         // still be there, and carry the old salts, so the chain check accepts only them.
         let tail_intact = live.still_holds_last_frame(shadow)?;
         if tail_intact {
-            self.counters.shadow_bytes.fetch_add(shadow.append_from(&live.file, live.len, &mut self.buf)?, std::sync::atomic::Ordering::Relaxed);
+            self.counters.shadow_bytes.fetch_add(shadow.append_from(&live.file, live.len, hint(&shadow.header), &mut self.buf)?, std::sync::atomic::Ordering::Relaxed);
         } else if !(clean || shadow.sealed) {
             return self.new_generation("wal overwritten by another process");
         }
-        shadow.sync()?;
-        let next = ShadowIndex::create(&self.meta.wal_dir(&generation.id), shadow.index + 1, bytes, header)?;
+        shadow.finish()?;
+        let next = ShadowIndex::create(&self.meta.wal_dir(&generation.id), shadow.index + 1, bytes, header, &mut self.spare)?;
         self.counters.shadow_bytes.fetch_add(WAL_HEADER_SIZE as u64, std::sync::atomic::Ordering::Relaxed);
         debug!(db = %self.db_path.display(), index = next.index, "wal restarted; new index");
         let shadow = generation.shadow.insert(next);
-        self.counters.shadow_bytes.fetch_add(shadow.append_from(&live.file, live.len, &mut self.buf)?, std::sync::atomic::Ordering::Relaxed);
+        self.counters.shadow_bytes.fetch_add(shadow.append_from(&live.file, live.len, hint(&shadow.header), &mut self.buf)?, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
@@ -476,9 +481,9 @@ impl Capturer {
         let mut shadow = None;
         if let Some(live) = LiveWal::open(&self.wal_path)? {
             if let Some((bytes, header)) = live.header {
-                let mut index = ShadowIndex::create(&self.meta.wal_dir(&id), 0, bytes, header)?;
+                let mut index = ShadowIndex::create(&self.meta.wal_dir(&id), 0, bytes, header, &mut self.spare)?;
                 self.counters.shadow_bytes.fetch_add(WAL_HEADER_SIZE as u64, std::sync::atomic::Ordering::Relaxed);
-                self.counters.shadow_bytes.fetch_add(index.append_from(&live.file, live.len, &mut self.buf)?, std::sync::atomic::Ordering::Relaxed);
+                self.counters.shadow_bytes.fetch_add(index.append_from(&live.file, live.len, 0, &mut self.buf)?, std::sync::atomic::Ordering::Relaxed);
                 shadow = Some(index);
             }
         }
@@ -509,8 +514,9 @@ impl Capturer {
         });
     }
 
-    /// Deletes shadow indexes every replica has shipped.
-    fn remove_shipped_shadow(&self) {
+    /// Recycles or deletes the shadow indexes every replica has shipped.
+    fn remove_shipped_shadow(&mut self) {
+        self.spare.expire();
         let Some(generation) = &self.generation else { return };
         let mut keep_from = u32::MAX;
         for position in &self.replica_positions {
@@ -520,7 +526,11 @@ impl Capturer {
             }
         }
         if keep_from != u32::MAX {
-            self.meta.remove_shadow_below(&generation.id, keep_from.min(generation.shadow.as_ref().map_or(u32::MAX, |s| s.index)));
+            let below = keep_from.min(generation.shadow.as_ref().map_or(u32::MAX, |s| s.index));
+            // The newest is kept as the spare: its pages are the likeliest still cached.
+            for shipped in self.meta.shadow_files_below(&generation.id, below).iter().rev() {
+                self.spare.keep_or_remove(shipped);
+            }
         }
     }
 }
@@ -538,6 +548,15 @@ fn resume_generation(meta: &MetaDir) -> Option<Generation> {
     };
     info!(generation = %id, "resuming generation");
     Some(Generation { id, snapshot, shadow })
+}
+
+/// How far SQLite's wal-index says the WAL life with `header` is committed, or 0 if the index
+/// is unreadable or describes another life: a plan for the reads, never trusted for what to copy.
+fn committed_hint(wal_index: Option<WalIndexHeader>, header: &WalHeader) -> u64 {
+    match wal_index {
+        Some(index) if index.salt1 == header.salt1 => WAL_HEADER_SIZE as u64 + u64::from(index.max_frame) * header.frame_size(),
+        _ => 0,
+    }
 }
 
 /// The live `-wal` file as one pass sees it.
@@ -669,9 +688,43 @@ mod tests {
         let (index, len) = (shadow.index, shadow.committed_len);
         assert!(len > WAL_HEADER_SIZE as u64, "the first pass copied no frame; the test proves nothing");
         assert_eq!(generation.end(), Pos { generation: generation.id, index, offset: len });
-        let next = ShadowIndex::create(&wal_dir, index + 1, *shadow.header_bytes(), shadow.header).unwrap();
+        let next = ShadowIndex::create(&wal_dir, index + 1, *shadow.header_bytes(), shadow.header, &mut SpareFile::new(wal_dir.join("none"))).unwrap();
         generation.shadow = Some(next);
         assert_eq!(generation.end(), Pos { generation: generation.id, index: index + 1, offset: 0 });
+    }
+
+    /// Once every replica is past an index, its file is kept as the spare, and the next WAL
+    /// life is written over it rather than into a new file.
+    #[test]
+    fn a_shipped_index_is_the_file_the_next_life_writes_over() {
+        let mut h = Harness::new();
+        let (position, replica) = watch::channel(None);
+        h.capturer.replica_positions = vec![replica];
+        let next_life = |h: &mut Harness| {
+            h.insert();
+            h.pass_then_unpin();
+            h.truncate();
+            h.pass_then_unpin();
+            h.insert();
+            h.pass_then_unpin();
+        };
+        h.pass_then_unpin();
+        let generation = h.generation();
+        let wal_dir = h.capturer.meta.wal_dir(&generation);
+        let spare = h.capturer.meta.spare_shadow_path();
+        next_life(&mut h);
+        assert_eq!(h.capturer.shadow_end().unwrap().0, 1);
+        assert!(!spare.exists(), "index 0 was kept although no replica has shipped it");
+        let index_0 = std::fs::metadata(wal_dir.join(name::shadow_wal_file_name(0))).unwrap();
+
+        position.send_replace(Some(Pos { generation, index: 1, offset: 0 }));
+        h.pass_then_unpin();
+        assert!(spare.exists() && !wal_dir.join(name::shadow_wal_file_name(0)).exists());
+        next_life(&mut h);
+        assert_eq!((h.generation(), h.capturer.shadow_end().unwrap().0), (generation, 2));
+        assert!(!spare.exists(), "index 2 did not take the spare");
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(wal_dir.join(name::shadow_wal_file_name(2))).unwrap().ino(), index_0.ino(), "index 2 is not index 0's file");
     }
 
     #[test]

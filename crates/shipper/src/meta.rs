@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! .<name>-walstream/generation                               current generation id
+//! .<name>-walstream/spare.wal                                a shipped shadow file, for reuse
 //! .<name>-walstream/generations/<gen>/wal/<index>.wal        shadow WAL, one file per index
 //! .<name>-walstream/generations/<gen>/snapshots/<index>.snapshot.lz4   the generation's snapshot
 //! ```
@@ -141,11 +142,15 @@ impl MetaDir {
         indexes
     }
 
-    /// Deletes shadow files below `index`: every replica has shipped them.
-    pub(crate) fn remove_shadow_below(&self, generation: &GenerationId, index: u32) {
-        for old in self.shadow_indexes(generation).into_iter().filter(|&i| i < index) {
-            let _ = fs::remove_file(self.wal_dir(generation).join(name::shadow_wal_file_name(old)));
-        }
+    /// The shadow files below `index`, ascending.
+    pub(crate) fn shadow_files_below(&self, generation: &GenerationId, index: u32) -> Vec<PathBuf> {
+        self.shadow_indexes(generation).into_iter().filter(|&i| i < index).map(|i| self.wal_dir(generation).join(name::shadow_wal_file_name(i))).collect()
+    }
+
+    /// Where a shipped shadow file waits for the next index (`shadow::SpareFile`): outside every
+    /// generation, so a new generation's first index can take it too.
+    pub(crate) fn spare_shadow_path(&self) -> PathBuf {
+        self.root.join("spare.wal")
     }
 
     /// The generation's latest completed snapshot.

@@ -8,7 +8,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, watch};
-use walstream_format::{name, Pos};
+use walstream_format::{name, Pos, WAL_HEADER_SIZE};
 
 use crate::capture::{ShadowState, Wake};
 
@@ -161,10 +161,20 @@ impl Handle {
         let state = self.state.borrow().clone();
         let len = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
         let shadow_len = |index: u32| len(&state.wal_dir.join(name::shadow_wal_file_name(index)));
-        // The files that remain: shipped indexes are deleted, so one listing beats a stat per
-        // index a long-lived generation has ever had.
+        // The files that remain: shipped indexes leave the directory (deleted, or moved out as
+        // the spare), so one listing beats a stat per index a long-lived generation has ever
+        // had. The current index's file may run past its committed end (`shadow::ShadowIndex`).
         let shadow_size = match state.end {
-            Some(_) => std::fs::read_dir(&state.wal_dir).map_or(0, |entries| entries.flatten().filter_map(|e| e.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum()),
+            Some(end) => std::fs::read_dir(&state.wal_dir).map_or(0, |entries| {
+                entries
+                    .flatten()
+                    .filter_map(|e| match name::parse_shadow_wal_file_name(&e.file_name().to_string_lossy()) {
+                        Some(index) if index == end.index => Some(end.offset.max(WAL_HEADER_SIZE as u64)),
+                        Some(_) => e.metadata().ok().map(|m| m.len()),
+                        None => None,
+                    })
+                    .sum()
+            }),
             None => 0,
         };
         let mut wal = self.db_path.clone().into_os_string();
