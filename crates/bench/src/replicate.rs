@@ -38,13 +38,16 @@ struct Options {
     idle_secs: u64,
     lag_samples: usize,
     transactions: u64,
+    /// Saturated runs per tool (and with no replicator), alternating which tool goes first: one
+    /// run of either tool's CPU moved by a third from one bench to the next.
+    saturated_runs: usize,
     trickle_secs: u64,
     dbs: usize,
     many_secs: u64,
 }
 
 pub fn run(mut args: impl Iterator<Item = String>) -> anyhow::Result<()> {
-    let mut o = Options { walstream: PathBuf::new(), litestream: PathBuf::new(), fake_gcs: PathBuf::new(), chart: None, idle_secs: 60, lag_samples: 20, transactions: 300_000, trickle_secs: 30, dbs: 100, many_secs: 30 };
+    let mut o = Options { walstream: PathBuf::new(), litestream: PathBuf::new(), fake_gcs: PathBuf::new(), chart: None, idle_secs: 60, lag_samples: 20, transactions: 300_000, saturated_runs: 3, trickle_secs: 30, dbs: 100, many_secs: 30 };
     while let Some(flag) = args.next() {
         let value = args.next().with_context(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
@@ -55,6 +58,7 @@ pub fn run(mut args: impl Iterator<Item = String>) -> anyhow::Result<()> {
             "--idle-secs" => o.idle_secs = value.parse()?,
             "--lag-samples" => o.lag_samples = value.parse()?,
             "--transactions" => o.transactions = value.parse()?,
+            "--saturated-runs" => o.saturated_runs = value.parse()?,
             "--trickle-secs" => o.trickle_secs = value.parse()?,
             "--dbs" => o.dbs = value.parse()?,
             "--many-secs" => o.many_secs = value.parse()?,
@@ -62,7 +66,7 @@ pub fn run(mut args: impl Iterator<Item = String>) -> anyhow::Result<()> {
         }
     }
     ensure!(o.walstream.is_file() && o.litestream.is_file() && o.fake_gcs.exists(), "--walstream, --litestream and --fake-gcs-server must name the binaries");
-    ensure!(o.lag_samples >= 2 && o.dbs >= 1, "--lag-samples must be at least 2 and --dbs at least 1");
+    ensure!(o.lag_samples >= 2 && o.dbs >= 1 && o.saturated_runs >= 1, "--lag-samples must be at least 2, --dbs and --saturated-runs at least 1");
 
     let dir = tempfile::tempdir()?;
     let emulator = Emulator::start(&o.fake_gcs, dir.path())?;
@@ -73,14 +77,21 @@ pub fn run(mut args: impl Iterator<Item = String>) -> anyhow::Result<()> {
     let litestream = Tool { label: "litestream v0.3.13", bin: o.litestream.clone(), prefix: "ls", flags: vec![], hold: Duration::ZERO };
     let bench = Bench { o: &o, dir: dir.path(), emulator: &emulator };
 
-    eprintln!("no replicator: {} transactions", o.transactions);
-    let unreplicated = bench.unreplicated()?;
+    let (mut unreplicated, mut saturated) = (Vec::new(), [Vec::new(), Vec::new()]);
+    for run in 0..o.saturated_runs {
+        eprintln!("no replicator: {} transactions (run {} of {})", o.transactions, run + 1, o.saturated_runs);
+        unreplicated.push(bench.unreplicated()?);
+        let order = if run % 2 == 0 { [0, 1] } else { [1, 0] };
+        for i in order {
+            let tool = [&walstream, &litestream][i];
+            eprintln!("{}: {} transactions flat out (run {} of {})", tool.label, o.transactions, run + 1, o.saturated_runs);
+            saturated[i].push(bench.saturated(tool, run)?);
+        }
+    }
     let mut results = Vec::new();
-    for tool in [&walstream, &litestream] {
+    for (tool, saturated) in [&walstream, &litestream].into_iter().zip(saturated) {
         eprintln!("{}: idle for {} s, then {} single commits", tool.label, o.idle_secs, o.lag_samples);
         let idle = bench.idle(tool)?;
-        eprintln!("{}: {} transactions flat out", tool.label, o.transactions);
-        let saturated = bench.saturated(tool)?;
         eprintln!("{}: 1 commit/s for {} s", tool.label, o.trickle_secs);
         let trickle = bench.trickle(tool)?;
         eprintln!("{}: {} databases for {} s", tool.label, o.dbs, o.many_secs);
@@ -93,7 +104,7 @@ pub fn run(mut args: impl Iterator<Item = String>) -> anyhow::Result<()> {
         windowed.push((tool.label, bench.trickle(tool)?));
     }
 
-    report(&o, unreplicated, &results[0], &results[1], &windowed);
+    report(&o, &unreplicated, &results[0], &results[1], &windowed);
     if let Some(path) = &o.chart {
         std::fs::write(path, crate::chart::svg(&results[0].chart_values(), &results[1].chart_values()))?;
         eprintln!("chart written to {}", path.display());
@@ -115,7 +126,8 @@ struct Tool {
 struct ToolResults {
     label: &'static str,
     idle: Idle,
-    saturated: Saturated,
+    /// One per saturated run, in run order.
+    saturated: Vec<Saturated>,
     trickle: Trickle,
     many: Many,
 }
@@ -242,8 +254,8 @@ impl Bench<'_> {
         Ok(self.o.transactions as f64 / elapsed.as_secs_f64())
     }
 
-    fn saturated(&self, tool: &Tool) -> anyhow::Result<Saturated> {
-        let phase = self.start(tool, "saturated")?;
+    fn saturated(&self, tool: &Tool, run: usize) -> anyhow::Result<Saturated> {
+        let phase = self.start(tool, &format!("saturated{run}"))?;
         let pid = phase.child.id();
         let before = proc_stats::read(pid)?;
         let began = SystemTime::now();
@@ -468,27 +480,47 @@ fn quantile(values: &[Duration], q: f64) -> Duration {
 }
 
 impl ToolResults {
+    /// The saturated runs in one: the median of each measure, the highest peak RSS, and the
+    /// most LISTs and restores needed.
+    fn saturated_median(&self) -> Saturated {
+        let runs = &self.saturated;
+        let secs = |f: fn(&Saturated) -> Duration| Duration::from_secs_f64(median(runs.iter().map(|r| f(r).as_secs_f64()).collect()));
+        Saturated {
+            tx_per_sec: median(runs.iter().map(|r| r.tx_per_sec).collect()),
+            cpu: secs(|r| r.cpu),
+            peak_rss_kib: runs.iter().map(|r| r.peak_rss_kib).max().unwrap_or(0),
+            drain: secs(|r| r.drain),
+            restores_needed: runs.iter().map(|r| r.restores_needed).max().unwrap_or(0),
+            uploads: median(runs.iter().map(|r| r.uploads as f64).collect()) as usize,
+            lists: runs.iter().map(|r| r.lists).max().unwrap_or(0),
+            restore: secs(|r| r.restore),
+        }
+    }
+
     fn lag_p50(&self) -> Duration {
         Duration::from_secs_f64(median(self.idle.lags.iter().map(Duration::as_secs_f64).collect()))
     }
 
     fn chart_values(&self) -> crate::chart::Values {
+        let saturated = self.saturated_median();
         crate::chart::Values {
             label: self.label,
             lag_p50_ms: millis(self.lag_p50()),
             lag_p99_ms: millis(quantile(&self.idle.lags, 0.99)),
-            cpu_secs: self.saturated.cpu.as_secs_f64(),
-            peak_rss_mib: self.saturated.peak_rss_kib as f64 / 1024.0,
+            cpu_secs: saturated.cpu.as_secs_f64(),
+            peak_rss_mib: saturated.peak_rss_kib as f64 / 1024.0,
         }
     }
 }
 
-fn report(o: &Options, unreplicated: f64, ws: &ToolResults, ls: &ToolResults, windowed: &[(&str, Trickle)]) {
+fn report(o: &Options, unreplicated_runs: &[f64], ws: &ToolResults, ls: &ToolResults, windowed: &[(&str, Trickle)]) {
+    let unreplicated = median(unreplicated_runs.to_vec());
     let verdict = |met: bool| if met { "met" } else { "**not met**" };
     let drain = |s: &Saturated| format!("{:.2} ({} restore{})", s.drain.as_secs_f64(), s.restores_needed, if s.restores_needed == 1 { "" } else { "s" });
     let (wl, ll) = (ws.lag_p50(), ls.lag_p50());
-    let (wsat, lsat) = (&ws.saturated, &ls.saturated);
+    let (wsat, lsat) = (&ws.saturated_median(), &ls.saturated_median());
     println!("one run, same machine, same fake-gcs-server; each phase a fresh database, bucket and process");
+    println!("flat-out rows: the median of {} runs per tool (peak RSS, LISTs, restores needed: the most)", o.saturated_runs);
     println!();
     println!("| measure | walstream | litestream v0.3.13 | target | |");
     println!("|---|---:|---:|---|---|");
@@ -510,4 +542,12 @@ fn report(o: &Options, unreplicated: f64, ws: &ToolResults, ls: &ToolResults, wi
     println!("| {} databases, one commit each per 2 s, {} s: CPU-ms per database | {:.1} | {:.1} | | |", o.dbs, o.many_secs, wc, lc);
     println!("| the same: peak RSS per database (KiB) | {:.0} | {:.0} | | |", wr, lr);
     println!("| the same: total CPU-s / peak RSS (MiB) | {:.2} / {:.1} | {:.2} / {:.1} | | |", ws.many.cpu.as_secs_f64(), ws.many.peak_rss_kib as f64 / 1024.0, ls.many.cpu.as_secs_f64(), ls.many.peak_rss_kib as f64 / 1024.0);
+    println!();
+    println!("flat-out runs, in order (walstream first in odd runs), app tx/s / CPU-s / uploads:");
+    let runs: Vec<String> = unreplicated_runs.iter().map(|tx| format!("{tx:.0}")).collect();
+    println!("- no replicator: {}", runs.join("; "));
+    for tool in [ws, ls] {
+        let runs: Vec<String> = tool.saturated.iter().map(|r| format!("{:.0} / {:.2} / {}", r.tx_per_sec, r.cpu.as_secs_f64(), r.uploads)).collect();
+        println!("- {}: {}", tool.label, runs.join("; "));
+    }
 }
