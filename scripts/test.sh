@@ -3,6 +3,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-tools.sh
+# CI builds once from clean: incremental state would only take disk (about 0.6 GB).
+export CARGO_INCREMENTAL=0
+echo "test: $(df -h --output=avail . | tail -1 | tr -d ' ') free on $(df --output=target . | tail -1)"
 # Build every binary once (the e2e tests run target/debug/walstream), then run all tests.
 cargo build --workspace --all-targets --locked
 # The binary the container image holds; the deploy tests run it.
