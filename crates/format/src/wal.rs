@@ -126,6 +126,18 @@ pub fn frame_align(len: u64, page_size: u32) -> u64 {
 /// SQLite's WAL checksum over `data` (a multiple of 8 bytes), continuing from `seed`.
 pub fn checksum_update(order: ByteOrder, seed: (u32, u32), data: &[u8]) -> (u32, u32) {
     debug_assert!(data.len() % 8 == 0);
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        let whole = data.len() / BLOCK_BYTES * BLOCK_BYTES;
+        // SAFETY: the CPU has AVX2, checked just above.
+        let sum = unsafe { checksum_blocks_avx2(order, seed, &data[..whole]) };
+        return checksum_pairs(order, sum, &data[whole..]);
+    }
+    checksum_pairs(order, seed, data)
+}
+
+/// The checksum as SQLite computes it, a word pair at a time.
+fn checksum_pairs(order: ByteOrder, seed: (u32, u32), data: &[u8]) -> (u32, u32) {
     let (mut s0, mut s1) = seed;
     for word_pair in data.chunks_exact(8) {
         let (w0, w1) = match order {
@@ -134,6 +146,76 @@ pub fn checksum_update(order: ByteOrder, seed: (u32, u32), data: &[u8]) -> (u32,
         };
         s0 = s0.wrapping_add(w0).wrapping_add(s1);
         s1 = s1.wrapping_add(w1).wrapping_add(s0);
+    }
+    (s0, s1)
+}
+
+// SQLite's checksum is linear. A word pair (x, y) takes (s0, s1) to M·(s0, s1) + (x, x + y),
+// with M = [[1, 1], [1, 2]], whose powers are Fibonacci numbers: M^j = [[F(2j-1), F(2j)],
+// [F(2j), F(2j+1)]]. So n pairs take the seed to M^n·seed, plus, for pair k and j = n-1-k,
+// (F(2j+1)·x + F(2j)·y, F(2j+2)·x + F(2j+1)·y): independent multiply-adds that the compiler
+// turns into vector instructions, where SQLite's loop is one long chain of dependent additions.
+// It was 7% of walstream's CPU under a saturated writer. On a 256 KiB WAL slice in cache this
+// runs at 34 GB/s with AVX2, against 8 GB/s for the pair-by-pair loop; without AVX2 the vector
+// multiplies are emulated and it was slower than that loop (7.3 GB/s), so it is not used.
+
+/// Word pairs per block; page sizes, and so frames' page data, are multiples of 512 bytes.
+const BLOCK_PAIRS: usize = 64;
+const BLOCK_BYTES: usize = BLOCK_PAIRS * 8;
+
+/// F(0) ..= F(2·BLOCK_PAIRS + 1), modulo 2^32.
+const FIB: [u32; 2 * BLOCK_PAIRS + 2] = {
+    let mut fib = [0u32; 2 * BLOCK_PAIRS + 2];
+    fib[1] = 1;
+    let mut i = 2;
+    while i < fib.len() {
+        fib[i] = fib[i - 1].wrapping_add(fib[i - 2]);
+        i += 1;
+    }
+    fib
+};
+
+/// Per word of a block, its weight in s0 and in s1.
+const WEIGHTS: ([u32; 2 * BLOCK_PAIRS], [u32; 2 * BLOCK_PAIRS]) = {
+    let (mut to_s0, mut to_s1) = ([0u32; 2 * BLOCK_PAIRS], [0u32; 2 * BLOCK_PAIRS]);
+    let mut k = 0;
+    while k < BLOCK_PAIRS {
+        let j = BLOCK_PAIRS - 1 - k;
+        to_s0[2 * k] = FIB[2 * j + 1];
+        to_s0[2 * k + 1] = FIB[2 * j];
+        to_s1[2 * k] = FIB[2 * j + 2];
+        to_s1[2 * k + 1] = FIB[2 * j + 1];
+        k += 1;
+    }
+    (to_s0, to_s1)
+};
+
+/// `data` is whole blocks.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn checksum_blocks_avx2(order: ByteOrder, seed: (u32, u32), data: &[u8]) -> (u32, u32) {
+    // No closures here: they would not inherit AVX2.
+    let mut sum = seed;
+    for block in data.chunks_exact(BLOCK_BYTES) {
+        sum = match order {
+            ByteOrder::Little => checksum_block::<false>(sum, block),
+            ByteOrder::Big => checksum_block::<true>(sum, block),
+        };
+    }
+    sum
+}
+
+#[inline(always)]
+fn checksum_block<const BIG_ENDIAN: bool>(seed: (u32, u32), block: &[u8]) -> (u32, u32) {
+    let n = BLOCK_PAIRS;
+    let (f_odd, f_even, f_next) = (FIB[2 * n - 1], FIB[2 * n], FIB[2 * n + 1]);
+    let mut s0 = f_odd.wrapping_mul(seed.0).wrapping_add(f_even.wrapping_mul(seed.1));
+    let mut s1 = f_even.wrapping_mul(seed.0).wrapping_add(f_next.wrapping_mul(seed.1));
+    for (i, (to_s0, to_s1)) in WEIGHTS.0.iter().zip(&WEIGHTS.1).enumerate() {
+        let bytes: [u8; 4] = block[4 * i..4 * i + 4].try_into().expect("4 bytes");
+        let w = if BIG_ENDIAN { u32::from_be_bytes(bytes) } else { u32::from_le_bytes(bytes) };
+        s0 = s0.wrapping_add(w.wrapping_mul(*to_s0));
+        s1 = s1.wrapping_add(w.wrapping_mul(*to_s1));
     }
     (s0, s1)
 }
@@ -288,6 +370,28 @@ mod tests {
         assert_eq!(frame_align(31, 4096), 0);
         assert_eq!(frame_align(32, 4096), 32);
         assert_eq!(frame_align(32 + 4120 * 3 + 17, 4096), 32 + 4120 * 3);
+    }
+
+    /// The blocked checksum is SQLite's: same sums as the pair-by-pair loop for every length,
+    /// seed and byte order.
+    #[test]
+    fn blocked_checksum_equals_the_pair_by_pair_one() {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let data: Vec<u8> = (0..5000).map(|_| next() as u8).collect();
+        for len in [0, 8, 504, 512, 520, 1024, 4096, 4104, 4992] {
+            for order in [ByteOrder::Little, ByteOrder::Big] {
+                let seed = (next() as u32, next() as u32);
+                assert_eq!(checksum_update(order, seed, &data[..len]), checksum_pairs(order, seed, &data[..len]), "{len} bytes, {order:?}");
+            }
+        }
+        let ones = vec![0xFFu8; 4096];
+        assert_eq!(checksum_update(ByteOrder::Little, (u32::MAX, u32::MAX), &ones), checksum_pairs(ByteOrder::Little, (u32::MAX, u32::MAX), &ones));
     }
 
     #[test]
