@@ -32,7 +32,7 @@ pub fn walstream_bin() -> PathBuf {
             build.current_dir(workspace_root()).args(["build", "--quiet", "--workspace", "--all-targets"]);
             // Cargo describes this test's package to it in the environment, and build scripts
             // that watch those variables (ring's watches CARGO_MANIFEST_DIR) would rerun and
-            // rebuild half the graph: 70 s in CI, while the first tests wait on the build lock.
+            // rebuild half the graph: 70 s in a fresh run, while the first tests wait on the build lock.
             for (key, _) in std::env::vars_os() {
                 let key_str = key.to_string_lossy();
                 if key_str.starts_with("CARGO_PKG_") || ["CARGO_MANIFEST_DIR", "CARGO_MANIFEST_PATH", "CARGO_CRATE_NAME", "CARGO_BIN_NAME", "CARGO_TARGET_TMPDIR", "CARGO_PRIMARY_PACKAGE"].contains(&&*key_str) {

@@ -156,7 +156,7 @@ fn checksum_pairs(order: ByteOrder, seed: (u32, u32), data: &[u8]) -> (u32, u32)
 // (F(2j+1)·x + F(2j)·y, F(2j+2)·x + F(2j+1)·y): independent multiply-adds that the compiler
 // turns into vector instructions, where SQLite's loop is one long chain of dependent additions.
 // It was 7% of walstream's CPU under a saturated writer. On a 256 KiB WAL slice in cache this
-// runs at 34 GB/s with AVX2, against 8 GB/s for the pair-by-pair loop; without AVX2 the vector
+// runs at 40 GB/s with AVX2, against 8 GB/s for the pair-by-pair loop; without AVX2 the vector
 // multiplies are emulated and it was slower than that loop (7.3 GB/s), so it is not used.
 
 /// Word pairs per block; page sizes, and so frames' page data, are multiples of 512 bytes.
