@@ -45,13 +45,16 @@ struct Timing {
     pass_spacing: Duration,
 }
 
+/// `Timing::pass_spacing` in production; the file-event thread pauses this long too.
+pub(crate) const PASS_SPACING: Duration = Duration::from_millis(10);
+
 const TIMING: Timing = Timing {
     probe_active: Duration::from_millis(10),
     probe_idle: Duration::from_millis(50),
     active_window: Duration::from_millis(250),
     poll: Duration::from_secs(1),
     pin_roll: Duration::from_millis(250),
-    pass_spacing: Duration::from_millis(10),
+    pass_spacing: PASS_SPACING,
 };
 
 /// A pin with a read-mark above 0 keeps SQLite from ever restarting the WAL (Litestream #1536),

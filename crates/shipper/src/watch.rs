@@ -103,7 +103,7 @@ struct Pacer {
 
 impl Pacer {
     const STREAK: Duration = Duration::from_micros(250);
-    const PAUSE: Duration = Duration::from_millis(10);
+    const PAUSE: Duration = crate::capture::PASS_SPACING;
 
     /// Returns how long the thread slept.
     fn after_event(&mut self, now: Instant) -> Duration {
