@@ -19,6 +19,7 @@
 mod capture;
 mod error;
 mod lease;
+mod mapped;
 mod meta;
 mod retention;
 mod shadow;
