@@ -18,6 +18,7 @@ use crate::meta::{LocalSnapshot, MetaDir};
 use crate::shadow::{ShadowIndex, SpareFile, COPY_CHUNK_BYTES};
 use crate::source::{wal_path, SourceDb, WalIndexHeader};
 use crate::status::DbCounters;
+use crate::watch::Subscription;
 
 /// How long the capturer sleeps between passes when no event arrives.
 #[derive(Clone, Copy, Debug)]
@@ -64,6 +65,11 @@ const TIMING: Timing = Timing {
 /// the application's checkpoint can restart the WAL. A TRUNCATE checkpoint landing in that gap
 /// right after a commit walstream has not copied costs a new generation, never data.
 const DROP_PIN_WAL_BYTES: u64 = 32 << 20;
+
+/// Passes in a row, each within two pass spacings of the one before and each finding new
+/// commits, after which the capturer stops taking file events and passes every
+/// [`PASS_SPACING`] on its own (see [`Capturer::follow_events_or_poll`]).
+const BUSY_PASSES_TO_POLL: u32 = 3;
 
 /// Start a new generation before an index's offsets stop fitting the 8 hex digits of a name.
 const MAX_INDEX_BYTES: u64 = name::MAX_SEGMENT_OFFSET - (256 << 20);
@@ -142,6 +148,13 @@ pub(crate) struct Capturer {
     syncs_requested: u64,
     counters: std::sync::Arc<DbCounters>,
     timing: Timing,
+    /// This database's file events; `None` where they are unavailable (the WAL is then polled).
+    events: Option<Subscription>,
+    /// Whether the capturer passes every `pass_spacing` instead of waiting for events.
+    polling: bool,
+    /// When the last pass that found new commits ran, and how many such passes came in a row.
+    last_copy: Option<Instant>,
+    busy_passes: u32,
 }
 
 impl Capturer {
@@ -166,6 +179,10 @@ impl Capturer {
             syncs_requested: 0,
             counters,
             timing: TIMING,
+            events: None,
+            polling: false,
+            last_copy: None,
+            busy_passes: 0,
         }
     }
 
@@ -174,12 +191,14 @@ impl Capturer {
         self.sync_logged();
         loop {
             let timeout = match (self.db.is_pinned(), self.last_change.elapsed() < self.timing.active_window) {
+                _ if self.polling => self.timing.pass_spacing,
                 (true, true) => self.timing.probe_active,
                 (true, false) => self.timing.probe_idle,
                 (false, _) => self.timing.poll,
             };
-            // A barrier waiting through a blocked pass keeps asking for one.
-            let mut changed = !self.pending_syncs.is_empty();
+            // A barrier waiting through a blocked pass keeps asking for one; polling, every
+            // wake-up is a pass.
+            let mut changed = !self.pending_syncs.is_empty() || self.polling;
             let mut shutdown = false;
             let first = match wakes.recv_timeout(timeout) {
                 Ok(wake) => {
@@ -229,13 +248,64 @@ impl Capturer {
             }
             if changed || self.wal_stat_changed() {
                 self.last_change = Instant::now();
+                let before = self.shadow_end();
                 self.sync_logged();
+                let copied = self.shadow_end() != before;
+                self.follow_events_or_poll(copied);
             } else {
                 self.follow_backfill();
                 self.spare.expire();
                 if let Err(e) = self.sync_shadow() {
                     warn!(db = %self.db_path.display(), error = %e, "cannot fsync the shadow wal; retrying");
                 }
+            }
+        }
+    }
+
+    /// Receives the database's file events from now on.
+    pub(crate) fn take_events(&mut self, events: Subscription) {
+        self.events = Some(events);
+    }
+
+    /// Stops taking file events once passes keep finding new commits ([`BUSY_PASSES_TO_POLL`]),
+    /// and passes every `pass_spacing` instead; takes them again once passes have found nothing
+    /// for `active_window`, then passes once more, so a commit made before the watch was back
+    /// is not missed. A saturated writer's every write queued an inotify event, a tenth of its
+    /// own CPU, while the pass spacing made them useless. Its checkpoints' fsyncs pause it for
+    /// a few milliseconds; taking events back at the first empty pass, the capturer switched
+    /// back and forth and the events still cost the writer 3.5% of its CPU.
+    fn follow_events_or_poll(&mut self, copied: bool) {
+        let Some(events) = &self.events else { return };
+        if !copied {
+            self.busy_passes = 0;
+            let quiet = self.last_copy.is_none_or(|last| last.elapsed() >= self.timing.active_window);
+            if self.polling && quiet {
+                match events.set_polling(false) {
+                    Ok(()) => {
+                        self.polling = false;
+                        debug!(db = %self.db_path.display(), "the writer paused; taking file events again");
+                        self.sync_logged();
+                    }
+                    Err(e) => {
+                        // Without events, the WAL is polled every second (as when they never worked).
+                        warn!(db = %self.db_path.display(), error = %e, "file events unavailable; polling the WAL every second");
+                        self.events = None;
+                        self.polling = false;
+                        self.sync_logged();
+                    }
+                }
+            }
+            return;
+        }
+        let now = Instant::now();
+        let in_a_row = self.last_copy.is_some_and(|last| now.duration_since(last) <= 2 * self.timing.pass_spacing);
+        self.last_copy = Some(now);
+        self.busy_passes = if in_a_row { self.busy_passes.saturating_add(1) } else { 1 };
+        if !self.polling && self.busy_passes >= BUSY_PASSES_TO_POLL {
+            // Unwatching cannot fail in a way that loses events: at worst they keep coming.
+            if events.set_polling(true).is_ok() {
+                self.polling = true;
+                debug!(db = %self.db_path.display(), "a busy writer; passing every {:?} instead of taking file events", self.timing.pass_spacing);
             }
         }
     }
@@ -637,6 +707,46 @@ mod tests {
         assert!(last.is_final);
         assert_eq!(last.generation, first.generation);
         assert_eq!(last.end.map(|p| p.offset), Some(wal_len), "the final state must end where the WAL's last commit does");
+    }
+
+    /// A writer committing without pause turns the capturer's file events off; once it
+    /// pauses they are back, and the commit made just as it paused is copied all the same.
+    #[test]
+    fn a_busy_writer_is_polled_and_its_last_commit_still_copied() {
+        let dir = tempfile::tempdir().unwrap();
+        let db_path = dir.path().join("db");
+        let app = Connection::open(&db_path).unwrap();
+        app.execute_batch("PRAGMA journal_mode=wal; PRAGMA synchronous=normal; CREATE TABLE t(x);").unwrap();
+        let source = SourceDb::open(&db_path).unwrap();
+        let (state_tx, mut state_rx) = watch::channel(ShadowState::default());
+        let (wake_tx, wake_rx) = std::sync::mpsc::channel();
+        let mut capturer = Capturer::new(db_path.clone(), MetaDir::for_db(&db_path, None), source, state_tx, Vec::new(), Default::default());
+        capturer.take_events(crate::watch::watch(&db_path, wake_tx.clone()).unwrap());
+        let thread = std::thread::spawn(move || capturer.run(wake_rx));
+        wait_for(&mut state_rx, |s| s.end.is_some());
+
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while crate::watch::is_watched(dir.path()) {
+            assert!(Instant::now() < deadline, "30 s of commits without pause and the capturer still takes events");
+            app.execute("INSERT INTO t VALUES (randomblob(100))", []).unwrap();
+        }
+        // Where the WAL's last commit ends, from SQLite's wal-index: the file may run on past
+        // it, from a longer life before a restart.
+        let mut reader = SourceDb::open(&db_path).unwrap();
+        let mut committed_end = || 32 + u64::from(reader.wal_index_header().unwrap().max_frame) * (4096 + 24);
+        app.execute("INSERT INTO t VALUES ('last')", []).unwrap();
+        let end = committed_end();
+        wait_for(&mut state_rx, |s| s.end.is_some_and(|p| p.offset == end));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !crate::watch::is_watched(dir.path()) {
+            assert!(Instant::now() < deadline, "events stayed off for 10 s after the writer paused");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        app.execute("INSERT INTO t VALUES ('after')", []).unwrap();
+        let end = committed_end();
+        wait_for(&mut state_rx, |s| s.end.is_some_and(|p| p.offset == end));
+        wake_tx.send(Wake::Shutdown).unwrap();
+        thread.join().unwrap().unwrap();
     }
 
     /// A capturer driven pass by pass, with an application connection in the same process.

@@ -153,7 +153,10 @@ impl Shipper {
             tokio::spawn(retention::run(replica.clone(), state_rx.clone(), wake_tx.clone(), may_write.clone()));
             uploaders.spawn(Uploader::new(replica, state_rx.clone(), position_tx, wake_tx.clone(), replica_counters, lease_terms.clone(), may_write).run());
         }
-        let capturer = Capturer::new(db_path.clone(), meta, source, state_tx, positions.clone(), counters);
+        let mut capturer = Capturer::new(db_path.clone(), meta, source, state_tx, positions.clone(), counters);
+        if let Some(events) = watcher {
+            capturer.take_events(events);
+        }
         let capturer = std::thread::Builder::new()
             .name("walstream-capture".into())
             .spawn(move || capturer.run(wake_rx))
@@ -174,7 +177,6 @@ impl Shipper {
             }
         }
         info!(db = %db_path.display(), "shutting down: shipping what is committed");
-        drop(watcher);
         let _ = wake_tx.send(Wake::Shutdown);
         let capture_result = tokio::task::spawn_blocking(move || capturer.join()).await.expect("join task panicked");
         let capture_result = capture_result.unwrap_or_else(|_| {

@@ -23,6 +23,11 @@ struct Shared {
     watcher: RecommendedWatcher,
     routes: Arc<Mutex<Routes>>,
     next_id: u64,
+    /// Per directory, the subscriptions whose capturers pass on a timer for now
+    /// ([`Subscription::set_polling`]).
+    polling: HashMap<PathBuf, Vec<u64>>,
+    /// Directories left unwatched because every subscription in them polls.
+    unwatched: Vec<PathBuf>,
 }
 
 static SHARED: Mutex<Option<Shared>> = Mutex::new(None);
@@ -50,19 +55,63 @@ pub(crate) fn watch(db_path: &Path, wakes: Sender<Wake>) -> Result<Subscription,
             }
         })
         .map_err(|source| Error::Watch { path: dir.clone(), source })?;
-        *shared = Some(Shared { watcher, routes, next_id: 0 });
+        *shared = Some(Shared { watcher, routes, next_id: 0, polling: HashMap::new(), unwatched: Vec::new() });
     }
     let shared = shared.as_mut().expect("set above");
     // The routes lock is never held across a call into the watcher: its event thread takes that
     // lock to deliver, and (un)watch waits for the event thread.
     let watched = shared.routes.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&dir);
-    if !watched {
+    // A directory left unwatched for its polling subscribers is watched again for this one.
+    let unwatched_at = shared.unwatched.iter().position(|d| *d == dir);
+    if !watched || unwatched_at.is_some() {
         shared.watcher.watch(&dir, RecursiveMode::NonRecursive).map_err(|source| Error::Watch { path: dir.clone(), source })?;
+        if let Some(at) = unwatched_at {
+            shared.unwatched.swap_remove(at);
+        }
     }
     shared.next_id += 1;
     let id = shared.next_id;
     shared.routes.lock().unwrap_or_else(|e| e.into_inner()).entry(dir.clone()).or_default().push((file_name, wakes, id));
     Ok(Subscription { dir, id })
+}
+
+impl Subscription {
+    /// Says whether this database's capturer passes on a timer for now. A directory whose
+    /// subscriptions all poll is unwatched, and watched again once one stops: a watch makes
+    /// the kernel queue an inotify event on every write the application makes, which took a
+    /// tenth of a saturated writer's own CPU, and its capturer passing every 10 ms gets nothing
+    /// from them. Fails only when the directory cannot be watched again; it is then left as it
+    /// was, and the caller keeps polling.
+    pub(crate) fn set_polling(&self, polling: bool) -> Result<(), Error> {
+        let mut shared = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(shared) = shared.as_mut() else { return Ok(()) };
+        let subscribers = shared.routes.lock().unwrap_or_else(|e| e.into_inner()).get(&self.dir).map_or(0, Vec::len);
+        let ids = shared.polling.entry(self.dir.clone()).or_default();
+        ids.retain(|id| *id != self.id);
+        if polling {
+            ids.push(self.id);
+        }
+        let all_polling = ids.len() == subscribers;
+        let unwatched_at = shared.unwatched.iter().position(|d| *d == self.dir);
+        match (all_polling, unwatched_at) {
+            (true, None) => {
+                // Unwatching a directory that is not watched fails harmlessly.
+                let _ = shared.watcher.unwatch(&self.dir);
+                shared.unwatched.push(self.dir.clone());
+            }
+            (false, Some(at)) => {
+                if let Err(source) = shared.watcher.watch(&self.dir, RecursiveMode::NonRecursive) {
+                    if !polling {
+                        shared.polling.entry(self.dir.clone()).or_default().push(self.id);
+                    }
+                    return Err(Error::Watch { path: self.dir.clone(), source });
+                }
+                shared.unwatched.swap_remove(at);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
 }
 
 /// Sends each event to the databases whose files it names: the database, `-wal`, `-shm`.
@@ -126,6 +175,9 @@ impl Drop for Subscription {
     fn drop(&mut self) {
         let mut shared = SHARED.lock().unwrap_or_else(|e| e.into_inner());
         let Some(shared) = shared.as_mut() else { return };
+        if let Some(ids) = shared.polling.get_mut(&self.dir) {
+            ids.retain(|id| *id != self.id);
+        }
         let last = {
             let mut routes = shared.routes.lock().unwrap_or_else(|e| e.into_inner());
             let Some(subscribers) = routes.get_mut(&self.dir) else { return };
@@ -137,14 +189,60 @@ impl Drop for Subscription {
             last
         };
         if last {
-            let _ = shared.watcher.unwatch(&self.dir);
+            shared.polling.remove(&self.dir);
+            match shared.unwatched.iter().position(|d| *d == self.dir) {
+                Some(at) => drop(shared.unwatched.swap_remove(at)),
+                None => drop(shared.watcher.unwatch(&self.dir)),
+            }
         }
     }
+}
+
+/// Whether `dir` is watched now: a test's view of [`Subscription::set_polling`].
+#[cfg(test)]
+pub(crate) fn is_watched(dir: &Path) -> bool {
+    let shared = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+    shared.as_ref().is_some_and(|s| s.routes.lock().unwrap().contains_key(dir) && !s.unwatched.iter().any(|d| d == dir))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Events stop only once every database in the directory polls, and come back for the
+    /// first that stops polling and for a database subscribing meanwhile.
+    #[test]
+    fn a_directory_is_unwatched_only_while_all_its_databases_poll() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a_tx, a_rx) = std::sync::mpsc::channel();
+        let (b_tx, b_rx) = std::sync::mpsc::channel();
+        let a = watch(&dir.path().join("a.db"), a_tx).unwrap();
+        let b = watch(&dir.path().join("b.db"), b_tx).unwrap();
+        // Waits long for an event that should come, briefly for one that should not.
+        let woken_within = |rx: &std::sync::mpsc::Receiver<Wake>, file: &str, wait: Duration| {
+            while rx.try_recv().is_ok() {}
+            std::fs::write(dir.path().join(file), b"x").unwrap();
+            rx.recv_timeout(wait).is_ok()
+        };
+        let woken = |rx: &std::sync::mpsc::Receiver<Wake>, file: &str| woken_within(rx, file, Duration::from_secs(5));
+        a.set_polling(true).unwrap();
+        assert!(is_watched(dir.path()));
+        assert!(woken(&b_rx, "b.db-wal"), "b lost its events when only a polls");
+        b.set_polling(true).unwrap();
+        assert!(!is_watched(dir.path()));
+        assert!(!woken_within(&b_rx, "b.db-wal", Duration::from_millis(300)), "events still came with every database polling");
+        let (c_tx, c_rx) = std::sync::mpsc::channel();
+        let c = watch(&dir.path().join("c.db"), c_tx).unwrap();
+        assert!(is_watched(dir.path()));
+        assert!(woken(&c_rx, "c.db-wal"), "a new subscription in an unwatched directory got no events");
+        c.set_polling(true).unwrap();
+        assert!(!is_watched(dir.path()));
+        a.set_polling(false).unwrap();
+        assert!(is_watched(dir.path()));
+        assert!(woken(&a_rx, "a.db-wal"), "a got no events after it stopped polling");
+        drop((a, b, c));
+        assert!(!is_watched(dir.path()));
+    }
 
     #[test]
     fn the_pacer_pauses_only_a_stream_of_events() {
