@@ -281,19 +281,15 @@ impl Capturer {
             let quiet = self.last_copy.is_none_or(|last| last.elapsed() >= self.timing.active_window);
             if self.polling && quiet {
                 match events.set_polling(false) {
-                    Ok(()) => {
-                        self.polling = false;
-                        debug!(db = %self.db_path.display(), "the writer paused; taking file events again");
-                        self.sync_logged();
-                    }
+                    Ok(()) => debug!(db = %self.db_path.display(), "the writer paused; taking file events again"),
                     Err(e) => {
                         // Without events, the WAL is polled every second (as when they never worked).
                         warn!(db = %self.db_path.display(), error = %e, "file events unavailable; polling the WAL every second");
                         self.events = None;
-                        self.polling = false;
-                        self.sync_logged();
                     }
                 }
+                self.polling = false;
+                self.sync_logged();
             }
             return;
         }

@@ -297,11 +297,10 @@ fn frame_segment(file: &File, start: u64, limit: u64, framed: &mut BytesMut) -> 
         frame.push(piece.bytes(), framed);
         at += len as u64;
     }
-    let raw_len = at - start;
     framed.resize(frame.written() + lz4::FrameBuilder::END_LEN, 0);
     let n = frame.finish(framed);
     framed.truncate(n);
-    Ok((framed.split().freeze(), raw_len))
+    Ok((framed.split().freeze(), at - start))
 }
 
 #[cfg(test)]
