@@ -729,7 +729,7 @@ mod tests {
         // Where the WAL's last commit ends, from SQLite's wal-index: the file may run on past
         // it, from a longer life before a restart.
         let mut reader = SourceDb::open(&db_path).unwrap();
-        let mut committed_end = || 32 + u64::from(reader.wal_index_header().unwrap().max_frame) * (4096 + 24);
+        let mut committed_end = || (WAL_HEADER_SIZE + reader.wal_index_header().unwrap().max_frame as usize * (4096 + walstream_format::wal::FRAME_HEADER_SIZE)) as u64;
         app.execute("INSERT INTO t VALUES ('last')", []).unwrap();
         let end = committed_end();
         wait_for(&mut state_rx, |s| s.end.is_some_and(|p| p.offset == end));
