@@ -148,6 +148,10 @@ pub(crate) struct RestoreArgs {
     /// Print what would be restored, and an estimate of how long it takes, without restoring.
     #[arg(long)]
     pub(crate) dry_run: bool,
+    /// Log each step of the restore (debug level), as Litestream 0.3.9's `-v` did; guides and
+    /// the original Cloud Run manifest pass it, and v0.3.13 rejected it.
+    #[arg(short = 'v', long)]
+    pub(crate) verbose: bool,
     /// After a successful restore (or an allowed skip), listen on ADDR (host:port) and answer
     /// every TCP connection, and HTTP GET with 200, until SIGTERM; then exit 0. For a startup
     /// probe of a container that depends on this one (Cloud Run).
@@ -215,7 +219,9 @@ pub(crate) fn litestream_style_argv(args: impl IntoIterator<Item = OsString>) ->
 }
 
 fn is_go_long_flag(s: &str) -> bool {
-    let Some(body) = s.strip_prefix('-') else { return false };
+    let Some(body) = s.strip_prefix('-') else {
+        return false;
+    };
     let name = body.split('=').next().unwrap_or("");
     !body.starts_with('-') && name.len() > 1 && name.starts_with(|c: char| c.is_ascii_alphabetic())
 }
@@ -243,6 +249,19 @@ mod tests {
         let Command::Restore(args) = cli.command else { panic!("not restore") };
         assert!(args.if_db_not_exists && args.if_replica_exists);
         assert_eq!(args.output, Some(PathBuf::from("/data/db")));
+    }
+
+    /// The seed's restore container, verbatim: Litestream 0.3.9 accepted `-v`.
+    #[test]
+    fn the_cloud_run_guides_restore_line_parses() {
+        let cli = Cli::try_parse_from(argv(&["walstream", "restore", "-if-db-not-exists", "-if-replica-exists", "-v", "-o", "/var/lib/myapp/db", "gcs://litestream-example/db"])).unwrap();
+        let Command::Restore(args) = cli.command else { panic!("not restore") };
+        assert!(args.verbose && args.if_db_not_exists && args.if_replica_exists);
+        for flag in ["--verbose", "-verbose"] {
+            let cli = Cli::try_parse_from(argv(&["walstream", "restore", flag, "-o", "/d", "file:///r"])).unwrap();
+            let Command::Restore(args) = cli.command else { panic!("not restore") };
+            assert!(args.verbose, "{flag}");
+        }
     }
 
     #[test]

@@ -52,6 +52,16 @@ fn main() {
 /// The config file's `logging` keys when this command reads a config file. A config that cannot
 /// be read gives the defaults here; the command itself then reports why.
 fn log_settings(cli: &Cli) -> logging::Settings {
+    let mut settings = config_log_settings(cli);
+    if let Command::Restore(args) = &cli.command {
+        if args.verbose {
+            settings.level = Some("debug".into());
+        }
+    }
+    settings
+}
+
+fn config_log_settings(cli: &Cli) -> logging::Settings {
     let (config_args, daemon) = match &cli.command {
         Command::Replicate(args) if args.db_path.is_none() => (&args.config, true),
         Command::Restore(args) if !args::is_url(&args.source) => (&args.config, false),
