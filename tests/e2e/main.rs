@@ -15,6 +15,7 @@ mod gcs;
 mod harness;
 mod interop;
 mod lease;
+mod memory_volume;
 mod replicate;
 mod restore;
 mod retention;

@@ -36,6 +36,9 @@ pub(crate) const SYNC_NOT_CONFIRMED: i32 = 14;
 /// replicate: another walstream (another machine or container) holds the replica's lease, or
 /// took it over.
 pub(crate) const REPLICA_LEASED: i32 = 15;
+/// A local disk is full (ENOSPC or a quota): a restore's output volume, or the replicator's
+/// final flush could not finish because of it.
+pub(crate) const DISK_FULL: i32 = 16;
 /// A signal cut a restore short, or a second signal cut the graceful shutdown short.
 pub(crate) const INTERRUPTED: i32 = 130;
 
@@ -94,6 +97,9 @@ fn specific_code(cause: &(dyn std::error::Error + 'static)) -> Option<i32> {
             R::MissingIndex { .. } | R::MissingInitialSegment { .. } | R::SegmentGap { .. } | R::CorruptObject { .. } | R::ChecksumBreak { .. } | R::IntegrityCheck { .. } => Some(CORRUPT_REPLICA),
             _ => None,
         };
+    }
+    if let Some(e) = cause.downcast_ref::<std::io::Error>() {
+        return matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)).then_some(DISK_FULL);
     }
     store_code(cause.downcast_ref::<walstream_store::Error>()?)
 }

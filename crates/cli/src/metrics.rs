@@ -13,6 +13,7 @@ pub(crate) struct Metrics {
     total_wal_bytes: IntCounterVec,
     shadow_wal_index: IntGaugeVec,
     shadow_wal_size: IntGaugeVec,
+    disk_full: IntGaugeVec,
     sync_count: IntCounterVec,
     sync_error_count: IntCounterVec,
     sync_seconds: CounterVec,
@@ -45,6 +46,7 @@ impl Metrics {
             total_wal_bytes: register!(IntCounterVec, "litestream_total_wal_bytes", "Total number of bytes written to shadow WAL", DB),
             shadow_wal_index: register!(IntGaugeVec, "litestream_shadow_wal_index", "The current index of the shadow WAL", DB),
             shadow_wal_size: register!(IntGaugeVec, "litestream_shadow_wal_size", "Current size of shadow WAL, in bytes", DB),
+            disk_full: register!(IntGaugeVec, "walstream_disk_full", "1 while capture passes fail because the local disk is full", DB),
             sync_count: register!(IntCounterVec, "litestream_sync_count", "Number of sync operations", DB),
             sync_error_count: register!(IntCounterVec, "litestream_sync_error_count", "Number of sync errors", DB),
             sync_seconds: register!(CounterVec, "litestream_sync_seconds", "Time spent syncing shadow WAL, in seconds", DB),
@@ -73,6 +75,7 @@ impl Metrics {
             raise(&self.total_wal_bytes.with_label_values(&db), status.shadow_bytes_total);
             self.shadow_wal_index.with_label_values(&db).set(status.shadow_index.map_or(0, i64::from));
             self.shadow_wal_size.with_label_values(&db).set(status.shadow_size as i64);
+            self.disk_full.with_label_values(&db).set(i64::from(status.disk_full));
             raise(&self.sync_count.with_label_values(&db), status.passes);
             raise(&self.sync_error_count.with_label_values(&db), status.failed_passes);
             let seconds = self.sync_seconds.with_label_values(&db);

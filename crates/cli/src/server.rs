@@ -71,7 +71,15 @@ impl Routes {
                 let text = self.metrics.render();
                 Response::builder().header("Content-Type", metrics::CONTENT_TYPE).body(Full::new(Bytes::from(text))).expect("valid response")
             }
-            (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n".into()),
+            (&Method::GET, "/healthz") => {
+                // A full disk stops the capture: nothing new is replicated until space is freed.
+                let full: Vec<String> = self.handles.iter().map(|h| h.status()).filter(|s| s.disk_full).map(|s| s.db_path.display().to_string()).collect();
+                if full.is_empty() {
+                    text(StatusCode::OK, "ok\n".into())
+                } else {
+                    text(StatusCode::SERVICE_UNAVAILABLE, format!("unhealthy: local disk full, capture failing for {}; free space on its volume\n", full.join(", ")))
+                }
+            }
             (&Method::GET, "/readyz") => {
                 let waiting: Vec<String> = self.handles.iter().filter(|h| !h.ready()).map(|h| h.db_path().display().to_string()).collect();
                 if waiting.is_empty() {

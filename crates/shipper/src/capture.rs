@@ -15,7 +15,7 @@ use walstream_format::{name, GenerationId, Pos, WAL_HEADER_SIZE};
 
 use crate::error::{io_err, Error};
 use crate::meta::{LocalSnapshot, MetaDir};
-use crate::shadow::{ShadowIndex, SpareFile, COPY_CHUNK_BYTES};
+use crate::shadow::{self, ShadowIndex, COPY_CHUNK_BYTES};
 use crate::source::{wal_path, SourceDb, WalIndexHeader};
 use crate::status::DbCounters;
 use crate::watch::Subscription;
@@ -61,10 +61,16 @@ const TIMING: Timing = Timing {
 /// A pin with a read-mark above 0 keeps SQLite from ever restarting the WAL (Litestream #1536),
 /// so walstream moves its pin to read-mark 0 whenever the application's checkpoint has
 /// back-filled the whole WAL ([`Capturer::follow_backfill`]). A writer that never pauses leaves
-/// no such moment: once one WAL life holds this much, walstream drops its pin after copying so
-/// the application's checkpoint can restart the WAL. A TRUNCATE checkpoint landing in that gap
-/// right after a commit walstream has not copied costs a new generation, never data.
-const DROP_PIN_WAL_BYTES: u64 = 32 << 20;
+/// no such moment: once one WAL life holds this many frames, walstream drops its pin after
+/// copying so the application's checkpoint can restart the WAL. It is SQLite's default
+/// `wal_autocheckpoint`, where the life of a WAL no one pins ends: at 32 MiB, a 1,000 tx/s
+/// writer's WAL grew to 32 MiB against 4 MiB without walstream. A TRUNCATE checkpoint landing
+/// in that gap right after a commit walstream has not copied costs a new generation, never data.
+const DROP_PIN_WAL_FRAMES: u64 = 1000;
+
+/// How long the final copy at shutdown goes on retrying while the disk is full. Within the
+/// default shutdown deadline (8 s), which bounds the uploads that follow it.
+const FULL_DISK_FINAL_COPY: Duration = Duration::from_secs(4);
 
 /// Passes in a row, each within two pass spacings of the one before and each finding new
 /// commits, after which the capturer stops taking file events and passes every
@@ -133,7 +139,6 @@ pub(crate) struct Capturer {
     meta: MetaDir,
     db: SourceDb,
     generation: Option<Generation>,
-    spare: SpareFile,
     buf: Vec<u8>,
     state: watch::Sender<ShadowState>,
     replica_positions: Vec<watch::Receiver<Option<Pos>>>,
@@ -155,6 +160,8 @@ pub(crate) struct Capturer {
     /// When the last pass that found new commits ran, and how many such passes came in a row.
     last_copy: Option<Instant>,
     busy_passes: u32,
+    /// Failed passes, logged once a minute with a count.
+    failures: crate::throttle::Throttle,
 }
 
 impl Capturer {
@@ -163,7 +170,6 @@ impl Capturer {
         Capturer {
             wal_path: wal_path(&db_path),
             db_path,
-            spare: SpareFile::new(meta.spare_shadow_path()),
             meta,
             db,
             generation,
@@ -183,6 +189,7 @@ impl Capturer {
             polling: false,
             last_copy: None,
             busy_passes: 0,
+            failures: Default::default(),
         }
     }
 
@@ -231,7 +238,14 @@ impl Capturer {
                 }
             }
             if shutdown {
-                let result = self.timed_sync().and_then(|()| self.sync_shadow());
+                let mut result = self.timed_sync().and_then(|()| self.sync_shadow());
+                // On a full disk each pass copies what fits, and the uploads free the shadow's
+                // space as they ship it: the last commits still go out if passes go on a while.
+                let retry_until = Instant::now() + FULL_DISK_FINAL_COPY;
+                while result.as_ref().err().is_some_and(Error::is_disk_full) && Instant::now() < retry_until {
+                    std::thread::sleep(self.timing.pass_spacing.max(Duration::from_millis(5)));
+                    result = self.timed_sync().and_then(|()| self.sync_shadow());
+                }
                 self.publish(true);
                 if result.is_ok() {
                     self.answer_syncs();
@@ -254,7 +268,6 @@ impl Capturer {
                 self.follow_events_or_poll(copied);
             } else {
                 self.follow_backfill();
-                self.spare.expire();
                 if let Err(e) = self.sync_shadow() {
                     warn!(db = %self.db_path.display(), error = %e, "cannot fsync the shadow wal; retrying");
                 }
@@ -281,7 +294,9 @@ impl Capturer {
             let quiet = self.last_copy.is_none_or(|last| last.elapsed() >= self.timing.active_window);
             if self.polling && quiet {
                 match events.set_polling(false) {
-                    Ok(()) => debug!(db = %self.db_path.display(), "the writer paused; taking file events again"),
+                    Ok(()) => {
+                        debug!(db = %self.db_path.display(), "the writer paused; taking file events again")
+                    }
                     Err(e) => {
                         // Without events, the WAL is polled every second (as when they never worked).
                         warn!(db = %self.db_path.display(), error = %e, "file events unavailable; polling the WAL every second");
@@ -316,8 +331,17 @@ impl Capturer {
 
     fn sync_logged(&mut self) {
         match self.timed_sync() {
-            Ok(()) => self.answer_syncs(),
-            Err(e) => warn!(db = %self.db_path.display(), error = %e, "sync failed; retrying on the next change"),
+            Ok(()) => {
+                if let Some(unlogged) = self.failures.recovered() {
+                    info!(db = %self.db_path.display(), unlogged_failures = unlogged, "sync recovered");
+                }
+                self.answer_syncs()
+            }
+            Err(e) => {
+                if let Some(unlogged) = self.failures.failed() {
+                    warn!(db = %self.db_path.display(), error = %e, disk_full = e.is_disk_full(), failures_since_last_logged = unlogged, "sync failed; retrying on the next change (logged once a minute while it lasts)");
+                }
+            }
         }
     }
 
@@ -325,6 +349,7 @@ impl Capturer {
         let started = Instant::now();
         let result = self.sync();
         self.counters.record_pass(started.elapsed(), result.is_ok());
+        self.counters.disk_full.store(result.as_ref().err().is_some_and(Error::is_disk_full), std::sync::atomic::Ordering::Relaxed);
         result
     }
 
@@ -393,7 +418,9 @@ impl Capturer {
     /// [`MetaDir::write_snapshot`] for why the label is right), and keeps the previous local
     /// snapshot for an upload that may still be reading it.
     fn snapshot(&mut self) -> Result<(), Error> {
-        let Some(generation) = self.generation.as_mut() else { return Ok(()) };
+        let Some(generation) = self.generation.as_mut() else {
+            return Ok(());
+        };
         let index = generation.end().index;
         let snapshot = self.meta.write_snapshot(&generation.id, index, self.db.db_file(), &mut self.buf)?;
         self.meta.remove_snapshots_below(&generation.id, generation.snapshot.index);
@@ -409,10 +436,13 @@ impl Capturer {
         Some((shadow.index, shadow.committed_len))
     }
 
-    /// See [`DROP_PIN_WAL_BYTES`].
+    /// See [`DROP_PIN_WAL_FRAMES`].
     fn let_busy_wal_restart(&mut self) {
-        let Some((index, len)) = self.shadow_end() else { return };
-        if len >= DROP_PIN_WAL_BYTES && self.db.is_pinned() {
+        let Some((index, len)) = self.shadow_end() else {
+            return;
+        };
+        let frame = walstream_format::wal::frame_size(self.db.page_size());
+        if len >= WAL_HEADER_SIZE as u64 + DROP_PIN_WAL_FRAMES * frame && self.db.is_pinned() {
             debug!(db = %self.db_path.display(), index, "wal life is large and never fully back-filled; dropping the pin so the application's checkpoint can restart it");
             self.db.release_all();
         }
@@ -427,7 +457,9 @@ impl Capturer {
         if !self.db.is_pinned() {
             return;
         }
-        let Some(index) = self.db.wal_index_header() else { return };
+        let Some(index) = self.db.wal_index_header() else {
+            return;
+        };
         if index.max_frame == 0 || index.backfilled != index.max_frame {
             return;
         }
@@ -472,7 +504,7 @@ impl Capturer {
                     if header.page_size != page_size {
                         return self.new_generation("page size changed");
                     }
-                    let mut shadow = ShadowIndex::create(&self.meta.wal_dir(&generation.id), generation.snapshot.index, bytes, header, &mut self.spare)?;
+                    let mut shadow = ShadowIndex::create(&self.meta.wal_dir(&generation.id), generation.snapshot.index, bytes, header)?;
                     self.counters.shadow_bytes.fetch_add(WAL_HEADER_SIZE as u64, std::sync::atomic::Ordering::Relaxed);
                     self.counters.shadow_bytes.fetch_add(shadow.append_from(&live.file, live.len, hint(&shadow.header), &mut self.buf)?, std::sync::atomic::Ordering::Relaxed);
                     generation.shadow = Some(shadow);
@@ -532,7 +564,7 @@ impl Capturer {
             return self.new_generation("wal overwritten by another process");
         }
         shadow.finish()?;
-        let next = ShadowIndex::create(&self.meta.wal_dir(&generation.id), shadow.index + 1, bytes, header, &mut self.spare)?;
+        let next = ShadowIndex::create(&self.meta.wal_dir(&generation.id), shadow.index + 1, bytes, header)?;
         self.counters.shadow_bytes.fetch_add(WAL_HEADER_SIZE as u64, std::sync::atomic::Ordering::Relaxed);
         debug!(db = %self.db_path.display(), index = next.index, "wal restarted; new index");
         let shadow = generation.shadow.insert(next);
@@ -550,7 +582,7 @@ impl Capturer {
         let mut shadow = None;
         if let Some(live) = LiveWal::open(&self.wal_path)? {
             if let Some((bytes, header)) = live.header {
-                let mut index = ShadowIndex::create(&self.meta.wal_dir(&id), 0, bytes, header, &mut self.spare)?;
+                let mut index = ShadowIndex::create(&self.meta.wal_dir(&id), 0, bytes, header)?;
                 self.counters.shadow_bytes.fetch_add(WAL_HEADER_SIZE as u64, std::sync::atomic::Ordering::Relaxed);
                 self.counters.shadow_bytes.fetch_add(index.append_from(&live.file, live.len, 0, &mut self.buf)?, std::sync::atomic::Ordering::Relaxed);
                 shadow = Some(index);
@@ -583,23 +615,29 @@ impl Capturer {
         });
     }
 
-    /// Recycles or deletes the shadow indexes every replica has shipped.
+    /// Deletes the shadow indexes every replica has shipped, and punches out of the one the
+    /// slowest replica is in what it has shipped of it: on a memory volume the shadow takes RAM
+    /// only for what some replica still lacks.
     fn remove_shipped_shadow(&mut self) {
-        self.spare.expire();
-        let Some(generation) = &self.generation else { return };
-        let mut keep_from = u32::MAX;
+        let Some(generation) = self.generation.as_mut() else {
+            return;
+        };
+        let mut shipped: Option<Pos> = None;
         for position in &self.replica_positions {
             match *position.borrow() {
-                Some(pos) if pos.generation == generation.id => keep_from = keep_from.min(pos.index),
+                Some(pos) if pos.generation == generation.id => shipped = Some(shipped.map_or(pos, |s| s.min(pos))),
                 _ => return,
             }
         }
-        if keep_from != u32::MAX {
-            let below = keep_from.min(generation.shadow.as_ref().map_or(u32::MAX, |s| s.index));
-            // The newest is kept as the spare: its pages are the likeliest still cached.
-            for shipped in self.meta.shadow_files_below(&generation.id, below).iter().rev() {
-                self.spare.keep_or_remove(shipped);
-            }
+        let Some(shipped) = shipped else { return };
+        let current = generation.shadow.as_ref().map_or(u32::MAX, |s| s.index);
+        for path in self.meta.shadow_files_below(&generation.id, shipped.index.min(current)) {
+            let _ = std::fs::remove_file(path);
+        }
+        match generation.shadow.as_mut() {
+            Some(shadow) if shadow.index == shipped.index => shadow.discard_below(shipped.offset),
+            _ if shipped.index < current => shadow::discard_shipped(&self.meta.wal_dir(&generation.id).join(name::shadow_wal_file_name(shipped.index)), shipped.offset),
+            _ => {}
         }
     }
 }
@@ -656,7 +694,9 @@ impl LiveWal {
     /// True if the shadow's last frame is still byte-for-byte in the live WAL at its offset.
     /// A header-only shadow has no frame to vouch for it, so it is false.
     fn still_holds_last_frame(&self, shadow: &ShadowIndex) -> Result<bool, Error> {
-        let Some(last) = shadow.last_frame()? else { return Ok(false) };
+        let Some(last) = shadow.last_frame()? else {
+            return Ok(false);
+        };
         if self.len < shadow.committed_len {
             return Ok(false);
         }
@@ -797,43 +837,51 @@ mod tests {
         let (index, len) = (shadow.index, shadow.committed_len);
         assert!(len > WAL_HEADER_SIZE as u64, "the first pass copied no frame; the test proves nothing");
         assert_eq!(generation.end(), Pos { generation: generation.id, index, offset: len });
-        let next = ShadowIndex::create(&wal_dir, index + 1, *shadow.header_bytes(), shadow.header, &mut SpareFile::new(wal_dir.join("none"))).unwrap();
+        let next = ShadowIndex::create(&wal_dir, index + 1, *shadow.header_bytes(), shadow.header).unwrap();
         generation.shadow = Some(next);
         assert_eq!(generation.end(), Pos { generation: generation.id, index: index + 1, offset: 0 });
     }
 
-    /// Once every replica is past an index, its file is kept as the spare, and the next WAL
-    /// life is written over it rather than into a new file.
+    /// Once every replica is past an index, its file is gone; what the slowest replica has
+    /// shipped of the index it is in takes no disk.
     #[test]
-    fn a_shipped_index_is_the_file_the_next_life_writes_over() {
+    fn shipped_shadow_leaves_the_disk() {
+        use std::os::unix::fs::MetadataExt;
         let mut h = Harness::new();
         let (position, replica) = watch::channel(None);
         h.capturer.replica_positions = vec![replica];
-        let next_life = |h: &mut Harness| {
-            h.insert();
-            h.pass_then_unpin();
-            h.truncate();
-            h.pass_then_unpin();
-            h.insert();
-            h.pass_then_unpin();
-        };
+        let (other, second_replica) = watch::channel(None);
+        h.capturer.replica_positions.push(second_replica);
         h.pass_then_unpin();
         let generation = h.generation();
         let wal_dir = h.capturer.meta.wal_dir(&generation);
-        let spare = h.capturer.meta.spare_shadow_path();
-        next_life(&mut h);
+        for _ in 0..200 {
+            h.insert();
+        }
+        h.pass_then_unpin();
+        h.truncate();
+        h.pass_then_unpin();
+        h.insert();
+        h.pass_then_unpin();
         assert_eq!(h.capturer.shadow_end().unwrap().0, 1);
-        assert!(!spare.exists(), "index 0 was kept although no replica has shipped it");
-        let index_0 = std::fs::metadata(wal_dir.join(name::shadow_wal_file_name(0))).unwrap();
+        let index_0 = wal_dir.join(name::shadow_wal_file_name(0));
+        let len_0 = std::fs::metadata(&index_0).unwrap().len();
+        assert!(std::fs::metadata(&index_0).unwrap().blocks() * 512 >= len_0 / 4096 * 4096, "index 0 is sparse already; the test proves nothing");
 
+        // One replica is done with index 0, the other halfway: half of it may go.
+        position.send_replace(Some(Pos { generation, index: 1, offset: 0 }));
+        other.send_replace(Some(Pos { generation, index: 0, offset: len_0 / 2 }));
+        h.pass_then_unpin();
+        let on_disk = std::fs::metadata(&index_0).unwrap().blocks() * 512;
+        assert!(on_disk <= len_0 / 2 + 16384 && on_disk >= len_0 / 2 - 16384, "{on_disk} bytes of {len_0} on disk");
+        // A replica whose position is unknown keeps everything.
+        other.send_replace(None);
         position.send_replace(Some(Pos { generation, index: 1, offset: 0 }));
         h.pass_then_unpin();
-        assert!(spare.exists() && !wal_dir.join(name::shadow_wal_file_name(0)).exists());
-        next_life(&mut h);
-        assert_eq!((h.generation(), h.capturer.shadow_end().unwrap().0), (generation, 2));
-        assert!(!spare.exists(), "index 2 did not take the spare");
-        use std::os::unix::fs::MetadataExt;
-        assert_eq!(std::fs::metadata(wal_dir.join(name::shadow_wal_file_name(2))).unwrap().ino(), index_0.ino(), "index 2 is not index 0's file");
+        assert!(index_0.exists());
+        other.send_replace(Some(Pos { generation, index: 1, offset: 0 }));
+        h.pass_then_unpin();
+        assert!(!index_0.exists(), "index 0 was kept although every replica has shipped it");
     }
 
     #[test]

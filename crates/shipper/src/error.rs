@@ -68,6 +68,15 @@ pub enum Error {
         /// The local end.
         local: Pos,
     },
+    /// The replica lacks WAL that every replica was known to hold, so walstream discarded it
+    /// locally (the replica was reset or its objects deleted): a new generation ships it again.
+    #[error("replica {replica} is at {remote}, but the local shadow wal no longer holds what follows (every replica had shipped it); starting a new generation")]
+    ShippedWalDiscarded {
+        /// The replica's name.
+        replica: String,
+        /// The replica's position.
+        remote: Pos,
+    },
     /// The file watcher could not be set up.
     #[error("watch {path}: {source}")]
     Watch {
@@ -112,6 +121,14 @@ pub enum Error {
         /// Which, and where each stopped.
         detail: String,
     },
+}
+
+impl Error {
+    /// True when a local disk is full (ENOSPC, or a quota): the cause of a failed pass that
+    /// `/healthz` and the `walstream_disk_full` metric report.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, Error::Io { source, .. } if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)))
+    }
 }
 
 pub(crate) fn io_err(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {

@@ -25,6 +25,7 @@ mod retention;
 mod shadow;
 mod source;
 mod status;
+mod throttle;
 mod upload;
 mod watch;
 

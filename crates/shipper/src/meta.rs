@@ -2,7 +2,6 @@
 //!
 //! ```text
 //! .<name>-walstream/generation                               current generation id
-//! .<name>-walstream/spare.wal                                a shipped shadow file, for reuse
 //! .<name>-walstream/generations/<gen>/wal/<index>.wal        shadow WAL, one file per index
 //! .<name>-walstream/generations/<gen>/snapshots/<index>.snapshot.lz4   the generation's snapshot
 //! ```
@@ -122,7 +121,11 @@ impl MetaDir {
 
     /// Deletes every generation directory but `keep`, and every leftover temp file.
     pub(crate) fn clean(&self, keep: &GenerationId) {
-        let Ok(entries) = fs::read_dir(self.root.join(name::GENERATIONS_DIR)) else { return };
+        // Versions before 0.1 kept a shipped shadow file here for reuse, up to 64 MiB.
+        let _ = fs::remove_file(self.root.join("spare.wal"));
+        let Ok(entries) = fs::read_dir(self.root.join(name::GENERATIONS_DIR)) else {
+            return;
+        };
         for entry in entries.flatten() {
             if entry.file_name().to_string_lossy() != keep.to_string() {
                 let _ = fs::remove_dir_all(entry.path());
@@ -147,19 +150,15 @@ impl MetaDir {
         self.shadow_indexes(generation).into_iter().filter(|&i| i < index).map(|i| self.wal_dir(generation).join(name::shadow_wal_file_name(i))).collect()
     }
 
-    /// Where a shipped shadow file waits for the next index (`shadow::SpareFile`): outside every
-    /// generation, so a new generation's first index can take it too.
-    pub(crate) fn spare_shadow_path(&self) -> PathBuf {
-        self.root.join("spare.wal")
-    }
-
     /// The generation's latest completed snapshot.
     pub(crate) fn local_snapshot(&self, generation: &GenerationId) -> Option<LocalSnapshot> {
         self.local_snapshots(generation).into_iter().max_by_key(|s| (s.index, s.created))
     }
 
     fn local_snapshots(&self, generation: &GenerationId) -> Vec<LocalSnapshot> {
-        let Ok(entries) = fs::read_dir(self.snapshots_dir(generation)) else { return Vec::new() };
+        let Ok(entries) = fs::read_dir(self.snapshots_dir(generation)) else {
+            return Vec::new();
+        };
         entries
             .flatten()
             .filter_map(|e| {

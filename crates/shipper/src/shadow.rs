@@ -4,9 +4,12 @@
 //! committed frame. It is the durable staging area between the live WAL, which SQLite may
 //! overwrite after a checkpoint, and the uploads, which may lag behind a slow store.
 //!
-//! A shipped shadow file is kept as a [`SpareFile`] for the next index to write over.
+//! Bytes every replica holds are no use locally: they are punched out of the file
+//! ([`discard_shipped`]), so the shadow takes disk (on an in-memory volume, RAM) only for what
+//! some replica still lacks. Offsets do not move: a punched range reads as zeros, and nothing
+//! reads it again.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -32,23 +35,22 @@ const FIRST_READ_BYTES: usize = 64 << 10;
 /// fsync every few milliseconds.
 const SYNC_SPACING: Duration = Duration::from_secs(1);
 
-/// How long a spare waits for the next index before it is deleted: a quiet database keeps no
-/// stale copy on its disk (on an in-memory volume, in its RAM).
-const SPARE_KEEP: Duration = Duration::from_secs(10);
+/// Punching is done in whole filesystem blocks, and a shipped range shorter than this is left
+/// for a later pass, so a busy database does not make a system call per pass for a few frames.
+const DISCARD_UNIT: u64 = 64 << 10;
 
-/// A shipped file longer than this is cut to it before it is kept: the bound on what a spare
-/// holds on disk.
-const SPARE_MAX_BYTES: u64 = 64 << 20;
+/// The block size punched ranges are aligned to; the header's block is never punched.
+const BLOCK: u64 = 4096;
 
 /// The open shadow file of one index.
 ///
 /// Invariants: after every pass the file holds `committed_len` bytes of this WAL life ending on a
 /// commit frame (or only the header), and `chain` is positioned at `committed_len`. What lies
-/// beyond (frames of a transaction not yet committed, or a recycled file's older life) is never
-/// read as this index: an older life's frames carry other salts, so the chain rejects them, as
-/// SQLite rejects its own WAL's stale frames. Once the index is finished the file is cut to
-/// `committed_len` exactly. Bytes below `committed_len` never change again, which is what lets
-/// uploaders read them without a lock.
+/// beyond (frames of a transaction not yet committed) is never read as this index. Once the
+/// index is finished the file is cut to `committed_len` exactly. Bytes below `committed_len`
+/// never change again, which is what lets uploaders read them without a lock, except that
+/// bytes below `discarded` (every replica's position) are punched out; the last frame is never
+/// punched, since the capturer compares it with the live WAL.
 pub(crate) struct ShadowIndex {
     pub(crate) index: u32,
     path: PathBuf,
@@ -66,22 +68,17 @@ pub(crate) struct ShadowIndex {
     pub(crate) next_salt1: Option<u32>,
     /// When the oldest bytes not yet fsynced were appended; `None` when all are synced.
     unsynced_since: Option<Instant>,
+    /// Bytes below this are punched out of the file (every replica has them); 0 if none are.
+    discarded: u64,
 }
 
 impl ShadowIndex {
-    /// Starts index `index` with a WAL header just read from the live WAL, in the spare file if
-    /// there is one.
-    pub(crate) fn create(wal_dir: &Path, index: u32, header_bytes: [u8; WAL_HEADER_SIZE], header: WalHeader, spare: &mut SpareFile) -> Result<ShadowIndex, Error> {
+    /// Starts index `index` with a WAL header just read from the live WAL.
+    pub(crate) fn create(wal_dir: &Path, index: u32, header_bytes: [u8; WAL_HEADER_SIZE], header: WalHeader) -> Result<ShadowIndex, Error> {
         let path = wal_dir.join(name::shadow_wal_file_name(index));
-        let file = match spare.take(&path, &header_bytes) {
-            Some(file) => file,
-            None => {
-                let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).map_err(io_err("create", &path))?;
-                file.write_all_at(&header_bytes, 0).map_err(io_err("write", &path))?;
-                file.sync_data().map_err(io_err("fsync", &path))?;
-                file
-            }
-        };
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).map_err(io_err("create", &path))?;
+        file.write_all_at(&header_bytes, 0).map_err(io_err("write", &path))?;
+        file.sync_data().map_err(io_err("fsync", &path))?;
         Ok(ShadowIndex::header_only(index, path, file, header_bytes, header))
     }
 
@@ -99,18 +96,57 @@ impl ShadowIndex {
         if len < WAL_HEADER_SIZE as u64 || file.read_exact_at(&mut header_bytes, 0).is_err() {
             return Ok(None);
         }
-        let Ok(header) = WalHeader::parse(&header_bytes) else { return Ok(None) };
+        let Ok(header) = WalHeader::parse(&header_bytes) else {
+            return Ok(None);
+        };
         let mut shadow = ShadowIndex::header_only(index, path, file, header_bytes, header);
-        // Re-validate the whole file: it is the source of every future upload of this index.
+        // Shipped bytes were punched out: the chain resumes from the first whole frame after
+        // them, whose header carries the running checksum through it.
+        let data_from = first_data(&shadow.file, BLOCK).unwrap_or(len);
+        if data_from > BLOCK && data_from < len {
+            let frame = header.frame_size();
+            let first = WAL_HEADER_SIZE as u64 + (data_from - WAL_HEADER_SIZE as u64).div_ceil(frame) * frame;
+            let mut bytes = vec![0u8; frame as usize];
+            if first + frame > len || shadow.file.read_exact_at(&mut bytes, first).is_err() {
+                return Ok(None);
+            }
+            let Ok(frame_header) = walstream_format::wal::FrameHeader::parse(&bytes) else {
+                return Ok(None);
+            };
+            if (frame_header.salt1, frame_header.salt2) != (header.salt1, header.salt2) {
+                return Ok(None);
+            }
+            shadow.committed_len = first + frame;
+            shadow.chain = FrameChain::resume(header, frame_header.checksum);
+            shadow.discarded = first;
+        }
+        // Re-validate the rest of the file: it is the source of every future upload of this index.
         let mut buf = vec![0u8; COPY_CHUNK_BYTES];
         let reader = shadow.file.try_clone().map_err(io_err("open", &shadow.path))?;
         shadow.copy_from(&reader, len, len, &mut buf, false)?;
+        if shadow.discarded > 0 {
+            // Resumed mid-file: the end must still be a commit.
+            let last = shadow.last_frame()?.and_then(|frame| walstream_format::wal::FrameHeader::parse(&frame).ok());
+            if !last.is_some_and(|h| h.is_commit()) {
+                return Ok(None);
+            }
+        }
         Ok(Some(shadow))
     }
 
     /// The state of a file holding `header_bytes` and no frame yet.
     fn header_only(index: u32, path: PathBuf, file: File, header_bytes: [u8; WAL_HEADER_SIZE], header: WalHeader) -> ShadowIndex {
-        ShadowIndex { index, path, file, header, header_bytes, committed_len: WAL_HEADER_SIZE as u64, chain: FrameChain::new(header), sealed: false, next_salt1: None, unsynced_since: None }
+        ShadowIndex { index, path, file, header, header_bytes, committed_len: WAL_HEADER_SIZE as u64, chain: FrameChain::new(header), sealed: false, next_salt1: None, unsynced_since: None, discarded: 0 }
+    }
+
+    /// Punches out what every replica holds (everything below `shipped`) but the last frame.
+    pub(crate) fn discard_below(&mut self, shipped: u64) {
+        let keep_from = shipped.min(self.committed_len.saturating_sub(self.header.frame_size()));
+        if keep_from >= self.discarded.max(BLOCK) + DISCARD_UNIT {
+            if punch(&self.file, keep_from).is_ok() {
+                self.discarded = keep_from;
+            }
+        }
     }
 
     pub(crate) fn header_bytes(&self) -> &[u8; WAL_HEADER_SIZE] {
@@ -173,17 +209,37 @@ impl ShadowIndex {
             if source.read_exact_at(chunk, offset).is_err() {
                 break; // the WAL shrank under us; the next pass sees why
             }
-            let mut n_valid = 0;
+            let chain_at_chunk = chain;
+            let (mut n_valid, mut chunk_commit) = (0, None);
             for bytes in chunk.chunks_exact(frame) {
-                let Some(frame_header) = chain.accept(bytes) else { break };
+                let Some(frame_header) = chain.accept(bytes) else {
+                    break;
+                };
                 n_valid += 1;
                 if frame_header.is_commit() {
-                    commit_end = offset + (n_valid * frame) as u64;
-                    commit_chain = chain;
+                    chunk_commit = Some((n_valid, chain));
                 }
             }
             if write && n_valid > 0 {
-                self.file.write_all_at(&chunk[..n_valid * frame], offset).map_err(io_err("write", &self.path))?;
+                if let Err(e) = self.file.write_all_at(&chunk[..n_valid * frame], offset) {
+                    // A full disk: keep every whole transaction that fits, so the uploads that
+                    // free the shadow's space as they ship can make progress, and the next pass
+                    // goes on from there.
+                    let fitted = chunk[..n_valid * frame].chunks_exact(frame).enumerate().take_while(|(i, bytes)| self.file.write_all_at(bytes, offset + (i * frame) as u64).is_ok()).count();
+                    let mut refit = chain_at_chunk;
+                    for (i, bytes) in chunk[..fitted * frame].chunks_exact(frame).enumerate() {
+                        if refit.accept(bytes).is_some_and(|h| h.is_commit()) {
+                            (commit_end, commit_chain) = (offset + ((i + 1) * frame) as u64, refit);
+                        }
+                    }
+                    self.committed_len = commit_end;
+                    self.chain = commit_chain;
+                    self.unsynced_since.get_or_insert_with(Instant::now);
+                    return Err(io_err("write", &self.path)(e));
+                }
+            }
+            if let Some((n, at_commit)) = chunk_commit {
+                (commit_end, commit_chain) = (offset + (n * frame) as u64, at_commit);
             }
             offset += (n_valid * frame) as u64;
             if n_valid < n_frames {
@@ -229,71 +285,44 @@ impl ShadowIndex {
     }
 }
 
-/// One shipped shadow file, kept for the next index to write over instead of being deleted.
-///
-/// A new file's writes allocate page-cache pages and filesystem blocks, and deleting it frees
-/// them; under a saturated writer that bookkeeping, not the copying, was most of the shadow's
-/// cost. Writing over a spare took the shadow's writes from 17% to 10% of walstream's CPU
-/// samples, and its deletes (4%) to none.
-pub(crate) struct SpareFile {
-    path: PathBuf,
-    /// When the spare was kept; `None` when there is none.
-    kept_since: Option<Instant>,
+/// Punches out of a shipped index file everything below `shipped` (whole blocks, the header's
+/// first block kept), so bytes every replica holds take no disk. Filesystems that cannot punch
+/// holes keep the bytes; nothing else changes.
+pub(crate) fn discard_shipped(path: &Path, shipped: u64) {
+    if let Ok(file) = OpenOptions::new().write(true).open(path) {
+        let _ = punch(&file, shipped);
+    }
 }
 
-impl SpareFile {
-    /// The spare at `path`; one a previous run left counts as kept now.
-    pub(crate) fn new(path: PathBuf) -> SpareFile {
-        let kept_since = path.is_file().then(Instant::now);
-        SpareFile { path, kept_since }
+fn punch(file: &File, below: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let end = below / BLOCK * BLOCK;
+    if end <= BLOCK {
+        return Ok(());
     }
+    // SAFETY: fallocate(2) on a descriptor the caller owns; no memory is involved.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, BLOCK as libc::off_t, (end - BLOCK) as libc::off_t) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
 
-    /// Keeps `shipped`, a shadow file every replica has shipped, as the spare, or deletes it if
-    /// a spare is kept already.
-    pub(crate) fn keep_or_remove(&mut self, shipped: &Path) {
-        if self.kept_since.is_none() {
-            let cut = OpenOptions::new().write(true).open(shipped).and_then(|file| match file.metadata()?.len() > SPARE_MAX_BYTES {
-                true => file.set_len(SPARE_MAX_BYTES),
-                false => Ok(()),
-            });
-            if cut.is_ok() && fs::rename(shipped, &self.path).is_ok() {
-                self.kept_since = Some(Instant::now());
-                return;
-            }
-        }
-        let _ = fs::remove_file(shipped);
-    }
-
-    /// Deletes a spare no index has taken for [`SPARE_KEEP`].
-    pub(crate) fn expire(&mut self) {
-        if self.kept_since.is_some_and(|since| since.elapsed() >= SPARE_KEEP) {
-            let _ = fs::remove_file(&self.path);
-            self.kept_since = None;
-        }
-    }
-
-    /// The spare, renamed to `path` with `header_bytes` written and synced first, so an index
-    /// file never holds an older life's header, not even after a crash. `None` if there is no
-    /// spare or it cannot be used; the caller then creates a fresh file.
-    fn take(&mut self, path: &Path, header_bytes: &[u8; WAL_HEADER_SIZE]) -> Option<File> {
-        self.kept_since.take()?;
-        let taken = OpenOptions::new().read(true).write(true).open(&self.path).and_then(|file| {
-            file.write_all_at(header_bytes, 0)?;
-            file.sync_data()?;
-            fs::rename(&self.path, path)?;
-            Ok(file)
-        });
-        if taken.is_err() {
-            let _ = fs::remove_file(&self.path);
-        }
-        taken.ok()
-    }
+/// The first offset at or after `from` that holds data rather than a punched hole; `None` if
+/// there is none (or the filesystem cannot tell, in which case nothing was punched either).
+pub(crate) fn first_data(file: &File, from: u64) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: lseek(2) on a descriptor the caller owns; no memory is involved.
+    let at = unsafe { libc::lseek(file.as_raw_fd(), from as libc::off_t, libc::SEEK_DATA) };
+    (at >= 0).then_some(at as u64)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use rusqlite::Connection;
+    use std::fs;
 
     /// A database whose WAL the test fills and empties; `wal()` is the live WAL's bytes.
     struct Db {
@@ -322,51 +351,65 @@ mod tests {
             (File::open(&path).unwrap(), fs::read(&path).unwrap())
         }
 
-        /// A shadow of the live WAL's life as index `index`, taking the spare if there is one.
-        fn shadow(&self, index: u32, spare: &mut SpareFile) -> ShadowIndex {
+        /// A shadow of the live WAL's life as index `index`.
+        fn shadow(&self, index: u32) -> ShadowIndex {
             let (file, bytes) = self.wal();
             let header_bytes: [u8; WAL_HEADER_SIZE] = bytes[..WAL_HEADER_SIZE].try_into().unwrap();
-            let mut shadow = ShadowIndex::create(self.dir.path(), index, header_bytes, WalHeader::parse(&header_bytes).unwrap(), spare).unwrap();
+            let mut shadow = ShadowIndex::create(self.dir.path(), index, header_bytes, WalHeader::parse(&header_bytes).unwrap()).unwrap();
             assert_eq!(shadow.append_from(&file, bytes.len() as u64, 0, &mut vec![0; COPY_CHUNK_BYTES]).unwrap(), bytes.len() as u64 - WAL_HEADER_SIZE as u64);
             shadow
         }
     }
 
-    /// A long life is shipped and kept; a short one is written over it. Only the short life's
-    /// bytes are ever its index: right after the spare is taken (a crash there), after copying,
-    /// and once finished, whatever of the long life is left in the file.
+    fn disk_bytes(path: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata(path).unwrap().blocks() * 512
+    }
+
+    /// Shipped bytes leave the disk, the last frame stays for the capturer's comparison, and a
+    /// restarted walstream resumes the index from what is left, as if nothing were punched.
     #[test]
-    fn an_index_written_over_a_spare_holds_only_its_own_life() {
+    fn shipped_bytes_are_punched_out_and_the_rest_still_resumes() {
         let db = Db::new();
-        let mut spare = SpareFile::new(db.dir.path().join("spare.wal"));
-        db.new_life(200);
-        let mut long = db.shadow(1, &mut spare);
-        long.finish().unwrap();
-        let long_len = long.committed_len;
-        spare.keep_or_remove(&long.path);
-        assert!(!long.path.exists() && spare.path.exists());
+        db.new_life(300);
+        let mut shadow = db.shadow(1);
+        let (_, wal) = db.wal();
+        let (len, checksum) = (shadow.committed_len, shadow.end_checksum());
+        let before = disk_bytes(&shadow.path);
+        assert!(before >= len / 4096 * 4096, "the copy is sparse already; the test proves nothing");
+        shadow.discard_below(len);
+        let after = disk_bytes(&shadow.path);
+        let frame = shadow.header.frame_size();
+        assert!(after <= 2 * 4096 + 2 * frame, "{after} bytes still on disk of {before}");
+        assert_eq!(shadow.last_frame().unwrap().unwrap(), wal[(len - frame) as usize..len as usize], "the last frame must survive");
+        let reopened = ShadowIndex::open(db.dir.path(), 1).unwrap().unwrap();
+        assert_eq!((reopened.committed_len, reopened.end_checksum()), (len, checksum));
+        // The file still reads at its offsets, header included; the punched part reads as zeros.
+        let bytes = fs::read(&shadow.path).unwrap();
+        assert_eq!(bytes.len() as u64, len);
+        assert_eq!(bytes[..WAL_HEADER_SIZE], wal[..WAL_HEADER_SIZE]);
+        assert!(first_data(&shadow.file, 4096).unwrap() > 4096);
+        // More commits after a punch: they are copied and resume the same way.
+        for _ in 0..5 {
+            db.app.execute("INSERT INTO t VALUES (randomblob(1000))", []).unwrap();
+        }
+        let (file, wal) = db.wal();
+        shadow.append_from(&file, wal.len() as u64, 0, &mut vec![0; COPY_CHUNK_BYTES]).unwrap();
+        assert_eq!(shadow.committed_len, wal.len() as u64);
+        let reopened = ShadowIndex::open(db.dir.path(), 1).unwrap().unwrap();
+        assert_eq!((reopened.committed_len, reopened.end_checksum()), (shadow.committed_len, shadow.end_checksum()));
+    }
 
-        db.new_life(3);
-        let (_, short_wal) = db.wal();
-        let header_bytes: [u8; WAL_HEADER_SIZE] = short_wal[..WAL_HEADER_SIZE].try_into().unwrap();
-        let header = WalHeader::parse(&header_bytes).unwrap();
-        let taken = ShadowIndex::create(db.dir.path(), 2, header_bytes, header, &mut spare).unwrap();
-        assert!(!spare.path.exists(), "the spare was not taken");
-        assert_eq!(fs::metadata(&taken.path).unwrap().len(), long_len, "the test proves nothing unless the old life is still in the file");
-        // A crash now: reopened (a copy, as reopening cuts the file), the index is its header.
-        fs::copy(&taken.path, db.dir.path().join(name::shadow_wal_file_name(3))).unwrap();
-        let reopened = ShadowIndex::open(db.dir.path(), 3).unwrap().unwrap();
-        assert_eq!((reopened.header_bytes(), reopened.committed_len), (&header_bytes, WAL_HEADER_SIZE as u64));
-
-        let mut spare = SpareFile::new(db.dir.path().join("spare.wal"));
-        spare.keep_or_remove(&taken.path);
-        let mut short = db.shadow(2, &mut spare);
-        assert_eq!(short.committed_len, short_wal.len() as u64);
-        assert!(fs::metadata(&short.path).unwrap().len() > short.committed_len);
-        let reopened = ShadowIndex::open(db.dir.path(), 2).unwrap().unwrap();
-        assert_eq!((reopened.committed_len, reopened.end_checksum()), (short.committed_len, short.end_checksum()));
-        short.finish().unwrap();
-        assert_eq!(fs::read(&short.path).unwrap(), short_wal);
+    /// A finished index is punched through its very end; the header block stays.
+    #[test]
+    fn a_finished_index_is_punched_through_its_end() {
+        let db = Db::new();
+        db.new_life(100);
+        let mut shadow = db.shadow(1);
+        shadow.finish().unwrap();
+        discard_shipped(&shadow.path, shadow.committed_len);
+        assert!(disk_bytes(&shadow.path) <= 2 * 4096);
+        assert_eq!(fs::metadata(&shadow.path).unwrap().len(), shadow.committed_len);
     }
 
     /// Counts the bytes read through it.
@@ -401,7 +444,7 @@ mod tests {
         let header_bytes: [u8; WAL_HEADER_SIZE] = bytes[..WAL_HEADER_SIZE].try_into().unwrap();
         let mut read = Vec::new();
         for (index, hint) in [(1, scan.committed_len), (2, 0)] {
-            let mut shadow = ShadowIndex::create(db.dir.path(), index, header_bytes, scan.header, &mut SpareFile::new(db.dir.path().join("none"))).unwrap();
+            let mut shadow = ShadowIndex::create(db.dir.path(), index, header_bytes, scan.header).unwrap();
             let source = CountingReader(&file, Default::default());
             shadow.append_from(&source, bytes.len() as u64, hint, &mut vec![0; COPY_CHUNK_BYTES]).unwrap();
             assert_eq!(shadow.committed_len, scan.committed_len);
@@ -409,27 +452,5 @@ mod tests {
         }
         assert_eq!(read[0], scan.committed_len as usize - WAL_HEADER_SIZE + frame);
         assert!(read[1] >= FIRST_READ_BYTES / frame * frame, "without the hint {} bytes were read", read[1]);
-    }
-
-    #[test]
-    fn one_spare_is_kept_at_most_and_not_for_long() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut spare = SpareFile::new(dir.path().join("spare.wal"));
-        let shipped = |name: &str, len: u64| {
-            let path = dir.path().join(name);
-            File::create(&path).unwrap().set_len(len).unwrap();
-            path
-        };
-        let (first, second) = (shipped("1.wal", SPARE_MAX_BYTES + 4096), shipped("2.wal", 4096));
-        spare.keep_or_remove(&first);
-        spare.keep_or_remove(&second);
-        assert!(!first.exists() && !second.exists());
-        assert_eq!(fs::metadata(&spare.path).unwrap().len(), SPARE_MAX_BYTES);
-        spare.expire();
-        assert!(spare.path.exists());
-        spare.kept_since = Some(Instant::now() - SPARE_KEEP);
-        spare.expire();
-        assert!(!spare.path.exists());
-        assert!(SpareFile::new(spare.path.clone()).take(&dir.path().join("3.wal"), &[0; WAL_HEADER_SIZE]).is_none());
     }
 }

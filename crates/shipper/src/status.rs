@@ -8,7 +8,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, watch};
-use walstream_format::{name, Pos, WAL_HEADER_SIZE};
+use walstream_format::{name, Pos};
 
 use crate::capture::{ShadowState, Wake};
 
@@ -21,6 +21,8 @@ pub(crate) struct DbCounters {
     pub(crate) pass_nanos: AtomicU64,
     /// Committed WAL bytes appended to the shadow.
     pub(crate) shadow_bytes: AtomicU64,
+    /// Set while capture passes fail because the local disk is full.
+    pub(crate) disk_full: AtomicBool,
 }
 
 impl DbCounters {
@@ -90,7 +92,7 @@ pub struct DbStatus {
     pub shadow_bytes_total: u64,
     /// The shadow's current index, if a generation exists.
     pub shadow_index: Option<u32>,
-    /// Bytes of shadow WAL kept locally for the current generation.
+    /// Disk taken by the shadow WAL of the current generation (shipped bytes are punched out).
     pub shadow_size: u64,
     /// Capture passes, failed passes and seconds spent in them.
     pub passes: u64,
@@ -98,6 +100,8 @@ pub struct DbStatus {
     pub failed_passes: u64,
     /// Time spent in capture passes.
     pub pass_seconds: f64,
+    /// True while capture passes fail because the local disk is full.
+    pub disk_full: bool,
     /// One entry per replica, in configuration order.
     pub replicas: Vec<ReplicaStatus>,
 }
@@ -161,19 +165,13 @@ impl Handle {
         let state = self.state.borrow().clone();
         let len = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
         let shadow_len = |index: u32| len(&state.wal_dir.join(name::shadow_wal_file_name(index)));
-        // The files that remain: shipped indexes leave the directory (deleted, or moved out as
-        // the spare), so one listing beats a stat per index a long-lived generation has ever
-        // had. The current index's file may run past its committed end (`shadow::ShadowIndex`).
+        // The disk the files that remain take: shipped indexes leave the directory, so one
+        // listing beats a stat per index a long-lived generation has ever had, and what every
+        // replica holds is punched out of the rest (`shadow::discard_shipped`).
         let shadow_size = match state.end {
-            Some(end) => std::fs::read_dir(&state.wal_dir).map_or(0, |entries| {
-                entries
-                    .flatten()
-                    .filter_map(|e| match name::parse_shadow_wal_file_name(&e.file_name().to_string_lossy()) {
-                        Some(index) if index == end.index => Some(end.offset.max(WAL_HEADER_SIZE as u64)),
-                        Some(_) => e.metadata().ok().map(|m| m.len()),
-                        None => None,
-                    })
-                    .sum()
+            Some(_) => std::fs::read_dir(&state.wal_dir).map_or(0, |entries| {
+                use std::os::unix::fs::MetadataExt;
+                entries.flatten().filter(|e| name::parse_shadow_wal_file_name(&e.file_name().to_string_lossy()).is_some()).filter_map(|e| e.metadata().ok().map(|m| m.blocks() * 512)).sum()
             }),
             None => 0,
         };
@@ -214,6 +212,7 @@ impl Handle {
             passes: self.counters.passes.load(Relaxed),
             failed_passes: self.counters.failed_passes.load(Relaxed),
             pass_seconds: self.counters.pass_nanos.load(Relaxed) as f64 / 1e9,
+            disk_full: self.counters.disk_full.load(Relaxed),
             replicas,
         }
     }

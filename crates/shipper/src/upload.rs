@@ -85,11 +85,13 @@ pub(crate) struct Uploader {
     /// A segment's frame, reused from one segment to the next: allocated fresh, its page faults
     /// and zeroing cost more CPU than the compression.
     framed: BytesMut,
+    /// Failed uploads, logged once a minute with a count.
+    failures: crate::throttle::Throttle,
 }
 
 impl Uploader {
     pub(crate) fn new(replica: Replica, state: watch::Receiver<ShadowState>, position: watch::Sender<Option<Pos>>, new_generation: std::sync::mpsc::Sender<crate::capture::Wake>, counters: Arc<ReplicaCounters>, lease_terms: Option<(String, LeasePolicy)>, may_write: Arc<AtomicBool>) -> Uploader {
-        Uploader { replica, state, position, new_generation, uploaded_snapshot: None, counters, lease_terms, lease: None, may_write, last_segment_put: None, framed: BytesMut::new() }
+        Uploader { replica, state, position, new_generation, uploaded_snapshot: None, counters, lease_terms, lease: None, may_write, last_segment_put: None, framed: BytesMut::new(), failures: Default::default() }
     }
 
     /// Ships until the capturer publishes its final state and all of it is shipped, or the
@@ -139,11 +141,24 @@ impl Uploader {
             let shipped = self.ship(&state).await;
             self.counters.observe(*self.position.borrow(), state.end);
             match shipped {
-                Ok(()) => backoff = BACKOFF_MIN,
+                Ok(()) => {
+                    backoff = BACKOFF_MIN;
+                    if let Some(unlogged) = self.failures.recovered() {
+                        info!(replica = %self.replica.name, unlogged_failures = unlogged, "replica sync recovered");
+                    }
+                }
                 Err(e @ Error::LeaseLost { .. }) => return Err(e),
                 Err(e) => {
-                    warn!(replica = %self.replica.name, error = %e, "replica sync failed; retrying");
-                    if let Error::ReplicaAhead { .. } = e {
+                    if let Some(unlogged) = self.failures.failed() {
+                        warn!(replica = %self.replica.name, error = %e, failures_since_last_logged = unlogged, "replica sync failed; retrying (logged once a minute while it lasts)");
+                    }
+                    let new_generation = match &e {
+                        Error::ReplicaAhead { .. } => true,
+                        // Unless the generation has moved on meanwhile (its files go with it).
+                        Error::ShippedWalDiscarded { remote, .. } => self.state.borrow().generation == Some(remote.generation),
+                        _ => false,
+                    };
+                    if new_generation {
                         let _ = self.new_generation.send(crate::capture::Wake::NewGeneration(e.to_string()));
                     }
                     self.position.send_replace(None);
@@ -166,7 +181,9 @@ impl Uploader {
     /// With a `sync_interval`, waits until it has passed since the last segment upload, unless
     /// a sync barrier is asked for or the capturer publishes its final state meanwhile.
     async fn hold_for_sync_interval(&mut self, syncs_seen: u64) {
-        let (interval, Some(last)) = (self.replica.sync_interval, self.last_segment_put) else { return };
+        let (interval, Some(last)) = (self.replica.sync_interval, self.last_segment_put) else {
+            return;
+        };
         if interval.is_zero() {
             return;
         }
@@ -191,12 +208,21 @@ impl Uploader {
         }
         while pos < end {
             let path = state.wal_dir.join(name::shadow_wal_file_name(pos.index));
-            let file = std::fs::File::open(&path).map_err(io_err("open", &path))?;
+            let file = match std::fs::File::open(&path) {
+                Ok(file) => file,
+                // Deleted once every replica had shipped it.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Error::ShippedWalDiscarded { replica: self.replica.name.clone(), remote: pos }),
+                Err(e) => return Err(io_err("open", &path)(e)),
+            };
             // Bytes below the published end never change; a finished index is its whole file.
             let limit = if pos.index == end.index { end.offset } else { file.metadata().map_err(io_err("stat", &path))?.len() };
             if pos.offset >= limit {
                 pos = Pos { generation, index: pos.index + 1, offset: 0 };
                 continue;
+            }
+            // Bytes every replica had were punched out; a replica reset since then lacks them.
+            if crate::shadow::first_data(&file, pos.offset) != Some(pos.offset) {
+                return Err(Error::ShippedWalDiscarded { replica: self.replica.name.clone(), remote: pos });
             }
             let (body, len) = frame_segment(&file, pos.offset, limit, &mut self.framed).map_err(io_err("read", &path))?;
             let key = name::segment_key(&generation, pos.index, pos.offset);
@@ -255,7 +281,9 @@ impl Uploader {
 
     /// Every write is preceded by this: a lease lost while idle stops the write.
     async fn confirm_lease(&mut self) -> Result<(), Error> {
-        let Some(lease) = self.lease.as_mut() else { return Ok(()) };
+        let Some(lease) = self.lease.as_mut() else {
+            return Ok(());
+        };
         let confirmed = lease.confirm(&self.replica).await;
         if let Err(Error::LeaseLost { .. }) = confirmed {
             self.may_write.store(false, Ordering::SeqCst);

@@ -1,0 +1,133 @@
+//! The deployment walstream exists for, as the original Cloud Run guide sets it up: each
+//! instance gets a fresh 8 MiB in-memory volume (`emptyDir: {medium: Memory, sizeLimit: 8Mi}`,
+//! reproduced as a tmpfs of that size), the restore container's command exactly as the guide
+//! writes it, a replicate sidecar, and an app committing about 1,000 small transactions a
+//! second. Three instances in a row, each restoring what the one before committed. Tests run as
+//! root (CI too); a test that cannot mount a tmpfs fails.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+use rusqlite::Connection;
+
+use crate::harness::*;
+
+/// A tmpfs mounted for the test's lifetime: a memory volume of `size` bytes.
+pub struct MemoryVolume {
+    dir: tempfile::TempDir,
+}
+
+impl MemoryVolume {
+    pub fn mount(size: &str) -> MemoryVolume {
+        let dir = tempfile::tempdir().unwrap();
+        let output = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(dir.path()).output().unwrap();
+        assert!(output.status.success(), "cannot mount a {size} tmpfs (the memory volume; tests run as root): {}", stderr(&output));
+        MemoryVolume { dir }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Bytes in use on the volume, as `df` counts them.
+    pub fn used(&self) -> u64 {
+        let path = std::ffi::CString::new(self.dir.path().as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: statvfs fills the struct it is given; the path is a valid C string.
+        let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::statvfs(path.as_ptr(), &mut stat) }, 0);
+        (stat.f_blocks - stat.f_bfree) * stat.f_frsize
+    }
+}
+
+impl Drop for MemoryVolume {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.dir.path()).status();
+    }
+}
+
+/// What one instance's app did.
+pub struct AppRun {
+    pub commits: u64,
+    /// Errors the app got from SQLite ("database or disk is full" among them).
+    pub errors: Vec<String>,
+    /// The volume's peak use while the app ran.
+    pub peak: u64,
+}
+
+/// The guide's app: about `rate` transactions a second for `duration`, inserting up to 3,000
+/// rows of 200 random bytes, then updating them, with SQLite's defaults (autocheckpoint at
+/// 1,000 pages). Samples the volume's use after every commit.
+pub fn run_app(volume: &MemoryVolume, db: &Path, rate: u32, duration: Duration, rng: &mut impl Rng) -> AppRun {
+    let conn = Connection::open(db).unwrap();
+    conn.pragma_update(None, "journal_mode", "wal").unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    conn.execute_batch("CREATE TABLE IF NOT EXISTS rows (id INTEGER PRIMARY KEY, body BLOB NOT NULL)").unwrap();
+    let mut rows: i64 = conn.query_row("SELECT count(*) FROM rows", [], |r| r.get(0)).unwrap();
+    let mut run = AppRun { commits: 0, errors: Vec::new(), peak: volume.used() };
+    let start = Instant::now();
+    let spacing = Duration::from_secs(1) / rate;
+    let mut n = 0u32;
+    while start.elapsed() < duration {
+        let body: Vec<u8> = (0..200).map(|_| rng.gen()).collect();
+        let inserting = rows < 3000;
+        let result = match inserting {
+            true => conn.execute("INSERT INTO rows (id, body) VALUES (?1, ?2)", rusqlite::params![rows + 1, body]),
+            false => conn.execute("UPDATE rows SET body = ?2 WHERE id = ?1", rusqlite::params![rng.gen_range(1..=rows), body]),
+        };
+        match result {
+            Ok(_) => {
+                run.commits += 1;
+                rows += i64::from(inserting);
+            }
+            Err(e) => run.errors.push(e.to_string()),
+        }
+        run.peak = run.peak.max(volume.used());
+        n += 1;
+        if let Some(wait) = (spacing * n).checked_sub(start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+    run
+}
+
+/// The restore container's command, verbatim from the guide (`-v` included).
+fn restore_like_the_guide(url: &str, db: &Path) {
+    let output = walstream(&["restore", "-if-db-not-exists", "-if-replica-exists", "-v", "-o", db.to_str().unwrap(), url]);
+    assert!(output.status.success(), "the guide's restore command failed ({}): {}", output.status, stderr(&output));
+}
+
+/// Three instances in a row on the guide's 8 MiB memory volume: the app never sees "disk full",
+/// every replicate sidecar exits 0 on SIGTERM, and each instance starts from exactly what the
+/// one before committed.
+#[test]
+fn the_guides_cloud_run_instances_on_an_8_mib_memory_volume_lose_nothing() {
+    let scratch = Scratch::on(Backend::Gcs);
+    let url = scratch.replica_url();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
+    let mut previous: Option<(MemoryVolume, PathBuf)> = None;
+    for instance in 1..=3 {
+        let volume = MemoryVolume::mount("8m");
+        let db = volume.path("db");
+        restore_like_the_guide(&url, &db);
+        match &previous {
+            Some((_, source)) => assert_same_database(source, &db),
+            None => assert!(!db.exists(), "nothing to restore on the first instance"),
+        }
+        drop(previous.take());
+        let replicator = Replicator::start(&db, std::slice::from_ref(&url), scratch.path(&format!("replicate-{instance}.log")));
+        let run = run_app(&volume, &db, 1000, Duration::from_secs(8), &mut rng);
+        // The app stops at SIGTERM; the sidecar's final flush ships what it committed.
+        let log = replicator.log_text();
+        replicator.stop_ok();
+        eprintln!("instance {instance}: {} commits, volume peak {} KiB of 8192", run.commits, run.peak >> 10);
+        assert!(run.errors.is_empty(), "instance {instance}: the app got {} errors, first: {}; replicator log:\n{}", run.errors.len(), run.errors[0], log.lines().filter(|l| l.contains("WARN")).take(10).collect::<Vec<_>>().join("\n"));
+        assert!(run.commits > 4000, "instance {instance}: only {} commits; the test proves little", run.commits);
+        previous = Some((volume, db));
+    }
+    let (_volume, source) = previous.unwrap();
+    let last = scratch.path("after-three-instances.db");
+    restore(&url, &last);
+    assert_same_database(&source, &last);
+}
