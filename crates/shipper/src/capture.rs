@@ -49,14 +49,8 @@ struct Timing {
 /// `Timing::pass_spacing` in production; the file-event thread pauses this long too.
 pub(crate) const PASS_SPACING: Duration = Duration::from_millis(10);
 
-const TIMING: Timing = Timing {
-    probe_active: Duration::from_millis(10),
-    probe_idle: Duration::from_millis(50),
-    active_window: Duration::from_millis(250),
-    poll: Duration::from_secs(1),
-    pin_roll: Duration::from_millis(250),
-    pass_spacing: PASS_SPACING,
-};
+const TIMING: Timing =
+    Timing { probe_active: Duration::from_millis(10), probe_idle: Duration::from_millis(50), active_window: Duration::from_millis(250), poll: Duration::from_secs(1), pin_roll: Duration::from_millis(250), pass_spacing: PASS_SPACING };
 
 /// A pin with a read-mark above 0 keeps SQLite from ever restarting the WAL (Litestream #1536),
 /// so walstream moves its pin to read-mark 0 whenever the application's checkpoint has
@@ -67,6 +61,17 @@ const TIMING: Timing = Timing {
 /// writer's WAL grew to 32 MiB against 4 MiB without walstream. A TRUNCATE checkpoint landing
 /// in that gap right after a commit walstream has not copied costs a new generation, never data.
 const DROP_PIN_WAL_FRAMES: u64 = 1000;
+
+/// After dropping its pin for a busy WAL (rule 4), the capturer looks at the wal-index this often
+/// and pins again at the first sign that the application's checkpoint let the WAL go (every
+/// frame back-filled, or the WAL already restarted): pinned again, the WAL can restart once
+/// but not a second time unseen. A pass 10 ms later, as before, let an application that writes
+/// a huge transaction and then checkpoints (VACUUM) restart the WAL twice in between, which
+/// cost a new generation.
+const REPIN_POLL: Duration = Duration::from_millis(1);
+
+/// The longest the pin stays dropped when the application's checkpoint does not come.
+const REPIN_WAIT: Duration = Duration::from_millis(250);
 
 /// How long the final copy at shutdown goes on retrying while the disk is full. Within the
 /// default shutdown deadline (8 s), which bounds the uploads that follow it.
@@ -162,6 +167,12 @@ pub(crate) struct Capturer {
     busy_passes: u32,
     /// Failed passes, logged once a minute with a count.
     failures: crate::throttle::Throttle,
+    /// Set while the pin is dropped for a busy WAL: the wal-index then, and when.
+    dropped_pin: Option<(Option<WalIndexHeader>, Instant)>,
+    /// The pin was taken again after a drop, so it does not vouch for the copy before it.
+    repinned: bool,
+    /// What each replica reports holding, to free the local snapshot once all hold it.
+    replica_counters: Vec<std::sync::Arc<crate::status::ReplicaCounters>>,
 }
 
 impl Capturer {
@@ -190,6 +201,9 @@ impl Capturer {
             last_copy: None,
             busy_passes: 0,
             failures: Default::default(),
+            replica_counters: Vec::new(),
+            dropped_pin: None,
+            repinned: false,
         }
     }
 
@@ -198,6 +212,7 @@ impl Capturer {
         self.sync_logged();
         loop {
             let timeout = match (self.db.is_pinned(), self.last_change.elapsed() < self.timing.active_window) {
+                _ if self.dropped_pin.is_some() => REPIN_POLL,
                 _ if self.polling => self.timing.pass_spacing,
                 (true, true) => self.timing.probe_active,
                 (true, false) => self.timing.probe_idle,
@@ -217,6 +232,12 @@ impl Capturer {
                 Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => Some(Wake::Shutdown),
             };
+            if self.dropped_pin.is_some() {
+                self.repin_after_drop();
+                if first.is_none() && self.dropped_pin.is_some() {
+                    continue;
+                }
+            }
             // Coalesce a burst of events into one pass.
             for wake in first.into_iter().chain(std::iter::from_fn(|| wakes.try_recv().ok())) {
                 match wake {
@@ -273,6 +294,11 @@ impl Capturer {
                 }
             }
         }
+    }
+
+    /// Frees the local snapshot once all of `replicas` report holding it.
+    pub(crate) fn free_snapshots_held_by(&mut self, replicas: Vec<std::sync::Arc<crate::status::ReplicaCounters>>) {
+        self.replica_counters = replicas;
     }
 
     /// Receives the database's file events from now on.
@@ -369,8 +395,9 @@ impl Capturer {
         }
         // `clean`: the pin held now was taken before the previous copy and held ever since, so the
         // WAL cannot have lost a frame that copy did not see (see `SourceDb`).
-        let clean = self.db.is_pinned();
-        if self.db.pin_age().is_none_or(|age| age >= self.timing.pin_roll) {
+        let clean = self.db.is_pinned() && !std::mem::take(&mut self.repinned);
+        // While the pin is dropped for a busy WAL, only `repin_after_drop` takes it again.
+        if self.dropped_pin.is_none() && self.db.pin_age().is_none_or(|age| age >= self.timing.pin_roll) {
             self.db.roll_pin();
         }
         let mut result = self.copy(clean);
@@ -383,7 +410,26 @@ impl Capturer {
         }
         self.publish(false);
         self.remove_shipped_shadow();
+        self.free_held_snapshot();
         result
+    }
+
+    /// Empties the local snapshot once every replica holds it: it is a compressed copy of the
+    /// whole database, which on a memory volume is RAM. The empty file still records which
+    /// snapshot the generation has, so a restart resumes the generation; a replica that lacks
+    /// it later gets a new generation (`Error::SnapshotDiscarded`).
+    fn free_held_snapshot(&mut self) {
+        let Some(generation) = &self.generation else { return };
+        let held = |counters: &std::sync::Arc<crate::status::ReplicaCounters>| counters.snapshot_held.lock().unwrap_or_else(|e| e.into_inner()).as_ref() == Some(&generation.snapshot);
+        if self.replica_counters.is_empty() || !self.replica_counters.iter().all(held) {
+            return;
+        }
+        if std::fs::metadata(&generation.snapshot.path).is_ok_and(|m| m.len() > 0) {
+            let freed = std::fs::OpenOptions::new().write(true).open(&generation.snapshot.path).and_then(|f| f.set_len(0));
+            if let Err(e) = freed {
+                debug!(db = %self.db_path.display(), error = %e, "cannot free the local snapshot");
+            }
+        }
     }
 
     /// The database path names a new file: its history is not the old file's. walstream
@@ -445,6 +491,25 @@ impl Capturer {
         if len >= WAL_HEADER_SIZE as u64 + DROP_PIN_WAL_FRAMES * frame && self.db.is_pinned() {
             debug!(db = %self.db_path.display(), index, "wal life is large and never fully back-filled; dropping the pin so the application's checkpoint can restart it");
             self.db.release_all();
+            self.dropped_pin = Some((self.db.wal_index_header(), Instant::now()));
+        }
+    }
+
+    /// See [`REPIN_POLL`]. Once every frame is back-filled the new pin takes read-mark 0, which
+    /// lets the WAL restart but keeps the next life from being back-filled; after a restart it
+    /// takes a read-mark of the new life, which keeps it from restarting again.
+    fn repin_after_drop(&mut self) {
+        let Some((at_drop, since)) = self.dropped_pin else { return };
+        let let_go = match (self.db.wal_index_header(), at_drop) {
+            (Some(now), Some(then)) => now.salt1 != then.salt1 || (now.max_frame > 0 && now.backfilled == now.max_frame),
+            // No wal-index to read (the last connection closed): nothing to wait for.
+            _ => true,
+        };
+        if let_go || since.elapsed() >= REPIN_WAIT {
+            self.dropped_pin = None;
+            if self.db.roll_pin() {
+                self.repinned = true;
+            }
         }
     }
 
@@ -599,14 +664,7 @@ impl Capturer {
     fn publish(&mut self, is_final: bool) {
         let state = match &self.generation {
             None => ShadowState { is_final, syncs_requested: self.syncs_requested, ..ShadowState::default() },
-            Some(generation) => ShadowState {
-                generation: Some(generation.id),
-                wal_dir: self.meta.wal_dir(&generation.id),
-                snapshot: Some(generation.snapshot.clone()),
-                end: Some(generation.end()),
-                is_final,
-                syncs_requested: self.syncs_requested,
-            },
+            Some(generation) => ShadowState { generation: Some(generation.id), wal_dir: self.meta.wal_dir(&generation.id), snapshot: Some(generation.snapshot.clone()), end: Some(generation.end()), is_final, syncs_requested: self.syncs_requested },
         };
         self.state.send_if_modified(|current| {
             let modified = *current != state;
@@ -683,11 +741,7 @@ impl LiveWal {
         };
         let len = file.metadata().map_err(io_err("stat", path))?.len();
         let mut bytes = [0u8; WAL_HEADER_SIZE];
-        let header = if len >= WAL_HEADER_SIZE as u64 && file.read_exact_at(&mut bytes, 0).is_ok() {
-            WalHeader::parse(&bytes).ok().map(|h| (bytes, h))
-        } else {
-            None
-        };
+        let header = if len >= WAL_HEADER_SIZE as u64 && file.read_exact_at(&mut bytes, 0).is_ok() { WalHeader::parse(&bytes).ok().map(|h| (bytes, h)) } else { None };
         Ok(Some(LiveWal { file, len, header }))
     }
 

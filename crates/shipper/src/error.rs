@@ -77,6 +77,17 @@ pub enum Error {
         /// The replica's position.
         remote: Pos,
     },
+    /// The replica lacks the generation's snapshot, whose local copy was freed once every
+    /// replica held it (the replica was reset): a new generation ships a new one.
+    #[error("replica {replica} lacks snapshot {index:08x} of generation {generation}, which every replica had, so walstream freed its local copy; starting a new generation")]
+    SnapshotDiscarded {
+        /// The replica's name.
+        replica: String,
+        /// The generation.
+        generation: walstream_format::GenerationId,
+        /// The snapshot's index.
+        index: u32,
+    },
     /// The file watcher could not be set up.
     #[error("watch {path}: {source}")]
     Watch {

@@ -148,13 +148,14 @@ impl Shipper {
         let state_rx = state_tx.subscribe();
         let mut uploaders = JoinSet::new();
         let positions: Vec<_> = position_txs.iter().map(|p| p.subscribe()).collect();
-        for ((replica, position_tx), replica_counters) in replicas.into_iter().zip(position_txs).zip(replica_counters) {
+        for ((replica, position_tx), replica_counters) in replicas.into_iter().zip(position_txs).zip(replica_counters.iter().cloned()) {
             let may_write = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
             // Upkeep ends with the capturer's final state; it never holds up shutdown.
             tokio::spawn(retention::run(replica.clone(), state_rx.clone(), wake_tx.clone(), may_write.clone()));
             uploaders.spawn(Uploader::new(replica, state_rx.clone(), position_tx, wake_tx.clone(), replica_counters, lease_terms.clone(), may_write).run());
         }
         let mut capturer = Capturer::new(db_path.clone(), meta, source, state_tx, positions.clone(), counters);
+        capturer.free_snapshots_held_by(replica_counters.clone());
         if let Some(events) = watcher {
             capturer.take_events(events);
         }

@@ -44,6 +44,9 @@ pub(crate) struct ReplicaCounters {
     pub(crate) caught_up_once: AtomicBool,
     /// Since when the replica has been missing a commit the capturer had published.
     pub(crate) behind_since: Mutex<Option<Instant>>,
+    /// The newest local snapshot the replica is known to hold: once every replica holds it, the
+    /// capturer frees its local copy.
+    pub(crate) snapshot_held: Mutex<Option<crate::meta::LocalSnapshot>>,
 }
 
 impl ReplicaCounters {

@@ -155,7 +155,7 @@ impl Uploader {
                     let new_generation = match &e {
                         Error::ReplicaAhead { .. } => true,
                         // Unless the generation has moved on meanwhile (its files go with it).
-                        Error::ShippedWalDiscarded { remote, .. } => self.state.borrow().generation == Some(remote.generation),
+                        Error::ShippedWalDiscarded { remote: Pos { generation, .. }, .. } | Error::SnapshotDiscarded { generation, .. } => self.state.borrow().generation == Some(*generation),
                         _ => false,
                     };
                     if new_generation {
@@ -244,10 +244,20 @@ impl Uploader {
     async fn put_snapshot(&mut self, generation: &walstream_format::GenerationId, snapshot: &LocalSnapshot) -> Result<(), Error> {
         self.confirm_lease().await?;
         let key = name::snapshot_key(generation, snapshot.index);
+        // Every replica held it, so its local copy was freed; this one has lost it since.
+        if std::fs::metadata(&snapshot.path).map_err(io_err("stat", &snapshot.path))?.len() == 0 {
+            return Err(Error::SnapshotDiscarded { replica: self.replica.name.clone(), generation: *generation, index: snapshot.index });
+        }
         self.replica.store.put_file(&key, &snapshot.path).await.map_err(|source| Error::Store { replica: self.replica.name.clone(), source })?;
         info!(replica = %self.replica.name, generation = %generation, index = snapshot.index, "snapshot uploaded");
-        self.uploaded_snapshot = Some(snapshot.clone());
+        self.holds_snapshot(snapshot);
         Ok(())
+    }
+
+    /// The replica holds `snapshot`: no upload of it again, and the capturer may free its copy.
+    fn holds_snapshot(&mut self, snapshot: &LocalSnapshot) {
+        self.uploaded_snapshot = Some(snapshot.clone());
+        *self.counters.snapshot_held.lock().unwrap_or_else(|e| e.into_inner()) = Some(snapshot.clone());
     }
 
     /// Finds where the replica stands in the current generation, uploading the generation's
@@ -266,7 +276,7 @@ impl Uploader {
                 self.put_snapshot(&generation, snapshot).await?;
                 return Ok(Pos { generation, index: snapshot.index, offset: 0 });
             }
-            Some(index) if index >= snapshot.index => self.uploaded_snapshot = Some(snapshot.clone()),
+            Some(index) if index >= snapshot.index => self.holds_snapshot(snapshot),
             Some(_) => {}
         }
         let segments = self.list(&name::wal_prefix(&generation)).await?;
