@@ -16,7 +16,22 @@ use crate::harness::*;
 
 /// A tmpfs mounted for the test's lifetime: a memory volume of `size` bytes.
 pub struct MemoryVolume {
-    dir: tempfile::TempDir,
+    dir: Mount,
+}
+
+enum Mount {
+    Owned(tempfile::TempDir),
+    /// Another thread's view of a volume the test owns.
+    Borrowed(PathBuf),
+}
+
+impl Mount {
+    fn path(&self) -> &Path {
+        match self {
+            Mount::Owned(dir) => dir.path(),
+            Mount::Borrowed(path) => path,
+        }
+    }
 }
 
 impl MemoryVolume {
@@ -24,7 +39,11 @@ impl MemoryVolume {
         let dir = tempfile::tempdir().unwrap();
         let output = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(dir.path()).output().unwrap();
         assert!(output.status.success(), "cannot mount a {size} tmpfs (the memory volume; tests run as root): {}", stderr(&output));
-        MemoryVolume { dir }
+        MemoryVolume { dir: Mount::Owned(dir) }
+    }
+
+    fn borrowed(path: PathBuf) -> MemoryVolume {
+        MemoryVolume { dir: Mount::Borrowed(path) }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -43,7 +62,9 @@ impl MemoryVolume {
 
 impl Drop for MemoryVolume {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(self.dir.path()).status();
+        if let Mount::Owned(dir) = &self.dir {
+            let _ = Command::new("umount").arg("-l").arg(dir.path()).status();
+        }
     }
 }
 
@@ -188,4 +209,67 @@ fn the_guides_cloud_run_instances_on_an_8_mib_memory_volume_lose_nothing() {
     let last = scratch.path("after-three-instances.db");
     restore(&url, &last);
     assert_same_database(&source, &last);
+}
+
+/// Fills the volume to the last byte with a file, so nothing more can be written until
+/// something is freed.
+fn fill(volume: &MemoryVolume) -> PathBuf {
+    use std::io::Write;
+    let path = volume.path("ballast");
+    let mut file = std::fs::File::create(&path).unwrap();
+    let block = vec![0xA5u8; 4096];
+    while file.write_all(&block).is_ok() {}
+    let _ = file.sync_all();
+    path
+}
+
+/// A volume the app has filled: walstream's own writes get ENOSPC, and nothing it shipped can
+/// be punched out to make room. Nothing the app committed is lost (walstream ships straight from
+/// the live WAL), `/healthz` and the metric say the disk is full while it lasts, the failure is
+/// logged once and not once per pass, and SIGTERM still ships everything. (The app itself may
+/// get SQLITE_FULL when its WAL must grow; those writes were never committed.)
+#[test]
+fn a_full_memory_volume_loses_nothing_committed() {
+    let scratch = Scratch::on(Backend::Gcs);
+    let url = scratch.replica_url();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
+    let volume = MemoryVolume::mount("8m");
+    let db = volume.path("db");
+    let addr = format!("127.0.0.1:{}", free_port());
+    App::open(&db);
+    let replicator = Replicator::start_with_args(&db, std::slice::from_ref(&url), scratch.path("replicate.log"), &[], &["-addr", &addr]);
+    wait_for_snapshot(&scratch);
+    // 3,000 rows, and a WAL that has reached its size: from here the app writes in place.
+    // (walstream's connections keep the app's last close from deleting the WAL.)
+    let warm_up = run_app(&volume, &db, 1000, Duration::from_secs(4), &mut rng);
+    assert!(warm_up.errors.is_empty());
+    fill(&volume);
+    assert!(volume.used() > (8 << 20) - (64 << 10), "the volume is not full; the test proves nothing");
+    let app = std::thread::spawn({
+        let (volume_path, db) = (volume.dir.path().to_path_buf(), db.clone());
+        let mut rng = rng.clone();
+        move || run_app(&MemoryVolume::borrowed(volume_path), &db, 500, Duration::from_secs(6), &mut rng)
+    });
+    let mut saw_full = (false, false);
+    while !app.is_finished() {
+        let (status, body) = crate::emulator::request_on(&addr, "GET", "/healthz", None).unwrap();
+        saw_full.0 |= status == 503 && body.contains("disk full");
+        let (_, metrics) = crate::emulator::request_on(&addr, "GET", "/metrics", None).unwrap();
+        saw_full.1 |= metrics.lines().any(|l| l.starts_with("walstream_disk_full{") && l.ends_with(" 1"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let run = app.join().unwrap();
+    let status = replicator.stop();
+    let log = std::fs::read_to_string(scratch.path("replicate.log")).unwrap();
+    let not_debug: Vec<&str> = log.lines().filter(|l| !l.contains(" DEBUG ")).collect();
+    assert!(status.success(), "replicate exited {status}:\n{}", not_debug.join("\n"));
+    eprintln!("{} commits, {} app errors ({:?}), healthz/metric saw the full disk: {saw_full:?}", run.commits, run.errors.len(), run.errors.first());
+    let failures = log.lines().filter(|l| l.contains("WARN") && l.contains("disk_full=true")).count();
+    assert!(failures >= 1, "walstream never hit the full disk; the test proves nothing");
+    assert!(failures <= 2, "a full disk is logged once a minute, not once per pass: {failures} lines in 6 s:\n{}", not_debug.join("\n"));
+    assert!(saw_full.0 && saw_full.1, "/healthz and walstream_disk_full must say the disk is full (healthz, metric): {saw_full:?}");
+    assert!(run.commits > 500, "only {} commits; the test proves little", run.commits);
+    let restored = scratch.path("restored.db");
+    restore(&url, &restored);
+    assert_same_database(&db, &restored);
 }

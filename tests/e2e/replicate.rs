@@ -48,7 +48,9 @@ on_both_backends! {
         // generations with full snapshots.
         let generations = scratch.generation_count();
         let log = std::fs::read_to_string(scratch.path("replicate.log")).unwrap_or_default();
-        let why: Vec<&str> = log.lines().filter(|l| l.contains("new generation")).collect();
+        // With what moved the pin around it: a new generation here has come from a pin dropped
+        // just before a TRUNCATE checkpoint.
+        let why: Vec<&str> = log.lines().filter(|l| ["new generation", "dropping the pin", "stepped aside", "busy writer", "new index"].iter().any(|s| l.contains(s))).collect();
         assert_eq!(generations, 1, "app checkpoints must not start new generations:\n{}", why.join("\n"));
     }
 }

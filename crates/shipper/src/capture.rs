@@ -56,11 +56,16 @@ const TIMING: Timing =
 /// so walstream moves its pin to read-mark 0 whenever the application's checkpoint has
 /// back-filled the whole WAL ([`Capturer::follow_backfill`]). A writer that never pauses leaves
 /// no such moment: once one WAL life holds this many frames, walstream drops its pin after
-/// copying so the application's checkpoint can restart the WAL. It is SQLite's default
+/// copying so the application's checkpoint can restart the WAL (only while the capturer polls a
+/// busy writer, see `let_busy_wal_restart`). It is SQLite's default
 /// `wal_autocheckpoint`, where the life of a WAL no one pins ends: at 32 MiB, a 1,000 tx/s
 /// writer's WAL grew to 32 MiB against 4 MiB without walstream. A TRUNCATE checkpoint landing
 /// in that gap right after a commit walstream has not copied costs a new generation, never data.
 const DROP_PIN_WAL_FRAMES: u64 = 1000;
+
+/// How long a WAL life stays past [`DROP_PIN_WAL_FRAMES`] under a busy writer before the pin is
+/// dropped: at 1,000 small commits a second, about 100 frames more.
+const DROP_PIN_AFTER: Duration = Duration::from_millis(100);
 
 /// After dropping its pin for a busy WAL (rule 4), the capturer looks at the wal-index this often
 /// and pins again at the first sign that the application's checkpoint let the WAL go (every
@@ -116,6 +121,12 @@ pub struct ShadowState {
     /// How many sync barriers (`walstream sync`, POST /sync) have been asked for: uploaders
     /// holding back for `sync-interval` ship at once when it changes.
     pub syncs_requested: u64,
+    /// While the disk is full: (index, offset) from which the current index is read from the
+    /// live WAL (`wal_path`) rather than its shadow file. Uploaders then ship at once, since the
+    /// capturer holds its pin, and the application's WAL cannot restart, until they have.
+    pub live_from: Option<(u32, u64)>,
+    /// The application's `-wal` file.
+    pub wal_path: PathBuf,
 }
 
 struct Generation {
@@ -167,6 +178,10 @@ pub(crate) struct Capturer {
     busy_passes: u32,
     /// Failed passes, logged once a minute with a count.
     failures: crate::throttle::Throttle,
+    /// Times the disk filled up and the live WAL had to serve the uploads, logged the same way.
+    disk_full_spells: crate::throttle::Throttle,
+    /// The index whose life first reached [`DROP_PIN_WAL_FRAMES`], and when.
+    large_wal_since: Option<(u32, Instant)>,
     /// Set while the pin is dropped for a busy WAL: the wal-index then, and when.
     dropped_pin: Option<(Option<WalIndexHeader>, Instant)>,
     /// The pin was taken again after a drop, so it does not vouch for the copy before it.
@@ -201,7 +216,9 @@ impl Capturer {
             last_copy: None,
             busy_passes: 0,
             failures: Default::default(),
+            disk_full_spells: Default::default(),
             replica_counters: Vec::new(),
+            large_wal_since: None,
             dropped_pin: None,
             repinned: false,
         }
@@ -270,6 +287,10 @@ impl Capturer {
                 self.publish(true);
                 if result.is_ok() {
                     self.answer_syncs();
+                }
+                // The uploads read what only the live WAL holds: the pin stays until they have.
+                while self.live_pending() && Instant::now() < retry_until + FULL_DISK_FINAL_COPY {
+                    std::thread::sleep(Duration::from_millis(5));
                 }
                 self.db.release_all();
                 return result;
@@ -375,7 +396,13 @@ impl Capturer {
         let started = Instant::now();
         let result = self.sync();
         self.counters.record_pass(started.elapsed(), result.is_ok());
-        self.counters.disk_full.store(result.as_ref().err().is_some_and(Error::is_disk_full), std::sync::atomic::Ordering::Relaxed);
+        let live = self.generation.as_ref().and_then(|g| g.shadow.as_ref()).is_some_and(|s| s.live_from.is_some());
+        let was_full = self.counters.disk_full.swap(live || result.as_ref().err().is_some_and(Error::is_disk_full), std::sync::atomic::Ordering::Relaxed);
+        if live && !was_full {
+            if let Some(unlogged) = self.disk_full_spells.failed() {
+                warn!(db = %self.db_path.display(), disk_full = true, spells_since_last_logged = unlogged, "local disk full: shipping straight from the live wal, and holding the application's wal until the replicas have it (logged once a minute while it recurs)");
+            }
+        }
         result
     }
 
@@ -396,8 +423,10 @@ impl Capturer {
         // `clean`: the pin held now was taken before the previous copy and held ever since, so the
         // WAL cannot have lost a frame that copy did not see (see `SourceDb`).
         let clean = self.db.is_pinned() && !std::mem::take(&mut self.repinned);
-        // While the pin is dropped for a busy WAL, only `repin_after_drop` takes it again.
-        if self.dropped_pin.is_none() && self.db.pin_age().is_none_or(|age| age >= self.timing.pin_roll) {
+        self.leave_live_if_shipped();
+        // While the pin is dropped for a busy WAL, only `repin_after_drop` takes it again; while
+        // the live WAL holds bytes a replica lacks, the pin that protects them stays.
+        if self.dropped_pin.is_none() && !self.live_pending() && self.db.pin_age().is_none_or(|age| age >= self.timing.pin_roll) {
             self.db.roll_pin();
         }
         let mut result = self.copy(clean);
@@ -450,6 +479,11 @@ impl Capturer {
     /// aside and the checkpoint proceeds.
     fn step_aside(&mut self) {
         let result = self.copy(true);
+        if self.live_pending() {
+            // The checkpoint waits until the replicas hold what only the live WAL has.
+            self.publish(false);
+            return;
+        }
         if result.is_ok() && self.db.blocking_checkpoint_waiting() {
             if let Some(shadow) = self.generation.as_mut().and_then(|g| g.shadow.as_mut()) {
                 shadow.sealed = true;
@@ -476,6 +510,28 @@ impl Capturer {
         Ok(())
     }
 
+    /// True while the live WAL holds committed bytes that are not in the shadow file and that
+    /// some replica lacks: until they are shipped, the pin must not move.
+    fn live_pending(&self) -> bool {
+        let Some(generation) = &self.generation else { return false };
+        let Some(shadow) = generation.shadow.as_ref() else { return false };
+        let Some(from) = shadow.live_from else { return false };
+        shadow.committed_len > from && !all_hold(&self.replica_positions, generation.end())
+    }
+
+    /// Stores the current index in its file again once the replicas hold what the live WAL
+    /// served (see `ShadowIndex::leave_live`).
+    fn leave_live_if_shipped(&mut self) {
+        if self.live_pending() {
+            return;
+        }
+        if let Some(shadow) = self.generation.as_mut().and_then(|g| g.shadow.as_mut()) {
+            if shadow.live_from.is_some() && shadow.leave_live() {
+                debug!(db = %self.db_path.display(), index = shadow.index, "disk space again; the shadow wal is stored locally again");
+            }
+        }
+    }
+
     /// Where the shadow of the current WAL life ends: (index, committed length).
     fn shadow_end(&self) -> Option<(u32, u64)> {
         let shadow = self.generation.as_ref()?.shadow.as_ref()?;
@@ -487,8 +543,24 @@ impl Capturer {
         let Some((index, len)) = self.shadow_end() else {
             return;
         };
+        if self.live_pending() {
+            return;
+        }
         let frame = walstream_format::wal::frame_size(self.db.page_size());
-        if len >= WAL_HEADER_SIZE as u64 + DROP_PIN_WAL_FRAMES * frame && self.db.is_pinned() {
+        if len < WAL_HEADER_SIZE as u64 + DROP_PIN_WAL_FRAMES * frame {
+            self.large_wal_since = None;
+            return;
+        }
+        // Only for a writer that keeps committing (the capturer polls it) for a while past the
+        // size: after a burst, such as a VACUUM and a few commits, the application may run a
+        // TRUNCATE checkpoint, which the pin hands off cleanly (`step_aside`) while a dropped pin
+        // could lose the last commits to it (a new generation; seen in 1 of 8 runs without this).
+        let since = *self.large_wal_since.get_or_insert((index, Instant::now()));
+        if since.0 != index {
+            self.large_wal_since = Some((index, Instant::now()));
+            return;
+        }
+        if self.polling && since.1.elapsed() >= DROP_PIN_AFTER && self.db.is_pinned() {
             debug!(db = %self.db_path.display(), index, "wal life is large and never fully back-filled; dropping the pin so the application's checkpoint can restart it");
             self.db.release_all();
             self.dropped_pin = Some((self.db.wal_index_header(), Instant::now()));
@@ -498,13 +570,22 @@ impl Capturer {
     /// See [`REPIN_POLL`]. Once every frame is back-filled the new pin takes read-mark 0, which
     /// lets the WAL restart but keeps the next life from being back-filled; after a restart it
     /// takes a read-mark of the new life, which keeps it from restarting again.
+    ///
+    /// Meanwhile every change the wal-index shows is copied at once: without a pin, an
+    /// application's TRUNCATE checkpoint right after a commit would take that commit with it,
+    /// and a commit copied before it leaves the WAL ending where the shadow does (rule 5).
     fn repin_after_drop(&mut self) {
-        let Some((at_drop, since)) = self.dropped_pin else { return };
-        let let_go = match (self.db.wal_index_header(), at_drop) {
+        let Some((seen, since)) = self.dropped_pin else { return };
+        let now = self.db.wal_index_header();
+        let let_go = match (now, seen) {
             (Some(now), Some(then)) => now.salt1 != then.salt1 || (now.max_frame > 0 && now.backfilled == now.max_frame),
             // No wal-index to read (the last connection closed): nothing to wait for.
             _ => true,
         };
+        if now != seen {
+            self.dropped_pin = Some((now, since));
+            self.sync_logged();
+        }
         if let_go || since.elapsed() >= REPIN_WAIT {
             self.dropped_pin = None;
             if self.db.roll_pin() {
@@ -519,7 +600,8 @@ impl Capturer {
     /// a complete back-fill under it means no frame was appended since it began, so everything
     /// in the WAL has been copied.
     fn follow_backfill(&mut self) {
-        if !self.db.is_pinned() {
+        self.leave_live_if_shipped();
+        if !self.db.is_pinned() || self.live_pending() {
             return;
         }
         let Some(index) = self.db.wal_index_header() else {
@@ -593,7 +675,9 @@ impl Capturer {
                 // No wal-index left to ask (the last connection closed): only the pin can vouch.
                 None => clean || shadow.sealed,
             };
-            if ended_at_shadow {
+            // Bytes only the live WAL held went with it unless every replica had them (rule 7).
+            let live_gone = shadow.live_from.is_some_and(|from| shadow.committed_len > from) && !all_hold(&self.replica_positions, Pos { generation: generation.id, index: shadow.index, offset: shadow.committed_len });
+            if ended_at_shadow && !live_gone {
                 shadow.sealed = true;
                 return Ok(());
             }
@@ -627,6 +711,11 @@ impl Capturer {
             self.counters.shadow_bytes.fetch_add(shadow.append_from(&live.file, live.len, hint(&shadow.header), &mut self.buf)?, std::sync::atomic::Ordering::Relaxed);
         } else if !(clean || shadow.sealed) {
             return self.new_generation("wal overwritten by another process");
+        }
+        // A life that ends with bytes only the live WAL held (the disk was full) and that some
+        // replica lacks: the restart writes over them, so nothing vouches for them any more.
+        if shadow.live_from.is_some_and(|from| shadow.committed_len > from) && !all_hold(&self.replica_positions, Pos { generation: generation.id, index: shadow.index, offset: shadow.committed_len }) {
+            return self.new_generation("the wal restarted while the disk was full, before every replica had its last frames");
         }
         shadow.finish()?;
         let next = ShadowIndex::create(&self.meta.wal_dir(&generation.id), shadow.index + 1, bytes, header)?;
@@ -664,7 +753,16 @@ impl Capturer {
     fn publish(&mut self, is_final: bool) {
         let state = match &self.generation {
             None => ShadowState { is_final, syncs_requested: self.syncs_requested, ..ShadowState::default() },
-            Some(generation) => ShadowState { generation: Some(generation.id), wal_dir: self.meta.wal_dir(&generation.id), snapshot: Some(generation.snapshot.clone()), end: Some(generation.end()), is_final, syncs_requested: self.syncs_requested },
+            Some(generation) => ShadowState {
+                generation: Some(generation.id),
+                wal_dir: self.meta.wal_dir(&generation.id),
+                snapshot: Some(generation.snapshot.clone()),
+                end: Some(generation.end()),
+                is_final,
+                syncs_requested: self.syncs_requested,
+                live_from: generation.shadow.as_ref().and_then(|s| Some((s.index, s.live_from?))),
+                wal_path: self.wal_path.clone(),
+            },
         };
         self.state.send_if_modified(|current| {
             let modified = *current != state;
@@ -698,6 +796,11 @@ impl Capturer {
             _ => {}
         }
     }
+}
+
+/// True when every replica's position is at or past `at` (in its generation).
+fn all_hold(positions: &[watch::Receiver<Option<Pos>>], at: Pos) -> bool {
+    positions.iter().all(|p| p.borrow().is_some_and(|pos| pos.generation == at.generation && pos >= at))
 }
 
 /// Picks up the generation a previous run left, if its snapshot was completed.

@@ -138,7 +138,7 @@ impl Error {
     /// True when a local disk is full (ENOSPC, or a quota): the cause of a failed pass that
     /// `/healthz` and the `walstream_disk_full` metric report.
     pub fn is_disk_full(&self) -> bool {
-        matches!(self, Error::Io { source, .. } if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)))
+        matches!(self, Error::Io { source, .. } if crate::shadow::is_disk_full(source))
     }
 }
 

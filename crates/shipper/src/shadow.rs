@@ -70,6 +70,12 @@ pub(crate) struct ShadowIndex {
     unsynced_since: Option<Instant>,
     /// Bytes below this are punched out of the file (every replica has them); 0 if none are.
     discarded: u64,
+    /// Set while the disk is full: bytes from here to `committed_len` are not in the file, only
+    /// in the live WAL, which the capturer's pin keeps from being overwritten until every
+    /// replica has them. Uploaders read them there.
+    pub(crate) live_from: Option<u64>,
+    /// While `live_from` is set: the last committed frame, which the file may not hold.
+    live_last_frame: Vec<u8>,
 }
 
 impl ShadowIndex {
@@ -77,9 +83,14 @@ impl ShadowIndex {
     pub(crate) fn create(wal_dir: &Path, index: u32, header_bytes: [u8; WAL_HEADER_SIZE], header: WalHeader) -> Result<ShadowIndex, Error> {
         let path = wal_dir.join(name::shadow_wal_file_name(index));
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).map_err(io_err("create", &path))?;
-        file.write_all_at(&header_bytes, 0).map_err(io_err("write", &path))?;
-        file.sync_data().map_err(io_err("fsync", &path))?;
-        Ok(ShadowIndex::header_only(index, path, file, header_bytes, header))
+        let mut shadow = ShadowIndex::header_only(index, path, file, header_bytes, header);
+        match shadow.file.write_all_at(&header_bytes, 0).and_then(|()| shadow.file.sync_data()) {
+            Ok(()) => {}
+            // Not even the header fits: the whole index is served from the live WAL.
+            Err(e) if is_disk_full(&e) => shadow.live_from = Some(0),
+            Err(e) => return Err(io_err("write", &shadow.path)(e)),
+        }
+        Ok(shadow)
     }
 
     /// Reopens an index after a restart of walstream, cutting any tail a crash left after the
@@ -136,7 +147,26 @@ impl ShadowIndex {
 
     /// The state of a file holding `header_bytes` and no frame yet.
     fn header_only(index: u32, path: PathBuf, file: File, header_bytes: [u8; WAL_HEADER_SIZE], header: WalHeader) -> ShadowIndex {
-        ShadowIndex { index, path, file, header, header_bytes, committed_len: WAL_HEADER_SIZE as u64, chain: FrameChain::new(header), sealed: false, next_salt1: None, unsynced_since: None, discarded: 0 }
+        ShadowIndex { index, path, file, header, header_bytes, committed_len: WAL_HEADER_SIZE as u64, chain: FrameChain::new(header), sealed: false, next_salt1: None, unsynced_since: None, discarded: 0, live_from: None, live_last_frame: Vec::new() }
+    }
+
+    /// Once every replica holds everything copied, the index is stored in its file again from
+    /// here on: the last frame is written where it belongs (the capturer compares it with the
+    /// live WAL) and the bytes in between, all shipped, are left out. False if even that frame
+    /// does not fit yet.
+    pub(crate) fn leave_live(&mut self) -> bool {
+        let Some(from) = self.live_from else { return true };
+        let frame = self.header.frame_size();
+        if self.committed_len >= from + frame && self.file.write_all_at(&self.live_last_frame, self.committed_len - frame).is_err() {
+            return false;
+        }
+        if from == 0 && self.file.write_all_at(&self.header_bytes, 0).is_err() {
+            return false;
+        }
+        self.live_from = None;
+        self.live_last_frame = Vec::new();
+        self.unsynced_since.get_or_insert_with(Instant::now);
+        true
     }
 
     /// Punches out what every replica holds (everything below `shipped`) but the last frame.
@@ -164,6 +194,9 @@ impl ShadowIndex {
         let frame = self.header.frame_size();
         if self.committed_len < WAL_HEADER_SIZE as u64 + frame {
             return Ok(None);
+        }
+        if self.live_from.is_some_and(|from| self.committed_len >= from + frame) {
+            return Ok(Some(self.live_last_frame.clone()));
         }
         let mut buf = vec![0u8; frame as usize];
         self.file.read_exact_at(&mut buf, self.committed_len - frame).map_err(io_err("read", &self.path))?;
@@ -195,6 +228,7 @@ impl ShadowIndex {
         let mut offset = self.committed_len;
         let mut chain = self.chain;
         let (mut commit_end, mut commit_chain) = (self.committed_len, self.chain);
+        let mut storing = write && self.live_from.is_none();
         'chunks: while offset + frame as u64 <= source_len {
             let frames_left = ((source_len - offset) / frame as u64) as usize;
             let n_frames = match committed_hint.min(source_len).saturating_sub(offset) / frame as u64 {
@@ -220,26 +254,29 @@ impl ShadowIndex {
                     chunk_commit = Some((n_valid, chain));
                 }
             }
-            if write && n_valid > 0 {
+            if storing && n_valid > 0 {
                 if let Err(e) = self.file.write_all_at(&chunk[..n_valid * frame], offset) {
-                    // A full disk: keep every whole transaction that fits, so the uploads that
-                    // free the shadow's space as they ship can make progress, and the next pass
-                    // goes on from there.
+                    if !is_disk_full(&e) {
+                        return Err(io_err("write", &self.path)(e));
+                    }
+                    // A full disk: keep every whole transaction that fits, and serve the rest
+                    // of this WAL life from the live WAL until the replicas have it.
                     let fitted = chunk[..n_valid * frame].chunks_exact(frame).enumerate().take_while(|(i, bytes)| self.file.write_all_at(bytes, offset + (i * frame) as u64).is_ok()).count();
-                    let mut refit = chain_at_chunk;
+                    let (mut stored_end, mut refit) = (commit_end, chain_at_chunk);
                     for (i, bytes) in chunk[..fitted * frame].chunks_exact(frame).enumerate() {
                         if refit.accept(bytes).is_some_and(|h| h.is_commit()) {
-                            (commit_end, commit_chain) = (offset + ((i + 1) * frame) as u64, refit);
+                            stored_end = offset + ((i + 1) * frame) as u64;
                         }
                     }
-                    self.committed_len = commit_end;
-                    self.chain = commit_chain;
-                    self.unsynced_since.get_or_insert_with(Instant::now);
-                    return Err(io_err("write", &self.path)(e));
+                    self.live_from = Some(stored_end);
+                    storing = false;
                 }
             }
             if let Some((n, at_commit)) = chunk_commit {
                 (commit_end, commit_chain) = (offset + (n * frame) as u64, at_commit);
+                if write && !storing {
+                    self.live_last_frame = chunk[(n - 1) * frame..n * frame].to_vec();
+                }
             }
             offset += (n_valid * frame) as u64;
             if n_valid < n_frames {
@@ -283,6 +320,11 @@ impl ShadowIndex {
         }
         Ok(())
     }
+}
+
+/// ENOSPC, or a quota.
+pub(crate) fn is_disk_full(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
 }
 
 /// Punches out of a shipped index file everything below `shipped` (whole blocks, the header's

@@ -13,10 +13,10 @@ use walstream_store::ObjectStore;
 
 use crate::capture::ShadowState;
 use crate::error::{io_err, Error};
+use crate::lease::{Lease, LeasePolicy};
 use crate::mapped::MappedRange;
 use crate::meta::LocalSnapshot;
 use crate::retention::RetentionPolicy;
-use crate::lease::{Lease, LeasePolicy};
 use crate::status::ReplicaCounters;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -90,7 +90,15 @@ pub(crate) struct Uploader {
 }
 
 impl Uploader {
-    pub(crate) fn new(replica: Replica, state: watch::Receiver<ShadowState>, position: watch::Sender<Option<Pos>>, new_generation: std::sync::mpsc::Sender<crate::capture::Wake>, counters: Arc<ReplicaCounters>, lease_terms: Option<(String, LeasePolicy)>, may_write: Arc<AtomicBool>) -> Uploader {
+    pub(crate) fn new(
+        replica: Replica,
+        state: watch::Receiver<ShadowState>,
+        position: watch::Sender<Option<Pos>>,
+        new_generation: std::sync::mpsc::Sender<crate::capture::Wake>,
+        counters: Arc<ReplicaCounters>,
+        lease_terms: Option<(String, LeasePolicy)>,
+        may_write: Arc<AtomicBool>,
+    ) -> Uploader {
         Uploader { replica, state, position, new_generation, uploaded_snapshot: None, counters, lease_terms, lease: None, may_write, last_segment_put: None, framed: BytesMut::new(), failures: Default::default() }
     }
 
@@ -184,7 +192,8 @@ impl Uploader {
         let (interval, Some(last)) = (self.replica.sync_interval, self.last_segment_put) else {
             return;
         };
-        if interval.is_zero() {
+        // Bytes served from the live WAL hold the capturer's pin until shipped: no waiting.
+        if interval.is_zero() || self.state.borrow().live_from.is_some() {
             return;
         }
         let mut state = self.state.clone();
@@ -207,24 +216,37 @@ impl Uploader {
             return Err(Error::ReplicaAhead { replica: self.replica.name.clone(), remote: pos, local: end });
         }
         while pos < end {
-            let path = state.wal_dir.join(name::shadow_wal_file_name(pos.index));
+            // While the disk is full, the current index's newest bytes are only in the live WAL.
+            let live_from = state.live_from.filter(|&(index, _)| index == pos.index).map(|(_, from)| from);
+            let from_live_wal = live_from.is_some_and(|from| pos.offset >= from);
+            let path = if from_live_wal { state.wal_path.clone() } else { state.wal_dir.join(name::shadow_wal_file_name(pos.index)) };
             let file = match std::fs::File::open(&path) {
                 Ok(file) => file,
                 // Deleted once every replica had shipped it.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Error::ShippedWalDiscarded { replica: self.replica.name.clone(), remote: pos }),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && !from_live_wal => return Err(Error::ShippedWalDiscarded { replica: self.replica.name.clone(), remote: pos }),
                 Err(e) => return Err(io_err("open", &path)(e)),
             };
             // Bytes below the published end never change; a finished index is its whole file.
             let limit = if pos.index == end.index { end.offset } else { file.metadata().map_err(io_err("stat", &path))?.len() };
+            let limit = match live_from {
+                Some(from) if !from_live_wal => limit.min(from),
+                _ => limit,
+            };
             if pos.offset >= limit {
                 pos = Pos { generation, index: pos.index + 1, offset: 0 };
                 continue;
             }
-            // Bytes every replica had were punched out; a replica reset since then lacks them.
-            if crate::shadow::first_data(&file, pos.offset) != Some(pos.offset) {
-                return Err(Error::ShippedWalDiscarded { replica: self.replica.name.clone(), remote: pos });
-            }
-            let (body, len) = frame_segment(&file, pos.offset, limit, &mut self.framed).map_err(io_err("read", &path))?;
+            let (body, len) = if from_live_wal {
+                // Read, not mapped: the application may truncate its WAL (a mapped page past the
+                // end would raise SIGBUS), though not before the capturer's pin lets it.
+                frame_segment(Piece::Read(&file), pos.offset, limit, &mut self.framed).map_err(io_err("read", &path))?
+            } else {
+                // Bytes every replica had were punched out; a replica reset since then lacks them.
+                if crate::shadow::first_data(&file, pos.offset) != Some(pos.offset) {
+                    return Err(Error::ShippedWalDiscarded { replica: self.replica.name.clone(), remote: pos });
+                }
+                frame_segment(Piece::Mapped(&file), pos.offset, limit, &mut self.framed).map_err(io_err("read", &path))?
+            };
             let key = name::segment_key(&generation, pos.index, pos.offset);
             self.last_segment_put = Some(tokio::time::Instant::now());
             self.put(&key, body).await?;
@@ -312,11 +334,22 @@ impl Uploader {
     }
 }
 
-/// LZ4-frames the shadow's bytes from `start` toward `limit` into `framed`'s buffer, a piece at
-/// a time straight from the page cache, until the frame reaches [`SEGMENT_TARGET_BYTES`];
-/// returns the frame and the raw bytes it holds. The buffer is reused: once the store drops the
-/// returned bytes, the next call's `resize` takes the same allocation back.
-fn frame_segment(file: &File, start: u64, limit: u64, framed: &mut BytesMut) -> std::io::Result<(Bytes, u64)> {
+/// Where a segment's bytes come from.
+#[derive(Clone, Copy)]
+enum Piece<'a> {
+    /// A shadow file, mapped a piece at a time.
+    Mapped(&'a File),
+    /// The live WAL, read a piece at a time.
+    Read(&'a File),
+}
+
+/// LZ4-frames the bytes from `start` toward `limit` into `framed`'s buffer, a piece at a time
+/// straight from the page cache, until the frame reaches [`SEGMENT_TARGET_BYTES`]; returns the
+/// frame and the raw bytes it holds. The buffer is reused: once the store drops the returned
+/// bytes, the next call's `resize` takes the same allocation back.
+fn frame_segment(source: Piece<'_>, start: u64, limit: u64, framed: &mut BytesMut) -> std::io::Result<(Bytes, u64)> {
+    use std::os::unix::fs::FileExt;
+    let mut read_buf = Vec::new();
     framed.clear();
     // Reserved whole up front: grown block by block, the buffer doubled past what any frame needs.
     framed.reserve(SEGMENT_TARGET_BYTES + lz4::FrameBuilder::block_bound(PIECE_BYTES) + lz4::FrameBuilder::END_LEN);
@@ -330,9 +363,20 @@ fn frame_segment(file: &File, start: u64, limit: u64, framed: &mut BytesMut) -> 
         // of walstream's CPU under a saturated writer. One piece at a time, because mapped pages
         // count in walstream's RSS while mapped: a whole segment's took its peak from 15.5 MiB
         // to 25.7 MiB.
-        let piece = MappedRange::new(file, at, len)?;
+        let mapped;
+        let piece = match source {
+            Piece::Mapped(file) => {
+                mapped = MappedRange::new(file, at, len)?;
+                mapped.bytes()
+            }
+            Piece::Read(file) => {
+                read_buf.resize(len, 0);
+                file.read_exact_at(&mut read_buf, at)?;
+                &read_buf[..]
+            }
+        };
         framed.resize(frame.written() + lz4::FrameBuilder::block_bound(len), 0);
-        frame.push(piece.bytes(), framed);
+        frame.push(piece, framed);
         at += len as u64;
     }
     framed.resize(frame.written() + lz4::FrameBuilder::END_LEN, 0);
@@ -364,7 +408,7 @@ mod tests {
         let mut framed = BytesMut::new();
         let (mut at, mut lens, mut first) = (0u64, Vec::new(), None);
         while at < data.len() as u64 {
-            let (body, len) = frame_segment(&file, at, data.len() as u64, &mut framed).unwrap();
+            let (body, len) = frame_segment(Piece::Mapped(&file), at, data.len() as u64, &mut framed).unwrap();
             assert_eq!(lz4::decompress(&body).unwrap(), data[at as usize..(at + len) as usize]);
             assert!(body.len() <= SEGMENT_TARGET_BYTES + lz4::FrameBuilder::block_bound(PIECE_BYTES) + lz4::FrameBuilder::END_LEN);
             let ptr = body.as_ptr() as usize;
@@ -381,10 +425,10 @@ mod tests {
         let mut file = tempfile::tempfile().unwrap();
         file.write_all(&[5u8; 1000]).unwrap();
         let mut framed = BytesMut::new();
-        let (held, len) = frame_segment(&file, 100, 700, &mut framed).unwrap();
+        let (held, len) = frame_segment(Piece::Mapped(&file), 100, 700, &mut framed).unwrap();
         assert_eq!(len, 600);
         // While a frame is still held (an upload in flight), the next one must not overwrite it.
-        let (next, _) = frame_segment(&file, 0, 10, &mut framed).unwrap();
+        let (next, _) = frame_segment(Piece::Mapped(&file), 0, 10, &mut framed).unwrap();
         assert_eq!(lz4::decompress(&held).unwrap(), [5u8; 600]);
         assert_eq!(lz4::decompress(&next).unwrap(), [5u8; 10]);
     }
