@@ -3,7 +3,9 @@
 //! - `walstream-bench restore` (`scripts/bench-restore.sh`): restore time of the same replica;
 //! - `walstream-bench replicate` (`scripts/bench-replicate.sh`): replication lag, the app's
 //!   transaction rate, the replicator's CPU and memory, drain time and object-store requests,
-//!   against fake-gcs-server, whose request log does the counting.
+//!   against fake-gcs-server, whose request log does the counting;
+//! - `walstream-bench volume` (`scripts/bench-volume.sh`): the app's memory volume and WAL with
+//!   no replicator, under litestream and under walstream, at several write rates.
 //!
 //! Timing lives here and nowhere in the test suite.
 
@@ -13,6 +15,7 @@ mod emulator;
 mod proc_stats;
 mod replicate;
 mod restore;
+mod volume;
 
 use anyhow::bail;
 
@@ -21,6 +24,7 @@ fn main() -> anyhow::Result<()> {
     match args.next().as_deref() {
         Some("restore") => restore::run(args),
         Some("replicate") => replicate::run(args),
-        _ => bail!("usage: walstream-bench restore|replicate [FLAGS] (see scripts/bench-restore.sh, scripts/bench-replicate.sh)"),
+        Some("volume") => volume::run(args),
+        _ => bail!("usage: walstream-bench restore|replicate|volume [FLAGS] (see scripts/bench-restore.sh, scripts/bench-replicate.sh, scripts/bench-volume.sh)"),
     }
 }
