@@ -67,17 +67,6 @@ const DROP_PIN_WAL_FRAMES: u64 = 1000;
 /// dropped: at 1,000 small commits a second, about 100 frames more.
 const DROP_PIN_AFTER: Duration = Duration::from_millis(100);
 
-/// After dropping its pin for a busy WAL (rule 4), the capturer looks at the wal-index this often
-/// and pins again at the first sign that the application's checkpoint let the WAL go (every
-/// frame back-filled, or the WAL already restarted): pinned again, the WAL can restart once
-/// but not a second time unseen. A pass 10 ms later, as before, let an application that writes
-/// a huge transaction and then checkpoints (VACUUM) restart the WAL twice in between, which
-/// cost a new generation.
-const REPIN_POLL: Duration = Duration::from_millis(1);
-
-/// The longest the pin stays dropped when the application's checkpoint does not come.
-const REPIN_WAIT: Duration = Duration::from_millis(250);
-
 /// How long the final copy at shutdown goes on retrying while the disk is full. Within the
 /// default shutdown deadline (8 s), which bounds the uploads that follow it.
 const FULL_DISK_FINAL_COPY: Duration = Duration::from_secs(4);
@@ -182,10 +171,6 @@ pub(crate) struct Capturer {
     disk_full_spells: crate::throttle::Throttle,
     /// The index whose life first reached [`DROP_PIN_WAL_FRAMES`], and when.
     large_wal_since: Option<(u32, Instant)>,
-    /// Set while the pin is dropped for a busy WAL: the wal-index then, and when.
-    dropped_pin: Option<(Option<WalIndexHeader>, Instant)>,
-    /// The pin was taken again after a drop, so it does not vouch for the copy before it.
-    repinned: bool,
     /// What each replica reports holding, to free the local snapshot once all hold it.
     replica_counters: Vec<std::sync::Arc<crate::status::ReplicaCounters>>,
 }
@@ -219,8 +204,6 @@ impl Capturer {
             disk_full_spells: Default::default(),
             replica_counters: Vec::new(),
             large_wal_since: None,
-            dropped_pin: None,
-            repinned: false,
         }
     }
 
@@ -229,7 +212,6 @@ impl Capturer {
         self.sync_logged();
         loop {
             let timeout = match (self.db.is_pinned(), self.last_change.elapsed() < self.timing.active_window) {
-                _ if self.dropped_pin.is_some() => REPIN_POLL,
                 _ if self.polling => self.timing.pass_spacing,
                 (true, true) => self.timing.probe_active,
                 (true, false) => self.timing.probe_idle,
@@ -249,12 +231,6 @@ impl Capturer {
                 Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => Some(Wake::Shutdown),
             };
-            if self.dropped_pin.is_some() {
-                self.repin_after_drop();
-                if first.is_none() && self.dropped_pin.is_some() {
-                    continue;
-                }
-            }
             // Coalesce a burst of events into one pass.
             for wake in first.into_iter().chain(std::iter::from_fn(|| wakes.try_recv().ok())) {
                 match wake {
@@ -422,11 +398,10 @@ impl Capturer {
         }
         // `clean`: the pin held now was taken before the previous copy and held ever since, so the
         // WAL cannot have lost a frame that copy did not see (see `SourceDb`).
-        let clean = self.db.is_pinned() && !std::mem::take(&mut self.repinned);
+        let clean = self.db.is_pinned();
         self.leave_live_if_shipped();
-        // While the pin is dropped for a busy WAL, only `repin_after_drop` takes it again; while
-        // the live WAL holds bytes a replica lacks, the pin that protects them stays.
-        if self.dropped_pin.is_none() && !self.live_pending() && self.db.pin_age().is_none_or(|age| age >= self.timing.pin_roll) {
+        // While the live WAL holds bytes a replica lacks, the pin that protects them stays.
+        if !self.live_pending() && self.db.pin_age().is_none_or(|age| age >= self.timing.pin_roll) {
             self.db.roll_pin();
         }
         let mut result = self.copy(clean);
@@ -563,34 +538,6 @@ impl Capturer {
         if self.polling && since.1.elapsed() >= DROP_PIN_AFTER && self.db.is_pinned() {
             debug!(db = %self.db_path.display(), index, "wal life is large and never fully back-filled; dropping the pin so the application's checkpoint can restart it");
             self.db.release_all();
-            self.dropped_pin = Some((self.db.wal_index_header(), Instant::now()));
-        }
-    }
-
-    /// See [`REPIN_POLL`]. Once every frame is back-filled the new pin takes read-mark 0, which
-    /// lets the WAL restart but keeps the next life from being back-filled; after a restart it
-    /// takes a read-mark of the new life, which keeps it from restarting again.
-    ///
-    /// Meanwhile every change the wal-index shows is copied at once: without a pin, an
-    /// application's TRUNCATE checkpoint right after a commit would take that commit with it,
-    /// and a commit copied before it leaves the WAL ending where the shadow does (rule 5).
-    fn repin_after_drop(&mut self) {
-        let Some((seen, since)) = self.dropped_pin else { return };
-        let now = self.db.wal_index_header();
-        let let_go = match (now, seen) {
-            (Some(now), Some(then)) => now.salt1 != then.salt1 || (now.max_frame > 0 && now.backfilled == now.max_frame),
-            // No wal-index to read (the last connection closed): nothing to wait for.
-            _ => true,
-        };
-        if now != seen {
-            self.dropped_pin = Some((now, since));
-            self.sync_logged();
-        }
-        if let_go || since.elapsed() >= REPIN_WAIT {
-            self.dropped_pin = None;
-            if self.db.roll_pin() {
-                self.repinned = true;
-            }
         }
     }
 
