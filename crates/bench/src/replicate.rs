@@ -68,14 +68,23 @@ pub fn run(mut args: impl Iterator<Item = String>) -> anyhow::Result<()> {
     ensure!(o.walstream.is_file() && o.litestream.is_file() && o.fake_gcs.exists(), "--walstream, --litestream and --fake-gcs-server must name the binaries");
     ensure!(o.lag_samples >= 2 && o.dbs >= 1 && o.saturated_runs >= 1, "--lag-samples must be at least 2, --dbs and --saturated-runs at least 1");
 
-    let dir = tempfile::tempdir()?;
-    let emulator = Emulator::start(&o.fake_gcs, dir.path())?;
+    let temp = tempfile::tempdir()?;
+    let dir = temp.path().to_path_buf();
+    // WALSTREAM_BENCH_KEEP=1 keeps the databases and the replicators' logs, to look into a run.
+    let _removed_at_exit = match std::env::var_os("WALSTREAM_BENCH_KEEP") {
+        Some(_) => {
+            eprintln!("keeping {}", temp.keep().display());
+            None
+        }
+        None => Some(temp),
+    };
+    let emulator = Emulator::start(&o.fake_gcs, &dir)?;
     let walstream = Tool { label: "walstream", bin: o.walstream.clone(), prefix: "ws", flags: vec![], hold: Duration::ZERO };
     let paced = Tool { label: "walstream -sync-interval 1s", bin: o.walstream.clone(), prefix: "ws1", flags: vec!["-sync-interval".into(), "1s".into()], hold: Duration::from_secs(1) };
     let coalescing = Tool { label: "walstream -sync-interval 10s", bin: o.walstream.clone(), prefix: "ws10", flags: vec!["-sync-interval".into(), "10s".into()], hold: Duration::from_secs(10) };
     let unleased = Tool { label: "walstream -no-lease", bin: o.walstream.clone(), prefix: "wsnl", flags: vec!["-no-lease".into()], hold: Duration::ZERO };
     let litestream = Tool { label: "litestream v0.3.13", bin: o.litestream.clone(), prefix: "ls", flags: vec![], hold: Duration::ZERO };
-    let bench = Bench { o: &o, dir: dir.path(), emulator: &emulator };
+    let bench = Bench { o: &o, dir: &dir, emulator: &emulator };
 
     let (mut unreplicated, mut saturated) = (Vec::new(), [Vec::new(), Vec::new()]);
     for run in 0..o.saturated_runs {
@@ -201,15 +210,7 @@ impl Bench<'_> {
         let db = self.dir.join(format!("{bucket}.db"));
         create_db(&db)?;
         let log = std::fs::File::create(self.dir.join(format!("{bucket}.log")))?;
-        let child = Command::new(&tool.bin)
-            .arg("replicate")
-            .args(&tool.flags)
-            .arg(&db)
-            .arg(format!("gcs://{bucket}/db"))
-            .env("STORAGE_EMULATOR_HOST", &self.emulator.host)
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
+        let child = Command::new(&tool.bin).arg("replicate").args(&tool.flags).arg(&db).arg(format!("gcs://{bucket}/db")).env("STORAGE_EMULATOR_HOST", &self.emulator.host).stdout(log.try_clone()?).stderr(log).spawn()?;
         let phase = Phase { bench: self, bucket, db, child };
         phase.settle(1)?;
         Ok(phase)
@@ -273,13 +274,7 @@ impl Bench<'_> {
             let restored = self.dir.join(format!("{}-restored-{attempt}.db", phase.bucket));
             let restore_started = Instant::now();
             first_restore_at.get_or_insert_with(SystemTime::now);
-            let output = Command::new(&tool.bin)
-                .args(["restore", "-o"])
-                .arg(&restored)
-                .arg(format!("gcs://{}/db", phase.bucket))
-                .env("STORAGE_EMULATOR_HOST", &self.emulator.host)
-                .stderr(Stdio::piped())
-                .output()?;
+            let output = Command::new(&tool.bin).args(["restore", "-o"]).arg(&restored).arg(format!("gcs://{}/db", phase.bucket)).env("STORAGE_EMULATOR_HOST", &self.emulator.host).stderr(Stdio::piped()).output()?;
             let restore = restore_started.elapsed();
             ensure!(output.status.success(), "{} restore failed: {}", tool.label, String::from_utf8_lossy(&output.stderr));
             let equal = fingerprint(&restored)? == expected;
@@ -341,13 +336,7 @@ impl Bench<'_> {
         let config_path = self.dir.join(format!("{bucket}.yml"));
         std::fs::write(&config_path, config)?;
         let log = std::fs::File::create(self.dir.join(format!("{bucket}.log")))?;
-        let child = Command::new(&tool.bin)
-            .args(["replicate", "-config"])
-            .arg(&config_path)
-            .env("STORAGE_EMULATOR_HOST", &self.emulator.host)
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
+        let child = Command::new(&tool.bin).args(["replicate", "-config"]).arg(&config_path).env("STORAGE_EMULATOR_HOST", &self.emulator.host).stdout(log.try_clone()?).stderr(log).spawn()?;
         let phase = Phase { bench: self, bucket, db: dbs[0].clone(), child };
         phase.settle(self.o.dbs)?;
         let pid = phase.child.id();
@@ -503,13 +492,7 @@ impl ToolResults {
 
     fn chart_values(&self) -> crate::chart::Values {
         let saturated = self.saturated_median();
-        crate::chart::Values {
-            label: self.label,
-            lag_p50_ms: millis(self.lag_p50()),
-            lag_p99_ms: millis(quantile(&self.idle.lags, 0.99)),
-            cpu_secs: saturated.cpu.as_secs_f64(),
-            peak_rss_mib: saturated.peak_rss_kib as f64 / 1024.0,
-        }
+        crate::chart::Values { label: self.label, lag_p50_ms: millis(self.lag_p50()), lag_p99_ms: millis(quantile(&self.idle.lags, 0.99)), cpu_secs: saturated.cpu.as_secs_f64(), peak_rss_mib: saturated.peak_rss_kib as f64 / 1024.0 }
     }
 }
 
@@ -533,7 +516,15 @@ fn report(o: &Options, unreplicated_runs: &[f64], ws: &ToolResults, ls: &ToolRes
     println!("| writer stops → restore equals source (s) | {} | {} | ≤ 1 s | {} |", drain(wsat), drain(lsat), verdict(wsat.drain <= Duration::from_secs(1)));
     println!("| uploads during load + drain / LISTs before the first restore | {} / {} | {} / {} | no LIST in steady state | {} |", wsat.uploads, wsat.lists, lsat.uploads, lsat.lists, verdict(wsat.lists == 0));
     println!("| restore of that replica, by each tool (s) | {:.2} | {:.2} | | |", wsat.restore.as_secs_f64(), lsat.restore.as_secs_f64());
-    println!("| trickle, {} commits at 1/s: PUTs / LISTs | {} / {} | {} / {} | PUTs ≤ litestream's, no LIST | {} |", ws.trickle.commits, ws.trickle.uploads_cell(), ws.trickle.lists, ls.trickle.uploads_cell(), ls.trickle.lists, verdict(ws.trickle.puts() <= ls.trickle.puts() && ws.trickle.lists == 0));
+    println!(
+        "| trickle, {} commits at 1/s: PUTs / LISTs | {} / {} | {} / {} | PUTs ≤ litestream's, no LIST | {} |",
+        ws.trickle.commits,
+        ws.trickle.uploads_cell(),
+        ws.trickle.lists,
+        ls.trickle.uploads_cell(),
+        ls.trickle.lists,
+        verdict(ws.trickle.puts() <= ls.trickle.puts() && ws.trickle.lists == 0)
+    );
     for (label, trickle) in windowed {
         println!("| the same with {label} | {} / {} | | PUTs ≤ litestream's | {} |", trickle.uploads_cell(), trickle.lists, verdict(trickle.puts() <= ls.trickle.puts()));
     }
