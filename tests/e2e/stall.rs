@@ -30,13 +30,13 @@ fn write_beside_a_long_reader(db: &std::path::Path) -> (Duration, u64) {
     (worst, commits)
 }
 
-#[test]
-fn a_long_read_transaction_beside_walstream_never_stalls_the_apps_writes() {
+on_both_backends! {
+fn a_long_read_transaction_beside_walstream_never_stalls_the_apps_writes(backend: Backend) {
     let alone = Scratch::new();
     App::open(&alone.db()).insert(100);
     let (worst_alone, commits_alone) = write_beside_a_long_reader(&alone.db());
 
-    let scratch = Scratch::new();
+    let scratch = Scratch::on(backend);
     App::open(&scratch.db()).insert(100);
     let replicator = scratch.start_replicator();
     wait_for_snapshot(&scratch);
@@ -46,4 +46,5 @@ fn a_long_read_transaction_beside_walstream_never_stalls_the_apps_writes() {
 
     eprintln!("worst commit without walstream {worst_alone:?} ({commits_alone} commits), with walstream {worst_replicated:?} ({commits_replicated} commits)");
     assert!(worst_replicated <= worst_alone + Duration::from_millis(50), "walstream stalled the app: worst commit {worst_replicated:?} with it, {worst_alone:?} without");
+}
 }
