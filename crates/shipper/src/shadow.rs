@@ -172,10 +172,8 @@ impl ShadowIndex {
     /// Punches out what every replica holds (everything below `shipped`) but the last frame.
     pub(crate) fn discard_below(&mut self, shipped: u64) {
         let keep_from = shipped.min(self.committed_len.saturating_sub(self.header.frame_size()));
-        if keep_from >= self.discarded.max(BLOCK) + DISCARD_UNIT {
-            if punch(&self.file, keep_from).is_ok() {
-                self.discarded = keep_from;
-            }
+        if keep_from >= self.discarded.max(BLOCK) + DISCARD_UNIT && punch(&self.file, keep_from).is_ok() {
+            self.discarded = keep_from;
         }
     }
 
