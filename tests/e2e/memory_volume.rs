@@ -273,3 +273,23 @@ fn a_full_memory_volume_loses_nothing_committed() {
     restore(&url, &restored);
     assert_same_database(&db, &restored);
 }
+
+/// A restore onto a volume too small for the database: one line naming the full disk, exit 16,
+/// and nothing left behind on the volume.
+#[test]
+fn a_restore_onto_a_full_volume_says_so_and_leaves_nothing() {
+    let scratch = Scratch::new();
+    let mut app = App::open(&scratch.db());
+    app.insert_large(2 << 20);
+    let replicator = scratch.start_replicator();
+    wait_for_snapshot(&scratch);
+    replicator.stop_ok();
+    let volume = MemoryVolume::mount("1m");
+    let out = volume.path("db");
+    let output = walstream(&["restore", "-o", out.to_str().unwrap(), &scratch.replica_url()]);
+    let text = stderr(&output);
+    assert_eq!(output.status.code(), Some(16), "a full disk must exit 16: {text}");
+    assert!(text.contains("No space left on device"), "the message must name the full disk: {text}");
+    assert!(!text.contains("panicked"), "{text}");
+    assert_eq!(list_dir(volume.dir.path()), Vec::<String>::new(), "a failed restore must leave nothing behind");
+}
