@@ -280,6 +280,24 @@ impl Capturer {
                 while self.live_pending() && Instant::now() < retry_until + FULL_DISK_FINAL_COPY {
                     std::thread::sleep(Duration::from_millis(5));
                 }
+                if self.live_pending() {
+                    // Out of time: once the pin goes, nothing vouches for those bytes. They are
+                    // withdrawn (the published end goes back to what the shadow file holds), so
+                    // no uploader reads them anywhere, and the flush is reported incomplete.
+                    let withdrawn = self.generation.as_mut().and_then(|g| g.shadow.as_mut()).and_then(|shadow| {
+                        let from = shadow.live_from.take()?;
+                        let to = std::mem::replace(&mut shadow.committed_len, from);
+                        Some((shadow.index, from, to))
+                    });
+                    self.publish(true);
+                    self.db.release_all();
+                    if let Some((index, from, to)) = withdrawn {
+                        return Err(Error::FlushIncomplete {
+                            unshipped: 1,
+                            detail: format!("the local disk is full, and committed WAL of index {index:08x} from offset {from} to {to} was only in the application's WAL; the replicas did not take it before the deadline"),
+                        });
+                    }
+                }
                 self.db.release_all();
                 return result;
             }

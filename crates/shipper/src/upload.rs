@@ -239,7 +239,13 @@ impl Uploader {
             let (body, len) = if from_live_wal {
                 // Read, not mapped: the application may truncate its WAL (a mapped page past the
                 // end would raise SIGBUS), though not before the capturer's pin lets it.
-                frame_segment(Piece::Read(&file), pos.offset, limit, &mut self.framed).map_err(io_err("read", &path))?
+                let framed = frame_segment(Piece::Read(&file), pos.offset, limit, &mut self.framed).map_err(io_err("read", &path))?;
+                // Read under the capturer's pin only if it still serves them now (at shutdown it
+                // withdraws them before letting the pin go).
+                if self.state.borrow().live_from != state.live_from {
+                    return Err(Error::ShippedWalDiscarded { replica: self.replica.name.clone(), remote: pos });
+                }
+                framed
             } else {
                 // Bytes every replica had were punched out; a replica reset since then lacks them.
                 if crate::shadow::first_data(&file, pos.offset) != Some(pos.offset) {
