@@ -7,6 +7,33 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context};
 use rusqlite::Connection;
 
+/// The binaries a side-by-side bench runs: `--walstream`, `--litestream`, `--fake-gcs-server`.
+#[derive(Debug, Default)]
+pub struct Binaries {
+    pub walstream: PathBuf,
+    pub litestream: PathBuf,
+    pub fake_gcs: PathBuf,
+}
+
+impl Binaries {
+    /// Takes `flag` if it names one of the binaries; false for any other flag.
+    pub fn take(&mut self, flag: &str, value: &str) -> bool {
+        let slot = match flag {
+            "--walstream" => &mut self.walstream,
+            "--litestream" => &mut self.litestream,
+            "--fake-gcs-server" => &mut self.fake_gcs,
+            _ => return false,
+        };
+        *slot = value.into();
+        true
+    }
+
+    pub fn check(&self) -> anyhow::Result<()> {
+        ensure!(self.walstream.is_file() && self.litestream.is_file() && self.fake_gcs.exists(), "--walstream, --litestream and --fake-gcs-server must name the binaries");
+        Ok(())
+    }
+}
+
 /// A finished child's wall time and the kernel's accounting of it.
 pub struct Measured {
     pub wall: Duration,

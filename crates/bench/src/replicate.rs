@@ -31,9 +31,7 @@ use crate::emulator::{Emulator, Op, Request};
 use crate::proc_stats;
 
 struct Options {
-    walstream: PathBuf,
-    litestream: PathBuf,
-    fake_gcs: PathBuf,
+    bins: crate::common::Binaries,
     chart: Option<PathBuf>,
     idle_secs: u64,
     lag_samples: usize,
@@ -47,13 +45,11 @@ struct Options {
 }
 
 pub fn run(mut args: impl Iterator<Item = String>) -> anyhow::Result<()> {
-    let mut o = Options { walstream: PathBuf::new(), litestream: PathBuf::new(), fake_gcs: PathBuf::new(), chart: None, idle_secs: 60, lag_samples: 20, transactions: 300_000, saturated_runs: 3, trickle_secs: 30, dbs: 100, many_secs: 30 };
+    let mut o = Options { bins: Default::default(), chart: None, idle_secs: 60, lag_samples: 20, transactions: 300_000, saturated_runs: 3, trickle_secs: 30, dbs: 100, many_secs: 30 };
     while let Some(flag) = args.next() {
         let value = args.next().with_context(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
-            "--walstream" => o.walstream = value.into(),
-            "--litestream" => o.litestream = value.into(),
-            "--fake-gcs-server" => o.fake_gcs = value.into(),
+            binary if o.bins.take(binary, &value) => {}
             "--chart" => o.chart = Some(value.into()),
             "--idle-secs" => o.idle_secs = value.parse()?,
             "--lag-samples" => o.lag_samples = value.parse()?,
@@ -65,7 +61,7 @@ pub fn run(mut args: impl Iterator<Item = String>) -> anyhow::Result<()> {
             _ => bail!("unknown flag {flag}"),
         }
     }
-    ensure!(o.walstream.is_file() && o.litestream.is_file() && o.fake_gcs.exists(), "--walstream, --litestream and --fake-gcs-server must name the binaries");
+    o.bins.check()?;
     ensure!(o.lag_samples >= 2 && o.dbs >= 1 && o.saturated_runs >= 1, "--lag-samples must be at least 2, --dbs and --saturated-runs at least 1");
 
     let temp = tempfile::tempdir()?;
@@ -78,12 +74,12 @@ pub fn run(mut args: impl Iterator<Item = String>) -> anyhow::Result<()> {
         }
         None => Some(temp),
     };
-    let emulator = Emulator::start(&o.fake_gcs, &dir)?;
-    let walstream = Tool { label: "walstream", bin: o.walstream.clone(), prefix: "ws", flags: vec![], hold: Duration::ZERO };
-    let paced = Tool { label: "walstream -sync-interval 1s", bin: o.walstream.clone(), prefix: "ws1", flags: vec!["-sync-interval".into(), "1s".into()], hold: Duration::from_secs(1) };
-    let coalescing = Tool { label: "walstream -sync-interval 10s", bin: o.walstream.clone(), prefix: "ws10", flags: vec!["-sync-interval".into(), "10s".into()], hold: Duration::from_secs(10) };
-    let unleased = Tool { label: "walstream -no-lease", bin: o.walstream.clone(), prefix: "wsnl", flags: vec!["-no-lease".into()], hold: Duration::ZERO };
-    let litestream = Tool { label: "litestream v0.3.13", bin: o.litestream.clone(), prefix: "ls", flags: vec![], hold: Duration::ZERO };
+    let emulator = Emulator::start(&o.bins.fake_gcs, &dir)?;
+    let walstream = Tool { label: "walstream", bin: o.bins.walstream.clone(), prefix: "ws", flags: vec![], hold: Duration::ZERO };
+    let paced = Tool { label: "walstream -sync-interval 1s", bin: o.bins.walstream.clone(), prefix: "ws1", flags: vec!["-sync-interval".into(), "1s".into()], hold: Duration::from_secs(1) };
+    let coalescing = Tool { label: "walstream -sync-interval 10s", bin: o.bins.walstream.clone(), prefix: "ws10", flags: vec!["-sync-interval".into(), "10s".into()], hold: Duration::from_secs(10) };
+    let unleased = Tool { label: "walstream -no-lease", bin: o.bins.walstream.clone(), prefix: "wsnl", flags: vec!["-no-lease".into()], hold: Duration::ZERO };
+    let litestream = Tool { label: "litestream v0.3.13", bin: o.bins.litestream.clone(), prefix: "ls", flags: vec![], hold: Duration::ZERO };
     let bench = Bench { o: &o, dir: &dir, emulator: &emulator };
 
     let (mut unreplicated, mut saturated) = (Vec::new(), [Vec::new(), Vec::new()]);

@@ -17,9 +17,7 @@ use rusqlite::Connection;
 use crate::emulator::Emulator;
 
 struct Options {
-    walstream: PathBuf,
-    litestream: PathBuf,
-    fake_gcs: PathBuf,
+    bins: crate::common::Binaries,
     secs: u64,
     /// Transactions per second; 0 is flat out.
     rates: Vec<u32>,
@@ -35,22 +33,20 @@ struct Run {
 }
 
 pub fn run(mut args: impl Iterator<Item = String>) -> anyhow::Result<()> {
-    let mut o = Options { walstream: PathBuf::new(), litestream: PathBuf::new(), fake_gcs: PathBuf::new(), secs: 10, rates: vec![1, 100, 1000, 0] };
+    let mut o = Options { bins: Default::default(), secs: 10, rates: vec![1, 100, 1000, 0] };
     while let Some(flag) = args.next() {
         let value = args.next().with_context(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
-            "--walstream" => o.walstream = value.into(),
-            "--litestream" => o.litestream = value.into(),
-            "--fake-gcs-server" => o.fake_gcs = value.into(),
+            binary if o.bins.take(binary, &value) => {}
             "--secs" => o.secs = value.parse()?,
             "--rates" => o.rates = value.split(',').map(str::parse).collect::<Result<_, _>>()?,
             _ => bail!("unknown flag {flag}"),
         }
     }
-    ensure!(o.walstream.is_file() && o.litestream.is_file() && o.fake_gcs.exists(), "--walstream, --litestream and --fake-gcs-server must name the binaries");
+    o.bins.check()?;
     let dir = tempfile::tempdir()?;
-    let emulator = Emulator::start(&o.fake_gcs, dir.path())?;
-    let tools: [(&str, Option<&Path>); 3] = [("no replicator", None), ("litestream v0.3.13", Some(&o.litestream)), ("walstream", Some(&o.walstream))];
+    let emulator = Emulator::start(&o.bins.fake_gcs, dir.path())?;
+    let tools: [(&str, Option<&Path>); 3] = [("no replicator", None), ("litestream v0.3.13", Some(&o.bins.litestream)), ("walstream", Some(&o.bins.walstream))];
     let mut rows = Vec::new();
     for &rate in &o.rates {
         let mut runs = Vec::new();
@@ -146,11 +142,7 @@ fn one_run(emulator: &Emulator, dir: &Path, bin: Option<&Path>, bucket: &str, ra
     let (start, mut rows, mut sampled) = (Instant::now(), 0i64, Instant::now());
     while start.elapsed() < duration {
         let body: Vec<u8> = (0..200).map(|_| rng.gen()).collect();
-        let result = if rows < 3000 {
-            conn.execute("INSERT INTO rows (id, body) VALUES (?1, ?2)", rusqlite::params![rows + 1, body])
-        } else {
-            conn.execute("UPDATE rows SET body = ?2 WHERE id = ?1", rusqlite::params![rng.gen_range(1..=rows), body])
-        };
+        let result = if rows < 3000 { conn.execute("INSERT INTO rows (id, body) VALUES (?1, ?2)", rusqlite::params![rows + 1, body]) } else { conn.execute("UPDATE rows SET body = ?2 WHERE id = ?1", rusqlite::params![rng.gen_range(1..=rows), body]) };
         match result {
             Ok(_) => {
                 run.commits += 1;
