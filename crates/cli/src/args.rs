@@ -77,6 +77,29 @@ pub(crate) struct ReplicateArgs {
     /// Do not take the replica lease (the `walstream-lease` object at the replica's root).
     #[arg(long)]
     pub(crate) no_lease: bool,
+    /// The most local disk the shadow WAL may take while a replica cannot keep up (a store
+    /// outage), e.g. 64MiB or 1GB; 0 for no bound. Past it the unshipped history is dropped and
+    /// a new generation starts, whose snapshot holds every commit: restores lose the points in
+    /// time between, never a commit.
+    #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+    pub(crate) max_local_wal: u64,
+}
+
+/// Sizes: bytes, or a number with B, KB, MB, GB (powers of 1000) or KiB, MiB, GiB (of 1024).
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        other => return Err(format!("invalid size {s:?}: unknown unit {other:?} (use B, KB, MB, GB, KiB, MiB or GiB, e.g. 64MiB)")),
+    };
+    number.parse::<u64>().ok().and_then(|n| n.checked_mul(scale)).ok_or_else(|| format!("invalid size {s:?}: expected a whole number and a unit, e.g. 64MiB"))
 }
 
 /// `walstream sync`: wait until everything committed so far is in every replica.
@@ -189,9 +212,7 @@ fn parse_hex_index(s: &str) -> Result<u32, String> {
 
 /// RFC 3339 with optional fractional seconds and any offset, as Go's `time.RFC3339` parses.
 pub(crate) fn parse_timestamp(s: &str) -> Result<SystemTime, String> {
-    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-        .map(SystemTime::from)
-        .map_err(|_| format!("invalid -timestamp {s:?}, must specify in ISO 8601 format (e.g. 2000-01-01T00:00:00Z)"))
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).map(SystemTime::from).map_err(|_| format!("invalid -timestamp {s:?}, must specify in ISO 8601 format (e.g. 2000-01-01T00:00:00Z)"))
 }
 
 /// Go-style durations: "8s", "500ms", "2m", "1h30m".
@@ -236,10 +257,7 @@ mod tests {
 
     #[test]
     fn single_dash_long_flags_become_double_dash() {
-        assert_eq!(
-            argv(&["walstream", "restore", "-if-db-not-exists", "-if-replica-exists", "-o", "/data/db", "file:///r"]),
-            ["walstream", "restore", "--if-db-not-exists", "--if-replica-exists", "-o", "/data/db", "file:///r"]
-        );
+        assert_eq!(argv(&["walstream", "restore", "-if-db-not-exists", "-if-replica-exists", "-o", "/data/db", "file:///r"]), ["walstream", "restore", "--if-db-not-exists", "--if-replica-exists", "-o", "/data/db", "file:///r"]);
         assert_eq!(argv(&["w", "-timestamp=2020-01-01T00:00:00Z", "-1", "--x", "--", "-keep"]), ["w", "--timestamp=2020-01-01T00:00:00Z", "-1", "--x", "--", "-keep"]);
     }
 
@@ -277,6 +295,16 @@ mod tests {
         assert!(parse_timestamp("yesterday").unwrap_err().contains("ISO 8601"));
         assert!(Cli::try_parse_from(argv(&["walstream", "restore", "-index", "zz", "-o", "/d", "file:///r"])).is_err());
         assert!(Cli::try_parse_from(argv(&["walstream", "restore", "-generation", "nope", "-o", "/d", "file:///r"])).is_err());
+    }
+
+    #[test]
+    fn sizes_take_decimal_and_binary_units() {
+        assert_eq!(parse_size("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_size("1GB"), Ok(1_000_000_000));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("0"), Ok(0));
+        assert!(parse_size("12 parsecs").unwrap_err().contains("unknown unit"));
+        assert!(parse_size("MiB").unwrap_err().contains("whole number"));
     }
 
     #[test]

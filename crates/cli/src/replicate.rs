@@ -38,6 +38,7 @@ fn replication_jobs(args: &ReplicateArgs) -> anyhow::Result<(Vec<Job>, Extras)> 
         let mut config = ShipperConfig::new(db_path);
         config.shutdown_deadline = args.shutdown_timeout;
         config.lease = lease_policy(args);
+        config.max_local_wal = (args.max_local_wal > 0).then_some(args.max_local_wal);
         return Ok((vec![Job { config, replicas }], Extras::default()));
     }
     let path = args.config.config.clone().unwrap_or_else(config::default_path);
@@ -56,6 +57,7 @@ fn replication_jobs(args: &ReplicateArgs) -> anyhow::Result<(Vec<Job>, Extras)> 
         config.meta_dir = db.meta_path.clone();
         config.shutdown_deadline = args.shutdown_timeout;
         config.lease = lease_policy(args);
+        config.max_local_wal = (args.max_local_wal > 0).then_some(args.max_local_wal);
         jobs.push(Job { config, replicas });
     }
     Ok((jobs, Extras { exec: file.exec, addr: file.addr }))

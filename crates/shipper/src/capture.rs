@@ -63,6 +63,10 @@ const TIMING: Timing =
 /// in that gap right after a commit walstream has not copied costs a new generation, never data.
 const DROP_PIN_WAL_FRAMES: u64 = 1000;
 
+/// Any writer's WAL life is let go at this size, polled or not: a writer committing every 20 ms
+/// is not polled, and without this its WAL grew without end (9.4 MiB in 12 s, and on).
+const DROP_PIN_ANY_WRITER_BYTES: u64 = 32 << 20;
+
 /// How long a WAL life stays past [`DROP_PIN_WAL_FRAMES`] under a busy writer before the pin is
 /// dropped: at 1,000 small commits a second, about 100 frames more.
 const DROP_PIN_AFTER: Duration = Duration::from_millis(100);
@@ -180,6 +184,9 @@ pub(crate) struct Capturer {
     large_wal_since: Option<(u32, Instant)>,
     /// Until when passes follow each other [`AFTER_DROP_SPACING`] apart after a drop.
     after_drop_until: Option<Instant>,
+    /// See [`Capturer::bound_local_wal`]; and when the shadow's size was last looked at.
+    max_local_wal: Option<u64>,
+    bound_checked: Instant,
     /// What each replica reports holding, to free the local snapshot once all hold it.
     replica_counters: Vec<std::sync::Arc<crate::status::ReplicaCounters>>,
 }
@@ -213,6 +220,8 @@ impl Capturer {
             disk_full_spells: Default::default(),
             replica_counters: Vec::new(),
             large_wal_since: None,
+            max_local_wal: None,
+            bound_checked: Instant::now(),
             after_drop_until: None,
         }
     }
@@ -321,6 +330,15 @@ impl Capturer {
                 }
             }
         }
+    }
+
+    /// The most disk the shadow may take while a replica cannot keep up. Past it, the history
+    /// the replicas lack is dropped and a new generation starts: its snapshot holds every
+    /// commit, so nothing committed is lost, only the points in time between (and the WAL the
+    /// replicas lack is deleted with the old generation's directory). On a memory volume that
+    /// history dies with the instance anyway; an unbounded shadow would fill the app's disk.
+    pub(crate) fn bound_local_wal(&mut self, bytes: Option<u64>) {
+        self.max_local_wal = bytes;
     }
 
     /// Frees the local snapshot once all of `replicas` report holding it.
@@ -445,7 +463,23 @@ impl Capturer {
         self.publish(false);
         self.remove_shipped_shadow();
         self.free_held_snapshot();
+        self.enforce_local_bound();
         result
+    }
+
+    /// See [`Capturer::bound_local_wal`]. Looked at once a second: it lists the shadow files.
+    fn enforce_local_bound(&mut self) {
+        let (Some(bound), Some(generation)) = (self.max_local_wal, &self.generation) else { return };
+        if self.pending_new_generation.is_some() || self.bound_checked.elapsed() < Duration::from_secs(1) {
+            return;
+        }
+        self.bound_checked = Instant::now();
+        // The current index is the WAL life the app's own WAL holds too, needed whatever happens.
+        let used = self.meta.shadow_disk_bytes(&generation.id, generation.shadow.as_ref().map(|s| s.index));
+        if used > bound {
+            warn!(db = %self.db_path.display(), generation = %generation.id, used, bound, "the local shadow wal passed max-local-wal while a replica could not take it: the history it lacks is dropped, and a new generation's snapshot holds every commit");
+            self.pending_new_generation = Some(format!("the local shadow wal passed max-local-wal ({used} bytes > {bound})"));
+        }
     }
 
     /// Empties the local snapshot once every replica holds it: it is a compressed copy of the
@@ -559,13 +593,16 @@ impl Capturer {
         // Only for a writer that keeps committing (the capturer polls it) for a while past the
         // size: after a burst, such as a VACUUM and a few commits, the application may run a
         // TRUNCATE checkpoint, which the pin hands off cleanly (`step_aside`) while a dropped pin
-        // could lose the last commits to it (a new generation; seen in 1 of 8 runs without this).
+        // could lose the last commits to it (a new generation; seen in 1 of 8 runs without this,
+        // and in 1 of 6 without the polling condition). A writer too slow to be polled (one
+        // commit every 20 ms) is let go at `DROP_PIN_ANY_WRITER_BYTES`, as before this bound.
         let since = *self.large_wal_since.get_or_insert((index, Instant::now()));
         if since.0 != index {
             self.large_wal_since = Some((index, Instant::now()));
             return;
         }
-        if self.polling && since.1.elapsed() >= DROP_PIN_AFTER && self.db.is_pinned() {
+        let busy = self.polling && since.1.elapsed() >= DROP_PIN_AFTER;
+        if (busy || len >= DROP_PIN_ANY_WRITER_BYTES) && self.db.is_pinned() {
             debug!(db = %self.db_path.display(), index, "wal life is large and never fully back-filled; dropping the pin so the application's checkpoint can restart it");
             self.db.release_all();
             self.after_drop_until = Some(Instant::now() + AFTER_DROP_WINDOW);

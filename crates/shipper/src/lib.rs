@@ -55,6 +55,9 @@ pub const DEFAULT_SHUTDOWN_DEADLINE: Duration = Duration::from_secs(8);
 /// How often a database that does not exist yet is looked for.
 const WAIT_FOR_DB_INTERVAL: Duration = Duration::from_millis(250);
 
+/// The CLI's default `max_local_wal`.
+pub const DEFAULT_MAX_LOCAL_WAL: u64 = 256 << 20;
+
 /// What to replicate and how.
 #[derive(Clone, Debug)]
 pub struct ShipperConfig {
@@ -66,12 +69,15 @@ pub struct ShipperConfig {
     pub shutdown_deadline: Duration,
     /// The replica lease (one writer per replica across machines); `None` turns it off.
     pub lease: Option<LeasePolicy>,
+    /// The most disk the shadow WAL may take while a replica lags (an outage); past it a new
+    /// generation starts (see `capture::Capturer::bound_local_wal`). `None`: no bound.
+    pub max_local_wal: Option<u64>,
 }
 
 impl ShipperConfig {
     /// Defaults for everything but the path.
     pub fn new(db_path: impl Into<PathBuf>) -> ShipperConfig {
-        ShipperConfig { db_path: db_path.into(), meta_dir: None, shutdown_deadline: DEFAULT_SHUTDOWN_DEADLINE, lease: Some(LeasePolicy::default()) }
+        ShipperConfig { db_path: db_path.into(), meta_dir: None, shutdown_deadline: DEFAULT_SHUTDOWN_DEADLINE, lease: Some(LeasePolicy::default()), max_local_wal: Some(DEFAULT_MAX_LOCAL_WAL) }
     }
 }
 
@@ -156,13 +162,11 @@ impl Shipper {
         }
         let mut capturer = Capturer::new(db_path.clone(), meta, source, state_tx, positions.clone(), counters);
         capturer.free_snapshots_held_by(replica_counters.clone());
+        capturer.bound_local_wal(config.max_local_wal);
         if let Some(events) = watcher {
             capturer.take_events(events);
         }
-        let capturer = std::thread::Builder::new()
-            .name("walstream-capture".into())
-            .spawn(move || capturer.run(wake_rx))
-            .map_err(error::io_err("spawn capture thread", &db_path))?;
+        let capturer = std::thread::Builder::new().name("walstream-capture".into()).spawn(move || capturer.run(wake_rx)).map_err(error::io_err("spawn capture thread", &db_path))?;
 
         // An uploader ends early only when its replica belongs to another replicator: then this
         // database stops as if signalled, and the error is reported once the rest is flushed.
@@ -196,12 +200,7 @@ impl Shipper {
         .await;
         if drained.is_err() {
             let end = state_rx.borrow().end;
-            let behind: Vec<String> = positions
-                .iter()
-                .enumerate()
-                .filter(|(_, p)| *p.borrow() != end)
-                .map(|(i, p)| format!("replica #{} at {}", i + 1, p.borrow().map_or("nothing".to_string(), |p| p.to_string())))
-                .collect();
+            let behind: Vec<String> = positions.iter().enumerate().filter(|(_, p)| *p.borrow() != end).map(|(i, p)| format!("replica #{} at {}", i + 1, p.borrow().map_or("nothing".to_string(), |p| p.to_string()))).collect();
             uploaders.abort_all();
             return Err(Error::FlushIncomplete { unshipped: behind.len(), detail: format!("{} (local end {})", behind.join(", "), end.map_or("none".into(), |p| p.to_string())) });
         }

@@ -89,11 +89,7 @@ impl MetaDir {
         }
         let mut host = [0u8; 256];
         // SAFETY: gethostname writes at most `host.len()` bytes into the buffer it is given.
-        let host = if unsafe { libc::gethostname(host.as_mut_ptr().cast(), host.len()) } == 0 {
-            String::from_utf8_lossy(&host[..host.iter().position(|&b| b == 0).unwrap_or(host.len())]).into_owned()
-        } else {
-            "unknown-host".to_string()
-        };
+        let host = if unsafe { libc::gethostname(host.as_mut_ptr().cast(), host.len()) } == 0 { String::from_utf8_lossy(&host[..host.iter().position(|&b| b == 0).unwrap_or(host.len())]).into_owned() } else { "unknown-host".to_string() };
         let id = format!("{} {}", host.replace(char::is_whitespace, "-"), GenerationId::random());
         fs::create_dir_all(&self.root).map_err(io_err("create directory", &self.root))?;
         write_atomic(&path, format!("{id}\n").as_bytes())?;
@@ -135,14 +131,17 @@ impl MetaDir {
 
     /// Shadow indexes present for `generation`, ascending.
     pub(crate) fn shadow_indexes(&self, generation: &GenerationId) -> Vec<u32> {
-        let mut indexes: Vec<u32> = fs::read_dir(self.wal_dir(generation))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| name::parse_shadow_wal_file_name(&e.file_name().to_string_lossy()))
-            .collect();
+        let mut indexes: Vec<u32> = fs::read_dir(self.wal_dir(generation)).into_iter().flatten().flatten().filter_map(|e| name::parse_shadow_wal_file_name(&e.file_name().to_string_lossy())).collect();
         indexes.sort_unstable();
         indexes
+    }
+
+    /// Disk the generation's shadow files but `except`'s take (shipped ranges are punched out,
+    /// so this is what some replica still lacks, plus each index's last frame).
+    pub(crate) fn shadow_disk_bytes(&self, generation: &GenerationId, except: Option<u32>) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(entries) = fs::read_dir(self.wal_dir(generation)) else { return 0 };
+        entries.flatten().filter(|e| except.is_none_or(|index| name::parse_shadow_wal_file_name(&e.file_name().to_string_lossy()) != Some(index))).filter_map(|e| e.metadata().ok()).map(|m| m.blocks() * 512).sum()
     }
 
     /// The shadow files below `index`, ascending.
