@@ -293,3 +293,29 @@ fn a_restore_onto_a_full_volume_says_so_and_leaves_nothing() {
     assert!(!text.contains("panicked"), "{text}");
     assert_eq!(list_dir(volume.dir.path()), Vec::<String>::new(), "a failed restore must leave nothing behind");
 }
+
+/// A writer too slow for the capturer to poll (a commit every 20 ms) for longer than a WAL life
+/// takes: its WAL stays within twice its size without walstream. Every commit runs SQLite's
+/// autocheckpoint once the life is past 1,000 frames, and it back-fills only up to walstream's
+/// pin, so without a drop the WAL grew to 32 MiB.
+#[test]
+fn a_slow_writers_wal_stays_its_own_size() {
+    let scratch = Scratch::new();
+    let mut app = App::open(&scratch.db());
+    let replicator = scratch.start_replicator();
+    wait_for_snapshot(&scratch);
+    let wal = PathBuf::from(format!("{}-wal", scratch.db().display()));
+    let (start, mut wal_peak) = (Instant::now(), 0);
+    // 40 rows of 200 bytes a commit: two or three pages, so 30 s make about four WAL lives.
+    while start.elapsed() < Duration::from_secs(30) {
+        app.insert(40);
+        wal_peak = wal_peak.max(std::fs::metadata(&wal).map_or(0, |m| m.len()));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    replicator.stop_ok();
+    scratch.assert_restores_source();
+    eprintln!("{} rows, the WAL peaked at {} KiB", app.count(), wal_peak >> 10);
+    assert!(app.count() > 40 * 1000, "fewer commits than a few WAL lives take; the test proves nothing");
+    // Without walstream a life ends at 1,000 frames (about 4 MiB of 4 KiB pages).
+    assert!(wal_peak <= 2 * (32 + 1000 * 4120), "the WAL grew to {} KiB, past twice its size without walstream", wal_peak >> 10);
+}

@@ -63,6 +63,12 @@ const TIMING: Timing =
 /// in that gap right after a commit walstream has not copied costs a new generation, never data.
 const DROP_PIN_WAL_FRAMES: u64 = 1000;
 
+/// How long a WAL life of a writer the capturer does not poll stays past
+/// [`DROP_PIN_WAL_FRAMES`] before the pin is dropped: such a writer's commits each run SQLite's
+/// autocheckpoint, which back-fills up to the pin and never all of it, so its WAL grew to
+/// [`DROP_PIN_ANY_WRITER_BYTES`].
+const DROP_PIN_AFTER_SLOW: Duration = Duration::from_secs(1);
+
 /// Any writer's WAL life is let go at this size, polled or not: a writer committing every 20 ms
 /// is not polled, and without this its WAL grew without end (9.4 MiB in 12 s, and on).
 const DROP_PIN_ANY_WRITER_BYTES: u64 = 32 << 20;
@@ -595,14 +601,16 @@ impl Capturer {
         // TRUNCATE checkpoint, which the pin hands off cleanly (`step_aside`) while a dropped pin
         // could lose the last commits to it (a new generation; seen in 1 of 8 runs without this,
         // and in 1 of 6 without the polling condition). A writer too slow to be polled (one
-        // commit every 20 ms) is let go at `DROP_PIN_ANY_WRITER_BYTES`, as before this bound.
+        // commit every 20 ms, or a second) is let go once its life has stayed past the size for
+        // `DROP_PIN_AFTER_SLOW`, and any writer at `DROP_PIN_ANY_WRITER_BYTES`.
         let since = *self.large_wal_since.get_or_insert((index, Instant::now()));
         if since.0 != index {
             self.large_wal_since = Some((index, Instant::now()));
             return;
         }
         let busy = self.polling && since.1.elapsed() >= DROP_PIN_AFTER;
-        if (busy || len >= DROP_PIN_ANY_WRITER_BYTES) && self.db.is_pinned() {
+        let slow = since.1.elapsed() >= DROP_PIN_AFTER_SLOW;
+        if (busy || slow || len >= DROP_PIN_ANY_WRITER_BYTES) && self.db.is_pinned() {
             debug!(db = %self.db_path.display(), index, "wal life is large and never fully back-filled; dropping the pin so the application's checkpoint can restart it");
             self.db.release_all();
             self.after_drop_until = Some(Instant::now() + AFTER_DROP_WINDOW);
