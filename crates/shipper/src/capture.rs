@@ -49,8 +49,14 @@ struct Timing {
 /// `Timing::pass_spacing` in production; the file-event thread pauses this long too.
 pub(crate) const PASS_SPACING: Duration = Duration::from_millis(10);
 
-const TIMING: Timing =
-    Timing { probe_active: Duration::from_millis(10), probe_idle: Duration::from_millis(50), active_window: Duration::from_millis(250), poll: Duration::from_secs(1), pin_roll: Duration::from_millis(250), pass_spacing: PASS_SPACING };
+const TIMING: Timing = Timing {
+    probe_active: Duration::from_millis(10),
+    probe_idle: Duration::from_millis(50),
+    active_window: Duration::from_millis(250),
+    poll: Duration::from_secs(1),
+    pin_roll: Duration::from_millis(250),
+    pass_spacing: PASS_SPACING,
+};
 
 /// A pin with a read-mark above 0 keeps SQLite from ever restarting the WAL (Litestream #1536),
 /// so walstream moves its pin to read-mark 0 whenever the application's checkpoint has
