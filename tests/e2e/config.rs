@@ -174,3 +174,28 @@ fn logs_are_json_lines_with_a_severity_when_asked() {
     assert!(err.is_empty(), "the daemon logs to stdout: {err}");
     scratch.assert_restores_source();
 }
+
+/// A misspelt key is an error naming it and the key meant (Litestream ignores it and runs with
+/// the default: #1403); `age:` is refused rather than uploaded in the clear; a Litestream key
+/// walstream has no use for is accepted with a warning saying why.
+#[test]
+fn unknown_keys_fail_naming_the_nearest_valid_one() {
+    let scratch = Scratch::new();
+    let config = scratch.write_config(&["retension: 1h"]);
+    for args in [&["config", "check", "-config", config.to_str().unwrap()][..], &["replicate", "-config", config.to_str().unwrap()]] {
+        let output = walstream(args);
+        assert_eq!(output.status.code(), Some(12), "{args:?}: {}", stderr(&output));
+        let line = format!("{}{}", stdout(&output), stderr(&output));
+        assert!(line.contains("dbs[0].replicas[0].retension: unknown key; did you mean retention?"), "{args:?}: {line}");
+        assert!(!scratch.path(".app.db-walstream").exists(), "nothing started");
+    }
+    let config = scratch.write_config(&["age:", "  recipients: [age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p]"]);
+    let output = walstream(&["config", "check", "-config", config.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(12), "{}", stderr(&output));
+    assert!(stderr(&output).contains("age: encryption is not supported yet"), "{}", stderr(&output));
+
+    let config = scratch.write_config(&["validation-interval: 6h"]);
+    let output = walstream(&["config", "check", "-config", config.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stderr(&output).contains("validation-interval: ignored"), "the ignored key is named: {}", stderr(&output));
+}

@@ -13,6 +13,7 @@ mod fault_proxy;
 mod faults;
 mod gcs;
 mod harness;
+mod health;
 mod interop;
 mod lease;
 mod memory_volume;

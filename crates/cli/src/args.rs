@@ -74,6 +74,11 @@ pub(crate) struct ReplicateArgs {
     /// a quiet spell, `walstream sync` and shutdown ship at once. 0s ships every commit at once.
     #[arg(long, default_value = "100ms", value_parser = parse_duration)]
     pub(crate) sync_interval: Duration,
+    /// `/healthz` fails while a replica has held back a captured commit for longer than this
+    /// (a store outage, a stuck upload), e.g. 1m or 30s; 0s never. Overrides the config's
+    /// `health-lag`; default 1m.
+    #[arg(long, value_parser = parse_duration)]
+    pub(crate) health_lag: Option<Duration>,
     /// Do not take the replica lease (the `walstream-lease` object at the replica's root).
     #[arg(long)]
     pub(crate) no_lease: bool,

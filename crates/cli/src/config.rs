@@ -1,6 +1,6 @@
 //! The config file: the same YAML keys as `litestream.yml` v0.3.13 (spec §7.3), so an existing
 //! file works unchanged. `$VAR` and `${VAR}` are expanded over the whole text first, unless
-//! `-no-expand-env`; unknown keys are ignored, as Litestream's parser ignores them.
+//! `-no-expand-env`. Unlike Litestream's parser, an unknown key is an error (`config_keys`).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -29,7 +29,11 @@ pub(crate) struct Config {
     pub(crate) exec: Option<String>,
     /// `addr`: where to serve metrics, health and the sync barrier (`host:port`, `:port`).
     pub(crate) addr: Option<String>,
+    /// `health-lag`: how long a replica may hold back a captured commit before `/healthz` fails.
+    pub(crate) health_lag: Option<Duration>,
     pub(crate) logging: LoggingConfig,
+    /// Keys accepted and ignored, each with why; logged when the file is loaded.
+    pub(crate) warnings: Vec<String>,
 }
 
 /// The `logging` keys.
@@ -71,6 +75,7 @@ struct RawConfig {
     dbs: Vec<RawDb>,
     exec: Option<String>,
     addr: Option<String>,
+    health_lag: Option<String>,
     logging: Option<RawLogging>,
 }
 
@@ -132,11 +137,21 @@ pub(crate) fn load(path: &Path, expand_env: bool) -> Result<Config, ConfigError>
         _ => ConfigError(format!("cannot read config file {}: {e}", path.display())),
     })?;
     let text = if expand_env { expand(&text, |name| std::env::var(name).ok()) } else { text };
-    parse(&text).map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))
+    let config = parse(&text).map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))?;
+    for warning in &config.warnings {
+        tracing::warn!("config file {}: {warning}", path.display());
+    }
+    Ok(config)
 }
 
 fn parse(text: &str) -> Result<Config, String> {
-    let raw: RawConfig = if text.trim().is_empty() { RawConfig { dbs: Vec::new(), exec: None, addr: None, logging: None } } else { serde_yaml_ng::from_str(text).map_err(|e| e.to_string())? };
+    if text.trim().is_empty() {
+        return Ok(Config { dbs: Vec::new(), exec: None, addr: None, health_lag: None, logging: LoggingConfig::default(), warnings: Vec::new() });
+    }
+    // Read twice: as a tree for the keys, then typed (which keeps line numbers in its errors
+    // and reads `retention: 0` as the string it is in Litestream's files).
+    let warnings = crate::config_keys::check(&serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?)?;
+    let raw: RawConfig = serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?;
     let mut logging_config = LoggingConfig::default();
     if let Some(logging) = &raw.logging {
         match logging.kind.as_deref().unwrap_or("") {
@@ -170,7 +185,8 @@ fn parse(text: &str) -> Result<Config, String> {
     if let Some(addr) = &addr {
         check_addr(addr).map_err(|e| format!("addr: {e}"))?;
     }
-    Ok(Config { dbs, exec: raw.exec.filter(|e| !e.trim().is_empty()), addr, logging: logging_config })
+    let health_lag = raw.health_lag.as_deref().map(go_duration).transpose().map_err(|e| format!("health-lag: {e}"))?;
+    Ok(Config { dbs, exec: raw.exec.filter(|e| !e.trim().is_empty()), addr, health_lag, logging: logging_config, warnings })
 }
 
 /// `host:port` or `:port`, as Litestream accepts it.
@@ -338,9 +354,9 @@ dbs:
       - type: gcs
         bucket: b2
         path: other
-unknown-top-level-key: ignored
 exec: node server.js
 addr: :9090
+health-lag: 30s
 ";
 
     #[test]
@@ -361,6 +377,8 @@ addr: :9090
         assert_eq!(config.db("/data/other.db").unwrap().meta_path, Some(PathBuf::from("/var/lib/walstream/other")));
         assert_eq!(config.exec.as_deref(), Some("node server.js"));
         assert_eq!(config.addr.as_deref(), Some(":9090"));
+        assert_eq!(config.health_lag, Some(Duration::from_secs(30)));
+        assert!(config.warnings.is_empty(), "{:?}", config.warnings);
         assert!(config.db("/data/missing.db").unwrap_err().to_string().contains("database not found in config: /data/missing.db"));
         assert!(app.replicas(Some("s3")).unwrap_err().to_string().contains("replica \"s3\" not found for database \"/data/app.db\""));
     }
@@ -375,6 +393,8 @@ addr: :9090
             ("dbs:\n  - path: /a\n    replicas:\n      - url: file:///r\n        sync-interval: abc\n", "dbs[0].replicas[0].sync-interval: invalid duration \"abc\""),
             ("logging:\n  type: xml\n", "logging.type: unknown value \"xml\""),
             ("addr: localhost\n", "addr: must specify port for bind address"),
+            ("health-lag: soon\n", "health-lag: invalid duration \"soon\""),
+            ("dbs:\n  - path: /a\n    replicas:\n      - url: file:///r\n        retension: 1h\n", "dbs[0].replicas[0].retension: unknown key; did you mean retention?"),
             ("dbs:\n  - path: [1, 2]\n", "line 2"),
         ];
         for (text, want) in cases {

@@ -39,6 +39,8 @@ pub(crate) const REPLICA_LEASED: i32 = 15;
 /// A local disk is full (ENOSPC or a quota): a restore's output volume, or the replicator's
 /// final flush could not finish because of it.
 pub(crate) const DISK_FULL: i32 = 16;
+/// A replication worker failed (a bug in walstream), so replication of a database stopped.
+pub(crate) const WORKER_FAILED: i32 = 17;
 /// A signal cut a restore short, or a second signal cut the graceful shutdown short.
 pub(crate) const INTERRUPTED: i32 = 130;
 
@@ -84,6 +86,7 @@ fn specific_code(cause: &(dyn std::error::Error + 'static)) -> Option<i32> {
             S::FlushIncomplete { .. } => Some(FLUSH_INCOMPLETE),
             S::AlreadyReplicating { .. } => Some(ALREADY_REPLICATING),
             S::Leased { .. } | S::LeaseLost { .. } => Some(REPLICA_LEASED),
+            S::WorkerFailed { .. } => Some(WORKER_FAILED),
             _ => None,
         };
     }

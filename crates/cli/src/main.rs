@@ -4,6 +4,7 @@
 
 mod args;
 mod config;
+mod config_keys;
 mod dry_run;
 mod exec;
 mod exit;

@@ -12,6 +12,9 @@ use crate::args::ReplicateArgs;
 use crate::signals::{spawn_signal_handler, FIRST_SIGNAL};
 use crate::{config, exec, replica_url, server};
 
+/// How long a replica may hold back a captured commit before `/healthz` fails.
+const DEFAULT_HEALTH_LAG: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// One database to replicate, and where.
 struct Job {
     config: ShipperConfig,
@@ -23,6 +26,7 @@ struct Job {
 struct Extras {
     exec: Option<String>,
     addr: Option<String>,
+    health_lag: Option<std::time::Duration>,
 }
 
 /// The databases `replicate` was asked for: the one on the command line, or every one in the
@@ -60,7 +64,7 @@ fn replication_jobs(args: &ReplicateArgs) -> anyhow::Result<(Vec<Job>, Extras)> 
         config.max_local_wal = (args.max_local_wal > 0).then_some(args.max_local_wal);
         jobs.push(Job { config, replicas });
     }
-    Ok((jobs, Extras { exec: file.exec, addr: file.addr }))
+    Ok((jobs, Extras { exec: file.exec, addr: file.addr, health_lag: file.health_lag }))
 }
 
 fn lease_policy(args: &ReplicateArgs) -> Option<LeasePolicy> {
@@ -108,7 +112,7 @@ pub(crate) async fn replicate(args: ReplicateArgs) -> anyhow::Result<()> {
     let stop_serving = CancellationToken::new();
     let _stop_serving_on_return = stop_serving.clone().drop_guard();
     if let Some(listener) = listener {
-        tokio::spawn(server::serve(listener, handles, stop_serving));
+        tokio::spawn(server::serve(listener, handles, args.health_lag.or(extras.health_lag).unwrap_or(DEFAULT_HEALTH_LAG), stop_serving));
     }
     let Some(command) = command else {
         return ship_all(shippers, signalled).await;

@@ -25,6 +25,7 @@ pub(crate) const DEFAULT_SYNC_TIMEOUT: Duration = Duration::from_secs(30);
 struct Routes {
     metrics: Metrics,
     handles: Vec<Handle>,
+    health_lag: Duration,
 }
 
 /// Listens on `addr` as Litestream does: `:9090` means every interface.
@@ -36,9 +37,10 @@ pub(crate) async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
     Ok(listener)
 }
 
-/// Serves until `shutdown` is cancelled.
-pub(crate) async fn serve(listener: TcpListener, handles: Vec<Handle>, shutdown: CancellationToken) {
-    let routes = Arc::new(Routes { metrics: Metrics::new(handles.clone()), handles });
+/// Serves until `shutdown` is cancelled. `/healthz` fails while a replica has held back a
+/// captured commit for longer than `health_lag`.
+pub(crate) async fn serve(listener: TcpListener, handles: Vec<Handle>, health_lag: Duration, shutdown: CancellationToken) {
+    let routes = Arc::new(Routes { metrics: Metrics::new(handles.clone()), handles, health_lag });
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -72,12 +74,11 @@ impl Routes {
                 Response::builder().header("Content-Type", metrics::CONTENT_TYPE).body(Full::new(Bytes::from(text))).expect("valid response")
             }
             (&Method::GET, "/healthz") => {
-                // A full disk stops the capture: nothing new is replicated until space is freed.
-                let full: Vec<String> = self.handles.iter().map(|h| h.status()).filter(|s| s.disk_full).map(|s| s.db_path.display().to_string()).collect();
-                if full.is_empty() {
+                let problems: Vec<String> = self.handles.iter().flat_map(|h| h.status().problems(self.health_lag)).collect();
+                if problems.is_empty() {
                     text(StatusCode::OK, "ok\n".into())
                 } else {
-                    text(StatusCode::SERVICE_UNAVAILABLE, format!("unhealthy: local disk full, capture failing for {}; free space on its volume\n", full.join(", ")))
+                    text(StatusCode::SERVICE_UNAVAILABLE, format!("unhealthy:\n{}\n", problems.join("\n")))
                 }
             }
             (&Method::GET, "/readyz") => {

@@ -334,6 +334,9 @@ impl Capturer {
                 let before = self.shadow_end();
                 self.sync_logged();
                 let copied = self.shadow_end() != before;
+                if copied {
+                    crate::fail_point::hit("capture");
+                }
                 self.follow_events_or_poll(copied);
             } else {
                 self.follow_backfill();

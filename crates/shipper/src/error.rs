@@ -124,6 +124,17 @@ pub enum Error {
         /// Who holds it now.
         holder: String,
     },
+    /// A worker panicked or ended while replication should have gone on: a bug in walstream.
+    /// Replication of the database has stopped, and it is never reported as shipped.
+    #[error("{db}: the {worker} failed ({detail}); replication of this database stopped. This is a bug in walstream: please report it with this log; restarting walstream resumes replication")]
+    WorkerFailed {
+        /// The database.
+        db: PathBuf,
+        /// Which worker: `capture worker`, `uploader of replica NAME`, `upkeep worker of replica NAME`.
+        worker: String,
+        /// The panic message, or how it ended.
+        detail: String,
+    },
     /// The final flush did not finish before its deadline.
     #[error("shutdown deadline passed with {unshipped} replica(s) not fully shipped: {detail}")]
     FlushIncomplete {

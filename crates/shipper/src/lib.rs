@@ -18,6 +18,7 @@
 
 mod capture;
 mod error;
+mod fail_point;
 mod lease;
 mod mapped;
 mod meta;
@@ -35,7 +36,7 @@ use std::time::Duration;
 
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 pub use capture::ShadowState;
 pub use error::Error;
@@ -152,57 +153,106 @@ impl Shipper {
             }
         };
         let state_rx = state_tx.subscribe();
+        // Every worker's outcome comes back as a `Result<_, Error>`: a panic is caught and
+        // turned into `Error::WorkerFailed`, so no worker can die unnoticed.
         let mut uploaders = JoinSet::new();
+        let mut upkeep = JoinSet::new();
         let positions: Vec<_> = position_txs.iter().map(|p| p.subscribe()).collect();
         for ((replica, position_tx), replica_counters) in replicas.into_iter().zip(position_txs).zip(replica_counters.iter().cloned()) {
             let may_write = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let name = replica.name.clone();
             // Upkeep ends with the capturer's final state; it never holds up shutdown.
-            tokio::spawn(retention::run(replica.clone(), state_rx.clone(), wake_tx.clone(), may_write.clone()));
-            uploaders.spawn(Uploader::new(replica, state_rx.clone(), position_tx, wake_tx.clone(), replica_counters, lease_terms.clone(), may_write).run());
+            let retention = retention::run(replica.clone(), state_rx.clone(), wake_tx.clone(), may_write.clone());
+            upkeep.spawn(caught(db_path.clone(), format!("upkeep worker of replica {name}"), async move {
+                retention.await;
+                Ok(())
+            }));
+            let uploader = Uploader::new(replica, state_rx.clone(), position_tx, wake_tx.clone(), replica_counters, lease_terms.clone(), may_write).run();
+            uploaders.spawn(caught(db_path.clone(), format!("uploader of replica {name}"), uploader));
         }
-        let mut capturer = Capturer::new(db_path.clone(), meta, source, state_tx, positions.clone(), counters);
+        let mut capturer = Capturer::new(db_path.clone(), meta, source, state_tx, positions.clone(), counters.clone());
         capturer.free_snapshots_held_by(replica_counters.clone());
         capturer.bound_local_wal(config.max_local_wal);
         if let Some(events) = watcher {
             capturer.take_events(events);
         }
-        let capturer = std::thread::Builder::new().name("walstream-capture".into()).spawn(move || capturer.run(wake_rx)).map_err(error::io_err("spawn capture thread", &db_path))?;
+        let (capture_tx, mut capture_rx) = tokio::sync::oneshot::channel();
+        let capture_db = db_path.clone();
+        std::thread::Builder::new()
+            .name("walstream-capture".into())
+            .spawn(move || {
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| capturer.run(wake_rx)));
+                let _ = capture_tx.send(outcome.unwrap_or_else(|payload| Err(worker_failed(&capture_db, "capture worker".into(), fail_point::panic_message(payload.as_ref())))));
+            })
+            .map_err(error::io_err("spawn capture thread", &db_path))?;
 
-        // An uploader ends early only when its replica belongs to another replicator: then this
-        // database stops as if signalled, and the error is reported once the rest is flushed.
+        // An uploader ends early only when its replica belongs to another replicator, and the
+        // capturer and upkeep not at all: then this database stops as if signalled, and the
+        // error is reported once what can be is flushed.
         let mut failed: Option<Error> = None;
+        let mut capture_result = None;
         while failed.is_none() {
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 Some(joined) = uploaders.join_next(), if !uploaders.is_empty() => {
-                    if let Ok(Err(e)) = joined {
-                        warn!(db = %db_path.display(), error = %e, "replica refused; stopping");
+                    if let Err(e) = joined.unwrap_or_else(|e| Err(worker_failed(&db_path, "uploader".into(), e.to_string()))) {
+                        if !matches!(e, Error::WorkerFailed { .. }) {
+                            warn!(db = %db_path.display(), error = %e, "replica refused; stopping");
+                        }
                         failed = Some(e);
                     }
                 }
+                Some(joined) = upkeep.join_next(), if !upkeep.is_empty() => {
+                    if let Err(e) = joined.unwrap_or_else(|e| Err(worker_failed(&db_path, "upkeep worker".into(), e.to_string()))) {
+                        failed = Some(e);
+                    }
+                }
+                outcome = &mut capture_rx => {
+                    let e = match outcome {
+                        Ok(Err(e)) => e,
+                        Ok(Ok(())) => worker_failed(&db_path, "capture worker".into(), "it returned before shutdown".into()),
+                        Err(_) => worker_failed(&db_path, "capture worker".into(), "its thread ended without a result".into()),
+                    };
+                    capture_result = Some(Ok(()));
+                    failed = Some(e);
+                }
             }
+        }
+        if let Some(e) = &failed {
+            // Until the process exits, /healthz says why.
+            counters.record_failure(e);
         }
         info!(db = %db_path.display(), "shutting down: shipping what is committed");
         let _ = wake_tx.send(Wake::Shutdown);
-        let capture_result = tokio::task::spawn_blocking(move || capturer.join()).await.expect("join task panicked");
-        let capture_result = capture_result.unwrap_or_else(|_| {
-            warn!("capture thread panicked");
-            Ok(())
-        });
+        let capture_result = match capture_result {
+            Some(result) => result,
+            None => capture_rx.await.unwrap_or_else(|_| Err(worker_failed(&db_path, "capture worker".into(), "its thread ended without a result".into()))),
+        };
+        if let Err(e) = &capture_result {
+            counters.record_failure(e);
+        }
 
         let drained = tokio::time::timeout(config.shutdown_deadline, async {
             while let Some(joined) = uploaders.join_next().await {
-                if let Ok(Err(e)) = joined {
+                if let Err(e) = joined.unwrap_or_else(|e| Err(worker_failed(&db_path, "uploader".into(), e.to_string()))) {
                     failed.get_or_insert(e);
                 }
             }
         })
         .await;
+        upkeep.abort_all();
+        if let Some(e) = failed.as_ref().filter(|e| matches!(e, Error::WorkerFailed { .. })) {
+            error!(db = %db_path.display(), error = %e, "replication stopped: a worker failed");
+        }
         if drained.is_err() {
             let end = state_rx.borrow().end;
             let behind: Vec<String> = positions.iter().enumerate().filter(|(_, p)| *p.borrow() != end).map(|(i, p)| format!("replica #{} at {}", i + 1, p.borrow().map_or("nothing".to_string(), |p| p.to_string()))).collect();
             uploaders.abort_all();
-            return Err(Error::FlushIncomplete { unshipped: behind.len(), detail: format!("{} (local end {})", behind.join(", "), end.map_or("none".into(), |p| p.to_string())) });
+            let incomplete = Error::FlushIncomplete { unshipped: behind.len(), detail: format!("{} (local end {})", behind.join(", "), end.map_or("none".into(), |p| p.to_string())) };
+            return Err(match failed {
+                Some(e @ Error::WorkerFailed { .. }) => e,
+                _ => incomplete,
+            });
         }
         if let Some(e) = failed {
             return Err(e);
@@ -211,6 +261,16 @@ impl Shipper {
         info!(db = %db_path.display(), "replication stopped; everything committed was shipped");
         Ok(())
     }
+}
+
+/// `worker` with a panic caught and reported as [`Error::WorkerFailed`].
+async fn caught(db: PathBuf, worker: String, work: impl std::future::Future<Output = Result<(), Error>>) -> Result<(), Error> {
+    use futures_util::FutureExt;
+    std::panic::AssertUnwindSafe(work).catch_unwind().await.unwrap_or_else(|payload| Err(worker_failed(&db, worker, fail_point::panic_message(payload.as_ref()))))
+}
+
+fn worker_failed(db: &std::path::Path, worker: String, detail: String) -> Error {
+    Error::WorkerFailed { db: db.to_path_buf(), worker, detail }
 }
 
 /// Waits for a SQLite database at `path`. Returns false if shutdown came first and there is

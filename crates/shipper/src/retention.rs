@@ -118,6 +118,7 @@ pub(crate) async fn run(replica: Replica, mut state: watch::Receiver<ShadowState
                 next_check = Some(now + every);
                 let current = state.borrow().generation;
                 if let Some(current) = current.filter(|_| may_write.load(std::sync::atomic::Ordering::SeqCst)) {
+                    crate::fail_point::hit("retention");
                     match enforce(&replica, current, retention, &wake).await {
                         Ok(Some(expiry)) => {
                             let until = expiry.duration_since(SystemTime::now()).unwrap_or_default();

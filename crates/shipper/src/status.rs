@@ -23,9 +23,16 @@ pub(crate) struct DbCounters {
     pub(crate) shadow_bytes: AtomicU64,
     /// Set while capture passes fail because the local disk is full.
     pub(crate) disk_full: AtomicBool,
+    /// Why replication of the database stopped on its own (a worker failed, a replica was
+    /// taken over), for `/healthz` until the process exits.
+    pub(crate) stopped: Mutex<Option<String>>,
 }
 
 impl DbCounters {
+    pub(crate) fn record_failure(&self, e: &crate::Error) {
+        self.stopped.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(|| e.to_string());
+    }
+
     pub(crate) fn record_pass(&self, took: Duration, ok: bool) {
         self.passes.fetch_add(1, Relaxed);
         if !ok {
@@ -105,6 +112,8 @@ pub struct DbStatus {
     pub pass_seconds: f64,
     /// True while capture passes fail because the local disk is full.
     pub disk_full: bool,
+    /// Why replication of this database stopped on its own, once it has.
+    pub stopped: Option<String>,
     /// One entry per replica, in configuration order.
     pub replicas: Vec<ReplicaStatus>,
 }
@@ -129,6 +138,26 @@ pub struct ReplicaStatus {
     /// Requests sent and bytes moved, per operation, by a remote store (retention's and the
     /// lease's included); `None` for local stores.
     pub operations: Option<[(walstream_store::Operation, u64, u64); 4]>,
+}
+
+impl DbStatus {
+    /// Why the database is unhealthy, one line each naming it (and the replica); empty when it
+    /// is healthy. A replica is unhealthy once it has held back a captured commit for longer
+    /// than `health_lag` (zero: never).
+    pub fn problems(&self, health_lag: Duration) -> Vec<String> {
+        let db = self.db_path.display();
+        let mut problems = Vec::new();
+        if let Some(why) = &self.stopped {
+            problems.push(format!("{db}: replication stopped: {why}"));
+        }
+        if self.disk_full {
+            problems.push(format!("{db}: local disk full, capture failing; free space on its volume"));
+        }
+        for replica in self.replicas.iter().filter(|r| !health_lag.is_zero() && r.lag > health_lag) {
+            problems.push(format!("{db}: replica {} has held back a captured commit for {}s, more than the health lag of {}s; check that its store is reachable and accepts writes", replica.name, replica.lag.as_secs(), health_lag.as_secs_f64()));
+        }
+        problems
+    }
 }
 
 /// Why [`Handle::sync`] could not confirm.
@@ -216,6 +245,7 @@ impl Handle {
             failed_passes: self.counters.failed_passes.load(Relaxed),
             pass_seconds: self.counters.pass_nanos.load(Relaxed) as f64 / 1e9,
             disk_full: self.counters.disk_full.load(Relaxed),
+            stopped: self.counters.stopped.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             replicas,
         }
     }

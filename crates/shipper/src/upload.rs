@@ -253,6 +253,7 @@ impl Uploader {
                 }
                 frame_segment(Piece::Mapped(&file), pos.offset, limit, &mut self.framed).map_err(io_err("read", &path))?
             };
+            crate::fail_point::hit("upload");
             let key = name::segment_key(&generation, pos.index, pos.offset);
             self.last_segment_put = Some(tokio::time::Instant::now());
             self.put(&key, body).await?;

@@ -1,0 +1,22 @@
+//! Failure injection for tests: a build with the `fail-points` feature (the workspace's test
+//! build turns it on through `walstream-tests`) panics at the named point when
+//! `WALSTREAM_FAIL_POINT` names it. Other builds compile every point to nothing, so a release
+//! binary cannot be made to panic from its environment.
+
+/// Panics here when the `fail-points` feature is on and `WALSTREAM_FAIL_POINT` is `point`.
+#[cfg(feature = "fail-points")]
+pub(crate) fn hit(point: &str) {
+    if std::env::var("WALSTREAM_FAIL_POINT").is_ok_and(|wanted| wanted == point) {
+        panic!("fail point {point:?} hit (WALSTREAM_FAIL_POINT)");
+    }
+}
+
+/// Nothing: this build has no fail points.
+#[cfg(not(feature = "fail-points"))]
+#[inline(always)]
+pub(crate) fn hit(_point: &str) {}
+
+/// The message of a caught panic, for the error that reports it.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| payload.downcast_ref::<String>().cloned()).unwrap_or_else(|| "a panic with no message".into())
+}

@@ -1,0 +1,122 @@
+//! No silent failure: a worker that dies stops its database loudly (an error naming the
+//! database and the worker, `/healthz` 503, a non-zero exit, never "everything committed was
+//! shipped"), and a replica held back past `-health-lag` turns `/healthz` unhealthy until it
+//! catches up. The worker panics come from the test build's fail points
+//! (`crates/shipper/src/fail_point.rs`).
+
+use std::time::{Duration, Instant};
+
+use crate::emulator::{self, request_on};
+use crate::fault_proxy::FaultProxy;
+use crate::harness::*;
+
+/// The exit code of `Error::WorkerFailed` (crates/cli/src/exit.rs).
+const WORKER_FAILED: i32 = 17;
+
+fn healthz(addr: &str) -> (u16, String) {
+    request_on(addr, "GET", "/healthz", None).unwrap_or((0, String::new()))
+}
+
+/// Asserts how a failed worker was reported: its error names the database and the worker, the
+/// exit code is WORKER_FAILED, and nothing claims the commits were shipped.
+fn assert_failed_loudly(scratch: &Scratch, status: std::process::ExitStatus, log: &str, worker: &str) {
+    let db = scratch.db().display().to_string();
+    assert_eq!(status.code(), Some(WORKER_FAILED), "a failed {worker} worker exits {WORKER_FAILED}; log:\n{log}");
+    let error = log.lines().find(|l| l.contains("ERROR") && l.contains(&format!("the {worker} failed"))).unwrap_or_else(|| panic!("no error line for the {worker} worker; log:\n{log}"));
+    assert!(error.contains(&db) && error.contains("fail point"), "the error names the database and why: {error}");
+    assert!(!log.contains("everything committed was shipped"), "a failed worker is never reported as a finished flush; log:\n{log}");
+}
+
+/// The one-container deployment: while walstream stops the app after its capture worker died,
+/// `/healthz` says why; then it exits non-zero.
+#[test]
+fn a_capture_worker_that_panics_fails_its_database_loudly() {
+    let scratch = Scratch::new();
+    let mut app = App::open(&scratch.db());
+    app.insert(10);
+    let addr = format!("127.0.0.1:{}", free_port());
+    // The app takes 3 s to stop: the window in which /healthz is read.
+    let exec = "sh -c 'trap \"sleep 3; exit 0\" TERM; while true; do sleep 0.1; done'";
+    let replicator = Replicator::start_with_args(&scratch.db(), &[scratch.replica_url()], scratch.path("replicate.log"), &[("WALSTREAM_FAIL_POINT", "capture")], &["-addr", &addr, "-exec", exec]);
+    wait_until(Duration::from_secs(20), "the first sync", || request_on(&addr, "GET", "/readyz", None).is_ok_and(|(status, _)| status == 200));
+    assert_eq!(healthz(&addr), (200, "ok\n".to_string()), "healthy before the fault");
+
+    app.insert(10);
+    let mut unhealthy = None;
+    wait_until(Duration::from_secs(20), "/healthz to report the failed capture worker", || {
+        let (status, body) = healthz(&addr);
+        if status == 503 {
+            unhealthy = Some(body);
+        }
+        unhealthy.is_some()
+    });
+    let body = unhealthy.unwrap();
+    assert!(body.contains(&scratch.db().display().to_string()) && body.contains("the capture worker failed"), "{body}");
+    let status = replicator_exit(replicator);
+    assert_failed_loudly(&scratch, status, &std::fs::read_to_string(scratch.path("replicate.log")).unwrap(), "capture worker");
+}
+
+#[test]
+fn an_upload_worker_that_panics_fails_its_database_loudly() {
+    let scratch = Scratch::new();
+    let mut app = App::open(&scratch.db());
+    let replicator = Replicator::start_with_env(&scratch.db(), &[scratch.replica_url()], scratch.path("replicate.log"), &[("WALSTREAM_FAIL_POINT", "upload")]);
+    app.insert(10);
+    app.insert(10);
+    let status = replicator_exit(replicator);
+    assert_failed_loudly(&scratch, status, &std::fs::read_to_string(scratch.path("replicate.log")).unwrap(), "uploader of replica file");
+}
+
+#[test]
+fn an_upkeep_worker_that_panics_fails_its_database_loudly() {
+    let scratch = Scratch::new();
+    let mut app = App::open(&scratch.db());
+    app.insert(10);
+    let config = scratch.write_config(&["retention: 1s", "retention-check-interval: 1s"]);
+    let replicator = Replicator::start_args(&["-config".into(), config.into()], scratch.path("replicate.log"), &[("WALSTREAM_FAIL_POINT", "retention")]);
+    let status = replicator_exit(replicator);
+    assert_failed_loudly(&scratch, status, &std::fs::read_to_string(scratch.path("replicate.log")).unwrap(), "upkeep worker of replica file");
+}
+
+/// Waits for an exit the worker's failure must cause by itself (no signal is sent).
+fn replicator_exit(replicator: Replicator) -> std::process::ExitStatus {
+    let started = Instant::now();
+    let status = replicator.wait_for_exit();
+    eprintln!("replicate exited {status} {:?} after the fault was armed", started.elapsed());
+    status
+}
+
+/// The store frozen (connections accepted, never answered) while the app commits: `/healthz`
+/// turns 503 naming the database and the replica once the commit has waited longer than
+/// `-health-lag`, and 200 again once the replica has it.
+#[test]
+fn a_replica_held_back_past_the_health_lag_is_unhealthy_until_it_catches_up() {
+    let scratch = Scratch::on(Backend::Gcs);
+    let proxy = FaultProxy::start(emulator::host(), seed());
+    let mut app = App::open(&scratch.db());
+    app.insert(10);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let replicator = Replicator::start_with_args(&scratch.db(), &[scratch.replica_url()], scratch.path("replicate.log"), &[("STORAGE_EMULATOR_HOST", &proxy.addr), ("WALSTREAM_GCS_TIMEOUT", "2s")], &["-addr", &addr, "-health-lag", "2s"]);
+    wait_until(Duration::from_secs(20), "the first sync", || request_on(&addr, "GET", "/readyz", None).is_ok_and(|(status, _)| status == 200));
+    assert_eq!(healthz(&addr), (200, "ok\n".to_string()));
+
+    let frozen_for = Duration::from_secs(10);
+    proxy.black_hole(frozen_for);
+    let frozen_at = Instant::now();
+    app.insert(10);
+    // Healthy for the first two seconds of the outage: a lag under the limit is not a failure.
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(healthz(&addr).0, 200, "a commit held back for less than -health-lag is not a failure");
+    let mut unhealthy = None;
+    wait_until(Duration::from_secs(8), "/healthz to report the held-back replica", || {
+        let (status, body) = healthz(&addr);
+        (status == 503).then(|| unhealthy = Some((body, frozen_at.elapsed()))).is_some()
+    });
+    let (body, after) = unhealthy.unwrap();
+    assert!(after >= Duration::from_secs(2), "unhealthy only past the health lag, not after {after:?}");
+    assert!(body.contains(&scratch.db().display().to_string()) && body.contains("replica gcs") && body.contains("health lag"), "{body}");
+
+    wait_until(frozen_for + Duration::from_secs(30), "/healthz to recover once the store answers", || healthz(&addr) == (200, "ok\n".to_string()));
+    replicator.stop_ok();
+    scratch.assert_restores_source();
+}
