@@ -36,6 +36,9 @@ fn main() {
         std::process::exit(exit::OK);
     }
     logging::init(log_settings(&cli));
+    if let Command::Restore(_) = &cli.command {
+        restore::bound_allocator_caches();
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
     let result = runtime.block_on(run(cli));
     let code = match result {

@@ -25,6 +25,9 @@ impl Progress for Bar {
         objects.0 += 1;
         self.bar.set_message(format!("{}/{} objects", objects.0, objects.1));
     }
+    fn downloading(&self, bytes: u64) {
+        self.bar.inc(bytes);
+    }
     fn finish(&self) {
         self.bar.finish_and_clear();
     }

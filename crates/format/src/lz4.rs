@@ -198,87 +198,221 @@ fn encode_block(raw: &[u8], out: &mut [u8]) -> usize {
 /// size, and the empty uncompressed block `00 00 00 80` that Go writes when a snapshot is a
 /// multiple of 4 MiB. Bytes after the end of the first frame are ignored, as Go ignores them.
 pub fn decompress(data: &[u8]) -> Result<Vec<u8>, Error> {
-    let bad = |what: &str| Error::Lz4(what.to_string());
-    let mut input = Input { data, at: 0 };
-    if input.take(4).ok_or_else(|| bad("not an lz4 frame (too short)"))? != &FRAME_PREFIX[..4] {
-        return Err(bad("not an lz4 frame (bad magic)"));
-    }
-    let descriptor_start = input.at;
-    let flg = input.byte().ok_or_else(|| bad("truncated frame header"))?;
-    let bd = input.byte().ok_or_else(|| bad("truncated frame header"))?;
-    if flg & FLG_VERSION_MASK != FLG_VERSION_1 {
-        return Err(bad("unsupported lz4 frame version"));
-    }
-    let block_max = match (bd >> 4) & 0x7 {
-        4 => 64 << 10,
-        5 => 256 << 10,
-        6 => 1 << 20,
-        7 => 4 << 20,
-        _ => return Err(bad("invalid block size in frame header")),
-    };
-    if flg & FLG_CONTENT_SIZE != 0 {
-        input.take(8).ok_or_else(|| bad("truncated frame header"))?;
-    }
-    if flg & FLG_DICT_ID != 0 {
-        input.take(4).ok_or_else(|| bad("truncated frame header"))?;
-    }
-    let header_checksum = input.byte().ok_or_else(|| bad("truncated frame header"))?;
-    if (xxh32(&data[descriptor_start..input.at - 1], 0) >> 8) as u8 != header_checksum {
-        return Err(bad("frame header checksum mismatch"));
-    }
-    let mut out: Vec<u8> = Vec::new();
-    loop {
-        let size = u32::from_le_bytes(input.take(4).ok_or_else(|| bad("truncated: no end mark"))?.try_into().unwrap());
-        if size == 0 {
-            break;
-        }
-        let len = (size & !UNCOMPRESSED_BIT) as usize;
-        if len > block_max {
-            return Err(bad("block larger than the frame's block size"));
-        }
-        let payload = input.take(len).ok_or_else(|| bad("truncated block"))?;
-        if flg & FLG_BLOCK_CHECKSUM != 0 {
-            // Go's reader checks these over the wrong bytes; walstream neither writes nor trusts them.
-            input.take(4).ok_or_else(|| bad("truncated block checksum"))?;
-        }
-        if size & UNCOMPRESSED_BIT != 0 {
-            out.extend_from_slice(payload);
-            continue;
-        }
-        let start = out.len();
-        out.resize(start + block_max, 0);
-        let n = if flg & FLG_INDEPENDENT != 0 {
-            block::decompress_into(payload, &mut out[start..])
-        } else {
-            let (before, after) = out.split_at_mut(start);
-            let dict = &before[before.len().saturating_sub(64 << 10)..];
-            block::decompress_into_with_dict(payload, after, dict)
-        }
-        .map_err(|e| Error::Lz4(format!("corrupt block: {e}")))?;
-        out.truncate(start + n);
-    }
-    if flg & FLG_CONTENT_CHECKSUM != 0 {
-        let expected = u32::from_le_bytes(input.take(4).ok_or_else(|| bad("truncated: no content checksum"))?.try_into().unwrap());
-        if xxh32(&out, 0) != expected {
-            return Err(bad("content checksum mismatch"));
-        }
-    }
+    let mut out = Vec::new();
+    let mut decoder = FrameDecoder::new();
+    decoder
+        .feed(data, &mut |block| {
+            out.extend_from_slice(block);
+            Ok(())
+        })
+        .map_err(|e| match e {
+            FeedError::Corrupt(e) => e,
+            FeedError::Sink(e) => Error::Lz4(e.to_string()),
+        })?;
+    decoder.finish()?;
     Ok(out)
 }
 
-struct Input<'a> {
-    data: &'a [u8],
-    at: usize,
+/// Why [`FrameDecoder::feed`] stopped.
+#[derive(Debug)]
+pub enum FeedError {
+    /// The bytes are not a valid frame.
+    Corrupt(Error),
+    /// The sink failed.
+    Sink(io::Error),
 }
 
-impl<'a> Input<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        let slice = self.data.get(self.at..self.at.checked_add(n)?)?;
-        self.at += n;
-        Some(slice)
+/// Decodes one LZ4 frame fed in pieces of any size, handing each block to a sink as soon as it
+/// is complete, so an object of any size is decoded in the memory of one block (its compressed
+/// form, its decoded form, and for linked blocks 64 KiB of history). [`decompress`] is this
+/// with a sink that collects everything.
+#[derive(Default)]
+pub struct FrameDecoder {
+    /// Input not consumed yet: at most one block and the piece that completed it.
+    pending: Vec<u8>,
+    state: DecoderState,
+    flg: u8,
+    block_max: usize,
+    block: Vec<u8>,
+    /// The last 64 KiB decoded, for frames whose blocks are linked.
+    history: Vec<u8>,
+    checksum: Option<Xxh32>,
+}
+
+#[derive(Default, PartialEq)]
+enum DecoderState {
+    #[default]
+    Header,
+    Blocks,
+    /// Inside an uncompressed block with this many bytes to go: passed on as they arrive, so
+    /// incompressible data (random blobs, compressed columns) is never held.
+    Raw(usize),
+    /// Skipping this many bytes of a block checksum.
+    Skip(usize),
+    ContentChecksum,
+    Done,
+}
+
+const HISTORY: usize = 64 << 10;
+
+impl FrameDecoder {
+    /// A decoder expecting the start of a frame.
+    pub fn new() -> FrameDecoder {
+        FrameDecoder::default()
     }
-    fn byte(&mut self) -> Option<u8> {
-        self.take(1).map(|b| b[0])
+
+    /// Decodes what `input` completes, calling `sink` with each block in order. Bytes after
+    /// the frame's end are ignored.
+    pub fn feed(&mut self, input: &[u8], sink: &mut dyn FnMut(&[u8]) -> io::Result<()>) -> Result<(), FeedError> {
+        // The common case, a piece that starts where the last one ended cleanly, is read in
+        // place; only an incomplete tail is copied.
+        let mut pending = std::mem::take(&mut self.pending);
+        if pending.is_empty() {
+            let used = self.consume(input, sink)?;
+            pending.extend_from_slice(&input[used..]);
+        } else {
+            pending.extend_from_slice(input);
+            let used = self.consume(&pending, sink)?;
+            pending.drain(..used);
+        }
+        if self.state == DecoderState::Done {
+            pending.clear();
+        }
+        self.pending = pending;
+        Ok(())
+    }
+
+    /// Checks that the frame ended: every block, the end mark and the content checksum seen.
+    pub fn finish(&self) -> Result<(), Error> {
+        let bad = |what: &str| Err(Error::Lz4(what.to_string()));
+        match self.state {
+            DecoderState::Done => Ok(()),
+            DecoderState::Header if self.pending.len() < 4 => bad("not an lz4 frame (too short)"),
+            DecoderState::Header => bad("truncated frame header"),
+            DecoderState::Blocks if self.pending.len() >= 4 => bad("truncated block"),
+            DecoderState::Raw(_) | DecoderState::Skip(_) => bad("truncated block"),
+            DecoderState::Blocks => bad("truncated: no end mark"),
+            DecoderState::ContentChecksum => bad("truncated: no content checksum"),
+        }
+    }
+
+    /// Go's reader checks block checksums over the wrong bytes; walstream neither writes nor
+    /// trusts them, and skips them.
+    fn block_checksum_len(&self) -> usize {
+        if self.flg & FLG_BLOCK_CHECKSUM != 0 {
+            4
+        } else {
+            0
+        }
+    }
+
+    /// Decoded bytes, in order: into the content checksum, the history and the sink.
+    fn emit(&mut self, decoded: &[u8], sink: &mut dyn FnMut(&[u8]) -> io::Result<()>) -> Result<(), FeedError> {
+        if let Some(checksum) = &mut self.checksum {
+            checksum.update(decoded);
+        }
+        if self.flg & FLG_INDEPENDENT == 0 {
+            self.history.extend_from_slice(&decoded[decoded.len().saturating_sub(HISTORY)..]);
+            let excess = self.history.len().saturating_sub(HISTORY);
+            self.history.drain(..excess);
+        }
+        sink(decoded).map_err(FeedError::Sink)
+    }
+
+    /// Consumes whole parts of the frame from `data`; returns how many bytes.
+    fn consume(&mut self, data: &[u8], sink: &mut dyn FnMut(&[u8]) -> io::Result<()>) -> Result<usize, FeedError> {
+        let bad = |what: &str| FeedError::Corrupt(Error::Lz4(what.to_string()));
+        let mut at = 0;
+        loop {
+            let rest = &data[at..];
+            match self.state {
+                DecoderState::Done => return Ok(at),
+                DecoderState::Header => {
+                    if rest.len() >= 4 && rest[..4] != FRAME_PREFIX[..4] {
+                        return Err(bad("not an lz4 frame (bad magic)"));
+                    }
+                    let (Some(&flg), Some(&bd)) = (rest.get(4), rest.get(5)) else { return Ok(at) };
+                    if flg & FLG_VERSION_MASK != FLG_VERSION_1 {
+                        return Err(bad("unsupported lz4 frame version"));
+                    }
+                    self.block_max = match (bd >> 4) & 0x7 {
+                        4 => 64 << 10,
+                        5 => 256 << 10,
+                        6 => 1 << 20,
+                        7 => 4 << 20,
+                        _ => return Err(bad("invalid block size in frame header")),
+                    };
+                    let descriptor_end = 6 + if flg & FLG_CONTENT_SIZE != 0 { 8 } else { 0 } + if flg & FLG_DICT_ID != 0 { 4 } else { 0 };
+                    let Some(&header_checksum) = rest.get(descriptor_end) else { return Ok(at) };
+                    if (xxh32(&rest[4..descriptor_end], 0) >> 8) as u8 != header_checksum {
+                        return Err(bad("frame header checksum mismatch"));
+                    }
+                    self.flg = flg;
+                    self.checksum = (flg & FLG_CONTENT_CHECKSUM != 0).then(|| Xxh32::new(0));
+                    self.state = DecoderState::Blocks;
+                    at += descriptor_end + 1;
+                }
+                DecoderState::Blocks => {
+                    let Some(size) = rest.get(..4) else { return Ok(at) };
+                    let size = u32::from_le_bytes(size.try_into().expect("4 bytes"));
+                    if size == 0 {
+                        self.state = if self.checksum.is_some() { DecoderState::ContentChecksum } else { DecoderState::Done };
+                        at += 4;
+                        continue;
+                    }
+                    let len = (size & !UNCOMPRESSED_BIT) as usize;
+                    if len > self.block_max {
+                        return Err(bad("block larger than the frame's block size"));
+                    }
+                    if size & UNCOMPRESSED_BIT != 0 {
+                        self.state = DecoderState::Raw(len);
+                        at += 4;
+                        continue;
+                    }
+                    let whole = 4 + len + self.block_checksum_len();
+                    if rest.len() < whole {
+                        return Ok(at);
+                    }
+                    self.block.resize(self.block_max, 0);
+                    let payload = &rest[4..4 + len];
+                    let n = if self.flg & FLG_INDEPENDENT != 0 { block::decompress_into(payload, &mut self.block) } else { block::decompress_into_with_dict(payload, &mut self.block, &self.history) }
+                        .map_err(|e| FeedError::Corrupt(Error::Lz4(format!("corrupt block: {e}"))))?;
+                    let block = std::mem::take(&mut self.block);
+                    let emitted = self.emit(&block[..n], sink);
+                    self.block = block;
+                    emitted?;
+                    at += whole;
+                }
+                DecoderState::Raw(0) => self.state = if self.block_checksum_len() > 0 { DecoderState::Skip(self.block_checksum_len()) } else { DecoderState::Blocks },
+                DecoderState::Raw(left) => {
+                    let n = left.min(rest.len());
+                    if n == 0 {
+                        return Ok(at);
+                    }
+                    self.emit(&rest[..n], sink)?;
+                    self.state = DecoderState::Raw(left - n);
+                    at += n;
+                }
+                DecoderState::Skip(0) => self.state = DecoderState::Blocks,
+                DecoderState::Skip(left) => {
+                    let n = left.min(rest.len());
+                    if n == 0 {
+                        return Ok(at);
+                    }
+                    self.state = DecoderState::Skip(left - n);
+                    at += n;
+                }
+                DecoderState::ContentChecksum => {
+                    let Some(expected) = rest.get(..4) else { return Ok(at) };
+                    let expected = u32::from_le_bytes(expected.try_into().expect("4 bytes"));
+                    if self.checksum.as_ref().map(Xxh32::digest) != Some(expected) {
+                        return Err(bad("content checksum mismatch"));
+                    }
+                    self.state = DecoderState::Done;
+                    at += 4;
+                }
+            }
+        }
     }
 }
 
@@ -370,6 +504,35 @@ mod tests {
         assert_eq!(n, out.len());
         assert!(n < data.len(), "the repetitive part compressed");
         assert_eq!(decompress(&out).unwrap(), data);
+    }
+
+    /// Fed in pieces of every size, including one byte at a time, the decoder gives the same
+    /// bytes as the one-shot decoder, block by block, and never more than a block at once.
+    #[test]
+    fn a_frame_fed_in_pieces_decodes_to_the_same_bytes_one_block_at_a_time() {
+        let mut data = noise(BLOCK_MAX + 12_345, 11);
+        data.extend((0..(5 << 20) as u32).map(|i| (i % 7) as u8));
+        let framed = compress(&data);
+        for piece in [1, 3, 4, 7, 1000, 65_536, 1 << 20, framed.len()] {
+            let (mut decoder, mut out, mut largest) = (FrameDecoder::new(), Vec::new(), 0);
+            // One byte at a time over a prefix only: the whole frame would take minutes.
+            let (head, tail) = framed.split_at(if piece == 1 { 20_000 } else { 0 });
+            for chunk in head.chunks(1).chain(tail.chunks(piece)) {
+                decoder
+                    .feed(chunk, &mut |block| {
+                        largest = largest.max(block.len());
+                        out.extend_from_slice(block);
+                        Ok(())
+                    })
+                    .unwrap();
+            }
+            decoder.finish().unwrap();
+            assert_eq!(out, data, "pieces of {piece}");
+            assert!(largest <= BLOCK_MAX, "one block at a time");
+        }
+        let mut truncated = FrameDecoder::new();
+        truncated.feed(&framed[..framed.len() - 5], &mut |_| Ok(())).unwrap();
+        assert!(truncated.finish().is_err(), "a frame without its end is an error at finish");
     }
 
     #[test]

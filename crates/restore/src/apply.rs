@@ -34,10 +34,9 @@ pub(crate) async fn apply(store: &dyn ObjectStore, plan: &RestorePlan, temp: &Pa
     let (sender, mut fetched) = mpsc::channel(2);
     let downloads = fetch::fetch_indexes(store, plan.indexes.iter().rev().collect(), parallelism, progress, sender);
     let build = async move {
-        let snapshot = fetch::fetch_object(store, &plan.snapshot.key, progress).await?;
-        let page_size = db_page_size(&snapshot).ok_or_else(|| Error::CorruptObject { key: plan.snapshot.key.clone(), source: walstream_format::Error::Lz4("snapshot is not a SQLite database".into()) })?;
-        let mut image = Image::new(write_new(temp, &snapshot)?, page_size, snapshot.len() as u64);
-        drop(snapshot);
+        let (file, snapshot_len) = fetch::snapshot_into(store, &plan.snapshot, create_new(temp)?, temp, parallelism, progress).await?;
+        let page_size = db_page_size(&file).ok_or_else(|| Error::CorruptObject { key: plan.snapshot.key.clone(), source: walstream_format::Error::Lz4("snapshot is not a SQLite database".into()) })?;
+        let mut image = Image::new(file, page_size, snapshot_len);
         while let Some(index) = fetched.recv().await {
             let index = index.await.expect("verify task panicked")?;
             image = tokio::task::spawn_blocking(move || image.apply_older(&index).map(|()| image)).await.expect("apply task panicked")?;
@@ -56,19 +55,20 @@ pub(crate) async fn apply(store: &dyn ObjectStore, plan: &RestorePlan, temp: &Pa
     tokio::task::spawn_blocking(move || integrity_check(&temp)).await.expect("check task panicked")
 }
 
-/// The page size in a database header (offset 16, big-endian, where 1 means 65536).
-fn db_page_size(db: &[u8]) -> Option<u32> {
-    let raw = u16::from_be_bytes(db.get(16..18)?.try_into().ok()?);
-    let size = if raw == 1 { 65536 } else { u32::from(raw) };
+/// The page size in the database header the file starts with (offset 16, big-endian, where 1
+/// means 65536).
+fn db_page_size(db: &File) -> Option<u32> {
+    let mut raw = [0u8; 2];
+    db.read_exact_at(&mut raw, 16).ok()?;
+    let size = match u16::from_be_bytes(raw) {
+        1 => 65536,
+        raw => u32::from(raw),
+    };
     (size.is_power_of_two() && size >= 512).then_some(size)
 }
 
-fn write_new(path: &Path, data: &[u8]) -> Result<File, Error> {
-    use std::io::Write;
-    let io = |op: &'static str| move |source| Error::Io { op, path: path.to_path_buf(), source };
-    let mut file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(path).map_err(io("create"))?;
-    file.write_all(data).map_err(io("write"))?;
-    Ok(file)
+fn create_new(path: &Path) -> Result<File, Error> {
+    std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(path).map_err(|source| Error::Io { op: "create", path: path.to_path_buf(), source })
 }
 
 /// An index checked as SQLite's recovery would check it, so that a corrupt segment is an

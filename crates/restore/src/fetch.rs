@@ -34,6 +34,53 @@ pub(crate) async fn fetch_object(store: &dyn ObjectStore, key: &str, progress: &
     tokio::task::spawn_blocking(move || lz4::decompress(&body).map_err(|source| Error::CorruptObject { key: owned_key, source })).await.expect("lz4 task panicked")
 }
 
+/// Bytes asked for per ranged GET of a snapshot, and how many such GETs are in flight: enough
+/// to keep a link busy, while what a restore holds stays a few MiB whatever the snapshot's size
+/// (in flight, one queued, and the decoder's block).
+const SNAPSHOT_RANGE: u64 = 1 << 20;
+const SNAPSHOT_RANGES_IN_FLIGHT: usize = 4;
+
+/// Streams a snapshot into `file`: ranged GETs, several in flight, decoded from LZ4 on a
+/// blocking thread in order as they arrive, each block written as soon as it is decoded.
+/// Returns the file and how many bytes the snapshot holds.
+pub(crate) async fn snapshot_into(store: &dyn ObjectStore, snapshot: &SegmentRef, file: std::fs::File, path: &std::path::Path, parallelism: usize, progress: &dyn Progress) -> Result<(std::fs::File, u64), Error> {
+    let (parts_tx, mut parts_rx) = mpsc::channel::<bytes::Bytes>(1);
+    let (key, path) = (snapshot.key.clone(), path.to_path_buf());
+    let writer = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut file = file;
+        let mut decoder = lz4::FrameDecoder::new();
+        let mut written = 0u64;
+        while let Some(part) = parts_rx.blocking_recv() {
+            decoder
+                .feed(&part, &mut |block| {
+                    written += block.len() as u64;
+                    file.write_all(block)
+                })
+                .map_err(|e| match e {
+                    lz4::FeedError::Corrupt(source) => Error::CorruptObject { key: key.clone(), source },
+                    lz4::FeedError::Sink(source) => Error::Io { op: "write", path: path.clone(), source },
+                })?;
+        }
+        decoder.finish().map_err(|source| Error::CorruptObject { key: key.clone(), source })?;
+        Ok::<_, Error>((file, written))
+    });
+    let ranges = (0..snapshot.size.div_ceil(SNAPSHOT_RANGE)).map(|i| (i * SNAPSHOT_RANGE, SNAPSHOT_RANGE.min(snapshot.size - i * SNAPSHOT_RANGE)));
+    let mut parts = stream::iter(ranges).map(|(offset, len)| store.get_range(&snapshot.key, offset, len)).buffered(parallelism.clamp(1, SNAPSHOT_RANGES_IN_FLIGHT));
+    while let Some(part) = parts.next().await {
+        let part = part?;
+        progress.downloading(part.len() as u64);
+        // Closed only when the writer failed: its error says why.
+        if parts_tx.send(part).await.is_err() {
+            break;
+        }
+    }
+    drop(parts_tx);
+    let written = writer.await.expect("snapshot writer panicked")?;
+    progress.downloaded(0);
+    Ok(written)
+}
+
 /// An index being verified on a blocking thread.
 pub(crate) type Verifying = tokio::task::JoinHandle<Result<VerifiedIndex, Error>>;
 

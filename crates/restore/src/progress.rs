@@ -7,6 +7,11 @@ pub trait Progress: Send + Sync {
     fn start(&self, objects: u64, bytes: u64);
     /// One more object of `bytes` stored bytes has been downloaded.
     fn downloaded(&self, bytes: u64);
+    /// `bytes` more of an object read in parts (a large snapshot) arrived; its
+    /// [`downloaded`](Progress::downloaded) comes with 0 once the last part has.
+    fn downloading(&self, bytes: u64) {
+        let _ = bytes;
+    }
     /// Everything is downloaded and applied; only the final checks remain.
     fn finish(&self);
 }

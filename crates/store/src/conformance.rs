@@ -58,5 +58,12 @@ pub async fn run(store: &dyn ObjectStore) {
         store.put_file(&key, &path).await.unwrap();
         assert!(store.get(&key).await.unwrap() == body, "put_file of {len} bytes must store them all");
         assert_eq!(store.list("generations/c/").await.unwrap().iter().find(|m| m.key == key).map(|m| m.size), Some(len as u64));
+        // Ranges, as a restore streams a large snapshot: inside, at the end, and past it.
+        for (offset, range_len) in [(0, 10), (len as u64 / 3, 4096), (len as u64 - 7, 7), (len as u64 - 7, 100)] {
+            let got = store.get_range(&key, offset, range_len).await.unwrap();
+            let end = (offset + range_len).min(len as u64) as usize;
+            assert!(got == body[offset as usize..end], "get_range({offset}, {range_len}) of {len} bytes");
+        }
     }
+    assert!(store.get_range("generations/x/missing", 0, 10).await.unwrap_err().is_not_found());
 }

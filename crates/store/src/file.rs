@@ -71,6 +71,25 @@ impl ObjectStore for FileStore {
         }
     }
 
+    async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Bytes, Error> {
+        let path = self.path_of(key)?;
+        let key = key.to_string();
+        tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::FileExt;
+            let file = match std::fs::File::open(&path) {
+                Ok(file) => file,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Error::NotFound { key }),
+                Err(e) => return Err(io_error("open", &path)(e)),
+            };
+            let size = file.metadata().map_err(io_error("stat", &path))?.len();
+            let mut body = vec![0u8; usize::try_from(len.min(size.saturating_sub(offset))).unwrap_or(0)];
+            file.read_exact_at(&mut body, offset).map_err(io_error("read", &path))?;
+            Ok(Bytes::from(body))
+        })
+        .await
+        .expect("read task panicked")
+    }
+
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, Error> {
         let root = self.root.clone();
         let prefix = prefix.to_string();

@@ -126,6 +126,18 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     /// [`Error::is_not_found`] is true.
     async fn get(&self, key: &str) -> Result<Bytes, Error>;
 
+    /// `len` bytes of the object from `offset` (fewer where it ends first; `offset` must be
+    /// inside the object), so a large object
+    /// can be read in pieces: several at once, each retried on its own, none held whole. A
+    /// missing key is an error for which [`Error::is_not_found`] is true. The default reads the
+    /// whole object.
+    async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Bytes, Error> {
+        let body = self.get(key).await?;
+        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(body.len());
+        let end = usize::try_from(offset.saturating_add(len)).unwrap_or(usize::MAX).min(body.len());
+        Ok(body.slice(start..end))
+    }
+
     /// Every object whose key starts with `prefix`, at any depth, sorted by key. Temporary
     /// objects of an unfinished put are never listed. A prefix with no objects is an empty list.
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, Error>;
