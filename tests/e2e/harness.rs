@@ -317,7 +317,9 @@ impl Replicator {
         if !status.success() {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
             let tail: Vec<&str> = text.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect();
-            panic!("replicate exited {status}; log tail:\n{}", tail.join("\n"));
+            // What moved the generation on is often long before the tail.
+            let generations: Vec<&str> = text.lines().filter(|l| l.contains("new generation")).collect();
+            panic!("replicate exited {status}; generations started:\n{}\nlog tail:\n{}", generations.join("\n"), tail.join("\n"));
         }
     }
 

@@ -323,6 +323,14 @@ impl Capturer {
                 return result;
             }
             if self.db.blocking_checkpoint_waiting() {
+                // Unpinned (the pin was dropped for a large WAL life), the commits since the last
+                // pass are still in the WAL until the checkpoint truncates or restarts it: a pin
+                // taken now holds that off (the checkpoint waits for readers) while they are
+                // copied. If the checkpoint has already back-filled everything, the pin cannot
+                // hold it, and the continuity checks see what was lost.
+                if !self.db.is_pinned() && self.db.roll_pin() {
+                    debug!(db = %self.db_path.display(), "pinned for a checkpoint that began while unpinned");
+                }
                 if self.db.is_pinned() {
                     self.step_aside();
                 }
