@@ -18,7 +18,7 @@ use walstream_format::wal::{FrameChain, WalHeader};
 use walstream_format::{FRAME_HEADER_SIZE, WAL_HEADER_SIZE};
 use walstream_store::ObjectStore;
 
-use crate::fetch::{self, FetchedIndex};
+use crate::fetch::{self, FetchedIndex, IndexBytes};
 use crate::plan::RestorePlan;
 use crate::progress::Progress;
 use crate::Error;
@@ -29,16 +29,19 @@ pub(crate) async fn apply(store: &dyn ObjectStore, plan: &RestorePlan, temp: &Pa
     let bytes = plan.snapshot.size + plan.indexes.iter().flat_map(|i| &i.segments).map(|s| s.size).sum::<u64>();
     progress.start(objects, bytes);
 
-    // The WAL downloads start with the snapshot's, not after it. Two verified indexes waiting
-    // keep the writer busy; more would only hold memory.
-    let (sender, mut fetched) = mpsc::channel(2);
-    let downloads = fetch::fetch_indexes(store, plan.indexes.iter().rev().collect(), parallelism, progress, sender);
+    let (file, snapshot_len) = fetch::snapshot_into(store, &plan.snapshot, create_new(temp)?, temp, parallelism, progress).await?;
+    let page_size = db_page_size(&file).ok_or_else(|| Error::CorruptObject { key: plan.snapshot.key.clone(), source: walstream_format::Error::Lz4("snapshot is not a SQLite database".into()) })?;
+    let mut image = Image::new(file, page_size, snapshot_len);
+
+    // The WAL downloads start once the snapshot's have ended, so their buffers never add up
+    // (the bound on restore's memory), and go on while earlier indexes are applied. One
+    // verified index waiting keeps the writer busy; more would only hold memory (or spill files).
+    let (sender, mut fetched) = mpsc::channel(1);
+    let spill_dir = temp.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+    let downloads = fetch::fetch_indexes(store, plan.indexes.iter().rev().collect(), spill_dir, parallelism, progress, sender);
     let build = async move {
-        let (file, snapshot_len) = fetch::snapshot_into(store, &plan.snapshot, create_new(temp)?, temp, parallelism, progress).await?;
-        let page_size = db_page_size(&file).ok_or_else(|| Error::CorruptObject { key: plan.snapshot.key.clone(), source: walstream_format::Error::Lz4("snapshot is not a SQLite database".into()) })?;
-        let mut image = Image::new(file, page_size, snapshot_len);
         while let Some(index) = fetched.recv().await {
-            let index = index.await.expect("verify task panicked")?;
+            let index = index?;
             image = tokio::task::spawn_blocking(move || image.apply_older(&index).map(|()| image)).await.expect("apply task panicked")?;
         }
         let write_error = |source| Error::Io { op: "write", path: temp.to_path_buf(), source };
@@ -79,12 +82,15 @@ pub(crate) struct VerifiedIndex {
     committed: Committed,
 }
 
-/// Checks one index. CPU-bound (every byte is checksummed), so the fetcher runs it for several
-/// indexes at once while earlier ones are applied.
+/// Checks one index as it is assembled (every byte is checksummed).
 pub(crate) fn verify_index(fetched: FetchedIndex) -> Result<VerifiedIndex, Error> {
-    let header = WalHeader::parse(&fetched.wal).map_err(|source| Error::CorruptObject { key: fetched.segment_at(0).to_string(), source })?;
-    let committed = committed_frames(&fetched.wal, header);
-    if committed.valid_len < fetched.wal.len() as u64 {
+    let read_error = |source| Error::Io { op: "read", path: format!("downloaded wal index {:08x}", fetched.index).into(), source };
+    let mut head = [0u8; WAL_HEADER_SIZE];
+    let head_len = usize::try_from(fetched.wal.len()).unwrap_or(usize::MAX).min(WAL_HEADER_SIZE);
+    fetched.wal.read_at(&mut head[..head_len], 0).map_err(read_error)?;
+    let header = WalHeader::parse(&head[..head_len]).map_err(|source| Error::CorruptObject { key: fetched.segment_at(0).to_string(), source })?;
+    let committed = committed_frames(&fetched.wal, header).map_err(read_error)?;
+    if committed.valid_len < fetched.wal.len() {
         return Err(Error::ChecksumBreak { key: fetched.segment_at(committed.valid_len).to_string(), offset: committed.valid_len });
     }
     Ok(VerifiedIndex { fetched, header, committed })
@@ -100,18 +106,36 @@ pub(crate) struct Committed {
     pub(crate) db_pages: u32,
 }
 
-pub(crate) fn committed_frames(wal: &[u8], header: WalHeader) -> Committed {
+/// Bytes of WAL read at once when an index is checked or applied.
+const FRAMES_READ: usize = 256 << 10;
+
+/// How many frames `FRAMES_READ` holds (at least one).
+fn frames_per_read(header: WalHeader) -> usize {
+    (FRAMES_READ / header.frame_size() as usize).max(1)
+}
+
+pub(crate) fn committed_frames(wal: &IndexBytes, header: WalHeader) -> std::io::Result<Committed> {
+    let frame_size = header.frame_size() as usize;
+    let total = usize::try_from(wal.len().saturating_sub(WAL_HEADER_SIZE as u64) / frame_size as u64).unwrap_or(usize::MAX);
     let mut chain = FrameChain::new(header);
     let mut committed = Committed { valid_len: WAL_HEADER_SIZE as u64, frames: 0, db_pages: 0 };
-    for (n, frame) in wal[WAL_HEADER_SIZE..].chunks_exact(header.frame_size() as usize).enumerate() {
-        let Some(frame_header) = chain.accept(frame) else { break };
-        committed.valid_len += header.frame_size();
-        if frame_header.is_commit() {
-            committed.frames = n + 1;
-            committed.db_pages = frame_header.commit_size;
+    let mut buf = vec![0u8; frames_per_read(header) * frame_size];
+    let mut n = 0;
+    while n < total {
+        let count = frames_per_read(header).min(total - n);
+        let bytes = &mut buf[..count * frame_size];
+        wal.read_at(bytes, (WAL_HEADER_SIZE + n * frame_size) as u64)?;
+        for frame in bytes.chunks_exact(frame_size) {
+            let Some(frame_header) = chain.accept(frame) else { return Ok(committed) };
+            committed.valid_len += frame_size as u64;
+            n += 1;
+            if frame_header.is_commit() {
+                committed.frames = n;
+                committed.db_pages = frame_header.commit_size;
+            }
         }
     }
-    committed
+    Ok(committed)
 }
 
 /// The database file being built from a snapshot and indexes given newest first.
@@ -149,14 +173,22 @@ impl Image {
         self.final_pages.get_or_insert(committed.db_pages);
         self.smallest = self.smallest.min(committed.db_pages);
         let frame_size = index.header.frame_size() as usize;
-        let wal = &index.fetched.wal;
-        for n in (0..committed.frames).rev() {
-            let frame = &wal[WAL_HEADER_SIZE + n * frame_size..][..frame_size];
-            let pgno = u32::from_be_bytes(frame[..4].try_into().expect("4 bytes"));
-            if pgno == 0 || pgno > self.smallest || self.is_settled(pgno) {
-                continue;
+        let per_read = frames_per_read(index.header);
+        let mut buf = vec![0u8; per_read.min(committed.frames) * frame_size];
+        // Newest frame first, a read's worth of frames at a time from the end.
+        let mut end = committed.frames;
+        while end > 0 {
+            let start = end.saturating_sub(per_read);
+            let bytes = &mut buf[..(end - start) * frame_size];
+            index.fetched.wal.read_at(bytes, (WAL_HEADER_SIZE + start * frame_size) as u64).map_err(|source| Error::Io { op: "read", path: format!("downloaded wal index {:08x}", index.fetched.index).into(), source })?;
+            for frame in bytes.chunks_exact(frame_size).rev() {
+                let pgno = u32::from_be_bytes(frame[..4].try_into().expect("4 bytes"));
+                if pgno == 0 || pgno > self.smallest || self.is_settled(pgno) {
+                    continue;
+                }
+                self.write_page(pgno, &frame[FRAME_HEADER_SIZE..]).map_err(|source| Error::Io { op: "write", path: format!("page {pgno} from wal index {:08x}", index.fetched.index).into(), source })?;
             }
-            self.write_page(pgno, &frame[FRAME_HEADER_SIZE..]).map_err(|source| Error::Io { op: "write", path: format!("page {pgno} from wal index {:08x}", index.fetched.index).into(), source })?;
+            end = start;
         }
         Ok(())
     }

@@ -33,7 +33,7 @@ fn native_apply(db: &Path, wals: &[Vec<u8>], page_size: u32) -> Result<(), Error
     let mut image = Image::new(file, page_size, len);
     for (n, wal) in wals.iter().enumerate().rev() {
         let second = (WAL_HEADER_SIZE + 2 * (page_size as usize + FRAME_HEADER_SIZE)) as u64;
-        let index = FetchedIndex { index: n as u32, wal: wal.clone(), segments: vec![("seg-a".into(), 0), ("seg-b".into(), second)] };
+        let index = FetchedIndex { index: n as u32, wal: wal.clone().into(), segments: vec![("seg-a".into(), 0), ("seg-b".into(), second)] };
         image.apply_older(&verify_index(index)?)?;
     }
     image.finish().unwrap();
