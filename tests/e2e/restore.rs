@@ -274,8 +274,9 @@ fn sigterm_during_a_restore_abandons_it_and_leaves_nothing() {
     assert!(left.is_empty(), "an abandoned restore left {left:?}");
 }
 
-/// Peak RSS (KiB) of `walstream ARGS...`, from `wait4`; panics with its stderr if it fails.
-fn peak_rss_of_walstream(args: &[&str]) -> i64 {
+/// Peak RSS (KiB) of `walstream ARGS...`, from `wait4`, and its stderr; panics with the
+/// stderr if it fails.
+fn peak_rss_of_walstream(args: &[&str]) -> (i64, String) {
     let child = with_emulator(&mut Command::new(walstream_bin())).args(args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     let pid = child.id() as i32;
     let mut stderr_pipe = child.stderr.unwrap();
@@ -285,7 +286,7 @@ fn peak_rss_of_walstream(args: &[&str]) -> i64 {
     // SAFETY: waiting for our own child, with valid out-pointers.
     assert_eq!(unsafe { libc::wait4(pid, &mut status, 0, &mut usage) }, pid);
     assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "walstream {args:?} failed ({status}): {err}");
-    usage.ru_maxrss
+    (usage.ru_maxrss, err)
 }
 
 on_both_backends! {
@@ -326,9 +327,11 @@ on_both_backends! {
         replicator.stop_ok();
 
         let out = scratch.path("restored.db");
-        let peak_kib = peak_rss_of_walstream(&["restore", "-o", out.to_str().unwrap(), &scratch.replica_url()]);
+        let (peak_kib, log) = peak_rss_of_walstream(&["restore", "-o", out.to_str().unwrap(), &scratch.replica_url()]);
         eprintln!("restore of a {size}-byte database: peak RSS {peak_kib} KiB");
         assert!(peak_kib <= 32 << 10, "restore peaked at {peak_kib} KiB; the bound is 32 MiB");
+        // No terminal here, as on Cloud Run: progress comes as log lines.
+        assert!(log.contains("restore progress") && log.contains("total_mb=") && log.contains("restore downloaded and applied"), "progress lines without a terminal: {log}");
         assert_same_database(&scratch.db(), &out);
     }
 }

@@ -1,8 +1,12 @@
-//! The restore progress bar: bytes and objects, drawn only for a person at a terminal.
+//! Restore progress: a bar of bytes and objects for a person at a terminal, and a log line
+//! every few seconds where none watches (Cloud Run, Kubernetes), so a long cold start shows it
+//! is moving.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tracing::info;
 use walstream_restore::Progress;
 
 struct Bar {
@@ -33,10 +37,75 @@ impl Progress for Bar {
     }
 }
 
-/// A bar on stderr when stderr is a terminal; nothing otherwise, so logs stay clean.
-pub(crate) fn bar_if_terminal() -> Option<Arc<dyn Progress>> {
-    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        return None;
+/// How often [`LogLines`] logs while a restore downloads.
+const LOG_EVERY: Duration = Duration::from_secs(5);
+
+/// Progress as log lines: downloaded bytes of the total, the rate, and objects.
+struct LogLines {
+    started: Instant,
+    state: std::sync::Mutex<LogState>,
+}
+
+#[derive(Default)]
+struct LogState {
+    bytes: u64,
+    total_bytes: u64,
+    objects: u64,
+    total_objects: u64,
+    last_logged: Option<Instant>,
+}
+
+impl LogLines {
+    fn add(&self, bytes: u64, object: bool) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.bytes += bytes;
+        state.objects += u64::from(object);
+        if state.last_logged.is_none_or(|at| at.elapsed() >= LOG_EVERY) {
+            state.last_logged = Some(Instant::now());
+            let seconds = self.started.elapsed().as_secs_f64();
+            let percent = if state.total_bytes == 0 { 100.0 } else { 100.0 * state.bytes as f64 / state.total_bytes as f64 };
+            info!(downloaded_mb = mb(state.bytes as f64), total_mb = mb(state.total_bytes as f64), percent = percent.round() as u64, mb_per_s = mb(rate(state.bytes, seconds)), objects = state.objects, total_objects = state.total_objects, "restore progress");
+        }
     }
-    Some(Arc::new(Bar { bar: ProgressBar::with_draw_target(None, ProgressDrawTarget::hidden()), objects: Default::default() }))
+}
+
+/// Megabytes, to a tenth: numbers in the log's fields (and in JSON logs), not strings.
+fn mb(bytes: f64) -> f64 {
+    (bytes / 1e5).round() / 10.0
+}
+
+fn rate(bytes: u64, seconds: f64) -> f64 {
+    if seconds > 0.0 {
+        bytes as f64 / seconds
+    } else {
+        0.0
+    }
+}
+
+impl Progress for LogLines {
+    fn start(&self, objects: u64, bytes: u64) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        (state.total_objects, state.total_bytes) = (objects, bytes);
+        // The first part logs at once; then every LOG_EVERY.
+        state.last_logged = None;
+    }
+    fn downloaded(&self, bytes: u64) {
+        self.add(bytes, true);
+    }
+    fn downloading(&self, bytes: u64) {
+        self.add(bytes, false);
+    }
+    fn finish(&self) {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let seconds = self.started.elapsed().as_secs_f64();
+        info!(downloaded_mb = mb(state.bytes as f64), seconds = (seconds * 100.0).round() / 100.0, mb_per_s = mb(rate(state.bytes, seconds)), objects = state.objects, "restore downloaded and applied; checking integrity");
+    }
+}
+
+/// A bar on stderr when stderr is a terminal; log lines every few seconds otherwise.
+pub(crate) fn for_restore() -> Arc<dyn Progress> {
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return Arc::new(Bar { bar: ProgressBar::with_draw_target(None, ProgressDrawTarget::hidden()), objects: Default::default() });
+    }
+    Arc::new(LogLines { started: Instant::now(), state: Default::default() })
 }

@@ -18,7 +18,7 @@ use walstream_format::wal::{FrameChain, WalHeader};
 use walstream_format::{FRAME_HEADER_SIZE, WAL_HEADER_SIZE};
 use walstream_store::ObjectStore;
 
-use crate::fetch::{self, FetchedIndex, IndexBytes};
+use crate::fetch::{self, FetchedIndex};
 use crate::plan::RestorePlan;
 use crate::progress::Progress;
 use crate::Error;
@@ -82,18 +82,109 @@ pub(crate) struct VerifiedIndex {
     committed: Committed,
 }
 
-/// Checks one index as it is assembled (every byte is checksummed).
+/// Checks a whole index already in hand (the tests' way in; a restore checks each index as it
+/// arrives, with [`ChainCheck`]).
+#[cfg(test)]
 pub(crate) fn verify_index(fetched: FetchedIndex) -> Result<VerifiedIndex, Error> {
-    let read_error = |source| Error::Io { op: "read", path: format!("downloaded wal index {:08x}", fetched.index).into(), source };
-    let mut head = [0u8; WAL_HEADER_SIZE];
-    let head_len = usize::try_from(fetched.wal.len()).unwrap_or(usize::MAX).min(WAL_HEADER_SIZE);
-    fetched.wal.read_at(&mut head[..head_len], 0).map_err(read_error)?;
-    let header = WalHeader::parse(&head[..head_len]).map_err(|source| Error::CorruptObject { key: fetched.segment_at(0).to_string(), source })?;
-    let committed = committed_frames(&fetched.wal, header).map_err(read_error)?;
-    if committed.valid_len < fetched.wal.len() {
-        return Err(Error::ChecksumBreak { key: fetched.segment_at(committed.valid_len).to_string(), offset: committed.valid_len });
+    let mut check = ChainCheck::default();
+    let mut buf = vec![0u8; FRAMES_READ];
+    let mut at = 0;
+    while at < fetched.wal.len() {
+        let n = usize::try_from(fetched.wal.len() - at).unwrap_or(usize::MAX).min(buf.len());
+        fetched.wal.read_at(&mut buf[..n], at).map_err(|source| Error::Io { op: "read", path: "wal index".into(), source })?;
+        check.feed(&buf[..n]);
+        at += n as u64;
     }
-    Ok(VerifiedIndex { fetched, header, committed })
+    check.verified(fetched)
+}
+
+/// The checksum chain of one index, followed as SQLite's recovery follows it while the index's
+/// bytes arrive, so no byte is read twice to check it.
+#[derive(Default)]
+pub(crate) struct ChainCheck {
+    /// The header's bytes until all 32 are in.
+    head: Vec<u8>,
+    chain: Option<FrameChain>,
+    /// The bytes of a frame split between two pieces.
+    partial: Vec<u8>,
+    committed: Option<Committed>,
+    frames: usize,
+    /// A frame broke the chain: SQLite's recovery stops there, and the index must end there.
+    broken: bool,
+    /// The header did not parse.
+    bad_header: Option<walstream_format::Error>,
+}
+
+impl ChainCheck {
+    /// Follows the chain through `bytes`, the next ones of the index.
+    pub(crate) fn feed(&mut self, mut bytes: &[u8]) {
+        if self.chain.is_none() {
+            let take = (WAL_HEADER_SIZE - self.head.len()).min(bytes.len());
+            self.head.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            if self.head.len() < WAL_HEADER_SIZE || self.bad_header.is_some() {
+                return;
+            }
+            match WalHeader::parse(&self.head) {
+                Ok(header) => {
+                    self.chain = Some(FrameChain::new(header));
+                    self.committed = Some(Committed { valid_len: WAL_HEADER_SIZE as u64, frames: 0, db_pages: 0 });
+                }
+                Err(e) => {
+                    self.bad_header = Some(e);
+                    return;
+                }
+            }
+        }
+        let frame_size = self.chain.as_ref().expect("set above").header().frame_size() as usize;
+        if !self.partial.is_empty() {
+            let take = (frame_size - self.partial.len()).min(bytes.len());
+            self.partial.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            if self.partial.len() < frame_size {
+                return;
+            }
+            let frame = std::mem::take(&mut self.partial);
+            self.accept(&frame);
+        }
+        let whole = bytes.len() / frame_size * frame_size;
+        for frame in bytes[..whole].chunks_exact(frame_size) {
+            self.accept(frame);
+        }
+        self.partial.extend_from_slice(&bytes[whole..]);
+    }
+
+    fn accept(&mut self, frame: &[u8]) {
+        if self.broken {
+            return;
+        }
+        let (Some(chain), Some(committed)) = (self.chain.as_mut(), self.committed.as_mut()) else { return };
+        let Some(frame_header) = chain.accept(frame) else {
+            self.broken = true;
+            return;
+        };
+        committed.valid_len += frame.len() as u64;
+        self.frames += 1;
+        if frame_header.is_commit() {
+            committed.frames = self.frames;
+            committed.db_pages = frame_header.commit_size;
+        }
+    }
+
+    /// The index, once every byte of it went through [`feed`](ChainCheck::feed): an error naming
+    /// the segment where the header is bad or the chain breaks before the end.
+    pub(crate) fn verified(self, fetched: FetchedIndex) -> Result<VerifiedIndex, Error> {
+        let header = match (&self.chain, self.bad_header) {
+            (Some(chain), _) => *chain.header(),
+            (None, Some(source)) => return Err(Error::CorruptObject { key: fetched.segment_at(0).to_string(), source }),
+            (None, None) => return Err(Error::CorruptObject { key: fetched.segment_at(0).to_string(), source: walstream_format::Error::Short { need: WAL_HEADER_SIZE, have: self.head.len() } }),
+        };
+        let committed = self.committed.expect("set with the chain");
+        if committed.valid_len < fetched.wal.len() {
+            return Err(Error::ChecksumBreak { key: fetched.segment_at(committed.valid_len).to_string(), offset: committed.valid_len });
+        }
+        Ok(VerifiedIndex { fetched, header, committed })
+    }
 }
 
 /// What SQLite's recovery keeps of a WAL.
@@ -106,36 +197,12 @@ pub(crate) struct Committed {
     pub(crate) db_pages: u32,
 }
 
-/// Bytes of WAL read at once when an index is checked or applied.
+/// Bytes of WAL read at once when an index is applied.
 const FRAMES_READ: usize = 256 << 10;
 
 /// How many frames `FRAMES_READ` holds (at least one).
 fn frames_per_read(header: WalHeader) -> usize {
     (FRAMES_READ / header.frame_size() as usize).max(1)
-}
-
-pub(crate) fn committed_frames(wal: &IndexBytes, header: WalHeader) -> std::io::Result<Committed> {
-    let frame_size = header.frame_size() as usize;
-    let total = usize::try_from(wal.len().saturating_sub(WAL_HEADER_SIZE as u64) / frame_size as u64).unwrap_or(usize::MAX);
-    let mut chain = FrameChain::new(header);
-    let mut committed = Committed { valid_len: WAL_HEADER_SIZE as u64, frames: 0, db_pages: 0 };
-    let mut buf = vec![0u8; frames_per_read(header) * frame_size];
-    let mut n = 0;
-    while n < total {
-        let count = frames_per_read(header).min(total - n);
-        let bytes = &mut buf[..count * frame_size];
-        wal.read_at(bytes, (WAL_HEADER_SIZE + n * frame_size) as u64)?;
-        for frame in bytes.chunks_exact(frame_size) {
-            let Some(frame_header) = chain.accept(frame) else { return Ok(committed) };
-            committed.valid_len += frame_size as u64;
-            n += 1;
-            if frame_header.is_commit() {
-                committed.frames = n;
-                committed.db_pages = frame_header.commit_size;
-            }
-        }
-    }
-    Ok(committed)
 }
 
 /// The database file being built from a snapshot and indexes given newest first.

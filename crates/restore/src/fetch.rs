@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use walstream_format::lz4;
 use walstream_store::ObjectStore;
 
-use crate::apply::{verify_index, VerifiedIndex};
+use crate::apply::{ChainCheck, VerifiedIndex};
 use crate::plan::{IndexPlan, SegmentRef};
 use crate::progress::Progress;
 use crate::Error;
@@ -191,14 +191,14 @@ pub(crate) async fn fetch_indexes(store: &dyn ObjectStore, indexes: Vec<&IndexPl
     let _ = assembler.await;
 }
 
-/// The blocking half of [`fetch_indexes`]: decodes parts into the current index and verifies
-/// each index once its last segment is in.
+/// The blocking half of [`fetch_indexes`]: decodes parts into the current index, following its
+/// checksum chain as the bytes go by, and hands it on once its last segment is in.
 fn assemble(mut parts: mpsc::Receiver<Result<SegmentPart, Error>>, spill_dir: &Path, out: mpsc::Sender<Result<VerifiedIndex, Error>>) {
-    let mut current: Option<FetchedIndex> = None;
+    let mut current: Option<(FetchedIndex, ChainCheck)> = None;
     let mut decoder = lz4::FrameDecoder::new();
     while let Some(part) = parts.blocking_recv() {
         let step = part.and_then(|part| {
-            let fetched = current.get_or_insert_with(|| FetchedIndex { index: part.index, wal: IndexBytes::default(), segments: Vec::new() });
+            let (fetched, check) = current.get_or_insert_with(|| (FetchedIndex { index: part.index, wal: IndexBytes::default(), segments: Vec::new() }, ChainCheck::default()));
             if part.first {
                 let expected = fetched.wal.len();
                 if part.segment.offset != expected {
@@ -208,7 +208,12 @@ fn assemble(mut parts: mpsc::Receiver<Result<SegmentPart, Error>>, spill_dir: &P
                 decoder = lz4::FrameDecoder::new();
             }
             let wal = &mut fetched.wal;
-            decoder.feed(&part.body, &mut |block| wal.append(block, spill_dir)).map_err(decode_error(&part.segment.key, spill_dir))?;
+            decoder
+                .feed(&part.body, &mut |block| {
+                    check.feed(block);
+                    wal.append(block, spill_dir)
+                })
+                .map_err(decode_error(&part.segment.key, spill_dir))?;
             if part.last {
                 decoder.finish().map_err(|source| Error::CorruptObject { key: part.segment.key.clone(), source })?;
             }
@@ -216,7 +221,10 @@ fn assemble(mut parts: mpsc::Receiver<Result<SegmentPart, Error>>, spill_dir: &P
         });
         let ready = match step {
             Ok(false) => continue,
-            Ok(true) => verify_index(current.take().expect("an index was started")),
+            Ok(true) => {
+                let (fetched, check) = current.take().expect("an index was started");
+                check.verified(fetched)
+            }
             Err(e) => Err(e),
         };
         let failed = ready.is_err();
