@@ -120,3 +120,56 @@ fn a_replica_held_back_past_the_health_lag_is_unhealthy_until_it_catches_up() {
     replicator.stop_ok();
     scratch.assert_restores_source();
 }
+
+/// A local stand-in for a dead-man's switch service: the moments it was pinged.
+fn ping_server() -> (String, std::sync::Arc<std::sync::Mutex<Vec<Instant>>>) {
+    use std::io::{BufRead, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/ping/walstream", listener.local_addr().unwrap());
+    let pings = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = pings.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            if reader.read_line(&mut line).is_ok() && line.starts_with("GET /ping/walstream ") {
+                seen.lock().unwrap().push(Instant::now());
+            }
+            // The rest of the head, then an empty answer.
+            while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                line.clear();
+            }
+            let _ = (&stream).write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        }
+    });
+    (url, pings)
+}
+
+/// `heartbeat-url`: pinged every interval while healthy, not while a replica is held back past
+/// the health lag (the store frozen), and again once it has caught up.
+#[test]
+fn the_heartbeat_is_sent_only_while_every_replica_is_healthy() {
+    let scratch = Scratch::on(Backend::Gcs);
+    let proxy = FaultProxy::start(emulator::host(), seed());
+    let (url, pings) = ping_server();
+    let mut app = App::open(&scratch.db());
+    app.insert(10);
+    let config = scratch.path("walstream.yml");
+    std::fs::write(&config, format!("heartbeat-url: {url}\nheartbeat-interval: 1s\nhealth-lag: 2s\ndbs:\n  - path: {}\n    replicas:\n      - url: {}\n", scratch.db().display(), scratch.replica_url())).unwrap();
+    let replicator = Replicator::start_args(&["-config".into(), config.into()], scratch.path("replicate.log"), &[("STORAGE_EMULATOR_HOST", &proxy.addr), ("WALSTREAM_GCS_TIMEOUT", "2s")]);
+    let count = || pings.lock().unwrap().len();
+    wait_until(Duration::from_secs(20), "two heartbeats while healthy", || count() >= 2);
+
+    proxy.black_hole(Duration::from_secs(10));
+    let frozen_at = Instant::now();
+    app.insert(10);
+    std::thread::sleep(Duration::from_secs(7));
+    let during: Vec<Duration> = pings.lock().unwrap().iter().filter(|t| **t > frozen_at).map(|t| t.duration_since(frozen_at)).collect();
+    assert!(during.iter().all(|d| *d < Duration::from_millis(3500)), "no heartbeat once the commit was held back past the 2 s health lag (pings at {during:?} after the freeze)");
+    let before_recovery = count();
+    wait_until(Duration::from_secs(40), "heartbeats again after the store came back", || count() >= before_recovery + 2);
+    replicator.stop_ok();
+    scratch.assert_restores_source();
+    let log = std::fs::read_to_string(scratch.path("replicate.log")).unwrap();
+    assert!(log.contains("heartbeat withheld"), "a withheld heartbeat is logged: {log}");
+}

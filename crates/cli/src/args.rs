@@ -79,6 +79,15 @@ pub(crate) struct ReplicateArgs {
     /// `health-lag`; default 1m.
     #[arg(long, value_parser = parse_duration)]
     pub(crate) health_lag: Option<Duration>,
+    /// A URL to GET every -heartbeat-interval while every replica is healthy (a dead-man's
+    /// switch: healthchecks.io and the like alert when the pings stop). Overrides the config's
+    /// `heartbeat-url`.
+    #[arg(long, value_name = "URL")]
+    pub(crate) heartbeat_url: Option<String>,
+    /// How often to send the heartbeat (at least 1s; default 5m, as in Litestream 0.5). Overrides the config's
+    /// `heartbeat-interval`.
+    #[arg(long, value_parser = parse_duration)]
+    pub(crate) heartbeat_interval: Option<Duration>,
     /// Do not take the replica lease (the `walstream-lease` object at the replica's root).
     #[arg(long)]
     pub(crate) no_lease: bool,

@@ -31,6 +31,9 @@ pub(crate) struct Config {
     pub(crate) addr: Option<String>,
     /// `health-lag`: how long a replica may hold back a captured commit before `/healthz` fails.
     pub(crate) health_lag: Option<Duration>,
+    /// `heartbeat-url` and `heartbeat-interval` (Litestream 0.5's keys).
+    pub(crate) heartbeat_url: Option<String>,
+    pub(crate) heartbeat_interval: Option<Duration>,
     pub(crate) logging: LoggingConfig,
     /// Keys accepted and ignored, each with why; logged when the file is loaded.
     pub(crate) warnings: Vec<String>,
@@ -76,6 +79,8 @@ struct RawConfig {
     exec: Option<String>,
     addr: Option<String>,
     health_lag: Option<String>,
+    heartbeat_url: Option<String>,
+    heartbeat_interval: Option<String>,
     logging: Option<RawLogging>,
 }
 
@@ -146,7 +151,7 @@ pub(crate) fn load(path: &Path, expand_env: bool) -> Result<Config, ConfigError>
 
 fn parse(text: &str) -> Result<Config, String> {
     if text.trim().is_empty() {
-        return Ok(Config { dbs: Vec::new(), exec: None, addr: None, health_lag: None, logging: LoggingConfig::default(), warnings: Vec::new() });
+        return Ok(Config { dbs: Vec::new(), exec: None, addr: None, health_lag: None, heartbeat_url: None, heartbeat_interval: None, logging: LoggingConfig::default(), warnings: Vec::new() });
     }
     // Read twice: as a tree for the keys, then typed (which keeps line numbers in its errors
     // and reads `retention: 0` as the string it is in Litestream's files).
@@ -186,7 +191,9 @@ fn parse(text: &str) -> Result<Config, String> {
         check_addr(addr).map_err(|e| format!("addr: {e}"))?;
     }
     let health_lag = raw.health_lag.as_deref().map(go_duration).transpose().map_err(|e| format!("health-lag: {e}"))?;
-    Ok(Config { dbs, exec: raw.exec.filter(|e| !e.trim().is_empty()), addr, health_lag, logging: logging_config, warnings })
+    let heartbeat_interval = raw.heartbeat_interval.as_deref().map(go_duration).transpose().map_err(|e| format!("heartbeat-interval: {e}"))?;
+    let heartbeat_url = raw.heartbeat_url.filter(|u| !u.is_empty());
+    Ok(Config { dbs, exec: raw.exec.filter(|e| !e.trim().is_empty()), addr, health_lag, heartbeat_url, heartbeat_interval, logging: logging_config, warnings })
 }
 
 /// `host:port` or `:port`, as Litestream accepts it.

@@ -11,7 +11,7 @@ type Ignored = (&'static str, &'static str);
 const S3_ONLY: &str = "only S3 replicas use it, and walstream replicates to file and gcs";
 const NO_CHECKPOINTS: &str = "walstream never checkpoints; the application's SQLite (its autocheckpoint) does";
 
-const TOP: &[&str] = &["dbs", "exec", "addr", "logging", "health-lag"];
+const TOP: &[&str] = &["dbs", "exec", "addr", "logging", "health-lag", "heartbeat-url", "heartbeat-interval"];
 const TOP_IGNORED: &[Ignored] = &[("access-key-id", S3_ONLY), ("secret-access-key", S3_ONLY)];
 const LOGGING: &[&str] = &["type", "level", "stderr"];
 const DB: &[&str] = &["path", "meta-path", "replicas"];

@@ -64,7 +64,15 @@ impl LogLines {
             state.last_logged = Some(Instant::now());
             let seconds = self.started.elapsed().as_secs_f64();
             let percent = if state.total_bytes == 0 { 100.0 } else { 100.0 * state.bytes as f64 / state.total_bytes as f64 };
-            info!(downloaded_mb = mb(state.bytes as f64), total_mb = mb(state.total_bytes as f64), percent = percent.round() as u64, mb_per_s = mb(rate(state.bytes, seconds)), objects = state.objects, total_objects = state.total_objects, "restore progress");
+            info!(
+                downloaded_mb = mb(state.bytes as f64),
+                total_mb = mb(state.total_bytes as f64),
+                percent = percent.round() as u64,
+                mb_per_s = mb(rate(state.bytes, seconds)),
+                objects = state.objects,
+                total_objects = state.total_objects,
+                "restore progress"
+            );
         }
     }
 }

@@ -10,10 +10,19 @@ use walstream_shipper::{LeasePolicy, Replica, Shipper, ShipperConfig};
 
 use crate::args::ReplicateArgs;
 use crate::signals::{spawn_signal_handler, FIRST_SIGNAL};
-use crate::{config, exec, replica_url, server};
+use crate::{config, exec, heartbeat, replica_url, server};
 
 /// How long a replica may hold back a captured commit before `/healthz` fails.
 const DEFAULT_HEALTH_LAG: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Aborts the task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 /// One database to replicate, and where.
 struct Job {
@@ -27,6 +36,8 @@ struct Extras {
     exec: Option<String>,
     addr: Option<String>,
     health_lag: Option<std::time::Duration>,
+    heartbeat_url: Option<String>,
+    heartbeat_interval: Option<std::time::Duration>,
 }
 
 /// The databases `replicate` was asked for: the one on the command line, or every one in the
@@ -64,7 +75,7 @@ fn replication_jobs(args: &ReplicateArgs) -> anyhow::Result<(Vec<Job>, Extras)> 
         config.max_local_wal = (args.max_local_wal > 0).then_some(args.max_local_wal);
         jobs.push(Job { config, replicas });
     }
-    Ok((jobs, Extras { exec: file.exec, addr: file.addr, health_lag: file.health_lag }))
+    Ok((jobs, Extras { exec: file.exec, addr: file.addr, health_lag: file.health_lag, heartbeat_url: file.heartbeat_url, heartbeat_interval: file.heartbeat_interval }))
 }
 
 fn lease_policy(args: &ReplicateArgs) -> Option<LeasePolicy> {
@@ -103,6 +114,19 @@ pub(crate) async fn replicate(args: ReplicateArgs) -> anyhow::Result<()> {
         Some(addr) => Some(server::bind(&addr).await?),
         None => None,
     };
+    let heartbeat = match args.heartbeat_url.clone().or(extras.heartbeat_url) {
+        Some(url) => {
+            let interval = args.heartbeat_interval.or(extras.heartbeat_interval).unwrap_or(heartbeat::DEFAULT_INTERVAL);
+            if interval < heartbeat::MIN_INTERVAL {
+                return Err(config::ConfigError(format!("heartbeat-interval {interval:?}: give at least 1s (dead-man's switch services count in minutes; 5m is the default)")).into());
+            }
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(config::ConfigError(format!("heartbeat-url {url:?}: want an http:// or https:// URL")).into());
+            }
+            Some((url, interval))
+        }
+        None => None,
+    };
     let signalled = CancellationToken::new();
     spawn_signal_handler(signalled.clone())?;
     let dbs: Vec<String> = handles.iter().map(|h| h.db_path().display().to_string()).collect();
@@ -111,8 +135,11 @@ pub(crate) async fn replicate(args: ReplicateArgs) -> anyhow::Result<()> {
     // Served until replication has ended, so /sync keeps answering during the final flush.
     let stop_serving = CancellationToken::new();
     let _stop_serving_on_return = stop_serving.clone().drop_guard();
+    let health_lag = args.health_lag.or(extras.health_lag).unwrap_or(DEFAULT_HEALTH_LAG);
+    // Dropped with this function: no heartbeat once replication has ended.
+    let _heartbeat = heartbeat.map(|(url, interval)| AbortOnDrop(tokio::spawn(heartbeat::run(url, interval, handles.clone(), health_lag))));
     if let Some(listener) = listener {
-        tokio::spawn(server::serve(listener, handles, args.health_lag.or(extras.health_lag).unwrap_or(DEFAULT_HEALTH_LAG), stop_serving));
+        tokio::spawn(server::serve(listener, handles, health_lag, stop_serving));
     }
     let Some(command) = command else {
         return ship_all(shippers, signalled).await;
