@@ -82,3 +82,35 @@ fn a_holder_whose_lease_was_taken_while_idle_stops_without_writing() {
     restore(&scratch.replica_url(), &restored);
     assert_same_database(&other_db, &restored);
 }
+
+/// An idle holder's retention confirms the lease itself before it deletes anything: once another
+/// replicator has taken the expired lease, the idle holder's retention check finds it lost,
+/// stops, and deletes nothing. It used to check only that its own uploader was running, never
+/// the lease (issue 21); without the check this test fails on the log line.
+#[test]
+fn an_idle_holder_whose_lease_was_taken_deletes_nothing_of_the_new_holder() {
+    let scratch = Scratch::new();
+    let mut first_app = App::open(&scratch.db());
+    first_app.insert(10);
+    // Retention of 1 s, looked at 6 s after start: by then the lease (1 s) has long expired.
+    let config = scratch.write_config(&["retention: 1s", "retention-check-interval: 6s"]);
+    let first = Replicator::start_args(&["-lease-ttl".into(), "1s".into(), "-config".into(), config.into()], scratch.path("first.log"), &[]);
+    wait_for_snapshot(&scratch);
+    let other_db = scratch.path("other.db");
+    let mut second_app = App::open(&other_db);
+    second_app.insert(10);
+    let second = Replicator::start_with_args(&other_db, &[scratch.replica_url()], scratch.path("second.log"), &[], &["-lease-timeout", "30s"]);
+    wait_until(Duration::from_secs(20), "the newcomer's generation", || generations_of(&scratch).len() == 2);
+    let before = scratch.replica_keys();
+    // Past the first holder's retention check (6 s after it started).
+    std::thread::sleep(Duration::from_secs(7));
+    let first_log = std::fs::read_to_string(scratch.path("first.log")).unwrap();
+    assert!(!first_log.contains("retention removed objects"), "the idle holder deleted objects without its lease:\n{first_log}");
+    assert_eq!(scratch.replica_keys(), before, "nothing deleted");
+    assert!(first_log.contains("retention stopped") && first_log.contains("lost the lease"), "the idle holder says why it stopped deleting: {first_log}");
+    second.stop_ok();
+    drop(first);
+    let restored = scratch.path("restored.db");
+    restore(&scratch.replica_url(), &restored);
+    assert_same_database(&other_db, &restored);
+}

@@ -73,6 +73,52 @@ fn now_ms() -> u64 {
 }
 
 /// A held lease.
+/// The right to write to a replica, shared by its uploader and its upkeep: granted once the
+/// uploader runs (with the lease taken, when leases are on), revoked when it ends or the lease
+/// is lost. Deletions confirm it just as uploads do, so a replicator whose lease another took
+/// over while it idled deletes nothing of the new holder's.
+#[derive(Default)]
+pub(crate) struct WriteRight {
+    state: tokio::sync::Mutex<Right>,
+}
+
+#[derive(Default)]
+enum Right {
+    #[default]
+    Not,
+    Unleased,
+    Leased(Lease),
+}
+
+impl WriteRight {
+    pub(crate) async fn grant(&self, lease: Option<Lease>) {
+        *self.state.lock().await = lease.map_or(Right::Unleased, Right::Leased);
+    }
+
+    /// Ends the right; returns the lease, for the caller to release.
+    pub(crate) async fn revoke(&self) -> Option<Lease> {
+        match std::mem::take(&mut *self.state.lock().await) {
+            Right::Leased(lease) => Some(lease),
+            _ => None,
+        }
+    }
+
+    /// Before a write: false if there is no right to write now; the lease, if any, is renewed
+    /// when due, and a lease found lost is an error and revokes the right.
+    pub(crate) async fn confirm(&self, replica: &Replica) -> Result<bool, Error> {
+        let mut state = self.state.lock().await;
+        let confirmed = match &mut *state {
+            Right::Not => return Ok(false),
+            Right::Unleased => return Ok(true),
+            Right::Leased(lease) => lease.confirm(replica).await,
+        };
+        if let Err(Error::LeaseLost { .. }) = confirmed {
+            *state = Right::Not;
+        }
+        confirmed.map(|()| true)
+    }
+}
+
 pub(crate) struct Lease {
     holder: String,
     version: Version,

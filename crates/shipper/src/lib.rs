@@ -159,15 +159,15 @@ impl Shipper {
         let mut upkeep = JoinSet::new();
         let positions: Vec<_> = position_txs.iter().map(|p| p.subscribe()).collect();
         for ((replica, position_tx), replica_counters) in replicas.into_iter().zip(position_txs).zip(replica_counters.iter().cloned()) {
-            let may_write = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let right = std::sync::Arc::new(lease::WriteRight::default());
             let name = replica.name.clone();
             // Upkeep ends with the capturer's final state; it never holds up shutdown.
-            let retention = retention::run(replica.clone(), state_rx.clone(), wake_tx.clone(), may_write.clone());
+            let retention = retention::run(replica.clone(), state_rx.clone(), wake_tx.clone(), right.clone());
             upkeep.spawn(caught(db_path.clone(), format!("upkeep worker of replica {name}"), async move {
                 retention.await;
                 Ok(())
             }));
-            let uploader = Uploader::new(replica, state_rx.clone(), position_tx, wake_tx.clone(), replica_counters, lease_terms.clone(), may_write).run();
+            let uploader = Uploader::new(replica, state_rx.clone(), position_tx, wake_tx.clone(), replica_counters, lease_terms.clone(), right).run();
             uploaders.spawn(caught(db_path.clone(), format!("uploader of replica {name}"), uploader));
         }
         let mut capturer = Capturer::new(db_path.clone(), meta, source, state_tx, positions.clone(), counters.clone());

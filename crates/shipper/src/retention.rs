@@ -18,6 +18,7 @@ use walstream_store::ObjectMeta;
 
 use crate::capture::{ShadowState, Wake};
 use crate::upload::Replica;
+use crate::Error;
 
 /// How long a requested snapshot may take before it is asked for again.
 const SNAPSHOT_WAIT: Duration = Duration::from_secs(60);
@@ -84,8 +85,8 @@ pub(crate) fn plan(objects: &[ObjectMeta], current: GenerationId, cutoff: System
 }
 
 /// Runs the replica's snapshot timer and retention checks until the state channel closes.
-/// Deletes only while `may_write` (this replicator holds the replica's lease).
-pub(crate) async fn run(replica: Replica, mut state: watch::Receiver<ShadowState>, wake: mpsc::Sender<Wake>, may_write: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+/// Deletes only under `right`, confirmed before each deletion (the lease, when leases are on).
+pub(crate) async fn run(replica: Replica, mut state: watch::Receiver<ShadowState>, wake: mpsc::Sender<Wake>, right: std::sync::Arc<crate::lease::WriteRight>) {
     let policy = replica.policy;
     let retention = policy.retention.filter(|r| !r.is_zero());
     let check_every = retention.map(|r| policy.check_interval.min(r).max(Duration::from_millis(100)));
@@ -117,14 +118,19 @@ pub(crate) async fn run(replica: Replica, mut state: watch::Receiver<ShadowState
             if due <= now {
                 next_check = Some(now + every);
                 let current = state.borrow().generation;
-                if let Some(current) = current.filter(|_| may_write.load(std::sync::atomic::Ordering::SeqCst)) {
+                if let Some(current) = current {
                     crate::fail_point::hit("retention");
-                    match enforce(&replica, current, retention, &wake).await {
+                    match enforce(&replica, current, retention, &wake, &right).await {
                         Ok(Some(expiry)) => {
                             let until = expiry.duration_since(SystemTime::now()).unwrap_or_default();
                             next_check = Some((now + every).max(tokio::time::Instant::now() + until));
                         }
                         Ok(None) => {}
+                        // The uploader stops on its next write; nothing more is deleted meanwhile.
+                        Err(e @ Error::LeaseLost { .. }) => {
+                            warn!(replica = %replica.name, error = %e, "retention stopped");
+                            return;
+                        }
                         Err(e) => warn!(replica = %replica.name, error = %e, "retention check failed; retrying at the next check"),
                     }
                 }
@@ -150,8 +156,12 @@ async fn sleep_opt(until: Option<tokio::time::Instant>) {
 }
 
 /// One check; returns when the next one could find something to do, if it can tell.
-async fn enforce(replica: &Replica, current: GenerationId, retention: Duration, wake: &mpsc::Sender<Wake>) -> Result<Option<SystemTime>, walstream_store::Error> {
-    let objects = replica.store.list(&name::generations_prefix()).await?;
+async fn enforce(replica: &Replica, current: GenerationId, retention: Duration, wake: &mpsc::Sender<Wake>, right: &crate::lease::WriteRight) -> Result<Option<SystemTime>, Error> {
+    let store_err = |source| Error::Store { replica: replica.name.clone(), source };
+    if !right.confirm(replica).await? {
+        return Ok(None);
+    }
+    let objects = replica.store.list(&name::generations_prefix()).await.map_err(store_err)?;
     let cutoff = SystemTime::now().checked_sub(retention).unwrap_or(SystemTime::UNIX_EPOCH);
     let plan = plan(&objects, current, cutoff);
     if plan.need_snapshot {
@@ -160,7 +170,13 @@ async fn enforce(replica: &Replica, current: GenerationId, retention: Duration, 
     }
     let next = if plan.need_snapshot { None } else { next_expiry(&objects, cutoff, retention) };
     for key in &plan.delete {
-        replica.store.delete(key).await?;
+        // The lease is confirmed before each deletion: it may have been taken over while this
+        // replicator idled, and the new holder's generation is old enough for this one's
+        // retention to delete.
+        if !right.confirm(replica).await? {
+            return Ok(None);
+        }
+        replica.store.delete(key).await.map_err(store_err)?;
     }
     if !plan.delete.is_empty() {
         info!(replica = %replica.name, deleted = plan.delete.len(), "retention removed objects outside the window");

@@ -13,12 +13,11 @@ use walstream_store::ObjectStore;
 
 use crate::capture::ShadowState;
 use crate::error::{io_err, Error};
-use crate::lease::{Lease, LeasePolicy};
+use crate::lease::{Lease, LeasePolicy, WriteRight};
 use crate::mapped::MappedRange;
 use crate::meta::LocalSnapshot;
 use crate::retention::RetentionPolicy;
 use crate::status::ReplicaCounters;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 /// A segment ends once its frame reaches this many bytes. Counting compressed bytes, not raw
 /// ones, keeps a PUT's memory bounded whatever the data while compressible WAL (a saturated
@@ -77,9 +76,9 @@ pub(crate) struct Uploader {
     counters: Arc<ReplicaCounters>,
     /// Who this replicator is and its lease policy, when leases are on.
     lease_terms: Option<(String, LeasePolicy)>,
-    lease: Option<Lease>,
     /// Whether this replicator may write to the replica now; retention reads it too.
-    may_write: Arc<AtomicBool>,
+    /// Shared with the replica's upkeep, whose deletions need it too.
+    right: Arc<WriteRight>,
     /// When the last WAL segment upload began, for `sync_interval`.
     last_segment_put: Option<tokio::time::Instant>,
     /// A segment's frame, reused from one segment to the next: allocated fresh, its page faults
@@ -97,21 +96,21 @@ impl Uploader {
         new_generation: std::sync::mpsc::Sender<crate::capture::Wake>,
         counters: Arc<ReplicaCounters>,
         lease_terms: Option<(String, LeasePolicy)>,
-        may_write: Arc<AtomicBool>,
+        right: Arc<WriteRight>,
     ) -> Uploader {
-        Uploader { replica, state, position, new_generation, uploaded_snapshot: None, counters, lease_terms, lease: None, may_write, last_segment_put: None, framed: BytesMut::new(), failures: Default::default() }
+        Uploader { replica, state, position, new_generation, uploaded_snapshot: None, counters, lease_terms, right, last_segment_put: None, framed: BytesMut::new(), failures: Default::default() }
     }
 
     /// Ships until the capturer publishes its final state and all of it is shipped, or the
     /// capturer goes away. Fails only when the replica belongs to another replicator.
     pub(crate) async fn run(mut self) -> Result<(), Error> {
-        if let Some((holder, policy)) = self.lease_terms.clone() {
-            self.lease = Some(self.acquire_lease(&holder, policy).await?);
-        }
-        self.may_write.store(true, Ordering::SeqCst);
+        let lease = match self.lease_terms.clone() {
+            Some((holder, policy)) => Some(self.acquire_lease(&holder, policy).await?),
+            None => None,
+        };
+        self.right.grant(lease).await;
         let result = self.ship_until_final().await;
-        self.may_write.store(false, Ordering::SeqCst);
-        if let Some(lease) = self.lease.take() {
+        if let Some(lease) = self.right.revoke().await {
             if result.is_ok() {
                 lease.release(&self.replica).await;
             }
@@ -320,14 +319,7 @@ impl Uploader {
 
     /// Every write is preceded by this: a lease lost while idle stops the write.
     async fn confirm_lease(&mut self) -> Result<(), Error> {
-        let Some(lease) = self.lease.as_mut() else {
-            return Ok(());
-        };
-        let confirmed = lease.confirm(&self.replica).await;
-        if let Err(Error::LeaseLost { .. }) = confirmed {
-            self.may_write.store(false, Ordering::SeqCst);
-        }
-        confirmed
+        self.right.confirm(&self.replica).await.map(|_| ())
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>, Error> {
