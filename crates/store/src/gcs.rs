@@ -177,6 +177,9 @@ impl GcsStore {
         let transient = matches!(code, 408 | 429 | 500..=599);
         let error = match code {
             404 if op == "get" => Error::NotFound { key: key.to_string() },
+            // GCS says which is missing in the message; an emulator may not, and then a delete
+            // takes it for the object (see `delete`).
+            404 if op == "delete" && !message.to_ascii_lowercase().contains("bucket") => Error::NotFound { key: key.to_string() },
             412 => Error::PreconditionFailed { key: key.to_string() },
             404 => Error::BucketNotFound { bucket: self.bucket.clone() },
             401 | 403 => Error::Credentials { source_name: self.credential_source_in_use(), detail: format!("HTTP {code}: {}", one_line(message)) },
@@ -200,12 +203,22 @@ impl GcsStore {
     /// One resumable upload of the whole file, `CHUNK_BYTES` at a time. The length comes from
     /// the open file, not the path: a snapshot replaced by a newer one under the same name
     /// while this runs must not be uploaded as a mix of the two.
-    async fn upload_file_in_chunks(&self, client: Client, name: &str, path: &Path) -> Result<(), HttpError> {
-        let io = |e: std::io::Error| HttpError::HttpMiddleware(anyhow::Error::new(e).context(path.display().to_string()));
-        let mut file = tokio::fs::File::open(path).await.map_err(io)?;
-        let len = file.metadata().await.map_err(io)?.len();
+    ///
+    /// The outer error is the request's, which `retrying` classifies and retries; the inner one
+    /// is local (reading the file), which no retry of the request can fix and which keeps its
+    /// category: a full or failing local disk is not the store's fault.
+    async fn upload_file_in_chunks(&self, client: Client, name: &str, path: &Path) -> Result<Result<(), Error>, HttpError> {
+        let io = |op: &'static str| move |source: std::io::Error| Error::Io { op, path: path.display().to_string(), source };
+        let mut file = match tokio::fs::File::open(path).await {
+            Ok(file) => file,
+            Err(e) => return Ok(Err(io("open")(e))),
+        };
+        let len = match file.metadata().await {
+            Ok(meta) => meta.len(),
+            Err(e) => return Ok(Err(io("stat")(e))),
+        };
         if len == 0 {
-            return Err(HttpError::HttpMiddleware(anyhow::anyhow!("{} is empty", path.display())));
+            return Ok(Err(io("read")(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the file is empty"))));
         }
         let (request, upload_type) = self.upload_request(name);
         let session = client.prepare_resumable_upload(&request, &upload_type).await?;
@@ -213,10 +226,12 @@ impl GcsStore {
         loop {
             let want = (len - sent).min(CHUNK_BYTES as u64) as usize;
             let mut chunk = vec![0u8; want];
-            file.read_exact(&mut chunk).await.map_err(io)?;
+            if let Err(e) = file.read_exact(&mut chunk).await {
+                return Ok(Err(io("read")(e)));
+            }
             let range = ChunkSize::new(sent, sent + want as u64 - 1, Some(len));
             match session.upload_multiple_chunk(chunk, &range).await? {
-                UploadStatus::Ok(_) => return Ok(()),
+                UploadStatus::Ok(_) => return Ok(Ok(())),
                 UploadStatus::ResumeIncomplete(_) | UploadStatus::NotStarted => sent += want as u64,
             }
             if sent >= len {
@@ -263,7 +278,7 @@ impl ObjectStore for GcsStore {
         let name = self.object_name(key)?;
         // A failed chunk restarts the whole upload in a new session: simple, and a snapshot is
         // uploaded once per generation.
-        self.retrying("put", key, |client| self.upload_file_in_chunks(client, &name, path)).await?;
+        self.retrying("put", key, |client| self.upload_file_in_chunks(client, &name, path)).await??;
         self.operations.bytes(Operation::Put, len);
         Ok(())
     }
@@ -345,8 +360,9 @@ impl ObjectStore for GcsStore {
             })
             .await;
         match result {
-            // A 404 on delete means the object is gone already (or a retried delete succeeded).
-            Err(Error::BucketNotFound { .. }) => Ok(()),
+            // The object is gone, as a delete wants: removed before, or by this delete's own
+            // earlier try whose answer was lost. A missing bucket stays an error.
+            Err(Error::NotFound { .. }) => Ok(()),
             other => other,
         }
     }
@@ -444,4 +460,23 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// Library messages can span lines (JSON bodies); an error walstream prints is one line.
 fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 404 keeps what it means: on a read or a delete the object is missing (which a delete
+    /// then takes as done), unless GCS says the bucket is; on an upload or listing, the bucket.
+    #[test]
+    fn a_404_is_told_apart_by_operation_and_message() {
+        let store = GcsStore::new("b", "p");
+        let classify = |op, message| store.classify_status(op, "generations/x", 404, message).error;
+        assert!(matches!(classify("get", "No such object: b/p/generations/x"), Error::NotFound { .. }));
+        assert!(matches!(classify("delete", "No such object: b/p/generations/x"), Error::NotFound { .. }));
+        assert!(matches!(classify("delete", "Not Found"), Error::NotFound { .. }), "an emulator's bare 404");
+        assert!(matches!(classify("delete", "The specified bucket does not exist."), Error::BucketNotFound { .. }));
+        assert!(matches!(classify("put", "Not Found"), Error::BucketNotFound { .. }));
+        assert!(matches!(classify("list", "Not Found"), Error::BucketNotFound { .. }));
+    }
 }
