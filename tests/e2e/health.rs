@@ -173,3 +173,22 @@ fn the_heartbeat_is_sent_only_while_every_replica_is_healthy() {
     let log = std::fs::read_to_string(scratch.path("replicate.log")).unwrap();
     assert!(log.contains("heartbeat withheld"), "a withheld heartbeat is logged: {log}");
 }
+
+/// The shutdown deadline bounds the whole flush, the capturer's last copy included (it may
+/// write a snapshot): with that copy stalled (a fail point), SIGTERM ends in exit 8 naming it,
+/// inside the deadline, not when the copy ends.
+#[test]
+fn a_final_copy_that_overruns_the_shutdown_deadline_is_reported_in_time() {
+    let scratch = Scratch::new();
+    let mut app = App::open(&scratch.db());
+    app.insert(10);
+    let replicator = Replicator::start_with_args(&scratch.db(), &[scratch.replica_url()], scratch.path("replicate.log"), &[("WALSTREAM_FAIL_POINT", "final-pass")], &["-shutdown-timeout", "2s"]);
+    wait_for_snapshot(&scratch);
+    let stopped_at = Instant::now();
+    let status = replicator.stop();
+    let took = stopped_at.elapsed();
+    let log = std::fs::read_to_string(scratch.path("replicate.log")).unwrap();
+    assert_eq!(status.code(), Some(8), "{log}");
+    assert!(log.contains("the capturer's last copy") && log.contains("did not finish within the shutdown deadline"), "{log}");
+    assert!(took < Duration::from_secs(5), "exit within the 2 s deadline (and the process's own exit), not after the stalled copy: took {took:?}");
+}

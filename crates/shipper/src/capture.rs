@@ -285,6 +285,7 @@ impl Capturer {
                 }
             }
             if shutdown {
+                crate::fail_point::stall("final-pass");
                 let mut result = self.timed_sync().and_then(|()| self.sync_shadow());
                 // On a full disk each pass copies what fits, and the uploads free the shadow's
                 // space as they ship it: the last commits still go out if passes go on a while.

@@ -224,15 +224,25 @@ impl Shipper {
         }
         info!(db = %db_path.display(), "shutting down: shipping what is committed");
         let _ = wake_tx.send(Wake::Shutdown);
+        // One deadline for the whole flush: the capturer's last copy (which may write a snapshot)
+        // and the uploads after it.
+        let flush_deadline = tokio::time::Instant::now() + config.shutdown_deadline;
         let capture_result = match capture_result {
             Some(result) => result,
-            None => capture_rx.await.unwrap_or_else(|_| Err(worker_failed(&db_path, "capture worker".into(), "its thread ended without a result".into()))),
+            None => match tokio::time::timeout_at(flush_deadline, capture_rx).await {
+                Ok(outcome) => outcome.unwrap_or_else(|_| Err(worker_failed(&db_path, "capture worker".into(), "its thread ended without a result".into()))),
+                Err(_) => {
+                    // The thread is left to the process's exit; nothing after this waits for it.
+                    uploaders.abort_all();
+                    return Err(Error::FlushIncomplete { unshipped: positions.len(), detail: format!("the capturer's last copy of {} did not finish within the shutdown deadline; commits since the last pass may not be shipped", db_path.display()) });
+                }
+            },
         };
         if let Err(e) = &capture_result {
             counters.record_failure(e);
         }
 
-        let drained = tokio::time::timeout(config.shutdown_deadline, async {
+        let drained = tokio::time::timeout_at(flush_deadline, async {
             while let Some(joined) = uploaders.join_next().await {
                 if let Err(e) = joined.unwrap_or_else(|e| Err(worker_failed(&db_path, "uploader".into(), e.to_string()))) {
                     failed.get_or_insert(e);
