@@ -331,7 +331,45 @@ on_both_backends! {
         eprintln!("restore of a {size}-byte database: peak RSS {peak_kib} KiB");
         assert!(peak_kib <= 32 << 10, "restore peaked at {peak_kib} KiB; the bound is 32 MiB");
         // No terminal here, as on Cloud Run: progress comes as log lines.
-        assert!(log.contains("restore progress") && log.contains("total_mb=") && log.contains("restore downloaded and applied"), "progress lines without a terminal: {log}");
+        assert!(log.contains("restore progress") && log.contains("total_mb=") && log.contains("restore: everything downloaded"), "progress lines without a terminal: {log}");
         assert_same_database(&scratch.db(), &out);
+    }
+}
+
+on_both_backends! {
+    /// `walstream verify` reads every object of the chain a restore would, writes nothing, and
+    /// names the first bad one with the corrupt-replica exit code (issue 21).
+    fn verify_proves_a_replica_restorable_and_names_a_corrupt_object(backend: Backend) {
+        let scratch = Scratch::on(backend);
+        let mut app = App::open(&scratch.db());
+        app.insert(50);
+        let replicator = scratch.start_replicator();
+        wait_for_snapshot(&scratch);
+        for _ in 0..5 {
+            app.insert(50);
+        }
+        replicator.stop_ok();
+        let url = scratch.replica_url();
+        let output = walstream(&["verify", &url]);
+        assert!(output.status.success(), "{}", stderr(&output));
+        assert!(stdout(&output).contains(": ok, generation") && stdout(&output).contains("every checksum holds"), "{}", stdout(&output));
+
+        // One byte flipped in the middle of a segment: its LZ4 content checksum no longer holds.
+        let segment = scratch.replica_keys().into_iter().filter(|k| k.ends_with(".wal.lz4")).last().unwrap();
+        let mut body = scratch.read_object(&segment);
+        let middle = body.len() / 2;
+        body[middle] ^= 0x55;
+        scratch.overwrite_object(&segment, &body);
+        let output = walstream(&["verify", &url]);
+        assert_eq!(output.status.code(), Some(6), "{}", stderr(&output));
+        assert!(stderr(&output).contains(&segment), "the error names the object: {}", stderr(&output));
+
+        // A snapshot that is not an LZ4 frame at all.
+        let snapshot = scratch.replica_keys().into_iter().find(|k| k.ends_with(".snapshot.lz4")).unwrap();
+        scratch.overwrite_object(&snapshot, b"not a snapshot");
+        let output = walstream(&["verify", &url]);
+        assert_eq!(output.status.code(), Some(6), "{}", stderr(&output));
+        assert!(stderr(&output).contains(&snapshot), "the error names the object: {}", stderr(&output));
+        assert!(!scratch.path("restored.db").exists());
     }
 }

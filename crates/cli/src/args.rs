@@ -33,6 +33,9 @@ pub(crate) enum Command {
     /// Wait until every transaction committed so far is in every replica (asks the running
     /// `walstream replicate` on its addr; exit 14 on timeout).
     Sync(SyncArgs),
+    /// Download and check every object a restore would read (the latest restorable chain, or
+    /// -generation's), without writing a database; exit 6 naming the first bad object.
+    Verify(VerifyArgs),
     /// Check a config file without starting anything: `walstream config check`.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -114,6 +117,25 @@ pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
         other => return Err(format!("invalid size {s:?}: unknown unit {other:?} (use B, KB, MB, GB, KiB, MiB or GiB, e.g. 64MiB)")),
     };
     number.parse::<u64>().ok().and_then(|n| n.checked_mul(scale)).ok_or_else(|| format!("invalid size {s:?}: expected a whole number and a unit, e.g. 64MiB"))
+}
+
+/// `walstream verify`: is the replica restorable?
+#[derive(Args, Debug)]
+pub(crate) struct VerifyArgs {
+    #[command(flatten)]
+    pub(crate) config: ConfigArgs,
+    /// Check this generation's chain (16 hex digits) instead of the latest.
+    #[arg(long, value_name = "NAME")]
+    pub(crate) generation: Option<GenerationId>,
+    /// How many objects to download at once.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) parallelism: u32,
+    /// Only the replica of this name (with a URL, its scheme: file or gcs).
+    #[arg(long, value_name = "NAME")]
+    pub(crate) replica: Option<String>,
+    /// A replica URL, or a database path from the config file to check each of its replicas.
+    #[arg(value_name = "DB_PATH|REPLICA_URL")]
+    pub(crate) source: String,
 }
 
 /// `walstream sync`: wait until everything committed so far is in every replica.

@@ -21,6 +21,7 @@ mod server;
 mod signals;
 mod source;
 mod sync_client;
+mod verify;
 
 use anyhow::Context;
 use clap::Parser;
@@ -37,7 +38,7 @@ fn main() {
         std::process::exit(exit::OK);
     }
     logging::init(log_settings(&cli));
-    if let Command::Restore(_) = &cli.command {
+    if let Command::Restore(_) | Command::Verify(_) = &cli.command {
         restore::bound_allocator_caches();
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
@@ -71,6 +72,7 @@ fn config_log_settings(cli: &Cli) -> logging::Settings {
         Command::Replicate(args) if args.db_path.is_none() => (&args.config, true),
         Command::Restore(args) if !args::is_url(&args.source) => (&args.config, false),
         Command::Generations(args) | Command::Snapshots(args) | Command::Wal(args) if !args::is_url(&args.source) => (&args.config, false),
+        Command::Verify(args) if !args::is_url(&args.source) => (&args.config, false),
         Command::Databases(args) | Command::Config(args::ConfigCommand::Check(args)) => (args, false),
         _ => return logging::Settings::default(),
     };
@@ -90,6 +92,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Wal(args) => print_listing(args, list::Kind::Wal).await,
         Command::Databases(args) => print_databases(&args),
         Command::Sync(args) => sync_client::sync(args).await,
+        Command::Verify(args) => verify::verify(args).await,
         Command::Config(args::ConfigCommand::Check(args)) => check_config(&args),
         Command::Version => {
             println!("walstream v{} (litestream v0.3.13 compatible)", env!("CARGO_PKG_VERSION"));

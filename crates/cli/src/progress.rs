@@ -42,6 +42,8 @@ const LOG_EVERY: Duration = Duration::from_secs(5);
 
 /// Progress as log lines: downloaded bytes of the total, the rate, and objects.
 struct LogLines {
+    /// The command, first word of each line: `restore`, `verify`.
+    command: &'static str,
     started: Instant,
     state: std::sync::Mutex<LogState>,
 }
@@ -71,7 +73,8 @@ impl LogLines {
                 mb_per_s = mb(rate(state.bytes, seconds)),
                 objects = state.objects,
                 total_objects = state.total_objects,
-                "restore progress"
+                "{} progress",
+                self.command
             );
         }
     }
@@ -106,14 +109,15 @@ impl Progress for LogLines {
     fn finish(&self) {
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let seconds = self.started.elapsed().as_secs_f64();
-        info!(downloaded_mb = mb(state.bytes as f64), seconds = (seconds * 100.0).round() / 100.0, mb_per_s = mb(rate(state.bytes, seconds)), objects = state.objects, "restore downloaded and applied; checking integrity");
+        info!(downloaded_mb = mb(state.bytes as f64), seconds = (seconds * 100.0).round() / 100.0, mb_per_s = mb(rate(state.bytes, seconds)), objects = state.objects, "{}: everything downloaded", self.command);
     }
 }
 
-/// A bar on stderr when stderr is a terminal; log lines every few seconds otherwise.
-pub(crate) fn for_restore() -> Arc<dyn Progress> {
+/// A bar on stderr when stderr is a terminal; log lines every few seconds otherwise, naming
+/// `command`.
+pub(crate) fn for_command(command: &'static str) -> Arc<dyn Progress> {
     if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         return Arc::new(Bar { bar: ProgressBar::with_draw_target(None, ProgressDrawTarget::hidden()), objects: Default::default() });
     }
-    Arc::new(LogLines { started: Instant::now(), state: Default::default() })
+    Arc::new(LogLines { command, started: Instant::now(), state: Default::default() })
 }

@@ -74,12 +74,49 @@ fn create_new(path: &Path) -> Result<File, Error> {
     std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(path).map_err(|source| Error::Io { op: "create", path: path.to_path_buf(), source })
 }
 
+/// A snapshot's destination when only its validity matters (`verify`): keeps the database
+/// header, counts the rest.
+#[derive(Default)]
+pub(crate) struct HeaderOnly {
+    head: Vec<u8>,
+}
+
+impl HeaderOnly {
+    /// The bytes begin as a SQLite database does, with a valid page size.
+    pub(crate) fn is_database(&self) -> bool {
+        let size = match self.head.get(16..18).map(|b| u16::from_be_bytes([b[0], b[1]])) {
+            Some(1) => 65536,
+            Some(raw) => u32::from(raw),
+            None => return false,
+        };
+        self.head.starts_with(b"SQLite format 3\0") && size.is_power_of_two() && size >= 512
+    }
+}
+
+impl std::io::Write for HeaderOnly {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let take = 100usize.saturating_sub(self.head.len()).min(buf.len());
+        self.head.extend_from_slice(&buf[..take]);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// An index checked as SQLite's recovery would check it, so that a corrupt segment is an
 /// error naming it rather than WAL that is silently cut short.
 pub(crate) struct VerifiedIndex {
     fetched: FetchedIndex,
     header: WalHeader,
     committed: Committed,
+}
+
+impl VerifiedIndex {
+    /// Its bytes of WAL.
+    pub(crate) fn len(&self) -> u64 {
+        self.fetched.wal.len()
+    }
 }
 
 /// Checks a whole index already in hand (the tests' way in; a restore checks each index as it

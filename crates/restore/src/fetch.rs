@@ -113,11 +113,10 @@ fn decode_error(key: &str, path: &Path) -> impl Fn(lz4::FeedError) -> Error {
 /// Streams a snapshot into `file`, decoded on a blocking thread in order as its parts arrive,
 /// each block written as soon as it is decoded. Returns the file and how many bytes the
 /// snapshot holds.
-pub(crate) async fn snapshot_into(store: &dyn ObjectStore, snapshot: &SegmentRef, file: File, path: &Path, parallelism: usize, progress: &dyn Progress) -> Result<(File, u64), Error> {
+pub(crate) async fn snapshot_into<W: std::io::Write + Send + 'static>(store: &dyn ObjectStore, snapshot: &SegmentRef, file: W, path: &Path, parallelism: usize, progress: &dyn Progress) -> Result<(W, u64), Error> {
     let (parts_tx, mut parts_rx) = mpsc::channel::<Bytes>(1);
     let (key, path) = (snapshot.key.clone(), path.to_path_buf());
     let writer = tokio::task::spawn_blocking(move || {
-        use std::io::Write;
         let mut file = file;
         let mut decoder = lz4::FrameDecoder::new();
         let mut written = 0u64;

@@ -95,6 +95,43 @@ pub async fn restore_plan(store: &dyn ObjectStore, plan: RestorePlan, options: &
     Ok(RestoreOutcome { plan })
 }
 
+/// What [`verify`] checked.
+#[derive(Clone, Debug)]
+pub struct VerifyOutcome {
+    /// The plan whose every object was read.
+    pub plan: RestorePlan,
+    /// Bytes of the database the snapshot holds.
+    pub snapshot_bytes: u64,
+    /// Bytes of WAL the indexes hold.
+    pub wal_bytes: u64,
+}
+
+/// Downloads and checks every object of `plan` as a restore would, without writing a database:
+/// the snapshot decodes (LZ4 frame and content checksum) to a SQLite database, and each index's
+/// checksum chain holds to its end. The first bad object is the error, naming it. Large
+/// indexes spill to unlinked files in `spill_dir`.
+pub async fn verify(store: &dyn ObjectStore, plan: RestorePlan, parallelism: usize, spill_dir: &Path, progress: Option<&dyn Progress>) -> Result<VerifyOutcome, Error> {
+    let progress = progress.unwrap_or(&progress::Silent);
+    let objects = 1 + plan.indexes.iter().map(|i| i.segments.len() as u64).sum::<u64>();
+    progress.start(objects, plan.snapshot.size + plan.indexes.iter().flat_map(|i| &i.segments).map(|s| s.size).sum::<u64>());
+    let (header, snapshot_bytes) = fetch::snapshot_into(store, &plan.snapshot, apply::HeaderOnly::default(), spill_dir, parallelism, progress).await?;
+    if !header.is_database() {
+        return Err(Error::CorruptObject { key: plan.snapshot.key.clone(), source: walstream_format::Error::Lz4("snapshot is not a SQLite database".into()) });
+    }
+    let (sender, mut verified) = tokio::sync::mpsc::channel(1);
+    let downloads = fetch::fetch_indexes(store, plan.indexes.iter().collect(), spill_dir.to_path_buf(), parallelism, progress, sender);
+    let check = async {
+        let mut wal_bytes = 0;
+        while let Some(index) = verified.recv().await {
+            wal_bytes += index?.len();
+        }
+        Ok::<u64, Error>(wal_bytes)
+    };
+    let ((), wal_bytes) = tokio::join!(downloads, check);
+    progress.finish();
+    Ok(VerifyOutcome { plan, snapshot_bytes, wal_bytes: wal_bytes? })
+}
+
 /// `t` as RFC 3339 in UTC with whole seconds, as Litestream prints times
 /// (`2026-11-22T13:07:28Z`).
 pub fn rfc3339(t: std::time::SystemTime) -> String {
