@@ -373,3 +373,43 @@ on_both_backends! {
         assert!(!scratch.path("restored.db").exists());
     }
 }
+
+/// `-integrity-check` (Litestream 0.5's spelling): a snapshot whose b-tree is damaged, though
+/// its LZ4 frame and checksums are sound, fails the full check (the default) and the quick one
+/// with the corrupt-replica code and nothing left behind; `none` restores it as it is.
+#[test]
+fn integrity_check_full_quick_and_none() {
+    let scratch = Scratch::new();
+    let mut app = App::open(&scratch.db());
+    app.insert(500);
+    app.checkpoint("TRUNCATE");
+    let replicator = scratch.start_replicator();
+    wait_for_snapshot(&scratch);
+    replicator.stop_ok();
+    let snapshot = scratch.replica_keys().into_iter().find(|k| k.ends_with(".snapshot.lz4")).unwrap();
+    let mut db = walstream_format::lz4::decompress(&scratch.read_object(&snapshot)).unwrap();
+    // Page 3's first cell: its rowid varint now runs off the end of the page.
+    let page_size = usize::from(u16::from_be_bytes([db[16], db[17]]));
+    let page = 2 * page_size;
+    let cell = usize::from(u16::from_be_bytes([db[page + 8], db[page + 9]]));
+    db[page + cell + 1] = 0xff;
+    scratch.overwrite_object(&snapshot, &walstream_format::lz4::compress(&db));
+    let out = scratch.path("checked.db");
+    for check in [None, Some("full"), Some("quick")] {
+        let mut args = vec!["restore", "-o", out.to_str().unwrap()];
+        if let Some(check) = check {
+            args.extend(["-integrity-check", check]);
+        }
+        let url = scratch.replica_url();
+        args.push(&url);
+        let output = walstream(&args);
+        assert_eq!(output.status.code(), Some(6), "{check:?}: {}", stderr(&output));
+        assert!(stderr(&output).contains("Extends off end of page"), "{check:?}: {}", stderr(&output));
+        assert!(!out.exists(), "{check:?}: a failed check leaves nothing");
+    }
+    let output = walstream(&["restore", "-integrity-check", "none", "-o", out.to_str().unwrap(), &scratch.replica_url()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(out.exists());
+    let output = walstream(&["restore", "-integrity-check", "thorough", "-o", scratch.path("x.db").to_str().unwrap(), &scratch.replica_url()]);
+    assert_eq!(output.status.code(), Some(2), "an unknown check is a usage error: {}", stderr(&output));
+}

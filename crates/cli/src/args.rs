@@ -153,6 +153,16 @@ pub(crate) struct SyncArgs {
     pub(crate) timeout: Duration,
 }
 
+fn parse_integrity_check(s: &str) -> Result<walstream_restore::IntegrityCheck, String> {
+    use walstream_restore::IntegrityCheck;
+    match s {
+        "full" => Ok(IntegrityCheck::Full),
+        "quick" => Ok(IntegrityCheck::Quick),
+        "none" => Ok(IntegrityCheck::None),
+        _ => Err(format!("unknown integrity check {s:?}: use full, quick or none")),
+    }
+}
+
 fn parse_addr(s: &str) -> Result<String, String> {
     crate::config::check_addr(s).map(|()| s.to_string())
 }
@@ -207,6 +217,11 @@ pub(crate) struct RestoreArgs {
     /// Print what would be restored, and an estimate of how long it takes, without restoring.
     #[arg(long)]
     pub(crate) dry_run: bool,
+    /// The check SQLite runs on the restored file before it is put in place: full
+    /// (`integrity_check`, the default), quick (`quick_check`) or none (Litestream 0.5's
+    /// spelling). Every object's checksums are verified whichever is chosen.
+    #[arg(long, value_name = "full|quick|none", default_value = "full", value_parser = parse_integrity_check)]
+    pub(crate) integrity_check: walstream_restore::IntegrityCheck,
     /// Log each step of the restore (debug level), as Litestream 0.3.9's `-v` did; guides and
     /// the original Cloud Run manifest pass it, and v0.3.13 rejected it.
     #[arg(short = 'v', long)]

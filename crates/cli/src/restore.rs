@@ -40,7 +40,7 @@ async fn restore_database(args: &RestoreArgs, shutdown: &CancellationToken) -> a
     if output.exists() && !args.dry_run {
         return Err(walstream_restore::Error::OutputExists { path: output }.into());
     }
-    let options = walstream_restore::RestoreOptions { output, target: target(args), parallelism: args.parallelism as usize, progress: Some(progress::for_command("restore")) };
+    let options = walstream_restore::RestoreOptions { output, target: target(args), parallelism: args.parallelism as usize, progress: Some(progress::for_command("restore")), integrity_check: args.integrity_check };
     let context = || format!("restore {} to {}", args.source, options.output.display());
     let work = async {
         let Some(chosen) = choose_replica(&source, &options.target).await? else {

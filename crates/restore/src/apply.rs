@@ -24,7 +24,7 @@ use crate::progress::Progress;
 use crate::Error;
 
 /// Builds `temp` from the plan: snapshot, the indexes newest first, fsync, integrity check.
-pub(crate) async fn apply(store: &dyn ObjectStore, plan: &RestorePlan, temp: &Path, parallelism: usize, progress: &dyn Progress) -> Result<(), Error> {
+pub(crate) async fn apply(store: &dyn ObjectStore, plan: &RestorePlan, temp: &Path, parallelism: usize, progress: &dyn Progress, check: crate::IntegrityCheck) -> Result<(), Error> {
     let objects = 1 + plan.indexes.iter().map(|i| i.segments.len() as u64).sum::<u64>();
     let bytes = plan.snapshot.size + plan.indexes.iter().flat_map(|i| &i.segments).map(|s| s.size).sum::<u64>();
     progress.start(objects, bytes);
@@ -55,7 +55,7 @@ pub(crate) async fn apply(store: &dyn ObjectStore, plan: &RestorePlan, temp: &Pa
     built?;
     progress.finish();
     let temp = temp.to_path_buf();
-    tokio::task::spawn_blocking(move || integrity_check(&temp)).await.expect("check task panicked")
+    tokio::task::spawn_blocking(move || integrity_check(&temp, check)).await.expect("check task panicked")
 }
 
 /// The page size in the database header the file starts with (offset 16, big-endian, where 1
@@ -325,9 +325,14 @@ impl Image {
     }
 }
 
-fn integrity_check(db: &Path) -> Result<(), Error> {
+fn integrity_check(db: &Path, check: crate::IntegrityCheck) -> Result<(), Error> {
+    let pragma = match check {
+        crate::IntegrityCheck::Full => "PRAGMA integrity_check",
+        crate::IntegrityCheck::Quick => "PRAGMA quick_check",
+        crate::IntegrityCheck::None => return Ok(()),
+    };
     let conn = rusqlite::Connection::open(db)?;
-    let result: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
+    let result: String = conn.query_row(pragma, [], |r| r.get(0))?;
     conn.close().map_err(|(_, e)| e)?;
     for suffix in ["-wal", "-shm"] {
         let mut side = db.as_os_str().to_owned();

@@ -23,6 +23,19 @@ pub use error::Error;
 pub use progress::Progress;
 pub use plan::{list_replica, plan, plan_from, GenerationListing, IndexPlan, ReplicaListing, RestorePlan, SegmentRef, Target};
 
+/// Which check SQLite runs on the restored file before it is linked into place (Litestream
+/// 0.5's `-integrity-check`). Every object's checksums are verified whichever is chosen.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IntegrityCheck {
+    /// `PRAGMA integrity_check`: every page and index (the default).
+    #[default]
+    Full,
+    /// `PRAGMA quick_check`: the same without checking that indexes match their tables.
+    Quick,
+    /// No SQLite check: the restore is as good as the replica's checksums.
+    None,
+}
+
 /// What to restore, and where.
 #[derive(Clone)]
 pub struct RestoreOptions {
@@ -34,12 +47,14 @@ pub struct RestoreOptions {
     pub parallelism: usize,
     /// Who hears about progress, if anyone.
     pub progress: Option<std::sync::Arc<dyn Progress>>,
+    /// The check run on the result before it is linked into place.
+    pub integrity_check: IntegrityCheck,
 }
 
 impl RestoreOptions {
     /// The latest state, to `output`, eight downloads at once, quietly.
     pub fn new(output: impl Into<PathBuf>) -> RestoreOptions {
-        RestoreOptions { output: output.into(), target: Target::default(), parallelism: 8, progress: None }
+        RestoreOptions { output: output.into(), target: Target::default(), parallelism: 8, progress: None, integrity_check: IntegrityCheck::Full }
     }
 }
 
@@ -89,7 +104,7 @@ pub async fn restore_plan(store: &dyn ObjectStore, plan: RestorePlan, options: &
     info!(generation = %plan.generation, snapshot_index = plan.snapshot_index, indexes = plan.indexes.len(), "restoring");
     let temp = TempDatabase::new(&options.output);
     let progress = options.progress.as_deref().unwrap_or(&progress::Silent);
-    apply::apply(store, &plan, temp.path(), options.parallelism, progress).await?;
+    apply::apply(store, &plan, temp.path(), options.parallelism, progress, options.integrity_check).await?;
     temp.persist(&options.output)?;
     info!(path = %options.output.display(), "restored");
     Ok(RestoreOutcome { plan })
