@@ -276,6 +276,8 @@ fn sigterm_during_a_restore_abandons_it_and_leaves_nothing() {
 
 /// Peak RSS (KiB) of `walstream ARGS...`, from `wait4`, and its stderr; panics with the
 /// stderr if it fails.
+// Waited for with wait4, which clippy cannot see, to read the child's peak RSS.
+#[allow(clippy::zombie_processes)]
 fn peak_rss_of_walstream(args: &[&str]) -> (i64, String) {
     let child = with_emulator(&mut Command::new(walstream_bin())).args(args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     let pid = child.id() as i32;
@@ -355,7 +357,7 @@ on_both_backends! {
         assert!(stdout(&output).contains(": ok, generation") && stdout(&output).contains("every checksum holds"), "{}", stdout(&output));
 
         // One byte flipped in the middle of a segment: its LZ4 content checksum no longer holds.
-        let segment = scratch.replica_keys().into_iter().filter(|k| k.ends_with(".wal.lz4")).last().unwrap();
+        let segment = scratch.replica_keys().into_iter().rfind(|k| k.ends_with(".wal.lz4")).unwrap();
         let mut body = scratch.read_object(&segment);
         let middle = body.len() / 2;
         body[middle] ^= 0x55;
