@@ -115,6 +115,16 @@ on_both_backends! {
         } else {
             assert_eq!(operation("PUT"), None, "the file client's operations are not counted, as in Litestream");
         }
+        // walstream's own footprint, under the standard process_* names, against /proc.
+        let process = |metric: &str| series.get(metric).and_then(|s| s.first()).map(|s| s.1).unwrap_or_else(|| panic!("no {metric}"));
+        let rss = process("process_resident_memory_bytes");
+        let hwm_kib: f64 = std::fs::read_to_string(format!("/proc/{}/status", replicator.pid())).unwrap().lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap();
+        assert!(rss > 1e6 && rss <= hwm_kib * 1024.0, "resident memory {rss} within the process's peak {hwm_kib} KiB");
+        assert!(process("process_open_fds") >= 3.0 && process("process_open_fds") <= process("process_max_fds"));
+        assert!(process("process_cpu_seconds_total") > 0.0 && process("process_threads") >= 2.0);
+        let started = process("process_start_time_seconds");
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+        assert!(started <= now + 1.0 && started > now - 600.0, "started {started}, now {now}");
         replicator.stop_ok();
     }
 }

@@ -12,6 +12,7 @@ mod heartbeat;
 mod list;
 mod logging;
 mod metrics;
+mod process_metrics;
 mod progress;
 mod ready;
 mod replica_url;

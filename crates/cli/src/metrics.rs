@@ -104,7 +104,9 @@ impl Metrics {
         }
         let mut text = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut text).expect("text encoding into memory");
-        String::from_utf8(text).expect("the text format is UTF-8")
+        let mut text = String::from_utf8(text).expect("the text format is UTF-8");
+        crate::process_metrics::render(&mut text);
+        text
     }
 }
 
