@@ -121,7 +121,12 @@ on_both_backends! {
         let hwm_kib: f64 = std::fs::read_to_string(format!("/proc/{}/status", replicator.pid())).unwrap().lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap();
         assert!(rss > 1e6 && rss <= hwm_kib * 1024.0, "resident memory {rss} within the process's peak {hwm_kib} KiB");
         assert!(process("process_open_fds") >= 3.0 && process("process_open_fds") <= process("process_max_fds"));
-        assert!(process("process_cpu_seconds_total") > 0.0 && process("process_threads") >= 2.0);
+        // CPU in clock ticks (usually 10 ms) may still be 0 this early: bound it by /proc read after.
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", replicator.pid())).unwrap();
+        let ticks: Vec<f64> = stat.rsplit_once(')').unwrap().1.split_whitespace().skip(11).take(2).map(|v| v.parse().unwrap()).collect();
+        let cpu = process("process_cpu_seconds_total");
+        assert!(cpu >= 0.0 && cpu <= (ticks[0] + ticks[1]) / 100.0 + 0.01, "cpu {cpu} s against /proc's {ticks:?} ticks");
+        assert!(process("process_threads") >= 2.0);
         let started = process("process_start_time_seconds");
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
         assert!(started <= now + 1.0 && started > now - 600.0, "started {started}, now {now}");
