@@ -15,21 +15,15 @@ const DOWNLOAD_BYTES_PER_SEC: f64 = 40.0 * 1024.0 * 1024.0;
 const REQUEST_LATENCY: Duration = Duration::from_millis(30);
 
 pub(crate) fn estimate(plan: &RestorePlan, parallelism: usize) -> Duration {
-    let (objects, bytes) = totals(plan);
+    let (objects, bytes) = plan.stored();
     let transfer = Duration::from_secs_f64(bytes as f64 / DOWNLOAD_BYTES_PER_SEC);
     let requests = REQUEST_LATENCY * (objects.div_ceil(parallelism.max(1) as u64)) as u32;
     transfer.max(requests)
 }
 
-fn totals(plan: &RestorePlan) -> (u64, u64) {
-    let segments = plan.indexes.iter().flat_map(|i| &i.segments);
-    let objects = 1 + segments.clone().count() as u64;
-    (objects, plan.snapshot.size + segments.map(|s| s.size).sum::<u64>())
-}
-
 /// The plan as a few aligned lines.
 pub(crate) fn describe(plan: &RestorePlan, parallelism: usize) -> String {
-    let (objects, bytes) = totals(plan);
+    let (objects, bytes) = plan.stored();
     let segments: usize = plan.indexes.iter().map(|i| i.segments.len()).sum();
     let wal_bytes = bytes - plan.snapshot.size;
     let mut out = format!("generation  {}\n", plan.generation);

@@ -25,12 +25,11 @@ use crate::Error;
 
 /// Builds `temp` from the plan: snapshot, the indexes newest first, fsync, integrity check.
 pub(crate) async fn apply(store: &dyn ObjectStore, plan: &RestorePlan, temp: &Path, parallelism: usize, progress: &dyn Progress, check: crate::IntegrityCheck) -> Result<(), Error> {
-    let objects = 1 + plan.indexes.iter().map(|i| i.segments.len() as u64).sum::<u64>();
-    let bytes = plan.snapshot.size + plan.indexes.iter().flat_map(|i| &i.segments).map(|s| s.size).sum::<u64>();
+    let (objects, bytes) = plan.stored();
     progress.start(objects, bytes);
 
     let (file, snapshot_len) = fetch::snapshot_into(store, &plan.snapshot, create_new(temp)?, temp, parallelism, progress).await?;
-    let page_size = db_page_size(&file).ok_or_else(|| Error::CorruptObject { key: plan.snapshot.key.clone(), source: walstream_format::Error::Lz4("snapshot is not a SQLite database".into()) })?;
+    let page_size = db_page_size(&file).ok_or_else(|| not_a_database(&plan.snapshot.key))?;
     let mut image = Image::new(file, page_size, snapshot_len);
 
     // The WAL downloads start once the snapshot's have ended, so their buffers never add up
@@ -58,16 +57,26 @@ pub(crate) async fn apply(store: &dyn ObjectStore, plan: &RestorePlan, temp: &Pa
     tokio::task::spawn_blocking(move || integrity_check(&temp, check)).await.expect("check task panicked")
 }
 
-/// The page size in the database header the file starts with (offset 16, big-endian, where 1
-/// means 65536).
+/// The page size in the database header the file starts with.
 fn db_page_size(db: &File) -> Option<u32> {
-    let mut raw = [0u8; 2];
-    db.read_exact_at(&mut raw, 16).ok()?;
-    let size = match u16::from_be_bytes(raw) {
+    let mut head = [0u8; 18];
+    db.read_exact_at(&mut head, 0).ok()?;
+    header_page_size(&head)
+}
+
+/// The page size in a database header's first bytes (offset 16, big-endian, where 1 means
+/// 65536), if it is a valid one.
+fn header_page_size(head: &[u8]) -> Option<u32> {
+    let size = match u16::from_be_bytes(head.get(16..18)?.try_into().ok()?) {
         1 => 65536,
         raw => u32::from(raw),
     };
     (size.is_power_of_two() && size >= 512).then_some(size)
+}
+
+/// The error for a snapshot that decodes to something other than a SQLite database.
+pub(crate) fn not_a_database(key: &str) -> Error {
+    Error::CorruptObject { key: key.to_string(), source: walstream_format::Error::Lz4("snapshot is not a SQLite database".into()) }
 }
 
 fn create_new(path: &Path) -> Result<File, Error> {
@@ -84,12 +93,7 @@ pub(crate) struct HeaderOnly {
 impl HeaderOnly {
     /// The bytes begin as a SQLite database does, with a valid page size.
     pub(crate) fn is_database(&self) -> bool {
-        let size = match self.head.get(16..18).map(|b| u16::from_be_bytes([b[0], b[1]])) {
-            Some(1) => 65536,
-            Some(raw) => u32::from(raw),
-            None => return false,
-        };
-        self.head.starts_with(b"SQLite format 3\0") && size.is_power_of_two() && size >= 512
+        self.head.starts_with(b"SQLite format 3\0") && header_page_size(&self.head).is_some()
     }
 }
 

@@ -127,11 +127,11 @@ pub struct VerifyOutcome {
 /// indexes spill to unlinked files in `spill_dir`.
 pub async fn verify(store: &dyn ObjectStore, plan: RestorePlan, parallelism: usize, spill_dir: &Path, progress: Option<&dyn Progress>) -> Result<VerifyOutcome, Error> {
     let progress = progress.unwrap_or(&progress::Silent);
-    let objects = 1 + plan.indexes.iter().map(|i| i.segments.len() as u64).sum::<u64>();
-    progress.start(objects, plan.snapshot.size + plan.indexes.iter().flat_map(|i| &i.segments).map(|s| s.size).sum::<u64>());
+    let (objects, bytes) = plan.stored();
+    progress.start(objects, bytes);
     let (header, snapshot_bytes) = fetch::snapshot_into(store, &plan.snapshot, apply::HeaderOnly::default(), spill_dir, parallelism, progress).await?;
     if !header.is_database() {
-        return Err(Error::CorruptObject { key: plan.snapshot.key.clone(), source: walstream_format::Error::Lz4("snapshot is not a SQLite database".into()) });
+        return Err(apply::not_a_database(&plan.snapshot.key));
     }
     let (sender, mut verified) = tokio::sync::mpsc::channel(1);
     let downloads = fetch::fetch_indexes(store, plan.indexes.iter().collect(), spill_dir.to_path_buf(), parallelism, progress, sender);

@@ -42,6 +42,15 @@ pub struct RestorePlan {
     pub indexes: Vec<IndexPlan>,
 }
 
+impl RestorePlan {
+    /// How many objects the plan reads (the snapshot and every segment), and their stored
+    /// (compressed) bytes: what a restore downloads.
+    pub fn stored(&self) -> (u64, u64) {
+        let segments = self.indexes.iter().flat_map(|i| &i.segments);
+        (1 + segments.clone().count() as u64, self.snapshot.size + segments.map(|s| s.size).sum::<u64>())
+    }
+}
+
 /// Which state to restore. The default is the latest state of the latest generation.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Target {
