@@ -509,7 +509,7 @@ impl Capturer {
         }
         self.bound_checked = Instant::now();
         // The current index is the WAL life the app's own WAL holds too, needed whatever happens.
-        let used = self.meta.shadow_disk_bytes(&generation.id, generation.shadow.as_ref().map(|s| s.index));
+        let used = crate::shadow::disk_bytes(&self.meta.wal_dir(&generation.id), generation.shadow.as_ref().map(|s| s.index));
         if used > bound {
             warn!(db = %self.db_path.display(), generation = %generation.id, used, bound, "the local shadow wal passed max-local-wal while a replica could not take it: the history it lacks is dropped, and a new generation's snapshot holds every commit");
             self.pending_new_generation = Some(format!("the local shadow wal passed max-local-wal ({used} bytes > {bound})"));

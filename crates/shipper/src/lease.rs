@@ -72,7 +72,6 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-/// A held lease.
 /// The right to write to a replica, shared by its uploader and its upkeep: granted once the
 /// uploader runs (with the lease taken, when leases are on), revoked when it ends or the lease
 /// is lost. Deletions confirm it just as uploads do, so a replicator whose lease another took
@@ -119,6 +118,7 @@ impl WriteRight {
     }
 }
 
+/// A held lease.
 pub(crate) struct Lease {
     holder: String,
     version: Version,

@@ -189,13 +189,17 @@ impl Shipper {
         // An uploader ends early only when its replica belongs to another replicator, and the
         // capturer and upkeep not at all: then this database stops as if signalled, and the
         // error is reported once what can be is flushed.
+        // A JoinError means the task was cancelled (its panics are caught inside it): a failure of
+        // that worker too.
+        let joined_outcome = |worker: &str, joined: Result<Result<(), Error>, tokio::task::JoinError>| joined.unwrap_or_else(|e| Err(worker_failed(&db_path, worker.into(), e.to_string())));
+        let capture_lost = || worker_failed(&db_path, "capture worker".into(), "its thread ended without a result".into());
         let mut failed: Option<Error> = None;
-        let mut capture_result = None;
+        let mut capture_ended = false;
         while failed.is_none() {
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 Some(joined) = uploaders.join_next(), if !uploaders.is_empty() => {
-                    if let Err(e) = joined.unwrap_or_else(|e| Err(worker_failed(&db_path, "uploader".into(), e.to_string()))) {
+                    if let Err(e) = joined_outcome("uploader", joined) {
                         if !matches!(e, Error::WorkerFailed { .. }) {
                             warn!(db = %db_path.display(), error = %e, "replica refused; stopping");
                         }
@@ -203,7 +207,7 @@ impl Shipper {
                     }
                 }
                 Some(joined) = upkeep.join_next(), if !upkeep.is_empty() => {
-                    if let Err(e) = joined.unwrap_or_else(|e| Err(worker_failed(&db_path, "upkeep worker".into(), e.to_string()))) {
+                    if let Err(e) = joined_outcome("upkeep worker", joined) {
                         failed = Some(e);
                     }
                 }
@@ -211,9 +215,9 @@ impl Shipper {
                     let e = match outcome {
                         Ok(Err(e)) => e,
                         Ok(Ok(())) => worker_failed(&db_path, "capture worker".into(), "it returned before shutdown".into()),
-                        Err(_) => worker_failed(&db_path, "capture worker".into(), "its thread ended without a result".into()),
+                        Err(_) => capture_lost(),
                     };
-                    capture_result = Some(Ok(()));
+                    capture_ended = true;
                     failed = Some(e);
                 }
             }
@@ -227,16 +231,18 @@ impl Shipper {
         // One deadline for the whole flush: the capturer's last copy (which may write a snapshot)
         // and the uploads after it.
         let flush_deadline = tokio::time::Instant::now() + config.shutdown_deadline;
-        let capture_result = match capture_result {
-            Some(result) => result,
-            None => match tokio::time::timeout_at(flush_deadline, capture_rx).await {
-                Ok(outcome) => outcome.unwrap_or_else(|_| Err(worker_failed(&db_path, "capture worker".into(), "its thread ended without a result".into()))),
+        // A capturer that ended early has had its outcome taken as `failed` already.
+        let capture_result = if capture_ended {
+            Ok(())
+        } else {
+            match tokio::time::timeout_at(flush_deadline, capture_rx).await {
+                Ok(outcome) => outcome.unwrap_or_else(|_| Err(capture_lost())),
                 Err(_) => {
                     // The thread is left to the process's exit; nothing after this waits for it.
                     uploaders.abort_all();
                     return Err(Error::FlushIncomplete { unshipped: positions.len(), detail: format!("the capturer's last copy of {} did not finish within the shutdown deadline; commits since the last pass may not be shipped", db_path.display()) });
                 }
-            },
+            }
         };
         if let Err(e) = &capture_result {
             counters.record_failure(e);
@@ -244,7 +250,7 @@ impl Shipper {
 
         let drained = tokio::time::timeout_at(flush_deadline, async {
             while let Some(joined) = uploaders.join_next().await {
-                if let Err(e) = joined.unwrap_or_else(|e| Err(worker_failed(&db_path, "uploader".into(), e.to_string()))) {
+                if let Err(e) = joined_outcome("uploader", joined) {
                     failed.get_or_insert(e);
                 }
             }

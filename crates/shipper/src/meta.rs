@@ -136,14 +136,6 @@ impl MetaDir {
         indexes
     }
 
-    /// Disk the generation's shadow files but `except`'s take (shipped ranges are punched out,
-    /// so this is what some replica still lacks, plus each index's last frame).
-    pub(crate) fn shadow_disk_bytes(&self, generation: &GenerationId, except: Option<u32>) -> u64 {
-        use std::os::unix::fs::MetadataExt;
-        let Ok(entries) = fs::read_dir(self.wal_dir(generation)) else { return 0 };
-        entries.flatten().filter(|e| except.is_none_or(|index| name::parse_shadow_wal_file_name(&e.file_name().to_string_lossy()) != Some(index))).filter_map(|e| e.metadata().ok()).map(|m| m.blocks() * 512).sum()
-    }
-
     /// The shadow files below `index`, ascending.
     pub(crate) fn shadow_files_below(&self, generation: &GenerationId, index: u32) -> Vec<PathBuf> {
         self.shadow_indexes(generation).into_iter().filter(|&i| i < index).map(|i| self.wal_dir(generation).join(name::shadow_wal_file_name(i))).collect()

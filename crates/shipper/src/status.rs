@@ -197,14 +197,8 @@ impl Handle {
         let state = self.state.borrow().clone();
         let len = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
         let shadow_len = |index: u32| len(&state.wal_dir.join(name::shadow_wal_file_name(index)));
-        // The disk the files that remain take: shipped indexes leave the directory, so one
-        // listing beats a stat per index a long-lived generation has ever had, and what every
-        // replica holds is punched out of the rest (`shadow::discard_shipped`).
         let shadow_size = match state.end {
-            Some(_) => std::fs::read_dir(&state.wal_dir).map_or(0, |entries| {
-                use std::os::unix::fs::MetadataExt;
-                entries.flatten().filter(|e| name::parse_shadow_wal_file_name(&e.file_name().to_string_lossy()).is_some()).filter_map(|e| e.metadata().ok().map(|m| m.blocks() * 512)).sum()
-            }),
+            Some(_) => crate::shadow::disk_bytes(&state.wal_dir, None),
             None => 0,
         };
         let mut wal = self.db_path.clone().into_os_string();

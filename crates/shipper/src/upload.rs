@@ -76,8 +76,8 @@ pub(crate) struct Uploader {
     counters: Arc<ReplicaCounters>,
     /// Who this replicator is and its lease policy, when leases are on.
     lease_terms: Option<(String, LeasePolicy)>,
-    /// Whether this replicator may write to the replica now; retention reads it too.
-    /// Shared with the replica's upkeep, whose deletions need it too.
+    /// Whether this replicator may write to the replica now (its lease, when leases are on);
+    /// shared with the replica's upkeep, whose deletions need it too.
     right: Arc<WriteRight>,
     /// When the last WAL segment upload began, for `sync_interval`.
     last_segment_put: Option<tokio::time::Instant>,
