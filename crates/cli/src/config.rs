@@ -22,7 +22,7 @@ impl std::fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 /// The databases a config file names.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(crate) struct Config {
     pub(crate) dbs: Vec<DbConfig>,
     /// The `exec` command, if any.
@@ -151,7 +151,7 @@ pub(crate) fn load(path: &Path, expand_env: bool) -> Result<Config, ConfigError>
 
 fn parse(text: &str) -> Result<Config, String> {
     if text.trim().is_empty() {
-        return Ok(Config { dbs: Vec::new(), exec: None, addr: None, health_lag: None, heartbeat_url: None, heartbeat_interval: None, logging: LoggingConfig::default(), warnings: Vec::new() });
+        return Ok(Config::default());
     }
     // Read twice: as a tree for the keys, then typed (which keeps line numbers in its errors
     // and reads `retention: 0` as the string it is in Litestream's files).

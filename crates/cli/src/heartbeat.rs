@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 use walstream_shipper::Handle;
 
@@ -16,8 +17,8 @@ pub(crate) const DEFAULT_INTERVAL: Duration = Duration::from_secs(5 * 60);
 /// One ping may take this long; a hung service must not pile requests up.
 const PING_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Pings `url` every `interval` while healthy, until the task is dropped.
-pub(crate) async fn run(url: String, interval: Duration, handles: Vec<Handle>, health_lag: Duration) {
+/// Pings `url` every `interval` while healthy, until `stop` is cancelled.
+pub(crate) async fn run(url: String, interval: Duration, handles: Vec<Handle>, health_lag: Duration, stop: CancellationToken) {
     let client = match reqwest::Client::builder().timeout(PING_TIMEOUT).build() {
         Ok(client) => client,
         Err(e) => {
@@ -28,7 +29,10 @@ pub(crate) async fn run(url: String, interval: Duration, handles: Vec<Handle>, h
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        ticks.tick().await;
+        tokio::select! {
+            _ = ticks.tick() => {}
+            () = stop.cancelled() => return,
+        }
         let problems: Vec<String> = handles.iter().flat_map(|h| h.status().problems(health_lag)).collect();
         let waiting: Vec<String> = handles.iter().filter(|h| !h.ready()).map(|h| h.db_path().display().to_string()).collect();
         if !problems.is_empty() || !waiting.is_empty() {

@@ -15,15 +15,6 @@ use crate::{config, exec, heartbeat, replica_url, server};
 /// How long a replica may hold back a captured commit before `/healthz` fails.
 const DEFAULT_HEALTH_LAG: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Aborts the task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// One database to replicate, and where.
 struct Job {
     config: ShipperConfig,
@@ -50,11 +41,7 @@ fn replication_jobs(args: &ReplicateArgs) -> anyhow::Result<(Vec<Job>, Extras)> 
         }
         anyhow::ensure!(!args.replica_urls.is_empty(), "must specify at least one replica URL for {}", db_path.display());
         let replicas = args.replica_urls.iter().map(|url| Ok(Replica { sync_interval: args.sync_interval, ..open(replica_url::kind(url), url)? })).collect::<anyhow::Result<_>>()?;
-        let mut config = ShipperConfig::new(db_path);
-        config.shutdown_deadline = args.shutdown_timeout;
-        config.lease = lease_policy(args);
-        config.max_local_wal = (args.max_local_wal > 0).then_some(args.max_local_wal);
-        return Ok((vec![Job { config, replicas }], Extras::default()));
+        return Ok((vec![Job { config: shipper_config(args, db_path), replicas }], Extras::default()));
     }
     let path = args.config.config.clone().unwrap_or_else(config::default_path);
     let file = config::load(&path, !args.config.no_expand_env)?;
@@ -68,14 +55,15 @@ fn replication_jobs(args: &ReplicateArgs) -> anyhow::Result<(Vec<Job>, Extras)> 
             .iter()
             .map(|r| Ok(Replica { policy: r.policy, sync_interval: r.sync_interval, ..open(&r.name, &r.url)? }))
             .collect::<anyhow::Result<_>>()?;
-        let mut config = ShipperConfig::new(&db.path);
-        config.meta_dir = db.meta_path.clone();
-        config.shutdown_deadline = args.shutdown_timeout;
-        config.lease = lease_policy(args);
-        config.max_local_wal = (args.max_local_wal > 0).then_some(args.max_local_wal);
+        let config = ShipperConfig { meta_dir: db.meta_path.clone(), ..shipper_config(args, &db.path) };
         jobs.push(Job { config, replicas });
     }
     Ok((jobs, Extras { exec: file.exec, addr: file.addr, health_lag: file.health_lag, heartbeat_url: file.heartbeat_url, heartbeat_interval: file.heartbeat_interval }))
+}
+
+/// What the command line sets for every database it replicates.
+fn shipper_config(args: &ReplicateArgs, db_path: &std::path::Path) -> ShipperConfig {
+    ShipperConfig { shutdown_deadline: args.shutdown_timeout, lease: lease_policy(args), max_local_wal: (args.max_local_wal > 0).then_some(args.max_local_wal), ..ShipperConfig::new(db_path) }
 }
 
 fn lease_policy(args: &ReplicateArgs) -> Option<LeasePolicy> {
@@ -136,8 +124,10 @@ pub(crate) async fn replicate(args: ReplicateArgs) -> anyhow::Result<()> {
     let stop_serving = CancellationToken::new();
     let _stop_serving_on_return = stop_serving.clone().drop_guard();
     let health_lag = args.health_lag.or(extras.health_lag).unwrap_or(DEFAULT_HEALTH_LAG);
-    // Dropped with this function: no heartbeat once replication has ended.
-    let _heartbeat = heartbeat.map(|(url, interval)| AbortOnDrop(tokio::spawn(heartbeat::run(url, interval, handles.clone(), health_lag))));
+    // Like the server, ends with replication.
+    if let Some((url, interval)) = heartbeat {
+        tokio::spawn(heartbeat::run(url, interval, handles.clone(), health_lag, stop_serving.clone()));
+    }
     if let Some(listener) = listener {
         tokio::spawn(server::serve(listener, handles, health_lag, stop_serving));
     }
