@@ -28,12 +28,6 @@ fn wait_for_replica_to_hold(scratch: &Scratch, rows: i64, limit: Duration, what:
     });
 }
 
-/// Peak resident memory of a running process, from /proc.
-fn peak_rss_kib(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok()).unwrap()
-}
-
 #[test]
 fn random_faults_on_every_request_type_and_crashes_lose_nothing() {
     let scratch = Scratch::on(Backend::Gcs);

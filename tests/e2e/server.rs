@@ -118,7 +118,7 @@ on_both_backends! {
         // walstream's own footprint, under the standard process_* names, against /proc.
         let process = |metric: &str| series.get(metric).and_then(|s| s.first()).map(|s| s.1).unwrap_or_else(|| panic!("no {metric}"));
         let rss = process("process_resident_memory_bytes");
-        let hwm_kib: f64 = std::fs::read_to_string(format!("/proc/{}/status", replicator.pid())).unwrap().lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap();
+        let hwm_kib = peak_rss_kib(replicator.pid()) as f64;
         assert!(rss > 1e6 && rss <= hwm_kib * 1024.0, "resident memory {rss} within the process's peak {hwm_kib} KiB");
         assert!(process("process_open_fds") >= 3.0 && process("process_open_fds") <= process("process_max_fds"));
         // CPU in clock ticks (usually 10 ms) may still be 0 this early: bound it by /proc read after.
