@@ -5,15 +5,19 @@
 //!   transaction rate, the replicator's CPU and memory, drain time and object-store requests,
 //!   against fake-gcs-server, whose request log does the counting;
 //! - `walstream-bench volume` (`scripts/bench-volume.sh`): the app's memory volume and WAL with
-//!   no replicator, under litestream and under walstream, at several write rates.
+//!   no replicator, under litestream and under walstream, at several write rates;
+//! - `walstream-bench cost` (`scripts/bench-cost.sh`): object-store requests a minute and each
+//!   commit's lag at steady write rates from 0.1 to 1,000 commits a second, and what they cost.
 //!
 //! Timing lives here and nowhere in the test suite.
 
 mod chart;
 mod common;
+mod cost;
 mod emulator;
 mod proc_stats;
 mod replicate;
+mod replicator;
 mod restore;
 mod volume;
 
@@ -25,6 +29,7 @@ fn main() -> anyhow::Result<()> {
         Some("restore") => restore::run(args),
         Some("replicate") => replicate::run(args),
         Some("volume") => volume::run(args),
-        _ => bail!("usage: walstream-bench restore|replicate|volume [FLAGS] (see scripts/bench-restore.sh, scripts/bench-replicate.sh, scripts/bench-volume.sh)"),
+        Some("cost") => cost::run(args),
+        _ => bail!("usage: walstream-bench restore|replicate|volume|cost [FLAGS] (see scripts/bench-restore.sh, scripts/bench-replicate.sh, scripts/bench-volume.sh, scripts/bench-cost.sh)"),
     }
 }

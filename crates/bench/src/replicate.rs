@@ -12,23 +12,23 @@
 //!   writer's stop to the last upload before a restore with the tool itself, made while the
 //!   replicator still runs, equals the source;
 //! - trickle: one commit a second for `--trickle-secs`: uploads, lease renewals and listings
-//!   (walstream also with `-no-lease`, `-sync-interval 1s` and `-sync-interval 10s`);
+//!   (walstream also with `-no-lease`, `-sync-interval 100ms` and `-sync-interval 10s`);
 //! - many: `--dbs` databases in one process, each committing every 2 s, for `--many-secs`.
 //!
 //! Requests are counted from the emulator's request log (`emulator`), CPU and memory from
 //! /proc. Run it through `scripts/bench-replicate.sh`.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, ensure, Context};
 use rand::{Rng, SeedableRng};
-use rusqlite::Connection;
 
 use crate::common::{fingerprint, median};
 use crate::emulator::{Emulator, Op, Request};
 use crate::proc_stats;
+use crate::replicator::{app_connection, create_db, Harness, Phase, Tool, INSERT_ROW};
 
 struct Options {
     bins: crate::common::Binaries,
@@ -75,12 +75,13 @@ pub fn run(mut args: impl Iterator<Item = String>) -> anyhow::Result<()> {
         None => Some(temp),
     };
     let emulator = Emulator::start(&o.bins.fake_gcs, &dir)?;
-    let walstream = Tool { label: "walstream", bin: o.bins.walstream.clone(), prefix: "ws", flags: vec![], hold: Duration::ZERO };
-    let paced = Tool { label: "walstream -sync-interval 1s", bin: o.bins.walstream.clone(), prefix: "ws1", flags: vec!["-sync-interval".into(), "1s".into()], hold: Duration::from_secs(1) };
+    let walstream = Tool { label: "walstream", bin: o.bins.walstream.clone(), prefix: "ws", flags: vec![], hold: Duration::from_secs(1) };
+    let paced = Tool { label: "walstream -sync-interval 100ms", bin: o.bins.walstream.clone(), prefix: "ws100ms", flags: vec!["-sync-interval".into(), "100ms".into()], hold: Duration::from_millis(100) };
     let coalescing = Tool { label: "walstream -sync-interval 10s", bin: o.bins.walstream.clone(), prefix: "ws10", flags: vec!["-sync-interval".into(), "10s".into()], hold: Duration::from_secs(10) };
-    let unleased = Tool { label: "walstream -no-lease", bin: o.bins.walstream.clone(), prefix: "wsnl", flags: vec!["-no-lease".into()], hold: Duration::ZERO };
+    let unleased = Tool { label: "walstream -no-lease", bin: o.bins.walstream.clone(), prefix: "wsnl", flags: vec!["-no-lease".into()], hold: Duration::from_secs(1) };
     let litestream = Tool { label: "litestream v0.3.13", bin: o.bins.litestream.clone(), prefix: "ls", flags: vec![], hold: Duration::ZERO };
-    let bench = Bench { o: &o, dir: &dir, emulator: &emulator };
+    let harness = Harness { dir: dir.clone(), emulator };
+    let bench = Bench { o: &o, h: &harness };
 
     let (mut unreplicated, mut saturated) = (Vec::new(), [Vec::new(), Vec::new()]);
     for run in 0..o.saturated_runs {
@@ -115,17 +116,6 @@ pub fn run(mut args: impl Iterator<Item = String>) -> anyhow::Result<()> {
         eprintln!("chart written to {}", path.display());
     }
     Ok(())
-}
-
-/// A replicator and how to run it.
-struct Tool {
-    label: &'static str,
-    bin: PathBuf,
-    /// Bucket and file name prefix, so each run has its own.
-    prefix: &'static str,
-    flags: Vec<String>,
-    /// How long it may hold commits back on purpose (`-sync-interval`).
-    hold: Duration,
 }
 
 struct ToolResults {
@@ -185,35 +175,12 @@ struct Many {
 
 struct Bench<'a> {
     o: &'a Options,
-    dir: &'a Path,
-    emulator: &'a Emulator,
-}
-
-/// A phase's database, bucket and running replicator.
-struct Phase<'a> {
-    bench: &'a Bench<'a>,
-    bucket: String,
-    db: PathBuf,
-    child: Child,
+    h: &'a Harness,
 }
 
 impl Bench<'_> {
-    /// A database with a table and a few rows, its bucket, and `tool` replicating it; returns
-    /// once start-up traffic has settled.
-    fn start(&self, tool: &Tool, phase: &str) -> anyhow::Result<Phase<'_>> {
-        let bucket = format!("{}-{phase}", tool.prefix);
-        self.emulator.create_bucket(&bucket)?;
-        let db = self.dir.join(format!("{bucket}.db"));
-        create_db(&db)?;
-        let log = std::fs::File::create(self.dir.join(format!("{bucket}.log")))?;
-        let child = Command::new(&tool.bin).arg("replicate").args(&tool.flags).arg(&db).arg(format!("gcs://{bucket}/db")).env("STORAGE_EMULATOR_HOST", &self.emulator.host).stdout(log.try_clone()?).stderr(log).spawn()?;
-        let phase = Phase { bench: self, bucket, db, child };
-        phase.settle(1)?;
-        Ok(phase)
-    }
-
     fn idle(&self, tool: &Tool) -> anyhow::Result<Idle> {
-        let phase = self.start(tool, "idle")?;
+        let phase = self.h.start(tool, "idle")?;
         let quiet_from = SystemTime::now();
         std::thread::sleep(Duration::from_secs(self.o.idle_secs));
         let requests = phase.requests_since(quiet_from)?.len();
@@ -242,7 +209,7 @@ impl Bench<'_> {
 
     /// The app's rate with nothing replicating its database.
     fn unreplicated(&self) -> anyhow::Result<f64> {
-        let db = self.dir.join("unreplicated.db");
+        let db = self.h.dir.join("unreplicated.db");
         create_db(&db)?;
         let elapsed = commit_flat_out(&db, self.o.transactions)?;
         for suffix in ["", "-wal", "-shm"] {
@@ -252,7 +219,7 @@ impl Bench<'_> {
     }
 
     fn saturated(&self, tool: &Tool, run: usize) -> anyhow::Result<Saturated> {
-        let phase = self.start(tool, &format!("saturated{run}"))?;
+        let phase = self.h.start(tool, &format!("saturated{run}"))?;
         let pid = phase.child.id();
         let before = proc_stats::read(pid)?;
         let began = SystemTime::now();
@@ -267,10 +234,10 @@ impl Bench<'_> {
         let (last_upload, restore) = loop {
             let last_upload = phase.wait_for_quiet(stopped, Duration::from_secs(3), Duration::from_secs(600))?;
             attempt += 1;
-            let restored = self.dir.join(format!("{}-restored-{attempt}.db", phase.bucket));
+            let restored = self.h.dir.join(format!("{}-restored-{attempt}.db", phase.bucket));
             let restore_started = Instant::now();
             first_restore_at.get_or_insert_with(SystemTime::now);
-            let output = Command::new(&tool.bin).args(["restore", "-o"]).arg(&restored).arg(format!("gcs://{}/db", phase.bucket)).env("STORAGE_EMULATOR_HOST", &self.emulator.host).stderr(Stdio::piped()).output()?;
+            let output = Command::new(&tool.bin).args(["restore", "-o"]).arg(&restored).arg(format!("gcs://{}/db", phase.bucket)).env("STORAGE_EMULATOR_HOST", &self.h.emulator.host).stderr(Stdio::piped()).output()?;
             let restore = restore_started.elapsed();
             ensure!(output.status.success(), "{} restore failed: {}", tool.label, String::from_utf8_lossy(&output.stderr));
             let equal = fingerprint(&restored)? == expected;
@@ -303,7 +270,7 @@ impl Bench<'_> {
     }
 
     fn trickle(&self, tool: &Tool) -> anyhow::Result<Trickle> {
-        let phase = self.start(tool, "trickle")?;
+        let phase = self.h.start(tool, "trickle")?;
         let conn = app_connection(&phase.db)?;
         let began = SystemTime::now();
         let start = Instant::now();
@@ -322,18 +289,18 @@ impl Bench<'_> {
 
     fn many(&self, tool: &Tool) -> anyhow::Result<Many> {
         let bucket = format!("{}-many", tool.prefix);
-        self.emulator.create_bucket(&bucket)?;
-        let dbs: Vec<PathBuf> = (0..self.o.dbs).map(|n| self.dir.join(format!("{bucket}-{n}.db"))).collect();
+        self.h.emulator.create_bucket(&bucket)?;
+        let dbs: Vec<PathBuf> = (0..self.o.dbs).map(|n| self.h.dir.join(format!("{bucket}-{n}.db"))).collect();
         let mut config = String::from("dbs:\n");
         for (n, db) in dbs.iter().enumerate() {
             create_db(db)?;
             config.push_str(&format!("  - path: {}\n    replicas:\n      - url: gcs://{bucket}/db-{n}\n", db.display()));
         }
-        let config_path = self.dir.join(format!("{bucket}.yml"));
+        let config_path = self.h.dir.join(format!("{bucket}.yml"));
         std::fs::write(&config_path, config)?;
-        let log = std::fs::File::create(self.dir.join(format!("{bucket}.log")))?;
-        let child = Command::new(&tool.bin).args(["replicate", "-config"]).arg(&config_path).env("STORAGE_EMULATOR_HOST", &self.emulator.host).stdout(log.try_clone()?).stderr(log).spawn()?;
-        let phase = Phase { bench: self, bucket, db: dbs[0].clone(), child };
+        let log = std::fs::File::create(self.h.dir.join(format!("{bucket}.log")))?;
+        let child = Command::new(&tool.bin).args(["replicate", "-config"]).arg(&config_path).env("STORAGE_EMULATOR_HOST", &self.h.emulator.host).stdout(log.try_clone()?).stderr(log).spawn()?;
+        let phase = Phase { harness: self.h, bucket, db: dbs[0].clone(), child };
         phase.settle(self.o.dbs)?;
         let pid = phase.child.id();
         let before = proc_stats::read(pid)?;
@@ -353,87 +320,6 @@ impl Bench<'_> {
     }
 }
 
-impl Phase<'_> {
-    fn requests_since(&self, since: SystemTime) -> anyhow::Result<Vec<Request>> {
-        Ok(self.bench.emulator.requests(&self.bucket)?.into_iter().filter(|r| r.at >= since).collect())
-    }
-
-    /// Warnings and generation changes the replicator logged, which explain extra requests.
-    fn report_log(&self) {
-        let log = std::fs::read_to_string(self.bench.dir.join(format!("{}.log", self.bucket))).unwrap_or_default();
-        let notable: Vec<&str> = log.lines().filter(|l| l.contains("WARN") || (l.contains("new generation") && !l.contains("no generation exists"))).collect();
-        for line in notable.iter().take(5) {
-            eprintln!("{}: {line}", self.bucket);
-        }
-        if notable.len() > 5 {
-            eprintln!("{}: … {} more such lines", self.bucket, notable.len() - 5);
-        }
-    }
-
-    /// Waits for at least `uploads` uploads, then for 3 s without a request.
-    fn settle(&self, uploads: usize) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let requests = self.bench.emulator.requests(&self.bucket)?;
-            let uploaded = requests.iter().filter(|r| r.op == Op::Upload).count();
-            let quiet = requests.last().is_some_and(|r| r.at.elapsed().unwrap_or_default() > Duration::from_secs(3));
-            if uploaded >= uploads && quiet {
-                return Ok(());
-            }
-            ensure!(Instant::now() < deadline, "{}: start-up did not settle ({uploaded} uploads)", self.bucket);
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    /// Waits until no upload has come for `quiet` after `from`; returns the last upload's time.
-    fn wait_for_quiet(&self, from: SystemTime, quiet: Duration, limit: Duration) -> anyhow::Result<SystemTime> {
-        let deadline = Instant::now() + limit;
-        loop {
-            let last = self.bench.emulator.requests(&self.bucket)?.iter().filter(|r| r.op == Op::Upload).map(|r| r.at).max().unwrap_or(from).max(from);
-            if last.elapsed().unwrap_or_default() > quiet {
-                return Ok(last);
-            }
-            ensure!(Instant::now() < deadline, "{}: uploads did not stop within {limit:?}", self.bucket);
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// SIGTERM, then the exit, or SIGKILL after 30 s. litestream v0.3.13 often exits 1 after its
-    /// final sync ("context canceled"), and once hung in it, so the status is not checked: the
-    /// restores are.
-    fn stop(mut self) {
-        self.report_log();
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        eprintln!("{}: the replicator did not exit 30 s after SIGTERM; killing it", self.bucket);
-    }
-}
-
-impl Drop for Phase<'_> {
-    /// A phase that failed must not leave its replicator running (it would hold the binary).
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Every phase's transaction: one row with a 200-byte body.
-const INSERT_ROW: &str = "INSERT INTO items (body) VALUES (hex(randomblob(100)))";
-
-fn create_db(db: &Path) -> anyhow::Result<()> {
-    let conn = Connection::open(db)?;
-    conn.pragma_update(None, "journal_mode", "wal")?;
-    conn.execute_batch("CREATE TABLE items (id INTEGER PRIMARY KEY, body TEXT NOT NULL); INSERT INTO items (body) VALUES ('first');")?;
-    Ok(())
-}
-
 /// Commits `transactions` one-row inserts as fast as one connection can; returns how long it took.
 fn commit_flat_out(db: &Path, transactions: u64) -> anyhow::Result<Duration> {
     let conn = app_connection(db)?;
@@ -445,20 +331,12 @@ fn commit_flat_out(db: &Path, transactions: u64) -> anyhow::Result<Duration> {
     Ok(started.elapsed())
 }
 
-/// The application's connection, as Litestream advises: WAL, synchronous=NORMAL, a busy timeout.
-fn app_connection(db: &Path) -> anyhow::Result<Connection> {
-    let conn = Connection::open(db)?;
-    conn.busy_timeout(Duration::from_secs(10))?;
-    conn.pragma_update(None, "synchronous", "normal")?;
-    Ok(conn)
-}
-
 fn millis(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
 /// The `q` quantile (nearest rank) of `values`.
-fn quantile(values: &[Duration], q: f64) -> Duration {
+pub(crate) fn quantile(values: &[Duration], q: f64) -> Duration {
     let mut sorted = values.to_vec();
     sorted.sort();
     sorted[((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1]
