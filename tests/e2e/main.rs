@@ -5,6 +5,7 @@
 
 mod cli;
 mod config;
+mod cost;
 mod crash;
 mod deploy;
 mod emulator;

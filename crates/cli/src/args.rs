@@ -66,16 +66,16 @@ pub(crate) struct ReplicateArgs {
     pub(crate) addr: Option<String>,
     /// How long to wait for a replica's lease held by another walstream (a rollout's overlap,
     /// a crashed holder's lease running out) before exiting with code 15. 0s: refuse at once.
-    #[arg(long, default_value = "2m", value_parser = parse_duration)]
+    #[arg(long, default_value = "3m", value_parser = parse_duration)]
     pub(crate) lease_timeout: Duration,
     /// How long a replica lease lasts without renewal; it is renewed before uploads, so an
     /// idle replicator makes no requests.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, default_value = "2m", value_parser = parse_duration)]
     pub(crate) lease_ttl: Duration,
     /// The least time between two WAL uploads to each replica (the config's `sync-interval`):
     /// commits arriving sooner are shipped together, trading lag for fewer PUTs. A commit after
     /// a quiet spell, `walstream sync` and shutdown ship at once. 0s ships every commit at once.
-    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub(crate) sync_interval: Duration,
     /// `/healthz` fails while a replica has held back a captured commit for longer than this
     /// (a store outage, a stuck upload), e.g. 1m or 30s; 0s never. Overrides the config's

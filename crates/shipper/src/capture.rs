@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -146,6 +146,10 @@ pub struct ShadowState {
     pub live_from: Option<(u32, u64)>,
     /// The application's `-wal` file.
     pub wal_path: PathBuf,
+    /// The shadow's disk is nearly full (see [`disk_is_tight`]): uploaders ship at once rather
+    /// than hold commits back for `sync-interval`, so the shadow and the application's WAL
+    /// (which the capturer's pin may keep from restarting) leave room for the app's writes.
+    pub disk_tight: bool,
 }
 
 struct Generation {
@@ -819,6 +823,7 @@ impl Capturer {
                 syncs_requested: self.syncs_requested,
                 live_from: generation.shadow.as_ref().and_then(|s| Some((s.index, s.live_from?))),
                 wal_path: self.wal_path.clone(),
+                disk_tight: disk_is_tight(&self.meta.wal_dir(&generation.id)),
             },
         };
         self.state.send_if_modified(|current| {
@@ -873,6 +878,28 @@ fn resume_generation(meta: &MetaDir) -> Option<Generation> {
     };
     info!(generation = %id, "resuming generation");
     Some(Generation { id, snapshot, shadow })
+}
+
+/// Free space under which the disk counts as tight: a quarter of the filesystem, but at least
+/// 16 MiB and at most 256 MiB. A memory volume as small as the Cloud Run guide's 8 MiB is always
+/// tight, so its commits go up at once (held for a second at 1,000 commits/s they filled it);
+/// an ordinary disk is tight only when nearly full.
+const TIGHT_DISK_MIN: u64 = 16 << 20;
+const TIGHT_DISK_MAX: u64 = 256 << 20;
+
+/// Whether the filesystem holding `dir` has less free space than the tight mark above; false
+/// when it cannot tell.
+fn disk_is_tight(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else { return false };
+    // SAFETY: a valid C string and an out-pointer to a zeroed struct of the right type.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return false;
+    }
+    let block = stat.f_frsize as u64;
+    let (size, free) = (stat.f_blocks as u64 * block, stat.f_bavail as u64 * block);
+    free < (size / 4).clamp(TIGHT_DISK_MIN, TIGHT_DISK_MAX)
 }
 
 /// How far SQLite's wal-index says the WAL life with `header` is committed, or 0 if the index

@@ -32,11 +32,12 @@ pub(crate) const MAX_SEGMENT_RAW_BYTES: usize = 16 << 20;
 /// Shadow bytes read and compressed at a time: one LZ4 block.
 const PIECE_BYTES: usize = 256 << 10;
 
-/// The CLI's default `sync_interval`. Commits after a quiet spell still ship at once; a busy
-/// writer's go up at most ten times a second instead of back to back, which under a saturated
-/// writer took the PUTs (Class A operations) from about 50 a second to about 13, for at most
-/// 100 ms more lag while it writes.
-pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_millis(100);
+/// The CLI's default `sync_interval`: Litestream v0.3.13's, so that a steady stream of commits
+/// costs no more uploads (GCS Class A operations) than under litestream, which ships at most once
+/// a second. A commit after a quiet spell (no upload for this long) still ships at once, and a
+/// sync barrier or shutdown ends any wait; `-sync-interval 100ms` buys lower lag under load for
+/// up to ten times the uploads.
+pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_secs(1);
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -81,6 +82,8 @@ pub(crate) struct Uploader {
     right: Arc<WriteRight>,
     /// When the last WAL segment upload began, for `sync_interval`.
     last_segment_put: Option<tokio::time::Instant>,
+    /// `ShadowState::syncs_requested` as of the last ship that reached the published end.
+    barriers_shipped: u64,
     /// A segment's frame, reused from one segment to the next: allocated fresh, its page faults
     /// and zeroing cost more CPU than the compression.
     framed: BytesMut,
@@ -98,7 +101,7 @@ impl Uploader {
         lease_terms: Option<(String, LeasePolicy)>,
         right: Arc<WriteRight>,
     ) -> Uploader {
-        Uploader { replica, state, position, new_generation, uploaded_snapshot: None, counters, lease_terms, right, last_segment_put: None, framed: BytesMut::new(), failures: Default::default() }
+        Uploader { replica, state, position, new_generation, uploaded_snapshot: None, counters, lease_terms, right, last_segment_put: None, barriers_shipped: 0, framed: BytesMut::new(), failures: Default::default() }
     }
 
     /// Ships until the capturer publishes its final state and all of it is shipped, or the
@@ -145,7 +148,11 @@ impl Uploader {
         loop {
             let state = self.state.borrow_and_update().clone();
             self.counters.observe(*self.position.borrow(), state.end);
-            let shipped = self.ship(&state).await;
+            // A throttled stream's new WAL life may wait for the next slot (see `ship`), unless a
+            // sync barrier came since the last full ship, or shutdown, or the live WAL serves it.
+            let unanswered_barrier = state.syncs_requested != self.barriers_shipped;
+            let defer_new_life = !self.replica.sync_interval.is_zero() && !state.is_final && state.live_from.is_none() && !state.disk_tight && !unanswered_barrier;
+            let shipped = self.ship(&state, defer_new_life).await;
             self.counters.observe(*self.position.borrow(), state.end);
             match shipped {
                 Ok(()) => {
@@ -175,34 +182,64 @@ impl Uploader {
                 }
             }
             let shipped = *self.position.borrow();
-            if state.is_final && shipped == state.end {
+            if shipped == state.end {
+                self.barriers_shipped = state.syncs_requested;
+                if state.is_final {
+                    return Ok(());
+                }
+            }
+            // A deferred new life goes up at the next slot whether or not more commits come.
+            if shipped == state.end && self.state.changed().await.is_err() {
                 return Ok(());
             }
-            if self.state.changed().await.is_err() {
-                return Ok(());
+            match self.hold_for_sync_interval(state.syncs_requested).await {
+                Err(e @ Error::LeaseLost { .. }) => return Err(e),
+                // The renewal is tried again before the next upload, and fails that one instead.
+                Err(_) | Ok(()) => {}
             }
-            self.hold_for_sync_interval(state.syncs_requested).await;
         }
     }
 
     /// With a `sync_interval`, waits until it has passed since the last segment upload, unless
-    /// a sync barrier is asked for or the capturer publishes its final state meanwhile.
-    async fn hold_for_sync_interval(&mut self, syncs_seen: u64) {
+    /// a sync barrier is asked for or the capturer publishes its final state meanwhile. A lease
+    /// renewal due at the end of the wait takes that slot, and the segment the next one: a steady
+    /// stream then makes one request per interval in all, renewals included.
+    async fn hold_for_sync_interval(&mut self, syncs_seen: u64) -> Result<(), Error> {
         let (interval, Some(last)) = (self.replica.sync_interval, self.last_segment_put) else {
-            return;
+            return Ok(());
         };
-        // Bytes served from the live WAL hold the capturer's pin until shipped: no waiting.
-        if interval.is_zero() || self.state.borrow().live_from.is_some() {
-            return;
+        // Bytes served from the live WAL hold the capturer's pin until shipped, and a tight disk
+        // has no room for a second of WAL: no waiting.
+        let urgent = move |s: &ShadowState| s.is_final || s.syncs_requested != syncs_seen || s.live_from.is_some() || s.disk_tight;
+        if interval.is_zero() || urgent(&self.state.borrow()) {
+            return Ok(());
         }
         let mut state = self.state.clone();
+        let held = tokio::time::Instant::now() < last + interval;
         tokio::select! {
             () = tokio::time::sleep_until(last + interval) => {}
-            _ = state.wait_for(|s| s.is_final || s.syncs_requested != syncs_seen) => {}
+            _ = state.wait_for(urgent) => return Ok(()),
         }
+        // Only a stream that was held is steady; a commit after a quiet spell ships at once.
+        if !held || !self.right.renewal_due().await {
+            return Ok(());
+        }
+        self.confirm_lease().await?;
+        let renewed = tokio::time::Instant::now();
+        self.last_segment_put = Some(renewed);
+        tokio::select! {
+            () = tokio::time::sleep_until(renewed + interval) => {}
+            _ = state.wait_for(urgent) => {}
+        }
+        Ok(())
     }
 
-    async fn ship(&mut self, state: &ShadowState) -> Result<(), Error> {
+    /// Ships what `state` holds; with `defer_new_life`, stops once a segment of an older index
+    /// has gone up and only the newest index remains, which then waits for the next slot. The
+    /// application's WAL restarts at any moment, so a throttled upload would otherwise often
+    /// carry two segments, the old life's tail and the new one's head: two requests a slot where
+    /// litestream, whose WAL lives end at its own syncs, makes one.
+    async fn ship(&mut self, state: &ShadowState, defer_new_life: bool) -> Result<(), Error> {
         let (Some(generation), Some(end), Some(snapshot)) = (state.generation, state.end, &state.snapshot) else {
             return Ok(());
         };
@@ -214,6 +251,7 @@ impl Uploader {
         if pos > end {
             return Err(Error::ReplicaAhead { replica: self.replica.name.clone(), remote: pos, local: end });
         }
+        let mut uploaded = false;
         while pos < end {
             // While the disk is full, the current index's newest bytes are only in the live WAL.
             let live_from = state.live_from.filter(|&(index, _)| index == pos.index).map(|(_, from)| from);
@@ -233,6 +271,9 @@ impl Uploader {
             };
             if pos.offset >= limit {
                 pos = Pos { generation, index: pos.index + 1, offset: 0 };
+                if defer_new_life && uploaded && pos.index == end.index {
+                    break;
+                }
                 continue;
             }
             let (body, len) = if from_live_wal {
@@ -256,6 +297,7 @@ impl Uploader {
             let key = name::segment_key(&generation, pos.index, pos.offset);
             self.last_segment_put = Some(tokio::time::Instant::now());
             self.put(&key, body).await?;
+            uploaded = true;
             debug!(replica = %self.replica.name, position = %pos, bytes = len, "shipped segment");
             pos.offset += len;
             self.counters.wal_bytes.fetch_add(len, std::sync::atomic::Ordering::Relaxed);

@@ -1,0 +1,53 @@
+//! What replication costs in object-store requests, counted at a proxy in front of the
+//! emulator: under the defaults a steady stream of commits goes up at most once a second, lease
+//! renewals included, as litestream v0.3.13 ships at most once a second and has no lease.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::emulator;
+use crate::fault_proxy::FaultProxy;
+use crate::harness::*;
+
+/// Waits until the proxy has forwarded nothing for `quiet`; returns the count.
+fn settled(proxy: &FaultProxy, quiet: Duration) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let before = proxy.forwarded();
+        std::thread::sleep(quiet);
+        let after = proxy.forwarded();
+        if after == before {
+            return after;
+        }
+        assert!(Instant::now() < deadline, "requests did not pause for {quiet:?} within 30 s");
+    }
+}
+
+#[test]
+fn a_steady_stream_under_the_defaults_makes_one_request_a_second_lease_renewals_included() {
+    let scratch = Scratch::on(Backend::Gcs);
+    let proxy = FaultProxy::start(emulator::host(), seed());
+    let mut app = App::open(&scratch.db());
+    app.insert(10);
+    // A 4 s lease is renewed 2.7 s after it is taken or renewed: twice or so in the stream.
+    let replicator = Replicator::start_with_args(&scratch.db(), &[scratch.replica_url()], scratch.path("replicate.log"), &[("STORAGE_EMULATOR_HOST", &proxy.addr)], &["-lease-ttl", "4s"]);
+    wait_for_snapshot(&scratch);
+    let before = settled(&proxy, Duration::from_millis(1500));
+
+    // Ten commits a second for 6 s: one upload slot a second from the first commit's, which
+    // ships at once, to the drain a second after the last: 7 slots, plus one renewal that may
+    // fall due with that first commit (a commit after a quiet spell does not wait for a slot).
+    let started = Instant::now();
+    let started_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
+    for k in 0..60u32 {
+        std::thread::sleep((started + Duration::from_millis(100) * k).saturating_duration_since(Instant::now()));
+        app.insert(1);
+    }
+    let made = settled(&proxy, Duration::from_millis(2500)) - before;
+    eprintln!("made {made} requests; {:?} since the stream began", started.elapsed());
+    let lease = String::from_utf8(scratch.read_object("walstream-lease")).unwrap();
+    let expires_ms: u64 = lease.lines().find_map(|l| l.strip_prefix("expires_unix_ms ")).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("lease object: {lease}"));
+    assert!(expires_ms > started_ms + 6_000, "the lease was renewed during the stream (it expires at {expires_ms}, the stream began at {started_ms}): {lease}");
+    assert!(made <= 8, "60 commits over 6 s made {made} requests; at most one a second (7 slots) and one renewal");
+    replicator.stop_ok();
+    scratch.assert_restores_source();
+}
