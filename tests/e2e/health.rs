@@ -192,3 +192,46 @@ fn a_final_copy_that_overruns_the_shutdown_deadline_is_reported_in_time() {
     assert!(log.contains("the capturer's last copy") && log.contains("did not finish within the shutdown deadline"), "{log}");
     assert!(took < Duration::from_secs(5), "exit within the 2 s deadline (and the process's own exit), not after the stalled copy: took {took:?}");
 }
+
+/// The `ok` or `error` count of `litestream_replica_validation_total` on `/metrics`.
+fn validations(addr: &str, status: &str) -> u64 {
+    let (_, text) = request_on(addr, "GET", "/metrics", None).unwrap_or((0, String::new()));
+    let label = format!("status=\"{status}\"");
+    text.lines().filter(|l| l.starts_with("litestream_replica_validation_total{") && l.contains(&label)).filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok()).sum()
+}
+
+on_both_backends! {
+    /// `validation-interval`: the replica is restored in the background and compared with the
+    /// database. A writer committing between validations never fails one; a corrupted segment
+    /// in the replica does, and turns `/healthz` unhealthy naming the replica and the object.
+    fn validation_interval_proves_the_replica_and_a_corrupt_segment_fails_it_loudly(backend: Backend) {
+        let scratch = Scratch::on(backend);
+        let addr = format!("127.0.0.1:{}", free_port());
+        let config = scratch.write_config(&["validation-interval: 300ms"]);
+        let mut app = App::open(&scratch.db());
+        app.insert(50);
+        let replicator = Replicator::start_args(&["-config".into(), config.into(), "-addr".into(), addr.clone().into()], scratch.path("replicate.log"), &[]);
+        wait_until(Duration::from_secs(30), "a validation to pass", || validations(&addr, "ok") >= 1);
+        assert_eq!(healthz(&addr).0, 200);
+
+        // Commits a few times a second, across several validations.
+        let passed = validations(&addr, "ok");
+        for _ in 0..30 {
+            app.insert(1);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        wait_until(Duration::from_secs(30), "a validation after the writes to pass", || validations(&addr, "ok") > passed);
+        assert_eq!(validations(&addr, "error"), 0, "a validation failed while the app wrote; log:\n{}", replicator.log_text());
+
+        let segment = scratch.replica_keys().into_iter().filter(|k| k.contains("/wal/")).max().expect("a WAL segment in the replica");
+        scratch.overwrite_object(&segment, b"not an LZ4 frame");
+        wait_until(Duration::from_secs(30), "a validation to fail", || validations(&addr, "error") >= 1);
+        let (status, body) = healthz(&addr);
+        let object = segment.rsplit('/').next().unwrap();
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("replica") && body.contains("failed validation") && body.contains(object), "{body}");
+        let log = replicator.log_text();
+        assert!(log.lines().any(|l| l.contains("ERROR") && l.contains("replica validation failed") && l.contains(object)), "the failure is logged naming the object; log:\n{log}");
+        replicator.stop_ok();
+    }
+}

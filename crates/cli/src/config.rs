@@ -69,6 +69,9 @@ pub(crate) struct ReplicaConfig {
     pub(crate) policy: walstream_shipper::RetentionPolicy,
     /// `sync-interval`: the least time between two WAL uploads; zero when not given.
     pub(crate) sync_interval: Duration,
+    /// `validation-interval`: how often the replica is restored in the background and compared
+    /// with the database; zero (the default) never.
+    pub(crate) validation_interval: Duration,
 }
 
 #[derive(Deserialize)]
@@ -233,7 +236,7 @@ fn replica_config(raw: RawReplica, key: &str) -> Result<ReplicaConfig, String> {
         value.as_deref().map(go_duration).transpose().map_err(|e| format!("{key}.{field}: {e}"))
     };
     let sync_interval = duration("sync-interval", &raw.sync_interval)?.unwrap_or(walstream_shipper::DEFAULT_SYNC_INTERVAL);
-    duration("validation-interval", &raw.validation_interval)?;
+    let validation_interval = duration("validation-interval", &raw.validation_interval)?.unwrap_or_default();
     let mut policy = walstream_shipper::RetentionPolicy::default();
     if let Some(interval) = duration("snapshot-interval", &raw.snapshot_interval)? {
         policy.snapshot_interval = Some(interval).filter(|i| !i.is_zero());
@@ -247,7 +250,7 @@ fn replica_config(raw: RawReplica, key: &str) -> Result<ReplicaConfig, String> {
         }
         policy.check_interval = interval;
     }
-    Ok(ReplicaConfig { name, url, policy, sync_interval })
+    Ok(ReplicaConfig { name, url, policy, sync_interval, validation_interval })
 }
 
 /// Go's `time.ParseDuration`: a sequence of number+unit, e.g. `1h30m`, `1.5s`, `500ms`.

@@ -17,10 +17,8 @@ const LOGGING: &[&str] = &["type", "level", "stderr"];
 const DB: &[&str] = &["path", "meta-path", "replicas"];
 const DB_IGNORED: &[Ignored] =
     &[("monitor-interval", "walstream follows the WAL by file events, not on an interval"), ("checkpoint-interval", NO_CHECKPOINTS), ("min-checkpoint-page-count", NO_CHECKPOINTS), ("max-checkpoint-page-count", NO_CHECKPOINTS)];
-const REPLICA: &[&str] = &["type", "name", "url", "path", "bucket", "sync-interval", "snapshot-interval", "retention", "retention-check-interval"];
+const REPLICA: &[&str] = &["type", "name", "url", "path", "bucket", "sync-interval", "snapshot-interval", "retention", "retention-check-interval", "validation-interval"];
 const REPLICA_IGNORED: &[Ignored] = &[
-    // Its value is still checked as a duration (config.rs), so a later release can honour it.
-    ("validation-interval", "background validation is not implemented yet; `walstream verify` checks a replica on demand"),
     ("access-key-id", S3_ONLY),
     ("secret-access-key", S3_ONLY),
     ("region", S3_ONLY),
@@ -132,10 +130,9 @@ mod tests {
     #[test]
     fn litestream_keys_walstream_has_no_use_for_are_accepted_with_a_reason() {
         let warnings = check_text("access-key-id: x\ndbs:\n  - path: /a\n    checkpoint-interval: 1m\n    replicas:\n      - url: file:///r\n        validation-interval: 6h\n").unwrap();
-        assert_eq!(warnings.len(), 3, "{warnings:?}");
+        assert_eq!(warnings.len(), 2, "validation-interval is honoured, so not warned about: {warnings:?}");
         assert!(warnings[0].starts_with("access-key-id: ignored: only S3 replicas"), "{warnings:?}");
         assert!(warnings[1].starts_with("dbs[0].checkpoint-interval: ignored: walstream never checkpoints"), "{warnings:?}");
-        assert!(warnings[2].starts_with("dbs[0].replicas[0].validation-interval: ignored"), "{warnings:?}");
     }
 
     #[test]

@@ -22,6 +22,7 @@ mod server;
 mod signals;
 mod source;
 mod sync_client;
+mod validate;
 mod verify;
 
 use anyhow::Context;

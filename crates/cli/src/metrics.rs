@@ -24,11 +24,13 @@ pub(crate) struct Metrics {
     replica_pending_bytes: IntGaugeVec,
     operation_total: IntCounterVec,
     operation_bytes: IntCounterVec,
+    replica_validation_total: IntCounterVec,
 }
 
 const DB: &[&str] = &["db"];
 const REPLICA: &[&str] = &["db", "name"];
 const OPERATION: &[&str] = &["replica_type", "operation"];
+const VALIDATION: &[&str] = &["db", "name", "status"];
 
 impl Metrics {
     pub(crate) fn new(handles: Vec<Handle>) -> Metrics {
@@ -57,6 +59,7 @@ impl Metrics {
             replica_pending_bytes: register!(IntGaugeVec, "walstream_replica_pending_bytes", "WAL bytes captured locally but not yet in the replica", REPLICA),
             operation_total: register!(IntCounterVec, "litestream_replica_operation_total", "The number of replica operations performed", OPERATION),
             operation_bytes: register!(IntCounterVec, "litestream_replica_operation_bytes", "The number of bytes used by replica operations", OPERATION),
+            replica_validation_total: register!(IntCounterVec, "litestream_replica_validation_total", "The number of validations performed", VALIDATION),
             registry,
             handles,
         }
@@ -89,6 +92,9 @@ impl Metrics {
                 }
                 self.replica_lag_seconds.with_label_values(&labels).set(replica.lag.as_secs_f64());
                 self.replica_pending_bytes.with_label_values(&labels).set(replica.pending_bytes as i64);
+                // Both statuses from the start, as Litestream does, validated or not.
+                raise(&self.replica_validation_total.with_label_values(&[db[0], replica.name.as_str(), "ok"]), replica.validations_ok);
+                raise(&self.replica_validation_total.with_label_values(&[db[0], replica.name.as_str(), "error"]), replica.validations_failed);
                 for (op, requests, bytes) in replica.operations.into_iter().flatten() {
                     let total = operations.entry((replica.kind, op.label())).or_default();
                     total.0 += requests;

@@ -10,7 +10,7 @@ use walstream_shipper::{LeasePolicy, Replica, Shipper, ShipperConfig};
 
 use crate::args::ReplicateArgs;
 use crate::signals::{spawn_signal_handler, FIRST_SIGNAL};
-use crate::{config, exec, heartbeat, replica_url, server};
+use crate::{config, exec, heartbeat, replica_url, server, validate};
 
 /// How long a replica may hold back a captured commit before `/healthz` fails.
 const DEFAULT_HEALTH_LAG: std::time::Duration = std::time::Duration::from_secs(60);
@@ -19,6 +19,8 @@ const DEFAULT_HEALTH_LAG: std::time::Duration = std::time::Duration::from_secs(6
 struct Job {
     config: ShipperConfig,
     replicas: Vec<Replica>,
+    /// The replicas with a `validation-interval`: their place in `replicas`, and the interval.
+    validated: Vec<(usize, std::time::Duration)>,
 }
 
 /// What the config file adds to the jobs: its `exec` and `addr`.
@@ -41,7 +43,7 @@ fn replication_jobs(args: &ReplicateArgs) -> anyhow::Result<(Vec<Job>, Extras)> 
         }
         anyhow::ensure!(!args.replica_urls.is_empty(), "must specify at least one replica URL for {}", db_path.display());
         let replicas = args.replica_urls.iter().map(|url| Ok(Replica { sync_interval: args.sync_interval, ..open(replica_url::kind(url), url)? })).collect::<anyhow::Result<_>>()?;
-        return Ok((vec![Job { config: shipper_config(args, db_path), replicas }], Extras::default()));
+        return Ok((vec![Job { config: shipper_config(args, db_path), replicas, validated: Vec::new() }], Extras::default()));
     }
     let path = args.config.config.clone().unwrap_or_else(config::default_path);
     let file = config::load(&path, !args.config.no_expand_env)?;
@@ -56,7 +58,8 @@ fn replication_jobs(args: &ReplicateArgs) -> anyhow::Result<(Vec<Job>, Extras)> 
             .map(|r| Ok(Replica { policy: r.policy, sync_interval: r.sync_interval, ..open(&r.name, &r.url)? }))
             .collect::<anyhow::Result<_>>()?;
         let config = ShipperConfig { meta_dir: db.meta_path.clone(), ..shipper_config(args, &db.path) };
-        jobs.push(Job { config, replicas });
+        let validated = db.replicas.iter().enumerate().filter(|(_, r)| !r.validation_interval.is_zero()).map(|(i, r)| (i, r.validation_interval)).collect();
+        jobs.push(Job { config, replicas, validated });
     }
     Ok((jobs, Extras { exec: file.exec, addr: file.addr, health_lag: file.health_lag, heartbeat_url: file.heartbeat_url, heartbeat_interval: file.heartbeat_interval }))
 }
@@ -95,7 +98,14 @@ async fn ship_all(shippers: Vec<Shipper>, shutdown: CancellationToken) -> anyhow
 pub(crate) async fn replicate(args: ReplicateArgs) -> anyhow::Result<()> {
     let (jobs, extras) = replication_jobs(&args)?;
     let command = args.exec.clone().or(extras.exec);
-    let shippers: Vec<Shipper> = jobs.into_iter().map(|job| Shipper::new(job.config, job.replicas)).collect();
+    let mut validations = Vec::new();
+    let mut shippers = Vec::new();
+    for job in jobs {
+        let validated: Vec<_> = job.validated.iter().map(|&(i, interval)| (i, job.replicas[i].name.clone(), job.replicas[i].store.clone(), interval)).collect();
+        let shipper = Shipper::new(job.config, job.replicas);
+        validations.extend(validated.into_iter().map(|(replica, name, store, interval)| validate::Validation { handle: shipper.handle(), replica, name, store, interval }));
+        shippers.push(shipper);
+    }
     let handles: Vec<_> = shippers.iter().map(Shipper::handle).collect();
     // Bound before anything starts, so a taken port fails the command at once.
     let listener = match args.addr.clone().or(extras.addr) {
@@ -127,6 +137,9 @@ pub(crate) async fn replicate(args: ReplicateArgs) -> anyhow::Result<()> {
     // Like the server, ends with replication.
     if let Some((url, interval)) = heartbeat {
         tokio::spawn(heartbeat::run(url, interval, handles.clone(), health_lag, stop_serving.clone()));
+    }
+    for validation in validations {
+        tokio::spawn(validate::run(validation, stop_serving.clone()));
     }
     if let Some(listener) = listener {
         tokio::spawn(server::serve(listener, handles, health_lag, stop_serving));

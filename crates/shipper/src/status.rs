@@ -54,6 +54,12 @@ pub(crate) struct ReplicaCounters {
     /// The newest local snapshot the replica is known to hold: once every replica holds it, the
     /// capturer frees its local copy.
     pub(crate) snapshot_held: Mutex<Option<crate::meta::LocalSnapshot>>,
+    /// Background validations (`validation-interval`) that found the replica equal to the
+    /// database, and those that did not or could not run.
+    pub(crate) validations_ok: AtomicU64,
+    pub(crate) validations_failed: AtomicU64,
+    /// Why the last validation failed, until one passes.
+    pub(crate) validation_failure: Mutex<Option<String>>,
 }
 
 impl ReplicaCounters {
@@ -138,6 +144,12 @@ pub struct ReplicaStatus {
     /// Requests sent and bytes moved, per operation, by a remote store (retention's and the
     /// lease's included); `None` for local stores.
     pub operations: Option<[(walstream_store::Operation, u64, u64); 4]>,
+    /// Background validations that passed.
+    pub validations_ok: u64,
+    /// Background validations that failed (or could not run).
+    pub validations_failed: u64,
+    /// Why the last validation failed, until one passes.
+    pub validation_failure: Option<String>,
 }
 
 impl DbStatus {
@@ -152,6 +164,11 @@ impl DbStatus {
         }
         if self.disk_full {
             problems.push(format!("{db}: local disk full, capture failing; free space on its volume"));
+        }
+        for replica in &self.replicas {
+            if let Some(why) = &replica.validation_failure {
+                problems.push(format!("{db}: replica {} failed validation: {why}", replica.name));
+            }
         }
         for replica in self.replicas.iter().filter(|r| !health_lag.is_zero() && r.lag > health_lag) {
             problems.push(format!("{db}: replica {} has held back a captured commit for {}s, more than the health lag of {}s; check that its store is reachable and accepts writes", replica.name, replica.lag.as_secs(), health_lag.as_secs_f64()));
@@ -185,6 +202,33 @@ impl Handle {
     /// The database this handle reports on.
     pub fn db_path(&self) -> &Path {
         &self.db_path
+    }
+
+    /// The end of what the capturer last published (everything committed before its last pass).
+    pub fn shadow_end(&self) -> Option<Pos> {
+        self.state.borrow().end
+    }
+
+    /// Where replica `replica` (in configuration order) stands, once known.
+    pub fn replica_position(&self, replica: usize) -> Option<Pos> {
+        self.replicas.get(replica).and_then(|r| *r.position.borrow())
+    }
+
+    /// Counts a background validation of replica `replica`; a failure shows in
+    /// [`DbStatus::problems`] (so `/healthz` fails) until a validation passes.
+    pub fn record_validation(&self, replica: usize, result: Result<(), String>) {
+        let Some(counters) = self.replicas.get(replica).map(|r| &r.counters) else { return };
+        let mut failure = counters.validation_failure.lock().unwrap_or_else(|e| e.into_inner());
+        match result {
+            Ok(()) => {
+                counters.validations_ok.fetch_add(1, Relaxed);
+                *failure = None;
+            }
+            Err(why) => {
+                counters.validations_failed.fetch_add(1, Relaxed);
+                *failure = Some(why);
+            }
+        }
     }
 
     /// True once every replica has held everything captured at some moment since start.
@@ -225,6 +269,9 @@ impl Handle {
                     pending_bytes,
                     caught_up_once: r.counters.caught_up_once.load(Relaxed),
                     operations: r.store.operations().map(|o| o.totals()),
+                    validations_ok: r.counters.validations_ok.load(Relaxed),
+                    validations_failed: r.counters.validations_failed.load(Relaxed),
+                    validation_failure: r.counters.validation_failure.lock().unwrap_or_else(|e| e.into_inner()).clone(),
                 }
             })
             .collect();
