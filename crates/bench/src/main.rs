@@ -7,7 +7,9 @@
 //! - `walstream-bench volume` (`scripts/bench-volume.sh`): the app's memory volume and WAL with
 //!   no replicator, under litestream and under walstream, at several write rates;
 //! - `walstream-bench cost` (`scripts/bench-cost.sh`): object-store requests a minute and each
-//!   commit's lag at steady write rates from 0.1 to 1,000 commits a second, and what they cost.
+//!   commit's lag at steady write rates from 0.1 to 1,000 commits a second, and what they cost;
+//! - `walstream-bench history` (`scripts/bench-history.sh`): restore time after 1, 10 and 100
+//!   rounds of rewriting the whole database, with and without automatic snapshots.
 //!
 //! Timing lives here and nowhere in the test suite.
 
@@ -15,6 +17,7 @@ mod chart;
 mod common;
 mod cost;
 mod emulator;
+mod history;
 mod proc_stats;
 mod replicate;
 mod replicator;
@@ -30,6 +33,7 @@ fn main() -> anyhow::Result<()> {
         Some("replicate") => replicate::run(args),
         Some("volume") => volume::run(args),
         Some("cost") => cost::run(args),
-        _ => bail!("usage: walstream-bench restore|replicate|volume|cost [FLAGS] (see scripts/bench-restore.sh, scripts/bench-replicate.sh, scripts/bench-volume.sh, scripts/bench-cost.sh)"),
+        Some("history") => history::run(args),
+        _ => bail!("usage: walstream-bench restore|replicate|volume|cost|history [FLAGS] (see scripts/bench-*.sh)"),
     }
 }

@@ -109,7 +109,7 @@ fn restore_bench(options: &Options) -> anyhow::Result<()> {
 }
 
 /// Fills `db` with ~200-byte rows until it is `mib` MiB; returns the row count.
-fn fill(db: &Path, mib: u64) -> anyhow::Result<i64> {
+pub(crate) fn fill(db: &Path, mib: u64) -> anyhow::Result<i64> {
     let conn = Connection::open(db)?;
     conn.pragma_update(None, "journal_mode", "wal")?;
     conn.execute_batch("CREATE TABLE items (id INTEGER PRIMARY KEY, body TEXT NOT NULL)")?;

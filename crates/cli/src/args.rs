@@ -100,6 +100,19 @@ pub(crate) struct ReplicateArgs {
     /// time between, never a commit.
     #[arg(long, default_value = "256MiB", value_parser = parse_size)]
     pub(crate) max_local_wal: u64,
+    /// Take a new snapshot once the WAL captured since the last one passes RATIO times the
+    /// database's size (and at least 256 MiB), so a restore never replays more than about that:
+    /// restore time stays flat however long the history. Costs one snapshot upload per that
+    /// much WAL. 0 takes snapshots only at start and on `snapshot-interval`.
+    #[arg(long, value_name = "RATIO", default_value_t = walstream_shipper::DEFAULT_SNAPSHOT_WAL_RATIO, value_parser = parse_ratio)]
+    pub(crate) snapshot_wal_ratio: f64,
+}
+
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(ratio) if ratio.is_finite() && ratio >= 0.0 => Ok(ratio),
+        _ => Err(format!("invalid ratio {s:?}: give a number such as 1 or 0.5, or 0 for none")),
+    }
 }
 
 /// Sizes: bytes, or a number with B, KB, MB, GB (powers of 1000) or KiB, MiB, GiB (of 1024).

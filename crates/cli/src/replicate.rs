@@ -66,7 +66,7 @@ fn replication_jobs(args: &ReplicateArgs) -> anyhow::Result<(Vec<Job>, Extras)> 
 
 /// What the command line sets for every database it replicates.
 fn shipper_config(args: &ReplicateArgs, db_path: &std::path::Path) -> ShipperConfig {
-    ShipperConfig { shutdown_deadline: args.shutdown_timeout, lease: lease_policy(args), max_local_wal: (args.max_local_wal > 0).then_some(args.max_local_wal), ..ShipperConfig::new(db_path) }
+    ShipperConfig { shutdown_deadline: args.shutdown_timeout, lease: lease_policy(args), max_local_wal: (args.max_local_wal > 0).then_some(args.max_local_wal), snapshot_wal_ratio: args.snapshot_wal_ratio, ..ShipperConfig::new(db_path) }
 }
 
 fn lease_policy(args: &ReplicateArgs) -> Option<LeasePolicy> {

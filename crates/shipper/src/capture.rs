@@ -157,6 +157,11 @@ struct Generation {
     snapshot: LocalSnapshot,
     /// The shadow of the current WAL life; `None` until the first WAL header is seen.
     shadow: Option<ShadowIndex>,
+    /// `DbCounters::shadow_bytes` when the snapshot's index began (0 for a resumed generation):
+    /// a restore from the snapshot replays everything captured since.
+    wal_at_snapshot: u64,
+    /// `DbCounters::shadow_bytes` when the current index began.
+    index_started_at: u64,
 }
 
 impl Generation {
@@ -214,6 +219,8 @@ pub(crate) struct Capturer {
     bound_checked: Instant,
     /// What each replica reports holding, to free the local snapshot once all hold it.
     replica_counters: Vec<std::sync::Arc<crate::status::ReplicaCounters>>,
+    /// See [`Capturer::wal_outgrew_snapshot`].
+    snapshot_wal_ratio: f64,
 }
 
 impl Capturer {
@@ -249,6 +256,7 @@ impl Capturer {
             bound_checked: Instant::now(),
             after_drop_until: None,
             last_drop: None,
+            snapshot_wal_ratio: 0.0,
         }
     }
 
@@ -368,6 +376,38 @@ impl Capturer {
                 }
             }
         }
+    }
+
+    /// See [`Capturer::wal_outgrew_snapshot`]; zero: never.
+    pub(crate) fn snapshot_after_wal_ratio(&mut self, ratio: f64) {
+        self.snapshot_wal_ratio = ratio;
+    }
+
+    /// Whether the WAL a restore replays on top of the generation's snapshot has passed
+    /// `snapshot_wal_ratio` times the database's size (and at least [`AUTO_SNAPSHOT_MIN_WAL`]):
+    /// without a new snapshot restore time grows with history. Only once the WAL has restarted
+    /// since the snapshot: a snapshot is taken at the current index, which a restore replays
+    /// whole, so one at the same index would save nothing. Not on a tight disk, where the local
+    /// copy of the snapshot could fill it (every new instance on a memory volume starts a
+    /// generation, with its own snapshot, anyway).
+    fn wal_outgrew_snapshot(&mut self) -> bool {
+        let Some(generation) = &self.generation else { return false };
+        if self.snapshot_wal_ratio <= 0.0 || generation.end().index <= generation.snapshot.index {
+            return false;
+        }
+        let since = self.counters.shadow_bytes.load(std::sync::atomic::Ordering::Relaxed).saturating_sub(generation.wal_at_snapshot);
+        if since < auto_snapshot_min_wal() {
+            return false;
+        }
+        // The database as its last commit left it, WAL included; the file alone lags behind.
+        let pages = self.db.wal_index_header().map_or(0, |h| u64::from(h.db_pages));
+        let db_size = (pages * u64::from(self.db.page_size())).max(self.db.db_file().metadata().map_or(0, |m| m.len()));
+        let Some(generation) = &self.generation else { return false };
+        if (since as f64) < db_size as f64 * self.snapshot_wal_ratio || disk_is_tight(&self.meta.wal_dir(&generation.id)) {
+            return false;
+        }
+        info!(db = %self.db_path.display(), generation = %generation.id, wal_since_snapshot = since, db_size, "the wal since the last snapshot passed snapshot-wal-ratio times the database; taking a snapshot so restores stay short");
+        true
     }
 
     /// The most disk the shadow may take while a replica cannot keep up. Past it, the history
@@ -492,6 +532,9 @@ impl Capturer {
         }
         let mut result = self.copy(clean);
         self.db.release_previous();
+        if result.is_ok() && !self.pending_snapshot && self.wal_outgrew_snapshot() {
+            self.pending_snapshot = true;
+        }
         if result.is_ok() && self.pending_snapshot && self.db.is_pinned() {
             result = self.snapshot();
         }
@@ -583,6 +626,8 @@ impl Capturer {
         self.meta.remove_snapshots_below(&generation.id, generation.snapshot.index);
         info!(db = %self.db_path.display(), generation = %generation.id, index, "snapshot taken");
         generation.snapshot = snapshot;
+        // Taken at the current index, which a restore from it replays from its start.
+        generation.wal_at_snapshot = generation.index_started_at;
         self.pending_snapshot = false;
         Ok(())
     }
@@ -780,7 +825,7 @@ impl Capturer {
         }
         shadow.finish()?;
         let next = ShadowIndex::create(&self.meta.wal_dir(&generation.id), shadow.index + 1, bytes, header)?;
-        self.counters.shadow_bytes.fetch_add(WAL_HEADER_SIZE as u64, std::sync::atomic::Ordering::Relaxed);
+        generation.index_started_at = self.counters.shadow_bytes.fetch_add(WAL_HEADER_SIZE as u64, std::sync::atomic::Ordering::Relaxed);
         debug!(db = %self.db_path.display(), index = next.index, "wal restarted; new index");
         let shadow = generation.shadow.insert(next);
         self.counters.shadow_bytes.fetch_add(shadow.append_from(&live.file, live.len, hint(&shadow.header), &mut self.buf)?, std::sync::atomic::Ordering::Relaxed);
@@ -807,7 +852,8 @@ impl Capturer {
         self.pending_snapshot = false;
         self.meta.write_generation(&id)?;
         self.meta.clean(&id);
-        self.generation = Some(Generation { id, snapshot, shadow });
+        let wal_at_snapshot = self.counters.shadow_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        self.generation = Some(Generation { id, snapshot, shadow, wal_at_snapshot, index_started_at: wal_at_snapshot });
         Ok(())
     }
 
@@ -877,7 +923,21 @@ fn resume_generation(meta: &MetaDir) -> Option<Generation> {
         None => None,
     };
     info!(generation = %id, "resuming generation");
-    Some(Generation { id, snapshot, shadow })
+    Some(Generation { id, snapshot, shadow, wal_at_snapshot: 0, index_started_at: 0 })
+}
+
+/// The least WAL since a snapshot that makes a new one: as much as `max-local-wal`'s default, so
+/// a small database under a busy writer is snapshotted about once per 256 MiB of WAL, one upload
+/// against the hundreds of segments that carried it.
+const AUTO_SNAPSHOT_MIN_WAL: u64 = 256 << 20;
+
+/// [`AUTO_SNAPSHOT_MIN_WAL`]; test builds may lower it, so a test need not write 256 MiB.
+fn auto_snapshot_min_wal() -> u64 {
+    #[cfg(feature = "fail-points")]
+    if let Some(bytes) = std::env::var("WALSTREAM_TEST_AUTO_SNAPSHOT_MIN_WAL").ok().and_then(|v| v.parse().ok()) {
+        return bytes;
+    }
+    AUTO_SNAPSHOT_MIN_WAL
 }
 
 /// Free space under which the disk counts as tight: a quarter of the filesystem, but at least

@@ -59,6 +59,10 @@ const WAIT_FOR_DB_INTERVAL: Duration = Duration::from_millis(250);
 /// The CLI's default `max_local_wal`.
 pub const DEFAULT_MAX_LOCAL_WAL: u64 = 256 << 20;
 
+/// The CLI's default `snapshot_wal_ratio`: a restore replays at most about as much WAL as the
+/// database holds (or 256 MiB), for one snapshot upload per that much WAL.
+pub const DEFAULT_SNAPSHOT_WAL_RATIO: f64 = 1.0;
+
 /// What to replicate and how.
 #[derive(Clone, Debug)]
 pub struct ShipperConfig {
@@ -73,12 +77,16 @@ pub struct ShipperConfig {
     /// The most disk the shadow WAL may take while a replica lags (an outage); past it a new
     /// generation starts (see `capture::Capturer::bound_local_wal`). `None`: no bound.
     pub max_local_wal: Option<u64>,
+    /// A new snapshot once the WAL captured since the last one passes this many times the
+    /// database's size (and at least 256 MiB), so restore time stays flat however long the
+    /// history; zero: only on `snapshot-interval` and new generations.
+    pub snapshot_wal_ratio: f64,
 }
 
 impl ShipperConfig {
     /// Defaults for everything but the path.
     pub fn new(db_path: impl Into<PathBuf>) -> ShipperConfig {
-        ShipperConfig { db_path: db_path.into(), meta_dir: None, shutdown_deadline: DEFAULT_SHUTDOWN_DEADLINE, lease: Some(LeasePolicy::default()), max_local_wal: Some(DEFAULT_MAX_LOCAL_WAL) }
+        ShipperConfig { db_path: db_path.into(), meta_dir: None, shutdown_deadline: DEFAULT_SHUTDOWN_DEADLINE, lease: Some(LeasePolicy::default()), max_local_wal: Some(DEFAULT_MAX_LOCAL_WAL), snapshot_wal_ratio: DEFAULT_SNAPSHOT_WAL_RATIO }
     }
 }
 
@@ -173,6 +181,7 @@ impl Shipper {
         let mut capturer = Capturer::new(db_path.clone(), meta, source, state_tx, positions.clone(), counters.clone());
         capturer.free_snapshots_held_by(replica_counters.clone());
         capturer.bound_local_wal(config.max_local_wal);
+        capturer.snapshot_after_wal_ratio(config.snapshot_wal_ratio);
         if let Some(events) = watcher {
             capturer.take_events(events);
         }

@@ -43,6 +43,8 @@ pub(crate) struct WalIndexHeader {
     pub(crate) salt1: u32,
     /// Frames already checkpointed into the database file.
     pub(crate) backfilled: u32,
+    /// The database's size in pages as of the last commit.
+    pub(crate) db_pages: u32,
 }
 
 impl WalIndexHeader {
@@ -61,6 +63,7 @@ impl WalIndexHeader {
             // The salts are the WAL header's own big-endian bytes.
             salt1: u32::from_be_bytes(first[32..36].try_into().expect("4 bytes")),
             backfilled: u32::from_ne_bytes(ckpt_info[..4].try_into().expect("4 bytes")),
+            db_pages: native(20),
         })
     }
 }
