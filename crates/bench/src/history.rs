@@ -95,7 +95,7 @@ fn history(o: &Options, label: &str, bin: &Path, flags: &[String]) -> anyhow::Re
         }
         eprintln!("{label}: {done} rounds written; waiting for the replica");
         if walstream {
-            let status = Command::new(bin).args(["sync", "-addr", &addr, "-timeout", "600s"]).stderr(Stdio::null()).status()?;
+            let status = Command::new(bin).args(["sync", "-addr", &addr, "-timeout", "600s"]).stdout(Stdio::null()).stderr(Stdio::null()).status()?;
             ensure!(status.success(), "walstream sync failed");
         } else {
             wait_until_unchanged(&replica, Duration::from_secs(3))?;
