@@ -49,9 +49,15 @@ on_both_backends! {
         }
         wait_until(Duration::from_secs(30), "retention to delete the old generation", || scratch.replica_keys().iter().all(|k| !k.contains(&old_generation)));
         // Once writes stop, interval snapshots land at the last index and the older ones expire.
+        // The uploader may still be a slot (1 s) behind, with a later snapshot to come after
+        // the WAL it waits for: the single snapshot must stay single for 2 s.
         wait_until(Duration::from_secs(30), "every snapshot before the last index to expire", || {
             let found = snapshots(&scratch);
-            found.len() == 1 && found[0].1 > 0
+            if !(found.len() == 1 && found[0].1 > 0) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_secs(2));
+            snapshots(&scratch) == found
         });
         replicator.stop_ok();
         let log = std::fs::read_to_string(scratch.path("replicate.log")).unwrap();
