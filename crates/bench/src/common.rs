@@ -1,4 +1,5 @@
-//! What both benchmarks need: measuring a child process, comparing databases, small waits.
+//! What the benchmarks share: measuring a child process, comparing databases, small waits,
+//! quantiles.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -53,6 +54,17 @@ pub fn measure(command: &mut Command) -> anyhow::Result<Measured> {
     ensure!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "{command:?} failed with status {status:#x}");
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
     Ok(Measured { wall, cpu: tv(usage.ru_utime) + tv(usage.ru_stime), max_rss_kib: usage.ru_maxrss })
+}
+
+pub fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// The `q` quantile (nearest rank) of `values`.
+pub fn quantile(values: &[Duration], q: f64) -> Duration {
+    let mut sorted = values.to_vec();
+    sorted.sort();
+    sorted[((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1]
 }
 
 pub fn median(mut values: Vec<f64>) -> f64 {

@@ -163,7 +163,7 @@ impl Row {
     }
 
     fn lag_ms(&self, q: f64) -> f64 {
-        crate::replicate::quantile(&self.lags, q).as_secs_f64() * 1000.0
+        crate::common::millis(crate::common::quantile(&self.lags, q))
     }
 }
 

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{bail, ensure, Context};
 use rand::{Rng, SeedableRng};
 
-use crate::common::{fingerprint, median};
+use crate::common::{fingerprint, median, millis, quantile};
 use crate::emulator::{Emulator, Op, Request};
 use crate::proc_stats;
 use crate::replicator::{app_connection, create_db, Harness, Phase, Tool, INSERT_ROW};
@@ -329,17 +329,6 @@ fn commit_flat_out(db: &Path, transactions: u64) -> anyhow::Result<Duration> {
         insert.execute([])?;
     }
     Ok(started.elapsed())
-}
-
-fn millis(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-/// The `q` quantile (nearest rank) of `values`.
-pub(crate) fn quantile(values: &[Duration], q: f64) -> Duration {
-    let mut sorted = values.to_vec();
-    sorted.sort();
-    sorted[((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1]
 }
 
 impl ToolResults {

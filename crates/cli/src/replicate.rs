@@ -101,9 +101,8 @@ pub(crate) async fn replicate(args: ReplicateArgs) -> anyhow::Result<()> {
     let mut validations = Vec::new();
     let mut shippers = Vec::new();
     for job in jobs {
-        let validated: Vec<_> = job.validated.iter().map(|&(i, interval)| (i, job.replicas[i].name.clone(), job.replicas[i].store.clone(), interval)).collect();
         let shipper = Shipper::new(job.config, job.replicas);
-        validations.extend(validated.into_iter().map(|(replica, name, store, interval)| validate::Validation { handle: shipper.handle(), replica, name, store, interval }));
+        validations.extend(job.validated.iter().filter_map(|&(replica, interval)| validate::Validation::new(shipper.handle(), replica, interval)));
         shippers.push(shipper);
     }
     let handles: Vec<_> = shippers.iter().map(Shipper::handle).collect();

@@ -30,12 +30,20 @@ const RETRY_AFTER_SKIP: Duration = Duration::from_secs(5);
 
 /// One replica to validate.
 pub(crate) struct Validation {
-    pub(crate) handle: Handle,
+    handle: Handle,
     /// The replica's place in its database's configuration, and its name.
-    pub(crate) replica: usize,
-    pub(crate) name: String,
-    pub(crate) store: Arc<dyn ObjectStore>,
-    pub(crate) interval: Duration,
+    replica: usize,
+    name: String,
+    store: Arc<dyn ObjectStore>,
+    interval: Duration,
+}
+
+impl Validation {
+    /// Replica `replica` of `handle`'s database, every `interval`; `None` if it has none such.
+    pub(crate) fn new(handle: Handle, replica: usize, interval: Duration) -> Option<Validation> {
+        let (name, store) = handle.replica_store(replica)?;
+        Some(Validation { handle, replica, name, store, interval })
+    }
 }
 
 /// Why a validation did not compare anything.

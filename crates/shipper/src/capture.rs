@@ -395,18 +395,17 @@ impl Capturer {
         if self.snapshot_wal_ratio <= 0.0 || generation.end().index <= generation.snapshot.index {
             return false;
         }
-        let since = self.counters.shadow_bytes.load(std::sync::atomic::Ordering::Relaxed).saturating_sub(generation.wal_at_snapshot);
+        let (id, since) = (generation.id, self.counters.shadow_bytes.load(std::sync::atomic::Ordering::Relaxed).saturating_sub(generation.wal_at_snapshot));
         if since < auto_snapshot_min_wal() {
             return false;
         }
         // The database as its last commit left it, WAL included; the file alone lags behind.
         let pages = self.db.wal_index_header().map_or(0, |h| u64::from(h.db_pages));
         let db_size = (pages * u64::from(self.db.page_size())).max(self.db.db_file().metadata().map_or(0, |m| m.len()));
-        let Some(generation) = &self.generation else { return false };
-        if (since as f64) < db_size as f64 * self.snapshot_wal_ratio || disk_is_tight(&self.meta.wal_dir(&generation.id)) {
+        if (since as f64) < db_size as f64 * self.snapshot_wal_ratio || disk_is_tight(&self.meta.wal_dir(&id)) {
             return false;
         }
-        info!(db = %self.db_path.display(), generation = %generation.id, wal_since_snapshot = since, db_size, "the wal since the last snapshot passed snapshot-wal-ratio times the database; taking a snapshot so restores stay short");
+        info!(db = %self.db_path.display(), generation = %id, wal_since_snapshot = since, db_size, "the wal since the last snapshot passed snapshot-wal-ratio times the database; taking a snapshot so restores stay short");
         true
     }
 

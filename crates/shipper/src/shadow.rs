@@ -320,7 +320,6 @@ impl ShadowIndex {
     }
 }
 
-/// ENOSPC, or a quota.
 /// Disk the shadow files in `wal_dir` take, but `except`'s (an index): shipped ranges are
 /// punched out and shipped indexes deleted, so this is what some replica still lacks, plus each
 /// index's last frame. One listing, not a stat per index a long generation ever had.
@@ -330,6 +329,7 @@ pub(crate) fn disk_bytes(wal_dir: &Path, except: Option<u32>) -> u64 {
     entries.flatten().filter(|e| name::parse_shadow_wal_file_name(&e.file_name().to_string_lossy()).is_some_and(|index| Some(index) != except)).filter_map(|e| e.metadata().ok()).map(|m| m.blocks() * 512).sum()
 }
 
+/// ENOSPC, or a quota.
 pub(crate) fn is_disk_full(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
 }

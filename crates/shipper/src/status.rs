@@ -214,6 +214,11 @@ impl Handle {
         self.replicas.get(replica).and_then(|r| *r.position.borrow())
     }
 
+    /// Replica `replica`'s name and store (in configuration order), to read it back.
+    pub fn replica_store(&self, replica: usize) -> Option<(String, Arc<dyn walstream_store::ObjectStore>)> {
+        self.replicas.get(replica).map(|r| (r.name.clone(), r.store.clone()))
+    }
+
     /// Counts a background validation of replica `replica`; a failure shows in
     /// [`DbStatus::problems`] (so `/healthz` fails) until a validation passes.
     pub fn record_validation(&self, replica: usize, result: Result<(), String>) {

@@ -148,10 +148,9 @@ impl Uploader {
         loop {
             let state = self.state.borrow_and_update().clone();
             self.counters.observe(*self.position.borrow(), state.end);
-            // A throttled stream's new WAL life may wait for the next slot (see `ship`), unless a
-            // sync barrier came since the last full ship, or shutdown, or the live WAL serves it.
-            let unanswered_barrier = state.syncs_requested != self.barriers_shipped;
-            let defer_new_life = !self.replica.sync_interval.is_zero() && !state.is_final && state.live_from.is_none() && !state.disk_tight && !unanswered_barrier;
+            // A throttled stream's new WAL life may wait for the next slot (see `ship`), unless
+            // something since the last full ship asks for everything now.
+            let defer_new_life = !self.replica.sync_interval.is_zero() && !must_ship_now(&state, self.barriers_shipped);
             let shipped = self.ship(&state, defer_new_life).await;
             self.counters.observe(*self.position.borrow(), state.end);
             match shipped {
@@ -181,57 +180,50 @@ impl Uploader {
                     continue;
                 }
             }
-            let shipped = *self.position.borrow();
-            if shipped == state.end {
+            // A deferred new life goes up at the next slot whether or not more commits come.
+            if *self.position.borrow() == state.end {
                 self.barriers_shipped = state.syncs_requested;
-                if state.is_final {
+                if state.is_final || self.state.changed().await.is_err() {
                     return Ok(());
                 }
             }
-            // A deferred new life goes up at the next slot whether or not more commits come.
-            if shipped == state.end && self.state.changed().await.is_err() {
-                return Ok(());
-            }
-            match self.hold_for_sync_interval(state.syncs_requested).await {
-                Err(e @ Error::LeaseLost { .. }) => return Err(e),
-                // The renewal is tried again before the next upload, and fails that one instead.
-                Err(_) | Ok(()) => {}
+            // Another failed renewal is tried again before the next upload, and fails that one.
+            if let Err(e @ Error::LeaseLost { .. }) = self.hold_for_sync_interval(state.syncs_requested).await {
+                return Err(e);
             }
         }
     }
 
     /// With a `sync_interval`, waits until it has passed since the last segment upload, unless
-    /// a sync barrier is asked for or the capturer publishes its final state meanwhile. A lease
+    /// [`must_ship_now`] says otherwise, before or meanwhile. A lease
     /// renewal due at the end of the wait takes that slot, and the segment the next one: a steady
     /// stream then makes one request per interval in all, renewals included.
     async fn hold_for_sync_interval(&mut self, syncs_seen: u64) -> Result<(), Error> {
         let (interval, Some(last)) = (self.replica.sync_interval, self.last_segment_put) else {
             return Ok(());
         };
-        // Bytes served from the live WAL hold the capturer's pin until shipped, and a tight disk
-        // has no room for a second of WAL: no waiting.
-        let urgent = move |s: &ShadowState| s.is_final || s.syncs_requested != syncs_seen || s.live_from.is_some() || s.disk_tight;
-        if interval.is_zero() || urgent(&self.state.borrow()) {
+        if interval.is_zero() || must_ship_now(&self.state.borrow(), syncs_seen) {
             return Ok(());
         }
-        let mut state = self.state.clone();
         let held = tokio::time::Instant::now() < last + interval;
-        tokio::select! {
-            () = tokio::time::sleep_until(last + interval) => {}
-            _ = state.wait_for(urgent) => return Ok(()),
-        }
         // Only a stream that was held is steady; a commit after a quiet spell ships at once.
-        if !held || !self.right.renewal_due().await {
+        if !self.wait_for_slot(last + interval, syncs_seen).await || !held || !self.right.renewal_due().await {
             return Ok(());
         }
         self.confirm_lease().await?;
         let renewed = tokio::time::Instant::now();
         self.last_segment_put = Some(renewed);
-        tokio::select! {
-            () = tokio::time::sleep_until(renewed + interval) => {}
-            _ = state.wait_for(urgent) => {}
-        }
+        self.wait_for_slot(renewed + interval, syncs_seen).await;
         Ok(())
+    }
+
+    /// Sleeps until `slot`; false if [`must_ship_now`] cut the wait short.
+    async fn wait_for_slot(&self, slot: tokio::time::Instant, syncs_seen: u64) -> bool {
+        let mut state = self.state.clone();
+        tokio::select! {
+            () = tokio::time::sleep_until(slot) => true,
+            _ = state.wait_for(|s| must_ship_now(s, syncs_seen)) => false,
+        }
     }
 
     /// Ships what `state` holds; with `defer_new_life`, stops once a segment of an older index
@@ -373,6 +365,13 @@ impl Uploader {
         self.confirm_lease().await?;
         self.replica.store.put(key, body).await.map_err(|source| Error::Store { replica: self.replica.name.clone(), source })
     }
+}
+
+/// Whether `state` must go up without waiting for a slot: shutdown, a sync barrier since
+/// `syncs_seen`, bytes served from the live WAL (they hold the capturer's pin until shipped), or
+/// a tight disk (no room for a second of WAL).
+fn must_ship_now(state: &ShadowState, syncs_seen: u64) -> bool {
+    state.is_final || state.syncs_requested != syncs_seen || state.live_from.is_some() || state.disk_tight
 }
 
 /// Where a segment's bytes come from.
