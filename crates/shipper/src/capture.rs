@@ -837,6 +837,8 @@ impl Capturer {
     fn new_generation(&mut self, reason: &str) -> Result<(), Error> {
         let id = GenerationId::random();
         info!(db = %self.db_path.display(), generation = %id, reason, "new generation");
+        // Index 0 begins here: a restore from this generation's snapshot replays it from the start.
+        let index_started_at = self.counters.shadow_bytes.load(std::sync::atomic::Ordering::Relaxed);
         self.meta.create_generation(&id)?;
         let mut shadow = None;
         if let Some(live) = LiveWal::open(&self.wal_path)? {
@@ -851,8 +853,7 @@ impl Capturer {
         self.pending_snapshot = false;
         self.meta.write_generation(&id)?;
         self.meta.clean(&id);
-        let wal_at_snapshot = self.counters.shadow_bytes.load(std::sync::atomic::Ordering::Relaxed);
-        self.generation = Some(Generation { id, snapshot, shadow, wal_at_snapshot, index_started_at: wal_at_snapshot });
+        self.generation = Some(Generation { id, snapshot, shadow, wal_at_snapshot: index_started_at, index_started_at });
         Ok(())
     }
 
