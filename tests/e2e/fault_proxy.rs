@@ -60,6 +60,7 @@ pub struct FaultProxy {
     forwarded: Arc<AtomicU64>,
     held: Arc<AtomicU64>,
     large_puts: Arc<AtomicU64>,
+    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl FaultProxy {
@@ -67,9 +68,9 @@ impl FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let plan = Arc::new(Mutex::new(Plan { rng: StdRng::seed_from_u64(seed), fault_rate: 0.0, faults: Vec::new(), black_hole_until: None, targeted: Vec::new() }));
-        let proxy = FaultProxy { addr: addr.clone(), plan, injected: Default::default(), forwarded: Default::default(), held: Default::default(), large_puts: Default::default() };
+        let proxy = FaultProxy { addr: addr.clone(), plan, injected: Default::default(), forwarded: Default::default(), held: Default::default(), large_puts: Default::default(), log: Default::default() };
         let (plan, injected, upstream) = (proxy.plan.clone(), proxy.injected.clone(), upstream.to_string());
-        let counters = Counters { forwarded: proxy.forwarded.clone(), held: proxy.held.clone(), large_puts: proxy.large_puts.clone() };
+        let counters = Counters { forwarded: proxy.forwarded.clone(), held: proxy.held.clone(), large_puts: proxy.large_puts.clone(), log: proxy.log.clone(), started: Instant::now() };
         std::thread::spawn(move || {
             for client in listener.incoming().flatten() {
                 let (plan, injected, counters, upstream, addr) = (plan.clone(), injected.clone(), counters.clone(), upstream.clone(), addr.clone());
@@ -118,6 +119,12 @@ impl FaultProxy {
     pub fn large_puts(&self) -> u64 {
         self.large_puts.load(Ordering::Relaxed)
     }
+
+    /// Every forwarded request from the `from`th on, as `milliseconds-since-start request-line`,
+    /// so a test that counts requests can say which ones it got.
+    pub fn log_from(&self, from: u64) -> Vec<String> {
+        self.log.lock().unwrap().iter().skip(from as usize).cloned().collect()
+    }
 }
 
 #[derive(Clone)]
@@ -125,6 +132,8 @@ struct Counters {
     forwarded: Arc<AtomicU64>,
     held: Arc<AtomicU64>,
     large_puts: Arc<AtomicU64>,
+    log: Arc<Mutex<Vec<String>>>,
+    started: Instant,
 }
 
 /// The GCS JSON API operation a request head is: `GET`, `LIST`, `PUT` or `DELETE`.
@@ -214,7 +223,13 @@ fn serve(client: TcpStream, upstream: &str, own_addr: &str, plan: &Mutex<Plan>, 
         up.write_all(&body)?;
         let mut response = Vec::new();
         up.read_to_end(&mut response)?;
-        counters.forwarded.fetch_add(1, Ordering::Relaxed);
+        {
+            // Counted and logged under one lock, so the log's order is the count's.
+            let mut log = counters.log.lock().unwrap();
+            counters.forwarded.fetch_add(1, Ordering::Relaxed);
+            let line = head_text.lines().next().unwrap_or_default();
+            log.push(format!("{} {}", counters.started.elapsed().as_millis(), line.chars().take(200).collect::<String>()));
+        }
         if operation(&head_text) == "PUT" && length > 1 << 20 {
             counters.large_puts.fetch_add(1, Ordering::Relaxed);
         }
