@@ -106,7 +106,7 @@ fn an_emulator_down_at_start_is_caught_up_with_once_it_is_up() {
     let host = format!("127.0.0.1:{port}");
     let url = "gcs://late-bucket/db".to_string();
     let mut app = App::open(&scratch.db());
-    let replicator = Replicator::start_with_env(&scratch.db(), &[url.clone()], scratch.path("replicate.log"), &[("STORAGE_EMULATOR_HOST", &host)]);
+    let replicator = Replicator::start_with_env(&scratch.db(), std::slice::from_ref(&url), scratch.path("replicate.log"), &[("STORAGE_EMULATOR_HOST", &host)]);
     for _ in 0..50 {
         app.insert(4);
     }

@@ -18,8 +18,11 @@ const PANEL_HEIGHT: f64 = 110.0;
 const LABEL_WIDTH: f64 = 190.0;
 const BAR_HEIGHT: f64 = 22.0;
 
+/// A chart panel: its title, the value it draws and that value's unit.
+type Panel = (&'static str, fn(&Values) -> f64, &'static str);
+
 pub fn svg(walstream: &Values, litestream: &Values) -> String {
-    let panels: [(&str, fn(&Values) -> f64, &str); 4] = [
+    let panels: [Panel; 4] = [
         ("idle commit → bucket, p50", |v| v.lag_p50_ms, "ms"),
         ("idle commit → bucket, p99", |v| v.lag_p99_ms, "ms"),
         ("CPU for a saturated writer (load + drain)", |v| v.cpu_secs, "CPU-s"),

@@ -267,7 +267,7 @@ mod tests {
 
     #[test]
     fn keys_sort_in_position_order() {
-        let mut keys = vec![
+        let mut keys = [
             segment_key(&generation(), 2, 0),
             segment_key(&generation(), 1, 0x10000),
             segment_key(&generation(), 1, 0x20),

@@ -125,7 +125,7 @@ pub fn frame_align(len: u64, page_size: u32) -> u64 {
 
 /// SQLite's WAL checksum over `data` (a multiple of 8 bytes), continuing from `seed`.
 pub fn checksum_update(order: ByteOrder, seed: (u32, u32), data: &[u8]) -> (u32, u32) {
-    debug_assert!(data.len() % 8 == 0);
+    debug_assert!(data.len().is_multiple_of(8));
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") {
         let whole = data.len() / BLOCK_BYTES * BLOCK_BYTES;
