@@ -3,7 +3,6 @@
 
 use crate::harness::*;
 
-
 #[test]
 fn a_file_that_is_not_sqlite_is_refused_and_left_untouched() {
     let scratch = Scratch::new();
@@ -51,7 +50,14 @@ fn restore_never_overwrites_and_if_db_not_exists_skips_without_reading_the_repli
     let output = walstream(&["restore", "-o", out.to_str().unwrap(), &scratch.replica_url()]);
     assert_eq!(output.status.code(), Some(7), "{}", stderr(&output));
     // The replica URL points at nothing at all: -if-db-not-exists must not even look.
-    let output = walstream(&["restore", "-if-db-not-exists", "-if-replica-exists", "-o", out.to_str().unwrap(), "file:///nonexistent/replica"]);
+    let output = walstream(&[
+        "restore",
+        "-if-db-not-exists",
+        "-if-replica-exists",
+        "-o",
+        out.to_str().unwrap(),
+        "file:///nonexistent/replica",
+    ]);
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     assert!(stderr(&output).contains("database already exists, skipping"));
     assert_eq!(std::fs::read_to_string(&out).unwrap(), "precious");
@@ -71,7 +77,11 @@ fn replicated(backend: Backend) -> Scratch {
 
 /// The key of the replica's first WAL segment that holds frames, not just the WAL header.
 fn first_frames_segment(scratch: &Scratch) -> String {
-    scratch.replica_keys().into_iter().find(|k| k.contains("/wal/") && scratch.read_object(k).len() > 64).expect("a segment with frames")
+    scratch
+        .replica_keys()
+        .into_iter()
+        .find(|k| k.contains("/wal/") && scratch.read_object(k).len() > 64)
+        .expect("a segment with frames")
 }
 
 on_both_backends! {

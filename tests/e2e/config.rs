@@ -5,8 +5,6 @@ use std::process::Command;
 
 use crate::harness::*;
 
-
-
 /// `walstream ARGS` with extra environment variables.
 fn walstream_env(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     with_emulator(&mut Command::new(walstream_bin())).envs(env.iter().copied()).args(args).output().unwrap()
@@ -81,12 +79,25 @@ fn config_errors_name_the_file_and_key_and_exit_12() {
         assert_eq!(stderr(&output).trim().lines().count(), 1, "one line: {}", stderr(&output));
     };
     case(&["restore", "-config", config_arg, "-o", out_arg, "/data/app.db"], "config file not found");
-    std::fs::write(&config, "dbs:\n  - path: /data/app.db\n    replicas:\n      - url: file:///r\n        retention: forever\n").unwrap();
+    std::fs::write(
+        &config,
+        "dbs:\n  - path: /data/app.db\n    replicas:\n      - url: file:///r\n        retention: forever\n",
+    )
+    .unwrap();
     case(&["databases", "-config", config_arg], "dbs[0].replicas[0].retention: invalid duration \"forever\"");
     std::fs::write(&config, "dbs:\n  - path: /data/app.db\n    replicas:\n      - url: file:///r\n").unwrap();
-    case(&["restore", "-config", config_arg, "-o", out_arg, "/data/other.db"], "database not found in config: /data/other.db");
-    case(&["wal", "-config", config_arg, "-replica", "gcs", "/data/app.db"], "replica \"gcs\" not found for database \"/data/app.db\"");
-    case(&["restore", "-config", config_arg, "-o", out_arg, "file:///r"], "cannot specify a replica URL and the -config flag");
+    case(
+        &["restore", "-config", config_arg, "-o", out_arg, "/data/other.db"],
+        "database not found in config: /data/other.db",
+    );
+    case(
+        &["wal", "-config", config_arg, "-replica", "gcs", "/data/app.db"],
+        "replica \"gcs\" not found for database \"/data/app.db\"",
+    );
+    case(
+        &["restore", "-config", config_arg, "-o", out_arg, "file:///r"],
+        "cannot specify a replica URL and the -config flag",
+    );
     let output = walstream(&["restore", "file:///r"]);
     assert!(stderr(&output).contains("output path required"), "{}", stderr(&output));
     assert!(!out.exists());
@@ -131,8 +142,12 @@ on_both_backends! {
 fn json_lines(text: &str) -> Vec<serde_json::Value> {
     text.lines()
         .map(|line| {
-            let value: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
-            assert!(["DEBUG", "INFO", "WARNING", "ERROR"].contains(&value["severity"].as_str().unwrap_or("")), "{line}");
+            let value: serde_json::Value =
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+            assert!(
+                ["DEBUG", "INFO", "WARNING", "ERROR"].contains(&value["severity"].as_str().unwrap_or("")),
+                "{line}"
+            );
             assert!(value["message"].is_string() && value["time"].is_string(), "{line}");
             value
         })
@@ -143,15 +158,31 @@ fn json_lines(text: &str) -> Vec<serde_json::Value> {
 fn logs_are_json_lines_with_a_severity_when_asked() {
     let scratch = Scratch::new();
     // URL mode: WALSTREAM_LOG_FORMAT.
-    let output = walstream_env(&["restore", "-o", scratch.path("out.db").to_str().unwrap(), &scratch.replica_url()], &[("WALSTREAM_LOG_FORMAT", "json")]);
+    let output = walstream_env(
+        &["restore", "-o", scratch.path("out.db").to_str().unwrap(), &scratch.replica_url()],
+        &[("WALSTREAM_LOG_FORMAT", "json")],
+    );
     assert_eq!(output.status.code(), Some(3));
     let lines = json_lines(&stderr(&output));
-    assert!(lines.iter().any(|l| l["severity"] == "ERROR" && l["message"].as_str().unwrap().contains("no matching backups found")), "{lines:?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["severity"] == "ERROR" && l["message"].as_str().unwrap().contains("no matching backups found")),
+        "{lines:?}"
+    );
 
     // Config mode: logging.type json, level debug, and the daemon logs to stdout unless
     // logging.stderr, as Litestream does.
     let config = scratch.path("walstream.yml");
-    std::fs::write(&config, format!("logging:\n  type: json\n  level: debug\ndbs:\n  - path: {}\n    replicas:\n      - url: {}\n", scratch.db().display(), scratch.replica_url())).unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "logging:\n  type: json\n  level: debug\ndbs:\n  - path: {}\n    replicas:\n      - url: {}\n",
+            scratch.db().display(),
+            scratch.replica_url()
+        ),
+    )
+    .unwrap();
     let mut app = App::open(&scratch.db());
     app.insert(10);
     // Files, not pipes: nobody reads a pipe until the end, and debug logs could fill it.
@@ -182,14 +213,21 @@ fn logs_are_json_lines_with_a_severity_when_asked() {
 fn unknown_keys_fail_naming_the_nearest_valid_one() {
     let scratch = Scratch::new();
     let config = scratch.write_config(&["retension: 1h"]);
-    for args in [&["config", "check", "-config", config.to_str().unwrap()][..], &["replicate", "-config", config.to_str().unwrap()]] {
+    for args in [
+        &["config", "check", "-config", config.to_str().unwrap()][..],
+        &["replicate", "-config", config.to_str().unwrap()],
+    ] {
         let output = walstream(args);
         assert_eq!(output.status.code(), Some(12), "{args:?}: {}", stderr(&output));
         let line = format!("{}{}", stdout(&output), stderr(&output));
-        assert!(line.contains("dbs[0].replicas[0].retension: unknown key; did you mean retention?"), "{args:?}: {line}");
+        assert!(
+            line.contains("dbs[0].replicas[0].retension: unknown key; did you mean retention?"),
+            "{args:?}: {line}"
+        );
         assert!(!scratch.path(".app.db-walstream").exists(), "nothing started");
     }
-    let config = scratch.write_config(&["age:", "  recipients: [age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p]"]);
+    let config = scratch
+        .write_config(&["age:", "  recipients: [age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p]"]);
     let output = walstream(&["config", "check", "-config", config.to_str().unwrap()]);
     assert_eq!(output.status.code(), Some(12), "{}", stderr(&output));
     assert!(stderr(&output).contains("age: encryption is not supported yet"), "{}", stderr(&output));

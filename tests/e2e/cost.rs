@@ -29,7 +29,13 @@ fn a_steady_stream_under_the_defaults_makes_one_request_a_second_lease_renewals_
     let mut app = App::open(&scratch.db());
     app.insert(10);
     // A 4 s lease is renewed 2.7 s after it is taken or renewed: twice or so in the stream.
-    let replicator = Replicator::start_with_args(&scratch.db(), &[scratch.replica_url()], scratch.path("replicate.log"), &[("STORAGE_EMULATOR_HOST", &proxy.addr)], &["-lease-ttl", "4s"]);
+    let replicator = Replicator::start_with_args(
+        &scratch.db(),
+        &[scratch.replica_url()],
+        scratch.path("replicate.log"),
+        &[("STORAGE_EMULATOR_HOST", &proxy.addr)],
+        &["-lease-ttl", "4s"],
+    );
     wait_for_snapshot(&scratch);
     let before = settled(&proxy, Duration::from_millis(1500));
 
@@ -48,10 +54,16 @@ fn a_steady_stream_under_the_defaults_makes_one_request_a_second_lease_renewals_
     let last_commit = started.elapsed();
     let made = settled(&proxy, Duration::from_millis(2500)) - before;
     let log = proxy.log_from(before);
-    let report = || format!("{}\n{}", log.join("\n"), std::fs::read_to_string(scratch.path("replicate.log")).unwrap_or_default());
+    let report = || {
+        format!("{}\n{}", log.join("\n"), std::fs::read_to_string(scratch.path("replicate.log")).unwrap_or_default())
+    };
     eprintln!("made {made} requests; the last commit {last_commit:?} after the first:\n{}", log.join("\n"));
     let lease = String::from_utf8(scratch.read_object("walstream-lease")).unwrap();
-    let expires_ms: u64 = lease.lines().find_map(|l| l.strip_prefix("expires_unix_ms ")).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("lease object: {lease}"));
+    let expires_ms: u64 = lease
+        .lines()
+        .find_map(|l| l.strip_prefix("expires_unix_ms "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("lease object: {lease}"));
     assert!(expires_ms > started_ms + 6_000, "the lease was renewed during the stream (it expires at {expires_ms}, the stream began at {started_ms}): {lease}");
 
     let at_ms: Vec<u64> = log.iter().map(|line| line.split(' ').next().unwrap().parse().unwrap()).collect();
@@ -60,7 +72,12 @@ fn a_steady_stream_under_the_defaults_makes_one_request_a_second_lease_renewals_
     for pair in paced.windows(2) {
         // The slot is a second after the last upload began; timers and the proxy may add less
         // than 100 ms either way.
-        assert!(pair[1] - pair[0] >= 900, "two requests {} ms apart in a steady stream:\n{}", pair[1] - pair[0], report());
+        assert!(
+            pair[1] - pair[0] >= 900,
+            "two requests {} ms apart in a steady stream:\n{}",
+            pair[1] - pair[0],
+            report()
+        );
     }
     let slots = last_commit.as_secs() + 2;
     assert!(made <= slots + 2, "60 commits over {last_commit:?} made {made} requests; at most {slots} slots, a renewal with the first commit and one more slot if a renewal took the drain's:\n{}", report());

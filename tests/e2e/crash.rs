@@ -8,7 +8,6 @@ use rand::{Rng, SeedableRng};
 
 use crate::harness::*;
 
-
 on_both_backends! {
     fn sigkill_at_random_points_under_load_loses_nothing(backend: Backend) {
         crash_under_load(backend, 8);
@@ -74,7 +73,13 @@ fn crash_under_load(backend: Backend, rounds: usize) {
     // Catch up on the backlog the crashes left (the barrier), then a clean stop, whose flush
     // deadline is not meant for minutes of backlog.
     let addr = format!("127.0.0.1:{}", free_port());
-    let replicator = Replicator::start_with_args(&scratch.db(), &[scratch.replica_url()], scratch.path("replicate.log"), &[], &["-addr", &addr]);
+    let replicator = Replicator::start_with_args(
+        &scratch.db(),
+        &[scratch.replica_url()],
+        scratch.path("replicate.log"),
+        &[],
+        &["-addr", &addr],
+    );
     let synced = walstream(&["sync", "-addr", &addr, "-timeout", "300s"]);
     assert!(synced.status.success(), "{}", stderr(&synced));
     replicator.stop_ok();
@@ -139,19 +144,36 @@ fn a_flush_that_cannot_finish_in_time_is_reported_and_a_second_signal_exits_at_o
     let mut app = App::open(&scratch.db());
     app.insert(50);
 
-    let replicator = Replicator::start_with_args(&scratch.db(), std::slice::from_ref(&url), scratch.path("deadline.log"), &[], &["-shutdown-timeout", "1s"]);
+    let replicator = Replicator::start_with_args(
+        &scratch.db(),
+        std::slice::from_ref(&url),
+        scratch.path("deadline.log"),
+        &[],
+        &["-shutdown-timeout", "1s"],
+    );
     app.insert(50);
     replicator.signal(libc::SIGTERM);
     let log = scratch.path("deadline.log");
     let status = replicator.wait_for_exit();
     let text = std::fs::read_to_string(&log).unwrap();
     assert_eq!(status.code(), Some(8), "{text}");
-    assert!(text.contains("shutdown deadline passed with 1 replica(s) not fully shipped: replica #1 at"), "names what it could not ship:\n{text}");
+    assert!(
+        text.contains("shutdown deadline passed with 1 replica(s) not fully shipped: replica #1 at"),
+        "names what it could not ship:\n{text}"
+    );
 
     // A 60 s budget, cut short by a second signal (wait_for_exit gives up after 30 s).
-    let replicator = Replicator::start_with_args(&scratch.db(), &[url], scratch.path("twice.log"), &[], &["-shutdown-timeout", "60s"]);
+    let replicator = Replicator::start_with_args(
+        &scratch.db(),
+        &[url],
+        scratch.path("twice.log"),
+        &[],
+        &["-shutdown-timeout", "60s"],
+    );
     replicator.signal(libc::SIGTERM);
-    wait_until(Duration::from_secs(10), "the graceful shutdown to begin", || replicator.log_text().contains("shutting down"));
+    wait_until(Duration::from_secs(10), "the graceful shutdown to begin", || {
+        replicator.log_text().contains("shutting down")
+    });
     replicator.signal(libc::SIGTERM);
     let log = scratch.path("twice.log");
     let status = replicator.wait_for_exit();

@@ -40,7 +40,11 @@ fn walstream_command_lines(value: &Value, out: &mut Vec<Vec<String>>) {
         Value::Mapping(map) => {
             let image = map.get("image").and_then(Value::as_str).unwrap_or("");
             if image.contains("walstream") {
-                let args = map.get("args").or_else(|| map.get("command")).and_then(Value::as_sequence).unwrap_or_else(|| panic!("walstream container without args: {map:?}"));
+                let args = map
+                    .get("args")
+                    .or_else(|| map.get("command"))
+                    .and_then(Value::as_sequence)
+                    .unwrap_or_else(|| panic!("walstream container without args: {map:?}"));
                 out.push(args.iter().map(|a| a.as_str().expect("string args").to_string()).collect());
             }
             map.values().for_each(|v| walstream_command_lines(v, out));
@@ -69,15 +73,26 @@ fn every_walstream_command_line_under_docker_is_accepted() {
         let words = shlex::split(line.trim()).unwrap();
         let words: Vec<String> = words.into_iter().skip_while(|w| w == "exec").collect();
         if words.first().is_some_and(|w| w == "walstream") {
-            let args = words[1..].iter().map(|w| w.replace("$DB_PATH", "/data/app.db").replace("$REPLICA_URL", "gcs://b/app.db")).collect();
+            let args = words[1..]
+                .iter()
+                .map(|w| w.replace("$DB_PATH", "/data/app.db").replace("$REPLICA_URL", "gcs://b/app.db"))
+                .collect();
             lines.push((entrypoint.display().to_string(), args));
         }
     }
     let count = |file: &str| lines.iter().filter(|(path, _)| path.ends_with(file)).count();
-    assert_eq!((count("cloudrun/service.yaml"), count("k8s/deployment.yaml"), count("compose.yaml"), count("entrypoint.sh")), (2, 2, 2, 2), "{lines:?}");
+    assert_eq!(
+        (count("cloudrun/service.yaml"), count("k8s/deployment.yaml"), count("compose.yaml"), count("entrypoint.sh")),
+        (2, 2, 2, 2),
+        "{lines:?}"
+    );
     for (path, args) in &lines {
         let output = check_args(args);
-        assert!(output.status.success(), "{path}: walstream {args:?} is rejected: {}", String::from_utf8_lossy(&output.stderr));
+        assert!(
+            output.status.success(),
+            "{path}: walstream {args:?} is rejected: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
         assert!(String::from_utf8_lossy(&output.stdout).starts_with("ok: "), "{path}: {args:?}");
     }
     // The check can fail: a flag walstream does not have is refused.
@@ -90,18 +105,30 @@ fn every_walstream_command_line_under_docker_is_accepted() {
 fn cloud_run_args(name: &str, replica: &str, data: &Path, ready_addr: &str) -> Vec<String> {
     let (_, service) = yaml_documents().into_iter().find(|(path, _)| path.ends_with("cloudrun/service.yaml")).unwrap();
     let containers = service["spec"]["template"]["spec"]["containers"].as_sequence().unwrap();
-    let container = containers.iter().find(|c| c["name"].as_str() == Some(name)).unwrap_or_else(|| panic!("no container {name}"));
+    let container =
+        containers.iter().find(|c| c["name"].as_str() == Some(name)).unwrap_or_else(|| panic!("no container {name}"));
     container["args"]
         .as_sequence()
         .unwrap()
         .iter()
-        .map(|a| a.as_str().unwrap().replace("gcs://BUCKET/app.db", replica).replace("/data/", &format!("{}/", data.display())).replace("0.0.0.0:8081", ready_addr))
+        .map(|a| {
+            a.as_str()
+                .unwrap()
+                .replace("gcs://BUCKET/app.db", replica)
+                .replace("/data/", &format!("{}/", data.display()))
+                .replace("0.0.0.0:8081", ready_addr)
+        })
         .collect()
 }
 
-
 fn spawn(program: &Path, args: &[String], log: &Path, env: &[(&str, String)]) -> Child {
-    with_emulator(&mut Command::new(program)).args(args).envs(env.iter().map(|(k, v)| (*k, v.as_str()))).stdout(Stdio::null()).stderr(std::fs::File::create(log).unwrap()).spawn().unwrap()
+    with_emulator(&mut Command::new(program))
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap()
 }
 
 fn http(port: u16, method: &str) -> String {
@@ -139,12 +166,19 @@ fn run_instance(scratch: &Scratch, name: &str, posts: usize) -> (PathBuf, String
     let log = |c: &str| scratch.path(&format!("{name}-{c}.log"));
 
     let restore = spawn(&bin, &cloud_run_args("restore", &replica, &data, &ready_addr), &log("restore"), &[]);
-    wait_until(Duration::from_secs(60), "the restore container's startup probe", || TcpStream::connect(&ready_addr).is_ok());
+    wait_until(Duration::from_secs(60), "the restore container's startup probe", || {
+        TcpStream::connect(&ready_addr).is_ok()
+    });
 
     // container-dependencies: only now do app and replicate start.
     let app_port = free_port();
     let db = data.join("app.db");
-    let app = spawn(Path::new("python3"), &[docker_dir().join("example-app/app.py").display().to_string()], &log("app"), &[("DB_PATH", db.display().to_string()), ("PORT", app_port.to_string())]);
+    let app = spawn(
+        Path::new("python3"),
+        &[docker_dir().join("example-app/app.py").display().to_string()],
+        &log("app"),
+        &[("DB_PATH", db.display().to_string()), ("PORT", app_port.to_string())],
+    );
     let replicate = spawn(&bin, &cloud_run_args("replicate", &replica, &data, &ready_addr), &log("replicate"), &[]);
     wait_until(Duration::from_secs(30), "the app to listen", || TcpStream::connect(("127.0.0.1", app_port)).is_ok());
     let before = http(app_port, "GET");

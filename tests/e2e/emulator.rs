@@ -16,7 +16,11 @@ use crate::harness::{wait_until, workspace_root};
 /// The emulator binary that `scripts/install-tools.sh` links from the project's venv.
 pub fn fake_gcs_bin() -> PathBuf {
     let bin = workspace_root().join(".tools/fake-gcs-server");
-    assert!(bin.exists(), "{} is missing: run scripts/install-tools.sh (the README's test command does)", bin.display());
+    assert!(
+        bin.exists(),
+        "{} is missing: run scripts/install-tools.sh (the README's test command does)",
+        bin.display()
+    );
     bin
 }
 
@@ -60,14 +64,34 @@ pub fn start(port: u16) -> String {
         }
     });
     ready_rx.recv().unwrap();
-    wait_until(Duration::from_secs(20), "fake-gcs-server to answer", || request_on(&host, "GET", "/storage/v1/b", None).is_ok());
+    wait_until(Duration::from_secs(20), "fake-gcs-server to answer", || {
+        request_on(&host, "GET", "/storage/v1/b", None).is_ok()
+    });
     host
 }
 
 /// The command line `scripts/test.sh` uses too.
 pub fn emulator_args(port: u16) -> Vec<String> {
     let host = format!("127.0.0.1:{port}");
-    ["-scheme", "http", "-host", "127.0.0.1", "-port", &port.to_string(), "-public-host", &host, "-external-url", &format!("http://{host}"), "-backend", "memory", "-log-level", "error"].iter().map(|s| s.to_string()).collect()
+    [
+        "-scheme",
+        "http",
+        "-host",
+        "127.0.0.1",
+        "-port",
+        &port.to_string(),
+        "-public-host",
+        &host,
+        "-external-url",
+        &format!("http://{host}"),
+        "-backend",
+        "memory",
+        "-log-level",
+        "error",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }
 
 pub fn free_port() -> u16 {
@@ -77,19 +101,27 @@ pub fn free_port() -> u16 {
 /// A bucket no other test uses.
 pub fn fresh_bucket() -> String {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let name = format!("t{}-{}-{:06x}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed), rand::random::<u32>() & 0xff_ffff);
+    let name = format!(
+        "t{}-{}-{:06x}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed),
+        rand::random::<u32>() & 0xff_ffff
+    );
     create_bucket_on(host(), &name);
     name
 }
 
 pub fn create_bucket_on(host: &str, name: &str) {
-    let (status, body) = request_on(host, "POST", "/storage/v1/b", Some(&format!("{{\"name\":\"{name}\"}}"))).expect("creating a bucket");
+    let (status, body) = request_on(host, "POST", "/storage/v1/b", Some(&format!("{{\"name\":\"{name}\"}}")))
+        .expect("creating a bucket");
     assert_eq!(status, 200, "creating bucket {name}: {body}");
 }
 
 /// True if a listing of `prefix` in pages of 1,000 has a second page.
 pub fn first_page_has_next(bucket: &str, prefix: &str) -> bool {
-    let (status, body) = request("GET", &format!("/storage/v1/b/{bucket}/o?prefix={}&maxResults=1000", escape(prefix)), None).expect("listing objects");
+    let (status, body) =
+        request("GET", &format!("/storage/v1/b/{bucket}/o?prefix={}&maxResults=1000", escape(prefix)), None)
+            .expect("listing objects");
     assert_eq!(status, 200, "{body}");
     let page: serde_json::Value = serde_json::from_str(&body).unwrap();
     page["nextPageToken"].as_str().is_some_and(|t| !t.is_empty())
@@ -100,7 +132,8 @@ pub fn list(bucket: &str, prefix: &str) -> Vec<String> {
     let mut names = Vec::new();
     let mut token = String::new();
     loop {
-        let path = format!("/storage/v1/b/{bucket}/o?prefix={}&maxResults=1000&pageToken={}", escape(prefix), escape(&token));
+        let path =
+            format!("/storage/v1/b/{bucket}/o?prefix={}&maxResults=1000&pageToken={}", escape(prefix), escape(&token));
         let (status, body) = request("GET", &path, None).expect("listing objects");
         assert_eq!(status, 200, "listing {bucket}/{prefix}: {body}");
         let page: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -144,13 +177,24 @@ fn raw_request(host: &str, method: &str, path: &str, body: Option<&[u8]>) -> std
     let mut stream = TcpStream::connect(host)?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     let body = body.unwrap_or_default();
-    write!(stream, "{method} {path} HTTP/1.0\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len())?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.0\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )?;
     stream.write_all(body)?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response)?;
-    let split = response.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| std::io::Error::other("no HTTP header end"))?;
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other("no HTTP header end"))?;
     let head = String::from_utf8_lossy(&response[..split]);
-    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| std::io::Error::other("no HTTP status"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other("no HTTP status"))?;
     Ok((status, response[split + 4..].to_vec()))
 }
 

@@ -25,8 +25,19 @@ sys.exit(int(code))
 fn start_app(scratch: &Scratch, rows: usize, code: &str) -> Replicator {
     let script = scratch.path("app.py");
     std::fs::write(&script, APP).unwrap();
-    let command = format!("python3 {} {} {rows} {code} {}", script.display(), scratch.db().display(), scratch.path("app.done").display());
-    Replicator::start_with_args(&scratch.db(), &[scratch.replica_url()], scratch.path("replicate.log"), &[], &["-exec", &command])
+    let command = format!(
+        "python3 {} {} {rows} {code} {}",
+        script.display(),
+        scratch.db().display(),
+        scratch.path("app.done").display()
+    );
+    Replicator::start_with_args(
+        &scratch.db(),
+        &[scratch.replica_url()],
+        scratch.path("replicate.log"),
+        &[],
+        &["-exec", &command],
+    )
 }
 
 #[test]
@@ -38,7 +49,10 @@ fn exits_with_the_apps_code_after_shipping_everything() {
         let status = replicator.wait_for_exit();
         let text = std::fs::read_to_string(&log).unwrap();
         assert_eq!(status.code(), Some(code), "{text}");
-        assert!(text.contains("everything committed was shipped"), "the final flush runs even when the app fails:\n{text}");
+        assert!(
+            text.contains("everything committed was shipped"),
+            "the final flush runs even when the app fails:\n{text}"
+        );
         scratch.assert_restores_source();
         assert_eq!(App::open(&scratch.db()).count(), 400);
     }

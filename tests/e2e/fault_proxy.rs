@@ -30,7 +30,14 @@ pub enum Fault {
     Delay(Duration),
 }
 
-pub const ALL_FAULTS: [Fault; 6] = [Fault::Status(500), Fault::Status(503), Fault::Status(429), Fault::Status(408), Fault::ResetRequest, Fault::ResetResponse];
+pub const ALL_FAULTS: [Fault; 6] = [
+    Fault::Status(500),
+    Fault::Status(503),
+    Fault::Status(429),
+    Fault::Status(408),
+    Fault::ResetRequest,
+    Fault::ResetResponse,
+];
 
 struct Plan {
     rng: StdRng,
@@ -67,13 +74,34 @@ impl FaultProxy {
     pub fn start(upstream: &str, seed: u64) -> FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
-        let plan = Arc::new(Mutex::new(Plan { rng: StdRng::seed_from_u64(seed), fault_rate: 0.0, faults: Vec::new(), black_hole_until: None, targeted: Vec::new() }));
-        let proxy = FaultProxy { addr: addr.clone(), plan, injected: Default::default(), forwarded: Default::default(), held: Default::default(), large_puts: Default::default(), log: Default::default() };
+        let plan = Arc::new(Mutex::new(Plan {
+            rng: StdRng::seed_from_u64(seed),
+            fault_rate: 0.0,
+            faults: Vec::new(),
+            black_hole_until: None,
+            targeted: Vec::new(),
+        }));
+        let proxy = FaultProxy {
+            addr: addr.clone(),
+            plan,
+            injected: Default::default(),
+            forwarded: Default::default(),
+            held: Default::default(),
+            large_puts: Default::default(),
+            log: Default::default(),
+        };
         let (plan, injected, upstream) = (proxy.plan.clone(), proxy.injected.clone(), upstream.to_string());
-        let counters = Counters { forwarded: proxy.forwarded.clone(), held: proxy.held.clone(), large_puts: proxy.large_puts.clone(), log: proxy.log.clone(), started: Instant::now() };
+        let counters = Counters {
+            forwarded: proxy.forwarded.clone(),
+            held: proxy.held.clone(),
+            large_puts: proxy.large_puts.clone(),
+            log: proxy.log.clone(),
+            started: Instant::now(),
+        };
         std::thread::spawn(move || {
             for client in listener.incoming().flatten() {
-                let (plan, injected, counters, upstream, addr) = (plan.clone(), injected.clone(), counters.clone(), upstream.clone(), addr.clone());
+                let (plan, injected, counters, upstream, addr) =
+                    (plan.clone(), injected.clone(), counters.clone(), upstream.clone(), addr.clone());
                 std::thread::spawn(move || {
                     let _ = serve(client, &upstream, &addr, &plan, &injected, &counters);
                 });
@@ -92,7 +120,12 @@ impl FaultProxy {
     /// The next `count` requests of `operation` (`GET`, `LIST`, `PUT`, `DELETE`) whose request
     /// line or headers contain `contains` get `fault`, whatever the random plan says.
     pub fn target(&self, operation: &'static str, contains: &str, fault: Fault, count: u32) {
-        self.plan.lock().unwrap().targeted.push(Targeted { operation, contains: contains.to_string(), fault, remaining: count });
+        self.plan.lock().unwrap().targeted.push(Targeted {
+            operation,
+            contains: contains.to_string(),
+            fault,
+            remaining: count,
+        });
     }
 
     /// Every connection in the next `duration` is accepted and left unanswered, as a network
@@ -149,7 +182,14 @@ fn operation(head: &str) -> &'static str {
     }
 }
 
-fn serve(client: TcpStream, upstream: &str, own_addr: &str, plan: &Mutex<Plan>, injected: &Mutex<std::collections::HashMap<(Fault, &'static str), u64>>, counters: &Counters) -> std::io::Result<()> {
+fn serve(
+    client: TcpStream,
+    upstream: &str,
+    own_addr: &str,
+    plan: &Mutex<Plan>,
+    injected: &Mutex<std::collections::HashMap<(Fault, &'static str), u64>>,
+    counters: &Counters,
+) -> std::io::Result<()> {
     let mut reader = BufReader::new(client.try_clone()?);
     loop {
         let hole = plan.lock().unwrap().black_hole_until.filter(|until| *until > Instant::now());
@@ -172,17 +212,24 @@ fn serve(client: TcpStream, upstream: &str, own_addr: &str, plan: &Mutex<Plan>, 
             }
         }
         let head_text = String::from_utf8_lossy(&head).into_owned();
-        let length: usize = head_text.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0))).unwrap_or(0);
+        let length: usize = head_text
+            .lines()
+            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
+            .unwrap_or(0);
         let fault = {
             let mut plan = plan.lock().unwrap();
             let Plan { rng, fault_rate, faults, targeted, .. } = &mut *plan;
-            let chosen = targeted.iter_mut().find(|t| t.remaining > 0 && t.operation == operation(&head_text) && head_text.contains(&t.contains));
+            let chosen = targeted
+                .iter_mut()
+                .find(|t| t.remaining > 0 && t.operation == operation(&head_text) && head_text.contains(&t.contains));
             match chosen {
                 Some(target) => {
                     target.remaining -= 1;
                     Some(target.fault)
                 }
-                None => (!faults.is_empty() && rng.gen_bool(*fault_rate)).then(|| faults[rng.gen_range(0..faults.len())]),
+                None => {
+                    (!faults.is_empty() && rng.gen_bool(*fault_rate)).then(|| faults[rng.gen_range(0..faults.len())])
+                }
             }
         };
         if let Some(fault) = fault {
@@ -204,7 +251,11 @@ fn serve(client: TcpStream, upstream: &str, own_addr: &str, plan: &Mutex<Plan>, 
         }
         if let Some(Fault::Status(code)) = fault {
             let json = format!("{{\"error\":{{\"code\":{code},\"message\":\"injected by the test proxy\"}}}}");
-            write!(&client, "HTTP/1.1 {code} Injected\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{json}", json.len())?;
+            write!(
+                &client,
+                "HTTP/1.1 {code} Injected\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{json}",
+                json.len()
+            )?;
             continue;
         }
         // Forward on a fresh connection that closes after the response.
@@ -228,7 +279,11 @@ fn serve(client: TcpStream, upstream: &str, own_addr: &str, plan: &Mutex<Plan>, 
             let mut log = counters.log.lock().unwrap();
             counters.forwarded.fetch_add(1, Ordering::Relaxed);
             let line = head_text.lines().next().unwrap_or_default();
-            log.push(format!("{} {}", counters.started.elapsed().as_millis(), line.chars().take(200).collect::<String>()));
+            log.push(format!(
+                "{} {}",
+                counters.started.elapsed().as_millis(),
+                line.chars().take(200).collect::<String>()
+            ));
         }
         if operation(&head_text) == "PUT" && length > 1 << 20 {
             counters.large_puts.fetch_add(1, Ordering::Relaxed);
@@ -254,7 +309,13 @@ fn reset(stream: &TcpStream) -> std::io::Result<()> {
     let linger = libc::linger { l_onoff: 1, l_linger: 0 };
     // SAFETY: setsockopt on a descriptor this function borrows, with a correctly sized value.
     unsafe {
-        libc::setsockopt(std::os::fd::AsRawFd::as_raw_fd(stream), libc::SOL_SOCKET, libc::SO_LINGER, (&linger as *const libc::linger).cast(), std::mem::size_of::<libc::linger>() as libc::socklen_t);
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(stream),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
     }
     stream.shutdown(Shutdown::Both)
 }

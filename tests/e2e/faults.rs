@@ -37,7 +37,8 @@ fn random_faults_on_every_request_type_and_crashes_lose_nothing() {
     proxy.inject(0.3, &ALL_FAULTS);
     let covered = |proxy: &FaultProxy| {
         let injected = proxy.injected();
-        ["GET", "LIST", "PUT", "DELETE"].iter().all(|op| injected.keys().any(|(_, o)| o == op)) && ALL_FAULTS.iter().all(|f| injected.keys().any(|(g, _)| g == f))
+        ["GET", "LIST", "PUT", "DELETE"].iter().all(|op| injected.keys().any(|(_, o)| o == op))
+            && ALL_FAULTS.iter().all(|f| injected.keys().any(|(g, _)| g == f))
     };
     // Phases of writing under faults, each ended by SIGKILL: every restart reads the lease and
     // the replica's position again (GETs and LISTs), as a crashed replicator would.
@@ -105,7 +106,12 @@ fn a_thirty_second_outage_is_caught_up_with_and_the_app_never_waits() {
     assert!(rss_kib < 64 * 1024, "memory stays bounded during an outage: peak RSS {rss_kib} KiB");
 
     // Caught up without a restart or a shutdown flush.
-    wait_for_replica_to_hold(&scratch, app.count(), Duration::from_secs(90), "the replica to catch up after the outage");
+    wait_for_replica_to_hold(
+        &scratch,
+        app.count(),
+        Duration::from_secs(90),
+        "the replica to catch up after the outage",
+    );
     replicator.stop_ok();
     scratch.assert_restores_source();
 }
@@ -141,7 +147,11 @@ fn requests_that_hang_are_abandoned_after_the_request_timeout_and_retried() {
     proxy.inject(0.25, &[Fault::Stall(Duration::from_secs(20))]);
     let config = scratch.write_config(&[]);
     let args: Vec<std::ffi::OsString> = vec!["-config".into(), config.into()];
-    let replicator = Replicator::start_args(&args, scratch.path("stall.log"), &[("STORAGE_EMULATOR_HOST", &proxy.addr), ("WALSTREAM_GCS_TIMEOUT", "1s")]);
+    let replicator = Replicator::start_args(
+        &args,
+        scratch.path("stall.log"),
+        &[("STORAGE_EMULATOR_HOST", &proxy.addr), ("WALSTREAM_GCS_TIMEOUT", "1s")],
+    );
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(6) {
         app.insert(20);
@@ -150,7 +160,12 @@ fn requests_that_hang_are_abandoned_after_the_request_timeout_and_retried() {
     let stalled: u64 = proxy.injected().values().sum();
     proxy.inject(0.0, &[]);
     // Caught up while running: a hung request did not hold the uploader for its 20 s.
-    wait_for_replica_to_hold(&scratch, app.count(), Duration::from_secs(15), "the replica to catch up past the hung requests");
+    wait_for_replica_to_hold(
+        &scratch,
+        app.count(),
+        Duration::from_secs(15),
+        "the replica to catch up past the hung requests",
+    );
     assert!(stalled >= 1, "no request was stalled");
     assert!(replicator.log_text().contains("timed out"), "{}", replicator.log_text());
     replicator.stop_ok();
@@ -168,7 +183,13 @@ fn an_outage_past_max_local_wal_bounds_the_shadow_and_loses_nothing() {
     app.insert(50);
     let bound: u64 = 2 << 20;
     let log = scratch.path("bounded.log");
-    let replicator = Replicator::start_with_args(&scratch.db(), &[scratch.replica_url()], log.clone(), &[("STORAGE_EMULATOR_HOST", &proxy.addr)], &["-max-local-wal", "2MiB"]);
+    let replicator = Replicator::start_with_args(
+        &scratch.db(),
+        &[scratch.replica_url()],
+        log.clone(),
+        &[("STORAGE_EMULATOR_HOST", &proxy.addr)],
+        &["-max-local-wal", "2MiB"],
+    );
     wait_for_snapshot(&scratch);
     let meta = scratch.path(".app.db-walstream");
     let disk = |dir: &std::path::Path| -> u64 {
@@ -196,8 +217,18 @@ fn an_outage_past_max_local_wal_bounds_the_shadow_and_loses_nothing() {
     // The bound (on WAL lives the app has ended), plus the life being copied, the second of
     // writes between two looks, and a new generation's compressed snapshot (at most the
     // database), which is what a new generation starts from.
-    assert!(peak <= bound + wal_peak + db_peak + (1 << 20), "the shadow grew to {} KiB past a bound of {} KiB", peak >> 10, bound >> 10);
-    wait_for_replica_to_hold(&scratch, app.count(), Duration::from_secs(90), "the replica to catch up after the outage");
+    assert!(
+        peak <= bound + wal_peak + db_peak + (1 << 20),
+        "the shadow grew to {} KiB past a bound of {} KiB",
+        peak >> 10,
+        bound >> 10
+    );
+    wait_for_replica_to_hold(
+        &scratch,
+        app.count(),
+        Duration::from_secs(90),
+        "the replica to catch up after the outage",
+    );
     replicator.stop_ok();
     scratch.assert_restores_source();
 }

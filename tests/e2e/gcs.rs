@@ -30,7 +30,10 @@ fn gcs_store_passes_conformance_at_the_root_and_under_a_prefix() {
         let (bucket, store) = store(prefix);
         rt.block_on(walstream_store::conformance::run(&store));
         if !prefix.is_empty() {
-            assert!(emulator::list(&bucket, "").iter().all(|name| name.starts_with("apps/db/")), "objects must stay under the prefix");
+            assert!(
+                emulator::list(&bucket, "").iter().all(|name| name.starts_with("apps/db/")),
+                "objects must stay under the prefix"
+            );
         }
     }
 }
@@ -45,7 +48,14 @@ fn listing_follows_pages_past_a_thousand_objects() {
         let mut puts = tokio::task::JoinSet::new();
         for i in 0..OBJECTS {
             let store = store.clone();
-            puts.spawn(async move { store.put(&format!("generations/0000000000000001/wal/00000000_{i:08x}.wal.lz4"), Bytes::from_static(b"x")).await });
+            puts.spawn(async move {
+                store
+                    .put(
+                        &format!("generations/0000000000000001/wal/00000000_{i:08x}.wal.lz4"),
+                        Bytes::from_static(b"x"),
+                    )
+                    .await
+            });
             while puts.len() >= 32 {
                 puts.join_next().await.unwrap().unwrap().unwrap();
             }
@@ -55,7 +65,10 @@ fn listing_follows_pages_past_a_thousand_objects() {
         }
     });
     // The emulator really pages at 1,000, so the listing below had to follow a token.
-    assert!(emulator::first_page_has_next(&bucket, "db/generations/"), "the emulator returned every object in one page; the test would prove nothing");
+    assert!(
+        emulator::first_page_has_next(&bucket, "db/generations/"),
+        "the emulator returned every object in one page; the test would prove nothing"
+    );
     let listed = rt.block_on(store.list("generations/")).unwrap();
     eprintln!("listed {} objects", listed.len());
     assert_eq!(listed.len(), OBJECTS as usize);
@@ -79,8 +92,11 @@ fn a_missing_bucket_is_named_with_its_own_exit_code_and_leaves_nothing() {
     // not flush.
     let mut app = App::open(&scratch.db());
     app.insert(5);
-    let replicator = Replicator::start(&scratch.db(), &["gcs://no-such-bucket/db".to_string()], scratch.path("replicate.log"));
-    wait_until(Duration::from_secs(20), "the missing bucket to be logged", || replicator.log_text().contains("bucket \"no-such-bucket\" does not exist"));
+    let replicator =
+        Replicator::start(&scratch.db(), &["gcs://no-such-bucket/db".to_string()], scratch.path("replicate.log"));
+    wait_until(Duration::from_secs(20), "the missing bucket to be logged", || {
+        replicator.log_text().contains("bucket \"no-such-bucket\" does not exist")
+    });
 }
 
 #[test]
@@ -95,7 +111,10 @@ fn credentials_that_cannot_be_used_are_named_with_their_own_exit_code() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(10), "{stderr}");
-    assert!(stderr.contains("GOOGLE_APPLICATION_CREDENTIALS=/nonexistent/key.json"), "the error must say which credentials: {stderr}");
+    assert!(
+        stderr.contains("GOOGLE_APPLICATION_CREDENTIALS=/nonexistent/key.json"),
+        "the error must say which credentials: {stderr}"
+    );
     assert!(!out.exists());
 }
 
@@ -106,7 +125,12 @@ fn an_emulator_down_at_start_is_caught_up_with_once_it_is_up() {
     let host = format!("127.0.0.1:{port}");
     let url = "gcs://late-bucket/db".to_string();
     let mut app = App::open(&scratch.db());
-    let replicator = Replicator::start_with_env(&scratch.db(), std::slice::from_ref(&url), scratch.path("replicate.log"), &[("STORAGE_EMULATOR_HOST", &host)]);
+    let replicator = Replicator::start_with_env(
+        &scratch.db(),
+        std::slice::from_ref(&url),
+        scratch.path("replicate.log"),
+        &[("STORAGE_EMULATOR_HOST", &host)],
+    );
     for _ in 0..50 {
         app.insert(4);
     }
@@ -114,7 +138,9 @@ fn an_emulator_down_at_start_is_caught_up_with_once_it_is_up() {
     for _ in 0..50 {
         app.insert(4);
     }
-    wait_until(Duration::from_secs(20), "a failed upload to be logged", || replicator.log_text().contains("replica sync failed"));
+    wait_until(Duration::from_secs(20), "a failed upload to be logged", || {
+        replicator.log_text().contains("replica sync failed")
+    });
 
     emulator::start(port);
     emulator::create_bucket_on(&host, "late-bucket");
@@ -122,7 +148,11 @@ fn an_emulator_down_at_start_is_caught_up_with_once_it_is_up() {
     replicator.stop_ok();
 
     let restored = scratch.path("restored.db");
-    let output = std::process::Command::new(walstream_bin()).args(["restore", "-o", restored.to_str().unwrap(), &url]).env("STORAGE_EMULATOR_HOST", &host).output().unwrap();
+    let output = std::process::Command::new(walstream_bin())
+        .args(["restore", "-o", restored.to_str().unwrap(), &url])
+        .env("STORAGE_EMULATOR_HOST", &host)
+        .output()
+        .unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     assert_same_database(&scratch.db(), &restored);
 }

@@ -35,7 +35,17 @@ pub fn walstream_bin() -> PathBuf {
             // rebuild half the graph: 70 s in a fresh run, while the first tests wait on the build lock.
             for (key, _) in std::env::vars_os() {
                 let key_str = key.to_string_lossy();
-                if key_str.starts_with("CARGO_PKG_") || ["CARGO_MANIFEST_DIR", "CARGO_MANIFEST_PATH", "CARGO_CRATE_NAME", "CARGO_BIN_NAME", "CARGO_TARGET_TMPDIR", "CARGO_PRIMARY_PACKAGE"].contains(&&*key_str) {
+                if key_str.starts_with("CARGO_PKG_")
+                    || [
+                        "CARGO_MANIFEST_DIR",
+                        "CARGO_MANIFEST_PATH",
+                        "CARGO_CRATE_NAME",
+                        "CARGO_BIN_NAME",
+                        "CARGO_TARGET_TMPDIR",
+                        "CARGO_PRIMARY_PACKAGE",
+                    ]
+                    .contains(&&*key_str)
+                {
                     build.env_remove(&key);
                 }
             }
@@ -63,8 +73,14 @@ pub fn release_bin() -> PathBuf {
 
 /// The litestream v0.3.13 binary installed by `scripts/install-tools.sh`.
 pub fn litestream_bin() -> PathBuf {
-    let bin = std::env::var_os("LITESTREAM_BIN").map(PathBuf::from).unwrap_or_else(|| workspace_root().join(".tools/litestream/litestream"));
-    assert!(bin.exists(), "{} is missing: run scripts/install-tools.sh (the README's test command does)", bin.display());
+    let bin = std::env::var_os("LITESTREAM_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join(".tools/litestream/litestream"));
+    assert!(
+        bin.exists(),
+        "{} is missing: run scripts/install-tools.sh (the README's test command does)",
+        bin.display()
+    );
     bin
 }
 
@@ -132,7 +148,8 @@ impl Scratch {
     /// Writes `walstream.yml`: this database, replicated to this replica with `replica_keys`
     /// (`"retention: 3s"`, …) added to the replica's entry; returns its path.
     pub fn write_config(&self, replica_keys: &[&str]) -> PathBuf {
-        let mut text = format!("dbs:\n  - path: {}\n    replicas:\n      - url: {}\n", self.db().display(), self.replica_url());
+        let mut text =
+            format!("dbs:\n  - path: {}\n    replicas:\n      - url: {}\n", self.db().display(), self.replica_url());
         for key in replica_keys {
             text.push_str(&format!("        {key}\n"));
         }
@@ -164,10 +181,16 @@ impl Scratch {
     /// Keys of every object in the replica, relative to its root, sorted.
     pub fn replica_keys(&self) -> Vec<String> {
         let mut keys: Vec<String> = match &self.bucket {
-            Some(bucket) => crate::emulator::list(bucket, &format!("{GCS_REPLICA_PATH}/")).into_iter().map(|name| name[GCS_REPLICA_PATH.len() + 1..].to_string()).collect(),
+            Some(bucket) => crate::emulator::list(bucket, &format!("{GCS_REPLICA_PATH}/"))
+                .into_iter()
+                .map(|name| name[GCS_REPLICA_PATH.len() + 1..].to_string())
+                .collect(),
             None => {
                 let root = self.path("replica");
-                files_under(&root).into_iter().map(|p| p.strip_prefix(&root).unwrap().to_string_lossy().into_owned()).collect()
+                files_under(&root)
+                    .into_iter()
+                    .map(|p| p.strip_prefix(&root).unwrap().to_string_lossy().into_owned())
+                    .collect()
             }
         };
         keys.sort();
@@ -175,7 +198,11 @@ impl Scratch {
     }
     /// How many generations the replica holds.
     pub fn generation_count(&self) -> usize {
-        let mut generations: Vec<String> = self.replica_keys().iter().filter_map(|k| k.strip_prefix("generations/")?.split('/').next().map(str::to_string)).collect();
+        let mut generations: Vec<String> = self
+            .replica_keys()
+            .iter()
+            .filter_map(|k| k.strip_prefix("generations/")?.split('/').next().map(str::to_string))
+            .collect();
         generations.dedup();
         generations.len()
     }
@@ -215,7 +242,8 @@ impl App {
         let conn = Connection::open(path).unwrap();
         conn.pragma_update(None, "journal_mode", "wal").unwrap();
         conn.busy_timeout(Duration::from_secs(10)).unwrap();
-        conn.execute_batch("CREATE TABLE IF NOT EXISTS items (id INTEGER PRIMARY KEY, body TEXT NOT NULL, blob BLOB)").unwrap();
+        conn.execute_batch("CREATE TABLE IF NOT EXISTS items (id INTEGER PRIMARY KEY, body TEXT NOT NULL, blob BLOB)")
+            .unwrap();
         let next_id = conn.query_row("SELECT coalesce(max(id), 0) + 1 FROM items", [], |r| r.get(0)).unwrap();
         App { conn, next_id }
     }
@@ -224,7 +252,11 @@ impl App {
     pub fn insert(&mut self, rows: usize) {
         let tx = self.conn.transaction().unwrap();
         for _ in 0..rows {
-            tx.execute("INSERT INTO items (id, body) VALUES (?1, printf('%.200c', ?1 % 26 + 65) || ?1)", [self.next_id]).unwrap();
+            tx.execute(
+                "INSERT INTO items (id, body) VALUES (?1, printf('%.200c', ?1 % 26 + 65) || ?1)",
+                [self.next_id],
+            )
+            .unwrap();
             self.next_id += 1;
         }
         tx.commit().unwrap();
@@ -235,14 +267,20 @@ impl App {
         let tx = self.conn.transaction().unwrap();
         let chunk = 64 * 1024;
         for _ in 0..bytes / chunk {
-            tx.execute("INSERT INTO items (id, body, blob) VALUES (?1, 'large', randomblob(?2))", rusqlite::params![self.next_id, chunk as i64]).unwrap();
+            tx.execute(
+                "INSERT INTO items (id, body, blob) VALUES (?1, 'large', randomblob(?2))",
+                rusqlite::params![self.next_id, chunk as i64],
+            )
+            .unwrap();
             self.next_id += 1;
         }
         tx.commit().unwrap();
     }
 
     pub fn checkpoint(&self, mode: &str) -> (i64, i64, i64) {
-        self.conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap()
+        self.conn
+            .query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
     }
 
     pub fn count(&self) -> i64 {
@@ -267,7 +305,13 @@ impl Replicator {
     }
 
     /// The same, with extra flags before the database path.
-    pub fn start_with_args(db: &Path, urls: &[String], log: PathBuf, env: &[(&str, &str)], flags: &[&str]) -> Replicator {
+    pub fn start_with_args(
+        db: &Path,
+        urls: &[String],
+        log: PathBuf,
+        env: &[(&str, &str)],
+        flags: &[&str],
+    ) -> Replicator {
         let mut args: Vec<std::ffi::OsString> = flags.iter().map(Into::into).collect();
         args.push(db.into());
         args.extend(urls.iter().map(Into::into));
@@ -319,7 +363,11 @@ impl Replicator {
             let tail: Vec<&str> = text.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect();
             // What moved the generation on is often long before the tail.
             let generations: Vec<&str> = text.lines().filter(|l| l.contains("new generation")).collect();
-            panic!("replicate exited {status}; generations started:\n{}\nlog tail:\n{}", generations.join("\n"), tail.join("\n"));
+            panic!(
+                "replicate exited {status}; generations started:\n{}\nlog tail:\n{}",
+                generations.join("\n"),
+                tail.join("\n")
+            );
         }
     }
 
@@ -366,7 +414,11 @@ impl Drop for Replicator {
 /// Peak resident memory of a running process, from /proc.
 pub fn peak_rss_kib(pid: i32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok()).unwrap()
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap()
 }
 
 /// Waits until `cond` holds, failing the test after `limit`.
@@ -380,7 +432,9 @@ pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
 
 /// Waits until the replicator has uploaded its first snapshot.
 pub fn wait_for_snapshot(scratch: &Scratch) {
-    wait_until(Duration::from_secs(60), "the first snapshot", || scratch.replica_keys().iter().any(|k| k.ends_with(".snapshot.lz4")));
+    wait_until(Duration::from_secs(60), "the first snapshot", || {
+        scratch.replica_keys().iter().any(|k| k.ends_with(".snapshot.lz4"))
+    });
 }
 
 /// Every file under `dir`, at any depth.
@@ -422,7 +476,12 @@ pub fn walstream(args: &[&str]) -> Output {
 /// `walstream restore -o OUT URL`; panics with the output if it fails.
 pub fn restore(url: &str, out: &Path) {
     let output = walstream(&["restore", "-o", out.to_str().unwrap(), url]);
-    assert!(output.status.success(), "walstream restore failed ({}): {}", output.status, String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "walstream restore failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 /// Every row of every table, in rowid order: what "the same database" means for these tests.
@@ -441,7 +500,11 @@ pub fn dump(path: &Path) -> Vec<(String, Vec<Vec<rusqlite::types::Value>>)> {
         .map(|table| {
             let mut stmt = conn.prepare(&format!("SELECT * FROM \"{table}\" ORDER BY rowid")).unwrap();
             let n = stmt.column_count();
-            let rows = stmt.query_map([], |r| (0..n).map(|i| r.get::<_, rusqlite::types::Value>(i)).collect()).unwrap().map(Result::unwrap).collect();
+            let rows = stmt
+                .query_map([], |r| (0..n).map(|i| r.get::<_, rusqlite::types::Value>(i)).collect())
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
             (table, rows)
         })
         .collect()
@@ -454,13 +517,21 @@ pub fn assert_same_database(source: &Path, restored: &Path) {
     assert_eq!(check, "ok", "integrity_check of {}", restored.display());
     drop(conn);
     let (want, got) = (dump(source), dump(restored));
-    let summary = |d: &Vec<(String, Vec<Vec<rusqlite::types::Value>>)>| d.iter().map(|(t, rows)| format!("{t}:{}", rows.len())).collect::<Vec<_>>().join(",");
-    assert!(want == got, "restored database differs from the source: source has {}, restored has {}", summary(&want), summary(&got));
+    let summary = |d: &Vec<(String, Vec<Vec<rusqlite::types::Value>>)>| {
+        d.iter().map(|(t, rows)| format!("{t}:{}", rows.len())).collect::<Vec<_>>().join(",")
+    };
+    assert!(
+        want == got,
+        "restored database differs from the source: source has {}, restored has {}",
+        summary(&want),
+        summary(&got)
+    );
 }
 
 /// Files in `dir` (not recursive), sorted, for "nothing was left behind" checks.
 pub fn list_dir(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let mut names: Vec<String> =
+        std::fs::read_dir(dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     names.sort();
     names
 }

@@ -22,9 +22,15 @@ fn healthz(addr: &str) -> (u16, String) {
 fn assert_failed_loudly(scratch: &Scratch, status: std::process::ExitStatus, log: &str, worker: &str) {
     let db = scratch.db().display().to_string();
     assert_eq!(status.code(), Some(WORKER_FAILED), "a failed {worker} worker exits {WORKER_FAILED}; log:\n{log}");
-    let error = log.lines().find(|l| l.contains("ERROR") && l.contains(&format!("the {worker} failed"))).unwrap_or_else(|| panic!("no error line for the {worker} worker; log:\n{log}"));
+    let error = log
+        .lines()
+        .find(|l| l.contains("ERROR") && l.contains(&format!("the {worker} failed")))
+        .unwrap_or_else(|| panic!("no error line for the {worker} worker; log:\n{log}"));
     assert!(error.contains(&db) && error.contains("fail point"), "the error names the database and why: {error}");
-    assert!(!log.contains("everything committed was shipped"), "a failed worker is never reported as a finished flush; log:\n{log}");
+    assert!(
+        !log.contains("everything committed was shipped"),
+        "a failed worker is never reported as a finished flush; log:\n{log}"
+    );
 }
 
 /// The one-container deployment: while walstream stops the app after its capture worker died,
@@ -37,8 +43,16 @@ fn a_capture_worker_that_panics_fails_its_database_loudly() {
     let addr = format!("127.0.0.1:{}", free_port());
     // The app takes 3 s to stop: the window in which /healthz is read.
     let exec = "sh -c 'trap \"sleep 3; exit 0\" TERM; while true; do sleep 0.1; done'";
-    let replicator = Replicator::start_with_args(&scratch.db(), &[scratch.replica_url()], scratch.path("replicate.log"), &[("WALSTREAM_FAIL_POINT", "capture")], &["-addr", &addr, "-exec", exec]);
-    wait_until(Duration::from_secs(20), "the first sync", || request_on(&addr, "GET", "/readyz", None).is_ok_and(|(status, _)| status == 200));
+    let replicator = Replicator::start_with_args(
+        &scratch.db(),
+        &[scratch.replica_url()],
+        scratch.path("replicate.log"),
+        &[("WALSTREAM_FAIL_POINT", "capture")],
+        &["-addr", &addr, "-exec", exec],
+    );
+    wait_until(Duration::from_secs(20), "the first sync", || {
+        request_on(&addr, "GET", "/readyz", None).is_ok_and(|(status, _)| status == 200)
+    });
     assert_eq!(healthz(&addr), (200, "ok\n".to_string()), "healthy before the fault");
 
     app.insert(10);
@@ -53,18 +67,33 @@ fn a_capture_worker_that_panics_fails_its_database_loudly() {
     let body = unhealthy.unwrap();
     assert!(body.contains(&scratch.db().display().to_string()) && body.contains("the capture worker failed"), "{body}");
     let status = replicator_exit(replicator);
-    assert_failed_loudly(&scratch, status, &std::fs::read_to_string(scratch.path("replicate.log")).unwrap(), "capture worker");
+    assert_failed_loudly(
+        &scratch,
+        status,
+        &std::fs::read_to_string(scratch.path("replicate.log")).unwrap(),
+        "capture worker",
+    );
 }
 
 #[test]
 fn an_upload_worker_that_panics_fails_its_database_loudly() {
     let scratch = Scratch::new();
     let mut app = App::open(&scratch.db());
-    let replicator = Replicator::start_with_env(&scratch.db(), &[scratch.replica_url()], scratch.path("replicate.log"), &[("WALSTREAM_FAIL_POINT", "upload")]);
+    let replicator = Replicator::start_with_env(
+        &scratch.db(),
+        &[scratch.replica_url()],
+        scratch.path("replicate.log"),
+        &[("WALSTREAM_FAIL_POINT", "upload")],
+    );
     app.insert(10);
     app.insert(10);
     let status = replicator_exit(replicator);
-    assert_failed_loudly(&scratch, status, &std::fs::read_to_string(scratch.path("replicate.log")).unwrap(), "uploader of replica file");
+    assert_failed_loudly(
+        &scratch,
+        status,
+        &std::fs::read_to_string(scratch.path("replicate.log")).unwrap(),
+        "uploader of replica file",
+    );
 }
 
 #[test]
@@ -73,9 +102,18 @@ fn an_upkeep_worker_that_panics_fails_its_database_loudly() {
     let mut app = App::open(&scratch.db());
     app.insert(10);
     let config = scratch.write_config(&["retention: 1s", "retention-check-interval: 1s"]);
-    let replicator = Replicator::start_args(&["-config".into(), config.into()], scratch.path("replicate.log"), &[("WALSTREAM_FAIL_POINT", "retention")]);
+    let replicator = Replicator::start_args(
+        &["-config".into(), config.into()],
+        scratch.path("replicate.log"),
+        &[("WALSTREAM_FAIL_POINT", "retention")],
+    );
     let status = replicator_exit(replicator);
-    assert_failed_loudly(&scratch, status, &std::fs::read_to_string(scratch.path("replicate.log")).unwrap(), "upkeep worker of replica file");
+    assert_failed_loudly(
+        &scratch,
+        status,
+        &std::fs::read_to_string(scratch.path("replicate.log")).unwrap(),
+        "upkeep worker of replica file",
+    );
 }
 
 /// Waits for an exit the worker's failure must cause by itself (no signal is sent).
@@ -96,8 +134,16 @@ fn a_replica_held_back_past_the_health_lag_is_unhealthy_until_it_catches_up() {
     let mut app = App::open(&scratch.db());
     app.insert(10);
     let addr = format!("127.0.0.1:{}", free_port());
-    let replicator = Replicator::start_with_args(&scratch.db(), &[scratch.replica_url()], scratch.path("replicate.log"), &[("STORAGE_EMULATOR_HOST", &proxy.addr), ("WALSTREAM_GCS_TIMEOUT", "2s")], &["-addr", &addr, "-health-lag", "2s"]);
-    wait_until(Duration::from_secs(20), "the first sync", || request_on(&addr, "GET", "/readyz", None).is_ok_and(|(status, _)| status == 200));
+    let replicator = Replicator::start_with_args(
+        &scratch.db(),
+        &[scratch.replica_url()],
+        scratch.path("replicate.log"),
+        &[("STORAGE_EMULATOR_HOST", &proxy.addr), ("WALSTREAM_GCS_TIMEOUT", "2s")],
+        &["-addr", &addr, "-health-lag", "2s"],
+    );
+    wait_until(Duration::from_secs(20), "the first sync", || {
+        request_on(&addr, "GET", "/readyz", None).is_ok_and(|(status, _)| status == 200)
+    });
     assert_eq!(healthz(&addr), (200, "ok\n".to_string()));
 
     let frozen_for = Duration::from_secs(10);
@@ -114,9 +160,16 @@ fn a_replica_held_back_past_the_health_lag_is_unhealthy_until_it_catches_up() {
     });
     let (body, after) = unhealthy.unwrap();
     assert!(after >= Duration::from_secs(2), "unhealthy only past the health lag, not after {after:?}");
-    assert!(body.contains(&scratch.db().display().to_string()) && body.contains("replica gcs") && body.contains("health lag"), "{body}");
+    assert!(
+        body.contains(&scratch.db().display().to_string())
+            && body.contains("replica gcs")
+            && body.contains("health lag"),
+        "{body}"
+    );
 
-    wait_until(frozen_for + Duration::from_secs(30), "/healthz to recover once the store answers", || healthz(&addr) == (200, "ok\n".to_string()));
+    wait_until(frozen_for + Duration::from_secs(30), "/healthz to recover once the store answers", || {
+        healthz(&addr) == (200, "ok\n".to_string())
+    });
     replicator.stop_ok();
     scratch.assert_restores_source();
 }
@@ -156,7 +209,11 @@ fn the_heartbeat_is_sent_only_while_every_replica_is_healthy() {
     app.insert(10);
     let config = scratch.path("walstream.yml");
     std::fs::write(&config, format!("heartbeat-url: {url}\nheartbeat-interval: 1s\nhealth-lag: 2s\ndbs:\n  - path: {}\n    replicas:\n      - url: {}\n", scratch.db().display(), scratch.replica_url())).unwrap();
-    let replicator = Replicator::start_args(&["-config".into(), config.into()], scratch.path("replicate.log"), &[("STORAGE_EMULATOR_HOST", &proxy.addr), ("WALSTREAM_GCS_TIMEOUT", "2s")]);
+    let replicator = Replicator::start_args(
+        &["-config".into(), config.into()],
+        scratch.path("replicate.log"),
+        &[("STORAGE_EMULATOR_HOST", &proxy.addr), ("WALSTREAM_GCS_TIMEOUT", "2s")],
+    );
     let count = || pings.lock().unwrap().len();
     wait_until(Duration::from_secs(20), "two heartbeats while healthy", || count() >= 2);
 
@@ -164,10 +221,16 @@ fn the_heartbeat_is_sent_only_while_every_replica_is_healthy() {
     let frozen_at = Instant::now();
     app.insert(10);
     std::thread::sleep(Duration::from_secs(7));
-    let during: Vec<Duration> = pings.lock().unwrap().iter().filter(|t| **t > frozen_at).map(|t| t.duration_since(frozen_at)).collect();
-    assert!(during.iter().all(|d| *d < Duration::from_millis(3500)), "no heartbeat once the commit was held back past the 2 s health lag (pings at {during:?} after the freeze)");
+    let during: Vec<Duration> =
+        pings.lock().unwrap().iter().filter(|t| **t > frozen_at).map(|t| t.duration_since(frozen_at)).collect();
+    assert!(
+        during.iter().all(|d| *d < Duration::from_millis(3500)),
+        "no heartbeat once the commit was held back past the 2 s health lag (pings at {during:?} after the freeze)"
+    );
     let before_recovery = count();
-    wait_until(Duration::from_secs(40), "heartbeats again after the store came back", || count() >= before_recovery + 2);
+    wait_until(Duration::from_secs(40), "heartbeats again after the store came back", || {
+        count() >= before_recovery + 2
+    });
     replicator.stop_ok();
     scratch.assert_restores_source();
     let log = std::fs::read_to_string(scratch.path("replicate.log")).unwrap();
@@ -182,22 +245,37 @@ fn a_final_copy_that_overruns_the_shutdown_deadline_is_reported_in_time() {
     let scratch = Scratch::new();
     let mut app = App::open(&scratch.db());
     app.insert(10);
-    let replicator = Replicator::start_with_args(&scratch.db(), &[scratch.replica_url()], scratch.path("replicate.log"), &[("WALSTREAM_FAIL_POINT", "final-pass")], &["-shutdown-timeout", "2s"]);
+    let replicator = Replicator::start_with_args(
+        &scratch.db(),
+        &[scratch.replica_url()],
+        scratch.path("replicate.log"),
+        &[("WALSTREAM_FAIL_POINT", "final-pass")],
+        &["-shutdown-timeout", "2s"],
+    );
     wait_for_snapshot(&scratch);
     let stopped_at = Instant::now();
     let status = replicator.stop();
     let took = stopped_at.elapsed();
     let log = std::fs::read_to_string(scratch.path("replicate.log")).unwrap();
     assert_eq!(status.code(), Some(8), "{log}");
-    assert!(log.contains("the capturer's last copy") && log.contains("did not finish within the shutdown deadline"), "{log}");
-    assert!(took < Duration::from_secs(5), "exit within the 2 s deadline (and the process's own exit), not after the stalled copy: took {took:?}");
+    assert!(
+        log.contains("the capturer's last copy") && log.contains("did not finish within the shutdown deadline"),
+        "{log}"
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "exit within the 2 s deadline (and the process's own exit), not after the stalled copy: took {took:?}"
+    );
 }
 
 /// The `ok` or `error` count of `litestream_replica_validation_total` on `/metrics`.
 fn validations(addr: &str, status: &str) -> u64 {
     let (_, text) = request_on(addr, "GET", "/metrics", None).unwrap_or((0, String::new()));
     let label = format!("status=\"{status}\"");
-    text.lines().filter(|l| l.starts_with("litestream_replica_validation_total{") && l.contains(&label)).filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok()).sum()
+    text.lines()
+        .filter(|l| l.starts_with("litestream_replica_validation_total{") && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
 }
 
 on_both_backends! {

@@ -7,7 +7,11 @@ use std::time::Duration;
 use crate::harness::*;
 
 fn generations_of(scratch: &Scratch) -> Vec<String> {
-    let mut ids: Vec<String> = scratch.replica_keys().iter().filter_map(|k| k.strip_prefix("generations/")?.split('/').next().map(String::from)).collect();
+    let mut ids: Vec<String> = scratch
+        .replica_keys()
+        .iter()
+        .filter_map(|k| k.strip_prefix("generations/")?.split('/').next().map(String::from))
+        .collect();
     ids.dedup();
     ids
 }
@@ -56,7 +60,13 @@ fn a_holder_whose_lease_was_taken_while_idle_stops_without_writing() {
     let scratch = Scratch::new();
     let mut first_app = App::open(&scratch.db());
     first_app.insert(10);
-    let first = Replicator::start_with_args(&scratch.db(), &[scratch.replica_url()], scratch.path("first.log"), &[], &["-lease-ttl", "1s"]);
+    let first = Replicator::start_with_args(
+        &scratch.db(),
+        &[scratch.replica_url()],
+        scratch.path("first.log"),
+        &[],
+        &["-lease-ttl", "1s"],
+    );
     wait_for_snapshot(&scratch);
     let first_generation = generations_of(&scratch).pop().unwrap();
     let objects_of_first = || scratch.replica_keys().iter().filter(|k| k.contains(&first_generation)).count();
@@ -64,8 +74,16 @@ fn a_holder_whose_lease_was_taken_while_idle_stops_without_writing() {
     let other_db = scratch.path("other.db");
     let mut second_app = App::open(&other_db);
     second_app.insert(10);
-    let second = Replicator::start_with_args(&other_db, &[scratch.replica_url()], scratch.path("second.log"), &[], &["-lease-timeout", "30s"]);
-    wait_until(Duration::from_secs(20), "the newcomer to take the expired lease", || second.log_text().contains("replica lease taken"));
+    let second = Replicator::start_with_args(
+        &other_db,
+        &[scratch.replica_url()],
+        scratch.path("second.log"),
+        &[],
+        &["-lease-timeout", "30s"],
+    );
+    wait_until(Duration::from_secs(20), "the newcomer to take the expired lease", || {
+        second.log_text().contains("replica lease taken")
+    });
     wait_until(Duration::from_secs(20), "the newcomer's generation", || generations_of(&scratch).len() == 2);
     let before = objects_of_first();
 
@@ -94,22 +112,40 @@ fn an_idle_holder_whose_lease_was_taken_deletes_nothing_of_the_new_holder() {
     first_app.insert(10);
     // Retention of 1 s, checked every second, and a lease of 1 s that an idle holder lets lapse.
     let config = scratch.write_config(&["retention: 1s", "retention-check-interval: 1s"]);
-    let first = Replicator::start_args(&["-lease-ttl".into(), "1s".into(), "-config".into(), config.into()], scratch.path("first.log"), &[]);
+    let first = Replicator::start_args(
+        &["-lease-ttl".into(), "1s".into(), "-config".into(), config.into()],
+        scratch.path("first.log"),
+        &[],
+    );
     wait_for_snapshot(&scratch);
     let other_db = scratch.path("other.db");
     let mut second_app = App::open(&other_db);
     second_app.insert(10);
-    let second = Replicator::start_with_args(&other_db, &[scratch.replica_url()], scratch.path("second.log"), &[], &["-lease-timeout", "30s"]);
+    let second = Replicator::start_with_args(
+        &other_db,
+        &[scratch.replica_url()],
+        scratch.path("second.log"),
+        &[],
+        &["-lease-timeout", "30s"],
+    );
     wait_until(Duration::from_secs(20), "the newcomer's generation", || generations_of(&scratch).len() == 2);
     let before = scratch.replica_keys();
     // Until the first holder's first retention check after the takeover (a check before it still
     // finds the lease its own).
     let first_log = || std::fs::read_to_string(scratch.path("first.log")).unwrap();
-    wait_until(Duration::from_secs(20), "the idle holder's retention check after the takeover", || first_log().contains("retention stopped"));
+    wait_until(Duration::from_secs(20), "the idle holder's retention check after the takeover", || {
+        first_log().contains("retention stopped")
+    });
     let first_log = first_log();
-    assert!(!first_log.contains("retention removed objects"), "the idle holder deleted objects without its lease:\n{first_log}");
+    assert!(
+        !first_log.contains("retention removed objects"),
+        "the idle holder deleted objects without its lease:\n{first_log}"
+    );
     assert_eq!(scratch.replica_keys(), before, "nothing deleted");
-    assert!(first_log.contains("retention stopped") && first_log.contains("lost the lease"), "the idle holder says why it stopped deleting: {first_log}");
+    assert!(
+        first_log.contains("retention stopped") && first_log.contains("lost the lease"),
+        "the idle holder says why it stopped deleting: {first_log}"
+    );
     second.stop_ok();
     drop(first);
     let restored = scratch.path("restored.db");

@@ -37,8 +37,16 @@ impl Mount {
 impl MemoryVolume {
     pub fn mount(size: &str) -> MemoryVolume {
         let dir = tempfile::tempdir().unwrap();
-        let output = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(dir.path()).output().unwrap();
-        assert!(output.status.success(), "cannot mount a {size} tmpfs (the memory volume; tests run as root): {}", stderr(&output));
+        let output = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "cannot mount a {size} tmpfs (the memory volume; tests run as root): {}",
+            stderr(&output)
+        );
         MemoryVolume { dir: Mount::Owned(dir) }
     }
 
@@ -102,7 +110,8 @@ pub fn run_app(volume: &MemoryVolume, db: &Path, rate: u32, duration: Duration, 
         let inserting = rows < 3000;
         let result = match inserting {
             true => conn.execute("INSERT INTO rows (id, body) VALUES (?1, ?2)", rusqlite::params![rows + 1, body]),
-            false => conn.execute("UPDATE rows SET body = ?2 WHERE id = ?1", rusqlite::params![rng.gen_range(1..=rows), body]),
+            false => conn
+                .execute("UPDATE rows SET body = ?2 WHERE id = ?1", rusqlite::params![rng.gen_range(1..=rows), body]),
         };
         match result {
             Ok(_) => {
@@ -134,11 +143,26 @@ fn breakdown(dir: &Path) -> String {
         .map(|e| {
             let path = e.path();
             if !path.is_dir() {
-                return format!("{} {}", e.file_name().to_string_lossy(), e.metadata().map_or(0, |m| m.blocks() * 512) >> 10);
+                return format!(
+                    "{} {}",
+                    e.file_name().to_string_lossy(),
+                    e.metadata().map_or(0, |m| m.blocks() * 512) >> 10
+                );
             }
-            let files: Vec<(String, u64)> = files_under(&path).iter().filter_map(|f| Some((f.file_name()?.to_string_lossy().into_owned(), std::fs::metadata(f).ok()?.blocks() * 512))).filter(|(_, b)| *b > 0).collect();
+            let files: Vec<(String, u64)> = files_under(&path)
+                .iter()
+                .filter_map(|f| {
+                    Some((f.file_name()?.to_string_lossy().into_owned(), std::fs::metadata(f).ok()?.blocks() * 512))
+                })
+                .filter(|(_, b)| *b > 0)
+                .collect();
             let inner: Vec<String> = files.iter().map(|(name, bytes)| format!("{name} {}", bytes >> 10)).collect();
-            format!("{} {} [{}]", e.file_name().to_string_lossy(), files.iter().map(|(_, b)| b).sum::<u64>() >> 10, inner.join(", "))
+            format!(
+                "{} {} [{}]",
+                e.file_name().to_string_lossy(),
+                files.iter().map(|(_, b)| b).sum::<u64>() >> 10,
+                inner.join(", ")
+            )
         })
         .collect();
     parts.sort();
@@ -147,7 +171,8 @@ fn breakdown(dir: &Path) -> String {
 
 /// The restore container's command, verbatim from the guide (`-v` included).
 fn restore_like_the_guide(url: &str, db: &Path) {
-    let output = walstream(&["restore", "-if-db-not-exists", "-if-replica-exists", "-v", "-o", db.to_str().unwrap(), url]);
+    let output =
+        walstream(&["restore", "-if-db-not-exists", "-if-replica-exists", "-v", "-o", db.to_str().unwrap(), url]);
     assert!(output.status.success(), "the guide's restore command failed ({}): {}", output.status, stderr(&output));
 }
 
@@ -179,7 +204,8 @@ fn the_guides_cloud_run_instances_on_an_8_mib_memory_volume_lose_nothing() {
             }
             run_app(&volume_alone, &db_alone, 1000, Duration::from_secs(8), &mut rng.clone())
         };
-        let replicator = Replicator::start(&db, std::slice::from_ref(&url), scratch.path(&format!("replicate-{instance}.log")));
+        let replicator =
+            Replicator::start(&db, std::slice::from_ref(&url), scratch.path(&format!("replicate-{instance}.log")));
         let run = run_app(&volume, &db, 1000, Duration::from_secs(8), &mut rng);
         // The app stops at SIGTERM; the sidecar's final flush ships what it committed.
         let log = replicator.log_text();
@@ -194,15 +220,31 @@ fn the_guides_cloud_run_instances_on_an_8_mib_memory_volume_lose_nothing() {
             alone.at_peak,
             alone.wal_peak >> 10
         );
-        assert!(run.errors.is_empty(), "instance {instance}: the app got {} errors, first: {}; replicator log:\n{}", run.errors.len(), run.errors[0], log.lines().filter(|l| l.contains("WARN")).take(10).collect::<Vec<_>>().join("\n"));
+        assert!(
+            run.errors.is_empty(),
+            "instance {instance}: the app got {} errors, first: {}; replicator log:\n{}",
+            run.errors.len(),
+            run.errors[0],
+            log.lines().filter(|l| l.contains("WARN")).take(10).collect::<Vec<_>>().join("\n")
+        );
         assert!(run.commits > 4000, "instance {instance}: only {} commits; the test proves little", run.commits);
         // walstream's local state (shadow, snapshot, metadata) and any growth of the app's WAL
         // it causes, together. The goal is 1 MiB, which steady state meets (+0.5 MiB); while a
         // new generation's snapshot (a compressed copy of the database) waits for its upload
         // the shadow grows beside it, and a loaded machine has seen +1.3 MiB (docs/benchmarks.md).
-        assert!(run.peak <= alone.peak + (2 << 20), "instance {instance}: the volume peaked at {} KiB with walstream, {} KiB without", run.peak >> 10, alone.peak >> 10);
+        assert!(
+            run.peak <= alone.peak + (2 << 20),
+            "instance {instance}: the volume peaked at {} KiB with walstream, {} KiB without",
+            run.peak >> 10,
+            alone.peak >> 10
+        );
         // The pin never holds the app's WAL back for long: at most twice its size without walstream.
-        assert!(run.wal_peak <= 2 * alone.wal_peak, "instance {instance}: the app's WAL grew to {} KiB with walstream, {} KiB without", run.wal_peak >> 10, alone.wal_peak >> 10);
+        assert!(
+            run.wal_peak <= 2 * alone.wal_peak,
+            "instance {instance}: the app's WAL grew to {} KiB with walstream, {} KiB without",
+            run.wal_peak >> 10,
+            alone.wal_peak >> 10
+        );
         previous = Some((volume, db));
     }
     let (_volume, source) = previous.unwrap();
@@ -237,7 +279,13 @@ fn a_full_memory_volume_loses_nothing_committed() {
     let db = volume.path("db");
     let addr = format!("127.0.0.1:{}", free_port());
     App::open(&db);
-    let replicator = Replicator::start_with_args(&db, std::slice::from_ref(&url), scratch.path("replicate.log"), &[], &["-addr", &addr]);
+    let replicator = Replicator::start_with_args(
+        &db,
+        std::slice::from_ref(&url),
+        scratch.path("replicate.log"),
+        &[],
+        &["-addr", &addr],
+    );
     wait_for_snapshot(&scratch);
     // 3,000 rows, and a WAL that has reached its size: from here the app writes in place.
     // (walstream's connections keep the app's last close from deleting the WAL.)
@@ -263,11 +311,23 @@ fn a_full_memory_volume_loses_nothing_committed() {
     let log = std::fs::read_to_string(scratch.path("replicate.log")).unwrap();
     let not_debug: Vec<&str> = log.lines().filter(|l| !l.contains(" DEBUG ")).collect();
     assert!(status.success(), "replicate exited {status}:\n{}", not_debug.join("\n"));
-    eprintln!("{} commits, {} app errors ({:?}), healthz/metric saw the full disk: {saw_full:?}", run.commits, run.errors.len(), run.errors.first());
+    eprintln!(
+        "{} commits, {} app errors ({:?}), healthz/metric saw the full disk: {saw_full:?}",
+        run.commits,
+        run.errors.len(),
+        run.errors.first()
+    );
     let failures = log.lines().filter(|l| l.contains("WARN") && l.contains("disk_full=true")).count();
     assert!(failures >= 1, "walstream never hit the full disk; the test proves nothing");
-    assert!(failures <= 2, "a full disk is logged once a minute, not once per pass: {failures} lines in 6 s:\n{}", not_debug.join("\n"));
-    assert!(saw_full.0 && saw_full.1, "/healthz and walstream_disk_full must say the disk is full (healthz, metric): {saw_full:?}");
+    assert!(
+        failures <= 2,
+        "a full disk is logged once a minute, not once per pass: {failures} lines in 6 s:\n{}",
+        not_debug.join("\n")
+    );
+    assert!(
+        saw_full.0 && saw_full.1,
+        "/healthz and walstream_disk_full must say the disk is full (healthz, metric): {saw_full:?}"
+    );
     assert!(run.commits > 500, "only {} commits; the test proves little", run.commits);
     let restored = scratch.path("restored.db");
     restore(&url, &restored);
@@ -317,5 +377,9 @@ fn a_slow_writers_wal_stays_its_own_size() {
     eprintln!("{} rows, the WAL peaked at {} KiB", app.count(), wal_peak >> 10);
     assert!(app.count() > 40 * 1000, "fewer commits than a few WAL lives take; the test proves nothing");
     // Without walstream a life ends at 1,000 frames (about 4 MiB of 4 KiB pages).
-    assert!(wal_peak <= 2 * (32 + 1000 * 4120), "the WAL grew to {} KiB, past twice its size without walstream", wal_peak >> 10);
+    assert!(
+        wal_peak <= 2 * (32 + 1000 * 4120),
+        "the WAL grew to {} KiB, past twice its size without walstream",
+        wal_peak >> 10
+    );
 }

@@ -14,7 +14,11 @@ fn mixed_load(app: &mut App) {
             app.insert(3);
         }
         match round % 3 {
-            0 => assert_eq!(app.checkpoint("TRUNCATE").0, 0, "the app's TRUNCATE checkpoint must not be blocked by walstream"),
+            0 => assert_eq!(
+                app.checkpoint("TRUNCATE").0,
+                0,
+                "the app's TRUNCATE checkpoint must not be blocked by walstream"
+            ),
             1 => {
                 app.checkpoint("PASSIVE");
             }

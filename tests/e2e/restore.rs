@@ -10,7 +10,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::harness::*;
 
-
 fn rfc3339(t: SystemTime) -> String {
     time::OffsetDateTime::from(t).format(&time::format_description::well_known::Rfc3339).unwrap()
 }
@@ -19,7 +18,8 @@ fn rfc3339(t: SystemTime) -> String {
 /// and its first segment restores the database as it was before the app's CREATE TABLE.
 fn rows_in(path: &std::path::Path) -> i64 {
     let conn = rusqlite::Connection::open(path).unwrap();
-    let tables: i64 = conn.query_row("SELECT count(*) FROM sqlite_master WHERE name = 'items'", [], |r| r.get(0)).unwrap();
+    let tables: i64 =
+        conn.query_row("SELECT count(*) FROM sqlite_master WHERE name = 'items'", [], |r| r.get(0)).unwrap();
     if tables == 0 {
         return 0;
     }
@@ -45,7 +45,9 @@ fn restore_rows(scratch: &Scratch, name: &str, extra: &[&str]) -> Result<i64, st
 
 /// Waits until a restore of the latest state holds `rows` rows, and returns the moment after.
 fn shipped(scratch: &Scratch, rows: i64) -> SystemTime {
-    wait_until(Duration::from_secs(20), &format!("{rows} rows in the replica"), || restore_rows(scratch, "probe.db", &[]).ok() == Some(rows));
+    wait_until(Duration::from_secs(20), &format!("{rows} rows in the replica"), || {
+        restore_rows(scratch, "probe.db", &[]).ok() == Some(rows)
+    });
     let at = SystemTime::now();
     // Objects written from now on are created strictly after `at`.
     std::thread::sleep(Duration::from_millis(30));
@@ -58,7 +60,10 @@ fn listed_generations(scratch: &Scratch, backend: Backend) -> Vec<String> {
     assert!(output.status.success(), "{}", stderr(&output));
     let text = String::from_utf8(output.stdout).unwrap();
     let mut lines = text.lines();
-    assert_eq!(lines.next().unwrap().split_whitespace().collect::<Vec<_>>(), ["name", "generation", "lag", "start", "end"]);
+    assert_eq!(
+        lines.next().unwrap().split_whitespace().collect::<Vec<_>>(),
+        ["name", "generation", "lag", "start", "end"]
+    );
     lines
         .map(|line| {
             let cells: Vec<&str> = line.split_whitespace().collect();
@@ -152,7 +157,6 @@ on_both_backends! {
         assert!(stderr(&output).contains("replica \"s3\" not found"), "{}", stderr(&output));
     }
 }
-
 
 /// `walstream restore -serve-ready ADDR ...` as a child.
 fn spawn_restore(scratch: &Scratch, addr: &str, extra: &[&str], out: &std::path::Path) -> std::process::Child {
@@ -263,7 +267,9 @@ fn sigterm_during_a_restore_abandons_it_and_leaves_nothing() {
         .stderr(std::fs::File::create(scratch.path("restore.log")).unwrap())
         .spawn()
         .unwrap();
-    wait_until(Duration::from_secs(20), "the restore to start", || std::fs::read_to_string(scratch.path("restore.log")).unwrap().contains("restoring"));
+    wait_until(Duration::from_secs(20), "the restore to start", || {
+        std::fs::read_to_string(scratch.path("restore.log")).unwrap().contains("restoring")
+    });
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = wait_exit(&mut child, Duration::from_secs(10));
@@ -279,7 +285,12 @@ fn sigterm_during_a_restore_abandons_it_and_leaves_nothing() {
 // Waited for with wait4, which clippy cannot see, to read the child's peak RSS.
 #[allow(clippy::zombie_processes)]
 fn peak_rss_of_walstream(args: &[&str]) -> (i64, String) {
-    let child = with_emulator(&mut Command::new(walstream_bin())).args(args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let child = with_emulator(&mut Command::new(walstream_bin()))
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let pid = child.id() as i32;
     let mut stderr_pipe = child.stderr.unwrap();
     let mut err = String::new();
@@ -409,9 +420,17 @@ fn integrity_check_full_quick_and_none() {
         assert!(stderr(&output).contains("Extends off end of page"), "{check:?}: {}", stderr(&output));
         assert!(!out.exists(), "{check:?}: a failed check leaves nothing");
     }
-    let output = walstream(&["restore", "-integrity-check", "none", "-o", out.to_str().unwrap(), &scratch.replica_url()]);
+    let output =
+        walstream(&["restore", "-integrity-check", "none", "-o", out.to_str().unwrap(), &scratch.replica_url()]);
     assert!(output.status.success(), "{}", stderr(&output));
     assert!(out.exists());
-    let output = walstream(&["restore", "-integrity-check", "thorough", "-o", scratch.path("x.db").to_str().unwrap(), &scratch.replica_url()]);
+    let output = walstream(&[
+        "restore",
+        "-integrity-check",
+        "thorough",
+        "-o",
+        scratch.path("x.db").to_str().unwrap(),
+        &scratch.replica_url(),
+    ]);
     assert_eq!(output.status.code(), Some(2), "an unknown check is a usage error: {}", stderr(&output));
 }

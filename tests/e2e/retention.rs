@@ -127,14 +127,24 @@ fn retention_deleting_what_a_running_restore_planned_on_does_not_fail_the_restor
             .unwrap();
         let log = stderr(&output);
         assert!(output.status.success(), "the restore racing retention on {object} failed ({}): {log}", output.status);
-        assert!(log.contains("planning again"), "retention never deleted the {object} the restore planned on, so nothing raced:\n{log}");
+        assert!(
+            log.contains("planning again"),
+            "retention never deleted the {object} the restore planned on, so nothing raced:\n{log}"
+        );
         // A consistent database: rows 1..=k, each as the app wrote it (restore itself ran
         // integrity_check before the rename).
         let restored = rusqlite::Connection::open(&out).unwrap();
         let (count, max, wrong): (i64, i64, i64) = restored
-            .query_row("SELECT count(*), max(id), sum(body != printf('%.200c', id % 26 + 65) || id) FROM items", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .query_row(
+                "SELECT count(*), max(id), sum(body != printf('%.200c', id % 26 + 65) || id) FROM items",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
             .unwrap();
-        assert!(count >= 20 && count == max && wrong == 0, "restore racing {object}: {count} rows, max id {max}, {wrong} bodies wrong");
+        assert!(
+            count >= 20 && count == max && wrong == 0,
+            "restore racing {object}: {count} rows, max id {max}, {wrong} bodies wrong"
+        );
     }
 
     stop.store(true, Ordering::Relaxed);
@@ -156,7 +166,11 @@ fn an_idle_replica_is_not_listed_at_every_retention_check() {
     let config = scratch.write_config(&["retention: 1h", "retention-check-interval: 200ms"]);
     let mut app = App::open(&scratch.db());
     app.insert(10);
-    let replicator = Replicator::start_args(&["-config".into(), config.into()], scratch.path("replicate.log"), &[("STORAGE_EMULATOR_HOST", &proxy.addr)]);
+    let replicator = Replicator::start_args(
+        &["-config".into(), config.into()],
+        scratch.path("replicate.log"),
+        &[("STORAGE_EMULATOR_HOST", &proxy.addr)],
+    );
     wait_for_snapshot(&scratch);
     // Start-up: lease, listings, snapshot, WAL, and the first retention check.
     std::thread::sleep(Duration::from_secs(1));

@@ -13,7 +13,13 @@ fn get(addr: &str, path: &str) -> (u16, String) {
 
 fn start_serving(scratch: &Scratch, url: &str) -> (Replicator, String) {
     let addr = format!("127.0.0.1:{}", free_port());
-    let replicator = Replicator::start_with_args(&scratch.db(), &[url.to_string()], scratch.path("replicate.log"), &[], &["-addr", &addr]);
+    let replicator = Replicator::start_with_args(
+        &scratch.db(),
+        &[url.to_string()],
+        scratch.path("replicate.log"),
+        &[],
+        &["-addr", &addr],
+    );
     // The server is bound before the start line is logged.
     (replicator, addr)
 }
@@ -34,11 +40,14 @@ type Samples = Vec<(HashMap<String, String>, f64)>;
 fn scrape(addr: &str) -> HashMap<String, Samples> {
     let (status, text) = get(addr, "/metrics");
     assert_eq!(status, 200, "{text}");
-    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("Prometheus text format");
+    let scrape =
+        prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("Prometheus text format");
     let mut series: HashMap<String, Samples> = HashMap::new();
     for sample in scrape.samples {
         let value = match sample.value {
-            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => v,
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
             other => panic!("{}: unexpected sample {other:?}", sample.metric),
         };
         let labels = sample.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
@@ -143,7 +152,11 @@ fn sync_times_out_naming_the_replica_that_cannot_keep_up() {
     let (replicator, addr) = start_serving(&scratch, &url);
     let output = walstream(&["sync", "-addr", &addr, "-timeout", "1s"]);
     assert_eq!(output.status.code(), Some(14), "{}", stderr(&output));
-    assert!(stderr(&output).contains("not every replica of") && stderr(&output).contains("replica file at"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("not every replica of") && stderr(&output).contains("replica file at"),
+        "{}",
+        stderr(&output)
+    );
     let (status, body) = request_on(&addr, "POST", "/sync?timeout=300ms", None).unwrap();
     assert_eq!(status, 504, "{body}");
     assert_eq!(get(&addr, "/readyz").0, 503, "never synced: not ready");
@@ -169,7 +182,8 @@ fn an_addr_in_use_fails_at_start() {
     let output = walstream(&["replicate", "-addr", &addr, scratch.db().to_str().unwrap(), &scratch.replica_url()]);
     assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
     assert!(stderr(&output).contains(&format!("addr: cannot listen on \"{addr}\"")), "{}", stderr(&output));
-    let output = walstream(&["replicate", "-addr", "localhost", scratch.db().to_str().unwrap(), &scratch.replica_url()]);
+    let output =
+        walstream(&["replicate", "-addr", "localhost", scratch.db().to_str().unwrap(), &scratch.replica_url()]);
     assert_eq!(output.status.code(), Some(2), "clap rejects it: {}", stderr(&output));
     assert!(stderr(&output).contains("must specify port for bind address"), "{}", stderr(&output));
 }

@@ -30,9 +30,15 @@ pub fn svg(walstream: &Values, litestream: &Values) -> String {
     ];
     let height = 40.0 + PANEL_HEIGHT * panels.len() as f64;
     let mut out = String::new();
-    let _ = writeln!(out, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" font-family="sans-serif" font-size="13">"#);
+    let _ = writeln!(
+        out,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" font-family="sans-serif" font-size="13">"#
+    );
     let _ = writeln!(out, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(out, r#"<text x="10" y="22" font-size="15" font-weight="bold">walstream vs litestream v0.3.13, same run, same fake-gcs-server (shorter is better)</text>"#);
+    let _ = writeln!(
+        out,
+        r#"<text x="10" y="22" font-size="15" font-weight="bold">walstream vs litestream v0.3.13, same run, same fake-gcs-server (shorter is better)</text>"#
+    );
     for (n, (title, value, unit)) in panels.iter().enumerate() {
         let top = 40.0 + PANEL_HEIGHT * n as f64;
         let _ = writeln!(out, r#"<text x="10" y="{}" font-weight="bold">{}</text>"#, top + 16.0, escape(title));
@@ -42,8 +48,17 @@ pub fn svg(walstream: &Values, litestream: &Values) -> String {
             let y = top + 28.0 + row as f64 * (BAR_HEIGHT + 8.0);
             let width = (value(tool) / max * span).max(1.0);
             let _ = writeln!(out, r#"<text x="10" y="{}">{}</text>"#, y + 16.0, escape(tool.label));
-            let _ = writeln!(out, r#"<rect x="{LABEL_WIDTH}" y="{y}" width="{width:.1}" height="{BAR_HEIGHT}" fill="{color}"/>"#);
-            let _ = writeln!(out, r#"<text x="{:.1}" y="{}">{} {unit}</text>"#, LABEL_WIDTH + width + 6.0, y + 16.0, format_value(value(tool)));
+            let _ = writeln!(
+                out,
+                r#"<rect x="{LABEL_WIDTH}" y="{y}" width="{width:.1}" height="{BAR_HEIGHT}" fill="{color}"/>"#
+            );
+            let _ = writeln!(
+                out,
+                r#"<text x="{:.1}" y="{}">{} {unit}</text>"#,
+                LABEL_WIDTH + width + 6.0,
+                y + 16.0,
+                format_value(value(tool))
+            );
         }
     }
     out.push_str("</svg>\n");
@@ -71,7 +86,13 @@ mod tests {
     #[test]
     fn bars_scale_to_the_larger_value_and_carry_their_numbers() {
         let ws = Values { label: "walstream", lag_p50_ms: 10.0, lag_p99_ms: 20.0, cpu_secs: 1.0, peak_rss_mib: 12.0 };
-        let ls = Values { label: "litestream <v0.3.13>", lag_p50_ms: 500.0, lag_p99_ms: 1000.0, cpu_secs: 15.0, peak_rss_mib: 100.0 };
+        let ls = Values {
+            label: "litestream <v0.3.13>",
+            lag_p50_ms: 500.0,
+            lag_p99_ms: 1000.0,
+            cpu_secs: 15.0,
+            peak_rss_mib: 100.0,
+        };
         let svg = svg(&ws, &ls);
         assert!(svg.contains("500 ms") && svg.contains("10.0 ms") && svg.contains("15.0 CPU-s"), "{svg}");
         assert!(svg.contains("litestream &lt;v0.3.13&gt;"));

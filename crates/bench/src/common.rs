@@ -30,7 +30,10 @@ impl Binaries {
     }
 
     pub fn check(&self) -> anyhow::Result<()> {
-        ensure!(self.walstream.is_file() && self.litestream.is_file() && self.fake_gcs.exists(), "--walstream, --litestream and --fake-gcs-server must name the binaries");
+        ensure!(
+            self.walstream.is_file() && self.litestream.is_file() && self.fake_gcs.exists(),
+            "--walstream, --litestream and --fake-gcs-server must name the binaries"
+        );
         Ok(())
     }
 }

@@ -37,22 +37,49 @@ pub fn run(mut args: impl Iterator<Item = String>) -> anyhow::Result<()> {
         let value = args.next().with_context(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             binary if o.bins.take(binary, &value) => {}
-            "--rates" => o.rates = value.split(',').map(str::parse).collect::<Result<_, _>>().context("--rates: commits a second, comma-separated")?,
+            "--rates" => {
+                o.rates = value
+                    .split(',')
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()
+                    .context("--rates: commits a second, comma-separated")?
+            }
             "--secs" => o.secs = value.parse()?,
             _ => bail!("unknown flag {flag}"),
         }
     }
     o.bins.check()?;
-    ensure!(!o.rates.is_empty() && o.rates.iter().all(|r| *r > 0.0 && *r <= 5000.0), "--rates must be between 0 and 5000 commits a second");
+    ensure!(
+        !o.rates.is_empty() && o.rates.iter().all(|r| *r > 0.0 && *r <= 5000.0),
+        "--rates must be between 0 and 5000 commits a second"
+    );
 
     let temp = tempfile::tempdir()?;
     let dir = temp.path().to_path_buf();
     let emulator = Emulator::start(&o.bins.fake_gcs, &dir)?;
     let harness = Harness { dir, emulator };
     let tools = [
-        Tool { label: "walstream", bin: o.bins.walstream.clone(), prefix: "ws", flags: vec![], hold: Duration::from_secs(1) },
-        Tool { label: "walstream -sync-interval 100ms", bin: o.bins.walstream.clone(), prefix: "wsfast", flags: vec!["-sync-interval".into(), "100ms".into()], hold: Duration::from_millis(100) },
-        Tool { label: "litestream v0.3.13", bin: o.bins.litestream.clone(), prefix: "ls", flags: vec![], hold: Duration::from_secs(2) },
+        Tool {
+            label: "walstream",
+            bin: o.bins.walstream.clone(),
+            prefix: "ws",
+            flags: vec![],
+            hold: Duration::from_secs(1),
+        },
+        Tool {
+            label: "walstream -sync-interval 100ms",
+            bin: o.bins.walstream.clone(),
+            prefix: "wsfast",
+            flags: vec!["-sync-interval".into(), "100ms".into()],
+            hold: Duration::from_millis(100),
+        },
+        Tool {
+            label: "litestream v0.3.13",
+            bin: o.bins.litestream.clone(),
+            prefix: "ls",
+            flags: vec![],
+            hold: Duration::from_secs(2),
+        },
     ];
     let mut rows = Vec::new();
     for (n, &rate) in o.rates.iter().enumerate() {
@@ -144,10 +171,20 @@ fn steady(harness: &Harness, tool: &Tool, n: usize, rate: f64, secs: u64) -> any
         // The log has millisecond stamps: an upload in the commit's own millisecond counts.
         let from = *returned - Duration::from_millis(1);
         let first = uploads.partition_point(|at| *at < from);
-        let shipped = uploads.get(first).with_context(|| format!("{}: commit {k} at {rate}/s was never followed by an upload", tool.label))?;
+        let shipped = uploads
+            .get(first)
+            .with_context(|| format!("{}: commit {k} at {rate}/s was never followed by an upload", tool.label))?;
         lags.push(shipped.duration_since(*started).unwrap_or_default());
     }
-    Ok(Row { label: tool.label, rate, commits, secs: writing.as_secs_f64(), steady: Counts::of(&steady), whole_run: Counts::of(&whole_run), lags })
+    Ok(Row {
+        label: tool.label,
+        rate,
+        commits,
+        secs: writing.as_secs_f64(),
+        steady: Counts::of(&steady),
+        whole_run: Counts::of(&whole_run),
+        lags,
+    })
 }
 
 impl Row {
@@ -198,6 +235,14 @@ fn report(rows: &[Row]) {
     for r in rows.iter().filter(|r| r.label == "walstream") {
         let Some(ls) = rows.iter().find(|l| l.rate == r.rate && l.label.starts_with("litestream")) else { continue };
         let (ws_steady, ls_steady) = (r.per_minute(r.steady.all()), ls.per_minute(ls.steady.all()));
-        println!("- {} commits/s: {:.1} against {:.1} a minute, {} against {} in all: {}", r.rate, ws_steady, ls_steady, r.whole_run.all(), ls.whole_run.all(), verdict(ws_steady <= ls_steady && r.whole_run.all() <= ls.whole_run.all()));
+        println!(
+            "- {} commits/s: {:.1} against {:.1} a minute, {} against {} in all: {}",
+            r.rate,
+            ws_steady,
+            ls_steady,
+            r.whole_run.all(),
+            ls.whole_run.all(),
+            verdict(ws_steady <= ls_steady && r.whole_run.all() <= ls.whole_run.all())
+        );
     }
 }

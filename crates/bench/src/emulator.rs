@@ -55,7 +55,8 @@ impl Emulator {
             .spawn()
             .with_context(|| format!("starting {}", binary.display()))?;
         let emulator = Emulator { child, host, log };
-        wait_for(Duration::from_secs(20), || http(&emulator.host, "GET", "/storage/v1/b", "").is_ok()).context("fake-gcs-server did not start")?;
+        wait_for(Duration::from_secs(20), || http(&emulator.host, "GET", "/storage/v1/b", "").is_ok())
+            .context("fake-gcs-server did not start")?;
         Ok(emulator)
     }
 
@@ -94,7 +95,9 @@ fn parse_line(line: &str, bucket: &str) -> Option<Request> {
         return None;
     }
     let op = match method {
-        "POST" | "PUT" if path.starts_with("/upload/") && target.contains("ifGenerationMatch=") => Op::ConditionalUpload,
+        "POST" | "PUT" if path.starts_with("/upload/") && target.contains("ifGenerationMatch=") => {
+            Op::ConditionalUpload
+        }
         "POST" | "PUT" if path.starts_with("/upload/") => Op::Upload,
         "DELETE" => Op::Delete,
         "GET" if rest.is_empty() => Op::List,
@@ -111,7 +114,11 @@ fn http(host: &str, method: &str, path: &str, body: &str) -> std::io::Result<u16
     write!(stream, "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
-    response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| std::io::Error::other("no HTTP status"))
+    response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other("no HTTP status"))
 }
 
 #[cfg(test)]
@@ -120,11 +127,16 @@ mod tests {
 
     #[test]
     fn log_lines_are_counted_per_bucket_and_operation() {
-        let line = |request: &str| format!("time=2026-11-23T06:27:34.616Z level=INFO msg=\"127.0.0.1 - - [23/Nov/2026:06:27:34 +0000] \\\"{request} HTTP/1.1\\\" 200 739\\n\"");
+        let line = |request: &str| {
+            format!("time=2026-11-23T06:27:34.616Z level=INFO msg=\"127.0.0.1 - - [23/Nov/2026:06:27:34 +0000] \\\"{request} HTTP/1.1\\\" 200 739\\n\"")
+        };
         let op = |request: &str| parse_line(&line(request), "ws-a").map(|r| r.op);
         assert_eq!(op("POST /upload/storage/v1/b/ws-a/o?uploadType=media&name=x%2Fy"), Some(Op::Upload));
         assert_eq!(op("PUT /upload/storage/v1/b/ws-a/o?uploadType=resumable&upload_id=1"), Some(Op::Upload));
-        assert_eq!(op("POST /upload/storage/v1/b/ws-a/o?uploadType=multipart&ifGenerationMatch=0"), Some(Op::ConditionalUpload));
+        assert_eq!(
+            op("POST /upload/storage/v1/b/ws-a/o?uploadType=multipart&ifGenerationMatch=0"),
+            Some(Op::ConditionalUpload)
+        );
         assert_eq!(op("GET /storage/v1/b/ws-a/o?prefix=db%2F"), Some(Op::List));
         assert_eq!(op("GET /storage/v1/b/ws-a/o/db%2Fx?alt=media"), Some(Op::Get));
         assert_eq!(op("GET /download/storage/v1/b/ws-a/o/db%2Fx?alt=media"), Some(Op::Get));

@@ -13,7 +13,8 @@ pub struct ProcStats {
 }
 
 pub fn read(pid: u32) -> anyhow::Result<ProcStats> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("reading /proc/{pid}/stat"))?;
+    let stat =
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("reading /proc/{pid}/stat"))?;
     // Fields after the command name, which is in parentheses and may hold spaces: utime and
     // stime are fields 14 and 15 of the line, so 12 and 13 after the ')'.
     let after = &stat[stat.rfind(')').context("malformed stat")? + 2..];
@@ -22,6 +23,10 @@ pub fn read(pid: u32) -> anyhow::Result<ProcStats> {
     // SAFETY: sysconf has no preconditions.
     let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let peak_rss_kib = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).context("no VmHWM")?;
+    let peak_rss_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmHWM")?;
     Ok(ProcStats { cpu: Duration::from_millis(ticks * 1000 / per_second), peak_rss_kib })
 }

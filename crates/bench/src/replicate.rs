@@ -45,7 +45,17 @@ struct Options {
 }
 
 pub fn run(mut args: impl Iterator<Item = String>) -> anyhow::Result<()> {
-    let mut o = Options { bins: Default::default(), chart: None, idle_secs: 60, lag_samples: 20, transactions: 300_000, saturated_runs: 3, trickle_secs: 30, dbs: 100, many_secs: 30 };
+    let mut o = Options {
+        bins: Default::default(),
+        chart: None,
+        idle_secs: 60,
+        lag_samples: 20,
+        transactions: 300_000,
+        saturated_runs: 3,
+        trickle_secs: 30,
+        dbs: 100,
+        many_secs: 30,
+    };
     while let Some(flag) = args.next() {
         let value = args.next().with_context(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
@@ -62,7 +72,10 @@ pub fn run(mut args: impl Iterator<Item = String>) -> anyhow::Result<()> {
         }
     }
     o.bins.check()?;
-    ensure!(o.lag_samples >= 2 && o.dbs >= 1 && o.saturated_runs >= 1, "--lag-samples must be at least 2, --dbs and --saturated-runs at least 1");
+    ensure!(
+        o.lag_samples >= 2 && o.dbs >= 1 && o.saturated_runs >= 1,
+        "--lag-samples must be at least 2, --dbs and --saturated-runs at least 1"
+    );
 
     let temp = tempfile::tempdir()?;
     let dir = temp.path().to_path_buf();
@@ -75,11 +88,41 @@ pub fn run(mut args: impl Iterator<Item = String>) -> anyhow::Result<()> {
         None => Some(temp),
     };
     let emulator = Emulator::start(&o.bins.fake_gcs, &dir)?;
-    let walstream = Tool { label: "walstream", bin: o.bins.walstream.clone(), prefix: "ws", flags: vec![], hold: Duration::from_secs(1) };
-    let paced = Tool { label: "walstream -sync-interval 100ms", bin: o.bins.walstream.clone(), prefix: "ws100ms", flags: vec!["-sync-interval".into(), "100ms".into()], hold: Duration::from_millis(100) };
-    let coalescing = Tool { label: "walstream -sync-interval 10s", bin: o.bins.walstream.clone(), prefix: "ws10", flags: vec!["-sync-interval".into(), "10s".into()], hold: Duration::from_secs(10) };
-    let unleased = Tool { label: "walstream -no-lease", bin: o.bins.walstream.clone(), prefix: "wsnl", flags: vec!["-no-lease".into()], hold: Duration::from_secs(1) };
-    let litestream = Tool { label: "litestream v0.3.13", bin: o.bins.litestream.clone(), prefix: "ls", flags: vec![], hold: Duration::ZERO };
+    let walstream = Tool {
+        label: "walstream",
+        bin: o.bins.walstream.clone(),
+        prefix: "ws",
+        flags: vec![],
+        hold: Duration::from_secs(1),
+    };
+    let paced = Tool {
+        label: "walstream -sync-interval 100ms",
+        bin: o.bins.walstream.clone(),
+        prefix: "ws100ms",
+        flags: vec!["-sync-interval".into(), "100ms".into()],
+        hold: Duration::from_millis(100),
+    };
+    let coalescing = Tool {
+        label: "walstream -sync-interval 10s",
+        bin: o.bins.walstream.clone(),
+        prefix: "ws10",
+        flags: vec!["-sync-interval".into(), "10s".into()],
+        hold: Duration::from_secs(10),
+    };
+    let unleased = Tool {
+        label: "walstream -no-lease",
+        bin: o.bins.walstream.clone(),
+        prefix: "wsnl",
+        flags: vec!["-no-lease".into()],
+        hold: Duration::from_secs(1),
+    };
+    let litestream = Tool {
+        label: "litestream v0.3.13",
+        bin: o.bins.litestream.clone(),
+        prefix: "ls",
+        flags: vec![],
+        hold: Duration::ZERO,
+    };
     let harness = Harness { dir: dir.clone(), emulator };
     let bench = Bench { o: &o, h: &harness };
 
@@ -90,7 +133,13 @@ pub fn run(mut args: impl Iterator<Item = String>) -> anyhow::Result<()> {
         let order = if run % 2 == 0 { [0, 1] } else { [1, 0] };
         for i in order {
             let tool = [&walstream, &litestream][i];
-            eprintln!("{}: {} transactions flat out (run {} of {})", tool.label, o.transactions, run + 1, o.saturated_runs);
+            eprintln!(
+                "{}: {} transactions flat out (run {} of {})",
+                tool.label,
+                o.transactions,
+                run + 1,
+                o.saturated_runs
+            );
             saturated[i].push(bench.saturated(tool, run)?);
         }
     }
@@ -195,12 +244,17 @@ impl Bench<'_> {
             conn.execute(INSERT_ROW, [])?;
             std::thread::sleep(Duration::from_millis(rng.gen_range(1200..1700)));
         }
-        let uploads: Vec<SystemTime> = phase.requests_since(commits[0])?.into_iter().filter(|r| r.op == Op::Upload).map(|r| r.at).collect();
+        let uploads: Vec<SystemTime> =
+            phase.requests_since(commits[0])?.into_iter().filter(|r| r.op == Op::Upload).map(|r| r.at).collect();
         let mut lags = Vec::new();
         for (n, committed) in commits.iter().enumerate() {
             let next = commits.get(n + 1).copied().unwrap_or(SystemTime::now());
             let slack = Duration::from_millis(1);
-            let last = uploads.iter().filter(|at| **at + slack > *committed && **at + slack <= next).max().with_context(|| format!("{}: commit {n} was not uploaded before the next commit", tool.label))?;
+            let last = uploads
+                .iter()
+                .filter(|at| **at + slack > *committed && **at + slack <= next)
+                .max()
+                .with_context(|| format!("{}: commit {n} was not uploaded before the next commit", tool.label))?;
             lags.push(last.duration_since(*committed).unwrap_or_default());
         }
         phase.stop();
@@ -237,9 +291,20 @@ impl Bench<'_> {
             let restored = self.h.dir.join(format!("{}-restored-{attempt}.db", phase.bucket));
             let restore_started = Instant::now();
             first_restore_at.get_or_insert_with(SystemTime::now);
-            let output = Command::new(&tool.bin).args(["restore", "-o"]).arg(&restored).arg(format!("gcs://{}/db", phase.bucket)).env("STORAGE_EMULATOR_HOST", &self.h.emulator.host).stderr(Stdio::piped()).output()?;
+            let output = Command::new(&tool.bin)
+                .args(["restore", "-o"])
+                .arg(&restored)
+                .arg(format!("gcs://{}/db", phase.bucket))
+                .env("STORAGE_EMULATOR_HOST", &self.h.emulator.host)
+                .stderr(Stdio::piped())
+                .output()?;
             let restore = restore_started.elapsed();
-            ensure!(output.status.success(), "{} restore failed: {}", tool.label, String::from_utf8_lossy(&output.stderr));
+            ensure!(
+                output.status.success(),
+                "{} restore failed: {}",
+                tool.label,
+                String::from_utf8_lossy(&output.stderr)
+            );
             let equal = fingerprint(&restored)? == expected;
             for suffix in ["", "-wal", "-shm"] {
                 let _ = std::fs::remove_file(format!("{}{suffix}", restored.display()));
@@ -247,8 +312,15 @@ impl Bench<'_> {
             if equal {
                 break (last_upload, restore);
             }
-            ensure!(Instant::now() < deadline, "{}: no restore equal to the source within 600 s of the writer stopping", tool.label);
-            eprintln!("{}: restore {attempt} after the writer stopped is not yet equal to the source; waiting", tool.label);
+            ensure!(
+                Instant::now() < deadline,
+                "{}: no restore equal to the source within 600 s of the writer stopping",
+                tool.label
+            );
+            eprintln!(
+                "{}: restore {attempt} after the writer stopped is not yet equal to the source; waiting",
+                tool.label
+            );
             std::thread::sleep(Duration::from_secs(1));
         };
         let after = proc_stats::read(pid)?;
@@ -284,7 +356,12 @@ impl Bench<'_> {
         let requests = phase.requests_since(began)?;
         phase.stop();
         let count = |op: Op| requests.iter().filter(|r| r.op == op).count();
-        Ok(Trickle { commits, uploads: count(Op::Upload), lease_uploads: count(Op::ConditionalUpload), lists: count(Op::List) })
+        Ok(Trickle {
+            commits,
+            uploads: count(Op::Upload),
+            lease_uploads: count(Op::ConditionalUpload),
+            lists: count(Op::List),
+        })
     }
 
     fn many(&self, tool: &Tool) -> anyhow::Result<Many> {
@@ -294,12 +371,19 @@ impl Bench<'_> {
         let mut config = String::from("dbs:\n");
         for (n, db) in dbs.iter().enumerate() {
             create_db(db)?;
-            config.push_str(&format!("  - path: {}\n    replicas:\n      - url: gcs://{bucket}/db-{n}\n", db.display()));
+            config
+                .push_str(&format!("  - path: {}\n    replicas:\n      - url: gcs://{bucket}/db-{n}\n", db.display()));
         }
         let config_path = self.h.dir.join(format!("{bucket}.yml"));
         std::fs::write(&config_path, config)?;
         let log = std::fs::File::create(self.h.dir.join(format!("{bucket}.log")))?;
-        let child = Command::new(&tool.bin).args(["replicate", "-config"]).arg(&config_path).env("STORAGE_EMULATOR_HOST", &self.h.emulator.host).stdout(log.try_clone()?).stderr(log).spawn()?;
+        let child = Command::new(&tool.bin)
+            .args(["replicate", "-config"])
+            .arg(&config_path)
+            .env("STORAGE_EMULATOR_HOST", &self.h.emulator.host)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
         let phase = Phase { harness: self.h, bucket, db: dbs[0].clone(), child };
         phase.settle(self.o.dbs)?;
         let pid = phase.child.id();
@@ -336,7 +420,9 @@ impl ToolResults {
     /// most LISTs and restores needed.
     fn saturated_median(&self) -> Saturated {
         let runs = &self.saturated;
-        let secs = |f: fn(&Saturated) -> Duration| Duration::from_secs_f64(median(runs.iter().map(|r| f(r).as_secs_f64()).collect()));
+        let secs = |f: fn(&Saturated) -> Duration| {
+            Duration::from_secs_f64(median(runs.iter().map(|r| f(r).as_secs_f64()).collect()))
+        };
         Saturated {
             tx_per_sec: median(runs.iter().map(|r| r.tx_per_sec).collect()),
             cpu: secs(|r| r.cpu),
@@ -355,30 +441,88 @@ impl ToolResults {
 
     fn chart_values(&self) -> crate::chart::Values {
         let saturated = self.saturated_median();
-        crate::chart::Values { label: self.label, lag_p50_ms: millis(self.lag_p50()), lag_p99_ms: millis(quantile(&self.idle.lags, 0.99)), cpu_secs: saturated.cpu.as_secs_f64(), peak_rss_mib: saturated.peak_rss_kib as f64 / 1024.0 }
+        crate::chart::Values {
+            label: self.label,
+            lag_p50_ms: millis(self.lag_p50()),
+            lag_p99_ms: millis(quantile(&self.idle.lags, 0.99)),
+            cpu_secs: saturated.cpu.as_secs_f64(),
+            peak_rss_mib: saturated.peak_rss_kib as f64 / 1024.0,
+        }
     }
 }
 
 fn report(o: &Options, unreplicated_runs: &[f64], ws: &ToolResults, ls: &ToolResults, windowed: &[(&str, Trickle)]) {
     let unreplicated = median(unreplicated_runs.to_vec());
     let verdict = |met: bool| if met { "met" } else { "**not met**" };
-    let drain = |s: &Saturated| format!("{:.2} ({} restore{})", s.drain.as_secs_f64(), s.restores_needed, if s.restores_needed == 1 { "" } else { "s" });
+    let drain = |s: &Saturated| {
+        format!(
+            "{:.2} ({} restore{})",
+            s.drain.as_secs_f64(),
+            s.restores_needed,
+            if s.restores_needed == 1 { "" } else { "s" }
+        )
+    };
     let (wl, ll) = (ws.lag_p50(), ls.lag_p50());
     let (wsat, lsat) = (&ws.saturated_median(), &ls.saturated_median());
     println!("one run, same machine, same fake-gcs-server; each phase a fresh database, bucket and process");
-    println!("flat-out rows: the median of {} runs per tool (peak RSS, LISTs, restores needed: the most)", o.saturated_runs);
+    println!(
+        "flat-out rows: the median of {} runs per tool (peak RSS, LISTs, restores needed: the most)",
+        o.saturated_runs
+    );
     println!();
     println!("| measure | walstream | litestream v0.3.13 | target | |");
     println!("|---|---:|---:|---|---|");
-    println!("| idle commit → bucket, p50 (ms, {} commits) | {:.0} | {:.0} | ≤ a tenth of litestream's | {} |", o.lag_samples, millis(wl), millis(ll), verdict(wl * 10 <= ll));
-    println!("| idle commit → bucket, p99 (ms) | {:.0} | {:.0} | | |", millis(quantile(&ws.idle.lags, 0.99)), millis(quantile(&ls.idle.lags, 0.99)));
-    println!("| requests while idle for {} s | {} | {} | 0 | {} |", o.idle_secs, ws.idle.requests, ls.idle.requests, verdict(ws.idle.requests == 0));
-    println!("| {} one-row transactions flat out: app tx/s (no replicator: {:.0}) | {:.0} | {:.0} | ≥ litestream's | {} |", o.transactions, unreplicated, wsat.tx_per_sec, lsat.tx_per_sec, verdict(wsat.tx_per_sec >= lsat.tx_per_sec));
-    println!("| replicator CPU-s, load + drain | {:.2} | {:.2} | ≤ a fifth of litestream's | {} |", wsat.cpu.as_secs_f64(), lsat.cpu.as_secs_f64(), verdict(wsat.cpu * 5 <= lsat.cpu));
-    println!("| replicator peak RSS (MiB) | {:.1} | {:.1} | ≤ 25 MB (23.8 MiB) | {} |", wsat.peak_rss_kib as f64 / 1024.0, lsat.peak_rss_kib as f64 / 1024.0, verdict(wsat.peak_rss_kib * 1024 <= 25_000_000));
-    println!("| writer stops → restore equals source (s) | {} | {} | ≤ 1 s | {} |", drain(wsat), drain(lsat), verdict(wsat.drain <= Duration::from_secs(1)));
+    println!(
+        "| idle commit → bucket, p50 (ms, {} commits) | {:.0} | {:.0} | ≤ a tenth of litestream's | {} |",
+        o.lag_samples,
+        millis(wl),
+        millis(ll),
+        verdict(wl * 10 <= ll)
+    );
+    println!(
+        "| idle commit → bucket, p99 (ms) | {:.0} | {:.0} | | |",
+        millis(quantile(&ws.idle.lags, 0.99)),
+        millis(quantile(&ls.idle.lags, 0.99))
+    );
+    println!(
+        "| requests while idle for {} s | {} | {} | 0 | {} |",
+        o.idle_secs,
+        ws.idle.requests,
+        ls.idle.requests,
+        verdict(ws.idle.requests == 0)
+    );
+    println!(
+        "| {} one-row transactions flat out: app tx/s (no replicator: {:.0}) | {:.0} | {:.0} | ≥ litestream's | {} |",
+        o.transactions,
+        unreplicated,
+        wsat.tx_per_sec,
+        lsat.tx_per_sec,
+        verdict(wsat.tx_per_sec >= lsat.tx_per_sec)
+    );
+    println!(
+        "| replicator CPU-s, load + drain | {:.2} | {:.2} | ≤ a fifth of litestream's | {} |",
+        wsat.cpu.as_secs_f64(),
+        lsat.cpu.as_secs_f64(),
+        verdict(wsat.cpu * 5 <= lsat.cpu)
+    );
+    println!(
+        "| replicator peak RSS (MiB) | {:.1} | {:.1} | ≤ 25 MB (23.8 MiB) | {} |",
+        wsat.peak_rss_kib as f64 / 1024.0,
+        lsat.peak_rss_kib as f64 / 1024.0,
+        verdict(wsat.peak_rss_kib * 1024 <= 25_000_000)
+    );
+    println!(
+        "| writer stops → restore equals source (s) | {} | {} | ≤ 1 s | {} |",
+        drain(wsat),
+        drain(lsat),
+        verdict(wsat.drain <= Duration::from_secs(1))
+    );
     println!("| uploads during load + drain / LISTs before the first restore | {} / {} | {} / {} | no LIST in steady state | {} |", wsat.uploads, wsat.lists, lsat.uploads, lsat.lists, verdict(wsat.lists == 0));
-    println!("| restore of that replica, by each tool (s) | {:.2} | {:.2} | | |", wsat.restore.as_secs_f64(), lsat.restore.as_secs_f64());
+    println!(
+        "| restore of that replica, by each tool (s) | {:.2} | {:.2} | | |",
+        wsat.restore.as_secs_f64(),
+        lsat.restore.as_secs_f64()
+    );
     println!(
         "| trickle, {} commits at 1/s: PUTs / LISTs | {} / {} | {} / {} | PUTs ≤ litestream's, no LIST | {} |",
         ws.trickle.commits,
@@ -389,19 +533,37 @@ fn report(o: &Options, unreplicated_runs: &[f64], ws: &ToolResults, ls: &ToolRes
         verdict(ws.trickle.puts() <= ls.trickle.puts() && ws.trickle.lists == 0)
     );
     for (label, trickle) in windowed {
-        println!("| the same with {label} | {} / {} | | PUTs ≤ litestream's | {} |", trickle.uploads_cell(), trickle.lists, verdict(trickle.puts() <= ls.trickle.puts()));
+        println!(
+            "| the same with {label} | {} / {} | | PUTs ≤ litestream's | {} |",
+            trickle.uploads_cell(),
+            trickle.lists,
+            verdict(trickle.puts() <= ls.trickle.puts())
+        );
     }
     let per_db = |m: &Many| (m.cpu.as_secs_f64() * 1000.0 / o.dbs as f64, m.peak_rss_kib as f64 / o.dbs as f64);
     let ((wc, wr), (lc, lr)) = (per_db(&ws.many), per_db(&ls.many));
-    println!("| {} databases, one commit each per 2 s, {} s: CPU-ms per database | {:.1} | {:.1} | | |", o.dbs, o.many_secs, wc, lc);
+    println!(
+        "| {} databases, one commit each per 2 s, {} s: CPU-ms per database | {:.1} | {:.1} | | |",
+        o.dbs, o.many_secs, wc, lc
+    );
     println!("| the same: peak RSS per database (KiB) | {:.0} | {:.0} | | |", wr, lr);
-    println!("| the same: total CPU-s / peak RSS (MiB) | {:.2} / {:.1} | {:.2} / {:.1} | | |", ws.many.cpu.as_secs_f64(), ws.many.peak_rss_kib as f64 / 1024.0, ls.many.cpu.as_secs_f64(), ls.many.peak_rss_kib as f64 / 1024.0);
+    println!(
+        "| the same: total CPU-s / peak RSS (MiB) | {:.2} / {:.1} | {:.2} / {:.1} | | |",
+        ws.many.cpu.as_secs_f64(),
+        ws.many.peak_rss_kib as f64 / 1024.0,
+        ls.many.cpu.as_secs_f64(),
+        ls.many.peak_rss_kib as f64 / 1024.0
+    );
     println!();
     println!("flat-out runs, in order (walstream first in odd runs), app tx/s / CPU-s / uploads:");
     let runs: Vec<String> = unreplicated_runs.iter().map(|tx| format!("{tx:.0}")).collect();
     println!("- no replicator: {}", runs.join("; "));
     for tool in [ws, ls] {
-        let runs: Vec<String> = tool.saturated.iter().map(|r| format!("{:.0} / {:.2} / {}", r.tx_per_sec, r.cpu.as_secs_f64(), r.uploads)).collect();
+        let runs: Vec<String> = tool
+            .saturated
+            .iter()
+            .map(|r| format!("{:.0} / {:.2} / {}", r.tx_per_sec, r.cpu.as_secs_f64(), r.uploads))
+            .collect();
         println!("- {}: {}", tool.label, runs.join("; "));
     }
 }

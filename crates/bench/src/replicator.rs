@@ -45,7 +45,15 @@ impl Harness {
         let db = self.dir.join(format!("{bucket}.db"));
         create_db(&db)?;
         let log = std::fs::File::create(self.dir.join(format!("{bucket}.log")))?;
-        let child = Command::new(&tool.bin).arg("replicate").args(&tool.flags).arg(&db).arg(format!("gcs://{bucket}/db")).env("STORAGE_EMULATOR_HOST", &self.emulator.host).stdout(log.try_clone()?).stderr(log).spawn()?;
+        let child = Command::new(&tool.bin)
+            .arg("replicate")
+            .args(&tool.flags)
+            .arg(&db)
+            .arg(format!("gcs://{bucket}/db"))
+            .env("STORAGE_EMULATOR_HOST", &self.emulator.host)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
         let phase = Phase { harness: self, bucket, db, child };
         phase.settle(1)?;
         Ok(phase)
@@ -60,7 +68,10 @@ impl Phase<'_> {
     /// Warnings and generation changes the replicator logged, which explain extra requests.
     pub(crate) fn report_log(&self) {
         let log = std::fs::read_to_string(self.harness.dir.join(format!("{}.log", self.bucket))).unwrap_or_default();
-        let notable: Vec<&str> = log.lines().filter(|l| l.contains("WARN") || (l.contains("new generation") && !l.contains("no generation exists"))).collect();
+        let notable: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("WARN") || (l.contains("new generation") && !l.contains("no generation exists")))
+            .collect();
         for line in notable.iter().take(5) {
             eprintln!("{}: {line}", self.bucket);
         }
@@ -85,10 +96,24 @@ impl Phase<'_> {
     }
 
     /// Waits until no upload has come for `quiet` after `from`; returns the last upload's time.
-    pub(crate) fn wait_for_quiet(&self, from: SystemTime, quiet: Duration, limit: Duration) -> anyhow::Result<SystemTime> {
+    pub(crate) fn wait_for_quiet(
+        &self,
+        from: SystemTime,
+        quiet: Duration,
+        limit: Duration,
+    ) -> anyhow::Result<SystemTime> {
         let deadline = Instant::now() + limit;
         loop {
-            let last = self.harness.emulator.requests(&self.bucket)?.iter().filter(|r| r.op == Op::Upload).map(|r| r.at).max().unwrap_or(from).max(from);
+            let last = self
+                .harness
+                .emulator
+                .requests(&self.bucket)?
+                .iter()
+                .filter(|r| r.op == Op::Upload)
+                .map(|r| r.at)
+                .max()
+                .unwrap_or(from)
+                .max(from);
             if last.elapsed().unwrap_or_default() > quiet {
                 return Ok(last);
             }
@@ -129,7 +154,9 @@ pub(crate) const INSERT_ROW: &str = "INSERT INTO items (body) VALUES (hex(random
 pub(crate) fn create_db(db: &Path) -> anyhow::Result<()> {
     let conn = Connection::open(db)?;
     conn.pragma_update(None, "journal_mode", "wal")?;
-    conn.execute_batch("CREATE TABLE items (id INTEGER PRIMARY KEY, body TEXT NOT NULL); INSERT INTO items (body) VALUES ('first');")?;
+    conn.execute_batch(
+        "CREATE TABLE items (id INTEGER PRIMARY KEY, body TEXT NOT NULL); INSERT INTO items (body) VALUES ('first');",
+    )?;
     Ok(())
 }
 

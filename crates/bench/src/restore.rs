@@ -29,7 +29,8 @@ struct Options {
 }
 
 pub fn run(mut args: impl Iterator<Item = String>) -> anyhow::Result<()> {
-    let mut options = Options { db_mib: 75, transactions: 350_000, runs: 3, walstream: PathBuf::new(), litestream: PathBuf::new() };
+    let mut options =
+        Options { db_mib: 75, transactions: 350_000, runs: 3, walstream: PathBuf::new(), litestream: PathBuf::new() };
     while let Some(flag) = args.next() {
         let value = args.next().with_context(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
@@ -41,7 +42,10 @@ pub fn run(mut args: impl Iterator<Item = String>) -> anyhow::Result<()> {
             _ => bail!("unknown flag {flag}"),
         }
     }
-    ensure!(options.walstream.is_file() && options.litestream.is_file(), "--walstream and --litestream must name the binaries");
+    ensure!(
+        options.walstream.is_file() && options.litestream.is_file(),
+        "--walstream and --litestream must name the binaries"
+    );
     restore_bench(&options)
 }
 
@@ -78,7 +82,9 @@ fn restore_bench(options: &Options) -> anyhow::Result<()> {
         for (n, (tool, measured)) in results.iter_mut().enumerate() {
             let out = dir.path().join(format!("restored-{n}-{run}.db"));
             let binary = if n == 0 { &options.walstream } else { &options.litestream };
-            let m = measure(Command::new(binary).args(["restore", "-o"]).arg(&out).arg(&url).stderr(std::process::Stdio::null()))?;
+            let m = measure(
+                Command::new(binary).args(["restore", "-o"]).arg(&out).arg(&url).stderr(std::process::Stdio::null()),
+            )?;
             ensure!(fingerprint(&out)? == expected, "{tool}'s restore differs from the source");
             eprintln!("{tool} run {}: {:.2}s", run + 1, m.wall.as_secs_f64());
             measured.push(m);
@@ -89,8 +95,16 @@ fn restore_bench(options: &Options) -> anyhow::Result<()> {
     }
 
     let db_bytes = std::fs::metadata(&db)?.len();
-    println!("restore of a {:.1} MB database ({rows} rows) with {} one-row UPDATE transactions since its snapshot", db_bytes as f64 / 1e6, options.transactions);
-    println!("replica: file://, {indexes} WAL indexes, {segments} segments, {:.1} MB of compressed WAL (written in {:.1}s)", wal_bytes as f64 / 1e6, write_time.as_secs_f64());
+    println!(
+        "restore of a {:.1} MB database ({rows} rows) with {} one-row UPDATE transactions since its snapshot",
+        db_bytes as f64 / 1e6,
+        options.transactions
+    );
+    println!(
+        "replica: file://, {indexes} WAL indexes, {segments} segments, {:.1} MB of compressed WAL (written in {:.1}s)",
+        wal_bytes as f64 / 1e6,
+        write_time.as_secs_f64()
+    );
     println!("median of {} runs each, alternating; every restore checked against the source", options.runs);
     println!();
     println!("| tool | wall (s) | CPU (s) | peak RSS (MiB) |");
@@ -104,7 +118,11 @@ fn restore_bench(options: &Options) -> anyhow::Result<()> {
         walls.push(wall);
     }
     println!();
-    println!("walstream's wall time is {:.1}% of litestream's ({:.1}x faster)", 100.0 * walls[0] / walls[1], walls[1] / walls[0]);
+    println!(
+        "walstream's wall time is {:.1}% of litestream's ({:.1}x faster)",
+        100.0 * walls[0] / walls[1],
+        walls[1] / walls[0]
+    );
     Ok(())
 }
 
@@ -145,11 +163,12 @@ fn has_file_ending(dir: &Path, suffix: &str) -> bool {
 
 /// (segments, their bytes, distinct indexes) of the replica's WAL.
 fn replica_wal_stats(replica: &Path) -> anyhow::Result<(usize, u64, usize)> {
-    let segments: Vec<PathBuf> = walk(replica).into_iter().filter(|p| p.to_string_lossy().ends_with(".wal.lz4")).collect();
+    let segments: Vec<PathBuf> =
+        walk(replica).into_iter().filter(|p| p.to_string_lossy().ends_with(".wal.lz4")).collect();
     let bytes = segments.iter().map(|p| std::fs::metadata(p).map_or(0, |m| m.len())).sum();
-    let mut indexes: Vec<String> = segments.iter().filter_map(|p| p.file_name()?.to_str()?.split('_').next().map(str::to_string)).collect();
+    let mut indexes: Vec<String> =
+        segments.iter().filter_map(|p| p.file_name()?.to_str()?.split('_').next().map(str::to_string)).collect();
     indexes.sort();
     indexes.dedup();
     Ok((segments.len(), bytes, indexes.len()))
 }
-

@@ -46,7 +46,11 @@ pub fn run(mut args: impl Iterator<Item = String>) -> anyhow::Result<()> {
     o.bins.check()?;
     let dir = tempfile::tempdir()?;
     let emulator = Emulator::start(&o.bins.fake_gcs, dir.path())?;
-    let tools: [(&str, Option<&Path>); 3] = [("no replicator", None), ("litestream v0.3.13", Some(&o.bins.litestream)), ("walstream", Some(&o.bins.walstream))];
+    let tools: [(&str, Option<&Path>); 3] = [
+        ("no replicator", None),
+        ("litestream v0.3.13", Some(&o.bins.litestream)),
+        ("walstream", Some(&o.bins.walstream)),
+    ];
     let mut rows = Vec::new();
     for &rate in &o.rates {
         let mut runs = Vec::new();
@@ -98,7 +102,8 @@ struct Volume(tempfile::TempDir);
 impl Volume {
     fn mount() -> anyhow::Result<Volume> {
         let dir = tempfile::tempdir()?;
-        let status = Command::new("mount").args(["-t", "tmpfs", "-o", "size=256m", "tmpfs"]).arg(dir.path()).status()?;
+        let status =
+            Command::new("mount").args(["-t", "tmpfs", "-o", "size=256m", "tmpfs"]).arg(dir.path()).status()?;
         ensure!(status.success(), "cannot mount a tmpfs at {} (the bench runs as root)", dir.path().display());
         Ok(Volume(dir))
     }
@@ -120,7 +125,14 @@ impl Drop for Volume {
     }
 }
 
-fn one_run(emulator: &Emulator, dir: &Path, bin: Option<&Path>, bucket: &str, rate: u32, duration: Duration) -> anyhow::Result<Run> {
+fn one_run(
+    emulator: &Emulator,
+    dir: &Path,
+    bin: Option<&Path>,
+    bucket: &str,
+    rate: u32,
+    duration: Duration,
+) -> anyhow::Result<Run> {
     let volume = Volume::mount()?;
     let db = volume.0.path().join("db");
     let conn = Connection::open(&db)?;
@@ -130,7 +142,17 @@ fn one_run(emulator: &Emulator, dir: &Path, bin: Option<&Path>, bucket: &str, ra
     let mut child = match bin {
         Some(bin) => {
             let log = std::fs::File::create(dir.join(format!("{bucket}.log")))?;
-            Some(Command::new(bin).arg("replicate").arg(&db).arg(format!("gcs://{bucket}/db")).env("STORAGE_EMULATOR_HOST", &emulator.host).stdout(log.try_clone()?).stderr(log).stdin(Stdio::null()).spawn()?)
+            Some(
+                Command::new(bin)
+                    .arg("replicate")
+                    .arg(&db)
+                    .arg(format!("gcs://{bucket}/db"))
+                    .env("STORAGE_EMULATOR_HOST", &emulator.host)
+                    .stdout(log.try_clone()?)
+                    .stderr(log)
+                    .stdin(Stdio::null())
+                    .spawn()?,
+            )
         }
         None => None,
     };
@@ -142,7 +164,11 @@ fn one_run(emulator: &Emulator, dir: &Path, bin: Option<&Path>, bucket: &str, ra
     let (start, mut rows, mut sampled) = (Instant::now(), 0i64, Instant::now());
     while start.elapsed() < duration {
         let body: Vec<u8> = (0..200).map(|_| rng.gen()).collect();
-        let result = if rows < 3000 { conn.execute("INSERT INTO rows (id, body) VALUES (?1, ?2)", rusqlite::params![rows + 1, body]) } else { conn.execute("UPDATE rows SET body = ?2 WHERE id = ?1", rusqlite::params![rng.gen_range(1..=rows), body]) };
+        let result = if rows < 3000 {
+            conn.execute("INSERT INTO rows (id, body) VALUES (?1, ?2)", rusqlite::params![rows + 1, body])
+        } else {
+            conn.execute("UPDATE rows SET body = ?2 WHERE id = ?1", rusqlite::params![rng.gen_range(1..=rows), body])
+        };
         match result {
             Ok(_) => {
                 run.commits += 1;

@@ -10,7 +10,11 @@ use walstream_format::GenerationId;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "walstream", version, about = "Continuous replication of a SQLite database by shipping its WAL (Litestream v0.3.13 compatible)")]
+#[command(
+    name = "walstream",
+    version,
+    about = "Continuous replication of a SQLite database by shipping its WAL (Litestream v0.3.13 compatible)"
+)]
 pub(crate) struct Cli {
     #[command(subcommand)]
     pub(crate) command: Command,
@@ -127,9 +131,17 @@ pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
         "KiB" => 1 << 10,
         "MiB" => 1 << 20,
         "GiB" => 1 << 30,
-        other => return Err(format!("invalid size {s:?}: unknown unit {other:?} (use B, KB, MB, GB, KiB, MiB or GiB, e.g. 64MiB)")),
+        other => {
+            return Err(format!(
+                "invalid size {s:?}: unknown unit {other:?} (use B, KB, MB, GB, KiB, MiB or GiB, e.g. 64MiB)"
+            ))
+        }
     };
-    number.parse::<u64>().ok().and_then(|n| n.checked_mul(scale)).ok_or_else(|| format!("invalid size {s:?}: expected a whole number and a unit, e.g. 64MiB"))
+    number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(|| format!("invalid size {s:?}: expected a whole number and a unit, e.g. 64MiB"))
 }
 
 /// `walstream verify`: is the replica restorable?
@@ -267,16 +279,20 @@ pub(crate) struct ListArgs {
 
 /// Litestream's test for a URL rather than a path: `^\w+://`.
 pub(crate) fn is_url(s: &str) -> bool {
-    s.split_once("://").is_some_and(|(scheme, _)| !scheme.is_empty() && scheme.chars().all(|c| c.is_alphanumeric() || c == '_'))
+    s.split_once("://")
+        .is_some_and(|(scheme, _)| !scheme.is_empty() && scheme.chars().all(|c| c.is_alphanumeric() || c == '_'))
 }
 
 fn parse_hex_index(s: &str) -> Result<u32, String> {
-    u32::from_str_radix(s.trim_start_matches("0x"), 16).map_err(|_| format!("invalid -index {s:?}: expected a hex WAL index such as 0000002a or 2a"))
+    u32::from_str_radix(s.trim_start_matches("0x"), 16)
+        .map_err(|_| format!("invalid -index {s:?}: expected a hex WAL index such as 0000002a or 2a"))
 }
 
 /// RFC 3339 with optional fractional seconds and any offset, as Go's `time.RFC3339` parses.
 pub(crate) fn parse_timestamp(s: &str) -> Result<SystemTime, String> {
-    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).map(SystemTime::from).map_err(|_| format!("invalid -timestamp {s:?}, must specify in ISO 8601 format (e.g. 2000-01-01T00:00:00Z)"))
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map(SystemTime::from)
+        .map_err(|_| format!("invalid -timestamp {s:?}, must specify in ISO 8601 format (e.g. 2000-01-01T00:00:00Z)"))
 }
 
 /// Go-style durations: "8s", "500ms", "2m", "1h30m".
@@ -321,13 +337,28 @@ mod tests {
 
     #[test]
     fn single_dash_long_flags_become_double_dash() {
-        assert_eq!(argv(&["walstream", "restore", "-if-db-not-exists", "-if-replica-exists", "-o", "/data/db", "file:///r"]), ["walstream", "restore", "--if-db-not-exists", "--if-replica-exists", "-o", "/data/db", "file:///r"]);
-        assert_eq!(argv(&["w", "-timestamp=2020-01-01T00:00:00Z", "-1", "--x", "--", "-keep"]), ["w", "--timestamp=2020-01-01T00:00:00Z", "-1", "--x", "--", "-keep"]);
+        assert_eq!(
+            argv(&["walstream", "restore", "-if-db-not-exists", "-if-replica-exists", "-o", "/data/db", "file:///r"]),
+            ["walstream", "restore", "--if-db-not-exists", "--if-replica-exists", "-o", "/data/db", "file:///r"]
+        );
+        assert_eq!(
+            argv(&["w", "-timestamp=2020-01-01T00:00:00Z", "-1", "--x", "--", "-keep"]),
+            ["w", "--timestamp=2020-01-01T00:00:00Z", "-1", "--x", "--", "-keep"]
+        );
     }
 
     #[test]
     fn litestream_restore_line_parses() {
-        let cli = Cli::try_parse_from(argv(&["walstream", "restore", "-if-db-not-exists", "-if-replica-exists", "-o", "/data/db", "file:///backup/db"])).unwrap();
+        let cli = Cli::try_parse_from(argv(&[
+            "walstream",
+            "restore",
+            "-if-db-not-exists",
+            "-if-replica-exists",
+            "-o",
+            "/data/db",
+            "file:///backup/db",
+        ]))
+        .unwrap();
         let Command::Restore(args) = cli.command else { panic!("not restore") };
         assert!(args.if_db_not_exists && args.if_replica_exists);
         assert_eq!(args.output, Some(PathBuf::from("/data/db")));
@@ -336,7 +367,17 @@ mod tests {
     /// The seed's restore container, verbatim: Litestream 0.3.9 accepted `-v`.
     #[test]
     fn the_cloud_run_guides_restore_line_parses() {
-        let cli = Cli::try_parse_from(argv(&["walstream", "restore", "-if-db-not-exists", "-if-replica-exists", "-v", "-o", "/var/lib/myapp/db", "gcs://litestream-example/db"])).unwrap();
+        let cli = Cli::try_parse_from(argv(&[
+            "walstream",
+            "restore",
+            "-if-db-not-exists",
+            "-if-replica-exists",
+            "-v",
+            "-o",
+            "/var/lib/myapp/db",
+            "gcs://litestream-example/db",
+        ]))
+        .unwrap();
         let Command::Restore(args) = cli.command else { panic!("not restore") };
         assert!(args.verbose && args.if_db_not_exists && args.if_replica_exists);
         for flag in ["--verbose", "-verbose"] {
@@ -348,17 +389,34 @@ mod tests {
 
     #[test]
     fn point_in_time_flags_parse_like_litestream() {
-        let cli = Cli::try_parse_from(argv(&["walstream", "restore", "-generation", "00000000000000aa", "-index", "0000002a", "-parallelism", "4", "-o", "/d", "gcs://b/db"])).unwrap();
+        let cli = Cli::try_parse_from(argv(&[
+            "walstream",
+            "restore",
+            "-generation",
+            "00000000000000aa",
+            "-index",
+            "0000002a",
+            "-parallelism",
+            "4",
+            "-o",
+            "/d",
+            "gcs://b/db",
+        ]))
+        .unwrap();
         let Command::Restore(args) = cli.command else { panic!("not restore") };
         assert_eq!(args.generation.unwrap().to_string(), "00000000000000aa");
         assert_eq!(args.index, Some(42));
         assert_eq!(args.parallelism, 4);
         let t = parse_timestamp("2026-11-22T13:07:31.5Z").unwrap();
         assert_eq!(t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_millis() % 1000, 500);
-        assert_eq!(parse_timestamp("2026-11-22T15:07:31+02:00").unwrap(), parse_timestamp("2026-11-22T13:07:31Z").unwrap());
+        assert_eq!(
+            parse_timestamp("2026-11-22T15:07:31+02:00").unwrap(),
+            parse_timestamp("2026-11-22T13:07:31Z").unwrap()
+        );
         assert!(parse_timestamp("yesterday").unwrap_err().contains("ISO 8601"));
         assert!(Cli::try_parse_from(argv(&["walstream", "restore", "-index", "zz", "-o", "/d", "file:///r"])).is_err());
-        assert!(Cli::try_parse_from(argv(&["walstream", "restore", "-generation", "nope", "-o", "/d", "file:///r"])).is_err());
+        assert!(Cli::try_parse_from(argv(&["walstream", "restore", "-generation", "nope", "-o", "/d", "file:///r"]))
+            .is_err());
     }
 
     #[test]
@@ -374,7 +432,8 @@ mod tests {
     #[test]
     fn replicate_defaults_to_the_shippers_sync_interval_and_zero_means_at_once() {
         let sync_interval = |extra: &[&str]| {
-            let cli = Cli::try_parse_from(argv(&[&["walstream", "replicate"], extra, &["/d", "gcs://b/db"]].concat())).unwrap();
+            let cli = Cli::try_parse_from(argv(&[&["walstream", "replicate"], extra, &["/d", "gcs://b/db"]].concat()))
+                .unwrap();
             let Command::Replicate(args) = cli.command else { panic!("not replicate") };
             args.sync_interval
         };

@@ -141,7 +141,9 @@ pub(crate) fn default_path() -> PathBuf {
 /// Reads and checks a config file.
 pub(crate) fn load(path: &Path, expand_env: bool) -> Result<Config, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => ConfigError(format!("config file not found: {}; give one with -config PATH", path.display())),
+        std::io::ErrorKind::NotFound => {
+            ConfigError(format!("config file not found: {}; give one with -config PATH", path.display()))
+        }
         _ => ConfigError(format!("cannot read config file {}: {e}", path.display())),
     })?;
     let text = if expand_env { expand(&text, |name| std::env::var(name).ok()) } else { text };
@@ -183,20 +185,41 @@ fn parse(text: &str) -> Result<Config, String> {
         for (j, replica) in db.replicas.into_iter().enumerate() {
             let replica = replica_config(replica, &format!("{key}.replicas[{j}]"))?;
             if replicas.iter().any(|r| r.name == replica.name) {
-                return Err(format!("{key}.replicas[{j}]: duplicate replica name {:?}; give each replica of a database its own name", replica.name));
+                return Err(format!(
+                    "{key}.replicas[{j}]: duplicate replica name {:?}; give each replica of a database its own name",
+                    replica.name
+                ));
             }
             replicas.push(replica);
         }
-        dbs.push(DbConfig { path: absolute(&path), meta_path: db.meta_path.filter(|p| !p.is_empty()).map(|p| absolute(&p)), replicas });
+        dbs.push(DbConfig {
+            path: absolute(&path),
+            meta_path: db.meta_path.filter(|p| !p.is_empty()).map(|p| absolute(&p)),
+            replicas,
+        });
     }
     let addr = raw.addr.filter(|a| !a.is_empty());
     if let Some(addr) = &addr {
         check_addr(addr).map_err(|e| format!("addr: {e}"))?;
     }
     let health_lag = raw.health_lag.as_deref().map(go_duration).transpose().map_err(|e| format!("health-lag: {e}"))?;
-    let heartbeat_interval = raw.heartbeat_interval.as_deref().map(go_duration).transpose().map_err(|e| format!("heartbeat-interval: {e}"))?;
+    let heartbeat_interval = raw
+        .heartbeat_interval
+        .as_deref()
+        .map(go_duration)
+        .transpose()
+        .map_err(|e| format!("heartbeat-interval: {e}"))?;
     let heartbeat_url = raw.heartbeat_url.filter(|u| !u.is_empty());
-    Ok(Config { dbs, exec: raw.exec.filter(|e| !e.trim().is_empty()), addr, health_lag, heartbeat_url, heartbeat_interval, logging: logging_config, warnings })
+    Ok(Config {
+        dbs,
+        exec: raw.exec.filter(|e| !e.trim().is_empty()),
+        addr,
+        health_lag,
+        heartbeat_url,
+        heartbeat_interval,
+        logging: logging_config,
+        warnings,
+    })
 }
 
 /// `host:port` or `:port`, as Litestream accepts it.
@@ -216,17 +239,29 @@ fn replica_config(raw: RawReplica, key: &str) -> Result<ReplicaConfig, String> {
             url.clone()
         }
         (None, None | Some("file")) => {
-            let path = raw.path.as_deref().filter(|p| !p.is_empty()).ok_or_else(|| format!("{key}: a file replica needs path (or url)"))?;
+            let path = raw
+                .path
+                .as_deref()
+                .filter(|p| !p.is_empty())
+                .ok_or_else(|| format!("{key}: a file replica needs path (or url)"))?;
             if path.contains("://") {
                 return Err(format!("{key}.path: replica path cannot be a url, please use the 'url' field instead"));
             }
             format!("file://{}", absolute(path).display())
         }
         (None, Some("gcs")) => {
-            let bucket = raw.bucket.as_deref().filter(|b| !b.is_empty()).ok_or_else(|| format!("{key}: a gcs replica needs bucket (or url)"))?;
+            let bucket = raw
+                .bucket
+                .as_deref()
+                .filter(|b| !b.is_empty())
+                .ok_or_else(|| format!("{key}: a gcs replica needs bucket (or url)"))?;
             format!("gcs://{bucket}/{}", raw.path.as_deref().unwrap_or("").trim_start_matches('/'))
         }
-        (None, Some(other)) => return Err(format!("{key}.type: unknown replica type in config: {other:?}; walstream replicates to file and gcs")),
+        (None, Some(other)) => {
+            return Err(format!(
+                "{key}.type: unknown replica type in config: {other:?}; walstream replicates to file and gcs"
+            ))
+        }
     };
     // Fail now, naming the key, rather than when the replica is first used.
     replica_url::open(&url).map_err(|e| format!("{key}: {e}"))?;
@@ -235,7 +270,8 @@ fn replica_config(raw: RawReplica, key: &str) -> Result<ReplicaConfig, String> {
     let duration = |field: &str, value: &Option<String>| -> Result<Option<Duration>, String> {
         value.as_deref().map(go_duration).transpose().map_err(|e| format!("{key}.{field}: {e}"))
     };
-    let sync_interval = duration("sync-interval", &raw.sync_interval)?.unwrap_or(walstream_shipper::DEFAULT_SYNC_INTERVAL);
+    let sync_interval =
+        duration("sync-interval", &raw.sync_interval)?.unwrap_or(walstream_shipper::DEFAULT_SYNC_INTERVAL);
     let validation_interval = duration("validation-interval", &raw.validation_interval)?.unwrap_or_default();
     let mut policy = walstream_shipper::RetentionPolicy::default();
     if let Some(interval) = duration("snapshot-interval", &raw.snapshot_interval)? {
@@ -324,7 +360,10 @@ impl Config {
     /// The database configured at `path` (compared as absolute paths).
     pub(crate) fn db(&self, path: &str) -> Result<&DbConfig, ConfigError> {
         let wanted = absolute(path);
-        self.dbs.iter().find(|db| db.path == wanted).ok_or_else(|| ConfigError(format!("database not found in config: {}", wanted.display())))
+        self.dbs
+            .iter()
+            .find(|db| db.path == wanted)
+            .ok_or_else(|| ConfigError(format!("database not found in config: {}", wanted.display())))
     }
 }
 
@@ -335,7 +374,10 @@ impl DbConfig {
             None => Ok(self.replicas.iter().collect()),
             Some(name) => match self.replicas.iter().find(|r| r.name == name) {
                 Some(replica) => Ok(vec![replica]),
-                None => Err(ConfigError(format!("replica {name:?} not found for database {:?}", self.path.display().to_string()))),
+                None => Err(ConfigError(format!(
+                    "replica {name:?} not found for database {:?}",
+                    self.path.display().to_string()
+                ))),
             },
         }
     }
@@ -380,31 +422,62 @@ health-lag: 30s
         assert_eq!(app.replicas[1].url, "file:///backups/app");
         let hours = |h: u64| Duration::from_secs(h * 3600);
         let (gcs, local) = (app.replicas[0].policy, app.replicas[1].policy);
-        assert_eq!((gcs.snapshot_interval, gcs.retention, gcs.check_interval), (None, Some(hours(72)), hours(1)), "retention as given, Litestream's other defaults");
-        assert_eq!((local.snapshot_interval, local.retention, local.check_interval), (Some(Duration::from_secs(5400)), None, Duration::from_secs(600)), "retention 0 keeps everything");
-        assert_eq!(config.db("/data/other.db").unwrap().replicas[0].policy, walstream_shipper::RetentionPolicy::default());
+        assert_eq!(
+            (gcs.snapshot_interval, gcs.retention, gcs.check_interval),
+            (None, Some(hours(72)), hours(1)),
+            "retention as given, Litestream's other defaults"
+        );
+        assert_eq!(
+            (local.snapshot_interval, local.retention, local.check_interval),
+            (Some(Duration::from_secs(5400)), None, Duration::from_secs(600)),
+            "retention 0 keeps everything"
+        );
+        assert_eq!(
+            config.db("/data/other.db").unwrap().replicas[0].policy,
+            walstream_shipper::RetentionPolicy::default()
+        );
         assert_eq!(config.db("/data/other.db").unwrap().replicas[0].url, "gcs://b2/other");
         assert_eq!(config.db("/data/other.db").unwrap().meta_path, Some(PathBuf::from("/var/lib/walstream/other")));
         assert_eq!(config.exec.as_deref(), Some("node server.js"));
         assert_eq!(config.addr.as_deref(), Some(":9090"));
         assert_eq!(config.health_lag, Some(Duration::from_secs(30)));
         assert!(config.warnings.is_empty(), "{:?}", config.warnings);
-        assert!(config.db("/data/missing.db").unwrap_err().to_string().contains("database not found in config: /data/missing.db"));
-        assert!(app.replicas(Some("s3")).unwrap_err().to_string().contains("replica \"s3\" not found for database \"/data/app.db\""));
+        assert!(config
+            .db("/data/missing.db")
+            .unwrap_err()
+            .to_string()
+            .contains("database not found in config: /data/missing.db"));
+        assert!(app
+            .replicas(Some("s3"))
+            .unwrap_err()
+            .to_string()
+            .contains("replica \"s3\" not found for database \"/data/app.db\""));
     }
 
     #[test]
     fn bad_files_name_the_key() {
         let cases = [
             ("dbs:\n  - replicas: []\n", "dbs[0].path: required"),
-            ("dbs:\n  - path: /a\n    replicas:\n      - url: gcs://b/x\n      - url: gs://b/y\n", "dbs[0].replicas[1]: duplicate replica name \"gcs\""),
+            (
+                "dbs:\n  - path: /a\n    replicas:\n      - url: gcs://b/x\n      - url: gs://b/y\n",
+                "dbs[0].replicas[1]: duplicate replica name \"gcs\"",
+            ),
             ("dbs:\n  - path: /a\n    replicas:\n      - path: gcs://b/x\n", "replica path cannot be a url"),
-            ("dbs:\n  - path: /a\n    replicas:\n      - type: s3\n        bucket: b\n", "dbs[0].replicas[0].type: unknown replica type"),
-            ("dbs:\n  - path: /a\n    replicas:\n      - url: file:///r\n        sync-interval: abc\n", "dbs[0].replicas[0].sync-interval: invalid duration \"abc\""),
+            (
+                "dbs:\n  - path: /a\n    replicas:\n      - type: s3\n        bucket: b\n",
+                "dbs[0].replicas[0].type: unknown replica type",
+            ),
+            (
+                "dbs:\n  - path: /a\n    replicas:\n      - url: file:///r\n        sync-interval: abc\n",
+                "dbs[0].replicas[0].sync-interval: invalid duration \"abc\"",
+            ),
             ("logging:\n  type: xml\n", "logging.type: unknown value \"xml\""),
             ("addr: localhost\n", "addr: must specify port for bind address"),
             ("health-lag: soon\n", "health-lag: invalid duration \"soon\""),
-            ("dbs:\n  - path: /a\n    replicas:\n      - url: file:///r\n        retension: 1h\n", "dbs[0].replicas[0].retension: unknown key; did you mean retention?"),
+            (
+                "dbs:\n  - path: /a\n    replicas:\n      - url: file:///r\n        retension: 1h\n",
+                "dbs[0].replicas[0].retension: unknown key; did you mean retention?",
+            ),
             ("dbs:\n  - path: [1, 2]\n", "line 2"),
         ];
         for (text, want) in cases {

@@ -15,9 +15,24 @@ const TOP: &[&str] = &["dbs", "exec", "addr", "logging", "health-lag", "heartbea
 const TOP_IGNORED: &[Ignored] = &[("access-key-id", S3_ONLY), ("secret-access-key", S3_ONLY)];
 const LOGGING: &[&str] = &["type", "level", "stderr"];
 const DB: &[&str] = &["path", "meta-path", "replicas"];
-const DB_IGNORED: &[Ignored] =
-    &[("monitor-interval", "walstream follows the WAL by file events, not on an interval"), ("checkpoint-interval", NO_CHECKPOINTS), ("min-checkpoint-page-count", NO_CHECKPOINTS), ("max-checkpoint-page-count", NO_CHECKPOINTS)];
-const REPLICA: &[&str] = &["type", "name", "url", "path", "bucket", "sync-interval", "snapshot-interval", "retention", "retention-check-interval", "validation-interval"];
+const DB_IGNORED: &[Ignored] = &[
+    ("monitor-interval", "walstream follows the WAL by file events, not on an interval"),
+    ("checkpoint-interval", NO_CHECKPOINTS),
+    ("min-checkpoint-page-count", NO_CHECKPOINTS),
+    ("max-checkpoint-page-count", NO_CHECKPOINTS),
+];
+const REPLICA: &[&str] = &[
+    "type",
+    "name",
+    "url",
+    "path",
+    "bucket",
+    "sync-interval",
+    "snapshot-interval",
+    "retention",
+    "retention-check-interval",
+    "validation-interval",
+];
 const REPLICA_IGNORED: &[Ignored] = &[
     ("access-key-id", S3_ONLY),
     ("secret-access-key", S3_ONLY),
@@ -60,10 +75,19 @@ pub(crate) fn check(root: &Value) -> Result<Vec<String>, String> {
     Ok(warnings)
 }
 
-fn level(map: &serde_yaml_ng::Mapping, prefix: &str, known: &[&str], ignored: &[Ignored], warnings: &mut Vec<String>) -> Result<(), String> {
+fn level(
+    map: &serde_yaml_ng::Mapping,
+    prefix: &str,
+    known: &[&str],
+    ignored: &[Ignored],
+    warnings: &mut Vec<String>,
+) -> Result<(), String> {
     for key in map.keys() {
         let Some(key) = key.as_str() else {
-            return Err(format!("{prefix}{}: keys must be strings", serde_yaml_ng::to_string(key).unwrap_or_default().trim()));
+            return Err(format!(
+                "{prefix}{}: keys must be strings",
+                serde_yaml_ng::to_string(key).unwrap_or_default().trim()
+            ));
         };
         if known.contains(&key) {
             continue;
@@ -112,11 +136,18 @@ mod tests {
 
     #[test]
     fn a_misspelt_key_names_the_nearest_valid_one() {
-        let error = check_text("dbs:\n  - path: /a\n    replicas:\n      - url: file:///r\n        retension: 1h\n").unwrap_err();
+        let error = check_text("dbs:\n  - path: /a\n    replicas:\n      - url: file:///r\n        retension: 1h\n")
+            .unwrap_err();
         assert_eq!(error, "dbs[0].replicas[0].retension: unknown key; did you mean retention?");
         assert_eq!(check_text("adr: :9090\n").unwrap_err(), "adr: unknown key; did you mean addr?");
-        assert_eq!(check_text("logging:\n  levle: debug\n").unwrap_err(), "logging.levle: unknown key; did you mean level?");
-        assert_eq!(check_text("dbs:\n  - path: /a\n    meta_path: /m\n").unwrap_err(), "dbs[0].meta_path: unknown key; did you mean meta-path?");
+        assert_eq!(
+            check_text("logging:\n  levle: debug\n").unwrap_err(),
+            "logging.levle: unknown key; did you mean level?"
+        );
+        assert_eq!(
+            check_text("dbs:\n  - path: /a\n    meta_path: /m\n").unwrap_err(),
+            "dbs[0].meta_path: unknown key; did you mean meta-path?"
+        );
         let far = check_text("frobnicate: 1\n").unwrap_err();
         assert!(far.starts_with("frobnicate: unknown key; valid keys here are dbs, exec"), "{far}");
     }
@@ -132,7 +163,10 @@ mod tests {
         let warnings = check_text("access-key-id: x\ndbs:\n  - path: /a\n    checkpoint-interval: 1m\n    replicas:\n      - url: file:///r\n        validation-interval: 6h\n").unwrap();
         assert_eq!(warnings.len(), 2, "validation-interval is honoured, so not warned about: {warnings:?}");
         assert!(warnings[0].starts_with("access-key-id: ignored: only S3 replicas"), "{warnings:?}");
-        assert!(warnings[1].starts_with("dbs[0].checkpoint-interval: ignored: walstream never checkpoints"), "{warnings:?}");
+        assert!(
+            warnings[1].starts_with("dbs[0].checkpoint-interval: ignored: walstream never checkpoints"),
+            "{warnings:?}"
+        );
     }
 
     #[test]

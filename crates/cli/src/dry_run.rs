@@ -27,9 +27,22 @@ pub(crate) fn describe(plan: &RestorePlan, parallelism: usize) -> String {
     let segments: usize = plan.indexes.iter().map(|i| i.segments.len()).sum();
     let wal_bytes = bytes - plan.snapshot.size;
     let mut out = format!("generation  {}\n", plan.generation);
-    out += &format!("snapshot    index {:08x}, {} stored ({})\n", plan.snapshot_index, mib(plan.snapshot.size), plan.snapshot.key);
+    out += &format!(
+        "snapshot    index {:08x}, {} stored ({})\n",
+        plan.snapshot_index,
+        mib(plan.snapshot.size),
+        plan.snapshot.key
+    );
     match (plan.indexes.first(), plan.indexes.last()) {
-        (Some(first), Some(last)) => out += &format!("wal         indexes {:08x}..{:08x}: {} indexes, {segments} segments, {} stored\n", first.index, last.index, plan.indexes.len(), mib(wal_bytes)),
+        (Some(first), Some(last)) => {
+            out += &format!(
+                "wal         indexes {:08x}..{:08x}: {} indexes, {segments} segments, {} stored\n",
+                first.index,
+                last.index,
+                plan.indexes.len(),
+                mib(wal_bytes)
+            )
+        }
         _ => out += "wal         none (the snapshot alone)\n",
     }
     out += &format!("download    {objects} objects, {}\n", mib(bytes));

@@ -25,7 +25,9 @@ impl std::error::Error for AppExit {}
 /// Starts `command` (split as a shell would, without running one), with walstream's
 /// environment, stdout and stderr, and no stdin.
 pub(crate) fn spawn(command: &str) -> anyhow::Result<Child> {
-    let words = shlex::split(command).filter(|w| !w.is_empty()).with_context(|| format!("-exec {command:?}: cannot split into words (unbalanced quotes?)"))?;
+    let words = shlex::split(command)
+        .filter(|w| !w.is_empty())
+        .with_context(|| format!("-exec {command:?}: cannot split into words (unbalanced quotes?)"))?;
     let child = Command::new(&words[0])
         .args(&words[1..])
         .stdin(std::process::Stdio::null())

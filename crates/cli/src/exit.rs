@@ -94,10 +94,18 @@ fn specific_code(cause: &(dyn std::error::Error + 'static)) -> Option<i32> {
         return match e {
             R::NoBackups => Some(NO_BACKUP),
             R::OutputExists { .. } => Some(OUTPUT_EXISTS),
-            R::GenerationNotFound { .. } | R::IndexNotFound { .. } | R::BeforeFirstSnapshot { .. } | R::IndexAndTimestamp => Some(NO_SUCH_RESTORE_POINT),
+            R::GenerationNotFound { .. }
+            | R::IndexNotFound { .. }
+            | R::BeforeFirstSnapshot { .. }
+            | R::IndexAndTimestamp => Some(NO_SUCH_RESTORE_POINT),
             // Transparent: the store error is not a separate link of the chain.
             R::Store(e) => store_code(e),
-            R::MissingIndex { .. } | R::MissingInitialSegment { .. } | R::SegmentGap { .. } | R::CorruptObject { .. } | R::ChecksumBreak { .. } | R::IntegrityCheck { .. } => Some(CORRUPT_REPLICA),
+            R::MissingIndex { .. }
+            | R::MissingInitialSegment { .. }
+            | R::SegmentGap { .. }
+            | R::CorruptObject { .. }
+            | R::ChecksumBreak { .. }
+            | R::IntegrityCheck { .. } => Some(CORRUPT_REPLICA),
             _ => None,
         };
     }

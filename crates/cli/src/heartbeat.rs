@@ -18,7 +18,13 @@ pub(crate) const DEFAULT_INTERVAL: Duration = Duration::from_secs(5 * 60);
 const PING_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Pings `url` every `interval` while healthy, until `stop` is cancelled.
-pub(crate) async fn run(url: String, interval: Duration, handles: Vec<Handle>, health_lag: Duration, stop: CancellationToken) {
+pub(crate) async fn run(
+    url: String,
+    interval: Duration,
+    handles: Vec<Handle>,
+    health_lag: Duration,
+    stop: CancellationToken,
+) {
     let client = match reqwest::Client::builder().timeout(PING_TIMEOUT).build() {
         Ok(client) => client,
         Err(e) => {
@@ -34,7 +40,8 @@ pub(crate) async fn run(url: String, interval: Duration, handles: Vec<Handle>, h
             () = stop.cancelled() => return,
         }
         let problems: Vec<String> = handles.iter().flat_map(|h| h.status().problems(health_lag)).collect();
-        let waiting: Vec<String> = handles.iter().filter(|h| !h.ready()).map(|h| h.db_path().display().to_string()).collect();
+        let waiting: Vec<String> =
+            handles.iter().filter(|h| !h.ready()).map(|h| h.db_path().display().to_string()).collect();
         if !problems.is_empty() || !waiting.is_empty() {
             warn!(problems = ?problems, not_yet_replicated = ?waiting, "heartbeat withheld: not every replica is healthy");
             continue;

@@ -33,16 +33,35 @@ pub(crate) fn table(kind: Kind, replicas: &[(String, ReplicaListing)], now: Syst
                 Kind::Generations => {
                     let (Some(start), Some(end)) = (generation.created(), generation.updated()) else { continue };
                     let lag = now.duration_since(end).unwrap_or(Duration::ZERO);
-                    rows.push(vec![replica.clone(), id.to_string(), go_duration(truncate(lag)), rfc3339(start), rfc3339(end)]);
+                    rows.push(vec![
+                        replica.clone(),
+                        id.to_string(),
+                        go_duration(truncate(lag)),
+                        rfc3339(start),
+                        rfc3339(end),
+                    ]);
                 }
                 Kind::Snapshots => {
                     for (index, object) in &generation.snapshots {
-                        rows.push(vec![replica.clone(), id.to_string(), index.to_string(), object.size.to_string(), rfc3339(object.created)]);
+                        rows.push(vec![
+                            replica.clone(),
+                            id.to_string(),
+                            index.to_string(),
+                            object.size.to_string(),
+                            rfc3339(object.created),
+                        ]);
                     }
                 }
                 Kind::Wal => {
                     for (index, offset, object) in &generation.segments {
-                        rows.push(vec![replica.clone(), id.to_string(), index.to_string(), offset.to_string(), object.size.to_string(), rfc3339(object.created)]);
+                        rows.push(vec![
+                            replica.clone(),
+                            id.to_string(),
+                            index.to_string(),
+                            offset.to_string(),
+                            object.size.to_string(),
+                            rfc3339(object.created),
+                        ]);
                     }
                 }
             }
@@ -55,7 +74,10 @@ pub(crate) fn table(kind: Kind, replicas: &[(String, ReplicaListing)], now: Syst
 pub(crate) fn databases(config: &Config) -> String {
     let mut rows = vec![row(&["path", "replicas"])];
     for db in &config.dbs {
-        rows.push(vec![db.path.display().to_string(), db.replicas.iter().map(|r| r.name.as_str()).collect::<Vec<_>>().join(",")]);
+        rows.push(vec![
+            db.path.display().to_string(),
+            db.replicas.iter().map(|r| r.name.as_str()).collect::<Vec<_>>().join(","),
+        ]);
     }
     table_text(&rows)
 }
@@ -75,7 +97,9 @@ fn row(cells: &[&str]) -> Vec<String> {
 /// Go's tabwriter with padding 2: every column but the last padded to its widest cell plus two.
 fn table_text(rows: &[Vec<String>]) -> String {
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> = (0..columns).map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0))
+        .collect();
     let mut out = String::new();
     for row in rows {
         for (c, cell) in row.iter().enumerate() {

@@ -33,7 +33,10 @@ impl Settings {
 }
 
 pub(crate) fn init(settings: Settings) {
-    let level = settings.level.map(|l| if l.eq_ignore_ascii_case("warning") { "warn".to_string() } else { l.to_ascii_lowercase() }).unwrap_or_else(|| "info".into());
+    let level = settings
+        .level
+        .map(|l| if l.eq_ignore_ascii_case("warning") { "warn".to_string() } else { l.to_ascii_lowercase() })
+        .unwrap_or_else(|| "info".into());
     let filter = EnvFilter::try_from_env("WALSTREAM_LOG").unwrap_or_else(|_| EnvFilter::new(level));
     let json = match std::env::var("WALSTREAM_LOG_FORMAT").ok().as_deref() {
         Some("json") => true,
@@ -45,8 +48,12 @@ pub(crate) fn init(settings: Settings) {
         (true, true) => builder.event_format(CloudJson).with_writer(std::io::stdout).init(),
         (true, false) => builder.event_format(CloudJson).with_writer(std::io::stderr).init(),
         // Colour only for a person at a terminal; log collectors get plain text.
-        (false, true) => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout())).with_writer(std::io::stdout).init(),
-        (false, false) => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).with_writer(std::io::stderr).init(),
+        (false, true) => {
+            builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout())).with_writer(std::io::stdout).init()
+        }
+        (false, false) => {
+            builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).with_writer(std::io::stderr).init()
+        }
     }
 }
 

@@ -43,7 +43,8 @@ fn main() {
     if let Command::Restore(_) | Command::Verify(_) = &cli.command {
         restore::bound_allocator_caches();
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
     let result = runtime.block_on(run(cli));
     let code = match result {
         Ok(()) => exit::OK,
@@ -73,7 +74,9 @@ fn config_log_settings(cli: &Cli) -> logging::Settings {
     let (config_args, daemon) = match &cli.command {
         Command::Replicate(args) if args.db_path.is_none() => (&args.config, true),
         Command::Restore(args) if !args::is_url(&args.source) => (&args.config, false),
-        Command::Generations(args) | Command::Snapshots(args) | Command::Wal(args) if !args::is_url(&args.source) => (&args.config, false),
+        Command::Generations(args) | Command::Snapshots(args) | Command::Wal(args) if !args::is_url(&args.source) => {
+            (&args.config, false)
+        }
         Command::Verify(args) if !args::is_url(&args.source) => (&args.config, false),
         Command::Databases(args) | Command::Config(args::ConfigCommand::Check(args)) => (args, false),
         _ => return logging::Settings::default(),
@@ -108,7 +111,9 @@ async fn print_listing(args: ListArgs, kind: list::Kind) -> anyhow::Result<()> {
     let mut listings: Vec<(String, ReplicaListing)> = Vec::new();
     for replica in &source.replicas {
         let store = replica_url::open(&replica.url)?;
-        let mut listing = walstream_restore::list_replica(store.as_ref()).await.with_context(|| format!("list replica {} ({})", replica.name, replica.url))?;
+        let mut listing = walstream_restore::list_replica(store.as_ref())
+            .await
+            .with_context(|| format!("list replica {} ({})", replica.name, replica.url))?;
         if let Some(generation) = args.generation {
             listing.generations.retain(|id, _| *id == generation);
         }
@@ -134,4 +139,3 @@ fn print_databases(args: &ConfigArgs) -> anyhow::Result<()> {
     print!("{}", list::databases(&config));
     Ok(())
 }
-

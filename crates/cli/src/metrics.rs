@@ -45,21 +45,81 @@ impl Metrics {
         Metrics {
             db_size: register!(IntGaugeVec, "litestream_db_size", "The current size of the real DB", DB),
             wal_size: register!(IntGaugeVec, "litestream_wal_size", "The current size of the real WAL", DB),
-            total_wal_bytes: register!(IntCounterVec, "litestream_total_wal_bytes", "Total number of bytes written to shadow WAL", DB),
-            shadow_wal_index: register!(IntGaugeVec, "litestream_shadow_wal_index", "The current index of the shadow WAL", DB),
-            shadow_wal_size: register!(IntGaugeVec, "litestream_shadow_wal_size", "Current size of shadow WAL, in bytes", DB),
-            disk_full: register!(IntGaugeVec, "walstream_disk_full", "1 while capture passes fail because the local disk is full", DB),
+            total_wal_bytes: register!(
+                IntCounterVec,
+                "litestream_total_wal_bytes",
+                "Total number of bytes written to shadow WAL",
+                DB
+            ),
+            shadow_wal_index: register!(
+                IntGaugeVec,
+                "litestream_shadow_wal_index",
+                "The current index of the shadow WAL",
+                DB
+            ),
+            shadow_wal_size: register!(
+                IntGaugeVec,
+                "litestream_shadow_wal_size",
+                "Current size of shadow WAL, in bytes",
+                DB
+            ),
+            disk_full: register!(
+                IntGaugeVec,
+                "walstream_disk_full",
+                "1 while capture passes fail because the local disk is full",
+                DB
+            ),
             sync_count: register!(IntCounterVec, "litestream_sync_count", "Number of sync operations", DB),
             sync_error_count: register!(IntCounterVec, "litestream_sync_error_count", "Number of sync errors", DB),
-            sync_seconds: register!(CounterVec, "litestream_sync_seconds", "Time spent syncing shadow WAL, in seconds", DB),
-            replica_wal_bytes: register!(IntCounterVec, "litestream_replica_wal_bytes", "The number wal bytes written", REPLICA),
+            sync_seconds: register!(
+                CounterVec,
+                "litestream_sync_seconds",
+                "Time spent syncing shadow WAL, in seconds",
+                DB
+            ),
+            replica_wal_bytes: register!(
+                IntCounterVec,
+                "litestream_replica_wal_bytes",
+                "The number wal bytes written",
+                REPLICA
+            ),
             replica_wal_index: register!(IntGaugeVec, "litestream_replica_wal_index", "The current WAL index", REPLICA),
-            replica_wal_offset: register!(IntGaugeVec, "litestream_replica_wal_offset", "The current WAL offset", REPLICA),
-            replica_lag_seconds: register!(GaugeVec, "walstream_replica_lag_seconds", "How long the replica has been missing a commit walstream had captured (0 when caught up)", REPLICA),
-            replica_pending_bytes: register!(IntGaugeVec, "walstream_replica_pending_bytes", "WAL bytes captured locally but not yet in the replica", REPLICA),
-            operation_total: register!(IntCounterVec, "litestream_replica_operation_total", "The number of replica operations performed", OPERATION),
-            operation_bytes: register!(IntCounterVec, "litestream_replica_operation_bytes", "The number of bytes used by replica operations", OPERATION),
-            replica_validation_total: register!(IntCounterVec, "litestream_replica_validation_total", "The number of validations performed", VALIDATION),
+            replica_wal_offset: register!(
+                IntGaugeVec,
+                "litestream_replica_wal_offset",
+                "The current WAL offset",
+                REPLICA
+            ),
+            replica_lag_seconds: register!(
+                GaugeVec,
+                "walstream_replica_lag_seconds",
+                "How long the replica has been missing a commit walstream had captured (0 when caught up)",
+                REPLICA
+            ),
+            replica_pending_bytes: register!(
+                IntGaugeVec,
+                "walstream_replica_pending_bytes",
+                "WAL bytes captured locally but not yet in the replica",
+                REPLICA
+            ),
+            operation_total: register!(
+                IntCounterVec,
+                "litestream_replica_operation_total",
+                "The number of replica operations performed",
+                OPERATION
+            ),
+            operation_bytes: register!(
+                IntCounterVec,
+                "litestream_replica_operation_bytes",
+                "The number of bytes used by replica operations",
+                OPERATION
+            ),
+            replica_validation_total: register!(
+                IntCounterVec,
+                "litestream_replica_validation_total",
+                "The number of validations performed",
+                VALIDATION
+            ),
             registry,
             handles,
         }
@@ -93,8 +153,14 @@ impl Metrics {
                 self.replica_lag_seconds.with_label_values(&labels).set(replica.lag.as_secs_f64());
                 self.replica_pending_bytes.with_label_values(&labels).set(replica.pending_bytes as i64);
                 // Both statuses from the start, as Litestream does, validated or not.
-                raise(&self.replica_validation_total.with_label_values(&[db[0], replica.name.as_str(), "ok"]), replica.validations_ok);
-                raise(&self.replica_validation_total.with_label_values(&[db[0], replica.name.as_str(), "error"]), replica.validations_failed);
+                raise(
+                    &self.replica_validation_total.with_label_values(&[db[0], replica.name.as_str(), "ok"]),
+                    replica.validations_ok,
+                );
+                raise(
+                    &self.replica_validation_total.with_label_values(&[db[0], replica.name.as_str(), "error"]),
+                    replica.validations_failed,
+                );
                 for (op, requests, bytes) in replica.operations.into_iter().flatten() {
                     let total = operations.entry((replica.kind, op.label())).or_default();
                     total.0 += requests;

@@ -8,7 +8,13 @@ use std::fmt::Write;
 /// Appends the series in Prometheus text format; a field `/proc` does not give is left out.
 pub(crate) fn render(out: &mut String) {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kib = |field: &str| status.lines().find_map(|l| l.strip_prefix(field)).and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok()).map(|k| k * 1024);
+    let kib = |field: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .map(|k| k * 1024)
+    };
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     // Fields after the command name, which is in parentheses and may hold spaces.
     let fields: Vec<&str> = stat.rsplit_once(')').map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
@@ -30,7 +36,12 @@ pub(crate) fn render(out: &mut String) {
         ("process_open_fds", "gauge", "Number of open file descriptors.", open_fds),
         ("process_max_fds", "gauge", "Maximum number of open file descriptors.", max_fds),
         ("process_start_time_seconds", "gauge", "Start time of the process since unix epoch in seconds.", start),
-        ("process_threads", "gauge", "Number of OS threads in the process.", status.lines().find_map(|l| l.strip_prefix("Threads:")).and_then(|v| v.trim().parse().ok())),
+        (
+            "process_threads",
+            "gauge",
+            "Number of OS threads in the process.",
+            status.lines().find_map(|l| l.strip_prefix("Threads:")).and_then(|v| v.trim().parse().ok()),
+        ),
     ];
     for (name, kind, help, value) in series {
         if let Some(value) = value {
@@ -41,5 +52,9 @@ pub(crate) fn render(out: &mut String) {
 
 /// When the machine booted, in seconds since the epoch (`btime` in `/proc/stat`).
 fn boot_time() -> Option<f64> {
-    std::fs::read_to_string("/proc/stat").ok()?.lines().find_map(|l| l.strip_prefix("btime ")).and_then(|v| v.trim().parse().ok())
+    std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))
+        .and_then(|v| v.trim().parse().ok())
 }

@@ -19,7 +19,12 @@ impl Progress for Bar {
     fn start(&self, objects: u64, bytes: u64) {
         self.bar.set_length(bytes);
         self.bar.set_message(format!("0/{objects} objects"));
-        self.bar.set_style(ProgressStyle::with_template("restoring {bar:30} {bytes}/{total_bytes} ({bytes_per_sec}, {eta} left) {msg}").expect("valid template"));
+        self.bar.set_style(
+            ProgressStyle::with_template(
+                "restoring {bar:30} {bytes}/{total_bytes} ({bytes_per_sec}, {eta} left) {msg}",
+            )
+            .expect("valid template"),
+        );
         self.bar.set_draw_target(ProgressDrawTarget::stderr());
         *self.objects.lock().expect("not poisoned") = (0, objects);
     }
@@ -65,7 +70,8 @@ impl LogLines {
         if state.last_logged.is_none_or(|at| at.elapsed() >= LOG_EVERY) {
             state.last_logged = Some(Instant::now());
             let seconds = self.started.elapsed().as_secs_f64();
-            let percent = if state.total_bytes == 0 { 100.0 } else { 100.0 * state.bytes as f64 / state.total_bytes as f64 };
+            let percent =
+                if state.total_bytes == 0 { 100.0 } else { 100.0 * state.bytes as f64 / state.total_bytes as f64 };
             info!(
                 downloaded_mb = mb(state.bytes as f64),
                 total_mb = mb(state.total_bytes as f64),
@@ -109,7 +115,14 @@ impl Progress for LogLines {
     fn finish(&self) {
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let seconds = self.started.elapsed().as_secs_f64();
-        info!(downloaded_mb = mb(state.bytes as f64), seconds = (seconds * 100.0).round() / 100.0, mb_per_s = mb(rate(state.bytes, seconds)), objects = state.objects, "{}: everything downloaded", self.command);
+        info!(
+            downloaded_mb = mb(state.bytes as f64),
+            seconds = (seconds * 100.0).round() / 100.0,
+            mb_per_s = mb(rate(state.bytes, seconds)),
+            objects = state.objects,
+            "{}: everything downloaded",
+            self.command
+        );
     }
 }
 
@@ -117,7 +130,10 @@ impl Progress for LogLines {
 /// `command`.
 pub(crate) fn for_command(command: &'static str) -> Arc<dyn Progress> {
     if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        return Arc::new(Bar { bar: ProgressBar::with_draw_target(None, ProgressDrawTarget::hidden()), objects: Default::default() });
+        return Arc::new(Bar {
+            bar: ProgressBar::with_draw_target(None, ProgressDrawTarget::hidden()),
+            objects: Default::default(),
+        });
     }
     Arc::new(LogLines { command, started: Instant::now(), state: Default::default() })
 }

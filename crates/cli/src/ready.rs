@@ -11,12 +11,15 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-const RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 6\r\nConnection: close\r\n\r\nready\n";
+const RESPONSE: &[u8] =
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 6\r\nConnection: close\r\n\r\nready\n";
 
 /// Listens on `addr` until `shutdown` is cancelled. Every connection is accepted (a TCP probe)
 /// and answered with HTTP 200 (an HTTP probe, on any path).
 pub(crate) async fn serve(addr: &str, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(addr).await.with_context(|| format!("-serve-ready: cannot listen on {addr:?}; give a free host:port such as 0.0.0.0:8081"))?;
+    let listener = TcpListener::bind(addr).await.with_context(|| {
+        format!("-serve-ready: cannot listen on {addr:?}; give a free host:port such as 0.0.0.0:8081")
+    })?;
     info!(addr = %listener.local_addr().map_or(addr.to_string(), |a| a.to_string()), "database ready; answering readiness probes until SIGTERM");
     loop {
         tokio::select! {

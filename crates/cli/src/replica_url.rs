@@ -35,19 +35,25 @@ pub(crate) fn open(url: &str) -> Result<Box<dyn ObjectStore>, UrlError> {
         return Err(err("expected SCHEME://..., e.g. file:///var/lib/backups/db"));
     };
     match scheme {
-        "file" => Ok(Box::new(FileStore::new(file_path(rest).ok_or_else(|| err("file:// needs a path, e.g. file:///var/lib/backups/db"))?))),
+        "file" => Ok(Box::new(FileStore::new(
+            file_path(rest).ok_or_else(|| err("file:// needs a path, e.g. file:///var/lib/backups/db"))?,
+        ))),
         // Litestream rejects gs:// with a confusing message (#336); it is the same thing.
         "gcs" | "gs" => {
-            let (bucket, path) = gcs_location(rest).ok_or_else(|| err("gcs:// needs a bucket, e.g. gcs://my-bucket/db"))?;
+            let (bucket, path) =
+                gcs_location(rest).ok_or_else(|| err("gcs:// needs a bucket, e.g. gcs://my-bucket/db"))?;
             let mut store = GcsStore::new(bucket, path);
             // How long one request may hang before it is abandoned and retried.
             if let Some(value) = std::env::var("WALSTREAM_GCS_TIMEOUT").ok().filter(|v| !v.is_empty()) {
-                let timeout = crate::config::go_duration(&value).map_err(|e| err(&format!("WALSTREAM_GCS_TIMEOUT: {e}")))?;
+                let timeout =
+                    crate::config::go_duration(&value).map_err(|e| err(&format!("WALSTREAM_GCS_TIMEOUT: {e}")))?;
                 store = store.with_retry(RetryPolicy { request_timeout: timeout, ..RetryPolicy::default() });
             }
             Ok(Box::new(store))
         }
-        "s3" | "abs" | "sftp" => Err(err(&format!("{scheme}:// replicas are not supported by walstream; it replicates to gcs:// and file://"))),
+        "s3" | "abs" | "sftp" => Err(err(&format!(
+            "{scheme}:// replicas are not supported by walstream; it replicates to gcs:// and file://"
+        ))),
         _ => Err(err(&format!("unknown scheme {scheme:?}; use file:// (or gcs://)"))),
     }
 }
@@ -56,7 +62,9 @@ pub(crate) fn open(url: &str) -> Result<Box<dyn ObjectStore>, UrlError> {
 /// dropped, and `.` (no path) is the bucket's root, as in Litestream.
 fn gcs_location(rest: &str) -> Option<(String, String)> {
     let (bucket, path) = rest.split_once('/').unwrap_or((rest, ""));
-    if bucket.is_empty() || !bucket.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.')) {
+    if bucket.is_empty()
+        || !bucket.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.'))
+    {
         return None;
     }
     let cleaned = clean(&Path::new("/").join(path));

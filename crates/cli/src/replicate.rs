@@ -36,19 +36,34 @@ struct Extras {
 /// The databases `replicate` was asked for: the one on the command line, or every one in the
 /// config file.
 fn replication_jobs(args: &ReplicateArgs) -> anyhow::Result<(Vec<Job>, Extras)> {
-    let open = |name: &str, url: &str| -> anyhow::Result<Replica> { Ok(Replica::new(name, Arc::from(replica_url::open(url)?))) };
+    let open = |name: &str, url: &str| -> anyhow::Result<Replica> {
+        Ok(Replica::new(name, Arc::from(replica_url::open(url)?)))
+    };
     if let Some(db_path) = &args.db_path {
         if args.config.config.is_some() {
             return Err(config::ConfigError("cannot specify a replica URL and the -config flag".into()).into());
         }
-        anyhow::ensure!(!args.replica_urls.is_empty(), "must specify at least one replica URL for {}", db_path.display());
-        let replicas = args.replica_urls.iter().map(|url| Ok(Replica { sync_interval: args.sync_interval, ..open(replica_url::kind(url), url)? })).collect::<anyhow::Result<_>>()?;
-        return Ok((vec![Job { config: shipper_config(args, db_path), replicas, validated: Vec::new() }], Extras::default()));
+        anyhow::ensure!(
+            !args.replica_urls.is_empty(),
+            "must specify at least one replica URL for {}",
+            db_path.display()
+        );
+        let replicas = args
+            .replica_urls
+            .iter()
+            .map(|url| Ok(Replica { sync_interval: args.sync_interval, ..open(replica_url::kind(url), url)? }))
+            .collect::<anyhow::Result<_>>()?;
+        return Ok((
+            vec![Job { config: shipper_config(args, db_path), replicas, validated: Vec::new() }],
+            Extras::default(),
+        ));
     }
     let path = args.config.config.clone().unwrap_or_else(config::default_path);
     let file = config::load(&path, !args.config.no_expand_env)?;
     if file.dbs.is_empty() {
-        return Err(config::ConfigError(format!("config file {}: no databases specified in dbs", path.display())).into());
+        return Err(
+            config::ConfigError(format!("config file {}: no databases specified in dbs", path.display())).into()
+        );
     }
     let mut jobs = Vec::new();
     for db in &file.dbs {
@@ -58,15 +73,36 @@ fn replication_jobs(args: &ReplicateArgs) -> anyhow::Result<(Vec<Job>, Extras)> 
             .map(|r| Ok(Replica { policy: r.policy, sync_interval: r.sync_interval, ..open(&r.name, &r.url)? }))
             .collect::<anyhow::Result<_>>()?;
         let config = ShipperConfig { meta_dir: db.meta_path.clone(), ..shipper_config(args, &db.path) };
-        let validated = db.replicas.iter().enumerate().filter(|(_, r)| !r.validation_interval.is_zero()).map(|(i, r)| (i, r.validation_interval)).collect();
+        let validated = db
+            .replicas
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| !r.validation_interval.is_zero())
+            .map(|(i, r)| (i, r.validation_interval))
+            .collect();
         jobs.push(Job { config, replicas, validated });
     }
-    Ok((jobs, Extras { exec: file.exec, addr: file.addr, health_lag: file.health_lag, heartbeat_url: file.heartbeat_url, heartbeat_interval: file.heartbeat_interval }))
+    Ok((
+        jobs,
+        Extras {
+            exec: file.exec,
+            addr: file.addr,
+            health_lag: file.health_lag,
+            heartbeat_url: file.heartbeat_url,
+            heartbeat_interval: file.heartbeat_interval,
+        },
+    ))
 }
 
 /// What the command line sets for every database it replicates.
 fn shipper_config(args: &ReplicateArgs, db_path: &std::path::Path) -> ShipperConfig {
-    ShipperConfig { shutdown_deadline: args.shutdown_timeout, lease: lease_policy(args), max_local_wal: (args.max_local_wal > 0).then_some(args.max_local_wal), snapshot_wal_ratio: args.snapshot_wal_ratio, ..ShipperConfig::new(db_path) }
+    ShipperConfig {
+        shutdown_deadline: args.shutdown_timeout,
+        lease: lease_policy(args),
+        max_local_wal: (args.max_local_wal > 0).then_some(args.max_local_wal),
+        snapshot_wal_ratio: args.snapshot_wal_ratio,
+        ..ShipperConfig::new(db_path)
+    }
 }
 
 fn lease_policy(args: &ReplicateArgs) -> Option<LeasePolicy> {
@@ -102,7 +138,11 @@ pub(crate) async fn replicate(args: ReplicateArgs) -> anyhow::Result<()> {
     let mut shippers = Vec::new();
     for job in jobs {
         let shipper = Shipper::new(job.config, job.replicas);
-        validations.extend(job.validated.iter().filter_map(|&(replica, interval)| validate::Validation::new(shipper.handle(), replica, interval)));
+        validations.extend(
+            job.validated
+                .iter()
+                .filter_map(|&(replica, interval)| validate::Validation::new(shipper.handle(), replica, interval)),
+        );
         shippers.push(shipper);
     }
     let handles: Vec<_> = shippers.iter().map(Shipper::handle).collect();
@@ -118,7 +158,9 @@ pub(crate) async fn replicate(args: ReplicateArgs) -> anyhow::Result<()> {
                 return Err(config::ConfigError(format!("heartbeat-interval {interval:?}: give at least 1s (dead-man's switch services count in minutes; 5m is the default)")).into());
             }
             if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return Err(config::ConfigError(format!("heartbeat-url {url:?}: want an http:// or https:// URL")).into());
+                return Err(
+                    config::ConfigError(format!("heartbeat-url {url:?}: want an http:// or https:// URL")).into()
+                );
             }
             Some((url, interval))
         }
@@ -177,4 +219,3 @@ pub(crate) async fn replicate(args: ReplicateArgs) -> anyhow::Result<()> {
         code => Err(exec::AppExit(code).into()),
     }
 }
-

@@ -40,7 +40,13 @@ async fn restore_database(args: &RestoreArgs, shutdown: &CancellationToken) -> a
     if output.exists() && !args.dry_run {
         return Err(walstream_restore::Error::OutputExists { path: output }.into());
     }
-    let options = walstream_restore::RestoreOptions { output, target: target(args), parallelism: args.parallelism as usize, progress: Some(progress::for_command("restore")), integrity_check: args.integrity_check };
+    let options = walstream_restore::RestoreOptions {
+        output,
+        target: target(args),
+        parallelism: args.parallelism as usize,
+        progress: Some(progress::for_command("restore")),
+        integrity_check: args.integrity_check,
+    };
     let context = || format!("restore {} to {}", args.source, options.output.display());
     let work = async {
         let Some(chosen) = choose_replica(&source, &options.target).await? else {
@@ -52,7 +58,9 @@ async fn restore_database(args: &RestoreArgs, shutdown: &CancellationToken) -> a
                 tracing::warn!("this restore would not fit Cloud Run's 240 s startup-probe window; restore to a persistent volume or snapshot more often");
             }
         } else {
-            walstream_restore::restore_replanning(chosen.store.as_ref(), chosen.plan, &options).await.map_err(anyhow::Error::new)?;
+            walstream_restore::restore_replanning(chosen.store.as_ref(), chosen.plan, &options)
+                .await
+                .map_err(anyhow::Error::new)?;
         }
         Ok::<bool, anyhow::Error>(true)
     };
@@ -82,12 +90,18 @@ struct ChosenReplica {
 
 /// Plans the restore on every replica and keeps the one whose chosen generation was updated
 /// last, as Litestream does. `None` when no replica has a backup.
-async fn choose_replica(source: &source::Source, target: &walstream_restore::Target) -> anyhow::Result<Option<ChosenReplica>> {
+async fn choose_replica(
+    source: &source::Source,
+    target: &walstream_restore::Target,
+) -> anyhow::Result<Option<ChosenReplica>> {
     let mut best: Option<ChosenReplica> = None;
     for replica in &source.replicas {
         let store = replica_url::open(&replica.url)?;
-        let listing = walstream_restore::list_replica(store.as_ref()).await.with_context(|| format!("replica {}", replica.name))?;
-        let updated: std::collections::BTreeMap<_, _> = listing.generations.iter().map(|(id, g)| (*id, g.updated())).collect();
+        let listing = walstream_restore::list_replica(store.as_ref())
+            .await
+            .with_context(|| format!("replica {}", replica.name))?;
+        let updated: std::collections::BTreeMap<_, _> =
+            listing.generations.iter().map(|(id, g)| (*id, g.updated())).collect();
         match walstream_restore::plan_from(listing, target) {
             Ok(plan) => {
                 let updated = updated.get(&plan.generation).copied().flatten();

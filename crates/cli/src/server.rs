@@ -31,7 +31,9 @@ struct Routes {
 /// Listens on `addr` as Litestream does: `:9090` means every interface.
 pub(crate) async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
     let bind_to = if addr.starts_with(':') { format!("0.0.0.0{addr}") } else { addr.to_string() };
-    let listener = TcpListener::bind(&bind_to).await.with_context(|| format!("addr: cannot listen on {addr:?}; give a free host:port such as :9090"))?;
+    let listener = TcpListener::bind(&bind_to)
+        .await
+        .with_context(|| format!("addr: cannot listen on {addr:?}; give a free host:port such as :9090"))?;
     let local = listener.local_addr().map_or(addr.to_string(), |a| a.to_string());
     info!(addr = %local, "serving /metrics, /healthz, /readyz and POST /sync");
     Ok(listener)
@@ -39,7 +41,12 @@ pub(crate) async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
 
 /// Serves until `shutdown` is cancelled. `/healthz` fails while a replica has held back a
 /// captured commit for longer than `health_lag`.
-pub(crate) async fn serve(listener: TcpListener, handles: Vec<Handle>, health_lag: Duration, shutdown: CancellationToken) {
+pub(crate) async fn serve(
+    listener: TcpListener,
+    handles: Vec<Handle>,
+    health_lag: Duration,
+    shutdown: CancellationToken,
+) {
     let routes = Arc::new(Routes { metrics: Metrics::new(handles.clone()), handles, health_lag });
     loop {
         let stream = tokio::select! {
@@ -58,7 +65,9 @@ pub(crate) async fn serve(listener: TcpListener, handles: Vec<Handle>, health_la
                 let routes = routes.clone();
                 async move { Ok::<_, Infallible>(routes.answer(request).await) }
             });
-            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+            if let Err(e) =
+                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await
+            {
                 debug!(error = %e, "http connection ended with an error");
             }
         });
@@ -71,10 +80,14 @@ impl Routes {
         match (request.method(), request.uri().path()) {
             (&Method::GET, "/metrics") => {
                 let text = self.metrics.render();
-                Response::builder().header("Content-Type", metrics::CONTENT_TYPE).body(Full::new(Bytes::from(text))).expect("valid response")
+                Response::builder()
+                    .header("Content-Type", metrics::CONTENT_TYPE)
+                    .body(Full::new(Bytes::from(text)))
+                    .expect("valid response")
             }
             (&Method::GET, "/healthz") => {
-                let problems: Vec<String> = self.handles.iter().flat_map(|h| h.status().problems(self.health_lag)).collect();
+                let problems: Vec<String> =
+                    self.handles.iter().flat_map(|h| h.status().problems(self.health_lag)).collect();
                 if problems.is_empty() {
                     text(StatusCode::OK, "ok\n".into())
                 } else {
@@ -82,15 +95,22 @@ impl Routes {
                 }
             }
             (&Method::GET, "/readyz") => {
-                let waiting: Vec<String> = self.handles.iter().filter(|h| !h.ready()).map(|h| h.db_path().display().to_string()).collect();
+                let waiting: Vec<String> =
+                    self.handles.iter().filter(|h| !h.ready()).map(|h| h.db_path().display().to_string()).collect();
                 if waiting.is_empty() {
                     text(StatusCode::OK, "ready\n".into())
                 } else {
-                    text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: first sync not finished for {}\n", waiting.join(", ")))
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("not ready: first sync not finished for {}\n", waiting.join(", ")),
+                    )
                 }
             }
             (&Method::POST, "/sync") => self.sync(query).await,
-            (_, "/metrics" | "/healthz" | "/readyz" | "/sync") => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed: GET /metrics, /healthz, /readyz; POST /sync\n".into()),
+            (_, "/metrics" | "/healthz" | "/readyz" | "/sync") => text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed: GET /metrics, /healthz, /readyz; POST /sync\n".into(),
+            ),
             _ => text(StatusCode::NOT_FOUND, "not found: GET /metrics, /healthz, /readyz; POST /sync\n".into()),
         }
     }
@@ -109,9 +129,13 @@ impl Routes {
                 _ => return text(StatusCode::BAD_REQUEST, format!("unknown parameter {key:?}: use timeout and db\n")),
             }
         }
-        let chosen: Vec<&Handle> = self.handles.iter().filter(|h| db.as_deref().is_none_or(|db| h.db_path() == db)).collect();
+        let chosen: Vec<&Handle> =
+            self.handles.iter().filter(|h| db.as_deref().is_none_or(|db| h.db_path() == db)).collect();
         if chosen.is_empty() {
-            return text(StatusCode::NOT_FOUND, format!("no database {} is replicated here\n", db.unwrap_or_default().display()));
+            return text(
+                StatusCode::NOT_FOUND,
+                format!("no database {} is replicated here\n", db.unwrap_or_default().display()),
+            );
         }
         let results = futures_util::future::join_all(chosen.iter().map(|h| h.sync(timeout))).await;
         let mut body = String::new();
@@ -134,5 +158,9 @@ impl Routes {
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    Response::builder().status(status).header("Content-Type", "text/plain; charset=utf-8").body(Full::new(Bytes::from(body))).expect("valid response")
+    Response::builder()
+        .status(status)
+        .header("Content-Type", "text/plain; charset=utf-8")
+        .body(Full::new(Bytes::from(body)))
+        .expect("valid response")
 }

@@ -28,13 +28,17 @@ pub(crate) fn resolve(source: &str, config_args: &ConfigArgs, only: Option<&str>
         replica_url::open(source)?;
         let name = replica_url::kind(source).to_string();
         if let Some(wanted) = only.filter(|wanted| **wanted != name) {
-            return Err(ConfigError(format!("replica {wanted:?} not found for {source:?} (with a URL, the only replica is named {name:?})")).into());
+            return Err(ConfigError(format!(
+                "replica {wanted:?} not found for {source:?} (with a URL, the only replica is named {name:?})"
+            ))
+            .into());
         }
         return Ok(Source { db: None, replicas: vec![NamedReplica { name, url: source.to_string() }] });
     }
     let path = config_args.config.clone().unwrap_or_else(config::default_path);
     let config = config::load(&path, !config_args.no_expand_env)?;
     let db = config.db(source)?;
-    let replicas = db.replicas(only)?.into_iter().map(|r| NamedReplica { name: r.name.clone(), url: r.url.clone() }).collect();
+    let replicas =
+        db.replicas(only)?.into_iter().map(|r| NamedReplica { name: r.name.clone(), url: r.url.clone() }).collect();
     Ok(Source { db: Some(db.path.clone()), replicas })
 }

@@ -29,7 +29,12 @@ pub(crate) async fn sync(args: SyncArgs) -> anyhow::Result<()> {
         None => {
             let path = args.config.config.clone().unwrap_or_else(config::default_path);
             let file = config::load(&path, !args.config.no_expand_env)?;
-            file.addr.ok_or_else(|| config::ConfigError(format!("config file {}: no addr; set addr there or give -addr HOST:PORT", path.display())))?
+            file.addr.ok_or_else(|| {
+                config::ConfigError(format!(
+                    "config file {}: no addr; set addr there or give -addr HOST:PORT",
+                    path.display()
+                ))
+            })?
         }
     };
     // `:9090` and `0.0.0.0:9090` listen everywhere; ask this machine.
@@ -42,10 +47,16 @@ pub(crate) async fn sync(args: SyncArgs) -> anyhow::Result<()> {
     if let Some(db) = &args.db_path {
         query.append_pair("db", &std::path::absolute(db).unwrap_or(db.clone()).to_string_lossy());
     }
-    let stream = TcpStream::connect(&connect_to).await.with_context(|| format!("cannot reach walstream at {connect_to}: is `walstream replicate` running with addr {addr}?"))?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.context("http handshake with walstream")?;
+    let stream = TcpStream::connect(&connect_to).await.with_context(|| {
+        format!("cannot reach walstream at {connect_to}: is `walstream replicate` running with addr {addr}?")
+    })?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.context("http handshake with walstream")?;
     tokio::spawn(connection);
-    let request = Request::post(format!("/sync?{}", query.finish())).header("Host", &connect_to).body(Full::new(Bytes::new())).expect("valid request");
+    let request = Request::post(format!("/sync?{}", query.finish()))
+        .header("Host", &connect_to)
+        .body(Full::new(Bytes::new()))
+        .expect("valid request");
     let response = sender.send_request(request).await.with_context(|| format!("POST /sync to {connect_to}"))?;
     let status = response.status();
     let body = response.into_body().collect().await.context("reading walstream's answer")?.to_bytes();
@@ -55,7 +66,9 @@ pub(crate) async fn sync(args: SyncArgs) -> anyhow::Result<()> {
             print!("{body}");
             Ok(())
         }
-        StatusCode::GATEWAY_TIMEOUT | StatusCode::SERVICE_UNAVAILABLE => Err(NotConfirmed(body.trim_end().replace('\n', "; ")).into()),
+        StatusCode::GATEWAY_TIMEOUT | StatusCode::SERVICE_UNAVAILABLE => {
+            Err(NotConfirmed(body.trim_end().replace('\n', "; ")).into())
+        }
         other => anyhow::bail!("walstream at {connect_to} answered {other}: {}", body.trim_end()),
     }
 }

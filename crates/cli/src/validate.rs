@@ -86,17 +86,29 @@ pub(crate) async fn run(v: Validation, stop: CancellationToken) {
 /// One validation: the position compared, a reason it was skipped, or what differed.
 async fn validate_once(v: &Validation) -> Result<Result<Pos, Skipped>, String> {
     let Some(end) = caught_up(v).await else { return Ok(Err(Skipped::NotCaughtUp)) };
-    let temp = tempfile::Builder::new().prefix("walstream-validate-").tempdir().map_err(|e| format!("cannot create a temporary directory to restore into: {e}"))?;
+    let temp = tempfile::Builder::new()
+        .prefix("walstream-validate-")
+        .tempdir()
+        .map_err(|e| format!("cannot create a temporary directory to restore into: {e}"))?;
     let restored = temp.path().join("replica.db");
-    let options = RestoreOptions { target: Target { generation: Some(end.generation), ..Target::default() }, integrity_check: IntegrityCheck::Quick, parallelism: 4, ..RestoreOptions::new(&restored) };
+    let options = RestoreOptions {
+        target: Target { generation: Some(end.generation), ..Target::default() },
+        integrity_check: IntegrityCheck::Quick,
+        parallelism: 4,
+        ..RestoreOptions::new(&restored)
+    };
     // On a blocking thread of its own: the restore future is not `Send` for every lifetime
     // `tokio::spawn` asks of this task's, and it is a long, mostly waiting job anyway.
     let store = v.store.clone();
     let runtime = tokio::runtime::Handle::current();
-    let restoring = tokio::task::spawn_blocking(move || runtime.block_on(async { walstream_restore::restore(store.as_ref(), &options).await.map(|_| ()) }));
+    let restoring = tokio::task::spawn_blocking(move || {
+        runtime.block_on(async { walstream_restore::restore(store.as_ref(), &options).await.map(|_| ()) })
+    });
     restoring.await.map_err(|e| e.to_string())?.map_err(|e| format!("restoring it failed: {e}"))?;
     let replica = digest_blocking(restored.clone(), false).await.map_err(|e| format!("reading its restore: {e}"))?;
-    let source = digest_blocking(v.handle.db_path().to_path_buf(), true).await.map_err(|e| format!("reading the database: {e}"))?;
+    let source = digest_blocking(v.handle.db_path().to_path_buf(), true)
+        .await
+        .map_err(|e| format!("reading the database: {e}"))?;
     // A pass now copies any commit made since `end`; if there was one, the two reads may have
     // seen different positions.
     if v.handle.sync(CATCH_UP_WAIT).await.is_err() || v.handle.shadow_end() != Some(end) {
@@ -132,7 +144,9 @@ struct Digest {
 }
 
 async fn digest_blocking(path: PathBuf, live: bool) -> Result<Vec<Digest>, String> {
-    tokio::task::spawn_blocking(move || digest(&path, live).map_err(|e| e.to_string())).await.map_err(|e| e.to_string())?
+    tokio::task::spawn_blocking(move || digest(&path, live).map_err(|e| e.to_string()))
+        .await
+        .map_err(|e| e.to_string())?
 }
 
 /// The schema and every table's rows, read in one transaction. The live database is opened
@@ -144,9 +158,16 @@ fn digest(path: &Path, live: bool) -> rusqlite::Result<Vec<Digest>> {
         conn.busy_timeout(Duration::from_secs(5))?;
     }
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Deferred)?;
-    let mut schema: Vec<(String, String, String)> = tx.prepare("SELECT type, name, coalesce(sql, '') FROM sqlite_schema ORDER BY type, name")?.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?;
+    let mut schema: Vec<(String, String, String)> = tx
+        .prepare("SELECT type, name, coalesce(sql, '') FROM sqlite_schema ORDER BY type, name")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<Result<_, _>>()?;
     schema.sort();
-    let mut digests = vec![Digest { name: "the schema".into(), rows: schema.len() as u64, hash: hash_rows(schema.iter().map(|(t, n, s)| format!("{t}\0{n}\0{s}"))) }];
+    let mut digests = vec![Digest {
+        name: "the schema".into(),
+        rows: schema.len() as u64,
+        hash: hash_rows(schema.iter().map(|(t, n, s)| format!("{t}\0{n}\0{s}"))),
+    }];
     for (kind, name, sql) in &schema {
         // A virtual table's rows live in its shadow tables, which are hashed as tables.
         if kind != "table" || sql.to_ascii_uppercase().starts_with("CREATE VIRTUAL") {
@@ -207,12 +228,22 @@ fn first_difference(source: &[Digest], replica: &[Digest]) -> Option<String> {
     for s in source {
         match replica.iter().find(|r| r.name == s.name) {
             None => return Some(format!("{} is missing from the replica", s.name)),
-            Some(r) if r.rows != s.rows => return Some(format!("{} has {} rows in the replica against {} in the database", s.name, r.rows, s.rows)),
-            Some(r) if r.hash != s.hash => return Some(format!("{} has the same {} rows but different contents", s.name, s.rows)),
+            Some(r) if r.rows != s.rows => {
+                return Some(format!(
+                    "{} has {} rows in the replica against {} in the database",
+                    s.name, r.rows, s.rows
+                ))
+            }
+            Some(r) if r.hash != s.hash => {
+                return Some(format!("{} has the same {} rows but different contents", s.name, s.rows))
+            }
             Some(_) => {}
         }
     }
-    replica.iter().find(|r| !source.iter().any(|s| s.name == r.name)).map(|r| format!("{} is in the replica but not in the database", r.name))
+    replica
+        .iter()
+        .find(|r| !source.iter().any(|s| s.name == r.name))
+        .map(|r| format!("{} is in the replica but not in the database", r.name))
 }
 
 #[cfg(test)]
@@ -228,16 +259,33 @@ mod tests {
     #[test]
     fn equal_content_is_equal_whatever_the_pages_and_a_difference_is_named() {
         let dir = tempfile::tempdir().unwrap();
-        let a = db(dir.path(), "a.db", "CREATE TABLE t (id INTEGER PRIMARY KEY, v); INSERT INTO t (v) VALUES (1), ('x'), (NULL);");
+        let a = db(
+            dir.path(),
+            "a.db",
+            "CREATE TABLE t (id INTEGER PRIMARY KEY, v); INSERT INTO t (v) VALUES (1), ('x'), (NULL);",
+        );
         // The same rows, written with a deletion in between and vacuumed: other pages.
         let b = db(dir.path(), "b.db", "PRAGMA page_size = 8192; CREATE TABLE t (id INTEGER PRIMARY KEY, v); INSERT INTO t (v) VALUES (1), ('x'), (NULL), (4); DELETE FROM t WHERE id = 4; VACUUM;");
         assert_eq!(first_difference(&digest(&a, true).unwrap(), &digest(&b, false).unwrap()), None);
 
-        let c = db(dir.path(), "c.db", "CREATE TABLE t (id INTEGER PRIMARY KEY, v); INSERT INTO t (v) VALUES ('1'), ('x'), (NULL);");
-        assert_eq!(first_difference(&digest(&a, true).unwrap(), &digest(&c, false).unwrap()).as_deref(), Some("table t has the same 3 rows but different contents"));
-        let d = db(dir.path(), "d.db", "CREATE TABLE t (id INTEGER PRIMARY KEY, v); INSERT INTO t (v) VALUES (1), ('x');");
-        assert_eq!(first_difference(&digest(&a, true).unwrap(), &digest(&d, false).unwrap()).as_deref(), Some("table t has 2 rows in the replica against 3 in the database"));
+        let c = db(
+            dir.path(),
+            "c.db",
+            "CREATE TABLE t (id INTEGER PRIMARY KEY, v); INSERT INTO t (v) VALUES ('1'), ('x'), (NULL);",
+        );
+        assert_eq!(
+            first_difference(&digest(&a, true).unwrap(), &digest(&c, false).unwrap()).as_deref(),
+            Some("table t has the same 3 rows but different contents")
+        );
+        let d =
+            db(dir.path(), "d.db", "CREATE TABLE t (id INTEGER PRIMARY KEY, v); INSERT INTO t (v) VALUES (1), ('x');");
+        assert_eq!(
+            first_difference(&digest(&a, true).unwrap(), &digest(&d, false).unwrap()).as_deref(),
+            Some("table t has 2 rows in the replica against 3 in the database")
+        );
         let e = db(dir.path(), "e.db", "CREATE TABLE t (id INTEGER PRIMARY KEY, v); INSERT INTO t (v) VALUES (1), ('x'), (NULL); CREATE TABLE u (x);");
-        assert!(first_difference(&digest(&a, true).unwrap(), &digest(&e, false).unwrap()).unwrap().starts_with("the schema"));
+        assert!(first_difference(&digest(&a, true).unwrap(), &digest(&e, false).unwrap())
+            .unwrap()
+            .starts_with("the schema"));
     }
 }

@@ -19,7 +19,15 @@ pub(crate) async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
         let context = || format!("verify replica {} ({})", replica.name, replica.url);
         let plan = walstream_restore::plan(store.as_ref(), &target).await.with_context(context)?;
         let progress = progress::for_command("verify");
-        let outcome = walstream_restore::verify(store.as_ref(), plan, args.parallelism as usize, &spill_dir, Some(progress.as_ref())).await.with_context(context)?;
+        let outcome = walstream_restore::verify(
+            store.as_ref(),
+            plan,
+            args.parallelism as usize,
+            &spill_dir,
+            Some(progress.as_ref()),
+        )
+        .await
+        .with_context(context)?;
         let segments: usize = outcome.plan.indexes.iter().map(|i| i.segments.len()).sum();
         info!(replica = %replica.name, generation = %outcome.plan.generation, "verified");
         println!(

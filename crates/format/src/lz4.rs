@@ -103,7 +103,10 @@ pub fn compress(data: &[u8]) -> Vec<u8> {
 /// The most bytes [`compress_into`] may write for `len` bytes of input.
 pub fn max_compressed_len(len: usize) -> usize {
     let (full, rest) = (len / BLOCK_MAX, len % BLOCK_MAX);
-    FRAME_PREFIX.len() + full * FrameBuilder::block_bound(BLOCK_MAX) + FrameBuilder::block_bound(rest) + FrameBuilder::END_LEN
+    FRAME_PREFIX.len()
+        + full * FrameBuilder::block_bound(BLOCK_MAX)
+        + FrameBuilder::block_bound(rest)
+        + FrameBuilder::END_LEN
 }
 
 /// Writes one frame of `data` to the front of `out` and returns its length. Blocks are
@@ -342,7 +345,9 @@ impl FrameDecoder {
                         7 => 4 << 20,
                         _ => return Err(bad("invalid block size in frame header")),
                     };
-                    let descriptor_end = 6 + if flg & FLG_CONTENT_SIZE != 0 { 8 } else { 0 } + if flg & FLG_DICT_ID != 0 { 4 } else { 0 };
+                    let descriptor_end = 6
+                        + if flg & FLG_CONTENT_SIZE != 0 { 8 } else { 0 }
+                        + if flg & FLG_DICT_ID != 0 { 4 } else { 0 };
                     let Some(&header_checksum) = rest.get(descriptor_end) else { return Ok(at) };
                     if (xxh32(&rest[4..descriptor_end], 0) >> 8) as u8 != header_checksum {
                         return Err(bad("frame header checksum mismatch"));
@@ -356,7 +361,8 @@ impl FrameDecoder {
                     let Some(size) = rest.get(..4) else { return Ok(at) };
                     let size = u32::from_le_bytes(size.try_into().expect("4 bytes"));
                     if size == 0 {
-                        self.state = if self.checksum.is_some() { DecoderState::ContentChecksum } else { DecoderState::Done };
+                        self.state =
+                            if self.checksum.is_some() { DecoderState::ContentChecksum } else { DecoderState::Done };
                         at += 4;
                         continue;
                     }
@@ -375,15 +381,25 @@ impl FrameDecoder {
                     }
                     self.block.resize(self.block_max, 0);
                     let payload = &rest[4..4 + len];
-                    let n = if self.flg & FLG_INDEPENDENT != 0 { block::decompress_into(payload, &mut self.block) } else { block::decompress_into_with_dict(payload, &mut self.block, &self.history) }
-                        .map_err(|e| FeedError::Corrupt(Error::Lz4(format!("corrupt block: {e}"))))?;
+                    let n = if self.flg & FLG_INDEPENDENT != 0 {
+                        block::decompress_into(payload, &mut self.block)
+                    } else {
+                        block::decompress_into_with_dict(payload, &mut self.block, &self.history)
+                    }
+                    .map_err(|e| FeedError::Corrupt(Error::Lz4(format!("corrupt block: {e}"))))?;
                     let block = std::mem::take(&mut self.block);
                     let emitted = self.emit(&block[..n], sink);
                     self.block = block;
                     emitted?;
                     at += whole;
                 }
-                DecoderState::Raw(0) => self.state = if self.block_checksum_len() > 0 { DecoderState::Skip(self.block_checksum_len()) } else { DecoderState::Blocks },
+                DecoderState::Raw(0) => {
+                    self.state = if self.block_checksum_len() > 0 {
+                        DecoderState::Skip(self.block_checksum_len())
+                    } else {
+                        DecoderState::Blocks
+                    }
+                }
                 DecoderState::Raw(left) => {
                     let n = left.min(rest.len());
                     if n == 0 {

@@ -93,7 +93,8 @@ pub struct FrameHeader {
 impl FrameHeader {
     /// Parses the 24-byte frame header; no validation.
     pub fn parse(bytes: &[u8]) -> Result<FrameHeader, Error> {
-        let bytes = bytes.get(..FRAME_HEADER_SIZE).ok_or(Error::Short { need: FRAME_HEADER_SIZE, have: bytes.len() })?;
+        let bytes =
+            bytes.get(..FRAME_HEADER_SIZE).ok_or(Error::Short { need: FRAME_HEADER_SIZE, have: bytes.len() })?;
         Ok(FrameHeader {
             pgno: be32(bytes, 0),
             commit_size: be32(bytes, 4),
@@ -387,11 +388,18 @@ mod tests {
         for len in [0, 8, 504, 512, 520, 1024, 4096, 4104, 4992] {
             for order in [ByteOrder::Little, ByteOrder::Big] {
                 let seed = (next() as u32, next() as u32);
-                assert_eq!(checksum_update(order, seed, &data[..len]), checksum_pairs(order, seed, &data[..len]), "{len} bytes, {order:?}");
+                assert_eq!(
+                    checksum_update(order, seed, &data[..len]),
+                    checksum_pairs(order, seed, &data[..len]),
+                    "{len} bytes, {order:?}"
+                );
             }
         }
         let ones = vec![0xFFu8; 4096];
-        assert_eq!(checksum_update(ByteOrder::Little, (u32::MAX, u32::MAX), &ones), checksum_pairs(ByteOrder::Little, (u32::MAX, u32::MAX), &ones));
+        assert_eq!(
+            checksum_update(ByteOrder::Little, (u32::MAX, u32::MAX), &ones),
+            checksum_pairs(ByteOrder::Little, (u32::MAX, u32::MAX), &ones)
+        );
     }
 
     #[test]

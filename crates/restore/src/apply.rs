@@ -24,11 +24,19 @@ use crate::progress::Progress;
 use crate::Error;
 
 /// Builds `temp` from the plan: snapshot, the indexes newest first, fsync, integrity check.
-pub(crate) async fn apply(store: &dyn ObjectStore, plan: &RestorePlan, temp: &Path, parallelism: usize, progress: &dyn Progress, check: crate::IntegrityCheck) -> Result<(), Error> {
+pub(crate) async fn apply(
+    store: &dyn ObjectStore,
+    plan: &RestorePlan,
+    temp: &Path,
+    parallelism: usize,
+    progress: &dyn Progress,
+    check: crate::IntegrityCheck,
+) -> Result<(), Error> {
     let (objects, bytes) = plan.stored();
     progress.start(objects, bytes);
 
-    let (file, snapshot_len) = fetch::snapshot_into(store, &plan.snapshot, create_new(temp)?, temp, parallelism, progress).await?;
+    let (file, snapshot_len) =
+        fetch::snapshot_into(store, &plan.snapshot, create_new(temp)?, temp, parallelism, progress).await?;
     let page_size = db_page_size(&file).ok_or_else(|| not_a_database(&plan.snapshot.key))?;
     let mut image = Image::new(file, page_size, snapshot_len);
 
@@ -37,14 +45,20 @@ pub(crate) async fn apply(store: &dyn ObjectStore, plan: &RestorePlan, temp: &Pa
     // verified index waiting keeps the writer busy; more would only hold memory (or spill files).
     let (sender, mut fetched) = mpsc::channel(1);
     let spill_dir = temp.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
-    let downloads = fetch::fetch_indexes(store, plan.indexes.iter().rev().collect(), spill_dir, parallelism, progress, sender);
+    let downloads =
+        fetch::fetch_indexes(store, plan.indexes.iter().rev().collect(), spill_dir, parallelism, progress, sender);
     let build = async move {
         while let Some(index) = fetched.recv().await {
             let index = index?;
-            image = tokio::task::spawn_blocking(move || image.apply_older(&index).map(|()| image)).await.expect("apply task panicked")?;
+            image = tokio::task::spawn_blocking(move || image.apply_older(&index).map(|()| image))
+                .await
+                .expect("apply task panicked")?;
         }
         let write_error = |source| Error::Io { op: "write", path: temp.to_path_buf(), source };
-        let file = tokio::task::spawn_blocking(move || image.finish()).await.expect("apply task panicked").map_err(write_error)?;
+        let file = tokio::task::spawn_blocking(move || image.finish())
+            .await
+            .expect("apply task panicked")
+            .map_err(write_error)?;
         file.sync_all().map_err(|source| Error::Io { op: "fsync", path: temp.to_path_buf(), source })?;
         Ok::<(), Error>(())
     };
@@ -76,11 +90,18 @@ fn header_page_size(head: &[u8]) -> Option<u32> {
 
 /// The error for a snapshot that decodes to something other than a SQLite database.
 pub(crate) fn not_a_database(key: &str) -> Error {
-    Error::CorruptObject { key: key.to_string(), source: walstream_format::Error::Lz4("snapshot is not a SQLite database".into()) }
+    Error::CorruptObject {
+        key: key.to_string(),
+        source: walstream_format::Error::Lz4("snapshot is not a SQLite database".into()),
+    }
 }
 
 fn create_new(path: &Path) -> Result<File, Error> {
-    std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(path).map_err(|source| Error::Io { op: "create", path: path.to_path_buf(), source })
+    std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(path).map_err(|source| Error::Io {
+        op: "create",
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// A snapshot's destination when only its validity matters (`verify`): keeps the database
@@ -132,7 +153,11 @@ pub(crate) fn verify_index(fetched: FetchedIndex) -> Result<VerifiedIndex, Error
     let mut at = 0;
     while at < fetched.wal.len() {
         let n = usize::try_from(fetched.wal.len() - at).unwrap_or(usize::MAX).min(buf.len());
-        fetched.wal.read_at(&mut buf[..n], at).map_err(|source| Error::Io { op: "read", path: "wal index".into(), source })?;
+        fetched.wal.read_at(&mut buf[..n], at).map_err(|source| Error::Io {
+            op: "read",
+            path: "wal index".into(),
+            source,
+        })?;
         check.feed(&buf[..n]);
         at += n as u64;
     }
@@ -217,12 +242,22 @@ impl ChainCheck {
     pub(crate) fn verified(self, fetched: FetchedIndex) -> Result<VerifiedIndex, Error> {
         let header = match (&self.chain, self.bad_header) {
             (Some(chain), _) => *chain.header(),
-            (None, Some(source)) => return Err(Error::CorruptObject { key: fetched.segment_at(0).to_string(), source }),
-            (None, None) => return Err(Error::CorruptObject { key: fetched.segment_at(0).to_string(), source: walstream_format::Error::Short { need: WAL_HEADER_SIZE, have: self.head.len() } }),
+            (None, Some(source)) => {
+                return Err(Error::CorruptObject { key: fetched.segment_at(0).to_string(), source })
+            }
+            (None, None) => {
+                return Err(Error::CorruptObject {
+                    key: fetched.segment_at(0).to_string(),
+                    source: walstream_format::Error::Short { need: WAL_HEADER_SIZE, have: self.head.len() },
+                })
+            }
         };
         let committed = self.committed.expect("set with the chain");
         if committed.valid_len < fetched.wal.len() {
-            return Err(Error::ChecksumBreak { key: fetched.segment_at(committed.valid_len).to_string(), offset: committed.valid_len });
+            return Err(Error::ChecksumBreak {
+                key: fetched.segment_at(committed.valid_len).to_string(),
+                offset: committed.valid_len,
+            });
         }
         Ok(VerifiedIndex { fetched, header, committed })
     }
@@ -271,7 +306,10 @@ impl Image {
     /// Applies an index older than every index applied so far.
     pub(crate) fn apply_older(&mut self, index: &VerifiedIndex) -> Result<(), Error> {
         if index.header.page_size != self.page_size {
-            return Err(Error::CorruptObject { key: index.fetched.segment_at(0).to_string(), source: walstream_format::Error::BadPageSize { page_size: index.header.page_size } });
+            return Err(Error::CorruptObject {
+                key: index.fetched.segment_at(0).to_string(),
+                source: walstream_format::Error::BadPageSize { page_size: index.header.page_size },
+            });
         }
         let committed = &index.committed;
         // An index without a commit changes nothing, not even the size, as in SQLite.
@@ -288,13 +326,23 @@ impl Image {
         while end > 0 {
             let start = end.saturating_sub(per_read);
             let bytes = &mut buf[..(end - start) * frame_size];
-            index.fetched.wal.read_at(bytes, (WAL_HEADER_SIZE + start * frame_size) as u64).map_err(|source| Error::Io { op: "read", path: format!("downloaded wal index {:08x}", index.fetched.index).into(), source })?;
+            index.fetched.wal.read_at(bytes, (WAL_HEADER_SIZE + start * frame_size) as u64).map_err(|source| {
+                Error::Io {
+                    op: "read",
+                    path: format!("downloaded wal index {:08x}", index.fetched.index).into(),
+                    source,
+                }
+            })?;
             for frame in bytes.chunks_exact(frame_size).rev() {
                 let pgno = u32::from_be_bytes(frame[..4].try_into().expect("4 bytes"));
                 if pgno == 0 || pgno > self.smallest || self.is_settled(pgno) {
                     continue;
                 }
-                self.write_page(pgno, &frame[FRAME_HEADER_SIZE..]).map_err(|source| Error::Io { op: "write", path: format!("page {pgno} from wal index {:08x}", index.fetched.index).into(), source })?;
+                self.write_page(pgno, &frame[FRAME_HEADER_SIZE..]).map_err(|source| Error::Io {
+                    op: "write",
+                    path: format!("page {pgno} from wal index {:08x}", index.fetched.index).into(),
+                    source,
+                })?;
             }
             end = start;
         }

@@ -85,7 +85,9 @@ impl IndexBytes {
             Some(file) => file.read_exact_at(buf, offset),
             None => {
                 let start = usize::try_from(offset).map_err(|_| std::io::ErrorKind::InvalidInput)?;
-                buf.copy_from_slice(self.memory.get(start..start + buf.len()).ok_or(std::io::ErrorKind::UnexpectedEof)?);
+                buf.copy_from_slice(
+                    self.memory.get(start..start + buf.len()).ok_or(std::io::ErrorKind::UnexpectedEof)?,
+                );
                 Ok(())
             }
         }
@@ -99,7 +101,11 @@ fn parts(object: &SegmentRef) -> impl Iterator<Item = (u64, u64, bool)> + '_ {
 }
 
 async fn get_part(store: &dyn ObjectStore, object: &SegmentRef, offset: u64, len: u64) -> Result<Bytes, Error> {
-    Ok(if object.size <= PART { store.get(&object.key).await? } else { store.get_range(&object.key, offset, len).await? })
+    Ok(if object.size <= PART {
+        store.get(&object.key).await?
+    } else {
+        store.get_range(&object.key, offset, len).await?
+    })
 }
 
 fn decode_error(key: &str, path: &Path) -> impl Fn(lz4::FeedError) -> Error {
@@ -113,7 +119,14 @@ fn decode_error(key: &str, path: &Path) -> impl Fn(lz4::FeedError) -> Error {
 /// Streams a snapshot into `file`, decoded on a blocking thread in order as its parts arrive,
 /// each block written as soon as it is decoded. Returns the file and how many bytes the
 /// snapshot holds.
-pub(crate) async fn snapshot_into<W: std::io::Write + Send + 'static>(store: &dyn ObjectStore, snapshot: &SegmentRef, file: W, path: &Path, parallelism: usize, progress: &dyn Progress) -> Result<(W, u64), Error> {
+pub(crate) async fn snapshot_into<W: std::io::Write + Send + 'static>(
+    store: &dyn ObjectStore,
+    snapshot: &SegmentRef,
+    file: W,
+    path: &Path,
+    parallelism: usize,
+    progress: &dyn Progress,
+) -> Result<(W, u64), Error> {
     let (parts_tx, mut parts_rx) = mpsc::channel::<Bytes>(1);
     let (key, path) = (snapshot.key.clone(), path.to_path_buf());
     let writer = tokio::task::spawn_blocking(move || {
@@ -131,7 +144,9 @@ pub(crate) async fn snapshot_into<W: std::io::Write + Send + 'static>(store: &dy
         decoder.finish().map_err(|source| Error::CorruptObject { key: key.clone(), source })?;
         Ok::<_, Error>((file, written))
     });
-    let mut downloads = stream::iter(parts(snapshot)).map(|(offset, len, _)| get_part(store, snapshot, offset, len)).buffered(parallelism.clamp(1, PARTS_IN_FLIGHT));
+    let mut downloads = stream::iter(parts(snapshot))
+        .map(|(offset, len, _)| get_part(store, snapshot, offset, len))
+        .buffered(parallelism.clamp(1, PARTS_IN_FLIGHT));
     while let Some(part) = downloads.next().await {
         let part = part?;
         progress.downloading(part.len() as u64);
@@ -161,17 +176,33 @@ struct SegmentPart {
 /// Sends every index of `indexes`, in the order given, to `out` once it is whole and verified.
 /// Stops at the first error, which it sends too; stops quietly if `out` is closed. Indexes
 /// larger than [`SPILL_AT`] are kept in unlinked files in `spill_dir`.
-pub(crate) async fn fetch_indexes(store: &dyn ObjectStore, indexes: Vec<&IndexPlan>, spill_dir: PathBuf, parallelism: usize, progress: &dyn Progress, out: mpsc::Sender<Result<VerifiedIndex, Error>>) {
+pub(crate) async fn fetch_indexes(
+    store: &dyn ObjectStore,
+    indexes: Vec<&IndexPlan>,
+    spill_dir: PathBuf,
+    parallelism: usize,
+    progress: &dyn Progress,
+    out: mpsc::Sender<Result<VerifiedIndex, Error>>,
+) {
     let (parts_tx, parts_rx) = mpsc::channel::<Result<SegmentPart, Error>>(1);
     let assembler = tokio::task::spawn_blocking(move || assemble(parts_rx, &spill_dir, out));
     let all_parts = indexes.iter().flat_map(|plan| {
         let last_segment = plan.segments.len().saturating_sub(1);
-        plan.segments.iter().enumerate().flat_map(move |(n, segment)| parts(segment).map(move |(offset, len, last)| (plan.index, segment, offset, len, last, n == last_segment)))
+        plan.segments.iter().enumerate().flat_map(move |(n, segment)| {
+            parts(segment).map(move |(offset, len, last)| (plan.index, segment, offset, len, last, n == last_segment))
+        })
     });
     let mut downloads = stream::iter(all_parts)
         .map(|(index, segment, offset, len, last, ends_index)| async move {
             let body = get_part(store, segment, offset, len).await?;
-            Ok(SegmentPart { index, segment: segment.clone(), first: offset == 0, last, ends_index: ends_index && last, body })
+            Ok(SegmentPart {
+                index,
+                segment: segment.clone(),
+                first: offset == 0,
+                last,
+                ends_index: ends_index && last,
+                body,
+            })
         })
         .buffered(parallelism.clamp(1, PARTS_IN_FLIGHT));
     while let Some(part) = downloads.next().await {
@@ -192,16 +223,29 @@ pub(crate) async fn fetch_indexes(store: &dyn ObjectStore, indexes: Vec<&IndexPl
 
 /// The blocking half of [`fetch_indexes`]: decodes parts into the current index, following its
 /// checksum chain as the bytes go by, and hands it on once its last segment is in.
-fn assemble(mut parts: mpsc::Receiver<Result<SegmentPart, Error>>, spill_dir: &Path, out: mpsc::Sender<Result<VerifiedIndex, Error>>) {
+fn assemble(
+    mut parts: mpsc::Receiver<Result<SegmentPart, Error>>,
+    spill_dir: &Path,
+    out: mpsc::Sender<Result<VerifiedIndex, Error>>,
+) {
     let mut current: Option<(FetchedIndex, ChainCheck)> = None;
     let mut decoder = lz4::FrameDecoder::new();
     while let Some(part) = parts.blocking_recv() {
         let step = part.and_then(|part| {
-            let (fetched, check) = current.get_or_insert_with(|| (FetchedIndex { index: part.index, wal: IndexBytes::default(), segments: Vec::new() }, ChainCheck::default()));
+            let (fetched, check) = current.get_or_insert_with(|| {
+                (
+                    FetchedIndex { index: part.index, wal: IndexBytes::default(), segments: Vec::new() },
+                    ChainCheck::default(),
+                )
+            });
             if part.first {
                 let expected = fetched.wal.len();
                 if part.segment.offset != expected {
-                    return Err(Error::SegmentGap { key: part.segment.key.clone(), expected, found: part.segment.offset });
+                    return Err(Error::SegmentGap {
+                        key: part.segment.key.clone(),
+                        expected,
+                        found: part.segment.offset,
+                    });
                 }
                 fetched.segments.push((part.segment.key.clone(), expected));
                 decoder = lz4::FrameDecoder::new();
@@ -253,6 +297,9 @@ mod tests {
         let mut tail = [0u8; 10];
         bytes.read_at(&mut tail, data.len() as u64 - 10).unwrap();
         assert_eq!(tail, data[data.len() - 10..]);
-        assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none(), "the spill file is unlinked: nothing to leave behind");
+        assert!(
+            std::fs::read_dir(dir.path()).unwrap().next().is_none(),
+            "the spill file is unlinked: nothing to leave behind"
+        );
     }
 }

@@ -20,8 +20,10 @@ use tracing::{info, warn};
 use walstream_store::ObjectStore;
 
 pub use error::Error;
+pub use plan::{
+    list_replica, plan, plan_from, GenerationListing, IndexPlan, ReplicaListing, RestorePlan, SegmentRef, Target,
+};
 pub use progress::Progress;
-pub use plan::{list_replica, plan, plan_from, GenerationListing, IndexPlan, ReplicaListing, RestorePlan, SegmentRef, Target};
 
 /// Which check SQLite runs on the restored file before it is linked into place (Litestream
 /// 0.5's `-integrity-check`). Every object's checksums are verified whichever is chosen.
@@ -54,7 +56,13 @@ pub struct RestoreOptions {
 impl RestoreOptions {
     /// The latest state, to `output`, eight downloads at once, quietly.
     pub fn new(output: impl Into<PathBuf>) -> RestoreOptions {
-        RestoreOptions { output: output.into(), target: Target::default(), parallelism: 8, progress: None, integrity_check: IntegrityCheck::Full }
+        RestoreOptions {
+            output: output.into(),
+            target: Target::default(),
+            parallelism: 8,
+            progress: None,
+            integrity_check: IntegrityCheck::Full,
+        }
     }
 }
 
@@ -81,7 +89,11 @@ const REPLAN_ATTEMPTS: u32 = 3;
 /// [`restore_plan`], planned again from a fresh listing when an object of the plan disappears
 /// while it runs: retention deletes a snapshot and the WAL below it once a newer snapshot
 /// exists, and the newer one then serves the same target.
-pub async fn restore_replanning(store: &dyn ObjectStore, mut plan: RestorePlan, options: &RestoreOptions) -> Result<RestoreOutcome, Error> {
+pub async fn restore_replanning(
+    store: &dyn ObjectStore,
+    mut plan: RestorePlan,
+    options: &RestoreOptions,
+) -> Result<RestoreOutcome, Error> {
     let mut attempt = 1;
     loop {
         match restore_plan(store, plan, options).await {
@@ -90,14 +102,20 @@ pub async fn restore_replanning(store: &dyn ObjectStore, mut plan: RestorePlan, 
                 plan = plan_from(list_replica(store).await?, &options.target)?;
                 attempt += 1;
             }
-            Err(Error::Store(e)) if e.is_not_found() => return Err(Error::ReplicaKeptChanging { attempts: attempt, source: e }),
+            Err(Error::Store(e)) if e.is_not_found() => {
+                return Err(Error::ReplicaKeptChanging { attempts: attempt, source: e })
+            }
             other => return other,
         }
     }
 }
 
 /// Applies a plan made earlier (to choose between replicas, say) to `options.output`.
-pub async fn restore_plan(store: &dyn ObjectStore, plan: RestorePlan, options: &RestoreOptions) -> Result<RestoreOutcome, Error> {
+pub async fn restore_plan(
+    store: &dyn ObjectStore,
+    plan: RestorePlan,
+    options: &RestoreOptions,
+) -> Result<RestoreOutcome, Error> {
     if options.output.exists() {
         return Err(Error::OutputExists { path: options.output.clone() });
     }
@@ -125,16 +143,31 @@ pub struct VerifyOutcome {
 /// the snapshot decodes (LZ4 frame and content checksum) to a SQLite database, and each index's
 /// checksum chain holds to its end. The first bad object is the error, naming it. Large
 /// indexes spill to unlinked files in `spill_dir`.
-pub async fn verify(store: &dyn ObjectStore, plan: RestorePlan, parallelism: usize, spill_dir: &Path, progress: Option<&dyn Progress>) -> Result<VerifyOutcome, Error> {
+pub async fn verify(
+    store: &dyn ObjectStore,
+    plan: RestorePlan,
+    parallelism: usize,
+    spill_dir: &Path,
+    progress: Option<&dyn Progress>,
+) -> Result<VerifyOutcome, Error> {
     let progress = progress.unwrap_or(&progress::Silent);
     let (objects, bytes) = plan.stored();
     progress.start(objects, bytes);
-    let (header, snapshot_bytes) = fetch::snapshot_into(store, &plan.snapshot, apply::HeaderOnly::default(), spill_dir, parallelism, progress).await?;
+    let (header, snapshot_bytes) =
+        fetch::snapshot_into(store, &plan.snapshot, apply::HeaderOnly::default(), spill_dir, parallelism, progress)
+            .await?;
     if !header.is_database() {
         return Err(apply::not_a_database(&plan.snapshot.key));
     }
     let (sender, mut verified) = tokio::sync::mpsc::channel(1);
-    let downloads = fetch::fetch_indexes(store, plan.indexes.iter().collect(), spill_dir.to_path_buf(), parallelism, progress, sender);
+    let downloads = fetch::fetch_indexes(
+        store,
+        plan.indexes.iter().collect(),
+        spill_dir.to_path_buf(),
+        parallelism,
+        progress,
+        sender,
+    );
     let check = async {
         let mut wal_bytes = 0;
         while let Some(index) = verified.recv().await {
@@ -156,7 +189,9 @@ pub fn rfc3339(t: std::time::SystemTime) -> String {
 
 /// `t` as RFC 3339 in UTC with nanoseconds, for log lines.
 pub fn rfc3339_precise(t: std::time::SystemTime) -> String {
-    time::OffsetDateTime::from(t).format(&time::format_description::well_known::Rfc3339).unwrap_or_else(|_| "?".to_string())
+    time::OffsetDateTime::from(t)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| "?".to_string())
 }
 
 /// The file a restore builds, beside the output so the final rename is atomic. Dropping it
@@ -280,7 +315,12 @@ mod tests {
         async fn get_versioned(&self, key: &str) -> Result<Option<(Bytes, Version)>, walstream_store::Error> {
             self.inner.get_versioned(key).await
         }
-        async fn put_if(&self, key: &str, body: Bytes, expected: Option<Version>) -> Result<Version, walstream_store::Error> {
+        async fn put_if(
+            &self,
+            key: &str,
+            body: Bytes,
+            expected: Option<Version>,
+        ) -> Result<Version, walstream_store::Error> {
             self.inner.put_if(key, body, expected).await
         }
         fn describe(&self) -> String {
@@ -300,11 +340,17 @@ mod tests {
         let store = RetentionRacer::over_snapshot_of_3_rows(dir.path(), 1).await;
 
         let output = dir.path().join("restored.db");
-        let outcome = restore(&store, &RestoreOptions::new(&output)).await.expect("planned again around the deleted snapshot");
+        let outcome =
+            restore(&store, &RestoreOptions::new(&output)).await.expect("planned again around the deleted snapshot");
         assert_eq!(outcome.plan.snapshot_index, 1);
-        let rows: i64 = rusqlite::Connection::open(&output).unwrap().query_row("SELECT count(*) FROM t", [], |r| r.get(0)).unwrap();
+        let rows: i64 =
+            rusqlite::Connection::open(&output).unwrap().query_row("SELECT count(*) FROM t", [], |r| r.get(0)).unwrap();
         assert_eq!(rows, 5);
-        let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().contains("walstream-restore")).collect();
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().contains("walstream-restore"))
+            .collect();
         assert!(leftovers.is_empty(), "the abandoned attempt left {leftovers:?}");
     }
 
@@ -317,7 +363,12 @@ mod tests {
         let error = restore(&store, &RestoreOptions::new(&output)).await.expect_err("every plan was outrun");
         assert!(matches!(error, Error::ReplicaKeptChanging { attempts: REPLAN_ATTEMPTS, .. }), "{error:?}");
         assert!(error.to_string().contains("lengthen the replica's `retention`"), "{error}");
-        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.file_name()).filter(|n| n != "replica" && !n.to_string_lossy().starts_with("src-")).collect();
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .filter(|n| n != "replica" && !n.to_string_lossy().starts_with("src-"))
+            .collect();
         assert!(left.is_empty(), "a failed restore left {left:?}");
     }
 }

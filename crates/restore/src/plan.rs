@@ -137,11 +137,15 @@ pub fn plan_from(listing: ReplicaListing, target: &Target) -> Result<RestorePlan
     let mut generations = listing.generations;
     let (generation, listing) = match (target.generation, target.timestamp) {
         (Some(generation), _) => {
-            let listing = generations.remove(&generation).filter(|l| !l.snapshots.is_empty()).ok_or(Error::GenerationNotFound { generation })?;
+            let listing = generations
+                .remove(&generation)
+                .filter(|l| !l.snapshots.is_empty())
+                .ok_or(Error::GenerationNotFound { generation })?;
             (generation, listing)
         }
         (None, Some(at)) => {
-            let earliest = generations.values().filter_map(GenerationListing::first_snapshot).min().ok_or(Error::NoBackups)?;
+            let earliest =
+                generations.values().filter_map(GenerationListing::first_snapshot).min().ok_or(Error::NoBackups)?;
             // Strictly greater wins, so on a tie the first generation listed is kept.
             let mut chosen: Option<(GenerationId, SystemTime)> = None;
             for (id, g) in &generations {
@@ -167,7 +171,8 @@ pub fn plan_from(listing: ReplicaListing, target: &Target) -> Result<RestorePlan
     };
 
     if let Some(index) = target.index {
-        let exists = listing.snapshots.iter().any(|(i, _)| *i == index) || listing.segments.iter().any(|(i, _, _)| *i == index);
+        let exists =
+            listing.snapshots.iter().any(|(i, _)| *i == index) || listing.segments.iter().any(|(i, _, _)| *i == index);
         if !exists {
             return Err(Error::IndexNotFound { generation, index });
         }
@@ -175,7 +180,11 @@ pub fn plan_from(listing: ReplicaListing, target: &Target) -> Result<RestorePlan
     let at = target.timestamp;
     let snapshot = match target.index {
         Some(max) => listing.snapshots.iter().filter(|(i, _)| *i <= max).max_by_key(|(i, _)| *i),
-        None => listing.snapshots.iter().filter(|(_, o)| at.is_none_or(|at| o.created <= at)).max_by_key(|(index, o)| (o.created, *index)),
+        None => listing
+            .snapshots
+            .iter()
+            .filter(|(_, o)| at.is_none_or(|at| o.created <= at))
+            .max_by_key(|(index, o)| (o.created, *index)),
     };
     let Some((snapshot_index, snapshot)) = snapshot.cloned() else {
         let earliest = listing.first_snapshot().expect("generations without snapshots were not chosen");
@@ -203,7 +212,12 @@ pub fn plan_from(listing: ReplicaListing, target: &Target) -> Result<RestorePlan
             indexes.push(IndexPlan { index, segments });
         }
     }
-    Ok(RestorePlan { generation, snapshot_index, snapshot: SegmentRef { key: snapshot.key, offset: 0, size: snapshot.size }, indexes })
+    Ok(RestorePlan {
+        generation,
+        snapshot_index,
+        snapshot: SegmentRef { key: snapshot.key, offset: 0, size: snapshot.size },
+        indexes,
+    })
 }
 
 #[cfg(test)]
@@ -229,10 +243,19 @@ mod tests {
             a,
             GenerationListing {
                 snapshots: vec![(0, object(name::snapshot_key(&a, 0), 10)), (2, object(name::snapshot_key(&a, 2), 20))],
-                segments: [(0, 0, 11), (0, 100, 12), (1, 0, 13), (2, 0, 21)].into_iter().map(|(i, o, t)| (i, o, object(name::segment_key(&a, i, o), t))).collect(),
+                segments: [(0, 0, 11), (0, 100, 12), (1, 0, 13), (2, 0, 21)]
+                    .into_iter()
+                    .map(|(i, o, t)| (i, o, object(name::segment_key(&a, i, o), t)))
+                    .collect(),
             },
         );
-        listing.generations.insert(b, GenerationListing { snapshots: vec![(0, object(name::snapshot_key(&b, 0), 30))], segments: vec![(0, 0, object(name::segment_key(&b, 0, 0), 31))] });
+        listing.generations.insert(
+            b,
+            GenerationListing {
+                snapshots: vec![(0, object(name::snapshot_key(&b, 0), 30))],
+                segments: vec![(0, 0, object(name::segment_key(&b, 0, 0), 31))],
+            },
+        );
         listing
     }
 
@@ -240,7 +263,11 @@ mod tests {
     type Summary = (String, u32, Vec<(u32, Vec<u64>)>);
 
     fn summary(plan: &RestorePlan) -> Summary {
-        (plan.generation.to_string(), plan.snapshot_index, plan.indexes.iter().map(|i| (i.index, i.segments.iter().map(|s| s.offset).collect())).collect())
+        (
+            plan.generation.to_string(),
+            plan.snapshot_index,
+            plan.indexes.iter().map(|i| (i.index, i.segments.iter().map(|s| s.offset).collect())).collect(),
+        )
     }
 
     fn plan_at(target: Target) -> Result<Summary, Error> {
@@ -260,9 +287,17 @@ mod tests {
         assert_eq!(plan_at(t(12)).unwrap(), (A.into(), 0, vec![(0, vec![0, 100])]));
         assert_eq!(plan_at(t(15)).unwrap(), (A.into(), 0, vec![(0, vec![0, 100]), (1, vec![0])]));
         assert_eq!(plan_at(t(20)).unwrap(), (A.into(), 2, vec![]), "the later snapshot");
-        assert_eq!(plan_at(t(25)).unwrap(), (A.into(), 2, vec![(2, vec![0])]), "between two generations: the earlier one's end");
+        assert_eq!(
+            plan_at(t(25)).unwrap(),
+            (A.into(), 2, vec![(2, vec![0])]),
+            "between two generations: the earlier one's end"
+        );
         assert_eq!(plan_at(t(30)).unwrap(), (B.into(), 0, vec![]));
-        assert_eq!(plan_at(t(10_000)).unwrap(), (B.into(), 0, vec![(0, vec![0])]), "after the last write: the latest state");
+        assert_eq!(
+            plan_at(t(10_000)).unwrap(),
+            (B.into(), 0, vec![(0, vec![0])]),
+            "after the last write: the latest state"
+        );
         match plan_at(t(5)) {
             Err(Error::BeforeFirstSnapshot { earliest, .. }) => assert_eq!(earliest, at(10)),
             other => panic!("expected BeforeFirstSnapshot, got {other:?}"),
@@ -278,8 +313,14 @@ mod tests {
         assert_eq!(plan_at(target(Some(1))).unwrap(), (A.into(), 0, vec![(0, vec![0, 100]), (1, vec![0])]));
         assert!(matches!(plan_at(target(Some(7))), Err(Error::IndexNotFound { index: 7, .. })));
         let missing: GenerationId = "0000000000000001".parse().unwrap();
-        assert!(matches!(plan_at(Target { generation: Some(missing), ..Target::default() }), Err(Error::GenerationNotFound { .. })));
-        assert!(matches!(plan_at(Target { index: Some(0), timestamp: Some(at(12)), ..Target::default() }), Err(Error::IndexAndTimestamp)));
+        assert!(matches!(
+            plan_at(Target { generation: Some(missing), ..Target::default() }),
+            Err(Error::GenerationNotFound { .. })
+        ));
+        assert!(matches!(
+            plan_at(Target { index: Some(0), timestamp: Some(at(12)), ..Target::default() }),
+            Err(Error::IndexAndTimestamp)
+        ));
         assert!(matches!(plan_from(ReplicaListing::default(), &Target::default()), Err(Error::NoBackups)));
     }
 
@@ -294,12 +335,16 @@ mod tests {
         };
         // Index 0 without its offset-0 segment.
         match only_a(&|g| g.segments.retain(|(i, o, _)| !(*i == 0 && *o == 0))) {
-            Err(e @ Error::MissingInitialSegment { index: 0, offset: 100, .. }) => assert!(e.to_string().contains("generations/00000000000000aa/wal/00000000_00000000.wal.lz4"), "{e}"),
+            Err(e @ Error::MissingInitialSegment { index: 0, offset: 100, .. }) => {
+                assert!(e.to_string().contains("generations/00000000000000aa/wal/00000000_00000000.wal.lz4"), "{e}")
+            }
             other => panic!("expected a missing initial segment, got {other:?}"),
         }
         // Index 0 gone entirely while index 1 remains.
         match only_a(&|g| g.segments.retain(|(i, _, _)| *i != 0)) {
-            Err(e @ Error::MissingIndex { index: 0, .. }) => assert!(e.to_string().contains("generations/00000000000000aa/wal/00000000_00000000.wal.lz4"), "{e}"),
+            Err(e @ Error::MissingIndex { index: 0, .. }) => {
+                assert!(e.to_string().contains("generations/00000000000000aa/wal/00000000_00000000.wal.lz4"), "{e}")
+            }
             other => panic!("expected a missing index, got {other:?}"),
         }
     }

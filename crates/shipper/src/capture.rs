@@ -170,7 +170,9 @@ impl Generation {
     /// before its first frame, and shipping the header alone cost one more PUT per WAL life.
     fn end(&self) -> Pos {
         match &self.shadow {
-            Some(shadow) if shadow.committed_len > WAL_HEADER_SIZE as u64 => Pos { generation: self.id, index: shadow.index, offset: shadow.committed_len },
+            Some(shadow) if shadow.committed_len > WAL_HEADER_SIZE as u64 => {
+                Pos { generation: self.id, index: shadow.index, offset: shadow.committed_len }
+            }
             Some(shadow) => Pos { generation: self.id, index: shadow.index, offset: 0 },
             None => Pos { generation: self.id, index: self.snapshot.index, offset: 0 },
         }
@@ -224,7 +226,14 @@ pub(crate) struct Capturer {
 }
 
 impl Capturer {
-    pub(crate) fn new(db_path: PathBuf, meta: MetaDir, db: SourceDb, state: watch::Sender<ShadowState>, replica_positions: Vec<watch::Receiver<Option<Pos>>>, counters: std::sync::Arc<DbCounters>) -> Capturer {
+    pub(crate) fn new(
+        db_path: PathBuf,
+        meta: MetaDir,
+        db: SourceDb,
+        state: watch::Sender<ShadowState>,
+        replica_positions: Vec<watch::Receiver<Option<Pos>>>,
+        counters: std::sync::Arc<DbCounters>,
+    ) -> Capturer {
         let generation = resume_generation(&meta);
         Capturer {
             wal_path: wal_path(&db_path),
@@ -395,7 +404,13 @@ impl Capturer {
         if self.snapshot_wal_ratio <= 0.0 || generation.end().index <= generation.snapshot.index {
             return false;
         }
-        let (id, since) = (generation.id, self.counters.shadow_bytes.load(std::sync::atomic::Ordering::Relaxed).saturating_sub(generation.wal_at_snapshot));
+        let (id, since) = (
+            generation.id,
+            self.counters
+                .shadow_bytes
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .saturating_sub(generation.wal_at_snapshot),
+        );
         if since < auto_snapshot_min_wal() {
             return false;
         }
@@ -498,7 +513,10 @@ impl Capturer {
         let result = self.sync();
         self.counters.record_pass(started.elapsed(), result.is_ok());
         let live = self.generation.as_ref().and_then(|g| g.shadow.as_ref()).is_some_and(|s| s.live_from.is_some());
-        let was_full = self.counters.disk_full.swap(live || result.as_ref().err().is_some_and(Error::is_disk_full), std::sync::atomic::Ordering::Relaxed);
+        let was_full = self
+            .counters
+            .disk_full
+            .swap(live || result.as_ref().err().is_some_and(Error::is_disk_full), std::sync::atomic::Ordering::Relaxed);
         if live && !was_full {
             if let Some(unlogged) = self.disk_full_spells.failed() {
                 warn!(db = %self.db_path.display(), disk_full = true, spells_since_last_logged = unlogged, "local disk full: shipping straight from the live wal, and holding the application's wal until the replicas have it (logged once a minute while it recurs)");
@@ -555,10 +573,12 @@ impl Capturer {
         }
         self.bound_checked = Instant::now();
         // The current index is the WAL life the app's own WAL holds too, needed whatever happens.
-        let used = crate::shadow::disk_bytes(&self.meta.wal_dir(&generation.id), generation.shadow.as_ref().map(|s| s.index));
+        let used =
+            crate::shadow::disk_bytes(&self.meta.wal_dir(&generation.id), generation.shadow.as_ref().map(|s| s.index));
         if used > bound {
             warn!(db = %self.db_path.display(), generation = %generation.id, used, bound, "the local shadow wal passed max-local-wal while a replica could not take it: the history it lacks is dropped, and a new generation's snapshot holds every commit");
-            self.pending_new_generation = Some(format!("the local shadow wal passed max-local-wal ({used} bytes > {bound})"));
+            self.pending_new_generation =
+                Some(format!("the local shadow wal passed max-local-wal ({used} bytes > {bound})"));
         }
     }
 
@@ -568,12 +588,15 @@ impl Capturer {
     /// it later gets a new generation (`Error::SnapshotDiscarded`).
     fn free_held_snapshot(&mut self) {
         let Some(generation) = &self.generation else { return };
-        let held = |counters: &std::sync::Arc<crate::status::ReplicaCounters>| counters.snapshot_held.lock().unwrap_or_else(|e| e.into_inner()).as_ref() == Some(&generation.snapshot);
+        let held = |counters: &std::sync::Arc<crate::status::ReplicaCounters>| {
+            counters.snapshot_held.lock().unwrap_or_else(|e| e.into_inner()).as_ref() == Some(&generation.snapshot)
+        };
         if self.replica_counters.is_empty() || !self.replica_counters.iter().all(held) {
             return;
         }
         if std::fs::metadata(&generation.snapshot.path).is_ok_and(|m| m.len() > 0) {
-            let freed = std::fs::OpenOptions::new().write(true).open(&generation.snapshot.path).and_then(|f| f.set_len(0));
+            let freed =
+                std::fs::OpenOptions::new().write(true).open(&generation.snapshot.path).and_then(|f| f.set_len(0));
             if let Err(e) = freed {
                 debug!(db = %self.db_path.display(), error = %e, "cannot free the local snapshot");
             }
@@ -688,7 +711,8 @@ impl Capturer {
         let slow = since.1.elapsed() >= DROP_PIN_AFTER_SLOW;
         let in_window = self.after_drop_until.is_some_and(|until| Instant::now() < until);
         // Within a window every pass drops again; a window that did not end the life waits.
-        let retry_due = in_window || self.last_drop.is_none_or(|(dropped, at)| dropped != index || at.elapsed() >= DROP_PIN_RETRY);
+        let retry_due =
+            in_window || self.last_drop.is_none_or(|(dropped, at)| dropped != index || at.elapsed() >= DROP_PIN_RETRY);
         if (busy || slow || len >= DROP_PIN_ANY_WRITER_BYTES) && retry_due && self.db.is_pinned() {
             if !in_window {
                 debug!(db = %self.db_path.display(), index, "wal life is large and never fully back-filled; dropping the pin so the application's checkpoint can restart it");
@@ -725,7 +749,8 @@ impl Capturer {
     }
 
     fn wal_stat_changed(&mut self) -> bool {
-        let stat = std::fs::metadata(&self.wal_path).ok().map(|m| (m.len(), m.modified().unwrap_or(SystemTime::UNIX_EPOCH)));
+        let stat =
+            std::fs::metadata(&self.wal_path).ok().map(|m| (m.len(), m.modified().unwrap_or(SystemTime::UNIX_EPOCH)));
         let changed = stat != self.last_wal_stat;
         self.last_wal_stat = stat;
         changed
@@ -756,9 +781,17 @@ impl Capturer {
                     if header.page_size != page_size {
                         return self.new_generation("page size changed");
                     }
-                    let mut shadow = ShadowIndex::create(&self.meta.wal_dir(&generation.id), generation.snapshot.index, bytes, header)?;
+                    let mut shadow = ShadowIndex::create(
+                        &self.meta.wal_dir(&generation.id),
+                        generation.snapshot.index,
+                        bytes,
+                        header,
+                    )?;
                     self.counters.shadow_bytes.fetch_add(WAL_HEADER_SIZE as u64, std::sync::atomic::Ordering::Relaxed);
-                    self.counters.shadow_bytes.fetch_add(shadow.append_from(&live.file, live.len, hint(&shadow.header), &mut self.buf)?, std::sync::atomic::Ordering::Relaxed);
+                    self.counters.shadow_bytes.fetch_add(
+                        shadow.append_from(&live.file, live.len, hint(&shadow.header), &mut self.buf)?,
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
                     generation.shadow = Some(shadow);
                 }
             }
@@ -773,7 +806,9 @@ impl Capturer {
                 // A restart keeps the running checksum, and any frame written since the shadow's
                 // end would have changed it: this holds however the pin fared meanwhile.
                 Some(index) => {
-                    let ended = index.max_frame == 0 && index.salt1 != shadow.header.salt1 && index.frame_checksum == shadow.end_checksum();
+                    let ended = index.max_frame == 0
+                        && index.salt1 != shadow.header.salt1
+                        && index.frame_checksum == shadow.end_checksum();
                     shadow.next_salt1 = ended.then_some(index.salt1);
                     ended
                 }
@@ -781,7 +816,11 @@ impl Capturer {
                 None => clean || shadow.sealed,
             };
             // Bytes only the live WAL held went with it unless every replica had them (rule 7).
-            let live_gone = shadow.live_from.is_some_and(|from| shadow.committed_len > from) && !all_hold(&self.replica_positions, Pos { generation: generation.id, index: shadow.index, offset: shadow.committed_len });
+            let live_gone = shadow.live_from.is_some_and(|from| shadow.committed_len > from)
+                && !all_hold(
+                    &self.replica_positions,
+                    Pos { generation: generation.id, index: shadow.index, offset: shadow.committed_len },
+                );
             if ended_at_shadow && !live_gone {
                 shadow.sealed = true;
                 return Ok(());
@@ -798,7 +837,10 @@ impl Capturer {
             }
             shadow.sealed = false;
             shadow.next_salt1 = None;
-            self.counters.shadow_bytes.fetch_add(shadow.append_from(&live.file, live.len, hint(&shadow.header), &mut self.buf)?, std::sync::atomic::Ordering::Relaxed);
+            self.counters.shadow_bytes.fetch_add(
+                shadow.append_from(&live.file, live.len, hint(&shadow.header), &mut self.buf)?,
+                std::sync::atomic::Ordering::Relaxed,
+            );
             return Ok(());
         }
         // The header changed: SQLite restarted the WAL. One restart adds exactly 1 to salt-1;
@@ -813,21 +855,34 @@ impl Capturer {
         // still be there, and carry the old salts, so the chain check accepts only them.
         let tail_intact = live.still_holds_last_frame(shadow)?;
         if tail_intact {
-            self.counters.shadow_bytes.fetch_add(shadow.append_from(&live.file, live.len, hint(&shadow.header), &mut self.buf)?, std::sync::atomic::Ordering::Relaxed);
+            self.counters.shadow_bytes.fetch_add(
+                shadow.append_from(&live.file, live.len, hint(&shadow.header), &mut self.buf)?,
+                std::sync::atomic::Ordering::Relaxed,
+            );
         } else if !(clean || shadow.sealed) {
             return self.new_generation("wal overwritten by another process");
         }
         // A life that ends with bytes only the live WAL held (the disk was full) and that some
         // replica lacks: the restart writes over them, so nothing vouches for them any more.
-        if shadow.live_from.is_some_and(|from| shadow.committed_len > from) && !all_hold(&self.replica_positions, Pos { generation: generation.id, index: shadow.index, offset: shadow.committed_len }) {
-            return self.new_generation("the wal restarted while the disk was full, before every replica had its last frames");
+        if shadow.live_from.is_some_and(|from| shadow.committed_len > from)
+            && !all_hold(
+                &self.replica_positions,
+                Pos { generation: generation.id, index: shadow.index, offset: shadow.committed_len },
+            )
+        {
+            return self
+                .new_generation("the wal restarted while the disk was full, before every replica had its last frames");
         }
         shadow.finish()?;
         let next = ShadowIndex::create(&self.meta.wal_dir(&generation.id), shadow.index + 1, bytes, header)?;
-        generation.index_started_at = self.counters.shadow_bytes.fetch_add(WAL_HEADER_SIZE as u64, std::sync::atomic::Ordering::Relaxed);
+        generation.index_started_at =
+            self.counters.shadow_bytes.fetch_add(WAL_HEADER_SIZE as u64, std::sync::atomic::Ordering::Relaxed);
         debug!(db = %self.db_path.display(), index = next.index, "wal restarted; new index");
         let shadow = generation.shadow.insert(next);
-        self.counters.shadow_bytes.fetch_add(shadow.append_from(&live.file, live.len, hint(&shadow.header), &mut self.buf)?, std::sync::atomic::Ordering::Relaxed);
+        self.counters.shadow_bytes.fetch_add(
+            shadow.append_from(&live.file, live.len, hint(&shadow.header), &mut self.buf)?,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         Ok(())
     }
 
@@ -845,7 +900,10 @@ impl Capturer {
             if let Some((bytes, header)) = live.header {
                 let mut index = ShadowIndex::create(&self.meta.wal_dir(&id), 0, bytes, header)?;
                 self.counters.shadow_bytes.fetch_add(WAL_HEADER_SIZE as u64, std::sync::atomic::Ordering::Relaxed);
-                self.counters.shadow_bytes.fetch_add(index.append_from(&live.file, live.len, 0, &mut self.buf)?, std::sync::atomic::Ordering::Relaxed);
+                self.counters.shadow_bytes.fetch_add(
+                    index.append_from(&live.file, live.len, 0, &mut self.buf)?,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
                 shadow = Some(index);
             }
         }
@@ -853,7 +911,8 @@ impl Capturer {
         self.pending_snapshot = false;
         self.meta.write_generation(&id)?;
         self.meta.clean(&id);
-        self.generation = Some(Generation { id, snapshot, shadow, wal_at_snapshot: index_started_at, index_started_at });
+        self.generation =
+            Some(Generation { id, snapshot, shadow, wal_at_snapshot: index_started_at, index_started_at });
         Ok(())
     }
 
@@ -900,7 +959,10 @@ impl Capturer {
         }
         match generation.shadow.as_mut() {
             Some(shadow) if shadow.index == shipped.index => shadow.discard_below(shipped.offset),
-            _ if shipped.index < current => shadow::discard_shipped(&self.meta.wal_dir(&generation.id).join(name::shadow_wal_file_name(shipped.index)), shipped.offset),
+            _ if shipped.index < current => shadow::discard_shipped(
+                &self.meta.wal_dir(&generation.id).join(name::shadow_wal_file_name(shipped.index)),
+                shipped.offset,
+            ),
             _ => {}
         }
     }
@@ -966,7 +1028,9 @@ fn disk_is_tight(dir: &Path) -> bool {
 /// is unreadable or describes another life: a plan for the reads, never trusted for what to copy.
 fn committed_hint(wal_index: Option<WalIndexHeader>, header: &WalHeader) -> u64 {
     match wal_index {
-        Some(index) if index.salt1 == header.salt1 => WAL_HEADER_SIZE as u64 + u64::from(index.max_frame) * header.frame_size(),
+        Some(index) if index.salt1 == header.salt1 => {
+            WAL_HEADER_SIZE as u64 + u64::from(index.max_frame) * header.frame_size()
+        }
         _ => 0,
     }
 }
@@ -988,7 +1052,11 @@ impl LiveWal {
         };
         let len = file.metadata().map_err(io_err("stat", path))?.len();
         let mut bytes = [0u8; WAL_HEADER_SIZE];
-        let header = if len >= WAL_HEADER_SIZE as u64 && file.read_exact_at(&mut bytes, 0).is_ok() { WalHeader::parse(&bytes).ok().map(|h| (bytes, h)) } else { None };
+        let header = if len >= WAL_HEADER_SIZE as u64 && file.read_exact_at(&mut bytes, 0).is_ok() {
+            WalHeader::parse(&bytes).ok().map(|h| (bytes, h))
+        } else {
+            None
+        };
         Ok(Some(LiveWal { file, len, header }))
     }
 
@@ -1025,9 +1093,23 @@ mod tests {
 
         let source = SourceDb::open(&db_path).unwrap();
         let (state_tx, mut state_rx) = watch::channel(ShadowState::default());
-        let mut capturer = Capturer::new(db_path.clone(), MetaDir::for_db(&db_path, None), source, state_tx, Vec::new(), Default::default());
+        let mut capturer = Capturer::new(
+            db_path.clone(),
+            MetaDir::for_db(&db_path, None),
+            source,
+            state_tx,
+            Vec::new(),
+            Default::default(),
+        );
         let never = Duration::from_secs(3600);
-        capturer.timing = Timing { probe_active: never, probe_idle: never, active_window: never, poll: never, pin_roll: Duration::ZERO, pass_spacing: Duration::ZERO };
+        capturer.timing = Timing {
+            probe_active: never,
+            probe_idle: never,
+            active_window: never,
+            poll: never,
+            pin_roll: Duration::ZERO,
+            pass_spacing: Duration::ZERO,
+        };
         let (wake_tx, wake_rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || capturer.run(wake_rx));
 
@@ -1036,14 +1118,22 @@ mod tests {
             app.execute("INSERT INTO t VALUES (?1)", [i]).unwrap();
         }
         let wal_len = std::fs::metadata(wal_path(&db_path)).unwrap().len();
-        assert_eq!(state_rx.borrow().end, first.end, "the capturer ran a pass before shutdown; the test proves nothing");
+        assert_eq!(
+            state_rx.borrow().end,
+            first.end,
+            "the capturer ran a pass before shutdown; the test proves nothing"
+        );
 
         wake_tx.send(Wake::Shutdown).unwrap();
         thread.join().unwrap().unwrap();
         let last = state_rx.borrow().clone();
         assert!(last.is_final);
         assert_eq!(last.generation, first.generation);
-        assert_eq!(last.end.map(|p| p.offset), Some(wal_len), "the final state must end where the WAL's last commit does");
+        assert_eq!(
+            last.end.map(|p| p.offset),
+            Some(wal_len),
+            "the final state must end where the WAL's last commit does"
+        );
     }
 
     /// A writer committing without pause turns the capturer's file events off; once it
@@ -1057,7 +1147,14 @@ mod tests {
         let source = SourceDb::open(&db_path).unwrap();
         let (state_tx, mut state_rx) = watch::channel(ShadowState::default());
         let (wake_tx, wake_rx) = std::sync::mpsc::channel();
-        let mut capturer = Capturer::new(db_path.clone(), MetaDir::for_db(&db_path, None), source, state_tx, Vec::new(), Default::default());
+        let mut capturer = Capturer::new(
+            db_path.clone(),
+            MetaDir::for_db(&db_path, None),
+            source,
+            state_tx,
+            Vec::new(),
+            Default::default(),
+        );
         capturer.take_events(crate::watch::watch(&db_path, wake_tx.clone()).unwrap());
         let thread = std::thread::spawn(move || capturer.run(wake_rx));
         wait_for(&mut state_rx, |s| s.end.is_some());
@@ -1070,7 +1167,11 @@ mod tests {
         // Where the WAL's last commit ends, from SQLite's wal-index: the file may run on past
         // it, from a longer life before a restart.
         let mut reader = SourceDb::open(&db_path).unwrap();
-        let mut committed_end = || (WAL_HEADER_SIZE + reader.wal_index_header().unwrap().max_frame as usize * (4096 + walstream_format::wal::FRAME_HEADER_SIZE)) as u64;
+        let mut committed_end = || {
+            (WAL_HEADER_SIZE
+                + reader.wal_index_header().unwrap().max_frame as usize
+                    * (4096 + walstream_format::wal::FRAME_HEADER_SIZE)) as u64
+        };
         app.execute("INSERT INTO t VALUES ('last')", []).unwrap();
         let end = committed_end();
         wait_for(&mut state_rx, |s| s.end.is_some_and(|p| p.offset == end));
@@ -1098,10 +1199,20 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let db_path = dir.path().join("db");
             let app = Connection::open(&db_path).unwrap();
-            app.execute_batch("PRAGMA journal_mode=wal; PRAGMA wal_autocheckpoint=0; CREATE TABLE t(x); INSERT INTO t VALUES (1);").unwrap();
+            app.execute_batch(
+                "PRAGMA journal_mode=wal; PRAGMA wal_autocheckpoint=0; CREATE TABLE t(x); INSERT INTO t VALUES (1);",
+            )
+            .unwrap();
             let source = SourceDb::open(&db_path).unwrap();
             let (state_tx, _) = watch::channel(ShadowState::default());
-            let capturer = Capturer::new(db_path.clone(), MetaDir::for_db(&db_path, None), source, state_tx, Vec::new(), Default::default());
+            let capturer = Capturer::new(
+                db_path.clone(),
+                MetaDir::for_db(&db_path, None),
+                source,
+                state_tx,
+                Vec::new(),
+                Default::default(),
+            );
             Harness { _dir: dir, app, capturer }
         }
 
@@ -1167,7 +1278,10 @@ mod tests {
         assert_eq!(h.capturer.shadow_end().unwrap().0, 1);
         let index_0 = wal_dir.join(name::shadow_wal_file_name(0));
         let len_0 = std::fs::metadata(&index_0).unwrap().len();
-        assert!(std::fs::metadata(&index_0).unwrap().blocks() * 512 >= len_0 / 4096 * 4096, "index 0 is sparse already; the test proves nothing");
+        assert!(
+            std::fs::metadata(&index_0).unwrap().blocks() * 512 >= len_0 / 4096 * 4096,
+            "index 0 is sparse already; the test proves nothing"
+        );
 
         // One replica is done with index 0, the other halfway: half of it may go.
         position.send_replace(Some(Pos { generation, index: 1, offset: 0 }));
@@ -1243,7 +1357,11 @@ mod tests {
                 h.insert();
             }
             h.pass_then_unpin();
-            assert_ne!(h.generation(), generation, "the unseen commit (then_write_again={then_write_again}) must break the generation");
+            assert_ne!(
+                h.generation(),
+                generation,
+                "the unseen commit (then_write_again={then_write_again}) must break the generation"
+            );
         }
     }
 
@@ -1255,8 +1373,13 @@ mod tests {
         h.insert();
         h.capturer.sync().unwrap();
         let generation = h.generation();
-        let (busy, frames, backfilled): (i64, i64, i64) = h.app.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap();
-        assert_eq!((busy, backfilled), (0, frames), "walstream's pin sits at the end of the WAL, so the app's checkpoint back-fills it all");
+        let (busy, frames, backfilled): (i64, i64, i64) =
+            h.app.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap();
+        assert_eq!(
+            (busy, backfilled),
+            (0, frames),
+            "walstream's pin sits at the end of the WAL, so the app's checkpoint back-fills it all"
+        );
         let wal = wal_path(&h.capturer.db_path);
         let wal_header = || std::fs::read(&wal).unwrap()[..WAL_HEADER_SIZE].to_vec();
         let before = wal_header();
@@ -1274,7 +1397,9 @@ mod tests {
         let mut h = Harness::new();
         h.capturer.timing.pin_roll = Duration::from_secs(3600);
         h.capturer.sync().unwrap();
-        let checkpoint = |h: &Harness| -> (i64, i64) { h.app.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get(1)?, r.get(2)?))).unwrap() };
+        let checkpoint = |h: &Harness| -> (i64, i64) {
+            h.app.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get(1)?, r.get(2)?))).unwrap()
+        };
         let (_, backfilled) = checkpoint(&h);
         for _ in 0..5 {
             h.insert();

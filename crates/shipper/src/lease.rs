@@ -68,7 +68,10 @@ impl Terms {
 
     /// How long the lease still runs, for messages.
     fn until(&self) -> String {
-        format!("it expires in {:.1}s unless renewed", Duration::from_millis(self.expires_ms.saturating_sub(now_ms())).as_secs_f64())
+        format!(
+            "it expires in {:.1}s unless renewed",
+            Duration::from_millis(self.expires_ms.saturating_sub(now_ms())).as_secs_f64()
+        )
     }
 }
 
@@ -144,7 +147,12 @@ pub(crate) struct Lease {
 impl Lease {
     /// Takes the replica's lease for `holder`, waiting up to `policy.wait` for another holder
     /// to release it or let it expire. `stop` ends the wait early (shutdown).
-    pub(crate) async fn acquire(replica: &Replica, holder: &str, policy: LeasePolicy, stop: impl std::future::Future<Output = ()>) -> Result<Lease, Error> {
+    pub(crate) async fn acquire(
+        replica: &Replica,
+        holder: &str,
+        policy: LeasePolicy,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<Lease, Error> {
         tokio::pin!(stop);
         let deadline = Instant::now() + policy.wait;
         let mut logged = false;
@@ -173,13 +181,19 @@ impl Lease {
                 }
             };
             if Instant::now() >= deadline {
-                return Err(Error::Leased { replica: replica.name.clone(), target: replica.store.describe(), holder: other.holder.clone(), until: other.until() });
+                return Err(Error::Leased {
+                    replica: replica.name.clone(),
+                    target: replica.store.describe(),
+                    holder: other.holder.clone(),
+                    until: other.until(),
+                });
             }
             if !logged {
                 warn!(replica = %replica.name, holder = %other.holder, until = %other.until(), "replica is leased by another walstream; capturing locally and waiting for it to be released or to expire");
                 logged = true;
             }
-            let retry_in = Duration::from_millis(other.expires_ms.saturating_sub(now_ms())).clamp(Duration::from_millis(200), Duration::from_secs(2));
+            let retry_in = Duration::from_millis(other.expires_ms.saturating_sub(now_ms()))
+                .clamp(Duration::from_millis(200), Duration::from_secs(2));
             tokio::select! {
                 () = tokio::time::sleep(retry_in.min(deadline.saturating_duration_since(Instant::now()) + Duration::from_millis(10))) => {}
                 () = &mut stop => return Err(Error::Leased { replica: replica.name.clone(), target: replica.store.describe(), holder: other.holder.clone(), until: other.until() }),
@@ -191,7 +205,9 @@ impl Lease {
     /// had landed)?
     async fn recognise(replica: &Replica, holder: &str, policy: LeasePolicy) -> Result<Option<Lease>, Error> {
         Ok(match get(replica).await? {
-            Some((terms, version)) if terms.holder == holder && terms.expires_ms > now_ms() => Some(Lease { holder: holder.to_string(), version, renew_at: renew_at(policy), policy }),
+            Some((terms, version)) if terms.holder == holder && terms.expires_ms > now_ms() => {
+                Some(Lease { holder: holder.to_string(), version, renew_at: renew_at(policy), policy })
+            }
             _ => None,
         })
     }
@@ -209,7 +225,9 @@ impl Lease {
                 self.renew_at = renew_at(self.policy);
                 Ok(())
             }
-            Err(StoreError::PreconditionFailed { .. }) => match Lease::recognise(replica, &self.holder, self.policy).await? {
+            Err(StoreError::PreconditionFailed { .. }) => match Lease::recognise(replica, &self.holder, self.policy)
+                .await?
+            {
                 Some(renewed) => {
                     *self = renewed;
                     Ok(())
@@ -228,7 +246,9 @@ impl Lease {
         let terms = Terms { holder: self.holder.clone(), expires_ms: 0 };
         match replica.store.put_if(LEASE_KEY, terms.encode(), Some(self.version)).await {
             Ok(_) => info!(replica = %replica.name, "replica lease released"),
-            Err(e) => warn!(replica = %replica.name, error = %e, "could not release the replica lease; it expires on its own"),
+            Err(e) => {
+                warn!(replica = %replica.name, error = %e, "could not release the replica lease; it expires on its own")
+            }
         }
     }
 }
@@ -236,7 +256,9 @@ impl Lease {
 async fn get(replica: &Replica) -> Result<Option<(Terms, Version)>, Error> {
     let current = replica.store.get_versioned(LEASE_KEY).await.map_err(|source| store_err(replica, source))?;
     // An unreadable lease object is treated as expired: it cannot name a live holder.
-    Ok(current.map(|(body, version)| (Terms::decode(&body).unwrap_or(Terms { holder: "unreadable lease".into(), expires_ms: 0 }), version)))
+    Ok(current.map(|(body, version)| {
+        (Terms::decode(&body).unwrap_or(Terms { holder: "unreadable lease".into(), expires_ms: 0 }), version)
+    }))
 }
 
 fn store_err(replica: &Replica, source: StoreError) -> Error {
@@ -261,7 +283,8 @@ mod tests {
         let quick = LeasePolicy { ttl: Duration::from_secs(60), wait: Duration::from_millis(300) };
         let never = std::future::pending::<()>();
         let mut first = Lease::acquire(&replica, "a", quick, never).await.unwrap();
-        let refused = Lease::acquire(&replica, "b", quick, std::future::pending()).await.err().expect("b must wait and give up");
+        let refused =
+            Lease::acquire(&replica, "b", quick, std::future::pending()).await.err().expect("b must wait and give up");
         assert!(refused.to_string().contains("is leased by a"), "{refused}");
         // The same holder (walstream restarted on the same disk) takes it back at once.
         let again = Lease::acquire(&replica, "a", quick, std::future::pending()).await.unwrap();

@@ -86,7 +86,14 @@ pub struct ShipperConfig {
 impl ShipperConfig {
     /// Defaults for everything but the path.
     pub fn new(db_path: impl Into<PathBuf>) -> ShipperConfig {
-        ShipperConfig { db_path: db_path.into(), meta_dir: None, shutdown_deadline: DEFAULT_SHUTDOWN_DEADLINE, lease: Some(LeasePolicy::default()), max_local_wal: Some(DEFAULT_MAX_LOCAL_WAL), snapshot_wal_ratio: DEFAULT_SNAPSHOT_WAL_RATIO }
+        ShipperConfig {
+            db_path: db_path.into(),
+            meta_dir: None,
+            shutdown_deadline: DEFAULT_SHUTDOWN_DEADLINE,
+            lease: Some(LeasePolicy::default()),
+            max_local_wal: Some(DEFAULT_MAX_LOCAL_WAL),
+            snapshot_wal_ratio: DEFAULT_SNAPSHOT_WAL_RATIO,
+        }
     }
 }
 
@@ -112,7 +119,17 @@ impl Shipper {
         let (wake_tx, wake_rx) = mpsc::channel();
         let positions = replicas.iter().map(|_| tokio::sync::watch::channel(None).0).collect();
         let replica_counters = replicas.iter().map(|_| Default::default()).collect();
-        Shipper { config, replicas, db_path, wake_tx, wake_rx, state_tx: tokio::sync::watch::channel(ShadowState::default()).0, positions, counters: Default::default(), replica_counters }
+        Shipper {
+            config,
+            replicas,
+            db_path,
+            wake_tx,
+            wake_rx,
+            state_tx: tokio::sync::watch::channel(ShadowState::default()).0,
+            positions,
+            counters: Default::default(),
+            replica_counters,
+        }
     }
 
     /// A view for metrics, readiness and the sync barrier, valid for as long as the shipper runs.
@@ -126,7 +143,13 @@ impl Shipper {
                 .iter()
                 .zip(&self.positions)
                 .zip(&self.replica_counters)
-                .map(|((replica, position), counters)| status::ReplicaView { name: replica.name.clone(), kind: replica.store.kind(), position: position.subscribe(), counters: counters.clone(), store: replica.store.clone() })
+                .map(|((replica, position), counters)| status::ReplicaView {
+                    name: replica.name.clone(),
+                    kind: replica.store.kind(),
+                    position: position.subscribe(),
+                    counters: counters.clone(),
+                    store: replica.store.clone(),
+                })
                 .collect(),
             wake: self.wake_tx.clone(),
         }
@@ -135,7 +158,17 @@ impl Shipper {
     /// Replicates until `shutdown` is cancelled, then ships everything committed so far and
     /// returns. A file at the path that is not a SQLite database is an error at once.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
-        let Shipper { config, replicas, db_path, wake_tx, wake_rx, state_tx, positions: position_txs, counters, replica_counters } = self;
+        let Shipper {
+            config,
+            replicas,
+            db_path,
+            wake_tx,
+            wake_rx,
+            state_tx,
+            positions: position_txs,
+            counters,
+            replica_counters,
+        } = self;
         if !wait_for_database(&db_path, &shutdown).await? {
             return Ok(());
         }
@@ -166,7 +199,9 @@ impl Shipper {
         let mut uploaders = JoinSet::new();
         let mut upkeep = JoinSet::new();
         let positions: Vec<_> = position_txs.iter().map(|p| p.subscribe()).collect();
-        for ((replica, position_tx), replica_counters) in replicas.into_iter().zip(position_txs).zip(replica_counters.iter().cloned()) {
+        for ((replica, position_tx), replica_counters) in
+            replicas.into_iter().zip(position_txs).zip(replica_counters.iter().cloned())
+        {
             let right = std::sync::Arc::new(lease::WriteRight::default());
             let name = replica.name.clone();
             // Upkeep ends with the capturer's final state; it never holds up shutdown.
@@ -175,7 +210,16 @@ impl Shipper {
                 retention.await;
                 Ok(())
             }));
-            let uploader = Uploader::new(replica, state_rx.clone(), position_tx, wake_tx.clone(), replica_counters, lease_terms.clone(), right).run();
+            let uploader = Uploader::new(
+                replica,
+                state_rx.clone(),
+                position_tx,
+                wake_tx.clone(),
+                replica_counters,
+                lease_terms.clone(),
+                right,
+            )
+            .run();
             uploaders.spawn(caught(db_path.clone(), format!("uploader of replica {name}"), uploader));
         }
         let mut capturer = Capturer::new(db_path.clone(), meta, source, state_tx, positions.clone(), counters.clone());
@@ -191,7 +235,13 @@ impl Shipper {
             .name("walstream-capture".into())
             .spawn(move || {
                 let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| capturer.run(wake_rx)));
-                let _ = capture_tx.send(outcome.unwrap_or_else(|payload| Err(worker_failed(&capture_db, "capture worker".into(), fail_point::panic_message(payload.as_ref())))));
+                let _ = capture_tx.send(outcome.unwrap_or_else(|payload| {
+                    Err(worker_failed(
+                        &capture_db,
+                        "capture worker".into(),
+                        fail_point::panic_message(payload.as_ref()),
+                    ))
+                }));
             })
             .map_err(error::io_err("spawn capture thread", &db_path))?;
 
@@ -200,8 +250,11 @@ impl Shipper {
         // error is reported once what can be is flushed.
         // A JoinError means the task was cancelled (its panics are caught inside it): a failure of
         // that worker too.
-        let joined_outcome = |worker: &str, joined: Result<Result<(), Error>, tokio::task::JoinError>| joined.unwrap_or_else(|e| Err(worker_failed(&db_path, worker.into(), e.to_string())));
-        let capture_lost = || worker_failed(&db_path, "capture worker".into(), "its thread ended without a result".into());
+        let joined_outcome = |worker: &str, joined: Result<Result<(), Error>, tokio::task::JoinError>| {
+            joined.unwrap_or_else(|e| Err(worker_failed(&db_path, worker.into(), e.to_string())))
+        };
+        let capture_lost =
+            || worker_failed(&db_path, "capture worker".into(), "its thread ended without a result".into());
         let mut failed: Option<Error> = None;
         let mut capture_ended = false;
         while failed.is_none() {
@@ -271,9 +324,19 @@ impl Shipper {
         }
         if drained.is_err() {
             let end = state_rx.borrow().end;
-            let behind: Vec<String> = positions.iter().enumerate().filter(|(_, p)| *p.borrow() != end).map(|(i, p)| format!("replica #{} at {}", i + 1, p.borrow().map_or("nothing".to_string(), |p| p.to_string()))).collect();
+            let behind: Vec<String> = positions
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| *p.borrow() != end)
+                .map(|(i, p)| {
+                    format!("replica #{} at {}", i + 1, p.borrow().map_or("nothing".to_string(), |p| p.to_string()))
+                })
+                .collect();
             uploaders.abort_all();
-            let incomplete = Error::FlushIncomplete { unshipped: behind.len(), detail: format!("{} (local end {})", behind.join(", "), end.map_or("none".into(), |p| p.to_string())) };
+            let incomplete = Error::FlushIncomplete {
+                unshipped: behind.len(),
+                detail: format!("{} (local end {})", behind.join(", "), end.map_or("none".into(), |p| p.to_string())),
+            };
             return Err(match failed {
                 Some(e @ Error::WorkerFailed { .. }) => e,
                 _ => incomplete,
@@ -289,9 +352,16 @@ impl Shipper {
 }
 
 /// `worker` with a panic caught and reported as [`Error::WorkerFailed`].
-async fn caught(db: PathBuf, worker: String, work: impl std::future::Future<Output = Result<(), Error>>) -> Result<(), Error> {
+async fn caught(
+    db: PathBuf,
+    worker: String,
+    work: impl std::future::Future<Output = Result<(), Error>>,
+) -> Result<(), Error> {
     use futures_util::FutureExt;
-    std::panic::AssertUnwindSafe(work).catch_unwind().await.unwrap_or_else(|payload| Err(worker_failed(&db, worker, fail_point::panic_message(payload.as_ref()))))
+    std::panic::AssertUnwindSafe(work)
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|payload| Err(worker_failed(&db, worker, fail_point::panic_message(payload.as_ref()))))
 }
 
 fn worker_failed(db: &std::path::Path, worker: String, detail: String) -> Error {

@@ -34,7 +34,9 @@ impl MappedRange {
         let map_len = skip + len;
         let offset = libc::off_t::try_from(aligned).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         // SAFETY: a fresh read-only shared mapping of an open file; no Rust object aliases it.
-        let base = unsafe { libc::mmap(std::ptr::null_mut(), map_len, libc::PROT_READ, libc::MAP_SHARED, file.as_raw_fd(), offset) };
+        let base = unsafe {
+            libc::mmap(std::ptr::null_mut(), map_len, libc::PROT_READ, libc::MAP_SHARED, file.as_raw_fd(), offset)
+        };
         if base == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }

@@ -51,7 +51,12 @@ impl MetaDir {
         use std::os::fd::AsRawFd;
         fs::create_dir_all(&self.root).map_err(io_err("create", &self.root))?;
         let path = self.root.join("lock");
-        let file = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io_err("open", &path))?;
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err("open", &path))?;
         // SAFETY: flock(2) on a descriptor this function owns; no memory is involved.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             let e = std::io::Error::last_os_error();
@@ -89,7 +94,11 @@ impl MetaDir {
         }
         let mut host = [0u8; 256];
         // SAFETY: gethostname writes at most `host.len()` bytes into the buffer it is given.
-        let host = if unsafe { libc::gethostname(host.as_mut_ptr().cast(), host.len()) } == 0 { String::from_utf8_lossy(&host[..host.iter().position(|&b| b == 0).unwrap_or(host.len())]).into_owned() } else { "unknown-host".to_string() };
+        let host = if unsafe { libc::gethostname(host.as_mut_ptr().cast(), host.len()) } == 0 {
+            String::from_utf8_lossy(&host[..host.iter().position(|&b| b == 0).unwrap_or(host.len())]).into_owned()
+        } else {
+            "unknown-host".to_string()
+        };
         let id = format!("{} {}", host.replace(char::is_whitespace, "-"), GenerationId::random());
         fs::create_dir_all(&self.root).map_err(io_err("create directory", &self.root))?;
         write_atomic(&path, format!("{id}\n").as_bytes())?;
@@ -131,14 +140,23 @@ impl MetaDir {
 
     /// Shadow indexes present for `generation`, ascending.
     pub(crate) fn shadow_indexes(&self, generation: &GenerationId) -> Vec<u32> {
-        let mut indexes: Vec<u32> = fs::read_dir(self.wal_dir(generation)).into_iter().flatten().flatten().filter_map(|e| name::parse_shadow_wal_file_name(&e.file_name().to_string_lossy())).collect();
+        let mut indexes: Vec<u32> = fs::read_dir(self.wal_dir(generation))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| name::parse_shadow_wal_file_name(&e.file_name().to_string_lossy()))
+            .collect();
         indexes.sort_unstable();
         indexes
     }
 
     /// The shadow files below `index`, ascending.
     pub(crate) fn shadow_files_below(&self, generation: &GenerationId, index: u32) -> Vec<PathBuf> {
-        self.shadow_indexes(generation).into_iter().filter(|&i| i < index).map(|i| self.wal_dir(generation).join(name::shadow_wal_file_name(i))).collect()
+        self.shadow_indexes(generation)
+            .into_iter()
+            .filter(|&i| i < index)
+            .map(|i| self.wal_dir(generation).join(name::shadow_wal_file_name(i)))
+            .collect()
     }
 
     /// The generation's latest completed snapshot.
@@ -176,7 +194,13 @@ impl MetaDir {
     /// back-filling all of it. Pages of index `index` may be back-filled while the file is read;
     /// restore replays that index from offset 0 over the snapshot, so the result is consistent
     /// (the argument Litestream's snapshots rest on too).
-    pub(crate) fn write_snapshot(&self, generation: &GenerationId, index: u32, db_file: &fs::File, buf: &mut [u8]) -> Result<LocalSnapshot, Error> {
+    pub(crate) fn write_snapshot(
+        &self,
+        generation: &GenerationId,
+        index: u32,
+        db_file: &fs::File,
+        buf: &mut [u8],
+    ) -> Result<LocalSnapshot, Error> {
         use std::io::Write;
         let path = self.snapshots_dir(generation).join(format!("{index:08x}.snapshot.lz4"));
         let temp = path.with_extension("lz4.tmp");
@@ -191,7 +215,11 @@ impl MetaDir {
             writer.write_all(&buf[..n]).map_err(io_err("write", &temp))?;
             offset += n as u64;
         }
-        let file = writer.finish().map_err(io_err("write", &temp))?.into_inner().map_err(|e| io_err("write", &temp)(e.into_error()))?;
+        let file = writer
+            .finish()
+            .map_err(io_err("write", &temp))?
+            .into_inner()
+            .map_err(|e| io_err("write", &temp)(e.into_error()))?;
         file.sync_all().map_err(io_err("fsync", &temp))?;
         fs::rename(&temp, &path).map_err(io_err("rename", &temp))?;
         let created = fs::metadata(&path).and_then(|m| m.modified()).map_err(io_err("stat", &path))?;

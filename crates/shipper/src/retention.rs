@@ -37,7 +37,11 @@ pub struct RetentionPolicy {
 
 impl Default for RetentionPolicy {
     fn default() -> RetentionPolicy {
-        RetentionPolicy { snapshot_interval: None, retention: Some(Duration::from_secs(24 * 3600)), check_interval: Duration::from_secs(3600) }
+        RetentionPolicy {
+            snapshot_interval: None,
+            retention: Some(Duration::from_secs(24 * 3600)),
+            check_interval: Duration::from_secs(3600),
+        }
     }
 }
 
@@ -68,7 +72,9 @@ pub(crate) fn plan(objects: &[ObjectMeta], current: GenerationId, cutoff: System
             ObjectKind::Segment { index, .. } => listing.segments.push((index, object)),
         }
     }
-    let oldest_retained = |listing: &Listing| listing.snapshots.iter().filter(|(_, o)| o.created >= cutoff).map(|(index, _)| *index).min();
+    let oldest_retained = |listing: &Listing| {
+        listing.snapshots.iter().filter(|(_, o)| o.created >= cutoff).map(|(index, _)| *index).min()
+    };
     let Some(current_min) = generations.get(&current).and_then(oldest_retained) else {
         // Without a retained snapshot of the current generation on the replica, the other
         // generations may still be all a restore has: keep everything.
@@ -86,7 +92,12 @@ pub(crate) fn plan(objects: &[ObjectMeta], current: GenerationId, cutoff: System
 
 /// Runs the replica's snapshot timer and retention checks until the state channel closes.
 /// Deletes only under `right`, confirmed before each deletion (the lease, when leases are on).
-pub(crate) async fn run(replica: Replica, mut state: watch::Receiver<ShadowState>, wake: mpsc::Sender<Wake>, right: std::sync::Arc<crate::lease::WriteRight>) {
+pub(crate) async fn run(
+    replica: Replica,
+    mut state: watch::Receiver<ShadowState>,
+    wake: mpsc::Sender<Wake>,
+    right: std::sync::Arc<crate::lease::WriteRight>,
+) {
     let policy = replica.policy;
     let retention = policy.retention.filter(|r| !r.is_zero());
     let check_every = retention.map(|r| policy.check_interval.min(r).max(Duration::from_millis(100)));
@@ -131,7 +142,9 @@ pub(crate) async fn run(replica: Replica, mut state: watch::Receiver<ShadowState
                             warn!(replica = %replica.name, error = %e, "retention stopped");
                             return;
                         }
-                        Err(e) => warn!(replica = %replica.name, error = %e, "retention check failed; retrying at the next check"),
+                        Err(e) => {
+                            warn!(replica = %replica.name, error = %e, "retention check failed; retrying at the next check")
+                        }
                     }
                 }
             }
@@ -144,7 +157,9 @@ pub(crate) async fn run(replica: Replica, mut state: watch::Receiver<ShadowState
 /// writer and what it uploads is newer still; so an idle replica is not listed again before
 /// then.
 fn next_expiry(objects: &[ObjectMeta], cutoff: SystemTime, retention: Duration) -> Option<SystemTime> {
-    let kept_snapshots = objects.iter().filter(|o| o.created >= cutoff && matches!(name::parse_key(&o.key).map(|k| k.kind), Some(ObjectKind::Snapshot { .. })));
+    let kept_snapshots = objects.iter().filter(|o| {
+        o.created >= cutoff && matches!(name::parse_key(&o.key).map(|k| k.kind), Some(ObjectKind::Snapshot { .. }))
+    });
     Some(kept_snapshots.map(|o| o.created).min()? + retention)
 }
 
@@ -156,7 +171,13 @@ async fn sleep_opt(until: Option<tokio::time::Instant>) {
 }
 
 /// One check; returns when the next one could find something to do, if it can tell.
-async fn enforce(replica: &Replica, current: GenerationId, retention: Duration, wake: &mpsc::Sender<Wake>, right: &crate::lease::WriteRight) -> Result<Option<SystemTime>, Error> {
+async fn enforce(
+    replica: &Replica,
+    current: GenerationId,
+    retention: Duration,
+    wake: &mpsc::Sender<Wake>,
+    right: &crate::lease::WriteRight,
+) -> Result<Option<SystemTime>, Error> {
     let store_err = |source| Error::Store { replica: replica.name.clone(), source };
     if !right.confirm(replica).await? {
         return Ok(None);

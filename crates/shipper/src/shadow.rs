@@ -80,9 +80,20 @@ pub(crate) struct ShadowIndex {
 
 impl ShadowIndex {
     /// Starts index `index` with a WAL header just read from the live WAL.
-    pub(crate) fn create(wal_dir: &Path, index: u32, header_bytes: [u8; WAL_HEADER_SIZE], header: WalHeader) -> Result<ShadowIndex, Error> {
+    pub(crate) fn create(
+        wal_dir: &Path,
+        index: u32,
+        header_bytes: [u8; WAL_HEADER_SIZE],
+        header: WalHeader,
+    ) -> Result<ShadowIndex, Error> {
         let path = wal_dir.join(name::shadow_wal_file_name(index));
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).map_err(io_err("create", &path))?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(io_err("create", &path))?;
         let mut shadow = ShadowIndex::header_only(index, path, file, header_bytes, header);
         match shadow.file.write_all_at(&header_bytes, 0).and_then(|()| shadow.file.sync_data()) {
             Ok(()) => {}
@@ -146,8 +157,28 @@ impl ShadowIndex {
     }
 
     /// The state of a file holding `header_bytes` and no frame yet.
-    fn header_only(index: u32, path: PathBuf, file: File, header_bytes: [u8; WAL_HEADER_SIZE], header: WalHeader) -> ShadowIndex {
-        ShadowIndex { index, path, file, header, header_bytes, committed_len: WAL_HEADER_SIZE as u64, chain: FrameChain::new(header), sealed: false, next_salt1: None, unsynced_since: None, discarded: 0, live_from: None, live_last_frame: Vec::new() }
+    fn header_only(
+        index: u32,
+        path: PathBuf,
+        file: File,
+        header_bytes: [u8; WAL_HEADER_SIZE],
+        header: WalHeader,
+    ) -> ShadowIndex {
+        ShadowIndex {
+            index,
+            path,
+            file,
+            header,
+            header_bytes,
+            committed_len: WAL_HEADER_SIZE as u64,
+            chain: FrameChain::new(header),
+            sealed: false,
+            next_salt1: None,
+            unsynced_since: None,
+            discarded: 0,
+            live_from: None,
+            live_last_frame: Vec::new(),
+        }
     }
 
     /// Once every replica holds everything copied, the index is stored in its file again from
@@ -157,7 +188,9 @@ impl ShadowIndex {
     pub(crate) fn leave_live(&mut self) -> bool {
         let Some(from) = self.live_from else { return true };
         let frame = self.header.frame_size();
-        if self.committed_len >= from + frame && self.file.write_all_at(&self.live_last_frame, self.committed_len - frame).is_err() {
+        if self.committed_len >= from + frame
+            && self.file.write_all_at(&self.live_last_frame, self.committed_len - frame).is_err()
+        {
             return false;
         }
         if from == 0 && self.file.write_all_at(&self.header_bytes, 0).is_err() {
@@ -210,13 +243,26 @@ impl ShadowIndex {
     /// restarted WAL keeps the old life's length, so without it a pass reads on past the new
     /// life's end, doubling from [`FIRST_READ_BYTES`]: under a saturated writer the passes read
     /// 1.29 times what they copied, 1.09 times with it.
-    pub(crate) fn append_from(&mut self, source: &impl FileExt, source_len: u64, committed_hint: u64, buf: &mut [u8]) -> Result<u64, Error> {
+    pub(crate) fn append_from(
+        &mut self,
+        source: &impl FileExt,
+        source_len: u64,
+        committed_hint: u64,
+        buf: &mut [u8],
+    ) -> Result<u64, Error> {
         self.copy_from(source, source_len, committed_hint, buf, true)
     }
 
     /// The shared loop of [`ShadowIndex::open`] (reading the shadow itself, `write = false`) and
     /// [`ShadowIndex::append_from`].
-    fn copy_from(&mut self, source: &impl FileExt, source_len: u64, committed_hint: u64, buf: &mut [u8], write: bool) -> Result<u64, Error> {
+    fn copy_from(
+        &mut self,
+        source: &impl FileExt,
+        source_len: u64,
+        committed_hint: u64,
+        buf: &mut [u8],
+        write: bool,
+    ) -> Result<u64, Error> {
         let frame = self.header.frame_size() as usize;
         let frames_per_chunk = (buf.len() / frame).max(1);
         let mut frames_per_read = match committed_hint {
@@ -259,7 +305,11 @@ impl ShadowIndex {
                     }
                     // A full disk: keep every whole transaction that fits, and serve the rest
                     // of this WAL life from the live WAL until the replicas have it.
-                    let fitted = chunk[..n_valid * frame].chunks_exact(frame).enumerate().take_while(|(i, bytes)| self.file.write_all_at(bytes, offset + (i * frame) as u64).is_ok()).count();
+                    let fitted = chunk[..n_valid * frame]
+                        .chunks_exact(frame)
+                        .enumerate()
+                        .take_while(|(i, bytes)| self.file.write_all_at(bytes, offset + (i * frame) as u64).is_ok())
+                        .count();
                     let (mut stored_end, mut refit) = (commit_end, chain_at_chunk);
                     for (i, bytes) in chunk[..fitted * frame].chunks_exact(frame).enumerate() {
                         if refit.accept(bytes).is_some_and(|h| h.is_commit()) {
@@ -326,7 +376,15 @@ impl ShadowIndex {
 pub(crate) fn disk_bytes(wal_dir: &Path, except: Option<u32>) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let Ok(entries) = std::fs::read_dir(wal_dir) else { return 0 };
-    entries.flatten().filter(|e| name::parse_shadow_wal_file_name(&e.file_name().to_string_lossy()).is_some_and(|index| Some(index) != except)).filter_map(|e| e.metadata().ok()).map(|m| m.blocks() * 512).sum()
+    entries
+        .flatten()
+        .filter(|e| {
+            name::parse_shadow_wal_file_name(&e.file_name().to_string_lossy())
+                .is_some_and(|index| Some(index) != except)
+        })
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.blocks() * 512)
+        .sum()
 }
 
 /// ENOSPC, or a quota.
@@ -350,7 +408,14 @@ fn punch(file: &File, below: u64) -> std::io::Result<()> {
         return Ok(());
     }
     // SAFETY: fallocate(2) on a descriptor the caller owns; no memory is involved.
-    let rc = unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, BLOCK as libc::off_t, (end - BLOCK) as libc::off_t) };
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            BLOCK as libc::off_t,
+            (end - BLOCK) as libc::off_t,
+        )
+    };
     if rc == 0 {
         Ok(())
     } else {
@@ -404,8 +469,13 @@ mod tests {
         fn shadow(&self, index: u32) -> ShadowIndex {
             let (file, bytes) = self.wal();
             let header_bytes: [u8; WAL_HEADER_SIZE] = bytes[..WAL_HEADER_SIZE].try_into().unwrap();
-            let mut shadow = ShadowIndex::create(self.dir.path(), index, header_bytes, WalHeader::parse(&header_bytes).unwrap()).unwrap();
-            assert_eq!(shadow.append_from(&file, bytes.len() as u64, 0, &mut vec![0; COPY_CHUNK_BYTES]).unwrap(), bytes.len() as u64 - WAL_HEADER_SIZE as u64);
+            let mut shadow =
+                ShadowIndex::create(self.dir.path(), index, header_bytes, WalHeader::parse(&header_bytes).unwrap())
+                    .unwrap();
+            assert_eq!(
+                shadow.append_from(&file, bytes.len() as u64, 0, &mut vec![0; COPY_CHUNK_BYTES]).unwrap(),
+                bytes.len() as u64 - WAL_HEADER_SIZE as u64
+            );
             shadow
         }
     }
@@ -430,7 +500,11 @@ mod tests {
         let after = disk_bytes(&shadow.path);
         let frame = shadow.header.frame_size();
         assert!(after <= 2 * 4096 + 2 * frame, "{after} bytes still on disk of {before}");
-        assert_eq!(shadow.last_frame().unwrap().unwrap(), wal[(len - frame) as usize..len as usize], "the last frame must survive");
+        assert_eq!(
+            shadow.last_frame().unwrap().unwrap(),
+            wal[(len - frame) as usize..len as usize],
+            "the last frame must survive"
+        );
         let reopened = ShadowIndex::open(db.dir.path(), 1).unwrap().unwrap();
         assert_eq!((reopened.committed_len, reopened.end_checksum()), (len, checksum));
         // The file still reads at its offsets, header included; the punched part reads as zeros.
@@ -489,7 +563,10 @@ mod tests {
         let (file, bytes) = db.wal();
         let scan = walstream_format::wal::scan(&bytes).unwrap();
         let frame = scan.header.frame_size() as usize;
-        assert!(bytes.len() > scan.committed_len as usize + 64 * frame, "the old life is not there; the test proves nothing");
+        assert!(
+            bytes.len() > scan.committed_len as usize + 64 * frame,
+            "the old life is not there; the test proves nothing"
+        );
         let header_bytes: [u8; WAL_HEADER_SIZE] = bytes[..WAL_HEADER_SIZE].try_into().unwrap();
         let mut read = Vec::new();
         for (index, hint) in [(1, scan.committed_len), (2, 0)] {

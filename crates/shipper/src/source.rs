@@ -123,8 +123,9 @@ impl SourceDb {
     pub(crate) fn open(path: &Path) -> Result<SourceDb, Error> {
         let open = || -> Result<Connection, Error> {
             // READ_WRITE without CREATE: walstream must never create the application's file.
-            let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-                .map_err(sqlite_err(path))?;
+            let conn =
+                Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+                    .map_err(sqlite_err(path))?;
             conn.busy_timeout(BUSY_TIMEOUT).map_err(sqlite_err(path))?;
             // Closing walstream's connections must never checkpoint and delete the WAL: that
             // would rewrite the database behind the application and break continuity.
@@ -135,14 +136,24 @@ impl SourceDb {
         let mode: String = conns[0].query_row("PRAGMA journal_mode", [], |r| r.get(0)).map_err(sqlite_err(path))?;
         if !mode.eq_ignore_ascii_case("wal") {
             info!(db = %path.display(), from = %mode, "database is not in WAL mode, switching journal_mode to wal");
-            let mode: String = conns[0].query_row("PRAGMA journal_mode = wal", [], |r| r.get(0)).map_err(sqlite_err(path))?;
+            let mode: String =
+                conns[0].query_row("PRAGMA journal_mode = wal", [], |r| r.get(0)).map_err(sqlite_err(path))?;
             if !mode.eq_ignore_ascii_case("wal") {
                 return Err(Error::NotWal { path: path.to_path_buf(), mode });
             }
         }
         let page_size: u32 = conns[0].query_row("PRAGMA page_size", [], |r| r.get(0)).map_err(sqlite_err(path))?;
         let db_file = File::open(path).map_err(io_err("open", path))?;
-        let mut db = SourceDb { path: path.to_path_buf(), conns, pinned: None, previous: None, pinned_at: None, page_size, db_file, shm_file: None };
+        let mut db = SourceDb {
+            path: path.to_path_buf(),
+            conns,
+            pinned: None,
+            previous: None,
+            pinned_at: None,
+            page_size,
+            db_file,
+            shm_file: None,
+        };
         db.open_shm();
         Ok(db)
     }
@@ -177,7 +188,9 @@ impl SourceDb {
     pub(crate) fn roll_pin(&mut self) -> bool {
         let next = self.pinned.map_or(0, |held| 1 - held);
         let conn = &self.conns[next];
-        let began = conn.execute_batch("BEGIN").and_then(|()| conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0)));
+        let began = conn
+            .execute_batch("BEGIN")
+            .and_then(|()| conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0)));
         match began {
             Ok(_) => {
                 self.previous = self.pinned;
@@ -272,7 +285,11 @@ mod tests {
     fn text_file_is_not_a_database_and_is_left_alone() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("notes.txt");
-        std::fs::write(&path, "this is not sqlite, it is a long enough text file to pass the size check........................").unwrap();
+        std::fs::write(
+            &path,
+            "this is not sqlite, it is a long enough text file to pass the size check........................",
+        )
+        .unwrap();
         let before = std::fs::read(&path).unwrap();
         assert!(matches!(probe_file(&path), Err(Error::NotADatabase { .. })));
         assert!(matches!(SourceDb::open(&path), Err(Error::Sqlite { .. })));

@@ -259,7 +259,10 @@ impl Handle {
                 let position = *r.position.borrow();
                 let pending_bytes = match (state.end, position) {
                     (Some(end), Some(pos)) if pos.generation == end.generation && pos <= end => {
-                        (pos.index..=end.index).map(|i| if i == end.index { end.offset } else { shadow_len(i) }).sum::<u64>() - pos.offset
+                        (pos.index..=end.index)
+                            .map(|i| if i == end.index { end.offset } else { shadow_len(i) })
+                            .sum::<u64>()
+                            - pos.offset
                     }
                     (Some(_), _) => shadow_size,
                     (None, _) => 0,
@@ -335,9 +338,23 @@ impl Handle {
                 .replicas
                 .iter()
                 .filter(|r| *r.position.borrow() != end)
-                .map(|r| format!("replica {} at {}", r.name, r.position.borrow().map_or("an unknown position".into(), |p| p.to_string())))
+                .map(|r| {
+                    format!(
+                        "replica {} at {}",
+                        r.name,
+                        r.position.borrow().map_or("an unknown position".into(), |p| p.to_string())
+                    )
+                })
                 .collect();
-            Err(SyncError::Timeout { db: db.clone(), timeout, behind: format!("{} (captured up to {})", behind.join(", "), end.map_or("nothing".into(), |p| p.to_string())) })
+            Err(SyncError::Timeout {
+                db: db.clone(),
+                timeout,
+                behind: format!(
+                    "{} (captured up to {})",
+                    behind.join(", "),
+                    end.map_or("nothing".into(), |p| p.to_string())
+                ),
+            })
         })
     }
 }

@@ -58,6 +58,10 @@ mod tests {
         assert_eq!(throttle.failed_at(start + LOG_EVERY + Duration::from_secs(1)), None);
         assert_eq!(throttle.recovered(), Some(1));
         assert_eq!(throttle.recovered(), None, "a recovery is reported once");
-        assert_eq!(throttle.failed_at(start + LOG_EVERY + Duration::from_secs(2)), Some(0), "after a recovery the next failure logs at once");
+        assert_eq!(
+            throttle.failed_at(start + LOG_EVERY + Duration::from_secs(2)),
+            Some(0),
+            "after a recovery the next failure logs at once"
+        );
     }
 }

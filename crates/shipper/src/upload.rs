@@ -101,7 +101,20 @@ impl Uploader {
         lease_terms: Option<(String, LeasePolicy)>,
         right: Arc<WriteRight>,
     ) -> Uploader {
-        Uploader { replica, state, position, new_generation, uploaded_snapshot: None, counters, lease_terms, right, last_segment_put: None, barriers_shipped: 0, framed: BytesMut::new(), failures: Default::default() }
+        Uploader {
+            replica,
+            state,
+            position,
+            new_generation,
+            uploaded_snapshot: None,
+            counters,
+            lease_terms,
+            right,
+            last_segment_put: None,
+            barriers_shipped: 0,
+            framed: BytesMut::new(),
+            failures: Default::default(),
+        }
     }
 
     /// Ships until the capturer publishes its final state and all of it is shipped, or the
@@ -168,7 +181,10 @@ impl Uploader {
                     let new_generation = match &e {
                         Error::ReplicaAhead { .. } => true,
                         // Unless the generation has moved on meanwhile (its files go with it).
-                        Error::ShippedWalDiscarded { remote: Pos { generation, .. }, .. } | Error::SnapshotDiscarded { generation, .. } => self.state.borrow().generation == Some(*generation),
+                        Error::ShippedWalDiscarded { remote: Pos { generation, .. }, .. }
+                        | Error::SnapshotDiscarded { generation, .. } => {
+                            self.state.borrow().generation == Some(*generation)
+                        }
                         _ => false,
                     };
                     if new_generation {
@@ -248,15 +264,22 @@ impl Uploader {
             // While the disk is full, the current index's newest bytes are only in the live WAL.
             let live_from = state.live_from.filter(|&(index, _)| index == pos.index).map(|(_, from)| from);
             let from_live_wal = live_from.is_some_and(|from| pos.offset >= from);
-            let path = if from_live_wal { state.wal_path.clone() } else { state.wal_dir.join(name::shadow_wal_file_name(pos.index)) };
+            let path = if from_live_wal {
+                state.wal_path.clone()
+            } else {
+                state.wal_dir.join(name::shadow_wal_file_name(pos.index))
+            };
             let file = match std::fs::File::open(&path) {
                 Ok(file) => file,
                 // Deleted once every replica had shipped it.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound && !from_live_wal => return Err(Error::ShippedWalDiscarded { replica: self.replica.name.clone(), remote: pos }),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && !from_live_wal => {
+                    return Err(Error::ShippedWalDiscarded { replica: self.replica.name.clone(), remote: pos })
+                }
                 Err(e) => return Err(io_err("open", &path)(e)),
             };
             // Bytes below the published end never change; a finished index is its whole file.
-            let limit = if pos.index == end.index { end.offset } else { file.metadata().map_err(io_err("stat", &path))?.len() };
+            let limit =
+                if pos.index == end.index { end.offset } else { file.metadata().map_err(io_err("stat", &path))?.len() };
             let limit = match live_from {
                 Some(from) if !from_live_wal => limit.min(from),
                 _ => limit,
@@ -271,7 +294,8 @@ impl Uploader {
             let (body, len) = if from_live_wal {
                 // Read, not mapped: the application may truncate its WAL (a mapped page past the
                 // end would raise SIGBUS), though not before the capturer's pin lets it.
-                let framed = frame_segment(Piece::Read(&file), pos.offset, limit, &mut self.framed).map_err(io_err("read", &path))?;
+                let framed = frame_segment(Piece::Read(&file), pos.offset, limit, &mut self.framed)
+                    .map_err(io_err("read", &path))?;
                 // Read under the capturer's pin only if it still serves them now (at shutdown it
                 // withdraws them before letting the pin go).
                 if self.state.borrow().live_from != state.live_from {
@@ -283,7 +307,8 @@ impl Uploader {
                 if crate::shadow::first_data(&file, pos.offset) != Some(pos.offset) {
                     return Err(Error::ShippedWalDiscarded { replica: self.replica.name.clone(), remote: pos });
                 }
-                frame_segment(Piece::Mapped(&file), pos.offset, limit, &mut self.framed).map_err(io_err("read", &path))?
+                frame_segment(Piece::Mapped(&file), pos.offset, limit, &mut self.framed)
+                    .map_err(io_err("read", &path))?
             };
             crate::fail_point::hit("upload");
             let key = name::segment_key(&generation, pos.index, pos.offset);
@@ -303,14 +328,26 @@ impl Uploader {
     }
 
     /// Streamed from disk: a snapshot may be far larger than the memory walstream may use.
-    async fn put_snapshot(&mut self, generation: &walstream_format::GenerationId, snapshot: &LocalSnapshot) -> Result<(), Error> {
+    async fn put_snapshot(
+        &mut self,
+        generation: &walstream_format::GenerationId,
+        snapshot: &LocalSnapshot,
+    ) -> Result<(), Error> {
         self.confirm_lease().await?;
         let key = name::snapshot_key(generation, snapshot.index);
         // Every replica held it, so its local copy was freed; this one has lost it since.
         if std::fs::metadata(&snapshot.path).map_err(io_err("stat", &snapshot.path))?.len() == 0 {
-            return Err(Error::SnapshotDiscarded { replica: self.replica.name.clone(), generation: *generation, index: snapshot.index });
+            return Err(Error::SnapshotDiscarded {
+                replica: self.replica.name.clone(),
+                generation: *generation,
+                index: snapshot.index,
+            });
         }
-        self.replica.store.put_file(&key, &snapshot.path).await.map_err(|source| Error::Store { replica: self.replica.name.clone(), source })?;
+        self.replica
+            .store
+            .put_file(&key, &snapshot.path)
+            .await
+            .map_err(|source| Error::Store { replica: self.replica.name.clone(), source })?;
         info!(replica = %self.replica.name, generation = %generation, index = snapshot.index, "snapshot uploaded");
         self.holds_snapshot(snapshot);
         Ok(())
@@ -342,12 +379,22 @@ impl Uploader {
             Some(_) => {}
         }
         let segments = self.list(&name::wal_prefix(&generation)).await?;
-        let last = segments.iter().filter_map(|key| Some((name::parse_key(key)?.pos()?, key))).max_by_key(|(pos, _)| *pos);
+        let last =
+            segments.iter().filter_map(|key| Some((name::parse_key(key)?.pos()?, key))).max_by_key(|(pos, _)| *pos);
         let Some((start, key)) = last else {
             return Ok(Pos { generation, index: snapshot.index, offset: 0 });
         };
-        let body = self.replica.store.get(key).await.map_err(|source| Error::Store { replica: self.replica.name.clone(), source })?;
-        let raw = lz4::decompress(&body).map_err(|source| Error::CorruptObject { replica: self.replica.name.clone(), key: key.clone(), source })?;
+        let body = self
+            .replica
+            .store
+            .get(key)
+            .await
+            .map_err(|source| Error::Store { replica: self.replica.name.clone(), source })?;
+        let raw = lz4::decompress(&body).map_err(|source| Error::CorruptObject {
+            replica: self.replica.name.clone(),
+            key: key.clone(),
+            source,
+        })?;
         Ok(Pos { offset: start.offset + raw.len() as u64, ..start })
     }
 
@@ -357,13 +404,22 @@ impl Uploader {
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>, Error> {
-        let objects = self.replica.store.list(prefix).await.map_err(|source| Error::Store { replica: self.replica.name.clone(), source })?;
+        let objects = self
+            .replica
+            .store
+            .list(prefix)
+            .await
+            .map_err(|source| Error::Store { replica: self.replica.name.clone(), source })?;
         Ok(objects.into_iter().map(|o| o.key).collect())
     }
 
     async fn put(&mut self, key: &str, body: Bytes) -> Result<(), Error> {
         self.confirm_lease().await?;
-        self.replica.store.put(key, body).await.map_err(|source| Error::Store { replica: self.replica.name.clone(), source })
+        self.replica
+            .store
+            .put(key, body)
+            .await
+            .map_err(|source| Error::Store { replica: self.replica.name.clone(), source })
     }
 }
 
@@ -450,7 +506,10 @@ mod tests {
         while at < data.len() as u64 {
             let (body, len) = frame_segment(Piece::Mapped(&file), at, data.len() as u64, &mut framed).unwrap();
             assert_eq!(lz4::decompress(&body).unwrap(), data[at as usize..(at + len) as usize]);
-            assert!(body.len() <= SEGMENT_TARGET_BYTES + lz4::FrameBuilder::block_bound(PIECE_BYTES) + lz4::FrameBuilder::END_LEN);
+            assert!(
+                body.len()
+                    <= SEGMENT_TARGET_BYTES + lz4::FrameBuilder::block_bound(PIECE_BYTES) + lz4::FrameBuilder::END_LEN
+            );
             let ptr = body.as_ptr() as usize;
             let first = *first.get_or_insert(ptr);
             assert!((first..first + (2 << 20)).contains(&ptr), "segment at {at} got a new buffer");

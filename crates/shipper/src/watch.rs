@@ -41,7 +41,11 @@ pub(crate) struct Subscription {
 /// Wakes the capturer on any event for the database or its WAL (the WAL may not exist yet,
 /// and SQLite deletes and re-creates it, so the directory is watched).
 pub(crate) fn watch(db_path: &Path, wakes: Sender<Wake>) -> Result<Subscription, Error> {
-    let dir = db_path.parent().map(Path::to_path_buf).filter(|d| !d.as_os_str().is_empty()).unwrap_or_else(|| PathBuf::from("."));
+    let dir = db_path
+        .parent()
+        .map(Path::to_path_buf)
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or_else(|| PathBuf::from("."));
     let file_name = db_path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
     let mut shared = SHARED.lock().unwrap_or_else(|e| e.into_inner());
     if shared.is_none() {
@@ -64,14 +68,23 @@ pub(crate) fn watch(db_path: &Path, wakes: Sender<Wake>) -> Result<Subscription,
     // A directory left unwatched for its polling subscribers is watched again for this one.
     let unwatched_at = shared.unwatched.iter().position(|d| *d == dir);
     if !watched || unwatched_at.is_some() {
-        shared.watcher.watch(&dir, RecursiveMode::NonRecursive).map_err(|source| Error::Watch { path: dir.clone(), source })?;
+        shared
+            .watcher
+            .watch(&dir, RecursiveMode::NonRecursive)
+            .map_err(|source| Error::Watch { path: dir.clone(), source })?;
         if let Some(at) = unwatched_at {
             shared.unwatched.swap_remove(at);
         }
     }
     shared.next_id += 1;
     let id = shared.next_id;
-    shared.routes.lock().unwrap_or_else(|e| e.into_inner()).entry(dir.clone()).or_default().push((file_name, wakes, id));
+    shared
+        .routes
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(dir.clone())
+        .or_default()
+        .push((file_name, wakes, id));
     Ok(Subscription { dir, id })
 }
 
@@ -230,7 +243,10 @@ mod tests {
         assert!(woken(&b_rx, "b.db-wal"), "b lost its events when only a polls");
         b.set_polling(true).unwrap();
         assert!(!is_watched(dir.path()));
-        assert!(!woken_within(&b_rx, "b.db-wal", Duration::from_millis(300)), "events still came with every database polling");
+        assert!(
+            !woken_within(&b_rx, "b.db-wal", Duration::from_millis(300)),
+            "events still came with every database polling"
+        );
         let (c_tx, c_rx) = std::sync::mpsc::channel();
         let c = watch(&dir.path().join("c.db"), c_tx).unwrap();
         assert!(is_watched(dir.path()));
@@ -252,7 +268,8 @@ mod tests {
         // Events 50 µs apart: a pause after each 250 µs streak, none for the events that queued
         // during a pause (the kernel hands those over as one batch).
         let step = ((Pacer::PAUSE + Pacer::STREAK).as_micros() / gap.as_micros()) as u32;
-        let paused: Vec<bool> = (0..5 + 2 * step + step / 2).map(|i| !pacer.after_event(start + gap * i).is_zero()).collect();
+        let paused: Vec<bool> =
+            (0..5 + 2 * step + step / 2).map(|i| !pacer.after_event(start + gap * i).is_zero()).collect();
         let at: Vec<u32> = paused.iter().enumerate().filter(|(_, p)| **p).map(|(i, _)| i as u32).collect();
         assert_eq!(at, [5, 5 + step, 5 + 2 * step], "pauses after events number {at:?}");
         let mut pacer = Pacer::default();

@@ -48,7 +48,9 @@ fn io_error(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Err
 impl ObjectStore for FileStore {
     async fn put(&self, key: &str, body: Bytes) -> Result<(), Error> {
         let path = self.path_of(key)?;
-        tokio::task::spawn_blocking(move || write_atomically(&path, |file| std::io::Write::write_all(file, &body))).await.expect("put task panicked")
+        tokio::task::spawn_blocking(move || write_atomically(&path, |file| std::io::Write::write_all(file, &body)))
+            .await
+            .expect("put task panicked")
     }
 
     async fn put_file(&self, key: &str, source: &Path) -> Result<(), Error> {
@@ -150,7 +152,12 @@ impl CasLock {
         let dir = path.parent().expect("a key always has a parent under the root");
         std::fs::create_dir_all(dir).map_err(io_error("create directory", dir))?;
         let lock_path = PathBuf::from(format!("{}.lock{TEMP_SUFFIX}", path.display()));
-        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(io_error("open", &lock_path))?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_error("open", &lock_path))?;
         // SAFETY: flock on a descriptor this function owns; released when it is closed.
         if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX) } != 0 {
             return Err(io_error("lock", &lock_path)(std::io::Error::last_os_error()));
@@ -170,7 +177,8 @@ fn read_versioned(path: &Path) -> Result<Option<(Bytes, Version)>, Error> {
     };
     let meta = file.metadata().map_err(io_error("stat", path))?;
     let body = std::fs::read(path).map_err(io_error("read", path))?;
-    let version = meta.ino().rotate_left(32) ^ (meta.mtime() as u64).wrapping_mul(1_000_000_007) ^ meta.mtime_nsec() as u64;
+    let version =
+        meta.ino().rotate_left(32) ^ (meta.mtime() as u64).wrapping_mul(1_000_000_007) ^ meta.mtime_nsec() as u64;
     Ok(Some((Bytes::from(body), version)))
 }
 

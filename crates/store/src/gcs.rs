@@ -46,7 +46,12 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        RetryPolicy { attempts: 6, initial_backoff: Duration::from_millis(100), max_backoff: Duration::from_secs(5), request_timeout: Duration::from_secs(60) }
+        RetryPolicy {
+            attempts: 6,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(60),
+        }
     }
 }
 
@@ -64,7 +69,11 @@ pub struct GcsStore {
 
 impl std::fmt::Debug for GcsStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GcsStore").field("bucket", &self.bucket).field("prefix", &self.prefix).field("emulator", &self.emulator).finish()
+        f.debug_struct("GcsStore")
+            .field("bucket", &self.bucket)
+            .field("prefix", &self.prefix)
+            .field("emulator", &self.emulator)
+            .finish()
     }
 }
 
@@ -73,7 +82,14 @@ impl GcsStore {
     /// the root). Honours `STORAGE_EMULATOR_HOST` as Google's own clients do.
     pub fn new(bucket: impl Into<String>, prefix: impl Into<String>) -> GcsStore {
         let emulator = std::env::var("STORAGE_EMULATOR_HOST").ok().filter(|h| !h.is_empty());
-        GcsStore { bucket: bucket.into(), prefix: prefix.into(), emulator, retry: RetryPolicy::default(), client: OnceCell::new(), operations: OperationCounts::default() }
+        GcsStore {
+            bucket: bucket.into(),
+            prefix: prefix.into(),
+            emulator,
+            retry: RetryPolicy::default(),
+            client: OnceCell::new(),
+            operations: OperationCounts::default(),
+        }
     }
 
     /// The same store with another retry policy.
@@ -95,17 +111,22 @@ impl GcsStore {
         let http = Some(reqwest_middleware::ClientBuilder::new(http).build());
         let config = match &self.emulator {
             Some(host) => {
-                let endpoint = if host.contains("://") { host.trim_end_matches('/').to_string() } else { format!("http://{host}") };
+                let endpoint = if host.contains("://") {
+                    host.trim_end_matches('/').to_string()
+                } else {
+                    format!("http://{host}")
+                };
                 ClientConfig { http, storage_endpoint: endpoint, ..ClientConfig::default() }.anonymous()
             }
-            None => ClientConfig { http, ..ClientConfig::default() }
-                .with_auth()
-                .await
-                .map_err(|e| match e {
-                    // The metadata server or token endpoint did not answer: try again later.
-                    gcloud_storage::client::google_cloud_auth::error::Error::HttpError(e) => Error::Remote { op: "fetch credentials", target: credential_source(), detail: one_line(&error_chain(&e)) },
-                    e => Error::Credentials { source_name: credential_source(), detail: one_line(&e.to_string()) },
-                })?,
+            None => ClientConfig { http, ..ClientConfig::default() }.with_auth().await.map_err(|e| match e {
+                // The metadata server or token endpoint did not answer: try again later.
+                gcloud_storage::client::google_cloud_auth::error::Error::HttpError(e) => Error::Remote {
+                    op: "fetch credentials",
+                    target: credential_source(),
+                    detail: one_line(&error_chain(&e)),
+                },
+                e => Error::Credentials { source_name: credential_source(), detail: one_line(&e.to_string()) },
+            })?,
         };
         Ok(Client::new(config))
     }
@@ -157,7 +178,9 @@ impl GcsStore {
         match e {
             HttpError::Response(r) => self.classify_status(op, key, r.code, &r.message),
             // A status without a JSON error body (an emulator, a proxy) is still a status.
-            HttpError::HttpClient(e) if e.status().is_some() => self.classify_status(op, key, e.status().unwrap().as_u16(), &error_chain(&e)),
+            HttpError::HttpClient(e) if e.status().is_some() => {
+                self.classify_status(op, key, e.status().unwrap().as_u16(), &error_chain(&e))
+            }
             HttpError::HttpClient(e) => {
                 let kind = if e.is_timeout() {
                     "timed out"
@@ -168,7 +191,13 @@ impl GcsStore {
                 };
                 Failure { error: remote(format!("{kind}: {}", one_line(&error_chain(&e)))), transient: true }
             }
-            HttpError::TokenSource(e) => Failure { error: Error::Credentials { source_name: self.credential_source_in_use(), detail: one_line(&e.to_string()) }, transient: true },
+            HttpError::TokenSource(e) => Failure {
+                error: Error::Credentials {
+                    source_name: self.credential_source_in_use(),
+                    detail: one_line(&e.to_string()),
+                },
+                transient: true,
+            },
             other => Failure { error: remote(one_line(&other.to_string())), transient: true },
         }
     }
@@ -179,11 +208,20 @@ impl GcsStore {
             404 if op == "get" => Error::NotFound { key: key.to_string() },
             // GCS says which is missing in the message; an emulator may not, and then a delete
             // takes it for the object (see `delete`).
-            404 if op == "delete" && !message.to_ascii_lowercase().contains("bucket") => Error::NotFound { key: key.to_string() },
+            404 if op == "delete" && !message.to_ascii_lowercase().contains("bucket") => {
+                Error::NotFound { key: key.to_string() }
+            }
             412 => Error::PreconditionFailed { key: key.to_string() },
             404 => Error::BucketNotFound { bucket: self.bucket.clone() },
-            401 | 403 => Error::Credentials { source_name: self.credential_source_in_use(), detail: format!("HTTP {code}: {}", one_line(message)) },
-            _ => Error::Remote { op, target: format!("{}/{key}", self.describe()), detail: format!("HTTP {code}: {}", one_line(message)) },
+            401 | 403 => Error::Credentials {
+                source_name: self.credential_source_in_use(),
+                detail: format!("HTTP {code}: {}", one_line(message)),
+            },
+            _ => Error::Remote {
+                op,
+                target: format!("{}/{key}", self.describe()),
+                detail: format!("HTTP {code}: {}", one_line(message)),
+            },
         };
         Failure { error, transient }
     }
@@ -207,8 +245,14 @@ impl GcsStore {
     /// The outer error is the request's, which `retrying` classifies and retries; the inner one
     /// is local (reading the file), which no retry of the request can fix and which keeps its
     /// category: a full or failing local disk is not the store's fault.
-    async fn upload_file_in_chunks(&self, client: Client, name: &str, path: &Path) -> Result<Result<(), Error>, HttpError> {
-        let io = |op: &'static str| move |source: std::io::Error| Error::Io { op, path: path.display().to_string(), source };
+    async fn upload_file_in_chunks(
+        &self,
+        client: Client,
+        name: &str,
+        path: &Path,
+    ) -> Result<Result<(), Error>, HttpError> {
+        let io =
+            |op: &'static str| move |source: std::io::Error| Error::Io { op, path: path.display().to_string(), source };
         let mut file = match tokio::fs::File::open(path).await {
             Ok(file) => file,
             Err(e) => return Ok(Err(io("open")(e))),
@@ -235,7 +279,9 @@ impl GcsStore {
                 UploadStatus::ResumeIncomplete(_) | UploadStatus::NotStarted => sent += want as u64,
             }
             if sent >= len {
-                return Err(HttpError::HttpMiddleware(anyhow::anyhow!("the resumable upload sent every byte but was not finalized")));
+                return Err(HttpError::HttpMiddleware(anyhow::anyhow!(
+                    "the resumable upload sent every byte but was not finalized"
+                )));
             }
         }
     }
@@ -270,9 +316,16 @@ impl ObjectStore for GcsStore {
     }
 
     async fn put_file(&self, key: &str, path: &Path) -> Result<(), Error> {
-        let len = tokio::fs::metadata(path).await.map_err(|source| Error::Io { op: "stat", path: path.display().to_string(), source })?.len();
+        let len = tokio::fs::metadata(path)
+            .await
+            .map_err(|source| Error::Io { op: "stat", path: path.display().to_string(), source })?
+            .len();
         if len <= CHUNK_BYTES as u64 {
-            let body = tokio::fs::read(path).await.map_err(|source| Error::Io { op: "read", path: path.display().to_string(), source })?;
+            let body = tokio::fs::read(path).await.map_err(|source| Error::Io {
+                op: "read",
+                path: path.display().to_string(),
+                source,
+            })?;
             return self.put(key, Bytes::from(body)).await;
         }
         let name = self.object_name(key)?;
@@ -287,7 +340,8 @@ impl ObjectStore for GcsStore {
         let name = self.object_name(key)?;
         let body = self
             .retrying("get", key, |client| {
-                let request = GetObjectRequest { bucket: self.bucket.clone(), object: name.clone(), ..Default::default() };
+                let request =
+                    GetObjectRequest { bucket: self.bucket.clone(), object: name.clone(), ..Default::default() };
                 async move { client.download_object(&request, &Range::default()).await.map(Bytes::from) }
             })
             .await?;
@@ -302,7 +356,8 @@ impl ObjectStore for GcsStore {
         let name = self.object_name(key)?;
         let body = self
             .retrying("get", key, |client| {
-                let request = GetObjectRequest { bucket: self.bucket.clone(), object: name.clone(), ..Default::default() };
+                let request =
+                    GetObjectRequest { bucket: self.bucket.clone(), object: name.clone(), ..Default::default() };
                 // The end is inclusive in an HTTP range.
                 let range = Range(Some(offset), Some(offset + len - 1));
                 async move {
@@ -330,7 +385,13 @@ impl ObjectStore for GcsStore {
         loop {
             let page = self
                 .retrying("list", prefix, |client| {
-                    let request = ListObjectsRequest { bucket: self.bucket.clone(), prefix: Some(full_prefix.clone()), page_token: page_token.clone(), max_results: Some(LIST_PAGE_SIZE), ..Default::default() };
+                    let request = ListObjectsRequest {
+                        bucket: self.bucket.clone(),
+                        prefix: Some(full_prefix.clone()),
+                        page_token: page_token.clone(),
+                        max_results: Some(LIST_PAGE_SIZE),
+                        ..Default::default()
+                    };
                     async move { client.list_objects(&request).await }
                 })
                 .await?;
@@ -340,7 +401,11 @@ impl ObjectStore for GcsStore {
                     let nanos = t.unix_timestamp_nanos();
                     SystemTime::UNIX_EPOCH + Duration::from_nanos(u64::try_from(nanos).unwrap_or(0))
                 });
-                objects.push(ObjectMeta { key: key.to_string(), size: u64::try_from(object.size).unwrap_or(0), created });
+                objects.push(ObjectMeta {
+                    key: key.to_string(),
+                    size: u64::try_from(object.size).unwrap_or(0),
+                    created,
+                });
             }
             page_token = page.next_page_token.filter(|t| !t.is_empty());
             if page_token.is_none() {
@@ -355,7 +420,8 @@ impl ObjectStore for GcsStore {
         let name = self.object_name(key)?;
         let result = self
             .retrying("delete", key, |client| {
-                let request = DeleteObjectRequest { bucket: self.bucket.clone(), object: name.clone(), ..Default::default() };
+                let request =
+                    DeleteObjectRequest { bucket: self.bucket.clone(), object: name.clone(), ..Default::default() };
                 async move { client.delete_object(&request).await }
             })
             .await;
@@ -373,7 +439,8 @@ impl ObjectStore for GcsStore {
         // download, and the pair is read again.
         loop {
             let meta = self.retrying("get", key, |client| {
-                let request = GetObjectRequest { bucket: self.bucket.clone(), object: name.clone(), ..Default::default() };
+                let request =
+                    GetObjectRequest { bucket: self.bucket.clone(), object: name.clone(), ..Default::default() };
                 async move { client.get_object(&request).await }
             });
             let generation = match meta.await {
@@ -382,7 +449,12 @@ impl ObjectStore for GcsStore {
                 Err(e) => return Err(e),
             };
             let body = self.retrying("get", key, |client| {
-                let request = GetObjectRequest { bucket: self.bucket.clone(), object: name.clone(), generation: Some(generation), ..Default::default() };
+                let request = GetObjectRequest {
+                    bucket: self.bucket.clone(),
+                    object: name.clone(),
+                    generation: Some(generation),
+                    ..Default::default()
+                };
                 async move { client.download_object(&request, &Range::default()).await.map(Bytes::from) }
             });
             match body.await {
@@ -399,8 +471,15 @@ impl ObjectStore for GcsStore {
         // server that speaks this API (fake-gcs-server before 1.53 ignores them).
         let object = self
             .retrying("put", key, |client| {
-                let request = UploadObjectRequest { bucket: self.bucket.clone(), if_generation_match: Some(expected.unwrap_or(0) as i64), ..Default::default() };
-                let upload_type = UploadType::Multipart(Box::new(gcloud_storage::http::objects::Object { name: name.clone(), ..Default::default() }));
+                let request = UploadObjectRequest {
+                    bucket: self.bucket.clone(),
+                    if_generation_match: Some(expected.unwrap_or(0) as i64),
+                    ..Default::default()
+                };
+                let upload_type = UploadType::Multipart(Box::new(gcloud_storage::http::objects::Object {
+                    name: name.clone(),
+                    ..Default::default()
+                }));
                 let body = body.clone();
                 async move { client.upload_object(&request, body, &upload_type).await }
             })

@@ -18,13 +18,13 @@
 //! ```
 #![deny(missing_docs)]
 
-mod error;
-mod file;
-mod gcs;
 /// The behaviour every backend must show, for backends' own tests and the e2e suite.
 #[cfg(any(test, feature = "conformance"))]
 #[doc(hidden)]
 pub mod conformance;
+mod error;
+mod file;
+mod gcs;
 
 use std::time::SystemTime;
 
@@ -96,7 +96,13 @@ impl OperationCounts {
 
     /// (operation, requests, bytes) for every operation.
     pub fn totals(&self) -> [(Operation, u64, u64); 4] {
-        Operation::ALL.map(|op| (op, self.requests[op as usize].load(std::sync::atomic::Ordering::Relaxed), self.bytes[op as usize].load(std::sync::atomic::Ordering::Relaxed)))
+        Operation::ALL.map(|op| {
+            (
+                op,
+                self.requests[op as usize].load(std::sync::atomic::Ordering::Relaxed),
+                self.bytes[op as usize].load(std::sync::atomic::Ordering::Relaxed),
+            )
+        })
     }
 }
 
@@ -118,7 +124,11 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     /// Stores the file at `path` as `key`, with [`put`](ObjectStore::put)'s guarantees. Backends
     /// stream it, so a large snapshot never has to fit in memory; the default reads it whole.
     async fn put_file(&self, key: &str, path: &std::path::Path) -> Result<(), Error> {
-        let body = tokio::fs::read(path).await.map_err(|source| Error::Io { op: "read", path: path.display().to_string(), source })?;
+        let body = tokio::fs::read(path).await.map_err(|source| Error::Io {
+            op: "read",
+            path: path.display().to_string(),
+            source,
+        })?;
         self.put(key, Bytes::from(body)).await
     }
 

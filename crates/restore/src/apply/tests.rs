@@ -19,7 +19,8 @@ fn side(db: &Path, suffix: &str) -> PathBuf {
 fn sqlite_replay(db: &Path, wal: &[u8]) {
     std::fs::write(side(db, "-wal"), wal).unwrap();
     let conn = Connection::open(db).unwrap();
-    let (busy, log, done): (i64, i64, i64) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap();
+    let (busy, log, done): (i64, i64, i64) =
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap();
     assert_eq!((busy, log), (0, done), "the reference checkpoint must finish");
     drop(conn);
     let _ = std::fs::remove_file(side(db, "-shm"));
@@ -33,7 +34,11 @@ fn native_apply(db: &Path, wals: &[Vec<u8>], page_size: u32) -> Result<(), Error
     let mut image = Image::new(file, page_size, len);
     for (n, wal) in wals.iter().enumerate().rev() {
         let second = (WAL_HEADER_SIZE + 2 * (page_size as usize + FRAME_HEADER_SIZE)) as u64;
-        let index = FetchedIndex { index: n as u32, wal: wal.clone().into(), segments: vec![("seg-a".into(), 0), ("seg-b".into(), second)] };
+        let index = FetchedIndex {
+            index: n as u32,
+            wal: wal.clone().into(),
+            segments: vec![("seg-a".into(), 0), ("seg-b".into(), second)],
+        };
         image.apply_older(&verify_index(index)?)?;
     }
     image.finish().unwrap();
@@ -49,7 +54,11 @@ fn random_transactions(conn: &Connection, rng: &mut StdRng) {
                 conn.execute("INSERT INTO t (v) VALUES (randomblob(?1))", [rng.gen_range(1..6000)]).unwrap();
             }
             10..=13 => {
-                conn.execute("UPDATE t SET v = randomblob(?1) WHERE id % 7 = ?2", [rng.gen_range(1..500), rng.gen_range(0..7)]).unwrap();
+                conn.execute(
+                    "UPDATE t SET v = randomblob(?1) WHERE id % 7 = ?2",
+                    [rng.gen_range(1..500), rng.gen_range(0..7)],
+                )
+                .unwrap();
             }
             14..=17 => {
                 conn.execute("DELETE FROM t WHERE id % 5 = ?1", [rng.gen_range(0..5)]).unwrap();
@@ -111,9 +120,13 @@ fn native_apply_matches_sqlite_replay_on_random_workloads() {
         for n in 1..=wals.len() {
             std::fs::write(&native, &snapshot).unwrap();
             native_apply(&native, &wals[..n], page_size).unwrap();
-            assert!(std::fs::read(&native).unwrap() == states[n - 1], "seed {seed}: native apply of {n} indexes differs from SQLite's replay");
+            assert!(
+                std::fs::read(&native).unwrap() == states[n - 1],
+                "seed {seed}: native apply of {n} indexes differs from SQLite's replay"
+            );
         }
-        let check: String = Connection::open(&native).unwrap().query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
+        let check: String =
+            Connection::open(&native).unwrap().query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
         assert_eq!(check, "ok", "seed {seed}");
     }
 }
@@ -130,7 +143,10 @@ fn uncut_replay_reproduces_the_source_file() {
         random_transactions(&conn, &mut rng);
         native_apply(&restored, &[std::fs::read(side(&source, "-wal")).unwrap()], 4096).unwrap();
         conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)").unwrap();
-        assert!(std::fs::read(&restored).unwrap() == std::fs::read(&source).unwrap(), "the restored file must equal the checkpointed source");
+        assert!(
+            std::fs::read(&restored).unwrap() == std::fs::read(&source).unwrap(),
+            "the restored file must equal the checkpointed source"
+        );
     }
 }
 
@@ -156,7 +172,10 @@ fn a_broken_chain_names_the_segment_holding_it() {
         other => panic!("expected a checksum break, got {other:?}"),
     }
     assert!(std::fs::read(&copy).unwrap() == before, "nothing is written from a corrupt index");
-    assert!(matches!(native_apply(&copy, &[wal[..WAL_HEADER_SIZE].to_vec()], 8192), Err(Error::CorruptObject { .. })), "a page size that differs from the database's is corrupt");
+    assert!(
+        matches!(native_apply(&copy, &[wal[..WAL_HEADER_SIZE].to_vec()], 8192), Err(Error::CorruptObject { .. })),
+        "a page size that differs from the database's is corrupt"
+    );
 }
 
 /// A WAL SQLite accepts, holding `frames` of (page number, commit size or 0, fill byte). Page 1
@@ -205,8 +224,8 @@ fn truncated_pages_stay_empty_when_the_file_grows_again() {
     assert!(snapshot.len() >= 10 * 4096, "the snapshot needs pages to cut");
     let page1 = &snapshot[..4096];
     let wals = [
-        synthetic_wal(4096, 11, page1, &[(2, 0, 0xa1), (1, 3, 0)]),               // shrink to 3 pages
-        synthetic_wal(4096, 12, page1, &[(8, 0, 0xb2), (1, 10, 0)]),              // grow to 10, writing only page 8
+        synthetic_wal(4096, 11, page1, &[(2, 0, 0xa1), (1, 3, 0)]), // shrink to 3 pages
+        synthetic_wal(4096, 12, page1, &[(8, 0, 0xb2), (1, 10, 0)]), // grow to 10, writing only page 8
         synthetic_wal(4096, 13, page1, &[(5, 0, 0xc3), (3, 0, 0xc4), (1, 6, 0)]), // cut page 8 off again at 6
         synthetic_wal(4096, 14, page1, &[(9, 0, 0xd5), (1, 9, 0), (4, 0, 0xd6)]), // grow to 9; a tail without commit
     ];
@@ -219,7 +238,10 @@ fn truncated_pages_stay_empty_when_the_file_grows_again() {
         native_apply(&native, &wals[..n], 4096).unwrap();
         let (want, got) = (std::fs::read(&reference).unwrap(), std::fs::read(&native).unwrap());
         assert_eq!(got.len(), want.len(), "size after {n} indexes");
-        let differing: Vec<usize> = (0..want.len() / 4096).filter(|p| want[p * 4096..][..4096] != got[p * 4096..][..4096]).map(|p| p + 1).collect();
+        let differing: Vec<usize> = (0..want.len() / 4096)
+            .filter(|p| want[p * 4096..][..4096] != got[p * 4096..][..4096])
+            .map(|p| p + 1)
+            .collect();
         assert!(differing.is_empty(), "after {n} indexes, pages {differing:?} differ from SQLite's replay");
     }
 }
