@@ -20,6 +20,12 @@ version=$("$LITESTREAM_DIR/litestream" version)
 [ "$version" = "v0.3.13" ] || { echo "install-tools: expected litestream v0.3.13, got $version" >&2; exit 1; }
 echo "install-tools: litestream $version at $LITESTREAM_DIR/litestream"
 
+# The format and lint gates (scripts/test.sh) need the toolchain's rustfmt and clippy.
+if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+  echo "install-tools: adding rustfmt and clippy to the toolchain"
+  rustup component add rustfmt clippy
+fi
+
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "install-tools: installing cargo-nextest"
   cargo install --locked cargo-nextest

@@ -5,6 +5,9 @@ cd "$(dirname "$0")/.."
 scripts/install-tools.sh
 # CI builds once from clean: incremental state would only take disk (about 0.6 GB).
 export CARGO_INCREMENTAL=0
+# The gates come first: a formatting or lint failure needs no emulator to report.
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "test: $(df -h --output=avail . | tail -1 | tr -d ' ') free on $(df --output=target . | tail -1)"
 # Build every binary once (the e2e tests run target/debug/walstream), then run all tests.
 cargo build --workspace --all-targets --locked
