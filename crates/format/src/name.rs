@@ -92,6 +92,10 @@ impl fmt::Display for Pos {
     }
 }
 
+/// walstream's replica lease (`walstream-lease`), beside `generations/` at the replica root,
+/// where Litestream v0.3.13 never lists, so the layout stays its own.
+pub const LEASE_KEY: &str = "walstream-lease";
+
 /// `generations/`: the prefix under which every generation lives.
 pub fn generations_prefix() -> String {
     format!("{GENERATIONS_DIR}/")

@@ -22,9 +22,7 @@ use walstream_store::{Error as StoreError, Version};
 
 use crate::error::Error;
 use crate::upload::Replica;
-
-/// The lease object's key, relative to the replica root.
-pub(crate) const LEASE_KEY: &str = "walstream-lease";
+use walstream_format::name::LEASE_KEY;
 
 /// How long a lease lasts and how long a newcomer waits for one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
