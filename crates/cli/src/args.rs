@@ -297,7 +297,7 @@ pub(crate) fn parse_timestamp(s: &str) -> Result<SystemTime, String> {
 
 /// Go-style durations: "8s", "500ms", "2m", "1h30m".
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
-    crate::config::go_duration(s)
+    crate::go_duration::parse(s)
 }
 
 /// Rewrites `-long-flag` to `--long-flag` so clap accepts Litestream's spelling. Single-letter

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::replica_url;
+use crate::{go_duration, replica_url};
 
 /// A config file that cannot be used. The message names the file and the key.
 #[derive(Debug)]
@@ -202,11 +202,12 @@ fn parse(text: &str) -> Result<Config, String> {
     if let Some(addr) = &addr {
         check_addr(addr).map_err(|e| format!("addr: {e}"))?;
     }
-    let health_lag = raw.health_lag.as_deref().map(go_duration).transpose().map_err(|e| format!("health-lag: {e}"))?;
+    let health_lag =
+        raw.health_lag.as_deref().map(go_duration::parse).transpose().map_err(|e| format!("health-lag: {e}"))?;
     let heartbeat_interval = raw
         .heartbeat_interval
         .as_deref()
-        .map(go_duration)
+        .map(go_duration::parse)
         .transpose()
         .map_err(|e| format!("heartbeat-interval: {e}"))?;
     let heartbeat_url = raw.heartbeat_url.filter(|u| !u.is_empty());
@@ -268,7 +269,7 @@ fn replica_config(raw: RawReplica, key: &str) -> Result<ReplicaConfig, String> {
     let name = raw.name.filter(|n| !n.is_empty()).unwrap_or_else(|| replica_url::kind(&url).to_string());
     // Every timing key is checked so that a typo fails at load time, naming the key.
     let duration = |field: &str, value: &Option<String>| -> Result<Option<Duration>, String> {
-        value.as_deref().map(go_duration).transpose().map_err(|e| format!("{key}.{field}: {e}"))
+        value.as_deref().map(go_duration::parse).transpose().map_err(|e| format!("{key}.{field}: {e}"))
     };
     let sync_interval =
         duration("sync-interval", &raw.sync_interval)?.unwrap_or(walstream_shipper::DEFAULT_SYNC_INTERVAL);
@@ -287,37 +288,6 @@ fn replica_config(raw: RawReplica, key: &str) -> Result<ReplicaConfig, String> {
         policy.check_interval = interval;
     }
     Ok(ReplicaConfig { name, url, policy, sync_interval, validation_interval })
-}
-
-/// Go's `time.ParseDuration`: a sequence of number+unit, e.g. `1h30m`, `1.5s`, `500ms`.
-pub(crate) fn go_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("invalid duration {s:?}; use e.g. 1s, 500ms, 24h, 1h30m");
-    if s == "0" {
-        return Ok(Duration::ZERO);
-    }
-    let mut rest = s;
-    let mut total = 0f64;
-    if rest.is_empty() {
-        return Err(bad());
-    }
-    while !rest.is_empty() {
-        let number_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(bad)?;
-        let value: f64 = rest[..number_len].parse().map_err(|_| bad())?;
-        rest = &rest[number_len..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
-        let scale = match &rest[..unit_len] {
-            "ns" => 1e-9,
-            "us" | "µs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => return Err(bad()),
-        };
-        total += value * scale;
-        rest = &rest[unit_len..];
-    }
-    Ok(Duration::from_secs_f64(total))
 }
 
 /// `~` to the home directory, then absolute against the working directory, as Litestream does.
@@ -491,13 +461,5 @@ health-lag: 30s
         let lookup = |name: &str| (name == "BUCKET").then(|| "prod".to_string());
         assert_eq!(expand("url: gcs://${BUCKET}/$BUCKET/db $UNSET.", lookup), "url: gcs://prod/prod/db .");
         assert_eq!(expand("price: 5$ and $", lookup), "price: 5$ and $");
-    }
-
-    #[test]
-    fn go_durations() {
-        assert_eq!(go_duration("1h30m").unwrap(), Duration::from_secs(5400));
-        assert_eq!(go_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(go_duration("0").unwrap(), Duration::ZERO);
-        assert!(go_duration("5").is_err() && go_duration("").is_err() && go_duration("1d").is_err());
     }
 }

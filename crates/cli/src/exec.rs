@@ -10,18 +10,6 @@ use anyhow::Context;
 use tokio::process::{Child, Command};
 use tracing::info;
 
-/// The application's end, as an exit code for walstream.
-#[derive(Debug)]
-pub(crate) struct AppExit(pub(crate) i32);
-
-impl std::fmt::Display for AppExit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "the -exec command exited with status {}", self.0)
-    }
-}
-
-impl std::error::Error for AppExit {}
-
 /// Starts `command` (split as a shell would, without running one), with walstream's
 /// environment, stdout and stderr, and no stdin.
 pub(crate) fn spawn(command: &str) -> anyhow::Result<Child> {

@@ -56,6 +56,18 @@ impl std::fmt::Display for Interrupted {
 
 impl std::error::Error for Interrupted {}
 
+/// The application's end, as an exit code for walstream.
+#[derive(Debug)]
+pub(crate) struct AppExit(pub(crate) i32);
+
+impl std::fmt::Display for AppExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the -exec command exited with status {}", self.0)
+    }
+}
+
+impl std::error::Error for AppExit {}
+
 /// The code of the first cause in the chain that has one of its own.
 pub(crate) fn code_for(error: &anyhow::Error) -> i32 {
     error.chain().find_map(specific_code).unwrap_or(ERROR)
@@ -71,7 +83,7 @@ fn specific_code(cause: &(dyn std::error::Error + 'static)) -> Option<i32> {
         return Some(CONFIG);
     }
     // `replicate -exec` exits with the application's own code, whatever it is.
-    if let Some(crate::exec::AppExit(code)) = cause.downcast_ref() {
+    if let Some(AppExit(code)) = cause.downcast_ref() {
         return Some(*code);
     }
     if cause.is::<Interrupted>() {

@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 use walstream_restore::{rfc3339, ReplicaListing};
 
 use crate::config::Config;
+use crate::go_duration;
 
 /// Which listing.
 #[derive(Clone, Copy, Debug)]
@@ -36,7 +37,7 @@ pub(crate) fn table(kind: Kind, replicas: &[(String, ReplicaListing)], now: Syst
                     rows.push(vec![
                         replica.clone(),
                         id.to_string(),
-                        go_duration(truncate(lag)),
+                        go_duration::format(truncate(lag)),
                         rfc3339(start),
                         rfc3339(end),
                     ]);
@@ -127,52 +128,15 @@ fn truncate(d: Duration) -> Duration {
     Duration::from_nanos((d.as_nanos() / unit.as_nanos() * unit.as_nanos()) as u64)
 }
 
-/// Go's `time.Duration.String` for non-negative durations: `1h2m3.5s`, `250ms`, `0s`.
-fn go_duration(d: Duration) -> String {
-    let nanos = d.as_nanos();
-    if nanos == 0 {
-        return "0s".to_string();
-    }
-    if nanos < 1_000_000_000 {
-        let (value, unit) = if nanos < 1_000 {
-            (nanos as f64, "ns")
-        } else if nanos < 1_000_000 {
-            (nanos as f64 / 1e3, "µs")
-        } else {
-            (nanos as f64 / 1e6, "ms")
-        };
-        return format!("{}{unit}", trim_float(value));
-    }
-    let total_seconds = d.as_secs();
-    let (hours, minutes) = (total_seconds / 3600, total_seconds / 60 % 60);
-    let seconds = (total_seconds % 60) as f64 + f64::from(d.subsec_nanos()) / 1e9;
-    let mut out = String::new();
-    if hours > 0 {
-        out.push_str(&format!("{hours}h"));
-    }
-    if hours > 0 || minutes > 0 {
-        out.push_str(&format!("{minutes}m"));
-    }
-    out.push_str(&format!("{}s", trim_float(seconds)));
-    out
-}
-
-fn trim_float(value: f64) -> String {
-    let text = format!("{value:.9}");
-    text.trim_end_matches('0').trim_end_matches('.').to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn durations_print_like_go() {
-        assert_eq!(go_duration(truncate(Duration::from_millis(3_723_456))), "1h2m3s");
-        assert_eq!(go_duration(truncate(Duration::from_millis(2_345))), "2.3s");
-        assert_eq!(go_duration(truncate(Duration::from_micros(250_400))), "250ms");
-        assert_eq!(go_duration(Duration::ZERO), "0s");
-        assert_eq!(go_duration(Duration::from_secs(60)), "1m0s");
+    fn lags_are_truncated_like_litestream() {
+        assert_eq!(go_duration::format(truncate(Duration::from_millis(3_723_456))), "1h2m3s");
+        assert_eq!(go_duration::format(truncate(Duration::from_millis(2_345))), "2.3s");
+        assert_eq!(go_duration::format(truncate(Duration::from_micros(250_400))), "250ms");
     }
 
     #[test]

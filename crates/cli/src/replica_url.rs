@@ -46,7 +46,7 @@ pub(crate) fn open(url: &str) -> Result<Box<dyn ObjectStore>, UrlError> {
             // How long one request may hang before it is abandoned and retried.
             if let Some(value) = std::env::var("WALSTREAM_GCS_TIMEOUT").ok().filter(|v| !v.is_empty()) {
                 let timeout =
-                    crate::config::go_duration(&value).map_err(|e| err(&format!("WALSTREAM_GCS_TIMEOUT: {e}")))?;
+                    crate::go_duration::parse(&value).map_err(|e| err(&format!("WALSTREAM_GCS_TIMEOUT: {e}")))?;
                 store = store.with_retry(RetryPolicy { request_timeout: timeout, ..RetryPolicy::default() });
             }
             Ok(Box::new(store))

@@ -216,6 +216,6 @@ pub(crate) async fn replicate(args: ReplicateArgs) -> anyhow::Result<()> {
     shipper.await?;
     match exec::exit_code(status, forwarded) {
         0 => Ok(()),
-        code => Err(exec::AppExit(code).into()),
+        code => Err(crate::exit::AppExit(code).into()),
     }
 }

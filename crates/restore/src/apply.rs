@@ -14,11 +14,12 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use tokio::sync::mpsc;
-use walstream_format::wal::{FrameChain, WalHeader};
+use walstream_format::wal::WalHeader;
 use walstream_format::{FRAME_HEADER_SIZE, WAL_HEADER_SIZE};
 use walstream_store::ObjectStore;
 
-use crate::fetch::{self, FetchedIndex};
+use crate::fetch;
+use crate::index::VerifiedIndex;
 use crate::plan::RestorePlan;
 use crate::progress::Progress;
 use crate::Error;
@@ -127,150 +128,6 @@ impl std::io::Write for HeaderOnly {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
-}
-
-/// An index checked as SQLite's recovery would check it, so that a corrupt segment is an
-/// error naming it rather than WAL that is silently cut short.
-pub(crate) struct VerifiedIndex {
-    fetched: FetchedIndex,
-    header: WalHeader,
-    committed: Committed,
-}
-
-impl VerifiedIndex {
-    /// Its bytes of WAL.
-    pub(crate) fn len(&self) -> u64 {
-        self.fetched.wal.len()
-    }
-}
-
-/// Checks a whole index already in hand (the tests' way in; a restore checks each index as it
-/// arrives, with [`ChainCheck`]).
-#[cfg(test)]
-pub(crate) fn verify_index(fetched: FetchedIndex) -> Result<VerifiedIndex, Error> {
-    let mut check = ChainCheck::default();
-    let mut buf = vec![0u8; FRAMES_READ];
-    let mut at = 0;
-    while at < fetched.wal.len() {
-        let n = usize::try_from(fetched.wal.len() - at).unwrap_or(usize::MAX).min(buf.len());
-        fetched.wal.read_at(&mut buf[..n], at).map_err(|source| Error::Io {
-            op: "read",
-            path: "wal index".into(),
-            source,
-        })?;
-        check.feed(&buf[..n]);
-        at += n as u64;
-    }
-    check.verified(fetched)
-}
-
-/// The checksum chain of one index, followed as SQLite's recovery follows it while the index's
-/// bytes arrive, so no byte is read twice to check it.
-#[derive(Default)]
-pub(crate) struct ChainCheck {
-    /// The header's bytes until all 32 are in.
-    head: Vec<u8>,
-    chain: Option<FrameChain>,
-    /// The bytes of a frame split between two pieces.
-    partial: Vec<u8>,
-    committed: Option<Committed>,
-    frames: usize,
-    /// A frame broke the chain: SQLite's recovery stops there, and the index must end there.
-    broken: bool,
-    /// The header did not parse.
-    bad_header: Option<walstream_format::Error>,
-}
-
-impl ChainCheck {
-    /// Follows the chain through `bytes`, the next ones of the index.
-    pub(crate) fn feed(&mut self, mut bytes: &[u8]) {
-        if self.chain.is_none() {
-            let take = (WAL_HEADER_SIZE - self.head.len()).min(bytes.len());
-            self.head.extend_from_slice(&bytes[..take]);
-            bytes = &bytes[take..];
-            if self.head.len() < WAL_HEADER_SIZE || self.bad_header.is_some() {
-                return;
-            }
-            match WalHeader::parse(&self.head) {
-                Ok(header) => {
-                    self.chain = Some(FrameChain::new(header));
-                    self.committed = Some(Committed { valid_len: WAL_HEADER_SIZE as u64, frames: 0, db_pages: 0 });
-                }
-                Err(e) => {
-                    self.bad_header = Some(e);
-                    return;
-                }
-            }
-        }
-        let frame_size = self.chain.as_ref().expect("set above").header().frame_size() as usize;
-        if !self.partial.is_empty() {
-            let take = (frame_size - self.partial.len()).min(bytes.len());
-            self.partial.extend_from_slice(&bytes[..take]);
-            bytes = &bytes[take..];
-            if self.partial.len() < frame_size {
-                return;
-            }
-            let frame = std::mem::take(&mut self.partial);
-            self.accept(&frame);
-        }
-        let whole = bytes.len() / frame_size * frame_size;
-        for frame in bytes[..whole].chunks_exact(frame_size) {
-            self.accept(frame);
-        }
-        self.partial.extend_from_slice(&bytes[whole..]);
-    }
-
-    fn accept(&mut self, frame: &[u8]) {
-        if self.broken {
-            return;
-        }
-        let (Some(chain), Some(committed)) = (self.chain.as_mut(), self.committed.as_mut()) else { return };
-        let Some(frame_header) = chain.accept(frame) else {
-            self.broken = true;
-            return;
-        };
-        committed.valid_len += frame.len() as u64;
-        self.frames += 1;
-        if frame_header.is_commit() {
-            committed.frames = self.frames;
-            committed.db_pages = frame_header.commit_size;
-        }
-    }
-
-    /// The index, once every byte of it went through [`feed`](ChainCheck::feed): an error naming
-    /// the segment where the header is bad or the chain breaks before the end.
-    pub(crate) fn verified(self, fetched: FetchedIndex) -> Result<VerifiedIndex, Error> {
-        let header = match (&self.chain, self.bad_header) {
-            (Some(chain), _) => *chain.header(),
-            (None, Some(source)) => {
-                return Err(Error::CorruptObject { key: fetched.segment_at(0).to_string(), source })
-            }
-            (None, None) => {
-                return Err(Error::CorruptObject {
-                    key: fetched.segment_at(0).to_string(),
-                    source: walstream_format::Error::Short { need: WAL_HEADER_SIZE, have: self.head.len() },
-                })
-            }
-        };
-        let committed = self.committed.expect("set with the chain");
-        if committed.valid_len < fetched.wal.len() {
-            return Err(Error::ChecksumBreak {
-                key: fetched.segment_at(committed.valid_len).to_string(),
-                offset: committed.valid_len,
-            });
-        }
-        Ok(VerifiedIndex { fetched, header, committed })
-    }
-}
-
-/// What SQLite's recovery keeps of a WAL.
-pub(crate) struct Committed {
-    /// Bytes through the last frame that continues the checksum chain.
-    pub(crate) valid_len: u64,
-    /// Frames through the last commit frame.
-    pub(crate) frames: usize,
-    /// The database size in pages after that commit.
-    pub(crate) db_pages: u32,
 }
 
 /// Bytes of WAL read at once when an index is applied.

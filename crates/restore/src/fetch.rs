@@ -1,12 +1,10 @@
 //! Downloading a plan's objects in bounded memory: every object comes as parts of at most
 //! [`PART`] stored bytes, a few in flight, decoded from LZ4 as they arrive in order. The snapshot
 //! is written block by block into the database file; WAL indexes are assembled one at a time,
-//! in the order asked for, in memory up to [`SPILL_AT`] and in an unlinked file beside the
+//! in the order asked for, in memory up to [`SPILL_AT`](crate::index::SPILL_AT) and in an unlinked file beside the
 //! output beyond it, so application can start while later indexes are still downloading and no
 //! index, however long its life was, has to fit in memory.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
@@ -15,7 +13,7 @@ use tokio::sync::mpsc;
 use walstream_format::lz4;
 use walstream_store::ObjectStore;
 
-use crate::apply::{ChainCheck, VerifiedIndex};
+use crate::index::{ChainCheck, FetchedIndex, IndexBytes, VerifiedIndex};
 use crate::plan::{IndexPlan, SegmentRef};
 use crate::progress::Progress;
 use crate::Error;
@@ -25,74 +23,6 @@ use crate::Error;
 /// holds stays a few MiB whatever the sizes (in flight, one queued, a decoder's block).
 const PART: u64 = 1 << 20;
 const PARTS_IN_FLIGHT: usize = 4;
-
-/// How much of one index is kept in memory before the rest goes to a temporary file.
-pub(crate) const SPILL_AT: usize = 1 << 20;
-
-/// One index's WAL bytes, its segments concatenated.
-pub(crate) struct FetchedIndex {
-    pub(crate) index: u32,
-    pub(crate) wal: IndexBytes,
-    /// Each segment's key and where it starts in `wal`, to name the culprit of a bad frame.
-    pub(crate) segments: Vec<(String, u64)>,
-}
-
-impl FetchedIndex {
-    /// The segment holding byte `offset`.
-    pub(crate) fn segment_at(&self, offset: u64) -> &str {
-        self.segments.iter().rev().find(|(_, start)| *start <= offset).map_or("", |(key, _)| key.as_str())
-    }
-}
-
-/// Bytes appended in order and read back at any offset: in memory until [`SPILL_AT`], then in
-/// an unlinked temporary file (nothing is left behind, whatever happens to the process).
-#[derive(Default)]
-pub(crate) struct IndexBytes {
-    memory: Vec<u8>,
-    spill: Option<File>,
-    len: u64,
-}
-
-impl From<Vec<u8>> for IndexBytes {
-    fn from(memory: Vec<u8>) -> IndexBytes {
-        IndexBytes { len: memory.len() as u64, memory, spill: None }
-    }
-}
-
-impl IndexBytes {
-    pub(crate) fn len(&self) -> u64 {
-        self.len
-    }
-
-    fn append(&mut self, bytes: &[u8], spill_dir: &Path) -> std::io::Result<()> {
-        if self.spill.is_none() && self.memory.len() + bytes.len() > SPILL_AT {
-            let file = tempfile::tempfile_in(spill_dir)?;
-            file.write_all_at(&self.memory, 0)?;
-            self.memory = Vec::new();
-            self.spill = Some(file);
-        }
-        match &self.spill {
-            Some(file) => file.write_all_at(bytes, self.len)?,
-            None => self.memory.extend_from_slice(bytes),
-        }
-        self.len += bytes.len() as u64;
-        Ok(())
-    }
-
-    /// Fills `buf` from `offset`, which with `buf` must lie within the bytes appended.
-    pub(crate) fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        match &self.spill {
-            Some(file) => file.read_exact_at(buf, offset),
-            None => {
-                let start = usize::try_from(offset).map_err(|_| std::io::ErrorKind::InvalidInput)?;
-                buf.copy_from_slice(
-                    self.memory.get(start..start + buf.len()).ok_or(std::io::ErrorKind::UnexpectedEof)?,
-                );
-                Ok(())
-            }
-        }
-    }
-}
 
 /// The parts of an object: its ranges of at most [`PART`] bytes (one whole GET when small).
 fn parts(object: &SegmentRef) -> impl Iterator<Item = (u64, u64, bool)> + '_ {
@@ -175,7 +105,7 @@ struct SegmentPart {
 
 /// Sends every index of `indexes`, in the order given, to `out` once it is whole and verified.
 /// Stops at the first error, which it sends too; stops quietly if `out` is closed. Indexes
-/// larger than [`SPILL_AT`] are kept in unlinked files in `spill_dir`.
+/// larger than [`SPILL_AT`](crate::index::SPILL_AT) are kept in unlinked files in `spill_dir`.
 pub(crate) async fn fetch_indexes(
     store: &dyn ObjectStore,
     indexes: Vec<&IndexPlan>,
@@ -274,32 +204,5 @@ fn assemble(
         if out.blocking_send(ready).is_err() || failed {
             return;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_index_past_the_spill_size_moves_to_a_file_and_reads_back_the_same() {
-        let dir = tempfile::tempdir().unwrap();
-        let data: Vec<u8> = (0..(3 * SPILL_AT + 777) as u32).map(|i| (i % 251) as u8 ^ (i >> 11) as u8).collect();
-        let mut bytes = IndexBytes::default();
-        for piece in data.chunks(100_000) {
-            bytes.append(piece, dir.path()).unwrap();
-        }
-        assert!(bytes.spill.is_some() && bytes.memory.is_empty(), "past SPILL_AT nothing stays in memory");
-        assert_eq!(bytes.len(), data.len() as u64);
-        let mut back = vec![0u8; data.len()];
-        bytes.read_at(&mut back, 0).unwrap();
-        assert!(back == data);
-        let mut tail = [0u8; 10];
-        bytes.read_at(&mut tail, data.len() as u64 - 10).unwrap();
-        assert_eq!(tail, data[data.len() - 10..]);
-        assert!(
-            std::fs::read_dir(dir.path()).unwrap().next().is_none(),
-            "the spill file is unlinked: nothing to leave behind"
-        );
     }
 }

@@ -11,6 +11,7 @@
 mod apply;
 mod error;
 mod fetch;
+mod index;
 mod plan;
 mod progress;
 

@@ -15,6 +15,7 @@ use walstream_format::{name, GenerationId, Pos, WAL_HEADER_SIZE};
 
 use crate::error::{io_err, Error};
 use crate::meta::{LocalSnapshot, MetaDir};
+use crate::protocol::{ShadowState, Wake, PASS_SPACING};
 use crate::shadow::{self, ShadowIndex, COPY_CHUNK_BYTES};
 use crate::source::{wal_path, SourceDb, WalIndexHeader};
 use crate::status::DbCounters;
@@ -45,9 +46,6 @@ struct Timing {
     /// second (open, stat, fsync, publish, an upload wake-up) was most of walstream's CPU.
     pass_spacing: Duration,
 }
-
-/// `Timing::pass_spacing` in production; the file-event thread pauses this long too.
-pub(crate) const PASS_SPACING: Duration = Duration::from_millis(10);
 
 const TIMING: Timing = Timing {
     probe_active: Duration::from_millis(10),
@@ -108,49 +106,6 @@ const BUSY_PASSES_TO_POLL: u32 = 3;
 
 /// Start a new generation before an index's offsets stop fitting the 8 hex digits of a name.
 const MAX_INDEX_BYTES: u64 = name::MAX_SEGMENT_OFFSET - (256 << 20);
-
-/// What wakes the capturer.
-#[derive(Debug)]
-pub(crate) enum Wake {
-    /// A file event on the database or its WAL.
-    Changed,
-    /// An uploader found the replica inconsistent with the local shadow.
-    NewGeneration(String),
-    /// A replica's snapshot interval elapsed, or its retention found no snapshot to keep.
-    Snapshot,
-    /// Copy what is committed, publish it, and reply with the shadow's end: the sync barrier.
-    Sync(tokio::sync::oneshot::Sender<Option<Pos>>),
-    /// Copy what is committed, publish it as final, and stop.
-    Shutdown,
-}
-
-/// The shadow WAL's state, published to the uploaders after every pass.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ShadowState {
-    /// The current generation; `None` until the database exists.
-    pub generation: Option<GenerationId>,
-    /// Where the generation's shadow index files are.
-    pub wal_dir: PathBuf,
-    /// The snapshot the generation starts from.
-    pub snapshot: Option<LocalSnapshot>,
-    /// The committed end of the shadow: everything before it may be shipped.
-    pub end: Option<Pos>,
-    /// Set on the last state, published after the final copy at shutdown.
-    pub is_final: bool,
-    /// How many sync barriers (`walstream sync`, POST /sync) have been asked for: uploaders
-    /// holding back for `sync-interval` ship at once when it changes.
-    pub syncs_requested: u64,
-    /// While the disk is full: (index, offset) from which the current index is read from the
-    /// live WAL (`wal_path`) rather than its shadow file. Uploaders then ship at once, since the
-    /// capturer holds its pin, and the application's WAL cannot restart, until they have.
-    pub live_from: Option<(u32, u64)>,
-    /// The application's `-wal` file.
-    pub wal_path: PathBuf,
-    /// The shadow's disk is nearly full (see [`disk_is_tight`]): uploaders ship at once rather
-    /// than hold commits back for `sync-interval`, so the shadow and the application's WAL
-    /// (which the capturer's pin may keep from restarting) leave room for the app's writes.
-    pub disk_tight: bool,
-}
 
 struct Generation {
     id: GenerationId,

@@ -149,7 +149,7 @@ impl Error {
     /// True when a local disk is full (ENOSPC, or a quota): the cause of a failed pass that
     /// `/healthz` and the `walstream_disk_full` metric report.
     pub fn is_disk_full(&self) -> bool {
-        matches!(self, Error::Io { source, .. } if crate::shadow::is_disk_full(source))
+        matches!(self, Error::Io { source, .. } if is_disk_full(source))
     }
 }
 
@@ -161,4 +161,9 @@ pub(crate) fn io_err(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(
 pub(crate) fn sqlite_err(path: impl Into<PathBuf>) -> impl FnOnce(rusqlite::Error) -> Error {
     let path = path.into();
     move |source| Error::Sqlite { path, source }
+}
+
+/// ENOSPC, or a quota.
+pub(crate) fn is_disk_full(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
 }

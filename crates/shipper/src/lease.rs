@@ -21,7 +21,7 @@ use tracing::{info, warn};
 use walstream_store::{Error as StoreError, Version};
 
 use crate::error::Error;
-use crate::upload::Replica;
+use crate::replica::Replica;
 use walstream_format::name::LEASE_KEY;
 
 /// How long a lease lasts and how long a newcomer waits for one.

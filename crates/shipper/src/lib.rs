@@ -22,6 +22,8 @@ mod fail_point;
 mod lease;
 mod mapped;
 mod meta;
+mod protocol;
+mod replica;
 mod retention;
 mod shadow;
 mod source;
@@ -38,15 +40,15 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-pub use capture::ShadowState;
 pub use error::Error;
 pub use lease::LeasePolicy;
 pub use meta::LocalSnapshot;
-pub use retention::RetentionPolicy;
+pub use protocol::ShadowState;
+pub use replica::{Replica, RetentionPolicy, DEFAULT_SYNC_INTERVAL};
 pub use status::{DbStatus, Handle, ReplicaStatus, SyncError};
-pub use upload::{Replica, DEFAULT_SYNC_INTERVAL};
 
-use capture::{Capturer, Wake};
+use capture::Capturer;
+use protocol::Wake;
 use source::{probe_file, Presence, SourceDb};
 use upload::Uploader;
 

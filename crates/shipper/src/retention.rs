@@ -16,34 +16,12 @@ use walstream_format::name::{self, ObjectKind};
 use walstream_format::GenerationId;
 use walstream_store::ObjectMeta;
 
-use crate::capture::{ShadowState, Wake};
-use crate::upload::Replica;
+use crate::protocol::{ShadowState, Wake};
+use crate::replica::Replica;
 use crate::Error;
 
 /// How long a requested snapshot may take before it is asked for again.
 const SNAPSHOT_WAIT: Duration = Duration::from_secs(60);
-
-/// When a replica gets snapshots and loses old data. Defaults are Litestream's.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RetentionPolicy {
-    /// Take a snapshot this often; `None` only at the start of a generation (and when
-    /// retention finds none retained).
-    pub snapshot_interval: Option<Duration>,
-    /// Keep restorable history this far back; `None` keeps everything.
-    pub retention: Option<Duration>,
-    /// How often retention runs; the first check is one interval after start.
-    pub check_interval: Duration,
-}
-
-impl Default for RetentionPolicy {
-    fn default() -> RetentionPolicy {
-        RetentionPolicy {
-            snapshot_interval: None,
-            retention: Some(Duration::from_secs(24 * 3600)),
-            check_interval: Duration::from_secs(3600),
-        }
-    }
-}
 
 /// What one retention check decided.
 #[derive(Debug, Default, PartialEq, Eq)]

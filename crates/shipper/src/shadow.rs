@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use walstream_format::wal::{FrameChain, WalHeader};
 use walstream_format::{name, WAL_HEADER_SIZE};
 
-use crate::error::{io_err, Error};
+use crate::error::{io_err, is_disk_full, Error};
 
 /// Reads of the live WAL go through one reusable buffer of about this size.
 pub(crate) const COPY_CHUNK_BYTES: usize = 1 << 20;
@@ -385,11 +385,6 @@ pub(crate) fn disk_bytes(wal_dir: &Path, except: Option<u32>) -> u64 {
         .filter_map(|e| e.metadata().ok())
         .map(|m| m.blocks() * 512)
         .sum()
-}
-
-/// ENOSPC, or a quota.
-pub(crate) fn is_disk_full(e: &std::io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
 }
 
 /// Punches out of a shipped index file everything below `shipped` (whole blocks, the header's

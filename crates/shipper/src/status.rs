@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, watch};
 use walstream_format::{name, Pos};
 
-use crate::capture::{ShadowState, Wake};
+use crate::protocol::{ShadowState, Wake};
 
 /// Counters the capturer keeps for one database.
 #[derive(Debug, Default)]

@@ -9,14 +9,13 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 use walstream_format::name::{self, ObjectKind};
 use walstream_format::{lz4, Pos};
-use walstream_store::ObjectStore;
 
-use crate::capture::ShadowState;
 use crate::error::{io_err, Error};
 use crate::lease::{Lease, LeasePolicy, WriteRight};
 use crate::mapped::MappedRange;
 use crate::meta::LocalSnapshot;
-use crate::retention::RetentionPolicy;
+use crate::protocol::ShadowState;
+use crate::replica::Replica;
 use crate::status::ReplicaCounters;
 
 /// A segment ends once its frame reaches this many bytes. Counting compressed bytes, not raw
@@ -32,38 +31,8 @@ pub(crate) const MAX_SEGMENT_RAW_BYTES: usize = 16 << 20;
 /// Shadow bytes read and compressed at a time: one LZ4 block.
 const PIECE_BYTES: usize = 256 << 10;
 
-/// The CLI's default `sync_interval`: Litestream v0.3.13's, so that a steady stream of commits
-/// costs no more uploads (GCS Class A operations) than under litestream, which ships at most once
-/// a second. A commit after a quiet spell (no upload for this long) still ships at once, and a
-/// sync barrier or shutdown ends any wait; `-sync-interval 100ms` buys lower lag under load for
-/// up to ten times the uploads.
-pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_secs(1);
-
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
-
-/// A named destination.
-#[derive(Clone, Debug)]
-pub struct Replica {
-    /// The name in logs and errors (`file`, `gcs`, or the config's `name`).
-    pub name: String,
-    /// Where the objects go.
-    pub store: Arc<dyn ObjectStore>,
-    /// Snapshot interval and retention.
-    pub policy: RetentionPolicy,
-    /// The least time between two WAL uploads (the config's `sync-interval`): commits arriving
-    /// sooner are held and shipped together, trading lag for fewer PUTs. A commit after a quiet
-    /// spell is shipped at once; a sync barrier or shutdown ends the wait. Zero ships every
-    /// pass at once.
-    pub sync_interval: Duration,
-}
-
-impl Replica {
-    /// A replica with Litestream's default policy that ships every commit at once.
-    pub fn new(name: impl Into<String>, store: Arc<dyn ObjectStore>) -> Replica {
-        Replica { name: name.into(), store, policy: RetentionPolicy::default(), sync_interval: Duration::ZERO }
-    }
-}
 
 pub(crate) struct Uploader {
     replica: Replica,
@@ -71,7 +40,7 @@ pub(crate) struct Uploader {
     /// The replica's position; `None` until listed (and after an error, so it is listed again,
     /// as Litestream does).
     position: watch::Sender<Option<Pos>>,
-    new_generation: std::sync::mpsc::Sender<crate::capture::Wake>,
+    new_generation: std::sync::mpsc::Sender<crate::protocol::Wake>,
     /// The newest snapshot this replica is known to hold.
     uploaded_snapshot: Option<LocalSnapshot>,
     counters: Arc<ReplicaCounters>,
@@ -96,7 +65,7 @@ impl Uploader {
         replica: Replica,
         state: watch::Receiver<ShadowState>,
         position: watch::Sender<Option<Pos>>,
-        new_generation: std::sync::mpsc::Sender<crate::capture::Wake>,
+        new_generation: std::sync::mpsc::Sender<crate::protocol::Wake>,
         counters: Arc<ReplicaCounters>,
         lease_terms: Option<(String, LeasePolicy)>,
         right: Arc<WriteRight>,
@@ -188,7 +157,7 @@ impl Uploader {
                         _ => false,
                     };
                     if new_generation {
-                        let _ = self.new_generation.send(crate::capture::Wake::NewGeneration(e.to_string()));
+                        let _ = self.new_generation.send(crate::protocol::Wake::NewGeneration(e.to_string()));
                     }
                     self.position.send_replace(None);
                     tokio::time::sleep(backoff).await;

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 
-use crate::capture::Wake;
 use crate::error::Error;
+use crate::protocol::Wake;
 
 /// Who wants events of which files: directory → (database file name, wake-up channel, id).
 type Routes = HashMap<PathBuf, Vec<(OsString, Sender<Wake>, u64)>>;
@@ -165,7 +165,7 @@ struct Pacer {
 
 impl Pacer {
     const STREAK: Duration = Duration::from_micros(250);
-    const PAUSE: Duration = crate::capture::PASS_SPACING;
+    const PAUSE: Duration = crate::protocol::PASS_SPACING;
 
     /// Returns how long the thread slept.
     fn after_event(&mut self, now: Instant) -> Duration {

@@ -8,6 +8,7 @@ use rand::{Rng, SeedableRng};
 use rusqlite::Connection;
 
 use super::*;
+use crate::index::{ChainCheck, FetchedIndex};
 
 fn side(db: &Path, suffix: &str) -> PathBuf {
     let mut s = db.as_os_str().to_owned();
@@ -24,6 +25,25 @@ fn sqlite_replay(db: &Path, wal: &[u8]) {
     assert_eq!((busy, log), (0, done), "the reference checkpoint must finish");
     drop(conn);
     let _ = std::fs::remove_file(side(db, "-shm"));
+}
+
+/// Checks a whole index already in hand (the tests' way in; a restore checks each index as it
+/// arrives, with [`ChainCheck`]).
+fn verify_index(fetched: FetchedIndex) -> Result<VerifiedIndex, Error> {
+    let mut check = ChainCheck::default();
+    let mut buf = vec![0u8; FRAMES_READ];
+    let mut at = 0;
+    while at < fetched.wal.len() {
+        let n = usize::try_from(fetched.wal.len() - at).unwrap_or(usize::MAX).min(buf.len());
+        fetched.wal.read_at(&mut buf[..n], at).map_err(|source| Error::Io {
+            op: "read",
+            path: "wal index".into(),
+            source,
+        })?;
+        check.feed(&buf[..n]);
+        at += n as u64;
+    }
+    check.verified(fetched)
 }
 
 /// Applies `wals` (oldest first) to `db` the way a restore does: newest first through an

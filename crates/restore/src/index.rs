@@ -1,0 +1,233 @@
+//! One WAL index as a restore holds it: its bytes, assembled from its segments in memory or
+//! spilled to an unlinked file ([`FetchedIndex`], [`IndexBytes`]), and the check of its
+//! checksum chain as SQLite's recovery makes it ([`ChainCheck`], [`VerifiedIndex`]). A leaf
+//! module: `fetch` fills and checks indexes, `apply` writes verified ones, neither needs the
+//! other's internals.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use walstream_format::wal::{FrameChain, WalHeader};
+use walstream_format::WAL_HEADER_SIZE;
+
+use crate::Error;
+
+/// How much of one index is kept in memory before the rest goes to a temporary file.
+pub(crate) const SPILL_AT: usize = 1 << 20;
+
+/// One index's WAL bytes, its segments concatenated.
+pub(crate) struct FetchedIndex {
+    pub(crate) index: u32,
+    pub(crate) wal: IndexBytes,
+    /// Each segment's key and where it starts in `wal`, to name the culprit of a bad frame.
+    pub(crate) segments: Vec<(String, u64)>,
+}
+
+impl FetchedIndex {
+    /// The segment holding byte `offset`.
+    pub(crate) fn segment_at(&self, offset: u64) -> &str {
+        self.segments.iter().rev().find(|(_, start)| *start <= offset).map_or("", |(key, _)| key.as_str())
+    }
+}
+
+/// Bytes appended in order and read back at any offset: in memory until [`SPILL_AT`], then in
+/// an unlinked temporary file (nothing is left behind, whatever happens to the process).
+#[derive(Default)]
+pub(crate) struct IndexBytes {
+    memory: Vec<u8>,
+    spill: Option<File>,
+    len: u64,
+}
+
+impl From<Vec<u8>> for IndexBytes {
+    fn from(memory: Vec<u8>) -> IndexBytes {
+        IndexBytes { len: memory.len() as u64, memory, spill: None }
+    }
+}
+
+impl IndexBytes {
+    pub(crate) fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub(crate) fn append(&mut self, bytes: &[u8], spill_dir: &Path) -> std::io::Result<()> {
+        if self.spill.is_none() && self.memory.len() + bytes.len() > SPILL_AT {
+            let file = tempfile::tempfile_in(spill_dir)?;
+            file.write_all_at(&self.memory, 0)?;
+            self.memory = Vec::new();
+            self.spill = Some(file);
+        }
+        match &self.spill {
+            Some(file) => file.write_all_at(bytes, self.len)?,
+            None => self.memory.extend_from_slice(bytes),
+        }
+        self.len += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Fills `buf` from `offset`, which with `buf` must lie within the bytes appended.
+    pub(crate) fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        match &self.spill {
+            Some(file) => file.read_exact_at(buf, offset),
+            None => {
+                let start = usize::try_from(offset).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+                buf.copy_from_slice(
+                    self.memory.get(start..start + buf.len()).ok_or(std::io::ErrorKind::UnexpectedEof)?,
+                );
+                Ok(())
+            }
+        }
+    }
+}
+
+/// An index checked as SQLite's recovery would check it, so that a corrupt segment is an
+/// error naming it rather than WAL that is silently cut short.
+pub(crate) struct VerifiedIndex {
+    pub(crate) fetched: FetchedIndex,
+    pub(crate) header: WalHeader,
+    pub(crate) committed: Committed,
+}
+
+impl VerifiedIndex {
+    /// Its bytes of WAL.
+    pub(crate) fn len(&self) -> u64 {
+        self.fetched.wal.len()
+    }
+}
+
+/// The checksum chain of one index, followed as SQLite's recovery follows it while the index's
+/// bytes arrive, so no byte is read twice to check it.
+#[derive(Default)]
+pub(crate) struct ChainCheck {
+    /// The header's bytes until all 32 are in.
+    head: Vec<u8>,
+    chain: Option<FrameChain>,
+    /// The bytes of a frame split between two pieces.
+    partial: Vec<u8>,
+    committed: Option<Committed>,
+    frames: usize,
+    /// A frame broke the chain: SQLite's recovery stops there, and the index must end there.
+    broken: bool,
+    /// The header did not parse.
+    bad_header: Option<walstream_format::Error>,
+}
+
+impl ChainCheck {
+    /// Follows the chain through `bytes`, the next ones of the index.
+    pub(crate) fn feed(&mut self, mut bytes: &[u8]) {
+        if self.chain.is_none() {
+            let take = (WAL_HEADER_SIZE - self.head.len()).min(bytes.len());
+            self.head.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            if self.head.len() < WAL_HEADER_SIZE || self.bad_header.is_some() {
+                return;
+            }
+            match WalHeader::parse(&self.head) {
+                Ok(header) => {
+                    self.chain = Some(FrameChain::new(header));
+                    self.committed = Some(Committed { valid_len: WAL_HEADER_SIZE as u64, frames: 0, db_pages: 0 });
+                }
+                Err(e) => {
+                    self.bad_header = Some(e);
+                    return;
+                }
+            }
+        }
+        let frame_size = self.chain.as_ref().expect("set above").header().frame_size() as usize;
+        if !self.partial.is_empty() {
+            let take = (frame_size - self.partial.len()).min(bytes.len());
+            self.partial.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            if self.partial.len() < frame_size {
+                return;
+            }
+            let frame = std::mem::take(&mut self.partial);
+            self.accept(&frame);
+        }
+        let whole = bytes.len() / frame_size * frame_size;
+        for frame in bytes[..whole].chunks_exact(frame_size) {
+            self.accept(frame);
+        }
+        self.partial.extend_from_slice(&bytes[whole..]);
+    }
+
+    fn accept(&mut self, frame: &[u8]) {
+        if self.broken {
+            return;
+        }
+        let (Some(chain), Some(committed)) = (self.chain.as_mut(), self.committed.as_mut()) else { return };
+        let Some(frame_header) = chain.accept(frame) else {
+            self.broken = true;
+            return;
+        };
+        committed.valid_len += frame.len() as u64;
+        self.frames += 1;
+        if frame_header.is_commit() {
+            committed.frames = self.frames;
+            committed.db_pages = frame_header.commit_size;
+        }
+    }
+
+    /// The index, once every byte of it went through [`feed`](ChainCheck::feed): an error naming
+    /// the segment where the header is bad or the chain breaks before the end.
+    pub(crate) fn verified(self, fetched: FetchedIndex) -> Result<VerifiedIndex, Error> {
+        let header = match (&self.chain, self.bad_header) {
+            (Some(chain), _) => *chain.header(),
+            (None, Some(source)) => {
+                return Err(Error::CorruptObject { key: fetched.segment_at(0).to_string(), source })
+            }
+            (None, None) => {
+                return Err(Error::CorruptObject {
+                    key: fetched.segment_at(0).to_string(),
+                    source: walstream_format::Error::Short { need: WAL_HEADER_SIZE, have: self.head.len() },
+                })
+            }
+        };
+        let committed = self.committed.expect("set with the chain");
+        if committed.valid_len < fetched.wal.len() {
+            return Err(Error::ChecksumBreak {
+                key: fetched.segment_at(committed.valid_len).to_string(),
+                offset: committed.valid_len,
+            });
+        }
+        Ok(VerifiedIndex { fetched, header, committed })
+    }
+}
+
+/// What SQLite's recovery keeps of a WAL.
+pub(crate) struct Committed {
+    /// Bytes through the last frame that continues the checksum chain.
+    pub(crate) valid_len: u64,
+    /// Frames through the last commit frame.
+    pub(crate) frames: usize,
+    /// The database size in pages after that commit.
+    pub(crate) db_pages: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_index_past_the_spill_size_moves_to_a_file_and_reads_back_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..(3 * SPILL_AT + 777) as u32).map(|i| (i % 251) as u8 ^ (i >> 11) as u8).collect();
+        let mut bytes = IndexBytes::default();
+        for piece in data.chunks(100_000) {
+            bytes.append(piece, dir.path()).unwrap();
+        }
+        assert!(bytes.spill.is_some() && bytes.memory.is_empty(), "past SPILL_AT nothing stays in memory");
+        assert_eq!(bytes.len(), data.len() as u64);
+        let mut back = vec![0u8; data.len()];
+        bytes.read_at(&mut back, 0).unwrap();
+        assert!(back == data);
+        let mut tail = [0u8; 10];
+        bytes.read_at(&mut tail, data.len() as u64 - 10).unwrap();
+        assert_eq!(tail, data[data.len() - 10..]);
+        assert!(
+            std::fs::read_dir(dir.path()).unwrap().next().is_none(),
+            "the spill file is unlinked: nothing to leave behind"
+        );
+    }
+}
