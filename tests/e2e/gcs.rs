@@ -139,7 +139,7 @@ fn an_emulator_down_at_start_is_caught_up_with_once_it_is_up() {
         app.insert(4);
     }
     wait_until(Duration::from_secs(20), "a failed upload to be logged", || {
-        replicator.log_text().contains("replica sync failed")
+        replicator.log_text().contains("replica upload failed")
     });
 
     emulator::start(port);

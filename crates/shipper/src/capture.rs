@@ -107,6 +107,15 @@ const BUSY_PASSES_TO_POLL: u32 = 3;
 /// Start a new generation before an index's offsets stop fitting the 8 hex digits of a name.
 const MAX_INDEX_BYTES: u64 = name::MAX_SEGMENT_OFFSET - (256 << 20);
 
+/// What a copy may assume about the WAL since the previous copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Continuity {
+    /// A pin was held throughout: no frame the previous copy did not see can have been lost.
+    Pinned,
+    /// No pin was held: the copy checks the live WAL still holds the shadow's last frame.
+    Unproven,
+}
+
 struct Generation {
     id: GenerationId,
     snapshot: LocalSnapshot,
@@ -226,7 +235,7 @@ impl Capturer {
 
     /// Runs until [`Wake::Shutdown`] (or every sender is gone), then makes a last copy.
     pub(crate) fn run(mut self, wakes: Receiver<Wake>) -> Result<(), Error> {
-        self.sync_logged();
+        self.pass_logged();
         loop {
             let after_drop = self.after_drop_until.is_some_and(|until| Instant::now() < until);
             let timeout = match (self.db.is_pinned(), self.last_change.elapsed() < self.timing.active_window) {
@@ -272,13 +281,13 @@ impl Capturer {
             }
             if shutdown {
                 crate::fail_point::stall("final-pass");
-                let mut result = self.timed_sync().and_then(|()| self.sync_shadow());
+                let mut result = self.timed_pass().and_then(|()| self.fsync_shadow());
                 // On a full disk each pass copies what fits, and the uploads free the shadow's
                 // space as they ship it: the last commits still go out if passes go on a while.
                 let retry_until = Instant::now() + FULL_DISK_FINAL_COPY;
                 while result.as_ref().err().is_some_and(Error::is_disk_full) && Instant::now() < retry_until {
                     std::thread::sleep(self.timing.pass_spacing.max(Duration::from_millis(5)));
-                    result = self.timed_sync().and_then(|()| self.sync_shadow());
+                    result = self.timed_pass().and_then(|()| self.fsync_shadow());
                 }
                 self.publish(true);
                 if result.is_ok() {
@@ -327,7 +336,7 @@ impl Capturer {
             if changed || self.wal_stat_changed() {
                 self.last_change = Instant::now();
                 let before = self.shadow_end();
-                self.sync_logged();
+                self.pass_logged();
                 let copied = self.shadow_end() != before;
                 if copied {
                     crate::fail_point::hit("capture");
@@ -335,7 +344,7 @@ impl Capturer {
                 self.follow_events_or_poll(copied);
             } else {
                 self.follow_backfill();
-                if let Err(e) = self.sync_shadow() {
+                if let Err(e) = self.fsync_shadow() {
                     warn!(db = %self.db_path.display(), error = %e, "cannot fsync the shadow wal; retrying");
                 }
             }
@@ -422,7 +431,7 @@ impl Capturer {
                     }
                 }
                 self.polling = false;
-                self.sync_logged();
+                self.pass_logged();
             }
             return;
         }
@@ -439,33 +448,33 @@ impl Capturer {
         }
     }
 
-    /// Fsyncs the shadow's unsynced tail (see `shadow::SYNC_SPACING`).
-    fn sync_shadow(&mut self) -> Result<(), Error> {
+    /// Fsyncs the shadow's tail not yet fsynced (see `shadow::FSYNC_SPACING`).
+    fn fsync_shadow(&mut self) -> Result<(), Error> {
         match self.generation.as_mut().and_then(|g| g.shadow.as_mut()) {
-            Some(shadow) => shadow.sync(),
+            Some(shadow) => shadow.fsync(),
             None => Ok(()),
         }
     }
 
-    fn sync_logged(&mut self) {
-        match self.timed_sync() {
+    fn pass_logged(&mut self) {
+        match self.timed_pass() {
             Ok(()) => {
                 if let Some(unlogged) = self.failures.recovered() {
-                    info!(db = %self.db_path.display(), unlogged_failures = unlogged, "sync recovered");
+                    info!(db = %self.db_path.display(), unlogged_failures = unlogged, "capture pass recovered");
                 }
                 self.answer_syncs()
             }
             Err(e) => {
                 if let Some(unlogged) = self.failures.failed() {
-                    warn!(db = %self.db_path.display(), error = %e, disk_full = e.is_disk_full(), failures_since_last_logged = unlogged, "sync failed; retrying on the next change (logged once a minute while it lasts)");
+                    warn!(db = %self.db_path.display(), error = %e, disk_full = e.is_disk_full(), failures_since_last_logged = unlogged, "capture pass failed; retrying on the next change (logged once a minute while it lasts)");
                 }
             }
         }
     }
 
-    fn timed_sync(&mut self) -> Result<(), Error> {
+    fn timed_pass(&mut self) -> Result<(), Error> {
         let started = Instant::now();
-        let result = self.sync();
+        let result = self.pass();
         self.counters.record_pass(started.elapsed(), result.is_ok());
         let live = self.generation.as_ref().and_then(|g| g.shadow.as_ref()).is_some_and(|s| s.live_from.is_some());
         let was_full = self
@@ -490,19 +499,19 @@ impl Capturer {
     }
 
     /// One pass: pin, copy, release the old pin, publish.
-    fn sync(&mut self) -> Result<(), Error> {
+    fn pass(&mut self) -> Result<(), Error> {
         if self.db.file_replaced() {
             self.follow_replaced_file()?;
         }
-        // `clean`: the pin held now was taken before the previous copy and held ever since, so the
+        // The pin held now, if any, was taken before the previous copy and held ever since, so the
         // WAL cannot have lost a frame that copy did not see (see `SourceDb`).
-        let clean = self.db.is_pinned();
+        let since_last_copy = if self.db.is_pinned() { Continuity::Pinned } else { Continuity::Unproven };
         self.leave_live_if_shipped();
         // While the live WAL holds bytes a replica lacks, the pin that protects them stays.
         if !self.live_pending() && self.db.pin_age().is_none_or(|age| age >= self.timing.pin_roll) {
             self.db.roll_pin();
         }
-        let mut result = self.copy(clean);
+        let mut result = self.copy(since_last_copy);
         self.db.release_previous();
         if result.is_ok() && !self.pending_snapshot && self.wal_outgrew_snapshot() {
             self.pending_snapshot = true;
@@ -575,7 +584,7 @@ impl Capturer {
     /// the write lock, so one more copy captures the WAL life to its end; then walstream steps
     /// aside and the checkpoint proceeds.
     fn step_aside(&mut self) {
-        let result = self.copy(true);
+        let result = self.copy(Continuity::Pinned);
         if self.live_pending() {
             // The checkpoint waits until the replicas hold what only the live WAL has.
             self.publish(false);
@@ -713,7 +722,8 @@ impl Capturer {
 
     /// Copies new committed frames into the shadow, following restarts and starting a new
     /// generation where continuity is lost.
-    fn copy(&mut self, clean: bool) -> Result<(), Error> {
+    fn copy(&mut self, since_last_copy: Continuity) -> Result<(), Error> {
+        let clean = since_last_copy == Continuity::Pinned;
         if let Some(reason) = self.pending_new_generation.take() {
             let result = self.new_generation(&reason);
             // Until it succeeds, nothing may be appended to the old generation.
@@ -1185,7 +1195,7 @@ mod tests {
         /// One capture pass, then walstream lets go of the WAL, as it does for a while after a
         /// pass on a huge WAL life or after stepping aside.
         fn pass_then_unpin(&mut self) {
-            self.capturer.sync().unwrap();
+            self.capturer.pass().unwrap();
             self.capturer.db.release_all();
         }
 
@@ -1324,9 +1334,9 @@ mod tests {
     fn the_wal_restarts_after_the_apps_checkpoint_while_walstream_stays_pinned() {
         let mut h = Harness::new();
         h.capturer.timing.pin_roll = Duration::ZERO;
-        h.capturer.sync().unwrap();
+        h.capturer.pass().unwrap();
         h.insert();
-        h.capturer.sync().unwrap();
+        h.capturer.pass().unwrap();
         let generation = h.generation();
         let (busy, frames, backfilled): (i64, i64, i64) =
             h.app.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap();
@@ -1342,7 +1352,7 @@ mod tests {
         assert!(h.capturer.db.is_pinned(), "walstream must never leave the WAL unprotected here");
         h.insert();
         assert_ne!(wal_header(), before, "the application's write should have restarted the WAL");
-        h.capturer.sync().unwrap();
+        h.capturer.pass().unwrap();
         assert_eq!(h.generation(), generation);
         assert_eq!(h.capturer.shadow_end().unwrap().0, 1, "the restarted WAL is the next index");
     }
@@ -1351,14 +1361,14 @@ mod tests {
     fn a_pass_soon_after_the_last_roll_keeps_the_pin_so_checkpoints_have_nothing_new_to_do() {
         let mut h = Harness::new();
         h.capturer.timing.pin_roll = Duration::from_secs(3600);
-        h.capturer.sync().unwrap();
+        h.capturer.pass().unwrap();
         let checkpoint = |h: &Harness| -> (i64, i64) {
             h.app.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get(1)?, r.get(2)?))).unwrap()
         };
         let (_, backfilled) = checkpoint(&h);
         for _ in 0..5 {
             h.insert();
-            h.capturer.sync().unwrap();
+            h.capturer.pass().unwrap();
         }
         let (frames, backfilled_after) = checkpoint(&h);
         assert_eq!(backfilled_after, backfilled, "the pin moved although it was younger than pin_roll");
@@ -1366,7 +1376,7 @@ mod tests {
         // Copying went on under the old pin: the shadow has every commit.
         assert_eq!(h.capturer.shadow_end().unwrap().1, std::fs::metadata(wal_path(&h.capturer.db_path)).unwrap().len());
         h.capturer.timing.pin_roll = Duration::ZERO;
-        h.capturer.sync().unwrap();
+        h.capturer.pass().unwrap();
         assert_eq!(checkpoint(&h), (frames, frames), "once rolled, the pin sits at the end");
     }
 

@@ -33,7 +33,7 @@ const FIRST_READ_BYTES: usize = 64 << 10;
 /// can take, and after one the continuity checks start a new generation where the shadow lost
 /// frames the WAL no longer holds. Synced on every pass, a saturated writer cost walstream an
 /// fsync every few milliseconds.
-const SYNC_SPACING: Duration = Duration::from_secs(1);
+const FSYNC_SPACING: Duration = Duration::from_secs(1);
 
 /// Punching is done in whole filesystem blocks, and a shipped range shorter than this is left
 /// for a later pass, so a busy database does not make a system call per pass for a few frames.
@@ -66,8 +66,8 @@ pub(crate) struct ShadowIndex {
     /// at the shadow's end: the salt-1 the next life will get. An idle TRUNCATE checkpoint adds 1
     /// without writing a frame, so the next life may be more than one restart away.
     pub(crate) next_salt1: Option<u32>,
-    /// When the oldest bytes not yet fsynced were appended; `None` when all are synced.
-    unsynced_since: Option<Instant>,
+    /// When the oldest bytes not yet fsynced were appended; `None` when all are fsynced.
+    dirty_since: Option<Instant>,
     /// Bytes below this are punched out of the file (every replica has them); 0 if none are.
     discarded: u64,
     /// Set while the disk is full: bytes from here to `committed_len` are not in the file, only
@@ -76,6 +76,14 @@ pub(crate) struct ShadowIndex {
     pub(crate) live_from: Option<u64>,
     /// While `live_from` is set: the last committed frame, which the file may not hold.
     live_last_frame: Vec<u8>,
+}
+
+/// What [`ShadowIndex::copy_from`] reads: the shadow file itself, to find where its valid
+/// frames end (nothing is written), or the live WAL, whose new frames it appends.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reading {
+    OwnShadow,
+    LiveWal,
 }
 
 impl ShadowIndex {
@@ -145,7 +153,7 @@ impl ShadowIndex {
         // Re-validate the rest of the file: it is the source of every future upload of this index.
         let mut buf = vec![0u8; COPY_CHUNK_BYTES];
         let reader = shadow.file.try_clone().map_err(io_err("open", &shadow.path))?;
-        shadow.copy_from(&reader, len, len, &mut buf, false)?;
+        shadow.copy_from(&reader, len, len, &mut buf, Reading::OwnShadow)?;
         if shadow.discarded > 0 {
             // Resumed mid-file: the end must still be a commit.
             let last = shadow.last_frame()?.and_then(|frame| walstream_format::wal::FrameHeader::parse(&frame).ok());
@@ -174,7 +182,7 @@ impl ShadowIndex {
             chain: FrameChain::new(header),
             sealed: false,
             next_salt1: None,
-            unsynced_since: None,
+            dirty_since: None,
             discarded: 0,
             live_from: None,
             live_last_frame: Vec::new(),
@@ -198,7 +206,7 @@ impl ShadowIndex {
         }
         self.live_from = None;
         self.live_last_frame = Vec::new();
-        self.unsynced_since.get_or_insert_with(Instant::now);
+        self.dirty_since.get_or_insert_with(Instant::now);
         true
     }
 
@@ -250,19 +258,20 @@ impl ShadowIndex {
         committed_hint: u64,
         buf: &mut [u8],
     ) -> Result<u64, Error> {
-        self.copy_from(source, source_len, committed_hint, buf, true)
+        self.copy_from(source, source_len, committed_hint, buf, Reading::LiveWal)
     }
 
-    /// The shared loop of [`ShadowIndex::open`] (reading the shadow itself, `write = false`) and
-    /// [`ShadowIndex::append_from`].
+    /// The shared loop of [`ShadowIndex::open`] (reading the shadow itself) and
+    /// [`ShadowIndex::append_from`] (appending from the live WAL).
     fn copy_from(
         &mut self,
         source: &impl FileExt,
         source_len: u64,
         committed_hint: u64,
         buf: &mut [u8],
-        write: bool,
+        reading: Reading,
     ) -> Result<u64, Error> {
+        let write = reading == Reading::LiveWal;
         let frame = self.header.frame_size() as usize;
         let frames_per_chunk = (buf.len() / frame).max(1);
         let mut frames_per_read = match committed_hint {
@@ -341,9 +350,9 @@ impl ShadowIndex {
         self.committed_len = commit_end;
         self.chain = commit_chain;
         if newly_committed > 0 && write {
-            let since = *self.unsynced_since.get_or_insert_with(Instant::now);
-            if since.elapsed() >= SYNC_SPACING {
-                self.sync()?;
+            let since = *self.dirty_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= FSYNC_SPACING {
+                self.fsync()?;
             }
         }
         Ok(newly_committed)
@@ -354,17 +363,17 @@ impl ShadowIndex {
     pub(crate) fn finish(&mut self) -> Result<(), Error> {
         if self.file.metadata().map_err(io_err("stat", &self.path))?.len() != self.committed_len {
             self.file.set_len(self.committed_len).map_err(io_err("truncate", &self.path))?;
-            self.unsynced_since.get_or_insert_with(Instant::now);
+            self.dirty_since.get_or_insert_with(Instant::now);
         }
-        self.sync()
+        self.fsync()
     }
 
-    /// Fsyncs what [`SYNC_SPACING`] left unsynced: when the database is quiet, when a WAL life
+    /// Fsyncs what [`FSYNC_SPACING`] left not fsynced: when the database is quiet, when a WAL life
     /// ends, and at shutdown.
-    pub(crate) fn sync(&mut self) -> Result<(), Error> {
-        if self.unsynced_since.is_some() {
+    pub(crate) fn fsync(&mut self) -> Result<(), Error> {
+        if self.dirty_since.is_some() {
             self.file.sync_data().map_err(io_err("fsync", &self.path))?;
-            self.unsynced_since = None;
+            self.dirty_since = None;
         }
         Ok(())
     }

@@ -115,7 +115,7 @@ impl Uploader {
             };
             match Lease::acquire(&self.replica, holder, policy, shutdown).await {
                 Err(Error::Store { source, .. }) => {
-                    warn!(replica = %self.replica.name, error = %source, "replica sync failed: cannot read the replica lease; retrying");
+                    warn!(replica = %self.replica.name, error = %source, "replica upload failed: cannot read the replica lease; retrying");
                     let pause = if self.state.borrow().is_final { BACKOFF_MIN } else { backoff };
                     tokio::time::sleep(pause).await;
                     backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -139,13 +139,13 @@ impl Uploader {
                 Ok(()) => {
                     backoff = BACKOFF_MIN;
                     if let Some(unlogged) = self.failures.recovered() {
-                        info!(replica = %self.replica.name, unlogged_failures = unlogged, "replica sync recovered");
+                        info!(replica = %self.replica.name, unlogged_failures = unlogged, "replica upload recovered");
                     }
                 }
                 Err(e @ Error::LeaseLost { .. }) => return Err(e),
                 Err(e) => {
                     if let Some(unlogged) = self.failures.failed() {
-                        warn!(replica = %self.replica.name, error = %e, failures_since_last_logged = unlogged, "replica sync failed; retrying (logged once a minute while it lasts)");
+                        warn!(replica = %self.replica.name, error = %e, failures_since_last_logged = unlogged, "replica upload failed; retrying (logged once a minute while it lasts)");
                     }
                     let new_generation = match &e {
                         Error::ReplicaAhead { .. } => true,
