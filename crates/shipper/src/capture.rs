@@ -116,6 +116,25 @@ enum Continuity {
     Unproven,
 }
 
+/// What [`Capturer::observe`] found the live WAL to be, relative to the shadow.
+enum Observed<'w> {
+    /// Continuity is lost, or the generation must end: a new one starts, for this reason.
+    NewGeneration(&'static str),
+    /// The generation has seen no WAL life yet, and there is none.
+    NoLife,
+    /// The generation's first WAL life: its index is the snapshot's.
+    FirstLife { live: &'w LiveWal, header_bytes: [u8; WAL_HEADER_SIZE], header: WalHeader },
+    /// Gone (a TRUNCATE checkpoint, or the last connection closed) exactly where the shadow
+    /// ends: the index is sealed, and the next life must carry `next_salt1` where the wal-index
+    /// said which.
+    Ended { next_salt1: Option<u32> },
+    /// The shadow's own life, maybe with new frames.
+    SameLife { live: &'w LiveWal },
+    /// SQLite restarted the WAL once: the index ends (after the old life's tail, where the new
+    /// life has not overwritten it) and the next begins.
+    Restarted { live: &'w LiveWal, header_bytes: [u8; WAL_HEADER_SIZE], header: WalHeader, tail_intact: bool },
+}
+
 struct Generation {
     id: GenerationId,
     snapshot: LocalSnapshot,
@@ -721,134 +740,152 @@ impl Capturer {
     }
 
     /// Copies new committed frames into the shadow, following restarts and starting a new
-    /// generation where continuity is lost.
+    /// generation where continuity is lost: [`observe`](Capturer::observe) decides what the live
+    /// WAL is to the shadow, and this acts on it.
     fn copy(&mut self, since_last_copy: Continuity) -> Result<(), Error> {
-        let clean = since_last_copy == Continuity::Pinned;
         if let Some(reason) = self.pending_new_generation.take() {
-            let result = self.new_generation(&reason);
-            // Until it succeeds, nothing may be appended to the old generation.
-            if result.is_err() {
-                self.pending_new_generation = Some(reason);
-            }
-            return result;
+            return self.start_new_generation(reason);
         }
-        let Some(generation) = self.generation.as_mut() else {
-            return self.new_generation("no generation exists");
-        };
         let wal = LiveWal::open(&self.wal_path)?;
+        // Read after the WAL was opened, so it describes that file or a later state of it.
         let wal_index = self.db.wal_index_header();
+        let observed = self.observe(since_last_copy, wal.as_ref(), wal_index)?;
+        let Some(generation) = self.generation.as_mut() else {
+            return self.start_new_generation("no generation exists".into());
+        };
         let hint = |header: &WalHeader| committed_hint(wal_index, header);
-        let page_size = self.db.page_size();
-        let Some(shadow) = generation.shadow.as_mut() else {
-            // No WAL life seen yet in this generation: the first one is the snapshot's index.
-            if let Some(live) = &wal {
-                if let Some((bytes, header)) = live.header {
-                    if header.page_size != page_size {
-                        return self.new_generation("page size changed");
-                    }
-                    let mut shadow = ShadowIndex::create(
-                        &self.meta.wal_dir(&generation.id),
-                        generation.snapshot.index,
-                        bytes,
-                        header,
-                    )?;
-                    self.counters.shadow_bytes.fetch_add(WAL_HEADER_SIZE as u64, std::sync::atomic::Ordering::Relaxed);
-                    self.counters.shadow_bytes.fetch_add(
-                        shadow.append_from(&live.file, live.len, hint(&shadow.header), &mut self.buf)?,
-                        std::sync::atomic::Ordering::Relaxed,
-                    );
-                    generation.shadow = Some(shadow);
-                }
+        let shadow_bytes = &self.counters.shadow_bytes;
+        let added = |bytes: u64| shadow_bytes.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        match observed {
+            Observed::NewGeneration(reason) => self.start_new_generation(reason.into()),
+            Observed::NoLife => Ok(()),
+            Observed::FirstLife { live, header_bytes, header } => {
+                let wal_dir = self.meta.wal_dir(&generation.id);
+                let mut shadow = ShadowIndex::create(&wal_dir, generation.snapshot.index, header_bytes, header)?;
+                added(WAL_HEADER_SIZE as u64);
+                added(shadow.append_from(&live.file, live.len, hint(&shadow.header), &mut self.buf)?);
+                generation.shadow = Some(shadow);
+                Ok(())
             }
-            return Ok(());
+            Observed::Ended { next_salt1 } => {
+                let shadow = generation.shadow.as_mut().expect("observed against a shadow");
+                shadow.sealed = true;
+                if next_salt1.is_some() {
+                    shadow.next_salt1 = next_salt1;
+                }
+                Ok(())
+            }
+            Observed::SameLife { live } => {
+                let shadow = generation.shadow.as_mut().expect("observed against a shadow");
+                shadow.sealed = false;
+                shadow.next_salt1 = None;
+                added(shadow.append_from(&live.file, live.len, hint(&shadow.header), &mut self.buf)?);
+                Ok(())
+            }
+            Observed::Restarted { live, header_bytes, header, tail_intact } => {
+                let shadow = generation.shadow.as_mut().expect("observed against a shadow");
+                // The new life overwrites from the front; frames of the old life beyond its
+                // reach may still be there, and carry the old salts, so the chain check
+                // accepts only them.
+                if tail_intact {
+                    added(shadow.append_from(&live.file, live.len, hint(&shadow.header), &mut self.buf)?);
+                }
+                // A life that ends with bytes only the live WAL held (the disk was full) and
+                // that some replica lacks: the restart writes over them, so nothing vouches for
+                // them any more.
+                if live_tail_unshipped(shadow, generation.id, &self.replica_positions) {
+                    return self.start_new_generation(
+                        "the wal restarted while the disk was full, before every replica had its last frames".into(),
+                    );
+                }
+                shadow.finish()?;
+                let next =
+                    ShadowIndex::create(&self.meta.wal_dir(&generation.id), shadow.index + 1, header_bytes, header)?;
+                generation.index_started_at = added(WAL_HEADER_SIZE as u64);
+                debug!(db = %self.db_path.display(), index = next.index, "wal restarted; new index");
+                let shadow = generation.shadow.insert(next);
+                added(shadow.append_from(&live.file, live.len, hint(&shadow.header), &mut self.buf)?);
+                Ok(())
+            }
+        }
+    }
+
+    /// Starts a new generation. Until one has started nothing may be appended to the old one,
+    /// so a start that fails (a full disk cannot take the snapshot) is the first thing the next
+    /// pass tries again, whatever the live WAL looks like by then.
+    fn start_new_generation(&mut self, reason: String) -> Result<(), Error> {
+        let result = self.new_generation(&reason);
+        if result.is_err() {
+            self.pending_new_generation = Some(reason);
+        }
+        result
+    }
+
+    /// What the live WAL is to the current generation's shadow. Reads the WAL, changes nothing.
+    fn observe<'w>(
+        &self,
+        since_last_copy: Continuity,
+        wal: Option<&'w LiveWal>,
+        wal_index: Option<WalIndexHeader>,
+    ) -> Result<Observed<'w>, Error> {
+        let Some(generation) = self.generation.as_ref() else {
+            return Ok(Observed::NewGeneration("no generation exists"));
+        };
+        let page_size = self.db.page_size();
+        let Some(shadow) = generation.shadow.as_ref() else {
+            // No WAL life seen yet in this generation: the first one is the snapshot's index.
+            return Ok(match wal.and_then(|live| live.header.map(|h| (live, h))) {
+                Some((_, (_, header))) if header.page_size != page_size => Observed::NewGeneration("page size changed"),
+                Some((live, (header_bytes, header))) => Observed::FirstLife { live, header_bytes, header },
+                None => Observed::NoLife,
+            });
         };
         if shadow.committed_len >= MAX_INDEX_BYTES {
-            return self.new_generation("max index size exceeded");
+            return Ok(Observed::NewGeneration("max index size exceeded"));
         }
-        let Some(live) = wal.filter(|w| w.header.is_some()) else {
+        let pinned = since_last_copy == Continuity::Pinned;
+        let Some((live, (header_bytes, header))) = wal.and_then(|live| live.header.map(|h| (live, h))) else {
             // Truncated (TRUNCATE checkpoint) or deleted (last connection closed).
-            let ended_at_shadow = match self.db.wal_index_header() {
+            let (ended_at_shadow, next_salt1) = match wal_index {
                 // A restart keeps the running checksum, and any frame written since the shadow's
                 // end would have changed it: this holds however the pin fared meanwhile.
                 Some(index) => {
                     let ended = index.max_frame == 0
                         && index.salt1 != shadow.header.salt1
                         && index.frame_checksum == shadow.end_checksum();
-                    shadow.next_salt1 = ended.then_some(index.salt1);
-                    ended
+                    (ended, Some(index.salt1))
                 }
                 // No wal-index left to ask (the last connection closed): only the pin can vouch.
-                None => clean || shadow.sealed,
+                None => (pinned || shadow.sealed, None),
             };
             // Bytes only the live WAL held went with it unless every replica had them (rule 7).
-            let live_gone = shadow.live_from.is_some_and(|from| shadow.committed_len > from)
-                && !all_hold(
-                    &self.replica_positions,
-                    Pos { generation: generation.id, index: shadow.index, offset: shadow.committed_len },
-                );
-            if ended_at_shadow && !live_gone {
-                shadow.sealed = true;
-                return Ok(());
+            if ended_at_shadow && !live_tail_unshipped(shadow, generation.id, &self.replica_positions) {
+                return Ok(Observed::Ended { next_salt1 });
             }
-            return self.new_generation("wal truncated with commits walstream had not copied");
+            return Ok(Observed::NewGeneration("wal truncated with commits walstream had not copied"));
         };
-        let (bytes, header) = live.header.expect("filtered above");
-        if bytes == *shadow.header_bytes() {
+        if header_bytes == *shadow.header_bytes() {
             // Within one WAL life committed frames are never rewritten, so a matching header
             // means continuity unless the file was replaced; the last frame vouches for that.
             let has_frames = shadow.committed_len > WAL_HEADER_SIZE as u64;
-            if !clean && !shadow.sealed && has_frames && !live.still_holds_last_frame(shadow)? {
-                return self.new_generation("wal overwritten by another process");
+            if !pinned && !shadow.sealed && has_frames && !live.still_holds_last_frame(shadow)? {
+                return Ok(Observed::NewGeneration("wal overwritten by another process"));
             }
-            shadow.sealed = false;
-            shadow.next_salt1 = None;
-            self.counters.shadow_bytes.fetch_add(
-                shadow.append_from(&live.file, live.len, hint(&shadow.header), &mut self.buf)?,
-                std::sync::atomic::Ordering::Relaxed,
-            );
-            return Ok(());
+            return Ok(Observed::SameLife { live });
         }
         // The header changed: SQLite restarted the WAL. One restart adds exactly 1 to salt-1;
         // restarts of a WAL already seen empty add more without losing anything.
         if header.salt1 != shadow.next_salt1.unwrap_or(shadow.header.salt1.wrapping_add(1)) {
-            return self.new_generation("wal restarted more than once while unobserved");
+            return Ok(Observed::NewGeneration("wal restarted more than once while unobserved"));
         }
         if header.page_size != page_size {
-            return self.new_generation("page size changed");
+            return Ok(Observed::NewGeneration("page size changed"));
         }
-        // The new life overwrites from the front; frames of the old life beyond its reach may
-        // still be there, and carry the old salts, so the chain check accepts only them.
         let tail_intact = live.still_holds_last_frame(shadow)?;
-        if tail_intact {
-            self.counters.shadow_bytes.fetch_add(
-                shadow.append_from(&live.file, live.len, hint(&shadow.header), &mut self.buf)?,
-                std::sync::atomic::Ordering::Relaxed,
-            );
-        } else if !(clean || shadow.sealed) {
-            return self.new_generation("wal overwritten by another process");
+        if !(tail_intact || pinned || shadow.sealed) {
+            return Ok(Observed::NewGeneration("wal overwritten by another process"));
         }
-        // A life that ends with bytes only the live WAL held (the disk was full) and that some
-        // replica lacks: the restart writes over them, so nothing vouches for them any more.
-        if shadow.live_from.is_some_and(|from| shadow.committed_len > from)
-            && !all_hold(
-                &self.replica_positions,
-                Pos { generation: generation.id, index: shadow.index, offset: shadow.committed_len },
-            )
-        {
-            return self
-                .new_generation("the wal restarted while the disk was full, before every replica had its last frames");
-        }
-        shadow.finish()?;
-        let next = ShadowIndex::create(&self.meta.wal_dir(&generation.id), shadow.index + 1, bytes, header)?;
-        generation.index_started_at =
-            self.counters.shadow_bytes.fetch_add(WAL_HEADER_SIZE as u64, std::sync::atomic::Ordering::Relaxed);
-        debug!(db = %self.db_path.display(), index = next.index, "wal restarted; new index");
-        let shadow = generation.shadow.insert(next);
-        self.counters.shadow_bytes.fetch_add(
-            shadow.append_from(&live.file, live.len, hint(&shadow.header), &mut self.buf)?,
-            std::sync::atomic::Ordering::Relaxed,
-        );
-        Ok(())
+        Ok(Observed::Restarted { live, header_bytes, header, tail_intact })
     }
 
     /// Starts a generation: the current WAL life becomes index 0, then the database file is
@@ -934,6 +971,17 @@ impl Capturer {
 }
 
 /// True when every replica's position is at or past `at` (in its generation).
+/// Whether `shadow` ends with bytes only the live WAL held (the disk was full) that some replica
+/// still lacks.
+fn live_tail_unshipped(
+    shadow: &ShadowIndex,
+    generation: GenerationId,
+    positions: &[watch::Receiver<Option<Pos>>],
+) -> bool {
+    shadow.live_from.is_some_and(|from| shadow.committed_len > from)
+        && !all_hold(positions, Pos { generation, index: shadow.index, offset: shadow.committed_len })
+}
+
 fn all_hold(positions: &[watch::Receiver<Option<Pos>>], at: Pos) -> bool {
     positions.iter().all(|p| p.borrow().is_some_and(|pos| pos.generation == at.generation && pos >= at))
 }

@@ -160,6 +160,16 @@ impl Shipper {
     /// Replicates until `shutdown` is cancelled, then ships everything committed so far and
     /// returns. A file at the path that is not a SQLite database is an error at once.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
+        let Some(mut workers) = self.start(&shutdown).await? else {
+            return Ok(());
+        };
+        let failed = workers.watch(&shutdown).await;
+        workers.stop(failed).await
+    }
+
+    /// Waits for the database, takes its lock and starts every worker; `None` if shutdown came
+    /// first.
+    async fn start(self, shutdown: &CancellationToken) -> Result<Option<Workers>, Error> {
         let Shipper {
             config,
             replicas,
@@ -171,13 +181,13 @@ impl Shipper {
             counters,
             replica_counters,
         } = self;
-        if !wait_for_database(&db_path, &shutdown).await? {
-            return Ok(());
+        if !wait_for_database(&db_path, shutdown).await? {
+            return Ok(None);
         }
-        // Held until this function returns. Taken once the path holds a SQLite database, so a
+        // Held until the workers have stopped. Taken once the path holds a SQLite database, so a
         // path that is not one is refused without leaving a metadata directory behind.
         let meta = meta::MetaDir::for_db(&db_path, config.meta_dir.as_deref());
-        let _lock = meta.lock()?;
+        let lock = meta.lock()?;
         let lease_terms = match config.lease {
             Some(policy) => Some((meta.lease_holder()?, policy)),
             None => None,
@@ -231,7 +241,7 @@ impl Shipper {
         if let Some(events) = watcher {
             capturer.take_events(events);
         }
-        let (capture_tx, mut capture_rx) = tokio::sync::oneshot::channel();
+        let (capture_tx, capture_rx) = tokio::sync::oneshot::channel();
         let capture_db = db_path.clone();
         std::thread::Builder::new()
             .name("walstream-capture".into())
@@ -246,87 +256,124 @@ impl Shipper {
                 }));
             })
             .map_err(error::io_err("spawn capture thread", &db_path))?;
+        Ok(Some(Workers {
+            db_path,
+            shutdown_deadline: config.shutdown_deadline,
+            _lock: lock,
+            wake_tx,
+            state_rx,
+            positions,
+            counters,
+            uploaders,
+            upkeep,
+            capture_rx,
+            capture_ended: false,
+        }))
+    }
+}
 
-        // An uploader ends early only when its replica belongs to another replicator, and the
-        // capturer and upkeep not at all: then this database stops as if signalled, and the
-        // error is reported once what can be is flushed.
-        // A JoinError means the task was cancelled (its panics are caught inside it): a failure of
-        // that worker too.
-        let joined_outcome = |worker: &str, joined: Result<Result<(), Error>, tokio::task::JoinError>| {
-            joined.unwrap_or_else(|e| Err(worker_failed(&db_path, worker.into(), e.to_string())))
-        };
-        let capture_lost =
-            || worker_failed(&db_path, "capture worker".into(), "its thread ended without a result".into());
-        let mut failed: Option<Error> = None;
-        let mut capture_ended = false;
-        while failed.is_none() {
+/// A database's running workers, between [`Shipper::start`] and [`Workers::stop`].
+struct Workers {
+    db_path: PathBuf,
+    shutdown_deadline: Duration,
+    /// The metadata directory's lock, held until the workers have stopped.
+    _lock: std::fs::File,
+    wake_tx: mpsc::Sender<Wake>,
+    state_rx: tokio::sync::watch::Receiver<ShadowState>,
+    positions: Vec<tokio::sync::watch::Receiver<Option<walstream_format::Pos>>>,
+    counters: std::sync::Arc<status::DbCounters>,
+    uploaders: JoinSet<Result<(), Error>>,
+    upkeep: JoinSet<Result<(), Error>>,
+    capture_rx: tokio::sync::oneshot::Receiver<Result<(), Error>>,
+    /// The capturer's outcome was taken while watching.
+    capture_ended: bool,
+}
+
+impl Workers {
+    /// Until shutdown, or until a worker fails or its replica belongs to another replicator:
+    /// that failure. An uploader ends early only in those cases, and the capturer and upkeep not
+    /// at all; then this database stops as if signalled, and the error is reported once what can
+    /// be is flushed.
+    async fn watch(&mut self, shutdown: &CancellationToken) -> Option<Error> {
+        let db_path = self.db_path.clone();
+        loop {
             tokio::select! {
-                () = shutdown.cancelled() => break,
-                Some(joined) = uploaders.join_next(), if !uploaders.is_empty() => {
-                    if let Err(e) = joined_outcome("uploader", joined) {
+                () = shutdown.cancelled() => return None,
+                Some(joined) = self.uploaders.join_next(), if !self.uploaders.is_empty() => {
+                    if let Err(e) = joined_outcome(&db_path, "uploader", joined) {
                         if !matches!(e, Error::WorkerFailed { .. }) {
                             warn!(db = %db_path.display(), error = %e, "replica refused; stopping");
                         }
-                        failed = Some(e);
+                        return Some(e);
                     }
                 }
-                Some(joined) = upkeep.join_next(), if !upkeep.is_empty() => {
-                    if let Err(e) = joined_outcome("upkeep worker", joined) {
-                        failed = Some(e);
+                Some(joined) = self.upkeep.join_next(), if !self.upkeep.is_empty() => {
+                    if let Err(e) = joined_outcome(&db_path, "upkeep worker", joined) {
+                        return Some(e);
                     }
                 }
-                outcome = &mut capture_rx => {
-                    let e = match outcome {
+                outcome = &mut self.capture_rx => {
+                    self.capture_ended = true;
+                    return Some(match outcome {
                         Ok(Err(e)) => e,
                         Ok(Ok(())) => worker_failed(&db_path, "capture worker".into(), "it returned before shutdown".into()),
-                        Err(_) => capture_lost(),
-                    };
-                    capture_ended = true;
-                    failed = Some(e);
+                        Err(_) => self.capture_lost(),
+                    });
                 }
             }
         }
+    }
+
+    fn capture_lost(&self) -> Error {
+        worker_failed(&self.db_path, "capture worker".into(), "its thread ended without a result".into())
+    }
+
+    /// The final flush: the capturer's last pass, then the uploaders' drain, both within one
+    /// `shutdown_deadline`; then the first failure, if any.
+    async fn stop(mut self, mut failed: Option<Error>) -> Result<(), Error> {
+        let db_path = self.db_path.clone();
         if let Some(e) = &failed {
             // Until the process exits, /healthz says why.
-            counters.record_failure(e);
+            self.counters.record_failure(e);
         }
         info!(db = %db_path.display(), "shutting down: shipping what is committed");
-        let _ = wake_tx.send(Wake::Shutdown);
+        let _ = self.wake_tx.send(Wake::Shutdown);
         // One deadline for the whole flush: the capturer's last copy (which may write a snapshot)
         // and the uploads after it.
-        let flush_deadline = tokio::time::Instant::now() + config.shutdown_deadline;
+        let flush_deadline = tokio::time::Instant::now() + self.shutdown_deadline;
         // A capturer that ended early has had its outcome taken as `failed` already.
-        let capture_result = if capture_ended {
+        let capture_result = if self.capture_ended {
             Ok(())
         } else {
-            match tokio::time::timeout_at(flush_deadline, capture_rx).await {
-                Ok(outcome) => outcome.unwrap_or_else(|_| Err(capture_lost())),
+            match tokio::time::timeout_at(flush_deadline, &mut self.capture_rx).await {
+                Ok(outcome) => outcome.unwrap_or_else(|_| Err(self.capture_lost())),
                 Err(_) => {
                     // The thread is left to the process's exit; nothing after this waits for it.
-                    uploaders.abort_all();
-                    return Err(Error::FlushIncomplete { unshipped: positions.len(), detail: format!("the capturer's last copy of {} did not finish within the shutdown deadline; commits since the last pass may not be shipped", db_path.display()) });
+                    self.uploaders.abort_all();
+                    return Err(Error::FlushIncomplete { unshipped: self.positions.len(), detail: format!("the capturer's last copy of {} did not finish within the shutdown deadline; commits since the last pass may not be shipped", db_path.display()) });
                 }
             }
         };
         if let Err(e) = &capture_result {
-            counters.record_failure(e);
+            self.counters.record_failure(e);
         }
 
         let drained = tokio::time::timeout_at(flush_deadline, async {
-            while let Some(joined) = uploaders.join_next().await {
-                if let Err(e) = joined_outcome("uploader", joined) {
+            while let Some(joined) = self.uploaders.join_next().await {
+                if let Err(e) = joined_outcome(&db_path, "uploader", joined) {
                     failed.get_or_insert(e);
                 }
             }
         })
         .await;
-        upkeep.abort_all();
+        self.upkeep.abort_all();
         if let Some(e) = failed.as_ref().filter(|e| matches!(e, Error::WorkerFailed { .. })) {
             error!(db = %db_path.display(), error = %e, "replication stopped: a worker failed");
         }
         if drained.is_err() {
-            let end = state_rx.borrow().end;
-            let behind: Vec<String> = positions
+            let end = self.state_rx.borrow().end;
+            let behind: Vec<String> = self
+                .positions
                 .iter()
                 .enumerate()
                 .filter(|(_, p)| *p.borrow() != end)
@@ -334,7 +381,7 @@ impl Shipper {
                     format!("replica #{} at {}", i + 1, p.borrow().map_or("nothing".to_string(), |p| p.to_string()))
                 })
                 .collect();
-            uploaders.abort_all();
+            self.uploaders.abort_all();
             let incomplete = Error::FlushIncomplete {
                 unshipped: behind.len(),
                 detail: format!("{} (local end {})", behind.join(", "), end.map_or("none".into(), |p| p.to_string())),
@@ -364,6 +411,16 @@ async fn caught(
         .catch_unwind()
         .await
         .unwrap_or_else(|payload| Err(worker_failed(&db, worker, fail_point::panic_message(payload.as_ref()))))
+}
+
+/// A worker's outcome from its `JoinSet`. A JoinError means the task was cancelled (its panics
+/// are caught inside it): a failure of that worker too.
+fn joined_outcome(
+    db: &std::path::Path,
+    worker: &str,
+    joined: Result<Result<(), Error>, tokio::task::JoinError>,
+) -> Result<(), Error> {
+    joined.unwrap_or_else(|e| Err(worker_failed(db, worker.into(), e.to_string())))
 }
 
 fn worker_failed(db: &std::path::Path, worker: String, detail: String) -> Error {
