@@ -232,3 +232,48 @@ fn an_outage_past_max_local_wal_bounds_the_shadow_and_loses_nothing() {
     replicator.stop_ok();
     scratch.assert_restores_source();
 }
+
+/// Under the default sync-interval a new WAL life waits for the next upload slot: the old
+/// index's tail goes up, the replica's position moves to the new index's start, and the old
+/// index's shadow file is deleted. When the next upload then fails past the store's own retries,
+/// the replica is listed again and its last segment ends that deleted index: the uploader must
+/// resume at the next index, in the same generation, not take the replica for a reset one.
+#[test]
+fn a_failed_upload_after_an_index_went_up_whole_resumes_in_the_same_generation() {
+    let scratch = Scratch::on(Backend::Gcs);
+    let proxy = FaultProxy::start(emulator::host(), seed());
+    let mut app = App::open(&scratch.db());
+    app.insert(10);
+    let log = scratch.path("replicate.log");
+    let replicator = Replicator::start_with_env(
+        &scratch.db(),
+        &[scratch.replica_url()],
+        log.clone(),
+        &[("STORAGE_EMULATOR_HOST", &proxy.addr)],
+    );
+    wait_for_snapshot(&scratch);
+    std::thread::sleep(Duration::from_millis(1500));
+    // Every attempt at index 1's first segment fails, 6 store attempts and then some.
+    proxy.target("PUT", "00000001_00000000.wal", Fault::Status(503), 8);
+    // A commit after a quiet spell ships at once; the next, the app's TRUNCATE checkpoint and the
+    // first commit of the new life fall within the same second, so they wait for one slot.
+    app.insert(1);
+    std::thread::sleep(Duration::from_millis(200));
+    app.insert(1);
+    app.checkpoint("TRUNCATE");
+    app.insert(1);
+    for _ in 0..15 {
+        std::thread::sleep(Duration::from_millis(200));
+        app.insert(1);
+    }
+    wait_for_replica_to_hold(&scratch, app.count(), Duration::from_secs(20), "the replica to catch up");
+    replicator.stop_ok();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let faults: u64 = proxy.injected().values().sum();
+    assert!(
+        text.contains("replica upload failed"),
+        "the {faults} faults never failed an upload past the store's retries:\n{text}"
+    );
+    assert_eq!(scratch.generation_count(), 1, "one generation throughout; the log:\n{text}");
+    scratch.assert_restores_source();
+}

@@ -58,6 +58,11 @@ pub(crate) struct Uploader {
     framed: BytesMut,
     /// Failed uploads, logged once a minute with a count.
     failures: crate::throttle::Throttle,
+    /// The end of the last index this uploader shipped whole. Once every replica is past an
+    /// index its shadow file is deleted, so a replica listed again (after a failed upload) whose
+    /// last segment ends exactly there resumes at the next index's start, rather than reading
+    /// for the deleted file and taking it for a reset replica.
+    index_shipped_whole: Option<Pos>,
 }
 
 impl Uploader {
@@ -80,6 +85,7 @@ impl Uploader {
             lease_terms,
             right,
             last_segment_put: None,
+            index_shipped_whole: None,
             barriers_shipped: 0,
             framed: BytesMut::new(),
             failures: Default::default(),
@@ -225,6 +231,9 @@ impl Uploader {
             Some(pos) if pos.generation == generation => pos,
             _ => self.resume_position(state).await?,
         };
+        if Some(pos) == self.index_shipped_whole {
+            pos = Pos { index: pos.index + 1, offset: 0, ..pos };
+        }
         if pos > end {
             return Err(Error::ReplicaAhead { replica: self.replica.name.clone(), remote: pos, local: end });
         }
@@ -254,6 +263,8 @@ impl Uploader {
                 _ => limit,
             };
             if pos.offset >= limit {
+                // A finished index (the current one ends at `end`, which the loop stops at).
+                self.index_shipped_whole = Some(pos);
                 pos = Pos { generation, index: pos.index + 1, offset: 0 };
                 if defer_new_life && uploaded && pos.index == end.index {
                     break;
