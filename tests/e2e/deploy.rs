@@ -82,8 +82,14 @@ fn every_walstream_command_line_under_docker_is_accepted() {
     }
     let count = |file: &str| lines.iter().filter(|(path, _)| path.ends_with(file)).count();
     assert_eq!(
-        (count("cloudrun/service.yaml"), count("k8s/deployment.yaml"), count("compose.yaml"), count("entrypoint.sh")),
-        (2, 2, 2, 2),
+        (
+            count("cloudrun/service.yaml"),
+            count("k8s/deployment.yaml"),
+            count("/compose.yaml"),
+            count("compose.production.yaml"),
+            count("entrypoint.sh")
+        ),
+        (2, 2, 2, 2, 2),
         "{lines:?}"
     );
     for (path, args) in &lines {
@@ -203,4 +209,128 @@ fn cloud_run_containers_in_sequence_keep_the_data_across_instances() {
     let restored = scratch.path("after.db");
     restore(&scratch.replica_url(), &restored);
     assert_same_database(&second_db, &restored);
+}
+
+/// The Kubernetes manifest against the published schemas of every version its native sidecar
+/// runs on, strictly (an unknown field is an error), with `kubernetes-validate` from PyPI in the
+/// project's venv (scripts/install-tools.sh puts it there).
+#[test]
+fn the_kubernetes_manifest_passes_the_published_schemas_of_1_29_to_1_37() {
+    let tool = workspace_root().join(".tools/venv/bin/kubernetes-validate");
+    assert!(tool.exists(), "{} is missing: run scripts/install-tools.sh", tool.display());
+    let validate = |path: &Path, version: &str| {
+        Command::new(&tool).args(["--strict", "--quiet", "-k", version]).arg(path).output().unwrap()
+    };
+    let manifest = docker_dir().join("k8s/deployment.yaml");
+    for minor in 29..=37 {
+        let version = format!("1.{minor}.0");
+        let output = validate(&manifest, &version);
+        assert!(
+            output.status.success(),
+            "{version}: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    // The check can fail: a misspelt field is refused.
+    let scratch = tempfile::tempdir().unwrap();
+    let broken = scratch.path().join("deployment.yaml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    assert!(text.contains("restartPolicy: Always"));
+    std::fs::write(&broken, text.replace("restartPolicy: Always", "restartPolicyy: Always")).unwrap();
+    assert!(!validate(&broken, "1.29.0").status.success(), "a misspelt field must fail the schema check");
+}
+
+/// What Pod Security "restricted" requires of a pod (the Kubernetes documentation's list of its
+/// controls), and what the issue asks of every container: resources, a liveness probe on the
+/// replicator's `/healthz`, a size limit on the volume.
+fn restricted_violations(pod: &Value) -> Vec<String> {
+    let mut found = Vec::new();
+    for key in ["hostNetwork", "hostPID", "hostIPC"] {
+        if pod[key].as_bool() == Some(true) {
+            found.push(format!("{key} is set"));
+        }
+    }
+    for volume in pod["volumes"].as_sequence().into_iter().flatten() {
+        let name = volume["name"].as_str().unwrap_or("?");
+        if !volume["hostPath"].is_null() {
+            found.push(format!("volume {name} is a hostPath"));
+        }
+        if volume["emptyDir"].is_mapping() && volume["emptyDir"]["sizeLimit"].is_null() {
+            found.push(format!("volume {name} has no sizeLimit"));
+        }
+    }
+    let pod_context = &pod["securityContext"];
+    let containers = ["initContainers", "containers"].iter().flat_map(|k| pod[*k].as_sequence().into_iter().flatten());
+    for container in containers {
+        let name = container["name"].as_str().unwrap_or("?");
+        let context = &container["securityContext"];
+        let either = |key: &str| if context[key].is_null() { &pod_context[key] } else { &context[key] };
+        if either("runAsNonRoot").as_bool() != Some(true) {
+            found.push(format!("{name}: runAsNonRoot is not true"));
+        }
+        if either("runAsUser").as_u64() == Some(0) {
+            found.push(format!("{name}: runs as user 0"));
+        }
+        if !matches!(either("seccompProfile")["type"].as_str(), Some("RuntimeDefault" | "Localhost")) {
+            found.push(format!("{name}: no RuntimeDefault or Localhost seccompProfile"));
+        }
+        if context["allowPrivilegeEscalation"].as_bool() != Some(false) {
+            found.push(format!("{name}: allowPrivilegeEscalation is not false"));
+        }
+        if context["privileged"].as_bool() == Some(true) {
+            found.push(format!("{name}: privileged"));
+        }
+        let capabilities = &context["capabilities"];
+        if !capabilities["drop"].as_sequence().is_some_and(|d| d.iter().any(|c| c.as_str() == Some("ALL"))) {
+            found.push(format!("{name}: capabilities do not drop ALL"));
+        }
+        for added in capabilities["add"].as_sequence().into_iter().flatten() {
+            if added.as_str() != Some("NET_BIND_SERVICE") {
+                found.push(format!("{name}: adds capability {added:?}"));
+            }
+        }
+        if container["resources"]["requests"].is_null() && container["resources"]["limits"].is_null() {
+            found.push(format!("{name}: no resources"));
+        }
+        let args: Vec<&str> = container["args"].as_sequence().into_iter().flatten().filter_map(Value::as_str).collect();
+        if args.first() == Some(&"replicate") {
+            let addr = args.iter().position(|a| *a == "-addr").and_then(|i| args.get(i + 1));
+            let probe = &container["livenessProbe"]["httpGet"];
+            let port_name = probe["port"].as_str();
+            let port = container["ports"]
+                .as_sequence()
+                .into_iter()
+                .flatten()
+                .find(|p| p["name"].as_str() == port_name)
+                .and_then(|p| p["containerPort"].as_u64());
+            let serves = addr.zip(port).is_some_and(|(addr, port)| addr.ends_with(&format!(":{port}")));
+            if probe["path"].as_str() != Some("/healthz") || !serves {
+                found.push(format!("{name}: no liveness probe on the /healthz its -addr serves ({addr:?}, {port:?})"));
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn the_kubernetes_pod_meets_pod_security_restricted_with_resources_and_probes() {
+    let (_, deployment) = yaml_documents()
+        .into_iter()
+        .find(|(path, d)| path.ends_with("k8s/deployment.yaml") && d["kind"].as_str() == Some("Deployment"))
+        .expect("a Deployment in docker/k8s/deployment.yaml");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let violations = restricted_violations(pod);
+    assert!(violations.is_empty(), "docker/k8s/deployment.yaml: {violations:#?}");
+    // The check can fail: the manifest as it was before this test.
+    let mut loose = pod.clone();
+    loose["securityContext"]["seccompProfile"] = Value::Null;
+    for container in loose["initContainers"].as_sequence_mut().unwrap() {
+        container["securityContext"] = Value::Null;
+        container["livenessProbe"] = Value::Null;
+    }
+    let violations = restricted_violations(&loose);
+    for expected in ["restore: allowPrivilegeEscalation is not false", "replicate: no liveness probe"] {
+        assert!(violations.iter().any(|v| v.starts_with(expected)), "{expected} not found in {violations:#?}");
+    }
 }
