@@ -64,7 +64,6 @@ pub struct FaultProxy {
     pub addr: String,
     plan: Arc<Mutex<Plan>>,
     injected: Arc<Mutex<std::collections::HashMap<(Fault, &'static str), u64>>>,
-    forwarded: Arc<AtomicU64>,
     held: Arc<AtomicU64>,
     large_puts: Arc<AtomicU64>,
     log: Arc<Mutex<Vec<String>>>,
@@ -85,14 +84,12 @@ impl FaultProxy {
             addr: addr.clone(),
             plan,
             injected: Default::default(),
-            forwarded: Default::default(),
             held: Default::default(),
             large_puts: Default::default(),
             log: Default::default(),
         };
         let (plan, injected, upstream) = (proxy.plan.clone(), proxy.injected.clone(), upstream.to_string());
         let counters = Counters {
-            forwarded: proxy.forwarded.clone(),
             held: proxy.held.clone(),
             large_puts: proxy.large_puts.clone(),
             log: proxy.log.clone(),
@@ -140,7 +137,7 @@ impl FaultProxy {
     }
 
     pub fn forwarded(&self) -> u64 {
-        self.forwarded.load(Ordering::Relaxed)
+        self.log.lock().unwrap().len() as u64
     }
 
     /// Connections swallowed by a black hole.
@@ -162,7 +159,6 @@ impl FaultProxy {
 
 #[derive(Clone)]
 struct Counters {
-    forwarded: Arc<AtomicU64>,
     held: Arc<AtomicU64>,
     large_puts: Arc<AtomicU64>,
     log: Arc<Mutex<Vec<String>>>,
@@ -274,17 +270,9 @@ fn serve(
         up.write_all(&body)?;
         let mut response = Vec::new();
         up.read_to_end(&mut response)?;
-        {
-            // Counted and logged under one lock, so the log's order is the count's.
-            let mut log = counters.log.lock().unwrap();
-            counters.forwarded.fetch_add(1, Ordering::Relaxed);
-            let line = head_text.lines().next().unwrap_or_default();
-            log.push(format!(
-                "{} {}",
-                counters.started.elapsed().as_millis(),
-                line.chars().take(200).collect::<String>()
-            ));
-        }
+        // The log is the count: `forwarded()` is its length.
+        let line: String = head_text.lines().next().unwrap_or_default().chars().take(200).collect();
+        counters.log.lock().unwrap().push(format!("{} {line}", counters.started.elapsed().as_millis()));
         if operation(&head_text) == "PUT" && length > 1 << 20 {
             counters.large_puts.fetch_add(1, Ordering::Relaxed);
         }

@@ -38,6 +38,14 @@ impl Binaries {
     }
 }
 
+/// A flag's comma-separated values (`--rates 0.1,1,10`); `what` names them in the error.
+pub fn comma_separated<T: std::str::FromStr>(value: &str, what: &str) -> anyhow::Result<Vec<T>>
+where
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    value.split(',').map(str::parse).collect::<Result<_, _>>().with_context(|| what.to_string())
+}
+
 /// A finished child's wall time and the kernel's accounting of it.
 pub struct Measured {
     pub wall: Duration,

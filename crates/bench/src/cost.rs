@@ -16,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, ensure, Context};
 
+use crate::common::comma_separated;
 use crate::emulator::{Emulator, Op, Request};
 use crate::replicator::{app_connection, Harness, Tool, INSERT_ROW};
 
@@ -37,13 +38,7 @@ pub fn run(mut args: impl Iterator<Item = String>) -> anyhow::Result<()> {
         let value = args.next().with_context(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             binary if o.bins.take(binary, &value) => {}
-            "--rates" => {
-                o.rates = value
-                    .split(',')
-                    .map(str::parse)
-                    .collect::<Result<_, _>>()
-                    .context("--rates: commits a second, comma-separated")?
-            }
+            "--rates" => o.rates = comma_separated(&value, "--rates: commits a second, comma-separated")?,
             "--secs" => o.secs = value.parse()?,
             _ => bail!("unknown flag {flag}"),
         }

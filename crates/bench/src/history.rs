@@ -30,13 +30,7 @@ pub fn run(mut args: impl Iterator<Item = String>) -> anyhow::Result<()> {
         let value = args.next().with_context(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--db-mib" => o.db_mib = value.parse()?,
-            "--rounds" => {
-                o.rounds = value
-                    .split(',')
-                    .map(str::parse)
-                    .collect::<Result<_, _>>()
-                    .context("--rounds: comma-separated round counts")?
-            }
+            "--rounds" => o.rounds = comma_separated(&value, "--rounds: comma-separated round counts")?,
             "--walstream" => o.walstream = value.into(),
             "--litestream" => o.litestream = value.into(),
             _ => bail!("unknown flag {flag}"),
