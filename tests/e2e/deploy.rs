@@ -106,14 +106,21 @@ fn every_walstream_command_line_under_docker_is_accepted() {
     assert_eq!(output.status.code(), Some(2));
 }
 
-/// The args of the Cloud Run container `name`, with the bucket, the volume and the probe port
-/// pointed at this test's.
-fn cloud_run_args(name: &str, replica: &str, data: &Path, ready_addr: &str) -> Vec<String> {
+/// The Cloud Run container `name` as the shipped service.yaml declares it.
+fn cloud_run_container(name: &str) -> Value {
     let (_, service) = yaml_documents().into_iter().find(|(path, _)| path.ends_with("cloudrun/service.yaml")).unwrap();
     let containers = service["spec"]["template"]["spec"]["containers"].as_sequence().unwrap();
-    let container =
-        containers.iter().find(|c| c["name"].as_str() == Some(name)).unwrap_or_else(|| panic!("no container {name}"));
-    container["args"]
+    containers
+        .iter()
+        .find(|c| c["name"].as_str() == Some(name))
+        .unwrap_or_else(|| panic!("no container {name}"))
+        .clone()
+}
+
+/// The args of the Cloud Run container `name`, with the bucket, the volume and the probe ports
+/// pointed at this test's.
+fn cloud_run_args(name: &str, replica: &str, data: &Path, ready_addr: &str, metrics_addr: &str) -> Vec<String> {
+    cloud_run_container(name)["args"]
         .as_sequence()
         .unwrap()
         .iter()
@@ -124,6 +131,7 @@ fn cloud_run_args(name: &str, replica: &str, data: &Path, ready_addr: &str) -> V
                 .replace("/data/", &format!("{}/", data.display()))
                 .replace("0.0.0.0:8081", ready_addr)
         })
+        .map(|a| if a == ":9090" { metrics_addr.to_string() } else { a })
         .collect()
 }
 
@@ -171,7 +179,10 @@ fn run_instance(scratch: &Scratch, name: &str, posts: usize) -> (PathBuf, String
     let bin = release_bin();
     let log = |c: &str| scratch.path(&format!("{name}-{c}.log"));
 
-    let restore = spawn(&bin, &cloud_run_args("restore", &replica, &data, &ready_addr), &log("restore"), &[]);
+    let metrics_port = free_port();
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    let args = |container| cloud_run_args(container, &replica, &data, &ready_addr, &metrics_addr);
+    let restore = spawn(&bin, &args("restore"), &log("restore"), &[]);
     wait_until(Duration::from_secs(60), "the restore container's startup probe", || {
         TcpStream::connect(&ready_addr).is_ok()
     });
@@ -185,12 +196,19 @@ fn run_instance(scratch: &Scratch, name: &str, posts: usize) -> (PathBuf, String
         &log("app"),
         &[("DB_PATH", db.display().to_string()), ("PORT", app_port.to_string())],
     );
-    let replicate = spawn(&bin, &cloud_run_args("replicate", &replica, &data, &ready_addr), &log("replicate"), &[]);
+    let replicate = spawn(&bin, &args("replicate"), &log("replicate"), &[]);
     wait_until(Duration::from_secs(30), "the app to listen", || TcpStream::connect(("127.0.0.1", app_port)).is_ok());
     let before = http(app_port, "GET");
     for _ in 0..posts {
         http(app_port, "POST");
     }
+    // The replicate container's liveness probe, as the manifest declares it, passes.
+    let probe = &cloud_run_container("replicate")["livenessProbe"]["httpGet"];
+    assert_eq!(probe["port"].as_u64(), Some(9090), "the probe's port is the one -addr serves");
+    let path = probe["path"].as_str().unwrap();
+    wait_until(Duration::from_secs(10), "the replicate container's liveness probe", || {
+        crate::emulator::request_on(&metrics_addr, "GET", path, None).is_ok_and(|(status, _)| status == 200)
+    });
     // Scale-down: every container gets SIGTERM.
     terminate(app, "app", &log("app"));
     terminate(replicate, "replicate", &log("replicate"));
