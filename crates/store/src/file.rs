@@ -6,7 +6,7 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::{Error, ObjectMeta, ObjectStore, Version};
+use crate::{Body, Error, ObjectMeta, ObjectStore, Version};
 
 /// Suffix of files being written; listings skip them, as Litestream's do.
 const TEMP_SUFFIX: &str = ".tmp";
@@ -53,12 +53,24 @@ impl ObjectStore for FileStore {
             .expect("put task panicked")
     }
 
-    async fn put_file(&self, key: &str, source: &Path) -> Result<(), Error> {
+    async fn put_body(&self, key: &str, body: &dyn Body) -> Result<(), Error> {
         let path = self.path_of(key)?;
-        let source = source.to_path_buf();
+        let source = body.source();
+        let (len, mut input) = body.open().map_err(|e| Error::Io { op: "open", path: source.clone(), source: e })?;
         tokio::task::spawn_blocking(move || {
-            let mut input = std::fs::File::open(&source).map_err(io_error("open", &source))?;
-            write_atomically(&path, |file| std::io::copy(&mut input, file).map(drop))
+            // A read error is the source's, not the replica's: say which file.
+            let mut read_error = None;
+            let result = write_atomically(&path, |file| {
+                let copied = std::io::copy(&mut ReadErrors(&mut input, &mut read_error), file)?;
+                if copied != len {
+                    return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the source ended early"));
+                }
+                Ok(())
+            });
+            match read_error {
+                Some(e) => Err(Error::Io { op: "read", path: source, source: e }),
+                None => result,
+            }
         })
         .await
         .expect("put task panicked")
@@ -183,6 +195,19 @@ fn read_versioned(path: &Path) -> Result<Option<(Bytes, Version)>, Error> {
 }
 
 /// Creates `path` with what `fill` writes, all or nothing.
+/// A reader that keeps its error aside, so a failed copy can tell a read from a write.
+struct ReadErrors<'a, R>(&'a mut R, &'a mut Option<std::io::Error>);
+
+impl<R: std::io::Read> std::io::Read for ReadErrors<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf).map_err(|e| {
+            let copy = std::io::Error::new(e.kind(), e.to_string());
+            *self.1 = Some(e);
+            copy
+        })
+    }
+}
+
 fn write_atomically(path: &Path, fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>) -> Result<(), Error> {
     let dir = path.parent().expect("a key always has a parent under the root");
     std::fs::create_dir_all(dir).map_err(io_error("create directory", dir))?;

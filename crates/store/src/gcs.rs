@@ -18,11 +18,10 @@ use gcloud_storage::http::objects::list::ListObjectsRequest;
 use gcloud_storage::http::objects::upload::{Media, UploadObjectRequest, UploadType};
 use gcloud_storage::http::resumable_upload_client::{ChunkSize, UploadStatus};
 use gcloud_storage::http::Error as HttpError;
-use tokio::io::AsyncReadExt;
 use tokio::sync::OnceCell;
 use tracing::debug;
 
-use crate::{Error, ObjectMeta, ObjectStore, Operation, OperationCounts, Version};
+use crate::{Body, Error, ObjectMeta, ObjectStore, Operation, OperationCounts, Version};
 
 /// Objects above this size are sent as a resumable upload in chunks of this size, so a large
 /// snapshot never has to be in memory at once. A multiple of 256 KiB, as GCS requires.
@@ -238,41 +237,45 @@ impl GcsStore {
         (request, UploadType::Simple(Media::new(name.to_string())))
     }
 
-    /// One resumable upload of the whole file, `CHUNK_BYTES` at a time. The length comes from
-    /// the open file, not the path: a snapshot replaced by a newer one under the same name
-    /// while this runs must not be uploaded as a mix of the two.
+    /// One resumable upload of the whole body, `CHUNK_BYTES` at a time, each chunk read on a
+    /// blocking thread. The length comes from the opened body (for a file, the open file, not
+    /// the path: a snapshot replaced by a newer one under the same name while this runs must not
+    /// be uploaded as a mix of the two).
     ///
     /// The outer error is the request's, which `retrying` classifies and retries; the inner one
-    /// is local (reading the file), which no retry of the request can fix and which keeps its
+    /// is local (reading the source), which no retry of the request can fix and which keeps its
     /// category: a full or failing local disk is not the store's fault.
-    async fn upload_file_in_chunks(
+    async fn upload_in_chunks(
         &self,
         client: Client,
         name: &str,
-        path: &Path,
+        body: &dyn Body,
     ) -> Result<Result<(), Error>, HttpError> {
-        let io =
-            |op: &'static str| move |source: std::io::Error| Error::Io { op, path: path.display().to_string(), source };
-        let mut file = match tokio::fs::File::open(path).await {
-            Ok(file) => file,
+        let io = |op: &'static str| move |source: std::io::Error| Error::Io { op, path: body.source(), source };
+        let (len, mut reader) = match body.open() {
+            Ok(opened) => opened,
             Err(e) => return Ok(Err(io("open")(e))),
         };
-        let len = match file.metadata().await {
-            Ok(meta) => meta.len(),
-            Err(e) => return Ok(Err(io("stat")(e))),
-        };
         if len == 0 {
-            return Ok(Err(io("read")(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the file is empty"))));
+            return Ok(Err(io("read")(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the source is empty"))));
         }
         let (request, upload_type) = self.upload_request(name);
         let session = client.prepare_resumable_upload(&request, &upload_type).await?;
         let mut sent = 0u64;
         loop {
             let want = (len - sent).min(CHUNK_BYTES as u64) as usize;
-            let mut chunk = vec![0u8; want];
-            if let Err(e) = file.read_exact(&mut chunk).await {
-                return Ok(Err(io("read")(e)));
-            }
+            let read = tokio::task::spawn_blocking(move || {
+                let mut chunk = vec![0u8; want];
+                let result = std::io::Read::read_exact(&mut reader, &mut chunk);
+                (reader, result.map(|()| chunk))
+            })
+            .await
+            .expect("a chunk read panicked");
+            reader = read.0;
+            let chunk = match read.1 {
+                Ok(chunk) => chunk,
+                Err(e) => return Ok(Err(io("read")(e))),
+            };
             let range = ChunkSize::new(sent, sent + want as u64 - 1, Some(len));
             match session.upload_multiple_chunk(chunk, &range).await? {
                 UploadStatus::Ok(_) => return Ok(Ok(())),
@@ -315,23 +318,25 @@ impl ObjectStore for GcsStore {
         Ok(())
     }
 
-    async fn put_file(&self, key: &str, path: &Path) -> Result<(), Error> {
-        let len = tokio::fs::metadata(path)
-            .await
-            .map_err(|source| Error::Io { op: "stat", path: path.display().to_string(), source })?
-            .len();
+    async fn put_body(&self, key: &str, body: &dyn Body) -> Result<(), Error> {
+        let read_error = |op| move |source| Error::Io { op, path: body.source(), source };
+        let (len, reader) = body.open().map_err(read_error("open"))?;
         if len <= CHUNK_BYTES as u64 {
-            let body = tokio::fs::read(path).await.map_err(|source| Error::Io {
-                op: "read",
-                path: path.display().to_string(),
-                source,
-            })?;
-            return self.put(key, Bytes::from(body)).await;
+            let whole = tokio::task::spawn_blocking(move || {
+                let mut reader = reader;
+                let mut whole = Vec::with_capacity(len as usize);
+                std::io::Read::read_to_end(&mut reader, &mut whole).map(|_| whole)
+            })
+            .await
+            .expect("a body read panicked")
+            .map_err(read_error("read"))?;
+            return self.put(key, Bytes::from(whole)).await;
         }
+        drop(reader);
         let name = self.object_name(key)?;
         // A failed chunk restarts the whole upload in a new session: simple, and a snapshot is
         // uploaded once per generation.
-        self.retrying("put", key, |client| self.upload_file_in_chunks(client, &name, path)).await??;
+        self.retrying("put", key, |client| self.upload_in_chunks(client, &name, body)).await??;
         self.operations.bytes(Operation::Put, len);
         Ok(())
     }

@@ -106,6 +106,32 @@ impl OperationCounts {
     }
 }
 
+/// The bytes of an upload too large to hold, as a source that can be read again from the start
+/// (a failed resumable upload starts over). Reads block: backends read on blocking threads.
+pub trait Body: Send + Sync {
+    /// A reader from the first byte, and exactly how many bytes it gives. The length is the
+    /// open source's, so a file replaced while it is uploaded is never sent as a mix of two.
+    fn open(&self) -> std::io::Result<(u64, Box<dyn std::io::Read + Send>)>;
+
+    /// Where the bytes come from, for errors (a path).
+    fn source(&self) -> String;
+}
+
+/// A local file as an upload body.
+#[derive(Clone, Copy, Debug)]
+pub struct FileBody<'a>(pub &'a std::path::Path);
+
+impl Body for FileBody<'_> {
+    fn open(&self) -> std::io::Result<(u64, Box<dyn std::io::Read + Send>)> {
+        let file = std::fs::File::open(self.0)?;
+        Ok((file.metadata()?.len(), Box::new(file)))
+    }
+
+    fn source(&self) -> String {
+        self.0.display().to_string()
+    }
+}
+
 /// One state of an object, for compare-and-swap: the GCS generation, or for files a
 /// fingerprint of inode and modification time.
 pub type Version = u64;
@@ -121,15 +147,24 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     /// durable in the store.
     async fn put(&self, key: &str, body: Bytes) -> Result<(), Error>;
 
-    /// Stores the file at `path` as `key`, with [`put`](ObjectStore::put)'s guarantees. Backends
-    /// stream it, so a large snapshot never has to fit in memory; the default reads it whole.
+    /// Stores the file at `path` as `key`, with [`put`](ObjectStore::put)'s guarantees,
+    /// streamed as [`put_body`](ObjectStore::put_body) streams.
     async fn put_file(&self, key: &str, path: &std::path::Path) -> Result<(), Error> {
-        let body = tokio::fs::read(path).await.map_err(|source| Error::Io {
-            op: "read",
-            path: path.display().to_string(),
-            source,
-        })?;
-        self.put(key, Bytes::from(body)).await
+        self.put_body(key, &FileBody(path)).await
+    }
+
+    /// Stores what `body` reads as `key`, with [`put`](ObjectStore::put)'s guarantees. Backends
+    /// stream it, so a large snapshot (or its encryption) never has to fit in memory; the
+    /// default reads it whole.
+    async fn put_body(&self, key: &str, body: &dyn Body) -> Result<(), Error> {
+        let read = || {
+            let (len, mut reader) = body.open()?;
+            let mut whole = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+            std::io::Read::read_to_end(&mut reader, &mut whole)?;
+            Ok(whole)
+        };
+        let whole = read().map_err(|source| Error::Io { op: "read", path: body.source(), source })?;
+        self.put(key, Bytes::from(whole)).await
     }
 
     /// Returns the whole object. A missing key is an error for which
