@@ -9,6 +9,7 @@ mod cost;
 mod crash;
 mod deploy;
 mod emulator;
+mod encryption;
 mod exec;
 mod fault_proxy;
 mod faults;

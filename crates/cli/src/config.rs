@@ -3,9 +3,11 @@
 //! `-no-expand-env`. Unlike Litestream's parser, an unknown key is an error (`config_keys`).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
+use walstream_format::age::AgeKeys;
 
 use crate::{go_duration, replica_url};
 
@@ -72,6 +74,8 @@ pub(crate) struct ReplicaConfig {
     /// `validation-interval`: how often the replica is restored in the background and compared
     /// with the database; zero (the default) never.
     pub(crate) validation_interval: Duration,
+    /// The `age` block's keys: encryption to its recipients, decryption with its identities.
+    pub(crate) age: Option<Arc<AgeKeys>>,
 }
 
 #[derive(Deserialize)]
@@ -120,6 +124,15 @@ struct RawReplica {
     retention: Option<String>,
     retention_check_interval: Option<String>,
     validation_interval: Option<String>,
+    age: Option<RawAge>,
+}
+
+#[derive(Deserialize)]
+struct RawAge {
+    #[serde(default)]
+    identities: Vec<String>,
+    #[serde(default)]
+    recipients: Vec<String>,
 }
 
 /// Which file to read: `-config`, else `$WALSTREAM_CONFIG`, else `$LITESTREAM_CONFIG`, else
@@ -287,7 +300,18 @@ fn replica_config(raw: RawReplica, key: &str) -> Result<ReplicaConfig, String> {
         }
         policy.check_interval = interval;
     }
-    Ok(ReplicaConfig { name, url, policy, sync_interval, validation_interval })
+    let age = match raw.age {
+        None => None,
+        Some(age) if age.identities.is_empty() && age.recipients.is_empty() => {
+            return Err(format!(
+                "{key}.age: needs recipients (to encrypt uploads) or identities (to decrypt), or remove the block"
+            ))
+        }
+        Some(age) => {
+            Some(Arc::new(AgeKeys::parse(&age.recipients, &age.identities).map_err(|e| format!("{key}.{e}"))?))
+        }
+    };
+    Ok(ReplicaConfig { name, url, policy, sync_interval, validation_interval, age })
 }
 
 /// `~` to the home directory, then absolute against the working directory, as Litestream does.

@@ -32,7 +32,9 @@ const REPLICA: &[&str] = &[
     "retention",
     "retention-check-interval",
     "validation-interval",
+    "age",
 ];
+const AGE: &[&str] = &["identities", "recipients"];
 const REPLICA_IGNORED: &[Ignored] = &[
     ("access-key-id", S3_ONLY),
     ("secret-access-key", S3_ONLY),
@@ -66,10 +68,10 @@ pub(crate) fn check(root: &Value) -> Result<Vec<String>, String> {
         for (j, replica) in replicas.iter().enumerate() {
             let Some(replica) = replica.as_mapping() else { continue };
             let prefix = format!("dbs[{i}].replicas[{j}].");
-            if replica.contains_key("age") {
-                return Err(format!("{prefix}age: encryption is not supported yet, and walstream will not upload a replica you asked to be encrypted in the clear; remove the age block to replicate unencrypted"));
-            }
             level(replica, &prefix, REPLICA, REPLICA_IGNORED, &mut warnings)?;
+            if let Some(age) = replica.get("age").and_then(Value::as_mapping) {
+                level(age, &format!("{prefix}age."), AGE, &[], &mut warnings)?;
+            }
         }
     }
     Ok(warnings)
@@ -154,8 +156,11 @@ mod tests {
 
     #[test]
     fn age_is_refused_rather_than_uploaded_in_the_clear() {
-        let error = check_text("dbs:\n  - path: /a\n    replicas:\n      - url: file:///r\n        age:\n          recipients: [age1xyz]\n").unwrap_err();
-        assert!(error.starts_with("dbs[0].replicas[0].age: encryption is not supported yet"), "{error}");
+        let error = check_text(
+            "dbs:\n  - path: /a\n    replicas:\n      - url: file:///r\n        age:\n          recipient: [age1xyz]\n",
+        )
+        .unwrap_err();
+        assert_eq!(error, "dbs[0].replicas[0].age.recipient: unknown key; did you mean recipients?");
     }
 
     #[test]

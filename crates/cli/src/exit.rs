@@ -41,6 +41,9 @@ pub(crate) const REPLICA_LEASED: i32 = 15;
 pub(crate) const DISK_FULL: i32 = 16;
 /// A replication worker failed (a bug in walstream), so replication of a database stopped.
 pub(crate) const WORKER_FAILED: i32 = 17;
+/// The replica is age-encrypted and no configured identity decrypts it, or its objects are not
+/// encrypted although its config has an `age` block.
+pub(crate) const ENCRYPTION: i32 = 18;
 /// A signal cut a restore short, or a second signal cut the graceful shutdown short.
 pub(crate) const INTERRUPTED: i32 = 130;
 
@@ -99,6 +102,7 @@ fn specific_code(cause: &(dyn std::error::Error + 'static)) -> Option<i32> {
             S::AlreadyReplicating { .. } => Some(ALREADY_REPLICATING),
             S::Leased { .. } | S::LeaseLost { .. } => Some(REPLICA_LEASED),
             S::WorkerFailed { .. } => Some(WORKER_FAILED),
+            S::Encryption { problem, .. } => Some(encryption_code(problem)),
             _ => None,
         };
     }
@@ -118,6 +122,7 @@ fn specific_code(cause: &(dyn std::error::Error + 'static)) -> Option<i32> {
             | R::CorruptObject { .. }
             | R::ChecksumBreak { .. }
             | R::IntegrityCheck { .. } => Some(CORRUPT_REPLICA),
+            R::Encryption { problem, .. } => Some(encryption_code(problem)),
             _ => None,
         };
     }
@@ -125,6 +130,14 @@ fn specific_code(cause: &(dyn std::error::Error + 'static)) -> Option<i32> {
         return matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)).then_some(DISK_FULL);
     }
     store_code(cause.downcast_ref::<walstream_store::Error>()?)
+}
+
+/// A damaged age file is a corrupt object; a missing or wrong identity is a key problem.
+fn encryption_code(e: &walstream_format::age::OpenError) -> i32 {
+    match e {
+        walstream_format::age::OpenError::Corrupt(_) => CORRUPT_REPLICA,
+        _ => ENCRYPTION,
+    }
 }
 
 fn store_code(e: &walstream_store::Error) -> Option<i32> {

@@ -70,7 +70,18 @@ fn replication_jobs(args: &ReplicateArgs) -> anyhow::Result<(Vec<Job>, Extras)> 
         let replicas = db
             .replicas
             .iter()
-            .map(|r| Ok(Replica { policy: r.policy, sync_interval: r.sync_interval, ..open(&r.name, &r.url)? }))
+            .map(|r| {
+                if r.age.as_ref().is_some_and(|keys| !keys.seals()) {
+                    return Err(config::ConfigError(format!(
+                        "config file {}: replica {} of {}: age has identities but no recipients, so walstream would upload in the clear; add age.recipients",
+                        path.display(),
+                        r.name,
+                        db.path.display()
+                    ))
+                    .into());
+                }
+                Ok(Replica { policy: r.policy, sync_interval: r.sync_interval, age: r.age.clone(), ..open(&r.name, &r.url)? })
+            })
             .collect::<anyhow::Result<_>>()?;
         let config = ShipperConfig { meta_dir: db.meta_path.clone(), ..shipper_config(args, &db.path) };
         let validated = db
@@ -137,12 +148,11 @@ pub(crate) async fn replicate(args: ReplicateArgs) -> anyhow::Result<()> {
     let mut validations = Vec::new();
     let mut shippers = Vec::new();
     for job in jobs {
+        let ages: Vec<_> = job.replicas.iter().map(|r| r.age.clone()).collect();
         let shipper = Shipper::new(job.config, job.replicas);
-        validations.extend(
-            job.validated
-                .iter()
-                .filter_map(|&(replica, interval)| validate::Validation::new(shipper.handle(), replica, interval)),
-        );
+        validations.extend(job.validated.iter().filter_map(|&(replica, interval)| {
+            validate::Validation::new(shipper.handle(), replica, interval, ages[replica].clone())
+        }));
         shippers.push(shipper);
     }
     let handles: Vec<_> = shippers.iter().map(Shipper::handle).collect();

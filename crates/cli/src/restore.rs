@@ -46,6 +46,7 @@ async fn restore_database(args: &RestoreArgs, shutdown: &CancellationToken) -> a
         parallelism: args.parallelism as usize,
         progress: Some(progress::for_command("restore")),
         integrity_check: args.integrity_check,
+        age: None,
     };
     let context = || format!("restore {} to {}", args.source, options.output.display());
     let work = async {
@@ -58,6 +59,7 @@ async fn restore_database(args: &RestoreArgs, shutdown: &CancellationToken) -> a
                 tracing::warn!("this restore would not fit Cloud Run's 240 s startup-probe window; restore to a persistent volume or snapshot more often");
             }
         } else {
+            let options = walstream_restore::RestoreOptions { age: chosen.age.clone(), ..options.clone() };
             walstream_restore::restore_replanning(chosen.store.as_ref(), chosen.plan, &options)
                 .await
                 .map_err(anyhow::Error::new)?;
@@ -83,6 +85,7 @@ async fn restore_database(args: &RestoreArgs, shutdown: &CancellationToken) -> a
 struct ChosenReplica {
     name: String,
     store: Box<dyn walstream_store::ObjectStore>,
+    age: Option<std::sync::Arc<walstream_format::age::AgeKeys>>,
     plan: RestorePlan,
     /// When the plan's generation was last written to.
     updated: Option<std::time::SystemTime>,
@@ -106,7 +109,13 @@ async fn choose_replica(
             Ok(plan) => {
                 let updated = updated.get(&plan.generation).copied().flatten();
                 if best.as_ref().is_none_or(|best| updated > best.updated) {
-                    best = Some(ChosenReplica { name: replica.name.clone(), store, plan, updated });
+                    best = Some(ChosenReplica {
+                        name: replica.name.clone(),
+                        store,
+                        age: replica.age.clone(),
+                        plan,
+                        updated,
+                    });
                 }
             }
             Err(e) if e.is_no_backups() => continue,

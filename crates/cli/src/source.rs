@@ -16,6 +16,8 @@ pub(crate) struct Source {
 pub(crate) struct NamedReplica {
     pub(crate) name: String,
     pub(crate) url: String,
+    /// The config's `age` block for it; a URL has none.
+    pub(crate) age: Option<std::sync::Arc<walstream_format::age::AgeKeys>>,
 }
 
 /// Resolves `source` without touching the network. `only` is `-replica NAME`.
@@ -33,12 +35,15 @@ pub(crate) fn resolve(source: &str, config_args: &ConfigArgs, only: Option<&str>
             ))
             .into());
         }
-        return Ok(Source { db: None, replicas: vec![NamedReplica { name, url: source.to_string() }] });
+        return Ok(Source { db: None, replicas: vec![NamedReplica { name, url: source.to_string(), age: None }] });
     }
     let path = config_args.config.clone().unwrap_or_else(config::default_path);
     let config = config::load(&path, !config_args.no_expand_env)?;
     let db = config.db(source)?;
-    let replicas =
-        db.replicas(only)?.into_iter().map(|r| NamedReplica { name: r.name.clone(), url: r.url.clone() }).collect();
+    let replicas = db
+        .replicas(only)?
+        .into_iter()
+        .map(|r| NamedReplica { name: r.name.clone(), url: r.url.clone(), age: r.age.clone() })
+        .collect();
     Ok(Source { db: Some(db.path.clone()), replicas })
 }

@@ -35,14 +35,21 @@ pub(crate) struct Validation {
     replica: usize,
     name: String,
     store: Arc<dyn ObjectStore>,
+    /// The replica's `age` block, to decrypt what it restores.
+    age: Option<Arc<walstream_format::age::AgeKeys>>,
     interval: Duration,
 }
 
 impl Validation {
     /// Replica `replica` of `handle`'s database, every `interval`; `None` if it has none such.
-    pub(crate) fn new(handle: Handle, replica: usize, interval: Duration) -> Option<Validation> {
+    pub(crate) fn new(
+        handle: Handle,
+        replica: usize,
+        interval: Duration,
+        age: Option<Arc<walstream_format::age::AgeKeys>>,
+    ) -> Option<Validation> {
         let (name, store) = handle.replica_store(replica)?;
-        Some(Validation { handle, replica, name, store, interval })
+        Some(Validation { handle, replica, name, store, age, interval })
     }
 }
 
@@ -95,6 +102,7 @@ async fn validate_once(v: &Validation) -> Result<Result<Pos, Skipped>, String> {
         target: Target { generation: Some(end.generation), ..Target::default() },
         integrity_check: IntegrityCheck::Quick,
         parallelism: 4,
+        age: v.age.clone(),
         ..RestoreOptions::new(&restored)
     };
     // On a blocking thread of its own: the restore future is not `Send` for every lifetime

@@ -21,6 +21,7 @@ pub(crate) async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
         let progress = progress::for_command("verify");
         let outcome = walstream_restore::verify(
             store.as_ref(),
+            replica.age.as_deref(),
             plan,
             args.parallelism as usize,
             &spill_dir,

@@ -1,12 +1,14 @@
 //! The replica format of Litestream v0.3.13, shared by every other walstream crate.
 //!
-//! Nothing here does I/O: the functions work on byte slices and strings.
+//! Nothing here does I/O: the functions work on byte slices and strings (and `age` on readers
+//! its callers hand it).
 //!
 //! - [`name`]: [`Pos`] and [`GenerationId`], and the object keys built from them
 //!   (`generations/<gen>/wal/<index>_<offset>.wal.lz4`). Only this module builds or parses keys.
 //! - [`wal`]: the SQLite WAL header and frames, with the running checksum that decides which
 //!   frames are committed and valid.
 //! - [`lz4`]: one LZ4 frame per object, with the exact flags Litestream writes.
+//! - [`age`]: the optional encryption of that frame, as Litestream's `age` block configures it.
 //!
 //! ```
 //! use walstream_format::{name, Pos, GenerationId};
@@ -18,6 +20,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod age;
 mod error;
 pub mod lz4;
 pub mod name;

@@ -14,6 +14,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use tokio::sync::mpsc;
+use walstream_format::age::AgeKeys;
 use walstream_format::wal::WalHeader;
 use walstream_format::{FRAME_HEADER_SIZE, WAL_HEADER_SIZE};
 use walstream_store::ObjectStore;
@@ -27,6 +28,7 @@ use crate::Error;
 /// Builds `temp` from the plan: snapshot, the indexes newest first, fsync, integrity check.
 pub(crate) async fn apply(
     store: &dyn ObjectStore,
+    age: Option<&AgeKeys>,
     plan: &RestorePlan,
     temp: &Path,
     parallelism: usize,
@@ -37,7 +39,7 @@ pub(crate) async fn apply(
     progress.start(objects, bytes);
 
     let (file, snapshot_len) =
-        fetch::snapshot_into(store, &plan.snapshot, create_new(temp)?, temp, parallelism, progress).await?;
+        fetch::snapshot_into(store, age, &plan.snapshot, create_new(temp)?, temp, parallelism, progress).await?;
     let page_size = db_page_size(&file).ok_or_else(|| not_a_database(&plan.snapshot.key))?;
     let mut image = Image::new(file, page_size, snapshot_len);
 
@@ -47,7 +49,7 @@ pub(crate) async fn apply(
     let (sender, mut fetched) = mpsc::channel(1);
     let spill_dir = temp.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
     let downloads =
-        fetch::fetch_indexes(store, plan.indexes.iter().rev().collect(), spill_dir, parallelism, progress, sender);
+        fetch::fetch_indexes(store, age, plan.indexes.iter().rev().collect(), spill_dir, parallelism, progress, sender);
     let build = async move {
         while let Some(index) = fetched.recv().await {
             let index = index?;

@@ -76,6 +76,15 @@ pub enum Error {
         /// What is wrong.
         source: walstream_format::Error,
     },
+    /// An object could not be decrypted: no identity, none that matches, a damaged age file,
+    /// or a plain object where the replica is configured for encryption.
+    #[error("object {key}: {problem}")]
+    Encryption {
+        /// The object's key.
+        key: String,
+        /// What is wrong.
+        problem: walstream_format::age::OpenError,
+    },
     /// A segment's frames do not continue the WAL checksum chain: a corrupt or foreign segment.
     #[error("wal checksum chain breaks in segment {key} at offset {offset}")]
     ChecksumBreak {

@@ -52,6 +52,9 @@ pub struct RestoreOptions {
     pub progress: Option<std::sync::Arc<dyn Progress>>,
     /// The check run on the result before it is linked into place.
     pub integrity_check: IntegrityCheck,
+    /// The replica's `age` block: its identities decrypt every object. `None`: the objects are
+    /// plain LZ4, and an encrypted one is an error naming the missing identity.
+    pub age: Option<std::sync::Arc<walstream_format::age::AgeKeys>>,
 }
 
 impl RestoreOptions {
@@ -63,6 +66,7 @@ impl RestoreOptions {
             parallelism: 8,
             progress: None,
             integrity_check: IntegrityCheck::Full,
+            age: None,
         }
     }
 }
@@ -123,7 +127,8 @@ pub async fn restore_plan(
     info!(generation = %plan.generation, snapshot_index = plan.snapshot_index, indexes = plan.indexes.len(), "restoring");
     let temp = TempDatabase::new(&options.output);
     let progress = options.progress.as_deref().unwrap_or(&progress::Silent);
-    apply::apply(store, &plan, temp.path(), options.parallelism, progress, options.integrity_check).await?;
+    let age = options.age.as_deref();
+    apply::apply(store, age, &plan, temp.path(), options.parallelism, progress, options.integrity_check).await?;
     temp.persist(&options.output)?;
     info!(path = %options.output.display(), "restored");
     Ok(RestoreOutcome { plan })
@@ -146,6 +151,7 @@ pub struct VerifyOutcome {
 /// indexes spill to unlinked files in `spill_dir`.
 pub async fn verify(
     store: &dyn ObjectStore,
+    age: Option<&walstream_format::age::AgeKeys>,
     plan: RestorePlan,
     parallelism: usize,
     spill_dir: &Path,
@@ -154,15 +160,23 @@ pub async fn verify(
     let progress = progress.unwrap_or(&progress::Silent);
     let (objects, bytes) = plan.stored();
     progress.start(objects, bytes);
-    let (header, snapshot_bytes) =
-        fetch::snapshot_into(store, &plan.snapshot, apply::HeaderOnly::default(), spill_dir, parallelism, progress)
-            .await?;
+    let (header, snapshot_bytes) = fetch::snapshot_into(
+        store,
+        age,
+        &plan.snapshot,
+        apply::HeaderOnly::default(),
+        spill_dir,
+        parallelism,
+        progress,
+    )
+    .await?;
     if !header.is_database() {
         return Err(apply::not_a_database(&plan.snapshot.key));
     }
     let (sender, mut verified) = tokio::sync::mpsc::channel(1);
     let downloads = fetch::fetch_indexes(
         store,
+        age,
         plan.indexes.iter().collect(),
         spill_dir.to_path_buf(),
         parallelism,

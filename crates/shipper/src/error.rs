@@ -57,6 +57,16 @@ pub enum Error {
         /// What is wrong with it.
         source: walstream_format::Error,
     },
+    /// An object could not be decrypted (or was not encrypted where it should be).
+    #[error("replica {replica}: object {key}: {problem}")]
+    Encryption {
+        /// The replica's name.
+        replica: String,
+        /// The object.
+        key: String,
+        /// What is wrong.
+        problem: walstream_format::age::OpenError,
+    },
     /// The replica holds WAL beyond what this machine ever copied: its history and the local one
     /// disagree, so the shipper starts a new generation rather than mix them.
     #[error("replica {replica} is at {remote} but the local shadow wal ends at {local}")]

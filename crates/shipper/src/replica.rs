@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use walstream_format::age::AgeKeys;
 use walstream_store::ObjectStore;
 
 /// The CLI's default `sync_interval`: Litestream v0.3.13's, so that a steady stream of commits
@@ -28,12 +29,21 @@ pub struct Replica {
     /// spell is shipped at once; a sync barrier or shutdown ends the wait. Zero ships every
     /// pass at once.
     pub sync_interval: Duration,
+    /// The `age` block: uploads are encrypted to its recipients, and what the uploader reads
+    /// back is decrypted with its identities. `None`: plain LZ4, as without the block.
+    pub age: Option<Arc<AgeKeys>>,
 }
 
 impl Replica {
     /// A replica with Litestream's default policy that ships every commit at once.
     pub fn new(name: impl Into<String>, store: Arc<dyn ObjectStore>) -> Replica {
-        Replica { name: name.into(), store, policy: RetentionPolicy::default(), sync_interval: Duration::ZERO }
+        Replica {
+            name: name.into(),
+            store,
+            policy: RetentionPolicy::default(),
+            sync_interval: Duration::ZERO,
+            age: None,
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! Uploaders: one task per replica, shipping the shadow WAL in (index, offset) order.
 
 use std::fs::File;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,7 +9,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 use walstream_format::name::{self, ObjectKind};
-use walstream_format::{lz4, Pos};
+use walstream_format::{age, lz4, Pos};
 
 use crate::error::{io_err, Error};
 use crate::lease::{Lease, LeasePolicy, WriteRight};
@@ -293,6 +294,10 @@ impl Uploader {
             crate::fail_point::hit("upload");
             let key = name::segment_key(&generation, pos.index, pos.offset);
             self.last_segment_put = Some(tokio::time::Instant::now());
+            let body = match self.replica.age.as_deref().filter(|keys| keys.seals()) {
+                Some(keys) => Bytes::from(keys.seal(&body)),
+                None => body,
+            };
             self.put(&key, body).await?;
             uploaded = true;
             debug!(replica = %self.replica.name, position = %pos, bytes = len, "shipped segment");
@@ -323,11 +328,11 @@ impl Uploader {
                 index: snapshot.index,
             });
         }
-        self.replica
-            .store
-            .put_file(&key, &snapshot.path)
-            .await
-            .map_err(|source| Error::Store { replica: self.replica.name.clone(), source })?;
+        let put = match self.replica.age.as_deref().filter(|keys| keys.seals()) {
+            Some(keys) => self.replica.store.put_body(&key, &SealedFile { keys, path: &snapshot.path }).await,
+            None => self.replica.store.put_file(&key, &snapshot.path).await,
+        };
+        put.map_err(|source| Error::Store { replica: self.replica.name.clone(), source })?;
         info!(replica = %self.replica.name, generation = %generation, index = snapshot.index, "snapshot uploaded");
         self.holds_snapshot(snapshot);
         Ok(())
@@ -370,7 +375,12 @@ impl Uploader {
             .get(key)
             .await
             .map_err(|source| Error::Store { replica: self.replica.name.clone(), source })?;
-        let raw = lz4::decompress(&body).map_err(|source| Error::CorruptObject {
+        let framed = age::unseal(self.replica.age.as_deref(), &body).map_err(|problem| Error::Encryption {
+            replica: self.replica.name.clone(),
+            key: key.clone(),
+            problem,
+        })?;
+        let raw = lz4::decompress(&framed).map_err(|source| Error::CorruptObject {
             replica: self.replica.name.clone(),
             key: key.clone(),
             source,
@@ -400,6 +410,25 @@ impl Uploader {
             .put(key, body)
             .await
             .map_err(|source| Error::Store { replica: self.replica.name.clone(), source })
+    }
+}
+
+/// A local snapshot encrypted as it is uploaded, so the sealed copy never exists on disk.
+struct SealedFile<'a> {
+    keys: &'a age::AgeKeys,
+    path: &'a Path,
+}
+
+impl walstream_store::Body for SealedFile<'_> {
+    fn open(&self) -> std::io::Result<(u64, Box<dyn std::io::Read + Send>)> {
+        let file = File::open(self.path)?;
+        let len = file.metadata()?.len();
+        let sealed = self.keys.sealing_reader(file, len);
+        Ok((sealed.len(), Box::new(sealed)))
+    }
+
+    fn source(&self) -> String {
+        self.path.display().to_string()
     }
 }
 
