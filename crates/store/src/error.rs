@@ -25,18 +25,22 @@ pub enum Error {
         source: std::io::Error,
     },
     /// The bucket a replica URL names does not exist.
-    #[error("bucket {bucket:?} does not exist: create it (gcloud storage buckets create gs://{bucket}) or fix the replica URL")]
+    #[error("bucket {bucket:?} does not exist: {fix}")]
     BucketNotFound {
         /// The bucket's name.
         bucket: String,
+        /// How to create it, in the backend's own tool.
+        fix: String,
     },
     /// The store refused the credentials, or none could be obtained.
-    #[error("credentials from {source_name} were rejected or unavailable: {detail}; check the service account and its roles/storage.objectAdmin on the bucket")]
+    #[error("credentials from {source_name} were rejected or unavailable: {detail}; {fix}")]
     Credentials {
         /// Where the credentials came from (`GOOGLE_APPLICATION_CREDENTIALS=...`, the metadata server).
         source_name: String,
         /// What the store or the credential source said.
         detail: String,
+        /// What to check, in the backend's terms.
+        fix: &'static str,
     },
     /// A conditional write found the object changed since it was read.
     #[error("{key} was changed by someone else since it was read")]

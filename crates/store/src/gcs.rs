@@ -54,6 +54,12 @@ impl Default for RetryPolicy {
     }
 }
 
+const CREDENTIALS_FIX: &str = "check the service account and its roles/storage.objectAdmin on the bucket";
+
+fn bucket_fix(bucket: &str) -> String {
+    format!("create it (gcloud storage buckets create gs://{bucket}) or fix the replica URL")
+}
+
 /// A replica in a GCS bucket, under an optional path prefix.
 pub struct GcsStore {
     bucket: String,
@@ -124,7 +130,11 @@ impl GcsStore {
                     target: credential_source(),
                     detail: one_line(&error_chain(&e)),
                 },
-                e => Error::Credentials { source_name: credential_source(), detail: one_line(&e.to_string()) },
+                e => Error::Credentials {
+                    source_name: credential_source(),
+                    detail: one_line(&e.to_string()),
+                    fix: CREDENTIALS_FIX,
+                },
             })?,
         };
         Ok(Client::new(config))
@@ -194,6 +204,7 @@ impl GcsStore {
                 error: Error::Credentials {
                     source_name: self.credential_source_in_use(),
                     detail: one_line(&e.to_string()),
+                    fix: CREDENTIALS_FIX,
                 },
                 transient: true,
             },
@@ -211,10 +222,11 @@ impl GcsStore {
                 Error::NotFound { key: key.to_string() }
             }
             412 => Error::PreconditionFailed { key: key.to_string() },
-            404 => Error::BucketNotFound { bucket: self.bucket.clone() },
+            404 => Error::BucketNotFound { bucket: self.bucket.clone(), fix: bucket_fix(&self.bucket) },
             401 | 403 => Error::Credentials {
                 source_name: self.credential_source_in_use(),
                 detail: format!("HTTP {code}: {}", one_line(message)),
+                fix: CREDENTIALS_FIX,
             },
             _ => Error::Remote {
                 op,

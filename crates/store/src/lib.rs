@@ -6,6 +6,7 @@
 //!
 //! - [`FileStore`]: a directory, written with temp file, fsync and rename (`file://`).
 //! - [`GcsStore`]: a Google Cloud Storage bucket through the JSON API (`gcs://`).
+//! - [`S3Store`]: an S3 or S3-compatible bucket (`s3://`).
 //!
 //! ```
 //! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
@@ -25,6 +26,7 @@ pub mod conformance;
 mod error;
 mod file;
 mod gcs;
+mod s3;
 
 use std::time::SystemTime;
 
@@ -34,6 +36,7 @@ use bytes::Bytes;
 pub use error::Error;
 pub use file::FileStore;
 pub use gcs::{GcsStore, RetryPolicy};
+pub use s3::{S3Settings, S3Store};
 
 /// One object as a listing reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
