@@ -52,3 +52,12 @@ if [ ! -x "$VENV/bin/kubernetes-validate" ]; then
   "$VENV/bin/pip" install --quiet --disable-pip-version-check "$KUBERNETES_VALIDATE_PACKAGE"
 fi
 echo "install-tools: kubernetes-validate at $VENV/bin/kubernetes-validate"
+
+# moto in server mode: the S3 server of the s3:// tests (tests/e2e/s3.rs), into the same venv.
+MOTO_PACKAGE="moto[server]==5.2.5"
+if [ ! -x "$VENV/bin/moto_server" ]; then
+  echo "install-tools: installing $MOTO_PACKAGE into $VENV"
+  [ -x "$VENV/bin/pip" ] || python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "$MOTO_PACKAGE"
+fi
+echo "install-tools: moto_server at $VENV/bin/moto_server"

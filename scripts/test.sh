@@ -35,6 +35,24 @@ else:
 PY
 export WALSTREAM_TEST_GCS_HOST="127.0.0.1:$port"
 
+# One S3 server (moto) likewise; each test makes its own bucket in it.
+s3_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+.tools/venv/bin/moto_server -H 127.0.0.1 -p "$s3_port" >/dev/null 2>&1 &
+s3_server=$!
+trap 'kill $emulator $s3_server 2>/dev/null || true' EXIT
+python3 - "$s3_port" <<'PY'
+import sys, time, urllib.request
+for _ in range(300):
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/", timeout=1)
+        break
+    except OSError:
+        time.sleep(0.1)
+else:
+    sys.exit("moto_server did not start")
+PY
+export WALSTREAM_TEST_S3_HOST="127.0.0.1:$s3_port"
+
 cargo nextest run --workspace --locked --no-fail-fast "$@"
 # Doc tests are not run by nextest.
 cargo test --workspace --doc --locked

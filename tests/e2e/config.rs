@@ -109,7 +109,7 @@ on_both_backends! {
         let (first, second) = (scratch.db(), scratch.path("second.db"));
         // The second database's replica lives beside the first one's, under its own path.
         let second_url = match &scratch.bucket {
-            Some(bucket) => format!("gcs://{bucket}/apps/second"),
+            Some(_) => scratch.replica_url().replace("/apps/db", "/apps/second"),
             None => format!("file://{}", scratch.path("replica-second").display()),
         };
         let config = scratch.path("walstream.yml");

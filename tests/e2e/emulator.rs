@@ -6,7 +6,7 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -44,26 +44,9 @@ static HOST: OnceLock<String> = OnceLock::new();
 /// and the child gets SIGKILL when that thread's process dies.
 pub fn start(port: u16) -> String {
     let host = format!("127.0.0.1:{port}");
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let args = emulator_args(port);
-    std::thread::spawn(move || {
-        let mut command = Command::new(fake_gcs_bin());
-        command.args(&args).stdout(Stdio::null()).stderr(Stdio::null());
-        // SAFETY: prctl is async-signal-safe; it only sets this child's parent-death signal.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut command, || {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let child = command.spawn().expect("starting fake-gcs-server");
-        ready_tx.send(()).unwrap();
-        let _keep = child;
-        loop {
-            std::thread::park();
-        }
-    });
-    ready_rx.recv().unwrap();
+    let mut command = Command::new(fake_gcs_bin());
+    command.args(emulator_args(port));
+    crate::harness::spawn_for_life(command, "fake-gcs-server");
     wait_until(Duration::from_secs(20), "fake-gcs-server to answer", || {
         request_on(&host, "GET", "/storage/v1/b", None).is_ok()
     });

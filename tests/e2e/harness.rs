@@ -91,10 +91,23 @@ pub enum Backend {
     File,
     /// A fresh bucket on the emulator.
     Gcs,
+    /// A fresh bucket on the S3 server (moto).
+    S3,
 }
 
-/// Writes the test `fn $name(backend: Backend)` once and runs it as `$name::file` and
-/// `$name::gcs`.
+impl Backend {
+    /// The replica type, as URLs, logs and metric labels name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::File => "file",
+            Backend::Gcs => "gcs",
+            Backend::S3 => "s3",
+        }
+    }
+}
+
+/// Writes the test `fn $name(backend: Backend)` once and runs it as `$name::file`,
+/// `$name::gcs` and `$name::s3`.
 macro_rules! on_both_backends {
     ($(#[$meta:meta])* fn $name:ident($backend:ident: Backend) $body:block) => {
         $(#[$meta])*
@@ -109,6 +122,10 @@ macro_rules! on_both_backends {
             fn gcs() {
                 run(Backend::Gcs)
             }
+            #[test]
+            fn s3() {
+                run(Backend::S3)
+            }
         }
     };
 }
@@ -117,8 +134,9 @@ pub(crate) use on_both_backends;
 /// A scratch directory with a database path, and a replica on the chosen backend.
 pub struct Scratch {
     pub dir: tempfile::TempDir,
-    /// The bucket of a gcs replica.
+    /// The bucket of a gcs or s3 replica.
     pub bucket: Option<String>,
+    pub backend: Backend,
 }
 
 /// The path inside the bucket that gcs replicas use, so prefixes are exercised.
@@ -130,8 +148,12 @@ impl Scratch {
         Scratch::on(Backend::File)
     }
     pub fn on(backend: Backend) -> Scratch {
-        let bucket = (backend == Backend::Gcs).then(crate::emulator::fresh_bucket);
-        Scratch { dir: tempfile::tempdir().unwrap(), bucket }
+        let bucket = match backend {
+            Backend::File => None,
+            Backend::Gcs => Some(crate::emulator::fresh_bucket()),
+            Backend::S3 => Some(crate::s3::fresh_bucket()),
+        };
+        Scratch { dir: tempfile::tempdir().unwrap(), bucket, backend }
     }
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
@@ -140,9 +162,10 @@ impl Scratch {
         self.path("app.db")
     }
     pub fn replica_url(&self) -> String {
-        match &self.bucket {
-            Some(bucket) => format!("gcs://{bucket}/{GCS_REPLICA_PATH}"),
-            None => format!("file://{}", self.path("replica").display()),
+        match (&self.bucket, self.backend) {
+            (Some(bucket), Backend::S3) => format!("s3://{bucket}.localhost:{}/{GCS_REPLICA_PATH}", crate::s3::port()),
+            (Some(bucket), _) => format!("gcs://{bucket}/{GCS_REPLICA_PATH}"),
+            (None, _) => format!("file://{}", self.path("replica").display()),
         }
     }
     /// Writes `walstream.yml`: this database, replicated to this replica with `replica_keys`
@@ -181,6 +204,7 @@ impl Scratch {
     /// Keys of every object in the replica, relative to its root, sorted.
     pub fn replica_keys(&self) -> Vec<String> {
         let mut keys: Vec<String> = match &self.bucket {
+            Some(bucket) if self.backend == Backend::S3 => crate::s3::keys(bucket, GCS_REPLICA_PATH),
             Some(bucket) => crate::emulator::list(bucket, &format!("{GCS_REPLICA_PATH}/"))
                 .into_iter()
                 .map(|name| name[GCS_REPLICA_PATH.len() + 1..].to_string())
@@ -209,6 +233,9 @@ impl Scratch {
     /// Replaces one replica object's bytes.
     pub fn overwrite_object(&self, key: &str, body: &[u8]) {
         match &self.bucket {
+            Some(bucket) if self.backend == Backend::S3 => {
+                crate::s3::put(bucket, &format!("{GCS_REPLICA_PATH}/{key}"), body)
+            }
             Some(bucket) => crate::emulator::put(bucket, &format!("{GCS_REPLICA_PATH}/{key}"), body),
             None => std::fs::write(self.path("replica").join(key), body).unwrap(),
         }
@@ -216,16 +243,44 @@ impl Scratch {
     /// One replica object's bytes.
     pub fn read_object(&self, key: &str) -> Vec<u8> {
         match &self.bucket {
+            Some(bucket) if self.backend == Backend::S3 => crate::s3::get(bucket, &format!("{GCS_REPLICA_PATH}/{key}")),
             Some(bucket) => crate::emulator::get(bucket, &format!("{GCS_REPLICA_PATH}/{key}")),
             None => std::fs::read(self.path("replica").join(key)).unwrap(),
         }
     }
 }
 
+/// Starts a server for the rest of this test process: a thread that never ends holds the child,
+/// and the child gets SIGKILL when this process dies, however it dies.
+pub fn spawn_for_life(mut command: Command, what: &'static str) {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        command.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        // SAFETY: prctl is async-signal-safe; it only sets this child's parent-death signal.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = command.spawn().unwrap_or_else(|e| panic!("starting {what}: {e}"));
+        ready_tx.send(()).unwrap();
+        let _keep = child;
+        loop {
+            std::thread::park();
+        }
+    });
+    ready_rx.recv().unwrap_or_else(|_| panic!("{what} did not start"));
+}
+
 /// `command` with `STORAGE_EMULATOR_HOST` set when this test process uses the emulator.
 pub fn with_emulator(command: &mut Command) -> &mut Command {
     if let Some(host) = crate::emulator::host_if_started() {
         command.env("STORAGE_EMULATOR_HOST", host);
+    }
+    if crate::s3::started() {
+        // moto takes any key pair; walstream and litestream must still find one.
+        command.env("AWS_ACCESS_KEY_ID", "test").env("AWS_SECRET_ACCESS_KEY", "test");
     }
     command
 }

@@ -22,5 +22,6 @@ mod memory_volume;
 mod replicate;
 mod restore;
 mod retention;
+mod s3;
 mod server;
 mod stall;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use walstream_format::age::AgeKeys;
+use walstream_store::S3Settings;
 
 use crate::{go_duration, replica_url};
 
@@ -76,6 +77,8 @@ pub(crate) struct ReplicaConfig {
     pub(crate) validation_interval: Duration,
     /// The `age` block's keys: encryption to its recipients, decryption with its identities.
     pub(crate) age: Option<Arc<AgeKeys>>,
+    /// `region`, `endpoint`, `force-path-style`, `skip-verify` and the key pair, for s3 URLs.
+    pub(crate) s3: S3Settings,
 }
 
 #[derive(Deserialize)]
@@ -89,6 +92,9 @@ struct RawConfig {
     heartbeat_url: Option<String>,
     heartbeat_interval: Option<String>,
     logging: Option<RawLogging>,
+    /// S3 keys for every s3 replica that does not set its own (Litestream's global settings).
+    access_key_id: Option<String>,
+    secret_access_key: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -125,6 +131,12 @@ struct RawReplica {
     retention_check_interval: Option<String>,
     validation_interval: Option<String>,
     age: Option<RawAge>,
+    region: Option<String>,
+    endpoint: Option<String>,
+    force_path_style: Option<bool>,
+    skip_verify: Option<bool>,
+    access_key_id: Option<String>,
+    secret_access_key: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -173,7 +185,7 @@ fn parse(text: &str) -> Result<Config, String> {
     }
     // Read twice: as a tree for the keys, then typed (which keeps line numbers in its errors
     // and reads `retention: 0` as the string it is in Litestream's files).
-    let warnings = crate::config_keys::check(&serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?)?;
+    let mut warnings = crate::config_keys::check(&serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?)?;
     let raw: RawConfig = serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?;
     let mut logging_config = LoggingConfig::default();
     if let Some(logging) = &raw.logging {
@@ -196,7 +208,8 @@ fn parse(text: &str) -> Result<Config, String> {
         let path = db.path.filter(|p| !p.is_empty()).ok_or_else(|| format!("{key}.path: required"))?;
         let mut replicas: Vec<ReplicaConfig> = Vec::new();
         for (j, replica) in db.replicas.into_iter().enumerate() {
-            let replica = replica_config(replica, &format!("{key}.replicas[{j}]"))?;
+            let global = (raw.access_key_id.clone(), raw.secret_access_key.clone());
+            let replica = replica_config(replica, &format!("{key}.replicas[{j}]"), global, &mut warnings)?;
             if replicas.iter().any(|r| r.name == replica.name) {
                 return Err(format!(
                     "{key}.replicas[{j}]: duplicate replica name {:?}; give each replica of a database its own name",
@@ -210,6 +223,12 @@ fn parse(text: &str) -> Result<Config, String> {
             meta_path: db.meta_path.filter(|p| !p.is_empty()).map(|p| absolute(&p)),
             replicas,
         });
+    }
+    let any_s3 = dbs.iter().flat_map(|db| &db.replicas).any(|r| replica_url::kind(&r.url) == "s3");
+    for (field, set) in [("access-key-id", &raw.access_key_id), ("secret-access-key", &raw.secret_access_key)] {
+        if set.is_some() && !any_s3 {
+            warnings.push(format!("{field}: ignored: only s3 replicas use it, and this file has none"));
+        }
     }
     let addr = raw.addr.filter(|a| !a.is_empty());
     if let Some(addr) = &addr {
@@ -244,7 +263,12 @@ pub(crate) fn check_addr(addr: &str) -> Result<(), String> {
     }
 }
 
-fn replica_config(raw: RawReplica, key: &str) -> Result<ReplicaConfig, String> {
+fn replica_config(
+    raw: RawReplica,
+    key: &str,
+    (global_key_id, global_secret): (Option<String>, Option<String>),
+    warnings: &mut Vec<String>,
+) -> Result<ReplicaConfig, String> {
     let url = match (&raw.url, raw.kind.as_deref()) {
         (Some(url), _) => {
             if raw.path.is_some() || raw.bucket.is_some() {
@@ -271,14 +295,44 @@ fn replica_config(raw: RawReplica, key: &str) -> Result<ReplicaConfig, String> {
                 .ok_or_else(|| format!("{key}: a gcs replica needs bucket (or url)"))?;
             format!("gcs://{bucket}/{}", raw.path.as_deref().unwrap_or("").trim_start_matches('/'))
         }
+        (None, Some("s3")) => {
+            let bucket = raw
+                .bucket
+                .as_deref()
+                .filter(|b| !b.is_empty())
+                .ok_or_else(|| format!("{key}: bucket required for s3 replica (or url)"))?;
+            format!("s3://{bucket}/{}", raw.path.as_deref().unwrap_or("").trim_start_matches('/'))
+        }
         (None, Some(other)) => {
             return Err(format!(
-                "{key}.type: unknown replica type in config: {other:?}; walstream replicates to file and gcs"
+                "{key}.type: unknown replica type in config: {other:?}; walstream replicates to file, gcs and s3"
             ))
         }
     };
+    let nonempty = |v: &Option<String>| v.clone().filter(|v| !v.is_empty());
+    let s3 = S3Settings {
+        region: nonempty(&raw.region),
+        endpoint: nonempty(&raw.endpoint),
+        force_path_style: raw.force_path_style,
+        skip_verify: raw.skip_verify.unwrap_or(false),
+        access_key_id: nonempty(&raw.access_key_id).or(global_key_id.filter(|v| !v.is_empty())),
+        secret_access_key: nonempty(&raw.secret_access_key).or(global_secret.filter(|v| !v.is_empty())),
+    };
+    if replica_url::kind(&url) != "s3" {
+        let set = [
+            ("region", raw.region.is_some()),
+            ("endpoint", raw.endpoint.is_some()),
+            ("force-path-style", raw.force_path_style.is_some()),
+            ("skip-verify", raw.skip_verify.is_some()),
+            ("access-key-id", raw.access_key_id.is_some()),
+            ("secret-access-key", raw.secret_access_key.is_some()),
+        ];
+        for (field, _) in set.iter().filter(|(_, set)| *set) {
+            warnings.push(format!("{key}.{field}: ignored: only s3 replicas use it"));
+        }
+    }
     // Fail now, naming the key, rather than when the replica is first used.
-    replica_url::open(&url).map_err(|e| format!("{key}: {e}"))?;
+    replica_url::open_with(&url, &s3).map_err(|e| format!("{key}: {e}"))?;
     let name = raw.name.filter(|n| !n.is_empty()).unwrap_or_else(|| replica_url::kind(&url).to_string());
     // Every timing key is checked so that a typo fails at load time, naming the key.
     let duration = |field: &str, value: &Option<String>| -> Result<Option<Duration>, String> {
@@ -311,7 +365,7 @@ fn replica_config(raw: RawReplica, key: &str) -> Result<ReplicaConfig, String> {
             Some(Arc::new(AgeKeys::parse(&age.recipients, &age.identities).map_err(|e| format!("{key}.{e}"))?))
         }
     };
-    Ok(ReplicaConfig { name, url, policy, sync_interval, validation_interval, age })
+    Ok(ReplicaConfig { name, url, policy, sync_interval, validation_interval, age, s3 })
 }
 
 /// `~` to the home directory, then absolute against the working directory, as Litestream does.
@@ -449,6 +503,21 @@ health-lag: 30s
     }
 
     #[test]
+    fn s3_replicas_take_litestreams_keys_and_the_global_key_pair() {
+        let config = parse("access-key-id: AKID\nsecret-access-key: SECRET\ndbs:\n  - path: /a\n    replicas:\n      - type: s3\n        bucket: b\n        path: /db\n        endpoint: http://127.0.0.1:9000\n        region: eu-west-1\n        skip-verify: true\n      - url: gcs://g/db\n        region: us-east-1\n").unwrap();
+        let s3 = &config.dbs[0].replicas[0];
+        assert_eq!((s3.name.as_str(), s3.url.as_str()), ("s3", "s3://b/db"));
+        assert_eq!(s3.s3.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        assert_eq!(s3.s3.region.as_deref(), Some("eu-west-1"));
+        assert!(s3.s3.skip_verify);
+        assert_eq!(
+            (s3.s3.access_key_id.as_deref(), s3.s3.secret_access_key.as_deref()),
+            (Some("AKID"), Some("SECRET"))
+        );
+        assert_eq!(config.warnings, ["dbs[0].replicas[1].region: ignored: only s3 replicas use it"]);
+    }
+
+    #[test]
     fn bad_files_name_the_key() {
         let cases = [
             ("dbs:\n  - replicas: []\n", "dbs[0].path: required"),
@@ -458,8 +527,12 @@ health-lag: 30s
             ),
             ("dbs:\n  - path: /a\n    replicas:\n      - path: gcs://b/x\n", "replica path cannot be a url"),
             (
-                "dbs:\n  - path: /a\n    replicas:\n      - type: s3\n        bucket: b\n",
+                "dbs:\n  - path: /a\n    replicas:\n      - type: abs\n        bucket: b\n",
                 "dbs[0].replicas[0].type: unknown replica type",
+            ),
+            (
+                "dbs:\n  - path: /a\n    replicas:\n      - type: s3\n",
+                "dbs[0].replicas[0]: bucket required for s3 replica",
             ),
             (
                 "dbs:\n  - path: /a\n    replicas:\n      - url: file:///r\n        sync-interval: abc\n",

@@ -111,7 +111,7 @@ async fn print_listing(args: ListArgs, kind: list::Kind) -> anyhow::Result<()> {
     let source = source::resolve(&args.source, &args.config, args.replica.as_deref())?;
     let mut listings: Vec<(String, ReplicaListing)> = Vec::new();
     for replica in &source.replicas {
-        let store = replica_url::open(&replica.url)?;
+        let store = replica_url::open_with(&replica.url, &replica.s3)?;
         let mut listing = walstream_restore::list_replica(store.as_ref())
             .await
             .with_context(|| format!("list replica {} ({})", replica.name, replica.url))?;

@@ -3,7 +3,7 @@
 
 use std::path::{Component, Path, PathBuf};
 
-use walstream_store::{FileStore, GcsStore, ObjectStore, RetryPolicy};
+use walstream_store::{FileStore, GcsStore, ObjectStore, RetryPolicy, S3Settings, S3Store};
 
 /// A replica URL walstream cannot use.
 #[derive(Debug)]
@@ -30,6 +30,12 @@ pub(crate) fn kind(url: &str) -> &str {
 
 /// Opens the store a URL names.
 pub(crate) fn open(url: &str) -> Result<Box<dyn ObjectStore>, UrlError> {
+    open_with(url, &S3Settings::default())
+}
+
+/// Opens the store a URL names, an `s3://` one with the config's S3 keys, which win over what
+/// the URL's host implies (as in Litestream).
+pub(crate) fn open_with(url: &str, s3: &S3Settings) -> Result<Box<dyn ObjectStore>, UrlError> {
     let err = |reason: &str| UrlError { url: url.to_string(), reason: reason.to_string() };
     let Some((scheme, rest)) = url.split_once("://") else {
         return Err(err("expected SCHEME://..., e.g. file:///var/lib/backups/db"));
@@ -51,10 +57,25 @@ pub(crate) fn open(url: &str) -> Result<Box<dyn ObjectStore>, UrlError> {
             }
             Ok(Box::new(store))
         }
-        "s3" | "abs" | "sftp" => Err(err(&format!(
-            "{scheme}:// replicas are not supported by walstream; it replicates to gcs:// and file://"
+        "s3" => {
+            let (host, path) = s3_location(rest).ok_or_else(|| err("s3:// needs a bucket, e.g. s3://my-bucket/db"))?;
+            let implied = parse_s3_host(host);
+            let settings = S3Settings {
+                region: s3.region.clone().or(implied.region),
+                endpoint: s3.endpoint.clone().or(implied.endpoint),
+                // Litestream: an explicit endpoint implies path style, and so does a host that
+                // names a provider's endpoint.
+                force_path_style: Some(
+                    s3.force_path_style.unwrap_or(s3.endpoint.is_some()) || implied.force_path_style,
+                ),
+                ..s3.clone()
+            };
+            Ok(Box::new(S3Store::new(&implied.bucket, &path, &settings)))
+        }
+        "abs" | "sftp" => Err(err(&format!(
+            "{scheme}:// replicas are not supported by walstream; it replicates to gcs://, s3:// and file://"
         ))),
-        _ => Err(err(&format!("unknown scheme {scheme:?}; use file:// (or gcs://)"))),
+        _ => Err(err(&format!("unknown scheme {scheme:?}; use file://, gcs:// or s3://"))),
     }
 }
 
@@ -70,6 +91,74 @@ fn gcs_location(rest: &str) -> Option<(String, String)> {
     let cleaned = clean(&Path::new("/").join(path));
     let path = cleaned.to_string_lossy().trim_start_matches('/').to_string();
     Some((bucket.to_string(), path))
+}
+
+/// `s3://HOST/PATH`: the host (bucket, perhaps a provider's endpoint and a port) and the path,
+/// cleaned as for gcs://.
+fn s3_location(rest: &str) -> Option<(&str, String)> {
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    if host.is_empty() {
+        return None;
+    }
+    let cleaned = clean(&Path::new("/").join(path));
+    Some((host, cleaned.to_string_lossy().trim_start_matches('/').to_string()))
+}
+
+/// What an s3:// URL's host says, as Litestream v0.3.13's `s3.ParseHost` reads it.
+#[derive(Debug, PartialEq)]
+struct S3Host {
+    bucket: String,
+    region: Option<String>,
+    endpoint: Option<String>,
+    force_path_style: bool,
+}
+
+fn parse_s3_host(host: &str) -> S3Host {
+    let (name, port) = match host.rsplit_once(':') {
+        Some((name, port)) if !port.is_empty() && port.chars().all(|c| c.is_ascii_digit()) => (name, Some(port)),
+        _ => (host, None),
+    };
+    // `BUCKET.` before a provider's domain (or nothing before it).
+    let bucket_before = |suffix: &str| -> Option<String> {
+        if name == suffix {
+            return Some(String::new());
+        }
+        name.strip_suffix(suffix)?.strip_suffix('.').map(str::to_string)
+    };
+    // `BUCKET.<pre>REGION<post>`, REGION one label.
+    let with_region = |pre: &str, post: &str| -> Option<(String, String)> {
+        let head = name.strip_suffix(post)?;
+        let (before, region) =
+            head.rsplit_once(pre).or_else(|| head.strip_prefix(pre.trim_start_matches('.')).map(|r| ("", r)))?;
+        if region.is_empty() || region.contains('.') {
+            return None;
+        }
+        Some((before.to_string(), region.to_string()))
+    };
+    let (bucket, region, endpoint, scheme) = if let Some(bucket) = bucket_before("localhost") {
+        (bucket, Some("us-east-1".to_string()), Some("localhost".to_string()), "http")
+    } else if let Some((bucket, region)) = with_region(".s3.", ".backblazeb2.com") {
+        let endpoint = format!("s3.{region}.backblazeb2.com");
+        (bucket, Some(region), Some(endpoint), "https")
+    } else if let Some(bucket) = bucket_before("s3.filebase.com") {
+        (bucket, None, Some("s3.filebase.com".to_string()), "https")
+    } else if let Some((bucket, region)) = with_region(".", ".digitaloceanspaces.com") {
+        let endpoint = format!("{region}.digitaloceanspaces.com");
+        (bucket, Some(region), Some(endpoint), "https")
+    } else if let Some((bucket, region)) = with_region(".s3.", ".scw.cloud") {
+        let endpoint = format!("s3.{region}.scw.cloud");
+        (bucket, Some(region), Some(endpoint), "https")
+    } else if let Some((bucket, region)) = with_region(".", ".linodeobjects.com") {
+        let endpoint = format!("{region}.linodeobjects.com");
+        (bucket, Some(region), Some(endpoint), "https")
+    } else {
+        return S3Host { bucket: host.to_string(), region: None, endpoint: None, force_path_style: false };
+    };
+    let endpoint = endpoint.map(|e| match port {
+        Some(port) => format!("{scheme}://{e}:{port}"),
+        None => format!("{scheme}://{e}"),
+    });
+    S3Host { bucket, region, endpoint, force_path_style: true }
 }
 
 /// `file:///var/r` is `/var/r`; `file://a/b` is `/a/b` (Go's `path.Clean` of host plus path);
@@ -103,6 +192,40 @@ fn clean(path: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn s3_hosts_map_like_litestreams_parse_host() {
+        let host = |bucket: &str, region: Option<&str>, endpoint: Option<&str>, force_path_style| S3Host {
+            bucket: bucket.into(),
+            region: region.map(Into::into),
+            endpoint: endpoint.map(Into::into),
+            force_path_style,
+        };
+        assert_eq!(parse_s3_host("my-bucket"), host("my-bucket", None, None, false));
+        assert_eq!(
+            parse_s3_host("my-bucket.localhost:9000"),
+            host("my-bucket", Some("us-east-1"), Some("http://localhost:9000"), true)
+        );
+        assert_eq!(
+            parse_s3_host("b.s3.us-west-002.backblazeb2.com"),
+            host("b", Some("us-west-002"), Some("https://s3.us-west-002.backblazeb2.com"), true)
+        );
+        assert_eq!(parse_s3_host("b.s3.filebase.com"), host("b", None, Some("https://s3.filebase.com"), true));
+        assert_eq!(
+            parse_s3_host("b.nyc3.digitaloceanspaces.com"),
+            host("b", Some("nyc3"), Some("https://nyc3.digitaloceanspaces.com"), true)
+        );
+        assert_eq!(
+            parse_s3_host("b.s3.fr-par.scw.cloud"),
+            host("b", Some("fr-par"), Some("https://s3.fr-par.scw.cloud"), true)
+        );
+        assert_eq!(
+            parse_s3_host("b.us-east-1.linodeobjects.com"),
+            host("b", Some("us-east-1"), Some("https://us-east-1.linodeobjects.com"), true)
+        );
+        assert_eq!(s3_location("b/a/../db/"), Some(("b", "db".to_string())));
+        assert_eq!(s3_location(""), None);
+    }
 
     #[test]
     fn file_urls_map_like_litestream() {

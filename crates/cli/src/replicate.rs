@@ -36,8 +36,8 @@ struct Extras {
 /// The databases `replicate` was asked for: the one on the command line, or every one in the
 /// config file.
 fn replication_jobs(args: &ReplicateArgs) -> anyhow::Result<(Vec<Job>, Extras)> {
-    let open = |name: &str, url: &str| -> anyhow::Result<Replica> {
-        Ok(Replica::new(name, Arc::from(replica_url::open(url)?)))
+    let open = |name: &str, url: &str, s3: &walstream_store::S3Settings| -> anyhow::Result<Replica> {
+        Ok(Replica::new(name, Arc::from(replica_url::open_with(url, s3)?)))
     };
     if let Some(db_path) = &args.db_path {
         if args.config.config.is_some() {
@@ -51,7 +51,12 @@ fn replication_jobs(args: &ReplicateArgs) -> anyhow::Result<(Vec<Job>, Extras)> 
         let replicas = args
             .replica_urls
             .iter()
-            .map(|url| Ok(Replica { sync_interval: args.sync_interval, ..open(replica_url::kind(url), url)? }))
+            .map(|url| {
+                Ok(Replica {
+                    sync_interval: args.sync_interval,
+                    ..open(replica_url::kind(url), url, &Default::default())?
+                })
+            })
             .collect::<anyhow::Result<_>>()?;
         return Ok((
             vec![Job { config: shipper_config(args, db_path), replicas, validated: Vec::new() }],
@@ -80,7 +85,7 @@ fn replication_jobs(args: &ReplicateArgs) -> anyhow::Result<(Vec<Job>, Extras)> 
                     ))
                     .into());
                 }
-                Ok(Replica { policy: r.policy, sync_interval: r.sync_interval, age: r.age.clone(), ..open(&r.name, &r.url)? })
+                Ok(Replica { policy: r.policy, sync_interval: r.sync_interval, age: r.age.clone(), ..open(&r.name, &r.url, &r.s3)? })
             })
             .collect::<anyhow::Result<_>>()?;
         let config = ShipperConfig { meta_dir: db.meta_path.clone(), ..shipper_config(args, &db.path) };

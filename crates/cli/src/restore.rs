@@ -99,7 +99,7 @@ async fn choose_replica(
 ) -> anyhow::Result<Option<ChosenReplica>> {
     let mut best: Option<ChosenReplica> = None;
     for replica in &source.replicas {
-        let store = replica_url::open(&replica.url)?;
+        let store = replica_url::open_with(&replica.url, &replica.s3)?;
         let listing = walstream_restore::list_replica(store.as_ref())
             .await
             .with_context(|| format!("replica {}", replica.name))?;

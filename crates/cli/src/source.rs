@@ -18,6 +18,8 @@ pub(crate) struct NamedReplica {
     pub(crate) url: String,
     /// The config's `age` block for it; a URL has none.
     pub(crate) age: Option<std::sync::Arc<walstream_format::age::AgeKeys>>,
+    /// The config's S3 keys for it; a URL takes them from the environment.
+    pub(crate) s3: walstream_store::S3Settings,
 }
 
 /// Resolves `source` without touching the network. `only` is `-replica NAME`.
@@ -35,7 +37,10 @@ pub(crate) fn resolve(source: &str, config_args: &ConfigArgs, only: Option<&str>
             ))
             .into());
         }
-        return Ok(Source { db: None, replicas: vec![NamedReplica { name, url: source.to_string(), age: None }] });
+        return Ok(Source {
+            db: None,
+            replicas: vec![NamedReplica { name, url: source.to_string(), age: None, s3: Default::default() }],
+        });
     }
     let path = config_args.config.clone().unwrap_or_else(config::default_path);
     let config = config::load(&path, !config_args.no_expand_env)?;
@@ -43,7 +48,7 @@ pub(crate) fn resolve(source: &str, config_args: &ConfigArgs, only: Option<&str>
     let replicas = db
         .replicas(only)?
         .into_iter()
-        .map(|r| NamedReplica { name: r.name.clone(), url: r.url.clone(), age: r.age.clone() })
+        .map(|r| NamedReplica { name: r.name.clone(), url: r.url.clone(), age: r.age.clone(), s3: r.s3.clone() })
         .collect();
     Ok(Source { db: Some(db.path.clone()), replicas })
 }

@@ -15,7 +15,7 @@ pub(crate) async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
     let target = Target { generation: args.generation, ..Target::default() };
     let spill_dir = std::env::temp_dir();
     for replica in &source.replicas {
-        let store = replica_url::open(&replica.url)?;
+        let store = replica_url::open_with(&replica.url, &replica.s3)?;
         let context = || format!("verify replica {} ({})", replica.name, replica.url);
         let plan = walstream_restore::plan(store.as_ref(), &target).await.with_context(context)?;
         let progress = progress::for_command("verify");

@@ -315,7 +315,8 @@ mod tests {
         let identity = x25519::Identity::generate();
         let recipient = identity.to_public().to_string();
         let secret = age::secrecy::ExposeSecret::expose_secret(&identity.to_string()).to_string();
-        let both = AgeKeys::parse(std::slice::from_ref(&recipient), &[format!("# created: today\n{secret}\n")]).unwrap();
+        let both =
+            AgeKeys::parse(std::slice::from_ref(&recipient), &[format!("# created: today\n{secret}\n")]).unwrap();
         let seal_only = AgeKeys::parse(&[recipient], &[]).unwrap();
         (both, seal_only)
     }
