@@ -226,11 +226,12 @@ fn unknown_keys_fail_naming_the_nearest_valid_one() {
         );
         assert!(!scratch.path(".app.db-walstream").exists(), "nothing started");
     }
+    // A misspelt age key is named too (an age block that works is encryption.rs's).
     let config = scratch
-        .write_config(&["age:", "  recipients: [age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p]"]);
+        .write_config(&["age:", "  recipient: [age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p]"]);
     let output = walstream(&["config", "check", "-config", config.to_str().unwrap()]);
     assert_eq!(output.status.code(), Some(12), "{}", stderr(&output));
-    assert!(stderr(&output).contains("age: encryption is not supported yet"), "{}", stderr(&output));
+    assert!(stderr(&output).contains("age.recipient: unknown key; did you mean recipients?"), "{}", stderr(&output));
 
     let config = scratch.write_config(&["region: us-east-1"]);
     let output = walstream(&["config", "check", "-config", config.to_str().unwrap()]);

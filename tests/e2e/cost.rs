@@ -8,20 +8,6 @@ use crate::emulator;
 use crate::fault_proxy::FaultProxy;
 use crate::harness::*;
 
-/// Waits until the proxy has forwarded nothing for `quiet`; returns the count.
-fn settled(proxy: &FaultProxy, quiet: Duration) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let before = proxy.forwarded();
-        std::thread::sleep(quiet);
-        let after = proxy.forwarded();
-        if after == before {
-            return after;
-        }
-        assert!(Instant::now() < deadline, "requests did not pause for {quiet:?} within 30 s");
-    }
-}
-
 #[test]
 fn a_steady_stream_under_the_defaults_makes_one_request_a_second_lease_renewals_included() {
     let scratch = Scratch::on(Backend::Gcs);
@@ -37,7 +23,7 @@ fn a_steady_stream_under_the_defaults_makes_one_request_a_second_lease_renewals_
         &["-lease-ttl", "4s"],
     );
     wait_for_snapshot(&scratch);
-    let before = settled(&proxy, Duration::from_millis(1500));
+    let before = proxy.settled(Duration::from_millis(1500));
 
     // Ten commits a second for 6 s. The first commit after the quiet spell ships at once (with
     // a renewal, if one is due); from then on at most one request a second, a renewal taking a
@@ -52,7 +38,7 @@ fn a_steady_stream_under_the_defaults_makes_one_request_a_second_lease_renewals_
         app.insert(1);
     }
     let last_commit = started.elapsed();
-    let made = settled(&proxy, Duration::from_millis(2500)) - before;
+    let made = proxy.settled(Duration::from_millis(2500)) - before;
     let log = proxy.log_from(before);
     let report = || {
         format!("{}\n{}", log.join("\n"), std::fs::read_to_string(scratch.path("replicate.log")).unwrap_or_default())

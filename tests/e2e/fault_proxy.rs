@@ -136,6 +136,20 @@ impl FaultProxy {
         self.injected.lock().unwrap().clone()
     }
 
+    /// Waits until the proxy has forwarded nothing for `quiet`; returns the count.
+    pub fn settled(&self, quiet: std::time::Duration) -> u64 {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let before = self.forwarded();
+            std::thread::sleep(quiet);
+            let after = self.forwarded();
+            if after == before {
+                return after;
+            }
+            assert!(std::time::Instant::now() < deadline, "requests did not pause for {quiet:?} within 30 s");
+        }
+    }
+
     pub fn forwarded(&self) -> u64 {
         self.log.lock().unwrap().len() as u64
     }

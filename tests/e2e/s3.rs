@@ -268,11 +268,11 @@ fn a_local_s3_url_with_the_aws_environment_replicates_and_restores() {
     assert_same_database(&scratch.db(), &restored);
 }
 
-/// A missing bucket exits 9 and rejected credentials exit 10, each with one line naming the
+/// A missing bucket exits 9, an unreachable endpoint 1 and rejected credentials 10, each with one line naming the
 /// fix. moto checks signatures only once `INITIAL_NO_AUTH_ACTION_COUNT` requests have passed,
 /// so the credentials case has a server of its own with that set to 0.
 #[test]
-fn a_missing_bucket_and_rejected_credentials_exit_with_their_codes() {
+fn a_missing_bucket_an_unreachable_endpoint_and_rejected_credentials_exit_with_their_codes() {
     let scratch = Scratch::new();
     App::open(&scratch.db()).insert(1);
     let out = scratch.path("out.db");
@@ -282,6 +282,13 @@ fn a_missing_bucket_and_rejected_credentials_exit_with_their_codes() {
     let output = run(&walstream_bin(), &["restore".as_ref(), "-o".as_ref(), out.as_os_str(), url.as_ref()], &env);
     assert_eq!(output.status.code(), Some(9), "{}", stderr(&output));
     assert!(stderr(&output).contains("bucket \"no-such-bucket\" does not exist: create it"), "{}", stderr(&output));
+
+    // An endpoint nothing listens on: one line saying so, after the client's bounded retries.
+    let url = format!("s3://some-bucket.localhost:{}/db", free_port());
+    let output = run(&walstream_bin(), &["restore".as_ref(), "-o".as_ref(), out.as_os_str(), url.as_ref()], &env);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(stderr(&output).contains("could not connect to the endpoint"), "{}", stderr(&output));
+    assert_eq!(stderr(&output).lines().filter(|l| l.contains(" ERROR ")).count(), 1, "{}", stderr(&output));
 
     let strict_port = free_port();
     let mut strict = Command::new(moto_bin())
@@ -319,12 +326,12 @@ fn an_idle_replica_makes_no_requests_on_s3() {
     app.insert(10);
     let replicator = Replicator::start_args(&["-config".into(), config.into()], scratch.path("replicate.log"), &[]);
     wait_for_s3_snapshot(&bucket, "db");
-    // Start-up: lease, listings, snapshot, WAL, and the first retention check.
-    std::thread::sleep(Duration::from_secs(1));
-    let settled = proxy.forwarded();
+    // Start-up: lease, listings, snapshot, WAL, and the first retention check (under load the
+    // last of them can come a second or two after the snapshot is listed).
+    let settled = proxy.settled(Duration::from_millis(1500));
     assert!(settled > 0, "the proxy saw walstream's requests");
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(proxy.forwarded(), settled, "an idle replicator made requests over 3 s: {:?}", proxy.log_from(settled));
+    assert_eq!(proxy.forwarded(), settled, "an idle replicator made requests over 3 s: {:?}", proxy.log_from(0));
 
     app.insert(1);
     wait_until(Duration::from_secs(20), "the commit to be shipped", || proxy.forwarded() > settled);

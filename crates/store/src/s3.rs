@@ -174,6 +174,12 @@ impl S3Store {
             _ if text.contains("InvalidAccessKeyId") || text.contains("SignatureDoesNotMatch") => {
                 Error::Credentials { source_name: self.credential_source.clone(), detail: text, fix: CREDENTIALS_FIX }
             }
+            // The client's own words bury it: say it was the connection.
+            _ if text.contains("error sending request") => Error::Remote {
+                op,
+                target: format!("{}/{key}", self.describe()),
+                detail: format!("could not connect to the endpoint: {text}"),
+            },
             _ => Error::Remote { op, target: format!("{}/{key}", self.describe()), detail: text },
         }
     }
