@@ -31,6 +31,24 @@ impl GenerationId {
         GenerationId(rand::random())
     }
 
+    /// A new id for a generation starting now: milliseconds since the epoch in the high 44 bits,
+    /// 20 random bits below. Still 16 hex characters, as Litestream reads them, but ids sort by
+    /// when they were made, so a restore can tell which of two generations is newer where the
+    /// store's timestamps cannot (S3 lists them in whole seconds).
+    pub fn time_ordered() -> GenerationId {
+        let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+            & ((1 << 44) - 1);
+        let candidate = ms << 20 | (rand::random::<u64>() & ((1 << 20) - 1));
+        // Strictly ascending within a process, however fast generations start.
+        static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let previous = LAST
+            .fetch_update(std::sync::atomic::Ordering::Relaxed, std::sync::atomic::Ordering::Relaxed, |last| {
+                Some(candidate.max(last + 1))
+            })
+            .expect("the closure always returns Some");
+        GenerationId(candidate.max(previous + 1))
+    }
+
     /// True if `s` is a valid generation name (Litestream's `IsGenerationName`).
     pub fn is_valid(s: &str) -> bool {
         s.len() == 16 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
@@ -248,6 +266,11 @@ mod tests {
     #[test]
     fn generation_round_trips_and_rejects_bad_names() {
         let id = GenerationId::random();
+        let (a, b) = (GenerationId::time_ordered(), {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            GenerationId::time_ordered()
+        });
+        assert!(a < b && GenerationId::is_valid(&a.to_string()), "{a} then {b}");
         assert_eq!(id.to_string().parse::<GenerationId>().unwrap(), id);
         assert!("7EDA877427B27B79".parse::<GenerationId>().is_err());
         assert!("7eda877427b27b7".parse::<GenerationId>().is_err());

@@ -150,7 +150,8 @@ pub fn plan_from(listing: ReplicaListing, target: &Target) -> Result<RestorePlan
             let mut chosen: Option<(GenerationId, SystemTime)> = None;
             for (id, g) in &generations {
                 if let Some(first) = g.first_snapshot().filter(|first| *first <= at) {
-                    if chosen.is_none_or(|(_, best)| first > best) {
+                    // Ids ascend: on a tie (S3's whole seconds) the later, newer id wins.
+                    if chosen.is_none_or(|(_, best)| first >= best) {
                         chosen = Some((*id, first));
                     }
                 }
@@ -161,7 +162,9 @@ pub fn plan_from(listing: ReplicaListing, target: &Target) -> Result<RestorePlan
         (None, None) => {
             let mut chosen: Option<(GenerationId, Option<SystemTime>)> = None;
             for (id, g) in &generations {
-                if !g.snapshots.is_empty() && chosen.is_none_or(|(_, best)| g.updated() > best) {
+                // Ids ascend: on a tie (S3's whole seconds) the later one wins, which for
+                // walstream's time-ordered ids is the newer generation.
+                if !g.snapshots.is_empty() && chosen.is_none_or(|(_, best)| g.updated() >= best) {
                     chosen = Some((*id, g.updated()));
                 }
             }
@@ -272,6 +275,28 @@ mod tests {
 
     fn plan_at(target: Target) -> Result<Summary, Error> {
         plan_from(listing(), &target).map(|p| summary(&p))
+    }
+
+    /// S3 lists creation times in whole seconds, so a generation started within a second of
+    /// the last write to the one before ties with it; walstream's ids ascend with time, and the
+    /// newer (larger) id wins the tie.
+    #[test]
+    fn a_tie_in_time_goes_to_the_newer_generation_id() {
+        let mut listing = ReplicaListing::default();
+        let (older, newer) = (GenerationId::time_ordered(), GenerationId::time_ordered());
+        // Inserted newer first, so map order, not insertion, decides.
+        for id in [newer, older] {
+            let object = |key: String| ObjectMeta { key, size: 1, created: at(5) };
+            let generation = GenerationListing {
+                snapshots: vec![(0, object(name::snapshot_key(&id, 0)))],
+                segments: vec![(0, 0, object(name::segment_key(&id, 0, 0)))],
+            };
+            listing.generations.insert(id, generation);
+        }
+        let plan = plan_from(listing.clone(), &Target::default()).unwrap();
+        assert_eq!(plan.generation, newer);
+        let plan = plan_from(listing, &Target { timestamp: Some(at(5)), ..Target::default() }).unwrap();
+        assert_eq!(plan.generation, newer);
     }
 
     #[test]

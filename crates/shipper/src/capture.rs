@@ -892,7 +892,7 @@ impl Capturer {
     /// snapshotted. Runs under the caller's pin, so no frame can be back-filled into the file
     /// that index 0 does not also hold.
     fn new_generation(&mut self, reason: &str) -> Result<(), Error> {
-        let id = GenerationId::random();
+        let id = GenerationId::time_ordered();
         info!(db = %self.db_path.display(), generation = %id, reason, "new generation");
         // Index 0 begins here: a restore from this generation's snapshot replays it from the start.
         let index_started_at = self.counters.shadow_bytes.load(std::sync::atomic::Ordering::Relaxed);
