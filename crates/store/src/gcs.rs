@@ -21,7 +21,7 @@ use gcloud_storage::http::Error as HttpError;
 use tokio::sync::OnceCell;
 use tracing::debug;
 
-use crate::{Body, Error, ObjectMeta, ObjectStore, Operation, OperationCounts, Version};
+use crate::{read_chunk, read_whole, Body, Error, ObjectMeta, ObjectStore, Operation, OperationCounts, Version};
 
 /// Objects above this size are sent as a resumable upload in chunks of this size, so a large
 /// snapshot never has to be in memory at once. A multiple of 256 KiB, as GCS requires.
@@ -276,15 +276,9 @@ impl GcsStore {
         let mut sent = 0u64;
         loop {
             let want = (len - sent).min(CHUNK_BYTES as u64) as usize;
-            let read = tokio::task::spawn_blocking(move || {
-                let mut chunk = vec![0u8; want];
-                let result = std::io::Read::read_exact(&mut reader, &mut chunk);
-                (reader, result.map(|()| chunk))
-            })
-            .await
-            .expect("a chunk read panicked");
-            reader = read.0;
-            let chunk = match read.1 {
+            let read;
+            (reader, read) = read_chunk(reader, want).await;
+            let chunk = match read {
                 Ok(chunk) => chunk,
                 Err(e) => return Ok(Err(io("read")(e))),
             };
@@ -331,18 +325,9 @@ impl ObjectStore for GcsStore {
     }
 
     async fn put_body(&self, key: &str, body: &dyn Body) -> Result<(), Error> {
-        let read_error = |op| move |source| Error::Io { op, path: body.source(), source };
-        let (len, reader) = body.open().map_err(read_error("open"))?;
+        let (len, reader) = body.open().map_err(|source| Error::Io { op: "open", path: body.source(), source })?;
         if len <= CHUNK_BYTES as u64 {
-            let whole = tokio::task::spawn_blocking(move || {
-                let mut reader = reader;
-                let mut whole = Vec::with_capacity(len as usize);
-                std::io::Read::read_to_end(&mut reader, &mut whole).map(|_| whole)
-            })
-            .await
-            .expect("a body read panicked")
-            .map_err(read_error("read"))?;
-            return self.put(key, Bytes::from(whole)).await;
+            return self.put(key, read_whole(body, len, reader).await?).await;
         }
         drop(reader);
         let name = self.object_name(key)?;

@@ -120,6 +120,33 @@ pub trait Body: Send + Sync {
     fn source(&self) -> String;
 }
 
+/// A reader of a [`Body`], as [`Body::open`] gives it.
+pub(crate) type BodyReader = Box<dyn std::io::Read + Send>;
+
+/// The rest of `reader`, `len` bytes as opened, read on a blocking thread: what a backend sends
+/// in one request when a body is small.
+pub(crate) async fn read_whole(body: &dyn Body, len: u64, mut reader: BodyReader) -> Result<Bytes, Error> {
+    tokio::task::spawn_blocking(move || {
+        let mut whole = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+        std::io::Read::read_to_end(&mut reader, &mut whole).map(|_| Bytes::from(whole))
+    })
+    .await
+    .expect("a body read panicked")
+    .map_err(|source| Error::Io { op: "read", path: body.source(), source })
+}
+
+/// The next `want` bytes of `reader`, read on a blocking thread, and the reader back: one chunk
+/// or part of a large upload.
+pub(crate) async fn read_chunk(mut reader: BodyReader, want: usize) -> (BodyReader, std::io::Result<Vec<u8>>) {
+    tokio::task::spawn_blocking(move || {
+        let mut chunk = vec![0u8; want];
+        let result = std::io::Read::read_exact(&mut reader, &mut chunk);
+        (reader, result.map(|()| chunk))
+    })
+    .await
+    .expect("a chunk read panicked")
+}
+
 /// A local file as an upload body.
 #[derive(Clone, Copy, Debug)]
 pub struct FileBody<'a>(pub &'a std::path::Path);

@@ -20,7 +20,7 @@ use object_store::{
     ClientOptions, ObjectStore as _, ObjectStoreExt as _, PutMode, PutOptions, PutPayload, RetryConfig, UpdateVersion,
 };
 
-use crate::{Body, Error, ObjectMeta, ObjectStore, Operation, OperationCounts, Version};
+use crate::{read_chunk, read_whole, Body, Error, ObjectMeta, ObjectStore, Operation, OperationCounts, Version};
 
 /// Bodies above this go up as a multipart upload in parts of this size (S3's minimum part is
 /// 5 MiB), so a large snapshot never has to be in memory at once.
@@ -204,14 +204,8 @@ impl S3Store {
         let result = async {
             while sent < len {
                 let want = (len - sent).min(PART_BYTES as u64) as usize;
-                let (back, chunk) = tokio::task::spawn_blocking(move || {
-                    let mut chunk = vec![0u8; want];
-                    let result = std::io::Read::read_exact(&mut reader, &mut chunk);
-                    (reader, result.map(|()| chunk))
-                })
-                .await
-                .expect("a part read panicked");
-                reader = back;
+                let chunk;
+                (reader, chunk) = read_chunk(reader, want).await;
                 let chunk = chunk.map_err(read_error("read"))?;
                 self.operations.request(Operation::Put);
                 upload.put_part(PutPayload::from(chunk)).await.map_err(|e| self.error("put", key, e))?;
@@ -257,21 +251,12 @@ impl ObjectStore for S3Store {
 
     async fn put_body(&self, key: &str, body: &dyn Body) -> Result<(), Error> {
         let location = self.path(key)?;
-        let read_error = |op| move |source| Error::Io { op, path: body.source(), source };
-        let (len, reader) = body.open().map_err(read_error("open"))?;
+        let (len, reader) = body.open().map_err(|source| Error::Io { op: "open", path: body.source(), source })?;
         if len > PART_BYTES as u64 {
             drop(reader);
             return self.put_in_parts(key, &location, body).await;
         }
-        let whole = tokio::task::spawn_blocking(move || {
-            let mut reader = reader;
-            let mut whole = Vec::with_capacity(len as usize);
-            std::io::Read::read_to_end(&mut reader, &mut whole).map(|_| whole)
-        })
-        .await
-        .expect("a body read panicked")
-        .map_err(read_error("read"))?;
-        self.put(key, Bytes::from(whole)).await
+        self.put(key, read_whole(body, len, reader).await?).await
     }
 
     async fn get(&self, key: &str) -> Result<Bytes, Error> {
