@@ -11,17 +11,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use crate::harness::{wait_until, workspace_root};
+use crate::harness::wait_until;
 
 /// The emulator binary that `scripts/install-tools.sh` links from the project's venv.
 pub fn fake_gcs_bin() -> PathBuf {
-    let bin = workspace_root().join(".tools/fake-gcs-server");
-    assert!(
-        bin.exists(),
-        "{} is missing: run scripts/install-tools.sh (the README's test command does)",
-        bin.display()
-    );
-    bin
+    crate::harness::installed_tool("fake-gcs-server")
 }
 
 /// `host:port` of the running emulator, starting one if the run has none.

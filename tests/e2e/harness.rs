@@ -250,6 +250,18 @@ impl Scratch {
     }
 }
 
+/// A program `scripts/install-tools.sh` puts under `.tools/` (`rel` is relative to it); fails
+/// the test, naming the fix, when it is missing.
+pub fn installed_tool(rel: &str) -> PathBuf {
+    let bin = workspace_root().join(".tools").join(rel);
+    assert!(
+        bin.exists(),
+        "{} is missing: run scripts/install-tools.sh (the README's test command does)",
+        bin.display()
+    );
+    bin
+}
+
 /// Starts a server for the rest of this test process: a thread that never ends holds the child,
 /// and the child gets SIGKILL when this process dies, however it dies.
 pub fn spawn_for_life(mut command: Command, what: &'static str) {

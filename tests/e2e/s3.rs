@@ -14,13 +14,7 @@ use crate::emulator::request_on;
 use crate::harness::*;
 
 fn moto_bin() -> PathBuf {
-    let bin = workspace_root().join(".tools/venv/bin/moto_server");
-    assert!(
-        bin.exists(),
-        "{} is missing: run scripts/install-tools.sh (the README's test command does)",
-        bin.display()
-    );
-    bin
+    installed_tool("venv/bin/moto_server")
 }
 
 static HOST: OnceLock<String> = OnceLock::new();
