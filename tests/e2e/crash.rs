@@ -237,3 +237,55 @@ on_both_backends! {
         assert_eq!(App::open(&restored).count(), App::open(&scratch.db()).count());
     }
 }
+
+/// A steady stream's new WAL life waits for the next upload slot, so a replica can end exactly
+/// where the old life ended while the shadow already holds only the new one. A SIGKILL then
+/// must not cost a generation: the restart knows the old life's length and goes on at the new
+/// life, and the replica still restores every row.
+#[test]
+fn a_crash_between_two_wal_lives_keeps_the_generation() {
+    let scratch = Scratch::new();
+    let mut app = App::open(&scratch.db());
+    app.insert(10);
+    let log = scratch.path("replicate.log");
+    let replicator = Replicator::start_with_args(
+        &scratch.db(),
+        &[scratch.replica_url()],
+        log.clone(),
+        &[],
+        &["-sync-interval", "3s"],
+    );
+    wait_for_snapshot(&scratch);
+    let segments = |scratch: &Scratch| scratch.replica_keys().into_iter().filter(|k| k.ends_with(".wal.lz4")).count();
+    wait_until(Duration::from_secs(10), "the first segment", || segments(&scratch) > 0);
+    // A quiet start: this commit ships at once and opens a 3 s slot.
+    std::thread::sleep(Duration::from_millis(500));
+    app.insert(1);
+    wait_until(Duration::from_secs(10), "the commit after a quiet spell", || segments(&scratch) > 1);
+    let before_slot = segments(&scratch);
+    // Within the slot: more of this life, its end (the app's TRUNCATE checkpoint), and the
+    // start of the next life.
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(100));
+        app.insert(1);
+    }
+    app.checkpoint("TRUNCATE");
+    app.insert(1);
+    app.insert(1);
+    // The slot ships the old life's tail alone; the new life waits for the slot after it.
+    wait_until(Duration::from_secs(10), "the old life's tail", || segments(&scratch) > before_slot);
+    // One more commit, held for the next slot too: its capture pass frees what was shipped.
+    app.insert(1);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(segments(&scratch), before_slot + 1, "the new life waited for its slot");
+    replicator.kill();
+
+    let replicator = Replicator::start(&scratch.db(), &[scratch.replica_url()], log.clone());
+    app.insert(5);
+    replicator.stop_ok();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let generations: Vec<&str> = text.lines().filter(|l| l.contains("new generation db=")).collect();
+    assert_eq!(generations.len(), 1, "the restart kept the generation: {generations:#?}");
+    assert_eq!(scratch.generation_count(), 1);
+    scratch.assert_restores_source();
+}

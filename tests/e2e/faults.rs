@@ -29,9 +29,6 @@ fn wait_for_replica_to_hold(scratch: &Scratch, rows: i64, limit: Duration, what:
 }
 
 #[test]
-#[ignore = "open bug: after a crash the replica can be ahead of what the local shadow still holds, \
-            and walstream starts generation after generation until the final flush exits 8 \
-            (fails 3 of 4 runs at 6755872 too); run with --run-ignored only"]
 fn random_faults_on_every_request_type_and_crashes_lose_nothing() {
     let scratch = Scratch::on(Backend::Gcs);
     let proxy = FaultProxy::start(emulator::host(), seed());

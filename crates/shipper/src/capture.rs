@@ -206,6 +206,8 @@ pub(crate) struct Capturer {
     replica_counters: Vec<std::sync::Arc<crate::status::ReplicaCounters>>,
     /// See [`Capturer::wal_outgrew_snapshot`].
     snapshot_wal_ratio: f64,
+    /// The ended shadow index kept, punched, for its length (see `remove_shipped_shadow`).
+    ended_kept: Option<PathBuf>,
 }
 
 impl Capturer {
@@ -249,6 +251,7 @@ impl Capturer {
             after_drop_until: None,
             last_drop: None,
             snapshot_wal_ratio: 0.0,
+            ended_kept: None,
         }
     }
 
@@ -956,7 +959,18 @@ impl Capturer {
         }
         let Some(shipped) = shipped else { return };
         let current = generation.shadow.as_ref().map_or(u32::MAX, |s| s.index);
-        for path in self.meta.shadow_files_below(&generation.id, shipped.index.min(current)) {
+        let mut ended = self.meta.shadow_files_below(&generation.id, shipped.index.min(current));
+        // The newest ended index stays, punched through its end: a replica's position is the
+        // end of its last segment, so after a restart only that file's length shows a replica
+        // ending there holds the whole index and goes on at the next (a steady stream's new
+        // life waits for the next slot). Without it the restart would start a new generation.
+        if let Some(newest) = ended.pop() {
+            if self.ended_kept.as_ref() != Some(&newest) {
+                shadow::discard_whole(&newest);
+                self.ended_kept = Some(newest);
+            }
+        }
+        for path in ended {
             let _ = std::fs::remove_file(path);
         }
         match generation.shadow.as_mut() {
@@ -1267,8 +1281,9 @@ mod tests {
         assert_eq!(generation.end(), Pos { generation: generation.id, index: index + 1, offset: 0 });
     }
 
-    /// Once every replica is past an index, its file is gone; what the slowest replica has
-    /// shipped of the index it is in takes no disk.
+    /// Once every replica is past an index, it takes no disk: the newest such file stays as a
+    /// punched length, older ones are gone; what the slowest replica has shipped of the index
+    /// it is in takes no disk either.
     #[test]
     fn shipped_shadow_leaves_the_disk() {
         use std::os::unix::fs::MetadataExt;
@@ -1309,7 +1324,22 @@ mod tests {
         assert!(index_0.exists());
         other.send_replace(Some(Pos { generation, index: 1, offset: 0 }));
         h.pass_then_unpin();
-        assert!(!index_0.exists(), "index 0 was kept although every replica has shipped it");
+        // The newest ended index keeps its length (a restart reads it) and its header block only.
+        assert_eq!(std::fs::metadata(&index_0).unwrap().len(), len_0);
+        let on_disk = std::fs::metadata(&index_0).unwrap().blocks() * 512;
+        assert!(on_disk <= 4096, "{on_disk} bytes of a shipped index stay on disk");
+        // Once a later index has ended and been shipped too, index 0 goes.
+        h.truncate();
+        h.pass_then_unpin();
+        h.insert();
+        h.pass_then_unpin();
+        assert_eq!(h.capturer.shadow_end().unwrap().0, 2);
+        for replica in [&position, &other] {
+            replica.send_replace(Some(Pos { generation, index: 2, offset: 0 }));
+        }
+        h.pass_then_unpin();
+        assert!(!index_0.exists(), "index 0 was kept although every replica has shipped a later one");
+        assert!(wal_dir.join(name::shadow_wal_file_name(1)).exists(), "the newest ended index keeps its length");
     }
 
     #[test]

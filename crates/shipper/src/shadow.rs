@@ -405,6 +405,15 @@ pub(crate) fn discard_shipped(path: &Path, shipped: u64) {
     }
 }
 
+/// Punches out a finished index file through its end, keeping its header block and its length.
+pub(crate) fn discard_whole(path: &Path) {
+    if let Ok(file) = OpenOptions::new().write(true).open(path) {
+        if let Ok(meta) = file.metadata() {
+            let _ = punch(&file, meta.len().div_ceil(BLOCK) * BLOCK);
+        }
+    }
+}
+
 fn punch(file: &File, below: u64) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     let end = below / BLOCK * BLOCK;
