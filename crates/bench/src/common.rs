@@ -1,6 +1,8 @@
 //! What the benchmarks share: measuring a child process, comparing databases, small waits,
 //! quantiles.
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -8,12 +10,14 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context};
 use rusqlite::Connection;
 
-/// The binaries a side-by-side bench runs: `--walstream`, `--litestream`, `--fake-gcs-server`.
+/// The binaries a side-by-side bench runs: `--walstream`, `--litestream`, `--fake-gcs-server`,
+/// and `--moto-server` for the benches that also run on S3.
 #[derive(Debug, Default)]
 pub struct Binaries {
     pub walstream: PathBuf,
     pub litestream: PathBuf,
     pub fake_gcs: PathBuf,
+    pub moto: PathBuf,
 }
 
 impl Binaries {
@@ -23,6 +27,7 @@ impl Binaries {
             "--walstream" => &mut self.walstream,
             "--litestream" => &mut self.litestream,
             "--fake-gcs-server" => &mut self.fake_gcs,
+            "--moto-server" => &mut self.moto,
             _ => return false,
         };
         *slot = value.into();
@@ -117,4 +122,18 @@ pub fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> anyhow::Resu
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(())
+}
+
+/// One HTTP/1.1 request with a JSON body (or none) to a local test server; returns the status.
+pub fn http(host: &str, method: &str, path: &str, body: &str) -> std::io::Result<u16> {
+    let mut stream = TcpStream::connect(host)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(stream, "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other("no HTTP status"))
 }

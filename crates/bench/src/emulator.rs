@@ -2,8 +2,6 @@
 //! the requests each tool makes are counted from that log, not from the tools' own metrics.
 
 use std::fs::File;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, SystemTime};
@@ -12,7 +10,7 @@ use anyhow::{ensure, Context};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::common::wait_for;
+use crate::common::{http, wait_for};
 
 /// A GCS JSON API operation, as billed: uploads and listings are Class A, reads Class B.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,20 +103,6 @@ fn parse_line(line: &str, bucket: &str) -> Option<Request> {
         _ => return None,
     };
     Some(Request { at, op })
-}
-
-/// One HTTP/1.1 request; returns the status.
-fn http(host: &str, method: &str, path: &str, body: &str) -> std::io::Result<u16> {
-    let mut stream = TcpStream::connect(host)?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(stream, "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other("no HTTP status"))
 }
 
 #[cfg(test)]

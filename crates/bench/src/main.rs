@@ -22,6 +22,7 @@ mod proc_stats;
 mod replicate;
 mod replicator;
 mod restore;
+mod s3_server;
 mod volume;
 
 use anyhow::bail;

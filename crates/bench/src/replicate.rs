@@ -28,7 +28,7 @@ use rand::{Rng, SeedableRng};
 use crate::common::{fingerprint, median, millis, quantile};
 use crate::emulator::{Emulator, Op, Request};
 use crate::proc_stats;
-use crate::replicator::{app_connection, create_db, Harness, Phase, Tool, INSERT_ROW};
+use crate::replicator::{app_connection, create_db, Harness, Phase, Server, Tool, INSERT_ROW};
 
 struct Options {
     bins: crate::common::Binaries,
@@ -123,7 +123,7 @@ pub fn run(mut args: impl Iterator<Item = String>) -> anyhow::Result<()> {
         flags: vec![],
         hold: Duration::ZERO,
     };
-    let harness = Harness { dir: dir.clone(), emulator };
+    let harness = Harness { dir: dir.clone(), server: Server::Gcs(emulator) };
     let bench = Bench { o: &o, h: &harness };
 
     let (mut unreplicated, mut saturated) = (Vec::new(), [Vec::new(), Vec::new()]);
@@ -291,11 +291,11 @@ impl Bench<'_> {
             let restored = self.h.dir.join(format!("{}-restored-{attempt}.db", phase.bucket));
             let restore_started = Instant::now();
             first_restore_at.get_or_insert_with(SystemTime::now);
-            let output = Command::new(&tool.bin)
-                .args(["restore", "-o"])
-                .arg(&restored)
-                .arg(format!("gcs://{}/db", phase.bucket))
-                .env("STORAGE_EMULATOR_HOST", &self.h.emulator.host)
+            let output = self
+                .h
+                .server
+                .configure(Command::new(&tool.bin).args(["restore", "-o"]).arg(&restored))
+                .arg(self.h.server.url(&phase.bucket, "db"))
                 .stderr(Stdio::piped())
                 .output()?;
             let restore = restore_started.elapsed();
@@ -366,21 +366,21 @@ impl Bench<'_> {
 
     fn many(&self, tool: &Tool) -> anyhow::Result<Many> {
         let bucket = format!("{}-many", tool.prefix);
-        self.h.emulator.create_bucket(&bucket)?;
+        self.h.server.create_bucket(&bucket)?;
         let dbs: Vec<PathBuf> = (0..self.o.dbs).map(|n| self.h.dir.join(format!("{bucket}-{n}.db"))).collect();
         let mut config = String::from("dbs:\n");
         for (n, db) in dbs.iter().enumerate() {
             create_db(db)?;
-            config
-                .push_str(&format!("  - path: {}\n    replicas:\n      - url: gcs://{bucket}/db-{n}\n", db.display()));
+            let url = self.h.server.url(&bucket, &format!("db-{n}"));
+            config.push_str(&format!("  - path: {}\n    replicas:\n      - url: {url}\n", db.display()));
         }
         let config_path = self.h.dir.join(format!("{bucket}.yml"));
         std::fs::write(&config_path, config)?;
         let log = std::fs::File::create(self.h.dir.join(format!("{bucket}.log")))?;
-        let child = Command::new(&tool.bin)
-            .args(["replicate", "-config"])
-            .arg(&config_path)
-            .env("STORAGE_EMULATOR_HOST", &self.h.emulator.host)
+        let child = self
+            .h
+            .server
+            .configure(Command::new(&tool.bin).args(["replicate", "-config"]).arg(&config_path))
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()?;

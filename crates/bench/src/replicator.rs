@@ -1,6 +1,6 @@
 //! A replicator under test: a fresh database and bucket per phase, the tool replicating it to
-//! the bench's fake-gcs-server, and its requests read back from the emulator's log. Shared by
-//! the `replicate` and `cost` benches.
+//! the bench's object server (fake-gcs-server, or moto behind a counting proxy), and its
+//! requests read back from that server's log. Shared by the `replicate` and `cost` benches.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -10,6 +10,7 @@ use anyhow::ensure;
 use rusqlite::Connection;
 
 use crate::emulator::{Emulator, Op, Request};
+use crate::s3_server::S3Server;
 
 /// A replicator and how to run it.
 pub(crate) struct Tool {
@@ -22,10 +23,59 @@ pub(crate) struct Tool {
     pub(crate) hold: Duration,
 }
 
-/// Where phases keep their files, and the emulator they replicate to.
+/// Where phases keep their files, and the server they replicate to.
 pub(crate) struct Harness {
     pub(crate) dir: PathBuf,
-    pub(crate) emulator: Emulator,
+    pub(crate) server: Server,
+}
+
+/// The object server a bench replicates to, with its request log.
+pub(crate) enum Server {
+    Gcs(Emulator),
+    S3(S3Server),
+}
+
+impl Server {
+    /// The replica type, as the tools' URLs name it.
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Server::Gcs(_) => "gcs",
+            Server::S3(_) => "s3",
+        }
+    }
+
+    pub(crate) fn create_bucket(&self, name: &str) -> anyhow::Result<()> {
+        match self {
+            Server::Gcs(emulator) => emulator.create_bucket(name),
+            Server::S3(s3) => s3.create_bucket(name),
+        }
+    }
+
+    /// Every request for objects of `bucket` so far.
+    pub(crate) fn requests(&self, bucket: &str) -> anyhow::Result<Vec<Request>> {
+        match self {
+            Server::Gcs(emulator) => emulator.requests(bucket),
+            Server::S3(s3) => Ok(s3.requests(bucket)),
+        }
+    }
+
+    /// The replica URL both tools accept for `path` in `bucket`: for S3, Litestream's
+    /// `BUCKET.localhost:PORT` form, which means path style and no region lookup.
+    pub(crate) fn url(&self, bucket: &str, path: &str) -> String {
+        match self {
+            Server::Gcs(_) => format!("gcs://{bucket}/{path}"),
+            Server::S3(s3) => format!("s3://{bucket}.localhost:{}/{path}", s3.proxy_port),
+        }
+    }
+
+    /// What a tool's process needs to reach the server.
+    pub(crate) fn configure<'c>(&self, command: &'c mut Command) -> &'c mut Command {
+        match self {
+            Server::Gcs(emulator) => command.env("STORAGE_EMULATOR_HOST", &emulator.host),
+            // moto takes any key pair; both tools must still find one.
+            Server::S3(_) => command.env("AWS_ACCESS_KEY_ID", "bench").env("AWS_SECRET_ACCESS_KEY", "bench"),
+        }
+    }
 }
 
 /// A phase's database, bucket and running replicator.
@@ -41,16 +91,15 @@ impl Harness {
     /// once start-up traffic has settled.
     pub(crate) fn start(&self, tool: &Tool, phase: &str) -> anyhow::Result<Phase<'_>> {
         let bucket = format!("{}-{phase}", tool.prefix);
-        self.emulator.create_bucket(&bucket)?;
+        self.server.create_bucket(&bucket)?;
         let db = self.dir.join(format!("{bucket}.db"));
         create_db(&db)?;
         let log = std::fs::File::create(self.dir.join(format!("{bucket}.log")))?;
-        let child = Command::new(&tool.bin)
-            .arg("replicate")
-            .args(&tool.flags)
-            .arg(&db)
-            .arg(format!("gcs://{bucket}/db"))
-            .env("STORAGE_EMULATOR_HOST", &self.emulator.host)
+        let child = self
+            .server
+            .configure(
+                Command::new(&tool.bin).arg("replicate").args(&tool.flags).arg(&db).arg(self.server.url(&bucket, "db")),
+            )
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()?;
@@ -62,7 +111,7 @@ impl Harness {
 
 impl Phase<'_> {
     pub(crate) fn requests_since(&self, since: SystemTime) -> anyhow::Result<Vec<Request>> {
-        Ok(self.harness.emulator.requests(&self.bucket)?.into_iter().filter(|r| r.at >= since).collect())
+        Ok(self.harness.server.requests(&self.bucket)?.into_iter().filter(|r| r.at >= since).collect())
     }
 
     /// Warnings and generation changes the replicator logged, which explain extra requests.
@@ -84,7 +133,7 @@ impl Phase<'_> {
     pub(crate) fn settle(&self, uploads: usize) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            let requests = self.harness.emulator.requests(&self.bucket)?;
+            let requests = self.harness.server.requests(&self.bucket)?;
             let uploaded = requests.iter().filter(|r| r.op == Op::Upload).count();
             let quiet = requests.last().is_some_and(|r| r.at.elapsed().unwrap_or_default() > Duration::from_secs(3));
             if uploaded >= uploads && quiet {
@@ -106,7 +155,7 @@ impl Phase<'_> {
         loop {
             let last = self
                 .harness
-                .emulator
+                .server
                 .requests(&self.bucket)?
                 .iter()
                 .filter(|r| r.op == Op::Upload)
