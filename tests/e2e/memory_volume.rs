@@ -58,6 +58,15 @@ impl MemoryVolume {
         self.dir.path().join(name)
     }
 
+    /// Bytes free on the volume.
+    pub fn free(&self) -> u64 {
+        let path = std::ffi::CString::new(self.dir.path().as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: statvfs fills the struct it is given; the path is a valid C string.
+        let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::statvfs(path.as_ptr(), &mut stat) }, 0);
+        stat.f_bavail * stat.f_frsize
+    }
+
     /// Bytes in use on the volume, as `df` counts them.
     pub fn used(&self) -> u64 {
         let path = std::ffi::CString::new(self.dir.path().as_os_str().as_encoded_bytes()).unwrap();
@@ -382,4 +391,59 @@ fn a_slow_writers_wal_stays_its_own_size() {
         "the WAL grew to {} KiB, past twice its size without walstream",
         wal_peak >> 10
     );
+}
+
+on_both_backends! {
+    /// A generation that must start when the volume has no room for its snapshot (a 3 MiB
+    /// database that does not compress, 256 KiB free: a new instance's replicator on a volume
+    /// the restore and the app have filled). The snapshot goes up straight from the database
+    /// file, under the pin, with nothing written locally for it; the app commits meanwhile, and
+    /// SIGTERM ships everything.
+    fn a_generation_starts_with_no_room_for_its_snapshot(backend: Backend) {
+        let scratch = Scratch::on(backend);
+        let volume = MemoryVolume::mount("8m");
+        let db = volume.path("db");
+        let mut app = App::open(&db);
+        app.insert_large(3 << 20);
+        app.checkpoint("TRUNCATE");
+        {
+            use std::io::Write;
+            let mut ballast = std::fs::File::create(volume.path("ballast")).unwrap();
+            let block = vec![0xA5u8; 4096];
+            while volume.free() > 256 << 10 {
+                ballast.write_all(&block).unwrap();
+            }
+            ballast.sync_all().unwrap();
+        }
+        let db_len = std::fs::metadata(&db).unwrap().len();
+        assert!(volume.free() < db_len, "the volume has room for a snapshot; the test proves nothing");
+
+        let replicator = Replicator::start(&db, &[scratch.replica_url()], scratch.path("replicate.log"));
+        wait_for_snapshot(&scratch);
+        for _ in 0..5 {
+            app.insert(10);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        replicator.stop_ok();
+        let log = std::fs::read_to_string(scratch.path("replicate.log")).unwrap();
+        assert!(log.contains("no room on the local disk for the snapshot"), "the snapshot was stored locally after all");
+        let local_snapshots: Vec<PathBuf> = files_under(&volume.path(".db-walstream"))
+            .into_iter()
+            .filter(|p| p.to_string_lossy().contains(".snapshot.lz4"))
+            .collect();
+        assert!(local_snapshots.is_empty(), "a snapshot was written locally: {local_snapshots:?}");
+        let restored = scratch.path("restored.db");
+        restore(&scratch.replica_url(), &restored);
+        assert_same_database(&db, &restored);
+        // The snapshot is framed in stored blocks: litestream v0.3.13 reads it too.
+        let by_litestream = scratch.path("by-litestream.db");
+        let output = with_emulator(&mut Command::new(litestream_bin()))
+            .args(["restore", "-o"])
+            .arg(&by_litestream)
+            .arg(scratch.replica_url())
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "litestream restore failed: {}", stderr(&output));
+        assert_same_database(&db, &by_litestream);
+    }
 }

@@ -124,6 +124,97 @@ pub fn compress_into(data: &[u8], out: &mut [u8]) -> usize {
     frame.finish(out)
 }
 
+/// Raw bytes per block of a [`StoredFrame`]: small, so reading one holds little memory.
+const STORED_BLOCK: usize = 64 << 10;
+
+/// The length of a [`StoredFrame`] of `len` bytes.
+pub fn stored_frame_len(len: u64) -> u64 {
+    let blocks = len.div_ceil(STORED_BLOCK as u64);
+    FRAME_PREFIX.len() as u64 + blocks * 4 + len + FrameBuilder::END_LEN as u64
+}
+
+/// One frame of `len` bytes of a source, in stored (uncompressed) blocks, which every LZ4
+/// reader accepts: its length is [`stored_frame_len`], known before a byte is read, which an
+/// upload that must declare its length first needs when there is no room to compress into. A
+/// source shorter than `len` is padded with zeros, and one longer is cut at `len`, so the frame
+/// is always as long as promised.
+pub struct StoredFrame<R> {
+    source: R,
+    remaining: u64,
+    /// The next bytes to hand out, from `at`.
+    out: Vec<u8>,
+    at: usize,
+    checksum: Xxh32,
+    stage: Stage,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Header,
+    Blocks,
+    End,
+    Done,
+}
+
+impl<R: io::Read> StoredFrame<R> {
+    /// The frame of the first `len` bytes `source` gives.
+    pub fn new(source: R, len: u64) -> StoredFrame<R> {
+        StoredFrame { source, remaining: len, out: Vec::new(), at: 0, checksum: Xxh32::new(0), stage: Stage::Header }
+    }
+
+    /// Puts the next piece of the frame in `out`.
+    fn refill(&mut self) -> io::Result<()> {
+        self.out.clear();
+        self.at = 0;
+        match self.stage {
+            Stage::Header => {
+                self.out.extend_from_slice(&FRAME_PREFIX);
+                self.stage = Stage::Blocks;
+            }
+            Stage::Blocks if self.remaining == 0 => self.stage = Stage::End,
+            Stage::Blocks => {
+                let n = self.remaining.min(STORED_BLOCK as u64) as usize;
+                self.out.extend_from_slice(&(n as u32 | UNCOMPRESSED_BIT).to_le_bytes());
+                self.out.resize(4 + n, 0);
+                let mut filled = 4;
+                while filled < self.out.len() {
+                    match self.source.read(&mut self.out[filled..]) {
+                        Ok(0) => break,
+                        Ok(read) => filled += read,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                // What is not read stays zero: the padding.
+                self.checksum.update(&self.out[4..]);
+                self.remaining -= n as u64;
+            }
+            Stage::End => {
+                self.out.extend_from_slice(&[0, 0, 0, 0]);
+                self.out.extend_from_slice(&self.checksum.digest().to_le_bytes());
+                self.stage = Stage::Done;
+            }
+            Stage::Done => {}
+        }
+        Ok(())
+    }
+}
+
+impl<R: io::Read> io::Read for StoredFrame<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.at == self.out.len() {
+            if self.stage == Stage::Done {
+                return Ok(0);
+            }
+            self.refill()?;
+        }
+        let n = buf.len().min(self.out.len() - self.at);
+        buf[..n].copy_from_slice(&self.out[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
 /// One frame built a block at a time in a buffer the caller owns and grows, so that a segment's
 /// size can follow its compressed length: the caller reads a piece, pushes it, and stops when
 /// the frame is big enough. Every method writes at [`FrameBuilder::written`] and panics if `out` has
@@ -502,6 +593,31 @@ mod tests {
         let n = compress_into(&data, &mut out);
         assert_eq!(n, FRAME_PREFIX.len() + 4 + BLOCK_MAX + 4 + 1000 + 8, "two raw blocks");
         assert_eq!(decompress(&out[..n]).unwrap(), data);
+    }
+
+    /// A stored frame is as long as promised before it is read, decodes to its source, and
+    /// pads a source that ends early (a file truncated while read) with zeros.
+    #[test]
+    fn a_stored_frame_has_its_promised_length_and_decodes_to_its_source() {
+        use std::io::Read;
+        for len in [0usize, 1, STORED_BLOCK - 1, STORED_BLOCK, STORED_BLOCK * 3 + 17] {
+            let data = noise(len, len as u64);
+            let mut framed = Vec::new();
+            StoredFrame::new(&data[..], len as u64).read_to_end(&mut framed).unwrap();
+            assert_eq!(framed.len() as u64, stored_frame_len(len as u64), "{len} bytes");
+            assert!(framed.starts_with(&FRAME_PREFIX));
+            assert_eq!(decompress(&framed).unwrap(), data, "{len} bytes");
+        }
+        let data = noise(100_000, 7);
+        let mut framed = Vec::new();
+        StoredFrame::new(&data[..60_000], 100_000).read_to_end(&mut framed).unwrap();
+        assert_eq!(framed.len() as u64, stored_frame_len(100_000));
+        let decoded = decompress(&framed).unwrap();
+        assert_eq!(&decoded[..60_000], &data[..60_000]);
+        assert!(decoded[60_000..].iter().all(|b| *b == 0) && decoded.len() == 100_000);
+        let mut cut = Vec::new();
+        StoredFrame::new(&data[..], 50).read_to_end(&mut cut).unwrap();
+        assert_eq!(decompress(&cut).unwrap(), &data[..50]);
     }
 
     #[test]

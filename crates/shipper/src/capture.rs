@@ -208,6 +208,8 @@ pub(crate) struct Capturer {
     snapshot_wal_ratio: f64,
     /// The ended shadow index kept, punched, for its length (see `remove_shipped_shadow`).
     ended_kept: Option<PathBuf>,
+    /// Open while a snapshot framed straight from the database may be read (see `PinGate`).
+    pin_gate: std::sync::Arc<crate::protocol::PinGate>,
 }
 
 impl Capturer {
@@ -252,7 +254,13 @@ impl Capturer {
             last_drop: None,
             snapshot_wal_ratio: 0.0,
             ended_kept: None,
+            pin_gate: Default::default(),
         }
+    }
+
+    /// The gate the uploaders read a snapshot framed from the database through.
+    pub(crate) fn share_pin_gate(&mut self, gate: std::sync::Arc<crate::protocol::PinGate>) {
+        self.pin_gate = gate;
     }
 
     /// Runs until [`Wake::Shutdown`] (or every sender is gone), then makes a last copy.
@@ -318,6 +326,16 @@ impl Capturer {
                 // The uploads read what only the live WAL holds: the pin stays until they have.
                 while self.live_pending() && Instant::now() < retry_until + FULL_DISK_FINAL_COPY {
                     std::thread::sleep(Duration::from_millis(5));
+                }
+                if self.database_snapshot_pending() {
+                    // Out of time, and the snapshot only the database file holds is not shipped:
+                    // once the pin goes, the file no longer matches it.
+                    self.pin_gate.set(false);
+                    self.db.release_all();
+                    return Err(Error::FlushIncomplete {
+                        unshipped: 1,
+                        detail: "the local disk is full, and the new generation's snapshot, read straight from the database file, had not reached every replica before the deadline".into(),
+                    });
                 }
                 if self.live_pending() {
                     // Out of time: once the pin goes, nothing vouches for those bytes. They are
@@ -573,11 +591,13 @@ impl Capturer {
     /// snapshot the generation has, so a restart resumes the generation; a replica that lacks
     /// it later gets a new generation (`Error::SnapshotDiscarded`).
     fn free_held_snapshot(&mut self) {
+        if !self.snapshot_held_by_all() {
+            return;
+        }
         let Some(generation) = &self.generation else { return };
-        let held = |counters: &std::sync::Arc<crate::status::ReplicaCounters>| {
-            counters.snapshot_held.lock().unwrap_or_else(|e| e.into_inner()).as_ref() == Some(&generation.snapshot)
-        };
-        if self.replica_counters.is_empty() || !self.replica_counters.iter().all(held) {
+        if generation.snapshot.from_database {
+            // Nothing local to free (and the path is the database itself): the pin may go.
+            self.pin_gate.set(false);
             return;
         }
         if std::fs::metadata(&generation.snapshot.path).is_ok_and(|m| m.len() > 0) {
@@ -589,12 +609,30 @@ impl Capturer {
         }
     }
 
+    /// Whether every replica reports holding the generation's snapshot.
+    fn snapshot_held_by_all(&self) -> bool {
+        let Some(generation) = &self.generation else { return false };
+        let held = |counters: &std::sync::Arc<crate::status::ReplicaCounters>| {
+            counters.snapshot_held.lock().unwrap_or_else(|e| e.into_inner()).as_ref() == Some(&generation.snapshot)
+        };
+        !self.replica_counters.is_empty() && self.replica_counters.iter().all(held)
+    }
+
+    /// A snapshot framed straight from the database (see `LocalSnapshot::from_database`) that
+    /// some replica lacks: the pin must hold until it is shipped, as for bytes only the live WAL
+    /// holds.
+    fn database_snapshot_pending(&self) -> bool {
+        self.generation.as_ref().is_some_and(|g| g.snapshot.from_database) && !self.snapshot_held_by_all()
+    }
+
     /// The database path names a new file: its history is not the old file's. walstream
     /// reopens it and the pass starts a new generation from it.
     fn follow_replaced_file(&mut self) -> Result<(), Error> {
         // Opened first, so a file that is not a database leaves the old connections in place
         // and the error is retried on the next pass.
         let replacement = SourceDb::open(&self.db_path)?;
+        // The path now names another file: no snapshot may be framed from it for the old one.
+        self.pin_gate.set(false);
         drop(std::mem::replace(&mut self.db, replacement));
         self.last_wal_stat = None;
         self.rolled_at_backfill = None;
@@ -643,6 +681,9 @@ impl Capturer {
     /// True while the live WAL holds committed bytes that are not in the shadow file and that
     /// some replica lacks: until they are shipped, the pin must not move.
     fn live_pending(&self) -> bool {
+        if self.database_snapshot_pending() {
+            return true;
+        }
         let Some(generation) = &self.generation else { return false };
         let Some(shadow) = generation.shadow.as_ref() else { return false };
         let Some(from) = shadow.live_from else { return false };
@@ -817,7 +858,15 @@ impl Capturer {
     /// so a start that fails (a full disk cannot take the snapshot) is the first thing the next
     /// pass tries again, whatever the live WAL looks like by then.
     fn start_new_generation(&mut self, reason: String) -> Result<(), Error> {
-        let result = self.new_generation(&reason);
+        let mut result = self.new_generation(&reason);
+        if result.as_ref().err().is_some_and(Error::is_disk_full) {
+            // The old generations' files are the room a new one needs, and hold nothing it will
+            // not (its snapshot and first index hold every commit). Closed first: a deleted file
+            // still takes its space while open.
+            self.generation = None;
+            self.meta.clean_all();
+            result = self.new_generation(&reason);
+        }
         if result.is_err() {
             self.pending_new_generation = Some(reason);
         }
@@ -912,7 +961,16 @@ impl Capturer {
                 shadow = Some(index);
             }
         }
-        let snapshot = self.meta.write_snapshot(&id, 0, self.db.db_file(), &mut self.buf)?;
+        let snapshot = match self.meta.write_snapshot(&id, 0, self.db.db_file(), &mut self.buf) {
+            Err(e) if e.is_disk_full() => {
+                // No room for a compressed copy: the uploaders frame the database itself, under
+                // this pin, which stays until every replica has it (`live_pending`).
+                warn!(db = %self.db_path.display(), generation = %id, "no room on the local disk for the snapshot: shipping it straight from the database file, holding the application's wal until every replica has it");
+                self.pin_gate.set(true);
+                LocalSnapshot { index: 0, path: self.db_path.clone(), created: SystemTime::now(), from_database: true }
+            }
+            other => other?,
+        };
         self.pending_snapshot = false;
         self.meta.write_generation(&id)?;
         self.meta.clean(&id);

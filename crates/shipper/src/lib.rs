@@ -26,6 +26,7 @@ mod protocol;
 mod replica;
 mod retention;
 mod shadow;
+mod snapshot_body;
 mod source;
 mod status;
 mod throttle;
@@ -211,6 +212,7 @@ impl Shipper {
         let mut uploaders = JoinSet::new();
         let mut upkeep = JoinSet::new();
         let positions: Vec<_> = position_txs.iter().map(|p| p.subscribe()).collect();
+        let pin_gate = std::sync::Arc::new(protocol::PinGate::default());
         for ((replica, position_tx), replica_counters) in
             replicas.into_iter().zip(position_txs).zip(replica_counters.iter().cloned())
         {
@@ -231,11 +233,13 @@ impl Shipper {
                 lease_terms.clone(),
                 right,
             )
+            .with_pin_gate(pin_gate.clone())
             .run();
             uploaders.spawn(caught(db_path.clone(), format!("uploader of replica {name}"), uploader));
         }
         let mut capturer = Capturer::new(db_path.clone(), meta, source, state_tx, positions.clone(), counters.clone());
         capturer.free_snapshots_held_by(replica_counters.clone());
+        capturer.share_pin_gate(pin_gate);
         capturer.bound_local_wal(config.max_local_wal);
         capturer.snapshot_after_wal_ratio(config.snapshot_wal_ratio);
         if let Some(events) = watcher {

@@ -23,10 +23,14 @@ use crate::error::{io_err, Error};
 pub struct LocalSnapshot {
     /// The WAL index the snapshot was taken at.
     pub index: u32,
-    /// The LZ4-framed file, ready to upload as is.
+    /// The LZ4-framed file, ready to upload as is; with `from_database`, the database file.
     pub path: PathBuf,
     /// When it was taken: a later snapshot at the same index is a different one.
     pub created: std::time::SystemTime,
+    /// Not stored: the disk had no room for it, so each upload frames the database file itself
+    /// (in stored blocks, whose length is known up front), under the capturer's pin, which stays
+    /// until every replica holds it.
+    pub from_database: bool,
 }
 
 pub(crate) struct MetaDir {
@@ -124,6 +128,16 @@ impl MetaDir {
         write_atomic(&path, format!("{generation}\n").as_bytes())
     }
 
+    /// Deletes every generation directory.
+    pub(crate) fn clean_all(&self) {
+        let Ok(entries) = fs::read_dir(self.root.join(name::GENERATIONS_DIR)) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+
     /// Deletes every generation directory but `keep`, and every leftover temp file.
     pub(crate) fn clean(&self, keep: &GenerationId) {
         // Versions before 0.1 kept a shipped shadow file here for reuse, up to 64 MiB.
@@ -174,7 +188,7 @@ impl MetaDir {
                 let file_name = e.file_name().to_string_lossy().into_owned();
                 let index = u32::from_str_radix(file_name.strip_suffix(".snapshot.lz4")?, 16).ok()?;
                 let created = e.metadata().ok()?.modified().ok()?;
-                Some(LocalSnapshot { index, path: e.path(), created })
+                Some(LocalSnapshot { index, path: e.path(), created, from_database: false })
             })
             .collect()
     }
@@ -204,26 +218,33 @@ impl MetaDir {
         use std::io::Write;
         let path = self.snapshots_dir(generation).join(format!("{index:08x}.snapshot.lz4"));
         let temp = path.with_extension("lz4.tmp");
-        let file = fs::File::create(&temp).map_err(io_err("create", &temp))?;
-        let mut writer = FrameWriter::new(std::io::BufWriter::new(file));
-        let mut offset = 0u64;
-        loop {
-            let n = db_file.read_at(buf, offset).map_err(io_err("read", "database file"))?;
-            if n == 0 {
-                break;
+        let written = (|| {
+            let file = fs::File::create(&temp).map_err(io_err("create", &temp))?;
+            let mut writer = FrameWriter::new(std::io::BufWriter::new(file));
+            let mut offset = 0u64;
+            loop {
+                let n = db_file.read_at(buf, offset).map_err(io_err("read", "database file"))?;
+                if n == 0 {
+                    break;
+                }
+                writer.write_all(&buf[..n]).map_err(io_err("write", &temp))?;
+                offset += n as u64;
             }
-            writer.write_all(&buf[..n]).map_err(io_err("write", &temp))?;
-            offset += n as u64;
+            let file = writer
+                .finish()
+                .map_err(io_err("write", &temp))?
+                .into_inner()
+                .map_err(|e| io_err("write", &temp)(e.into_error()))?;
+            file.sync_all().map_err(io_err("fsync", &temp))
+        })();
+        if let Err(e) = written {
+            // A full disk must get its space back.
+            let _ = fs::remove_file(&temp);
+            return Err(e);
         }
-        let file = writer
-            .finish()
-            .map_err(io_err("write", &temp))?
-            .into_inner()
-            .map_err(|e| io_err("write", &temp)(e.into_error()))?;
-        file.sync_all().map_err(io_err("fsync", &temp))?;
         fs::rename(&temp, &path).map_err(io_err("rename", &temp))?;
         let created = fs::metadata(&path).and_then(|m| m.modified()).map_err(io_err("stat", &path))?;
-        Ok(LocalSnapshot { index, path, created })
+        Ok(LocalSnapshot { index, path, created, from_database: false })
     }
 }
 

@@ -55,3 +55,23 @@ pub struct ShadowState {
     /// (which the capturer's pin may keep from restarting) leave room for the app's writes.
     pub disk_tight: bool,
 }
+
+/// Whether the capturer's pin vouches for the database file, for a snapshot framed straight
+/// from it (the disk had no room for a local copy; see `LocalSnapshot::from_database`). Every
+/// read of that file happens under the read lock while this is open, and the capturer closes it
+/// under the write lock before it lets the pin go: so no byte of such a snapshot is read
+/// unpinned, and an upload cut off that way fails rather than ship a database the pin no longer
+/// matches.
+#[derive(Debug, Default)]
+pub(crate) struct PinGate(std::sync::RwLock<bool>);
+
+impl PinGate {
+    pub(crate) fn set(&self, open: bool) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = open;
+    }
+
+    /// Held while reading: `*guard` says whether the read may go ahead.
+    pub(crate) fn hold(&self) -> std::sync::RwLockReadGuard<'_, bool> {
+        self.0.read().unwrap_or_else(|e| e.into_inner())
+    }
+}

@@ -1,7 +1,6 @@
 //! Uploaders: one task per replica, shipping the shadow WAL in (index, offset) order.
 
 use std::fs::File;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,8 +14,10 @@ use crate::error::{io_err, Error};
 use crate::lease::{Lease, LeasePolicy, WriteRight};
 use crate::mapped::MappedRange;
 use crate::meta::LocalSnapshot;
+use crate::protocol::PinGate;
 use crate::protocol::ShadowState;
 use crate::replica::Replica;
+use crate::snapshot_body::Sealed;
 use crate::status::ReplicaCounters;
 
 /// A segment ends once its frame reaches this many bytes. Counting compressed bytes, not raw
@@ -44,6 +45,8 @@ pub(crate) struct Uploader {
     new_generation: std::sync::mpsc::Sender<crate::protocol::Wake>,
     /// The newest snapshot this replica is known to hold.
     uploaded_snapshot: Option<LocalSnapshot>,
+    /// What a snapshot framed straight from the database is read through.
+    pin_gate: Arc<PinGate>,
     counters: Arc<ReplicaCounters>,
     /// Who this replicator is and its lease policy, when leases are on.
     lease_terms: Option<(String, LeasePolicy)>,
@@ -82,6 +85,7 @@ impl Uploader {
             position,
             new_generation,
             uploaded_snapshot: None,
+            pin_gate: Default::default(),
             counters,
             lease_terms,
             right,
@@ -95,6 +99,12 @@ impl Uploader {
 
     /// Ships until the capturer publishes its final state and all of it is shipped, or the
     /// capturer goes away. Fails only when the replica belongs to another replicator.
+    /// Shares the capturer's gate for snapshots framed from the database (`PinGate`).
+    pub(crate) fn with_pin_gate(mut self, gate: Arc<PinGate>) -> Uploader {
+        self.pin_gate = gate;
+        self
+    }
+
     pub(crate) async fn run(mut self) -> Result<(), Error> {
         let lease = match self.lease_terms.clone() {
             Some((holder, policy)) => Some(self.acquire_lease(&holder, policy).await?),
@@ -321,16 +331,20 @@ impl Uploader {
         self.confirm_lease().await?;
         let key = name::snapshot_key(generation, snapshot.index);
         // Every replica held it, so its local copy was freed; this one has lost it since.
-        if std::fs::metadata(&snapshot.path).map_err(io_err("stat", &snapshot.path))?.len() == 0 {
+        if !snapshot.from_database
+            && std::fs::metadata(&snapshot.path).map_err(io_err("stat", &snapshot.path))?.len() == 0
+        {
             return Err(Error::SnapshotDiscarded {
                 replica: self.replica.name.clone(),
                 generation: *generation,
                 index: snapshot.index,
             });
         }
+        let body = crate::snapshot_body::body_of(snapshot, &self.pin_gate);
         let put = match self.replica.age.as_deref().filter(|keys| keys.seals()) {
-            Some(keys) => self.replica.store.put_body(&key, &SealedFile { keys, path: &snapshot.path }).await,
-            None => self.replica.store.put_file(&key, &snapshot.path).await,
+            Some(keys) => self.replica.store.put_body(&key, &Sealed { keys, inner: body.as_ref() }).await,
+            None if !snapshot.from_database => self.replica.store.put_file(&key, &snapshot.path).await,
+            None => self.replica.store.put_body(&key, body.as_ref()).await,
         };
         put.map_err(|source| Error::Store { replica: self.replica.name.clone(), source })?;
         info!(replica = %self.replica.name, generation = %generation, index = snapshot.index, "snapshot uploaded");
@@ -414,24 +428,6 @@ impl Uploader {
 }
 
 /// A local snapshot encrypted as it is uploaded, so the sealed copy never exists on disk.
-struct SealedFile<'a> {
-    keys: &'a age::AgeKeys,
-    path: &'a Path,
-}
-
-impl walstream_store::Body for SealedFile<'_> {
-    fn open(&self) -> std::io::Result<(u64, Box<dyn std::io::Read + Send>)> {
-        let file = File::open(self.path)?;
-        let len = file.metadata()?.len();
-        let sealed = self.keys.sealing_reader(file, len);
-        Ok((sealed.len(), Box::new(sealed)))
-    }
-
-    fn source(&self) -> String {
-        self.path.display().to_string()
-    }
-}
-
 /// Whether `state` must go up without waiting for a slot: shutdown, a sync barrier since
 /// `syncs_seen`, bytes served from the live WAL (they hold the capturer's pin until shipped), or
 /// a tight disk (no room for a second of WAL).
