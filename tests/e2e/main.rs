@@ -13,6 +13,7 @@ mod encryption;
 mod exec;
 mod fault_proxy;
 mod faults;
+mod fd_limit;
 mod gcs;
 mod harness;
 mod health;

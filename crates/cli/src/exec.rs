@@ -16,11 +16,10 @@ pub(crate) fn spawn(command: &str) -> anyhow::Result<Child> {
     let words = shlex::split(command)
         .filter(|w| !w.is_empty())
         .with_context(|| format!("-exec {command:?}: cannot split into words (unbalanced quotes?)"))?;
-    let child = Command::new(&words[0])
-        .args(&words[1..])
-        .stdin(std::process::Stdio::null())
-        .spawn()
-        .with_context(|| format!("-exec {command:?}: cannot start {:?}", words[0]))?;
+    let mut command_line = Command::new(&words[0]);
+    command_line.args(&words[1..]).stdin(std::process::Stdio::null());
+    crate::fd_limit::restore_in_child(&mut command_line);
+    let child = command_line.spawn().with_context(|| format!("-exec {command:?}: cannot start {:?}", words[0]))?;
     info!(pid = child.id(), command, "started -exec command");
     Ok(child)
 }

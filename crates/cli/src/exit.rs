@@ -44,6 +44,9 @@ pub(crate) const WORKER_FAILED: i32 = 17;
 /// The replica is age-encrypted and no configured identity decrypts it, or its objects are not
 /// encrypted although its config has an `age` block.
 pub(crate) const ENCRYPTION: i32 = 18;
+/// replicate: the open-file limit is too low for the databases asked for, even raised to its
+/// hard limit.
+pub(crate) const TOO_FEW_DESCRIPTORS: i32 = 19;
 /// A signal cut a restore short, or a second signal cut the graceful shutdown short.
 pub(crate) const INTERRUPTED: i32 = 130;
 
@@ -88,6 +91,9 @@ fn specific_code(cause: &(dyn std::error::Error + 'static)) -> Option<i32> {
     // `replicate -exec` exits with the application's own code, whatever it is.
     if let Some(AppExit(code)) = cause.downcast_ref() {
         return Some(*code);
+    }
+    if cause.is::<crate::fd_limit::TooFewDescriptors>() {
+        return Some(TOO_FEW_DESCRIPTORS);
     }
     if cause.is::<Interrupted>() {
         return Some(INTERRUPTED);

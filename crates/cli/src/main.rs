@@ -8,6 +8,7 @@ mod config_keys;
 mod dry_run;
 mod exec;
 mod exit;
+mod fd_limit;
 mod go_duration;
 mod heartbeat;
 mod list;

@@ -149,6 +149,7 @@ async fn ship_all(shippers: Vec<Shipper>, shutdown: CancellationToken) -> anyhow
 
 pub(crate) async fn replicate(args: ReplicateArgs) -> anyhow::Result<()> {
     let (jobs, extras) = replication_jobs(&args)?;
+    crate::fd_limit::ensure_for(jobs.len())?;
     let command = args.exec.clone().or(extras.exec);
     let mut validations = Vec::new();
     let mut shippers = Vec::new();

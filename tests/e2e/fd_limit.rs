@@ -1,0 +1,132 @@
+//! The open-file limit: walstream raises its soft limit to the hard one for many databases, as
+//! litestream (Go) does silently, and names the limit when even the hard one is too low.
+
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::harness::*;
+
+const DATABASES: usize = 40;
+
+/// `DATABASES` databases with a few rows each, and a config file replicating each to its own
+/// file:// replica; returns the config's path and the databases.
+fn many_databases(scratch: &Scratch) -> (PathBuf, Vec<PathBuf>) {
+    let mut config = String::from("dbs:\n");
+    let dbs: Vec<PathBuf> = (0..DATABASES).map(|n| scratch.path(&format!("db-{n}.db"))).collect();
+    for (n, db) in dbs.iter().enumerate() {
+        App::open(db).insert(3);
+        config.push_str(&format!(
+            "  - path: {}\n    replicas:\n      - url: file://{}\n",
+            db.display(),
+            scratch.path(&format!("replica-{n}")).display()
+        ));
+    }
+    let path = scratch.path("walstream.yml");
+    std::fs::write(&path, config).unwrap();
+    (path, dbs)
+}
+
+/// `walstream replicate -config CONFIG` started with an open-file limit of `soft`:`hard`.
+fn replicate_with_limit(config: &std::path::Path, soft: u64, hard: u64, log: &std::path::Path) -> Command {
+    let mut command = Command::new(walstream_bin());
+    command.arg("replicate").arg("-config").arg(config).env("WALSTREAM_LOG", "debug");
+    command.stdout(std::fs::File::create(log).unwrap()).stderr(Stdio::piped());
+    with_limit(&mut command, soft, hard);
+    command
+}
+
+/// Makes `command` start with an open-file limit of `soft`:`hard`.
+fn with_limit(command: &mut Command, soft: u64, hard: u64) {
+    // SAFETY: runs in the forked child before exec; setrlimit is async-signal-safe.
+    unsafe {
+        command.pre_exec(move || {
+            let limit = libc::rlimit { rlim_cur: soft as libc::rlim_t, rlim_max: hard as libc::rlim_t };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// 40 databases need more than a soft limit of 256: walstream raises it to the hard limit,
+/// replicates every one, and holds no more descriptors than `fd_limit` budgets (64, and 10 a
+/// database).
+#[test]
+fn replicate_raises_its_soft_open_file_limit_for_many_databases() {
+    let scratch = Scratch::new();
+    let (config, dbs) = many_databases(&scratch);
+    let log = scratch.path("replicate.log");
+    let child = replicate_with_limit(&config, 256, 4096, &log).spawn().unwrap();
+    let pid = child.id();
+    let snapshots = |scratch: &Scratch| {
+        (0..DATABASES)
+            .filter(|n| {
+                files_under(&scratch.path(&format!("replica-{n}")))
+                    .iter()
+                    .any(|p| p.to_string_lossy().ends_with(".snapshot.lz4"))
+            })
+            .count()
+    };
+    wait_until(Duration::from_secs(60), "every database's snapshot", || snapshots(&scratch) == DATABASES);
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let open_files = limits.lines().find(|l| l.starts_with("Max open files")).unwrap().to_string();
+    let words: Vec<&str> = open_files.split_whitespace().collect();
+    assert_eq!(words[3..5], ["4096", "4096"], "the soft limit was raised to the hard one: {open_files}");
+    let descriptors = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    eprintln!("{DATABASES} databases: {descriptors} descriptors");
+    assert!(descriptors <= 64 + 10 * DATABASES, "{descriptors} descriptors for {DATABASES} databases");
+
+    for db in &dbs {
+        App::open(db).insert(2);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "replicate exited {}: {}", output.status, stderr(&output));
+    for (n, db) in dbs.iter().enumerate().step_by(13) {
+        let restored = scratch.path(&format!("restored-{n}.db"));
+        restore(&format!("file://{}", scratch.path(&format!("replica-{n}")).display()), &restored);
+        assert_same_database(db, &restored);
+    }
+}
+
+/// A hard limit too low for the databases asked for: one line naming it and the fix, exit 19,
+/// before anything is replicated.
+#[test]
+fn a_hard_open_file_limit_too_low_for_the_databases_is_named() {
+    let scratch = Scratch::new();
+    let (config, _) = many_databases(&scratch);
+    let log = scratch.path("replicate.log");
+    let output = replicate_with_limit(&config, 256, 256, &log).output().unwrap();
+    // In config mode walstream logs to stdout, as Litestream does.
+    let text = format!("{}{}", std::fs::read_to_string(&log).unwrap(), stderr(&output));
+    assert_eq!(output.status.code(), Some(19), "{text}");
+    assert!(
+        text.contains(&format!("replicating {DATABASES} databases needs about"))
+            && text.contains("hard limit is 256")
+            && text.contains("ulimit -Hn"),
+        "{text}"
+    );
+    assert_eq!(text.lines().filter(|l| l.contains("ERROR")).count(), 1, "one line: {text}");
+    assert!((0..DATABASES).all(|n| !scratch.path(&format!("replica-{n}")).exists()), "something was replicated");
+}
+
+/// The `-exec` application starts with the limit walstream started with, not the raised one
+/// (as Go's os/exec restores it): an app may count on the usual limit, e.g. for select(2).
+#[test]
+fn the_exec_application_gets_the_open_file_limit_walstream_started_with() {
+    let scratch = Scratch::new();
+    App::open(&scratch.db()).insert(1);
+    let seen = scratch.path("app-limit");
+    let exec = format!("sh -c 'ulimit -Sn > {}'", seen.display());
+    let mut command = Command::new(walstream_bin());
+    command.args(["replicate", "-exec", &exec]).arg(scratch.db()).arg(scratch.replica_url());
+    with_limit(&mut command, 256, 4096);
+    let output = command.output().unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(std::fs::read_to_string(&seen).unwrap().trim(), "256");
+}
