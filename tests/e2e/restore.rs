@@ -288,7 +288,7 @@ fn sigterm_during_a_restore_abandons_it_and_leaves_nothing() {
 /// stderr if it fails.
 // Waited for with wait4, which clippy cannot see, to read the child's peak RSS.
 #[allow(clippy::zombie_processes)]
-fn peak_rss_of_walstream(args: &[&str]) -> (i64, String) {
+pub fn peak_rss_of_walstream(args: &[&str]) -> (i64, String) {
     let child = with_emulator(&mut Command::new(walstream_bin()))
         .args(args)
         .stdout(Stdio::null())

@@ -227,58 +227,33 @@ fn assemble(
     spill_dir: &Path,
     out: mpsc::Sender<Result<VerifiedIndex, Error>>,
 ) {
-    let mut current: Option<(FetchedIndex, ChainCheck)> = None;
-    let mut decoder = lz4::FrameDecoder::new();
+    let mut assembly = Assembly { current: None, decoder: lz4::FrameDecoder::new(), spill_dir };
     while let Some(part) = parts.blocking_recv() {
-        // An encrypted segment is read whole here, its later parts pulled from the channel
-        // through the decryptor, and handed on as one plaintext part.
-        let part = match (age, part) {
-            (Some(keys), Ok(part)) if part.first => match open_segment(keys, part, &mut parts) {
-                Some(part) => part,
+        let ready = match (age, part) {
+            (_, Err(e)) => Err(e),
+            // An encrypted segment: its later parts are pulled from the channel through the
+            // decryptor, and the plaintext decoded as it comes.
+            (Some(keys), Ok(part)) if part.first => match open_segment(keys, part, &mut parts, &mut assembly) {
+                Some(ready) => ready,
                 None => return,
             },
             (None, Ok(part)) if part.first && age::is_sealed(&part.body) => {
                 Err(Error::Encryption { key: part.segment.key.clone(), problem: OpenError::NoIdentity })
             }
-            (_, part) => part,
-        };
-        let step = part.and_then(|part| {
-            let (fetched, check) = current.get_or_insert_with(|| {
-                (
-                    FetchedIndex { index: part.index, wal: IndexBytes::default(), segments: Vec::new() },
-                    ChainCheck::default(),
-                )
-            });
-            if part.first {
-                let expected = fetched.wal.len();
-                if part.segment.offset != expected {
-                    return Err(Error::SegmentGap {
-                        key: part.segment.key.clone(),
-                        expected,
-                        found: part.segment.offset,
-                    });
+            (_, Ok(part)) => (|| {
+                if part.first {
+                    assembly.begin(part.index, &part.segment)?;
                 }
-                fetched.segments.push((part.segment.key.clone(), expected));
-                decoder = lz4::FrameDecoder::new();
-            }
-            let wal = &mut fetched.wal;
-            decoder
-                .feed(&part.body, &mut |block| {
-                    check.feed(block);
-                    wal.append(block, spill_dir)
-                })
-                .map_err(decode_error(&part.segment.key, spill_dir))?;
-            if part.last {
-                decoder.finish().map_err(|source| Error::CorruptObject { key: part.segment.key.clone(), source })?;
-            }
-            Ok(part.ends_index)
-        });
-        let ready = match step {
-            Ok(false) => continue,
-            Ok(true) => {
-                let (fetched, check) = current.take().expect("an index was started");
-                check.verified(fetched)
-            }
+                assembly.feed(&part.segment, &part.body)?;
+                if part.last {
+                    return assembly.end(&part.segment, part.ends_index);
+                }
+                Ok(None)
+            })(),
+        };
+        let ready = match ready {
+            Ok(None) => continue,
+            Ok(Some(index)) => Ok(index),
             Err(e) => Err(e),
         };
         let failed = ready.is_err();
@@ -288,19 +263,68 @@ fn assemble(
     }
 }
 
-/// The whole of the encrypted segment whose first part is `first`, decrypted and LZ4-decoded
-/// back into one part (plaintext LZ4, so the caller decodes it as usual: the decoder sees the
-/// same bytes as for a plain replica). `None` when the download stopped (its receiver went away)
-/// before the segment was whole.
+/// The index being assembled, and the decoder of its current segment.
+struct Assembly<'a> {
+    current: Option<(FetchedIndex, ChainCheck)>,
+    decoder: lz4::FrameDecoder,
+    spill_dir: &'a Path,
+}
+
+impl Assembly<'_> {
+    /// Starts `segment` of `index`, which must begin where the index's bytes so far end.
+    fn begin(&mut self, index: u32, segment: &SegmentRef) -> Result<(), Error> {
+        let (fetched, _) = self.current.get_or_insert_with(|| {
+            (FetchedIndex { index, wal: IndexBytes::default(), segments: Vec::new() }, ChainCheck::default())
+        });
+        let expected = fetched.wal.len();
+        if segment.offset != expected {
+            return Err(Error::SegmentGap { key: segment.key.clone(), expected, found: segment.offset });
+        }
+        fetched.segments.push((segment.key.clone(), expected));
+        self.decoder = lz4::FrameDecoder::new();
+        Ok(())
+    }
+
+    /// Decodes the next LZ4 bytes of the current segment into the index.
+    fn feed(&mut self, segment: &SegmentRef, lz4_bytes: &[u8]) -> Result<(), Error> {
+        let (fetched, check) = self.current.as_mut().expect("a segment was begun");
+        let wal = &mut fetched.wal;
+        let spill_dir = self.spill_dir;
+        self.decoder
+            .feed(lz4_bytes, &mut |block| {
+                check.feed(block);
+                wal.append(block, spill_dir)
+            })
+            .map_err(decode_error(&segment.key, spill_dir))
+    }
+
+    /// Ends the current segment; when it `ends_index`, hands the index on, verified.
+    fn end(&mut self, segment: &SegmentRef, ends_index: bool) -> Result<Option<VerifiedIndex>, Error> {
+        self.decoder.finish().map_err(|source| Error::CorruptObject { key: segment.key.clone(), source })?;
+        if !ends_index {
+            return Ok(None);
+        }
+        let (fetched, check) = self.current.take().expect("an index was started");
+        check.verified(fetched).map(Some)
+    }
+}
+
+/// The encrypted segment whose first part is `first`, decrypted as its parts arrive and fed to
+/// `assembly`; returns what ending it gives. `None` when the download stopped (its receiver
+/// went away) before the segment was whole.
 fn open_segment(
     keys: &AgeKeys,
     first: SegmentPart,
     parts: &mut mpsc::Receiver<Result<SegmentPart, Error>>,
-) -> Option<Result<SegmentPart, Error>> {
-    let key = first.segment.key.clone();
+    assembly: &mut Assembly<'_>,
+) -> Option<Result<Option<VerifiedIndex>, Error>> {
+    let segment = first.segment.clone();
+    if let Err(e) = assembly.begin(first.index, &segment) {
+        return Some(Err(e));
+    }
     let (mut last, mut ends_index) = (first.last, first.ends_index);
     let (mut failed, mut stopped) = (None, false);
-    let mut head = Some(first.body.clone());
+    let mut head = Some(first.body);
     let bodies = std::iter::from_fn(|| {
         if let Some(body) = head.take() {
             return Some(body);
@@ -323,21 +347,15 @@ fn open_segment(
             }
         }
     });
-    let mut framed = Vec::new();
     let opened = keys
         .opening_reader(PartsReader::new(bodies))
-        .map_err(|problem| Error::Encryption { key: key.clone(), problem })
-        .and_then(|plain| {
-            feed_plain(plain, &key, &mut |bytes| {
-                framed.extend_from_slice(bytes);
-                Ok(())
-            })
-        });
+        .map_err(|problem| Error::Encryption { key: segment.key.clone(), problem })
+        .and_then(|plain| feed_plain(plain, &segment.key, &mut |bytes| assembly.feed(&segment, bytes)));
     if let Some(e) = failed {
         return Some(Err(e));
     }
     if stopped {
         return None;
     }
-    Some(opened.map(|()| SegmentPart { first: true, last: true, ends_index, body: Bytes::from(framed), ..first }))
+    Some(opened.and_then(|()| assembly.end(&segment, ends_index)))
 }
