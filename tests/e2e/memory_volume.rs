@@ -393,45 +393,57 @@ fn a_slow_writers_wal_stays_its_own_size() {
     );
 }
 
+/// A volume holding a 3 MiB database that does not compress, with 256 KiB left free: no room
+/// for the snapshot of a generation that starts now.
+fn no_room_for_a_snapshot() -> (MemoryVolume, PathBuf, App) {
+    let volume = MemoryVolume::mount("8m");
+    let db = volume.path("db");
+    let mut app = App::open(&db);
+    app.insert_large(3 << 20);
+    app.checkpoint("TRUNCATE");
+    {
+        use std::io::Write;
+        let mut ballast = std::fs::File::create(volume.path("ballast")).unwrap();
+        let block = vec![0xA5u8; 4096];
+        while volume.free() > 256 << 10 {
+            ballast.write_all(&block).unwrap();
+        }
+        ballast.sync_all().unwrap();
+    }
+    let db_len = std::fs::metadata(&db).unwrap().len();
+    assert!(volume.free() < db_len, "the volume has room for a snapshot; the test proves nothing");
+    (volume, db, app)
+}
+
+/// While `replicator` runs: the snapshot reaches the replica, the app commits a few times, then
+/// SIGTERM; asserts the snapshot went up straight from the database, with no local copy.
+fn commit_and_stop(scratch: &Scratch, volume: &MemoryVolume, app: &mut App, replicator: Replicator, log: &Path) {
+    wait_for_snapshot(scratch);
+    for _ in 0..5 {
+        app.insert(10);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    replicator.stop_ok();
+    let log = std::fs::read_to_string(log).unwrap();
+    assert!(log.contains("no room on the local disk for the snapshot"), "the snapshot was stored locally after all");
+    let local_snapshots: Vec<PathBuf> = files_under(&volume.path(".db-walstream"))
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains(".snapshot.lz4"))
+        .collect();
+    assert!(local_snapshots.is_empty(), "a snapshot was written locally: {local_snapshots:?}");
+}
+
 on_both_backends! {
-    /// A generation that must start when the volume has no room for its snapshot (a 3 MiB
-    /// database that does not compress, 256 KiB free: a new instance's replicator on a volume
-    /// the restore and the app have filled). The snapshot goes up straight from the database
-    /// file, under the pin, with nothing written locally for it; the app commits meanwhile, and
-    /// SIGTERM ships everything.
+    /// A generation that must start when the volume has no room for its snapshot (a new
+    /// instance's replicator on a volume the restore and the app have filled). The snapshot
+    /// goes up straight from the database file, under the pin, with nothing written locally
+    /// for it; the app commits meanwhile, and SIGTERM ships everything.
     fn a_generation_starts_with_no_room_for_its_snapshot(backend: Backend) {
         let scratch = Scratch::on(backend);
-        let volume = MemoryVolume::mount("8m");
-        let db = volume.path("db");
-        let mut app = App::open(&db);
-        app.insert_large(3 << 20);
-        app.checkpoint("TRUNCATE");
-        {
-            use std::io::Write;
-            let mut ballast = std::fs::File::create(volume.path("ballast")).unwrap();
-            let block = vec![0xA5u8; 4096];
-            while volume.free() > 256 << 10 {
-                ballast.write_all(&block).unwrap();
-            }
-            ballast.sync_all().unwrap();
-        }
-        let db_len = std::fs::metadata(&db).unwrap().len();
-        assert!(volume.free() < db_len, "the volume has room for a snapshot; the test proves nothing");
-
-        let replicator = Replicator::start(&db, &[scratch.replica_url()], scratch.path("replicate.log"));
-        wait_for_snapshot(&scratch);
-        for _ in 0..5 {
-            app.insert(10);
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        replicator.stop_ok();
-        let log = std::fs::read_to_string(scratch.path("replicate.log")).unwrap();
-        assert!(log.contains("no room on the local disk for the snapshot"), "the snapshot was stored locally after all");
-        let local_snapshots: Vec<PathBuf> = files_under(&volume.path(".db-walstream"))
-            .into_iter()
-            .filter(|p| p.to_string_lossy().contains(".snapshot.lz4"))
-            .collect();
-        assert!(local_snapshots.is_empty(), "a snapshot was written locally: {local_snapshots:?}");
+        let (volume, db, mut app) = no_room_for_a_snapshot();
+        let log = scratch.path("replicate.log");
+        let replicator = Replicator::start(&db, &[scratch.replica_url()], log.clone());
+        commit_and_stop(&scratch, &volume, &mut app, replicator, &log);
         let restored = scratch.path("restored.db");
         restore(&scratch.replica_url(), &restored);
         assert_same_database(&db, &restored);
@@ -446,4 +458,43 @@ on_both_backends! {
         assert!(output.status.success(), "litestream restore failed: {}", stderr(&output));
         assert_same_database(&db, &by_litestream);
     }
+}
+
+/// The same with an age-encrypted replica: the database is sealed as it is framed.
+#[test]
+fn an_encrypted_generation_starts_with_no_room_for_its_snapshot() {
+    let scratch = Scratch::new();
+    let (volume, db, mut app) = no_room_for_a_snapshot();
+    let identity = age::x25519::Identity::generate();
+    let secret = age::secrecy::ExposeSecret::expose_secret(&identity.to_string()).to_string();
+    let config = scratch.path("walstream.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "dbs:\n  - path: {}\n    replicas:\n      - url: {}\n        age:\n          recipients: [{}]\n          identities: [{secret}]\n",
+            db.display(),
+            scratch.replica_url(),
+            identity.to_public()
+        ),
+    )
+    .unwrap();
+    let log = scratch.path("replicate.log");
+    let replicator = Replicator::start_args(&["-config".into(), config.clone().into()], log.clone(), &[]);
+    commit_and_stop(&scratch, &volume, &mut app, replicator, &log);
+    let snapshot = scratch.replica_keys().into_iter().find(|k| k.ends_with(".snapshot.lz4")).unwrap();
+    assert!(
+        scratch.read_object(&snapshot).starts_with(b"age-encryption.org/v1\n"),
+        "the snapshot went up in the clear"
+    );
+    let restored = scratch.path("restored.db");
+    let output = Command::new(walstream_bin())
+        .args(["restore", "-config"])
+        .arg(&config)
+        .arg("-o")
+        .arg(&restored)
+        .arg(&db)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_same_database(&db, &restored);
 }
