@@ -669,6 +669,9 @@ impl Capturer {
         };
         let index = generation.end().index;
         let snapshot = self.meta.write_snapshot(&generation.id, index, self.db.db_file(), &mut self.buf)?;
+        // A snapshot framed from the database, if still uploading, is replaced, and the pin may
+        // move from the next pass on: see `new_generation`.
+        self.pin_gate.set(false);
         self.meta.remove_snapshots_below(&generation.id, generation.snapshot.index);
         info!(db = %self.db_path.display(), generation = %generation.id, index, "snapshot taken");
         generation.snapshot = snapshot;
@@ -944,6 +947,10 @@ impl Capturer {
     /// snapshotted. Runs under the caller's pin, so no frame can be back-filled into the file
     /// that index 0 does not also hold.
     fn new_generation(&mut self, reason: &str) -> Result<(), Error> {
+        // The gate is open only while the current generation's snapshot comes from the database
+        // and holds the pin (`live_pending`); that ends here, and an upload still reading for the
+        // old generation must fail rather than read what the pin may no longer cover.
+        self.pin_gate.set(false);
         let id = GenerationId::time_ordered();
         info!(db = %self.db_path.display(), generation = %id, reason, "new generation");
         // Index 0 begins here: a restore from this generation's snapshot replays it from the start.
@@ -966,7 +973,6 @@ impl Capturer {
                 // No room for a compressed copy: the uploaders frame the database itself, under
                 // this pin, which stays until every replica has it (`live_pending`).
                 warn!(db = %self.db_path.display(), generation = %id, "no room on the local disk for the snapshot: shipping it straight from the database file, holding the application's wal until every replica has it");
-                self.pin_gate.set(true);
                 LocalSnapshot { index: 0, path: self.db_path.clone(), created: SystemTime::now(), from_database: true }
             }
             other => other?,
@@ -974,6 +980,8 @@ impl Capturer {
         self.pending_snapshot = false;
         self.meta.write_generation(&id)?;
         self.meta.clean(&id);
+        // Opened only once the generation is in place, whose pending snapshot holds the pin.
+        self.pin_gate.set(snapshot.from_database);
         self.generation =
             Some(Generation { id, snapshot, shadow, wal_at_snapshot: index_started_at, index_started_at });
         Ok(())
