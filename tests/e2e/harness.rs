@@ -106,27 +106,29 @@ impl Backend {
     }
 }
 
-/// Writes the test `fn $name(backend: Backend)` once and runs it as `$name::file`,
-/// `$name::gcs` and `$name::s3`.
-macro_rules! on_both_backends {
-    ($(#[$meta:meta])* fn $name:ident($backend:ident: Backend) $body:block) => {
+/// Writes the test `fn $name(backend: Backend)` once and runs it on each backend listed, as
+/// `$name::file` and so on: `on_backends! { [file: File, gcs: Gcs] fn name(backend: Backend) {...} }`.
+macro_rules! on_backends {
+    ([$($test:ident: $variant:ident),+] $(#[$meta:meta])* fn $name:ident($backend:ident: Backend) $body:block) => {
         $(#[$meta])*
         mod $name {
             use super::*;
             fn run($backend: Backend) $body
-            #[test]
-            fn file() {
-                run(Backend::File)
-            }
-            #[test]
-            fn gcs() {
-                run(Backend::Gcs)
-            }
-            #[test]
-            fn s3() {
-                run(Backend::S3)
-            }
+            $(
+                #[test]
+                fn $test() {
+                    run(Backend::$variant)
+                }
+            )+
         }
+    };
+}
+pub(crate) use on_backends;
+
+/// [`on_backends!`] on every backend: `$name::file`, `$name::gcs` and `$name::s3`.
+macro_rules! on_both_backends {
+    ($($item:tt)*) => {
+        crate::harness::on_backends! { [file: File, gcs: Gcs, s3: S3] $($item)* }
     };
 }
 pub(crate) use on_both_backends;

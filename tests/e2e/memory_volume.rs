@@ -60,20 +60,22 @@ impl MemoryVolume {
 
     /// Bytes free on the volume.
     pub fn free(&self) -> u64 {
-        let path = std::ffi::CString::new(self.dir.path().as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: statvfs fills the struct it is given; the path is a valid C string.
-        let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
-        assert_eq!(unsafe { libc::statvfs(path.as_ptr(), &mut stat) }, 0);
+        let stat = self.statvfs();
         stat.f_bavail * stat.f_frsize
     }
 
     /// Bytes in use on the volume, as `df` counts them.
     pub fn used(&self) -> u64 {
+        let stat = self.statvfs();
+        (stat.f_blocks - stat.f_bfree) * stat.f_frsize
+    }
+
+    fn statvfs(&self) -> libc::statvfs {
         let path = std::ffi::CString::new(self.dir.path().as_os_str().as_encoded_bytes()).unwrap();
         // SAFETY: statvfs fills the struct it is given; the path is a valid C string.
         let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
         assert_eq!(unsafe { libc::statvfs(path.as_ptr(), &mut stat) }, 0);
-        (stat.f_blocks - stat.f_bfree) * stat.f_frsize
+        stat
     }
 }
 
@@ -265,11 +267,16 @@ fn the_guides_cloud_run_instances_on_an_8_mib_memory_volume_lose_nothing() {
 /// Fills the volume to the last byte with a file, so nothing more can be written until
 /// something is freed.
 fn fill(volume: &MemoryVolume) -> PathBuf {
+    fill_leaving(volume, 0)
+}
+
+/// A ballast file that fills the volume until at most `free` bytes are left (or a write fails).
+fn fill_leaving(volume: &MemoryVolume, free: u64) -> PathBuf {
     use std::io::Write;
     let path = volume.path("ballast");
     let mut file = std::fs::File::create(&path).unwrap();
     let block = vec![0xA5u8; 4096];
-    while file.write_all(&block).is_ok() {}
+    while (free == 0 || volume.free() > free) && file.write_all(&block).is_ok() {}
     let _ = file.sync_all();
     path
 }
@@ -401,15 +408,7 @@ fn no_room_for_a_snapshot() -> (MemoryVolume, PathBuf, App) {
     let mut app = App::open(&db);
     app.insert_large(3 << 20);
     app.checkpoint("TRUNCATE");
-    {
-        use std::io::Write;
-        let mut ballast = std::fs::File::create(volume.path("ballast")).unwrap();
-        let block = vec![0xA5u8; 4096];
-        while volume.free() > 256 << 10 {
-            ballast.write_all(&block).unwrap();
-        }
-        ballast.sync_all().unwrap();
-    }
+    fill_leaving(&volume, 256 << 10);
     let db_len = std::fs::metadata(&db).unwrap().len();
     assert!(volume.free() < db_len, "the volume has room for a snapshot; the test proves nothing");
     (volume, db, app)

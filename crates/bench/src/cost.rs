@@ -8,9 +8,10 @@
 //! Each backend (`--backends gcs,s3`) gets its own server: fake-gcs-server, whose log does the
 //! counting, and moto, behind a proxy that counts (`s3_server`). Requests are counted by billing
 //! class: over the steady part (from the first commit until uploads pause), and over the whole
-//! run (start-up and shutdown too). A commit's lag runs from its start to the first segment upload answered after it
-//! returned; an upload already under way when the commit returned is counted as carrying it, so
-//! a lag may read short by one upload's duration (a few ms against the local emulator).
+//! run (start-up and shutdown too). A commit's lag runs from its start to the first segment
+//! upload answered after it returned; an upload already under way when the commit returned is
+//! counted as carrying it, so a lag may read short by one upload's duration (a few ms against
+//! the local emulator).
 //! Run it through `scripts/bench-cost.sh`.
 
 use std::time::{Duration, Instant, SystemTime};

@@ -130,23 +130,23 @@ impl MetaDir {
 
     /// Deletes every generation directory.
     pub(crate) fn clean_all(&self) {
-        let Ok(entries) = fs::read_dir(self.root.join(name::GENERATIONS_DIR)) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let _ = fs::remove_dir_all(entry.path());
-        }
+        self.remove_generations_but(None);
     }
 
     /// Deletes every generation directory but `keep`, and every leftover temp file.
     pub(crate) fn clean(&self, keep: &GenerationId) {
         // Versions before 0.1 kept a shipped shadow file here for reuse, up to 64 MiB.
         let _ = fs::remove_file(self.root.join("spare.wal"));
+        self.remove_generations_but(Some(keep));
+    }
+
+    fn remove_generations_but(&self, keep: Option<&GenerationId>) {
         let Ok(entries) = fs::read_dir(self.root.join(name::GENERATIONS_DIR)) else {
             return;
         };
+        let keep = keep.map(GenerationId::to_string);
         for entry in entries.flatten() {
-            if entry.file_name().to_string_lossy() != keep.to_string() {
+            if keep.as_deref() != Some(&*entry.file_name().to_string_lossy()) {
                 let _ = fs::remove_dir_all(entry.path());
             }
         }

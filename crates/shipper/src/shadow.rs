@@ -407,10 +407,8 @@ pub(crate) fn discard_shipped(path: &Path, shipped: u64) {
 
 /// Punches out a finished index file through its end, keeping its header block and its length.
 pub(crate) fn discard_whole(path: &Path) {
-    if let Ok(file) = OpenOptions::new().write(true).open(path) {
-        if let Ok(meta) = file.metadata() {
-            let _ = punch(&file, meta.len().div_ceil(BLOCK) * BLOCK);
-        }
+    if let Ok(meta) = std::fs::metadata(path) {
+        discard_shipped(path, meta.len().div_ceil(BLOCK) * BLOCK);
     }
 }
 

@@ -14,8 +14,7 @@ use crate::error::{io_err, Error};
 use crate::lease::{Lease, LeasePolicy, WriteRight};
 use crate::mapped::MappedRange;
 use crate::meta::LocalSnapshot;
-use crate::protocol::PinGate;
-use crate::protocol::ShadowState;
+use crate::protocol::{PinGate, ShadowState};
 use crate::replica::Replica;
 use crate::snapshot_body::Sealed;
 use crate::status::ReplicaCounters;
@@ -97,14 +96,14 @@ impl Uploader {
         }
     }
 
-    /// Ships until the capturer publishes its final state and all of it is shipped, or the
-    /// capturer goes away. Fails only when the replica belongs to another replicator.
     /// Shares the capturer's gate for snapshots framed from the database (`PinGate`).
     pub(crate) fn with_pin_gate(mut self, gate: Arc<PinGate>) -> Uploader {
         self.pin_gate = gate;
         self
     }
 
+    /// Ships until the capturer publishes its final state and all of it is shipped, or the
+    /// capturer goes away. Fails only when the replica belongs to another replicator.
     pub(crate) async fn run(mut self) -> Result<(), Error> {
         let lease = match self.lease_terms.clone() {
             Some((holder, policy)) => Some(self.acquire_lease(&holder, policy).await?),
@@ -341,9 +340,9 @@ impl Uploader {
             });
         }
         let body = crate::snapshot_body::body_of(snapshot, &self.pin_gate);
+        // Sealed as it is read, so an encrypted copy never exists on disk.
         let put = match self.replica.age.as_deref().filter(|keys| keys.seals()) {
             Some(keys) => self.replica.store.put_body(&key, &Sealed { keys, inner: body.as_ref() }).await,
-            None if !snapshot.from_database => self.replica.store.put_file(&key, &snapshot.path).await,
             None => self.replica.store.put_body(&key, body.as_ref()).await,
         };
         put.map_err(|source| Error::Store { replica: self.replica.name.clone(), source })?;
@@ -427,7 +426,6 @@ impl Uploader {
     }
 }
 
-/// A local snapshot encrypted as it is uploaded, so the sealed copy never exists on disk.
 /// Whether `state` must go up without waiting for a slot: shutdown, a sync barrier since
 /// `syncs_seen`, bytes served from the live WAL (they hold the capturer's pin until shipped), or
 /// a tight disk (no room for a second of WAL).
