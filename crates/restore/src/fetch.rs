@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::stream::{self, StreamExt};
 use tokio::sync::mpsc;
 use walstream_format::age::{self, AgeKeys, OpenError};
@@ -31,12 +31,54 @@ fn parts(object: &SegmentRef) -> impl Iterator<Item = (u64, u64, bool)> + '_ {
     (0..count).map(move |i| (i * PART, PART.min(object.size.saturating_sub(i * PART)), i + 1 == count))
 }
 
-async fn get_part(store: &dyn ObjectStore, object: &SegmentRef, offset: u64, len: u64) -> Result<Bytes, Error> {
+async fn get_part(
+    store: &dyn ObjectStore,
+    pool: &PartPool,
+    object: &SegmentRef,
+    offset: u64,
+    len: u64,
+) -> Result<Bytes, Error> {
     Ok(if object.size <= PART {
         store.get(&object.key).await?
     } else {
-        store.get_range(&object.key, offset, len).await?
+        store.get_range_into(&object.key, offset, len, pool.take()).await?
     })
+}
+
+/// The buffers of parts the decoder is done with, handed back for the next ranged GETs. Fresh
+/// 1 MiB buffers are above glibc's mmap threshold (which `restore` keeps low so freed memory
+/// leaves the process), so each one cost an mmap, a page fault and a zeroed page for every
+/// 4 KiB, and a munmap: a fifth of a large snapshot's restore CPU. A part is taken again soon
+/// after it is handed back, so two are kept: more stayed resident while nothing downloaded
+/// (1.5 MiB more peak RSS on GCS with six). Keeps nothing for a store that does not read into
+/// the buffers it is given.
+struct PartPool {
+    kept: std::sync::Mutex<Vec<BytesMut>>,
+    enabled: bool,
+}
+
+impl PartPool {
+    const KEEP: usize = 2;
+
+    fn for_store(store: &dyn ObjectStore) -> PartPool {
+        PartPool { kept: Default::default(), enabled: store.reads_into_buffers() }
+    }
+
+    fn take(&self) -> BytesMut {
+        self.kept.lock().expect("part pool lock").pop().unwrap_or_default()
+    }
+
+    /// Keeps `part`'s buffer if nothing else still refers to it.
+    fn give(&self, part: Bytes) {
+        if !self.enabled {
+            return;
+        }
+        let Ok(buf) = part.try_into_mut() else { return };
+        let mut kept = self.kept.lock().expect("part pool lock");
+        if buf.capacity() >= PART as usize && kept.len() < Self::KEEP {
+            kept.push(buf);
+        }
+    }
 }
 
 fn decode_error(key: &str, path: &Path) -> impl Fn(lz4::FeedError) -> Error {
@@ -63,6 +105,8 @@ pub(crate) async fn snapshot_into<W: std::io::Write + Send + 'static>(
     let (parts_tx, mut parts_rx) = mpsc::channel::<Bytes>(1);
     let (key, path) = (snapshot.key.clone(), path.to_path_buf());
     let age = age.cloned();
+    let pool = std::sync::Arc::new(PartPool::for_store(store));
+    let returned = pool.clone();
     let writer = tokio::task::spawn_blocking(move || {
         let mut file = file;
         let mut decoder = lz4::FrameDecoder::new();
@@ -79,6 +123,7 @@ pub(crate) async fn snapshot_into<W: std::io::Write + Send + 'static>(
                         return Err(Error::Encryption { key, problem: OpenError::NoIdentity });
                     }
                     decoder.feed(&part, &mut sink).map_err(decode_error(&key, &path))?;
+                    returned.give(part);
                 }
             }
             Some(keys) => {
@@ -94,7 +139,7 @@ pub(crate) async fn snapshot_into<W: std::io::Write + Send + 'static>(
         Ok::<_, Error>((file, written))
     });
     let mut downloads = stream::iter(parts(snapshot))
-        .map(|(offset, len, _)| get_part(store, snapshot, offset, len))
+        .map(|(offset, len, _)| get_part(store, &pool, snapshot, offset, len))
         .buffered(parallelism.clamp(1, PARTS_IN_FLIGHT));
     while let Some(part) = downloads.next().await {
         let part = part?;
@@ -183,7 +228,9 @@ pub(crate) async fn fetch_indexes(
 ) {
     let (parts_tx, parts_rx) = mpsc::channel::<Result<SegmentPart, Error>>(1);
     let age = age.cloned();
-    let assembler = tokio::task::spawn_blocking(move || assemble(parts_rx, age.as_ref(), &spill_dir, out));
+    let pool = std::sync::Arc::new(PartPool::for_store(store));
+    let returned = pool.clone();
+    let assembler = tokio::task::spawn_blocking(move || assemble(parts_rx, age.as_ref(), &spill_dir, &returned, out));
     let all_parts = indexes.iter().flat_map(|plan| {
         let last_segment = plan.segments.len().saturating_sub(1);
         plan.segments.iter().enumerate().flat_map(move |(n, segment)| {
@@ -191,16 +238,19 @@ pub(crate) async fn fetch_indexes(
         })
     });
     let mut downloads = stream::iter(all_parts)
-        .map(|(index, segment, offset, len, last, ends_index)| async move {
-            let body = get_part(store, segment, offset, len).await?;
-            Ok(SegmentPart {
-                index,
-                segment: segment.clone(),
-                first: offset == 0,
-                last,
-                ends_index: ends_index && last,
-                body,
-            })
+        .map(|(index, segment, offset, len, last, ends_index)| {
+            let pool = &pool;
+            async move {
+                let body = get_part(store, pool, segment, offset, len).await?;
+                Ok(SegmentPart {
+                    index,
+                    segment: segment.clone(),
+                    first: offset == 0,
+                    last,
+                    ends_index: ends_index && last,
+                    body,
+                })
+            }
         })
         .buffered(parallelism.clamp(1, PARTS_IN_FLIGHT));
     while let Some(part) = downloads.next().await {
@@ -225,6 +275,7 @@ fn assemble(
     mut parts: mpsc::Receiver<Result<SegmentPart, Error>>,
     age: Option<&AgeKeys>,
     spill_dir: &Path,
+    pool: &PartPool,
     out: mpsc::Sender<Result<VerifiedIndex, Error>>,
 ) {
     let mut assembly = Assembly { current: None, decoder: lz4::FrameDecoder::new(), spill_dir };
@@ -245,10 +296,9 @@ fn assemble(
                     assembly.begin(part.index, &part.segment)?;
                 }
                 assembly.feed(&part.segment, &part.body)?;
-                if part.last {
-                    return assembly.end(&part.segment, part.ends_index);
-                }
-                Ok(None)
+                let ended = part.last.then(|| assembly.end(&part.segment, part.ends_index));
+                pool.give(part.body);
+                ended.unwrap_or(Ok(None))
             })(),
         };
         let ready = match ready {
@@ -358,4 +408,35 @@ fn open_segment(
         return None;
     }
     Some(opened.and_then(|()| assembly.end(&segment, ends_index)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_part_read_into_a_handed_back_buffer_reuses_its_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = walstream_store::FileStore::new(dir.path());
+        let body: Vec<u8> = (0..3 * PART as usize).map(|i| (i * 31 % 251) as u8).collect();
+        store.put("generations/a/snapshots/00000000.snapshot.lz4", body.clone().into()).await.unwrap();
+        let object = SegmentRef {
+            key: "generations/a/snapshots/00000000.snapshot.lz4".into(),
+            offset: 0,
+            size: body.len() as u64,
+        };
+        let pool = PartPool::for_store(&store);
+        let first = get_part(&store, &pool, &object, 0, PART).await.unwrap();
+        let address = first.as_ptr();
+        assert!(first[..] == body[..PART as usize]);
+        pool.give(first);
+        let second = get_part(&store, &pool, &object, PART, PART).await.unwrap();
+        assert!(second[..] == body[PART as usize..2 * PART as usize]);
+        assert_eq!(second.as_ptr(), address, "the second part must be read into the first one's buffer");
+        // A part something else still refers to is not taken back.
+        let held = second.clone();
+        pool.give(second);
+        assert!(pool.kept.lock().unwrap().is_empty());
+        drop(held);
+    }
 }

@@ -94,6 +94,11 @@ pub async fn run(store: &dyn ObjectStore) {
             let got = store.get_range(&key, offset, range_len).await.unwrap();
             let end = (offset + range_len).min(len as u64) as usize;
             assert!(got == body[offset as usize..end], "get_range({offset}, {range_len}) of {len} bytes");
+            // Into a buffer that held something else and is longer or shorter than the range.
+            for reused in [vec![0xa5u8; 1 << 20], vec![0x5a; 3]] {
+                let got = store.get_range_into(&key, offset, range_len, reused[..].into()).await.unwrap();
+                assert!(got == body[offset as usize..end], "get_range_into({offset}, {range_len}) of {len} bytes");
+            }
         }
     }
     assert!(store.get_range("generations/x/missing", 0, 10).await.unwrap_err().is_not_found());

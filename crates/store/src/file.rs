@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use async_trait::async_trait;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use crate::{Body, Error, ObjectMeta, ObjectStore, Version};
 
@@ -86,6 +86,14 @@ impl ObjectStore for FileStore {
     }
 
     async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Bytes, Error> {
+        self.get_range_into(key, offset, len, BytesMut::new()).await
+    }
+
+    fn reads_into_buffers(&self) -> bool {
+        true
+    }
+
+    async fn get_range_into(&self, key: &str, offset: u64, len: u64, mut buf: BytesMut) -> Result<Bytes, Error> {
         let path = self.path_of(key)?;
         let key = key.to_string();
         tokio::task::spawn_blocking(move || {
@@ -96,9 +104,10 @@ impl ObjectStore for FileStore {
                 Err(e) => return Err(io_error("open", &path)(e)),
             };
             let size = file.metadata().map_err(io_error("stat", &path))?.len();
-            let mut body = vec![0u8; usize::try_from(len.min(size.saturating_sub(offset))).unwrap_or(0)];
-            file.read_exact_at(&mut body, offset).map_err(io_error("read", &path))?;
-            Ok(Bytes::from(body))
+            // A reused buffer of the same length is not written before the read fills it.
+            buf.resize(usize::try_from(len.min(size.saturating_sub(offset))).unwrap_or(0), 0);
+            file.read_exact_at(&mut buf, offset).map_err(io_error("read", &path))?;
+            Ok(buf.freeze())
         })
         .await
         .expect("read task panicked")

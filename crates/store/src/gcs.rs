@@ -352,22 +352,35 @@ impl ObjectStore for GcsStore {
     }
 
     async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Bytes, Error> {
+        self.get_range_into(key, offset, len, bytes::BytesMut::new()).await
+    }
+
+    fn reads_into_buffers(&self) -> bool {
+        true
+    }
+
+    async fn get_range_into(&self, key: &str, offset: u64, len: u64, buf: bytes::BytesMut) -> Result<Bytes, Error> {
         if len == 0 {
             return Ok(Bytes::new());
         }
         let name = self.object_name(key)?;
+        // Each attempt fills the buffer afresh; a retry after a failed attempt allocates anew.
+        let mut buf = Some(buf);
         let body = self
             .retrying("get", key, |client| {
                 let request =
                     GetObjectRequest { bucket: self.bucket.clone(), object: name.clone(), ..Default::default() };
                 // The end is inclusive in an HTTP range.
                 let range = Range(Some(offset), Some(offset + len - 1));
+                let reused = buf.take();
                 async move {
                     // Streamed into one buffer of the range's size: the client's whole-object call
                     // copies the body twice more, which a restore's parts in flight would pay for.
                     use futures_util::StreamExt;
                     let mut chunks = std::pin::pin!(client.download_streamed_object(&request, &range).await?);
-                    let mut body = bytes::BytesMut::with_capacity(usize::try_from(len).unwrap_or(0).min(64 << 20));
+                    let mut body = reused.unwrap_or_default();
+                    body.clear();
+                    body.reserve(usize::try_from(len).unwrap_or(0).min(64 << 20));
                     while let Some(chunk) = chunks.next().await {
                         body.extend_from_slice(&chunk?);
                     }

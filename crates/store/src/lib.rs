@@ -31,7 +31,7 @@ mod s3;
 use std::time::SystemTime;
 
 use async_trait::async_trait;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 pub use error::Error;
 pub use file::FileStore;
@@ -211,6 +211,20 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
         let start = usize::try_from(offset).unwrap_or(usize::MAX).min(body.len());
         let end = usize::try_from(offset.saturating_add(len)).unwrap_or(usize::MAX).min(body.len());
         Ok(body.slice(start..end))
+    }
+
+    /// [`get_range`](ObjectStore::get_range), read into `buf` where the backend can (its
+    /// contents are replaced), so a caller that hands the same buffers back part after part
+    /// pays no fresh allocation, page faults or zeroing per part. The default ignores `buf`.
+    async fn get_range_into(&self, key: &str, offset: u64, len: u64, buf: BytesMut) -> Result<Bytes, Error> {
+        drop(buf);
+        self.get_range(key, offset, len).await
+    }
+
+    /// Whether [`get_range_into`](ObjectStore::get_range_into) reads into the buffer it is
+    /// given: a caller keeping buffers for it would otherwise only hold memory.
+    fn reads_into_buffers(&self) -> bool {
+        false
     }
 
     /// Every object whose key starts with `prefix`, at any depth, sorted by key. Temporary
