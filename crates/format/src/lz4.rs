@@ -355,6 +355,18 @@ impl FrameDecoder {
         FrameDecoder::default()
     }
 
+    /// Expects the start of another frame, keeping the buffers: a restore decodes a frame per
+    /// WAL segment, and a fresh decoder's 4 MiB block was a fresh mapping to fault in and zero
+    /// every time (a sixth of a WAL-heavy restore's CPU).
+    pub fn reset(&mut self) {
+        let (mut pending, mut history, block) =
+            (std::mem::take(&mut self.pending), std::mem::take(&mut self.history), std::mem::take(&mut self.block));
+        pending.clear();
+        history.clear();
+        // The block's bytes are only ever read where a decode has just written them.
+        *self = FrameDecoder { pending, history, block, ..FrameDecoder::default() };
+    }
+
     /// Decodes what `input` completes, calling `sink` with each block in order. Bytes after
     /// the frame's end are ignored.
     pub fn feed(&mut self, input: &[u8], sink: &mut dyn FnMut(&[u8]) -> io::Result<()>) -> Result<(), FeedError> {
@@ -665,6 +677,33 @@ mod tests {
         let mut truncated = FrameDecoder::new();
         truncated.feed(&framed[..framed.len() - 5], &mut |_| Ok(())).unwrap();
         assert!(truncated.finish().is_err(), "a frame without its end is an error at finish");
+    }
+
+    /// A reset decoder, after a whole frame or one cut off anywhere, decodes the next frame as a
+    /// fresh one does: nothing of the last frame's blocks, pending input or checksum leaks in.
+    #[test]
+    fn a_reset_decoder_decodes_the_next_frame_as_a_fresh_one() {
+        let mut first = noise(BLOCK_MAX + 999, 3);
+        first.extend((0..(1 << 20) as u32).map(|i| (i % 5) as u8));
+        let second: Vec<u8> = (0..(BLOCK_MAX + 77) as u32).map(|i| (i % 13) as u8).chain(noise(5000, 9)).collect();
+        let (first_framed, second_framed) = (compress(&first), compress(&second));
+        let mut decoder = FrameDecoder::new();
+        for cut in [first_framed.len(), first_framed.len() - 3, first_framed.len() / 2, 5, 0] {
+            decoder.reset();
+            decoder.feed(&first_framed[..cut], &mut |_| Ok(())).unwrap();
+            decoder.reset();
+            let mut out = Vec::new();
+            for chunk in second_framed.chunks(100_003) {
+                decoder
+                    .feed(chunk, &mut |block| {
+                        out.extend_from_slice(block);
+                        Ok(())
+                    })
+                    .unwrap();
+            }
+            decoder.finish().unwrap();
+            assert!(out == second, "after the first frame cut at {cut}");
+        }
     }
 
     #[test]

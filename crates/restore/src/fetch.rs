@@ -331,7 +331,7 @@ impl Assembly<'_> {
             return Err(Error::SegmentGap { key: segment.key.clone(), expected, found: segment.offset });
         }
         fetched.segments.push((segment.key.clone(), expected));
-        self.decoder = lz4::FrameDecoder::new();
+        self.decoder.reset();
         Ok(())
     }
 
