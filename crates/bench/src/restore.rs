@@ -180,8 +180,6 @@ fn objects_a_restore_reads(replica: &Path) -> anyhow::Result<Vec<PathBuf>> {
         .max_by_key(|entry| entry.metadata().and_then(|m| m.modified()).ok())
         .with_context(|| format!("no generation under {}", generations.display()))?
         .path();
-    // Names start with the index in 8 hex digits, so they sort as indexes do.
-    let index_of = |path: &Path| path.file_name().and_then(|n| n.to_str()).map(|n| n[..8].to_string());
     let snapshot = walk(&newest.join("snapshots"))
         .into_iter()
         .filter(|p| p.to_string_lossy().ends_with(".snapshot.lz4"))
@@ -206,6 +204,12 @@ fn read_all(paths: &[PathBuf]) -> anyhow::Result<Duration> {
     Ok(started.elapsed())
 }
 
+/// The index a snapshot or WAL segment belongs to: its name's first 8 hex digits, which sort
+/// as the indexes do.
+fn index_of(path: &Path) -> Option<String> {
+    path.file_name()?.to_str()?.get(..8).map(str::to_string)
+}
+
 fn has_file_ending(dir: &Path, suffix: &str) -> bool {
     walk(dir).iter().any(|p| p.to_string_lossy().ends_with(suffix))
 }
@@ -215,8 +219,7 @@ fn replica_wal_stats(replica: &Path) -> anyhow::Result<(usize, u64, usize)> {
     let segments: Vec<PathBuf> =
         walk(replica).into_iter().filter(|p| p.to_string_lossy().ends_with(".wal.lz4")).collect();
     let bytes = segments.iter().map(|p| std::fs::metadata(p).map_or(0, |m| m.len())).sum();
-    let mut indexes: Vec<String> =
-        segments.iter().filter_map(|p| p.file_name()?.to_str()?.split('_').next().map(str::to_string)).collect();
+    let mut indexes: Vec<String> = segments.iter().filter_map(|p| index_of(p)).collect();
     indexes.sort();
     indexes.dedup();
     Ok((segments.len(), bytes, indexes.len()))
