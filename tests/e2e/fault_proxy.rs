@@ -165,7 +165,8 @@ impl FaultProxy {
     }
 
     /// Every forwarded request from the `from`th on, as `milliseconds-since-start request-line`,
-    /// so a test that counts requests can say which ones it got.
+    /// so a test that counts requests can say which ones it got. The stamp is when the request
+    /// arrived; the order is the order the responses came back in, which may differ.
     pub fn log_from(&self, from: u64) -> Vec<String> {
         self.log.lock().unwrap().iter().skip(from as usize).cloned().collect()
     }
@@ -252,6 +253,9 @@ fn serve(
         }
         let mut body = vec![0u8; length];
         reader.read_exact(&mut body)?;
+        // Stamped on arrival, not once the emulator has answered: a test that checks pacing
+        // wants when the client sent, and a loaded emulator's latency would blur that.
+        let arrived_ms = counters.started.elapsed().as_millis();
         if let Some(Fault::Stall(duration)) = fault {
             std::thread::sleep(duration);
             return Ok(());
@@ -286,7 +290,7 @@ fn serve(
         up.read_to_end(&mut response)?;
         // The log is the count: `forwarded()` is its length.
         let line: String = head_text.lines().next().unwrap_or_default().chars().take(200).collect();
-        counters.log.lock().unwrap().push(format!("{} {line}", counters.started.elapsed().as_millis()));
+        counters.log.lock().unwrap().push(format!("{arrived_ms} {line}"));
         if operation(&head_text) == "PUT" && length > 1 << 20 {
             counters.large_puts.fetch_add(1, Ordering::Relaxed);
         }
