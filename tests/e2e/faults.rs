@@ -17,6 +17,11 @@ fn start_through(scratch: &Scratch, proxy: &FaultProxy, log: &str) -> Replicator
     Replicator::start_args(&args, scratch.path(log), &[("STORAGE_EMULATOR_HOST", &proxy.addr)])
 }
 
+/// `walstream replicate DB URL` with its defaults, reaching the store through `proxy`.
+fn start_proxied(scratch: &Scratch, proxy: &FaultProxy, log: std::path::PathBuf) -> Replicator {
+    Replicator::start_with_env(&scratch.db(), &[scratch.replica_url()], log, &[("STORAGE_EMULATOR_HOST", &proxy.addr)])
+}
+
 /// Waits, while the replicator runs, until a restore of the replica holds `rows` rows.
 fn wait_for_replica_to_hold(scratch: &Scratch, rows: i64, limit: Duration, what: &str) {
     let probe = scratch.path("probe.db");
@@ -195,10 +200,6 @@ fn an_outage_past_max_local_wal_bounds_the_shadow_and_loses_nothing() {
     );
     wait_for_snapshot(&scratch);
     let meta = scratch.path(".app.db-walstream");
-    let disk = |dir: &std::path::Path| -> u64 {
-        use std::os::unix::fs::MetadataExt;
-        files_under(dir).iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.blocks() * 512).sum()
-    };
     proxy.black_hole(Duration::from_secs(12));
     let outage = Instant::now();
     let (mut peak, mut wal_peak, mut db_peak, mut round) = (0, 0, 0, 0);
@@ -209,7 +210,7 @@ fn an_outage_past_max_local_wal_bounds_the_shadow_and_loses_nothing() {
         if round % 40 == 0 {
             app.checkpoint("TRUNCATE");
         }
-        peak = peak.max(disk(&meta.join("generations")));
+        peak = peak.max(disk_under(&meta.join("generations")));
         wal_peak = wal_peak.max(std::fs::metadata(format!("{}-wal", scratch.db().display())).map_or(0, |m| m.len()));
         db_peak = db_peak.max(std::fs::metadata(scratch.db()).map_or(0, |m| m.len()));
         std::thread::sleep(Duration::from_millis(20));
@@ -236,6 +237,68 @@ fn an_outage_past_max_local_wal_bounds_the_shadow_and_loses_nothing() {
     scratch.assert_restores_source();
 }
 
+/// A store outage while the app writes compressible rows and ends WAL lives: an ended index the
+/// replica has not taken for a few seconds waits compressed (spooled) as the segments it will
+/// go up as, so walstream's local state is a fraction of the WAL the replica lacks. SIGKILLed
+/// with that backlog and restarted, once the store is back the spooled segments go up in the
+/// same generation, and walstream and litestream v0.3.13 both restore every commit.
+#[test]
+fn an_outage_spools_ended_wal_lives_compressed_and_a_restart_loses_nothing() {
+    let scratch = Scratch::on(Backend::Gcs);
+    let proxy = FaultProxy::start(emulator::host(), seed());
+    let mut app = App::open(&scratch.db());
+    app.insert(50);
+    let log = scratch.path("replicate.log");
+    let replicator = start_proxied(&scratch, &proxy, log.clone());
+    wait_for_snapshot(&scratch);
+    let wal = std::path::PathBuf::from(format!("{}-wal", scratch.db().display()));
+    let generations = scratch.path(".app.db-walstream").join("generations");
+    let outage = Duration::from_secs(14);
+    proxy.black_hole(outage);
+    let started = Instant::now();
+    // Every WAL life of the outage, summed: what the replica lacks when it ends.
+    let (mut lacked, mut round) = (0u64, 0);
+    while started.elapsed() < outage - Duration::from_secs(2) {
+        app.insert(25);
+        round += 1;
+        if round % 40 == 0 {
+            lacked += std::fs::metadata(&wal).map_or(0, |m| m.len());
+            app.checkpoint("TRUNCATE");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    lacked += std::fs::metadata(&wal).map_or(0, |m| m.len());
+    let held = disk_under(&generations);
+    let text = std::fs::read_to_string(&log).unwrap();
+    eprintln!(
+        "outage: {} rows, {} KiB of WAL the replica lacked, walstream held {} KiB locally",
+        app.count(),
+        lacked >> 10,
+        held >> 10
+    );
+    assert!(started.elapsed() < outage, "the outage ended before it was measured; the test proves nothing");
+    assert!(text.contains("they wait compressed"), "nothing was spooled:\n{text}");
+    // Without spooling every byte waits raw (held ≥ lacked); the indexes of the last few
+    // seconds and the current one are still raw.
+    assert!(held * 2 < lacked, "walstream held {} KiB for {} KiB of WAL the replica lacked", held >> 10, lacked >> 10);
+    // Killed with its backlog spooled and the store still down: the next run resumes from the
+    // spool files.
+    replicator.kill();
+    assert!(started.elapsed() < outage, "the outage ended before the restart; the test proves less");
+    let replicator = start_proxied(&scratch, &proxy, scratch.path("restarted.log"));
+    app.insert(25);
+    wait_for_replica_to_hold(
+        &scratch,
+        app.count(),
+        Duration::from_secs(90),
+        "the replica to catch up after the outage",
+    );
+    replicator.stop_ok();
+    assert_eq!(scratch.generation_count(), 1, "the spooled history went up in the same generation");
+    let restored = scratch.assert_restores_source();
+    scratch.assert_litestream_restores(&restored);
+}
+
 /// Under the default sync-interval a new WAL life waits for the next upload slot: the old
 /// index's tail goes up, the replica's position moves to the new index's start, and the old
 /// index's shadow file is deleted. When the next upload then fails past the store's own retries,
@@ -248,12 +311,7 @@ fn a_failed_upload_after_an_index_went_up_whole_resumes_in_the_same_generation()
     let mut app = App::open(&scratch.db());
     app.insert(10);
     let log = scratch.path("replicate.log");
-    let replicator = Replicator::start_with_env(
-        &scratch.db(),
-        &[scratch.replica_url()],
-        log.clone(),
-        &[("STORAGE_EMULATOR_HOST", &proxy.addr)],
-    );
+    let replicator = start_proxied(&scratch, &proxy, log.clone());
     wait_for_snapshot(&scratch);
     std::thread::sleep(Duration::from_millis(1500));
     // Every attempt at index 1's first segment fails, 6 store attempts and then some.

@@ -203,6 +203,19 @@ impl Scratch {
         restored
     }
 
+    /// Restores the replica with litestream v0.3.13 and asserts it equals `expected`.
+    pub fn assert_litestream_restores(&self, expected: &Path) {
+        let restored = self.path("by-litestream.db");
+        let output = with_emulator(&mut Command::new(litestream_bin()))
+            .args(["restore", "-o"])
+            .arg(&restored)
+            .arg(self.replica_url())
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "litestream restore failed: {}", stderr(&output));
+        assert_same_database(expected, &restored);
+    }
+
     /// Keys of every object in the replica, relative to its root, sorted.
     pub fn replica_keys(&self) -> Vec<String> {
         let mut keys: Vec<String> = match &self.bucket {
@@ -523,6 +536,12 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// A finished command's stderr, as text.
+/// Disk the files under `dir` take (allocated blocks: punched holes do not count).
+pub fn disk_under(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    files_under(dir).iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.blocks() * 512).sum()
+}
+
 pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }

@@ -447,15 +447,7 @@ on_both_backends! {
         restore(&scratch.replica_url(), &restored);
         assert_same_database(&db, &restored);
         // The snapshot is framed in stored blocks: litestream v0.3.13 reads it too.
-        let by_litestream = scratch.path("by-litestream.db");
-        let output = with_emulator(&mut Command::new(litestream_bin()))
-            .args(["restore", "-o"])
-            .arg(&by_litestream)
-            .arg(scratch.replica_url())
-            .output()
-            .unwrap();
-        assert!(output.status.success(), "litestream restore failed: {}", stderr(&output));
-        assert_same_database(&db, &by_litestream);
+        scratch.assert_litestream_restores(&db);
     }
 }
 

@@ -185,3 +185,54 @@ on_both_backends! {
         scratch.assert_restores_source();
     }
 }
+
+/// A writer that makes more WAL in one sync-interval (1 s) than `-max-local-wal` allows: full
+/// segments go up without waiting for the slot, so the shadow's ended WAL lives stay under the
+/// bound on a healthy store and the generation survives. Before, a second of flat-out WAL
+/// (250 MB at 60,000 tx/s) waited for the slot, passed the 256 MiB default, and a healthy
+/// replica got a new generation.
+#[test]
+fn a_writer_outrunning_the_sync_interval_ships_full_segments_and_keeps_its_generation() {
+    let scratch = Scratch::new();
+    let mut app = App::open(&scratch.db());
+    app.insert(10);
+    let log = scratch.path("replicate.log");
+    let bound: u64 = 24 << 20;
+    let replicator = Replicator::start_with_args(
+        &scratch.db(),
+        &[scratch.replica_url()],
+        log.clone(),
+        &[],
+        &["-max-local-wal", "24MiB"],
+    );
+    wait_for_snapshot(&scratch);
+    let wal = std::path::PathBuf::from(format!("{}-wal", scratch.db().display()));
+    let (started, mut written, mut round) = (std::time::Instant::now(), 0u64, 0);
+    while started.elapsed() < Duration::from_secs(2) {
+        app.insert_large(1 << 20);
+        written += 1 << 20;
+        round += 1;
+        // New WAL lives, each an index the shadow keeps until the replica takes it.
+        if round % 4 == 0 {
+            app.checkpoint("TRUNCATE");
+        }
+    }
+    let rate = written as f64 / started.elapsed().as_secs_f64();
+    let wal_len = std::fs::metadata(&wal).map_or(0, |m| m.len());
+    replicator.stop_ok();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    eprintln!(
+        "wrote {} MiB at {:.0} MiB/s; the app's WAL ended at {} KiB",
+        written >> 20,
+        rate / 1048576.0,
+        wal_len >> 10
+    );
+    assert!(
+        rate >= 2.0 * bound as f64,
+        "the writer made {:.0} MiB/s, too slow to pass the bound within a slot; the test proves nothing",
+        rate / 1048576.0
+    );
+    assert!(!text.contains("passed max-local-wal"), "a healthy replica's shadow passed the bound:\n{text}");
+    assert_eq!(scratch.generation_count(), 1, "one generation throughout:\n{text}");
+    scratch.assert_restores_source();
+}

@@ -158,6 +158,17 @@ pub fn parse_shadow_wal_file_name(name: &str) -> Option<u32> {
     parse_hex8(name.strip_suffix(".wal")?)
 }
 
+/// The local file an ended shadow index is spooled into once the store has not taken it for a
+/// while: the same WAL, LZ4-framed as the segments it will go up as.
+pub fn spool_file_name(index: u32) -> String {
+    format!("{index:08x}.wal.spool")
+}
+
+/// Parses a spool file name back into its index.
+pub fn parse_spool_file_name(name: &str) -> Option<u32> {
+    parse_hex8(name.strip_suffix(".wal.spool")?)
+}
+
 /// What an object key names.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum ObjectKind {
@@ -261,6 +272,10 @@ mod tests {
         assert_eq!(shadow_wal_file_name(10), "0000000a.wal");
         assert_eq!(parse_shadow_wal_file_name("0000000a.wal"), Some(10));
         assert_eq!(parse_shadow_wal_file_name("0000000a.wal.tmp"), None);
+        assert_eq!(spool_file_name(10), "0000000a.wal.spool");
+        assert_eq!(parse_spool_file_name("0000000a.wal.spool"), Some(10));
+        assert_eq!(parse_spool_file_name("0000000a.wal.spool.tmp"), None);
+        assert_eq!(parse_shadow_wal_file_name("0000000a.wal.spool"), None);
     }
 
     #[test]

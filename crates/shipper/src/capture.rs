@@ -18,6 +18,7 @@ use crate::meta::{LocalSnapshot, MetaDir};
 use crate::protocol::{ShadowState, Wake, PASS_SPACING};
 use crate::shadow::{self, ShadowIndex, COPY_CHUNK_BYTES};
 use crate::source::{wal_path, SourceDb, WalIndexHeader};
+use crate::spool::Spooling;
 use crate::status::DbCounters;
 use crate::watch::Subscription;
 
@@ -145,6 +146,9 @@ struct Generation {
     wal_at_snapshot: u64,
     /// `DbCounters::shadow_bytes` when the current index began.
     index_started_at: u64,
+    /// The lengths of the indexes this run has ended that some replica may still lack, oldest
+    /// first: what an uploader's backlog is made of (see [`ShadowState::ended`]).
+    ended: Vec<(u32, u64)>,
 }
 
 impl Generation {
@@ -208,6 +212,12 @@ pub(crate) struct Capturer {
     snapshot_wal_ratio: f64,
     /// The ended shadow index kept, punched, for its length (see `remove_shipped_shadow`).
     ended_kept: Option<PathBuf>,
+    /// The slowest replica's position when every replica's was last known.
+    slowest_shipped: Option<Pos>,
+    /// Ended indexes the store has not taken for a while, compressed (see `spool`).
+    spooling: Spooling,
+    /// Indexes spooled, logged once a minute with a count.
+    spools_logged: crate::throttle::Throttle,
     /// Open while a snapshot framed straight from the database may be read (see `PinGate`).
     pin_gate: std::sync::Arc<crate::protocol::PinGate>,
 }
@@ -254,6 +264,9 @@ impl Capturer {
             last_drop: None,
             snapshot_wal_ratio: 0.0,
             ended_kept: None,
+            slowest_shipped: None,
+            spooling: Spooling::default(),
+            spools_logged: Default::default(),
             pin_gate: Default::default(),
         }
     }
@@ -384,6 +397,7 @@ impl Capturer {
                 self.follow_events_or_poll(copied);
             } else {
                 self.follow_backfill();
+                self.spool_waiting();
                 if let Err(e) = self.fsync_shadow() {
                     warn!(db = %self.db_path.display(), error = %e, "cannot fsync the shadow wal; retrying");
                 }
@@ -565,8 +579,31 @@ impl Capturer {
         self.publish(false);
         self.remove_shipped_shadow();
         self.free_held_snapshot();
+        self.spool_waiting();
         self.enforce_local_bound();
         result
+    }
+
+    /// Compresses, a step at a time, an ended index the store has not taken for a while: during
+    /// an outage the backlog then takes its compressed size on the local disk, not its raw size.
+    fn spool_waiting(&mut self) {
+        // Right after a pin drop passes come every millisecond to catch the next WAL life.
+        if self.after_drop_until.is_some_and(|until| Instant::now() < until) {
+            return;
+        }
+        let Some(generation) = &self.generation else { return };
+        let Some(current) = generation.shadow.as_ref().map(|s| s.index) else { return };
+        let slowest = self.slowest_shipped.filter(|p| p.generation == generation.id).map(|p| (p.index, p.offset));
+        let spooled = self.spooling.step(&self.meta.wal_dir(&generation.id), current, slowest);
+        if spooled.indexes > 0 {
+            debug!(db = %self.db_path.display(), generation = %generation.id, indexes = spooled.indexes, raw = spooled.raw, framed = spooled.framed, "spooled ended wal indexes");
+            if let Some(unlogged) = self.spools_logged.failed() {
+                info!(db = %self.db_path.display(), generation = %generation.id, raw_bytes = spooled.raw, spooled_bytes = spooled.framed, spooled_since_last_logged = unlogged, "the replicas have not taken ended wal indexes for a while: they wait compressed (logged once a minute while it lasts)");
+            }
+        }
+        if let Some((index, error)) = spooled.failure {
+            debug!(db = %self.db_path.display(), generation = %generation.id, index, error = %error, "cannot spool an ended wal index; it stays raw for now");
+        }
     }
 
     /// See [`Capturer::bound_local_wal`]. Looked at once a second: it lists the shadow files.
@@ -846,6 +883,7 @@ impl Capturer {
                     );
                 }
                 shadow.finish()?;
+                generation.ended.push((shadow.index, shadow.committed_len));
                 let next =
                     ShadowIndex::create(&self.meta.wal_dir(&generation.id), shadow.index + 1, header_bytes, header)?;
                 generation.index_started_at = added(WAL_HEADER_SIZE as u64);
@@ -953,6 +991,7 @@ impl Capturer {
         self.pin_gate.set(false);
         let id = GenerationId::time_ordered();
         info!(db = %self.db_path.display(), generation = %id, reason, "new generation");
+        self.spooling.reset();
         // Index 0 begins here: a restore from this generation's snapshot replays it from the start.
         let index_started_at = self.counters.shadow_bytes.load(std::sync::atomic::Ordering::Relaxed);
         self.meta.create_generation(&id)?;
@@ -982,8 +1021,14 @@ impl Capturer {
         self.meta.clean(&id);
         // Opened only once the generation is in place, whose pending snapshot holds the pin.
         self.pin_gate.set(snapshot.from_database);
-        self.generation =
-            Some(Generation { id, snapshot, shadow, wal_at_snapshot: index_started_at, index_started_at });
+        self.generation = Some(Generation {
+            id,
+            snapshot,
+            shadow,
+            wal_at_snapshot: index_started_at,
+            index_started_at,
+            ended: Vec::new(),
+        });
         Ok(())
     }
 
@@ -1000,6 +1045,7 @@ impl Capturer {
                 live_from: generation.shadow.as_ref().and_then(|s| Some((s.index, s.live_from?))),
                 wal_path: self.wal_path.clone(),
                 disk_tight: disk_is_tight(&self.meta.wal_dir(&generation.id)),
+                ended: generation.ended.clone(),
             },
         };
         self.state.send_if_modified(|current| {
@@ -1024,20 +1070,32 @@ impl Capturer {
             }
         }
         let Some(shipped) = shipped else { return };
+        generation.ended.retain(|&(index, _)| index >= shipped.index);
         let current = generation.shadow.as_ref().map_or(u32::MAX, |s| s.index);
-        let mut ended = self.meta.shadow_files_below(&generation.id, shipped.index.min(current));
+        self.slowest_shipped = Some(shipped);
+        self.spooling.shipped_below(shipped.index);
+        let wal_dir = self.meta.wal_dir(&generation.id);
+        let ended = self.meta.shadow_files_below(&generation.id, shipped.index.min(current));
+        let newest = ended.last().map(|&(index, _)| index);
+        for (index, path) in ended {
+            if Some(index) != newest {
+                let _ = std::fs::remove_file(path);
+            }
+        }
         // The newest ended index stays, punched through its end: a replica's position is the
         // end of its last segment, so after a restart only that file's length shows a replica
         // ending there holds the whole index and goes on at the next (a steady stream's new
         // life waits for the next slot). Without it the restart would start a new generation.
-        if let Some(newest) = ended.pop() {
-            if self.ended_kept.as_ref() != Some(&newest) {
-                shadow::discard_whole(&newest);
-                self.ended_kept = Some(newest);
+        // A spooled one becomes such a file; where that fails the spool serves the same end.
+        if let Some(newest) = newest {
+            let raw = wal_dir.join(name::shadow_wal_file_name(newest));
+            if self.ended_kept.as_ref() != Some(&raw) {
+                if let Err(e) = crate::spool::keep_length_only(&wal_dir, newest) {
+                    debug!(db = %self.db_path.display(), error = %e, "cannot replace a shipped spool by its length");
+                }
+                shadow::discard_whole(&raw);
+                self.ended_kept = Some(raw);
             }
-        }
-        for path in ended {
-            let _ = std::fs::remove_file(path);
         }
         match generation.shadow.as_mut() {
             Some(shadow) if shadow.index == shipped.index => shadow.discard_below(shipped.offset),
@@ -1050,7 +1108,6 @@ impl Capturer {
     }
 }
 
-/// True when every replica's position is at or past `at` (in its generation).
 /// Whether `shadow` ends with bytes only the live WAL held (the disk was full) that some replica
 /// still lacks.
 fn live_tail_unshipped(
@@ -1062,6 +1119,7 @@ fn live_tail_unshipped(
         && !all_hold(positions, Pos { generation, index: shadow.index, offset: shadow.committed_len })
 }
 
+/// True when every replica's position is at or past `at` (in its generation).
 fn all_hold(positions: &[watch::Receiver<Option<Pos>>], at: Pos) -> bool {
     positions.iter().all(|p| p.borrow().is_some_and(|pos| pos.generation == at.generation && pos >= at))
 }
@@ -1070,6 +1128,7 @@ fn all_hold(positions: &[watch::Receiver<Option<Pos>>], at: Pos) -> bool {
 fn resume_generation(meta: &MetaDir) -> Option<Generation> {
     let id = meta.read_generation()?;
     let snapshot = meta.local_snapshot(&id)?;
+    crate::spool::tidy(&meta.wal_dir(&id));
     let shadow = match meta.shadow_indexes(&id).last() {
         Some(&index) => match ShadowIndex::open(&meta.wal_dir(&id), index) {
             Ok(Some(shadow)) => Some(shadow),
@@ -1078,7 +1137,7 @@ fn resume_generation(meta: &MetaDir) -> Option<Generation> {
         None => None,
     };
     info!(generation = %id, "resuming generation");
-    Some(Generation { id, snapshot, shadow, wal_at_snapshot: 0, index_started_at: 0 })
+    Some(Generation { id, snapshot, shadow, wal_at_snapshot: 0, index_started_at: 0, ended: Vec::new() })
 }
 
 /// The least WAL since a snapshot that makes a new one: as much as `max-local-wal`'s default, so

@@ -152,25 +152,27 @@ impl MetaDir {
         }
     }
 
-    /// Shadow indexes present for `generation`, ascending.
+    /// Shadow indexes present for `generation` as raw files, ascending.
     pub(crate) fn shadow_indexes(&self, generation: &GenerationId) -> Vec<u32> {
-        let mut indexes: Vec<u32> = fs::read_dir(self.wal_dir(generation))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| name::parse_shadow_wal_file_name(&e.file_name().to_string_lossy()))
-            .collect();
-        indexes.sort_unstable();
-        indexes
+        crate::shadow::indexes_in(&self.wal_dir(generation))
     }
 
-    /// The shadow files below `index`, ascending.
-    pub(crate) fn shadow_files_below(&self, generation: &GenerationId, index: u32) -> Vec<PathBuf> {
-        self.shadow_indexes(generation)
+    /// The shadow files below `index`, raw and spooled, ascending by index.
+    pub(crate) fn shadow_files_below(&self, generation: &GenerationId, index: u32) -> Vec<(u32, PathBuf)> {
+        let mut files: Vec<(u32, PathBuf)> = fs::read_dir(self.wal_dir(generation))
             .into_iter()
-            .filter(|&i| i < index)
-            .map(|i| self.wal_dir(generation).join(name::shadow_wal_file_name(i)))
-            .collect()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let file_name = e.file_name().to_string_lossy().into_owned();
+                let index =
+                    name::parse_shadow_wal_file_name(&file_name).or_else(|| name::parse_spool_file_name(&file_name))?;
+                Some((index, e.path()))
+            })
+            .filter(|(i, _)| *i < index)
+            .collect();
+        files.sort();
+        files
     }
 
     /// The generation's latest completed snapshot.

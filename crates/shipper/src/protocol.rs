@@ -54,6 +54,9 @@ pub struct ShadowState {
     /// than hold commits back for `sync-interval`, so the shadow and the application's WAL
     /// (which the capturer's pin may keep from restarting) leave room for the app's writes.
     pub disk_tight: bool,
+    /// (index, length) of the ended indexes some replica may still lack, oldest first (those
+    /// ended since walstream started): with `end`, how much an uploader has waiting.
+    pub ended: Vec<(u32, u64)>,
 }
 
 /// Whether the capturer's pin vouches for the database file, for a snapshot framed straight

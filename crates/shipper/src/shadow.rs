@@ -379,18 +379,29 @@ impl ShadowIndex {
     }
 }
 
-/// Disk the shadow files in `wal_dir` take, but `except`'s (an index): shipped ranges are
-/// punched out and shipped indexes deleted, so this is what some replica still lacks, plus each
-/// index's last frame. One listing, not a stat per index a long generation ever had.
+/// The indexes of the raw shadow files in `wal_dir`, ascending.
+pub(crate) fn indexes_in(wal_dir: &Path) -> Vec<u32> {
+    let mut indexes: Vec<u32> = std::fs::read_dir(wal_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| name::parse_shadow_wal_file_name(&e.file_name().to_string_lossy()))
+        .collect();
+    indexes.sort_unstable();
+    indexes
+}
+
+/// Disk the shadow files in `wal_dir` take (spooled ones too), but `except`'s raw file (an
+/// index): shipped ranges are punched out and shipped indexes deleted, so this is what some
+/// replica still lacks, plus each index's last frame. One listing, not a stat per index a long
+/// generation ever had.
 pub(crate) fn disk_bytes(wal_dir: &Path, except: Option<u32>) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let Ok(entries) = std::fs::read_dir(wal_dir) else { return 0 };
+    let except = except.map(name::shadow_wal_file_name);
     entries
         .flatten()
-        .filter(|e| {
-            name::parse_shadow_wal_file_name(&e.file_name().to_string_lossy())
-                .is_some_and(|index| Some(index) != except)
-        })
+        .filter(|e| except.as_deref() != Some(&*e.file_name().to_string_lossy()))
         .filter_map(|e| e.metadata().ok())
         .map(|m| m.blocks() * 512)
         .sum()
@@ -431,6 +442,17 @@ fn punch(file: &File, below: u64) -> std::io::Result<()> {
         Ok(())
     } else {
         Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Where the punched-out start of a shadow file ends: bytes below it read as zeros (0 when
+/// nothing is punched).
+pub(crate) fn punched_to(file: &File) -> u64 {
+    match first_data(file, BLOCK) {
+        Some(at) if at > BLOCK => at,
+        Some(_) => 0,
+        // No data past the header's block: punched through its end (or no longer than it).
+        None => file.metadata().map_or(0, |m| m.len()),
     }
 }
 

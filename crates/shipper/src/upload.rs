@@ -12,25 +12,13 @@ use walstream_format::{age, lz4, Pos};
 
 use crate::error::{io_err, Error};
 use crate::lease::{Lease, LeasePolicy, WriteRight};
-use crate::mapped::MappedRange;
 use crate::meta::LocalSnapshot;
 use crate::protocol::{PinGate, ShadowState};
 use crate::replica::Replica;
+use crate::segment::{frame_segment, Piece, MAX_SEGMENT_RAW_BYTES};
 use crate::snapshot_body::Sealed;
+use crate::spool::SpoolReader;
 use crate::status::ReplicaCounters;
-
-/// A segment ends once its frame reaches this many bytes. Counting compressed bytes, not raw
-/// ones, keeps a PUT's memory bounded whatever the data while compressible WAL (a saturated
-/// writer's compresses ten to one) takes fewer requests, each a Class A operation on GCS: a
-/// 10 s saturated writer made 1,082 to 1,496 PUTs at a 1 MiB raw bound, 530 and 554 with this.
-/// Segments may end inside a transaction; restore only applies whole transactions.
-pub(crate) const SEGMENT_TARGET_BYTES: usize = 1 << 20;
-
-/// Uncompressed bytes per segment at most: a restore holds one whole segment in memory.
-pub(crate) const MAX_SEGMENT_RAW_BYTES: usize = 16 << 20;
-
-/// Shadow bytes read and compressed at a time: one LZ4 block.
-const PIECE_BYTES: usize = 256 << 10;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -143,13 +131,21 @@ impl Uploader {
 
     async fn ship_until_final(&mut self) -> Result<(), Error> {
         let mut backoff = BACKOFF_MIN;
+        // Whether the last wait ended early for a backlog: then only full segments go up.
+        let mut woke_for_backlog = false;
         loop {
             let state = self.state.borrow_and_update().clone();
             self.counters.observe(*self.position.borrow(), state.end);
             // A throttled stream's new WAL life may wait for the next slot (see `ship`), unless
             // something since the last full ship asks for everything now.
             let defer_new_life = !self.replica.sync_interval.is_zero() && !must_ship_now(&state, self.barriers_shipped);
-            let shipped = self.ship(&state, defer_new_life).await;
+            let reach = match (woke_for_backlog && defer_new_life, defer_new_life) {
+                (true, _) => Reach::FullSegments,
+                (false, true) => Reach::DeferNewLife,
+                (false, false) => Reach::End,
+            };
+            woke_for_backlog = false;
+            let shipped = self.ship(&state, reach).await;
             self.counters.observe(*self.position.borrow(), state.end);
             match shipped {
                 Ok(()) => {
@@ -189,50 +185,56 @@ impl Uploader {
                 }
             }
             // Another failed renewal is tried again before the next upload, and fails that one.
-            if let Err(e @ Error::LeaseLost { .. }) = self.hold_for_sync_interval(state.syncs_requested).await {
-                return Err(e);
+            match self.hold_for_sync_interval(state.syncs_requested).await {
+                Err(e @ Error::LeaseLost { .. }) => return Err(e),
+                Ok(Held::Backlog) => woke_for_backlog = true,
+                _ => {}
             }
         }
     }
 
     /// With a `sync_interval`, waits until it has passed since the last segment upload, unless
-    /// [`must_ship_now`] says otherwise, before or meanwhile. A lease
-    /// renewal due at the end of the wait takes that slot, and the segment the next one: a steady
-    /// stream then makes one request per interval in all, renewals included.
-    async fn hold_for_sync_interval(&mut self, syncs_seen: u64) -> Result<(), Error> {
+    /// [`must_ship_now`] says otherwise, before or meanwhile, or a full segment is waiting
+    /// ([`Held::Backlog`]). A lease renewal due at the end of the wait takes that slot, and the
+    /// segment the next one: a steady stream then makes one request per interval in all,
+    /// renewals included.
+    async fn hold_for_sync_interval(&mut self, syncs_seen: u64) -> Result<Held, Error> {
         let (interval, Some(last)) = (self.replica.sync_interval, self.last_segment_put) else {
-            return Ok(());
+            return Ok(Held::No);
         };
         if interval.is_zero() || must_ship_now(&self.state.borrow(), syncs_seen) {
-            return Ok(());
+            return Ok(Held::No);
         }
         let held = tokio::time::Instant::now() < last + interval;
         // Only a stream that was held is steady; a commit after a quiet spell ships at once.
-        if !self.wait_for_slot(last + interval, syncs_seen).await || !held || !self.right.renewal_due().await {
-            return Ok(());
+        let waited = self.wait_for_slot(last + interval, syncs_seen).await;
+        if waited != Held::Slot || !held || !self.right.renewal_due().await {
+            return Ok(waited);
         }
         self.confirm_lease().await?;
         let renewed = tokio::time::Instant::now();
         self.last_segment_put = Some(renewed);
-        self.wait_for_slot(renewed + interval, syncs_seen).await;
-        Ok(())
+        Ok(self.wait_for_slot(renewed + interval, syncs_seen).await)
     }
 
-    /// Sleeps until `slot`; false if [`must_ship_now`] cut the wait short.
-    async fn wait_for_slot(&self, slot: tokio::time::Instant, syncs_seen: u64) -> bool {
+    /// Sleeps until `slot`, or until [`must_ship_now`] or a full segment's backlog cuts the wait
+    /// short.
+    async fn wait_for_slot(&self, slot: tokio::time::Instant, syncs_seen: u64) -> Held {
         let mut state = self.state.clone();
+        let from = *self.position.borrow();
+        let mut cut_short = false;
         tokio::select! {
-            () = tokio::time::sleep_until(slot) => true,
-            _ = state.wait_for(|s| must_ship_now(s, syncs_seen)) => false,
+            () = tokio::time::sleep_until(slot) => Held::Slot,
+            _ = state.wait_for(|s| {
+                cut_short = must_ship_now(s, syncs_seen);
+                cut_short || full_segment_waits(s, from)
+            }) => if cut_short { Held::No } else { Held::Backlog },
         }
     }
 
-    /// Ships what `state` holds; with `defer_new_life`, stops once a segment of an older index
-    /// has gone up and only the newest index remains, which then waits for the next slot. The
-    /// application's WAL restarts at any moment, so a throttled upload would otherwise often
-    /// carry two segments, the old life's tail and the new one's head: two requests a slot where
-    /// litestream, whose WAL lives end at its own syncs, makes one.
-    async fn ship(&mut self, state: &ShadowState, defer_new_life: bool) -> Result<(), Error> {
+    /// Ships what `state` holds, as far as `reach` says.
+    async fn ship(&mut self, state: &ShadowState, reach: Reach) -> Result<(), Error> {
+        let defer_new_life = reach != Reach::End;
         let (Some(generation), Some(end), Some(snapshot)) = (state.generation, state.end, &state.snapshot) else {
             return Ok(());
         };
@@ -257,21 +259,38 @@ impl Uploader {
             } else {
                 state.wal_dir.join(name::shadow_wal_file_name(pos.index))
             };
-            let file = match std::fs::File::open(&path) {
-                Ok(file) => file,
-                // Deleted once every replica had shipped it.
+            let source = match std::fs::File::open(&path) {
+                Ok(file) => Source::File(file),
+                // An ended index the store had not taken for a while is spooled (`spool`); one
+                // that is in neither form was deleted once every replica had shipped it.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound && !from_live_wal => {
-                    return Err(Error::ShippedWalDiscarded { replica: self.replica.name.clone(), remote: pos })
+                    let spool_path = state.wal_dir.join(name::spool_file_name(pos.index));
+                    match SpoolReader::open(&state.wal_dir, pos.index).map_err(io_err("read", &spool_path))? {
+                        Some(spool) => Source::Spool(spool, spool_path),
+                        None => {
+                            return Err(Error::ShippedWalDiscarded { replica: self.replica.name.clone(), remote: pos })
+                        }
+                    }
                 }
                 Err(e) => return Err(io_err("open", &path)(e)),
             };
             // Bytes below the published end never change; a finished index is its whole file.
-            let limit =
-                if pos.index == end.index { end.offset } else { file.metadata().map_err(io_err("stat", &path))?.len() };
+            let limit = match &source {
+                _ if pos.index == end.index => end.offset,
+                Source::File(file) => file.metadata().map_err(io_err("stat", &path))?.len(),
+                Source::Spool(spool, _) => spool.raw_len(),
+            };
             let limit = match live_from {
                 Some(from) if !from_live_wal => limit.min(from),
                 _ => limit,
             };
+            if reach == Reach::FullSegments
+                && pos.index == end.index
+                && limit.saturating_sub(pos.offset) < MAX_SEGMENT_RAW_BYTES as u64
+            {
+                // What is left may not fill a segment: it waits for the slot with later commits.
+                break;
+            }
             if pos.offset >= limit {
                 // A finished index (the current one ends at `end`, which the loop stops at).
                 self.index_shipped_whole = Some(pos);
@@ -281,24 +300,35 @@ impl Uploader {
                 }
                 continue;
             }
-            let (body, len) = if from_live_wal {
-                // Read, not mapped: the application may truncate its WAL (a mapped page past the
-                // end would raise SIGBUS), though not before the capturer's pin lets it.
-                let framed = frame_segment(Piece::Read(&file), pos.offset, limit, &mut self.framed)
-                    .map_err(io_err("read", &path))?;
-                // Read under the capturer's pin only if it still serves them now (at shutdown it
-                // withdraws them before letting the pin go).
-                if self.state.borrow().live_from != state.live_from {
-                    return Err(Error::ShippedWalDiscarded { replica: self.replica.name.clone(), remote: pos });
+            let (body, len) = match &source {
+                Source::Spool(spool, spool_path) => {
+                    match spool.segment_at(pos.offset, &mut self.framed).map_err(io_err("read", spool_path))? {
+                        Some(segment) => segment,
+                        None => {
+                            return Err(Error::ShippedWalDiscarded { replica: self.replica.name.clone(), remote: pos })
+                        }
+                    }
                 }
-                framed
-            } else {
-                // Bytes every replica had were punched out; a replica reset since then lacks them.
-                if crate::shadow::first_data(&file, pos.offset) != Some(pos.offset) {
-                    return Err(Error::ShippedWalDiscarded { replica: self.replica.name.clone(), remote: pos });
+                Source::File(file) if from_live_wal => {
+                    // Read, not mapped: the application may truncate its WAL (a mapped page past the
+                    // end would raise SIGBUS), though not before the capturer's pin lets it.
+                    let framed = frame_segment(Piece::Read(file), pos.offset, limit, &mut self.framed)
+                        .map_err(io_err("read", &path))?;
+                    // Read under the capturer's pin only if it still serves them now (at shutdown it
+                    // withdraws them before letting the pin go).
+                    if self.state.borrow().live_from != state.live_from {
+                        return Err(Error::ShippedWalDiscarded { replica: self.replica.name.clone(), remote: pos });
+                    }
+                    framed
                 }
-                frame_segment(Piece::Mapped(&file), pos.offset, limit, &mut self.framed)
-                    .map_err(io_err("read", &path))?
+                Source::File(file) => {
+                    // Bytes every replica had were punched out; a replica reset since then lacks them.
+                    if crate::shadow::first_data(file, pos.offset) != Some(pos.offset) {
+                        return Err(Error::ShippedWalDiscarded { replica: self.replica.name.clone(), remote: pos });
+                    }
+                    frame_segment(Piece::Mapped(file), pos.offset, limit, &mut self.framed)
+                        .map_err(io_err("read", &path))?
+                }
             };
             crate::fail_point::hit("upload");
             let key = name::segment_key(&generation, pos.index, pos.offset);
@@ -426,112 +456,60 @@ impl Uploader {
     }
 }
 
+/// Where [`Uploader::ship`] reads an index's bytes.
+enum Source {
+    /// The shadow file, or the live WAL for bytes only it holds.
+    File(File),
+    /// The index's spool, and its path.
+    Spool(SpoolReader, std::path::PathBuf),
+}
+
+/// How far a [`Uploader::ship`] goes.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Reach {
+    /// Everything published.
+    End,
+    /// Stops once a segment of an older index has gone up and only the newest index remains,
+    /// which then waits for the next slot. The application's WAL restarts at any moment, so a
+    /// throttled upload would otherwise often carry two segments, the old life's tail and the
+    /// new one's head: two requests a slot where litestream, whose WAL lives end at its own
+    /// syncs, makes one.
+    DeferNewLife,
+    /// As `DeferNewLife`, and the newest index only while a whole segment of it is left
+    /// ([`full_segment_waits`]).
+    FullSegments,
+}
+
+/// How a wait for the next slot ended.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Held {
+    /// No wait: nothing throttles this upload.
+    No,
+    /// The slot came.
+    Slot,
+    /// A full segment was waiting before the slot.
+    Backlog,
+}
+
+/// Whether at least one segment's worth of raw WAL ([`MAX_SEGMENT_RAW_BYTES`], so a segment is
+/// certain to be cut by size, not by the end of what is published) waits past `from`, in the
+/// ended indexes and the newest one. The slot paces requests: every ended index and every full
+/// segment goes up in a request of its own whenever it goes, so holding them back saves none
+/// and only keeps them on the local disk (a flat-out writer made 250 MB of WAL a second, and
+/// a second of it passed `max-local-wal`).
+fn full_segment_waits(state: &ShadowState, from: Option<Pos>) -> bool {
+    let (Some(end), Some(from)) = (state.end, from) else { return false };
+    if from.generation != end.generation {
+        return false;
+    }
+    let rest = |index: u32, len: u64| if index == from.index { len.saturating_sub(from.offset) } else { len };
+    let ended: u64 = state.ended.iter().filter(|&&(index, _)| index >= from.index).map(|&(i, len)| rest(i, len)).sum();
+    ended + rest(end.index, end.offset) >= MAX_SEGMENT_RAW_BYTES as u64
+}
+
 /// Whether `state` must go up without waiting for a slot: shutdown, a sync barrier since
 /// `syncs_seen`, bytes served from the live WAL (they hold the capturer's pin until shipped), or
 /// a tight disk (no room for a second of WAL).
 fn must_ship_now(state: &ShadowState, syncs_seen: u64) -> bool {
     state.is_final || state.syncs_requested != syncs_seen || state.live_from.is_some() || state.disk_tight
-}
-
-/// Where a segment's bytes come from.
-#[derive(Clone, Copy)]
-enum Piece<'a> {
-    /// A shadow file, mapped a piece at a time.
-    Mapped(&'a File),
-    /// The live WAL, read a piece at a time.
-    Read(&'a File),
-}
-
-/// LZ4-frames the bytes from `start` toward `limit` into `framed`'s buffer, a piece at a time
-/// straight from the page cache, until the frame reaches [`SEGMENT_TARGET_BYTES`]; returns the
-/// frame and the raw bytes it holds. The buffer is reused: once the store drops the returned
-/// bytes, the next call's `resize` takes the same allocation back.
-fn frame_segment(source: Piece<'_>, start: u64, limit: u64, framed: &mut BytesMut) -> std::io::Result<(Bytes, u64)> {
-    use std::os::unix::fs::FileExt;
-    let mut read_buf = Vec::new();
-    framed.clear();
-    // Reserved whole up front: grown block by block, the buffer doubled past what any frame needs.
-    framed.reserve(SEGMENT_TARGET_BYTES + lz4::FrameBuilder::block_bound(PIECE_BYTES) + lz4::FrameBuilder::END_LEN);
-    framed.resize(lz4::FRAME_PREFIX.len(), 0);
-    let mut frame = lz4::FrameBuilder::start(framed);
-    let end = limit.min(start + MAX_SEGMENT_RAW_BYTES as u64);
-    let mut at = start;
-    while at < end && frame.written() < SEGMENT_TARGET_BYTES {
-        let len = ((end - at) as usize).min(PIECE_BYTES);
-        // Mapped, not read: copying the shadow into a buffer before compressing it was a tenth
-        // of walstream's CPU under a saturated writer. One piece at a time, because mapped pages
-        // count in walstream's RSS while mapped: a whole segment's took its peak from 15.5 MiB
-        // to 25.7 MiB.
-        let mapped;
-        let piece = match source {
-            Piece::Mapped(file) => {
-                mapped = MappedRange::new(file, at, len)?;
-                mapped.bytes()
-            }
-            Piece::Read(file) => {
-                read_buf.resize(len, 0);
-                file.read_exact_at(&mut read_buf, at)?;
-                &read_buf[..]
-            }
-        };
-        framed.resize(frame.written() + lz4::FrameBuilder::block_bound(len), 0);
-        frame.push(piece, framed);
-        at += len as u64;
-    }
-    framed.resize(frame.written() + lz4::FrameBuilder::END_LEN, 0);
-    let n = frame.finish(framed);
-    framed.truncate(n);
-    Ok((framed.split().freeze(), at - start))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::io::Write;
-
-    /// 3 MiB that does not compress, then 20 MiB that does: segments end at the compressed
-    /// target in the first part and at the raw bound in the second, every one decodes to its
-    /// range, and all after the first reuse the first one's allocation.
-    #[test]
-    fn segments_end_at_the_compressed_target_or_the_raw_bound_in_one_reused_buffer() {
-        let mut data: Vec<u8> = (0..3u64 << 20)
-            .map(|i| {
-                let z = (i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-                let z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-                (z ^ (z >> 31)) as u8
-            })
-            .collect();
-        data.extend((0..20u32 << 20).map(|i| (i % 4000) as u8));
-        let mut file = tempfile::tempfile().unwrap();
-        file.write_all(&data).unwrap();
-        let mut framed = BytesMut::new();
-        let (mut at, mut lens, mut first) = (0u64, Vec::new(), None);
-        while at < data.len() as u64 {
-            let (body, len) = frame_segment(Piece::Mapped(&file), at, data.len() as u64, &mut framed).unwrap();
-            assert_eq!(lz4::decompress(&body).unwrap(), data[at as usize..(at + len) as usize]);
-            assert!(
-                body.len()
-                    <= SEGMENT_TARGET_BYTES + lz4::FrameBuilder::block_bound(PIECE_BYTES) + lz4::FrameBuilder::END_LEN
-            );
-            let ptr = body.as_ptr() as usize;
-            let first = *first.get_or_insert(ptr);
-            assert!((first..first + (2 << 20)).contains(&ptr), "segment at {at} got a new buffer");
-            lens.push(len >> 20);
-            at += len;
-        }
-        assert_eq!(lens, [1, 1, 1, 16, 4], "MiB of raw WAL per segment");
-    }
-
-    #[test]
-    fn a_segment_stops_at_its_limit_and_holds_an_upload_in_flight() {
-        let mut file = tempfile::tempfile().unwrap();
-        file.write_all(&[5u8; 1000]).unwrap();
-        let mut framed = BytesMut::new();
-        let (held, len) = frame_segment(Piece::Mapped(&file), 100, 700, &mut framed).unwrap();
-        assert_eq!(len, 600);
-        // While a frame is still held (an upload in flight), the next one must not overwrite it.
-        let (next, _) = frame_segment(Piece::Mapped(&file), 0, 10, &mut framed).unwrap();
-        assert_eq!(lz4::decompress(&held).unwrap(), [5u8; 600]);
-        assert_eq!(lz4::decompress(&next).unwrap(), [5u8; 10]);
-    }
 }
