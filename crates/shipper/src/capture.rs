@@ -1156,8 +1156,8 @@ fn auto_snapshot_min_wal() -> u64 {
 
 /// Free space under which the disk counts as tight: a quarter of the filesystem, but at least
 /// 16 MiB and at most 256 MiB. A memory volume as small as the Cloud Run guide's 8 MiB is always
-/// tight, so its commits go up at once (held for a second at 1,000 commits/s they filled it);
-/// an ordinary disk is tight only when nearly full.
+/// tight, so its commits go up once half a MiB waits rather than at the next slot (held for a
+/// second at 1,000 commits/s they filled it); an ordinary disk is tight only when nearly full.
 const TIGHT_DISK_MIN: u64 = 16 << 20;
 const TIGHT_DISK_MAX: u64 = 256 << 20;
 

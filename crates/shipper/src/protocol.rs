@@ -50,9 +50,10 @@ pub struct ShadowState {
     pub live_from: Option<(u32, u64)>,
     /// The application's `-wal` file.
     pub wal_path: PathBuf,
-    /// The shadow's disk is nearly full (see `capture::disk_is_tight`): uploaders ship at once rather
-    /// than hold commits back for `sync-interval`, so the shadow and the application's WAL
-    /// (which the capturer's pin may keep from restarting) leave room for the app's writes.
+    /// The shadow's disk is nearly full (see `capture::disk_is_tight`): uploaders hold commits
+    /// back for `sync-interval` only while less than `upload::TIGHT_DISK_BATCH_BYTES` waits, so
+    /// the shadow and the application's WAL (which the capturer's pin may keep from restarting)
+    /// leave room for the app's writes.
     pub disk_tight: bool,
     /// (index, length) of the ended indexes some replica may still lack, oldest first (those
     /// ended since walstream started): with `end`, how much an uploader has waiting.
