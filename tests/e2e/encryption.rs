@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::harness::*;
 
 /// A fresh X25519 key pair: (recipient `age1…`, identity `AGE-SECRET-KEY-1…`).
-fn key_pair() -> (String, String) {
+pub fn key_pair() -> (String, String) {
     let identity = age::x25519::Identity::generate();
     let secret = age::secrecy::ExposeSecret::expose_secret(&identity.to_string()).to_string();
     (identity.to_public().to_string(), secret)

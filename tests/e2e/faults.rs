@@ -299,6 +299,82 @@ fn an_outage_spools_ended_wal_lives_compressed_and_a_restart_loses_nothing() {
     scratch.assert_litestream_restores(&restored);
 }
 
+/// Two replicas, one of them down: a local one that keeps up, and an age-encrypted GCS one behind
+/// a 10 s outage. The ended indexes the GCS replica lacks are spooled (the local one has them
+/// already and never reads a spool); when the store is back they go up sealed, and each replica
+/// restores the source.
+#[test]
+fn a_replica_down_beside_a_healthy_one_catches_up_from_the_spool_encrypted() {
+    let scratch = Scratch::on(Backend::Gcs);
+    let proxy = FaultProxy::start(emulator::host(), seed());
+    let mut app = App::open(&scratch.db());
+    app.insert(50);
+    let (recipient, identity) = crate::encryption::key_pair();
+    let local = format!("file://{}", scratch.path("local-replica").display());
+    let config = scratch.path("two.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "dbs:\n  - path: {}\n    replicas:\n      - name: local\n        url: {local}\n      - name: gcs\n        url: {}\n        age:\n          recipients: [{recipient}]\n          identities: [{identity}]\n",
+            scratch.db().display(),
+            scratch.replica_url()
+        ),
+    )
+    .unwrap();
+    let args: Vec<std::ffi::OsString> = vec!["-config".into(), config.clone().into()];
+    let log = scratch.path("replicate.log");
+    let replicator = Replicator::start_args(&args, log.clone(), &[("STORAGE_EMULATOR_HOST", &proxy.addr)]);
+    wait_for_snapshot(&scratch);
+    let outage = Duration::from_secs(10);
+    proxy.black_hole(outage);
+    let started = Instant::now();
+    let mut round = 0;
+    while started.elapsed() < outage {
+        app.insert(25);
+        round += 1;
+        if round % 40 == 0 {
+            app.checkpoint("TRUNCATE");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let rows = app.count();
+    let probe = scratch.path("probe.db");
+    wait_until(Duration::from_secs(90), "the gcs replica to catch up after the outage", || {
+        let output = walstream(&[
+            "restore",
+            "-config",
+            config.to_str().unwrap(),
+            "-replica",
+            "gcs",
+            "-o",
+            probe.to_str().unwrap(),
+            scratch.db().to_str().unwrap(),
+        ]);
+        let caught_up = output.status.success() && App::open(&probe).count() == rows;
+        let _ = std::fs::remove_file(&probe);
+        caught_up
+    });
+    replicator.stop_ok();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("they wait compressed"), "nothing was spooled:\n{text}");
+    for replica in ["local", "gcs"] {
+        let out = scratch.path(&format!("from-{replica}.db"));
+        let output = walstream(&[
+            "restore",
+            "-config",
+            config.to_str().unwrap(),
+            "-replica",
+            replica,
+            "-o",
+            out.to_str().unwrap(),
+            scratch.db().to_str().unwrap(),
+        ]);
+        assert!(output.status.success(), "restore from {replica}: {}", stderr(&output));
+        assert_same_database(&scratch.db(), &out);
+    }
+    assert_eq!(scratch.generation_count(), 1, "the gcs replica went on in the same generation");
+}
+
 /// Under the default sync-interval a new WAL life waits for the next upload slot: the old
 /// index's tail goes up, the replica's position moves to the new index's start, and the old
 /// index's shadow file is deleted. When the next upload then fails past the store's own retries,
