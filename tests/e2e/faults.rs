@@ -375,6 +375,57 @@ fn a_replica_down_beside_a_healthy_one_catches_up_from_the_spool_encrypted() {
     assert_eq!(scratch.generation_count(), 1, "the gcs replica went on in the same generation");
 }
 
+/// SIGKILL at seeded random moments (4.5 to 7 s apart) during a 24 s outage, restarting the
+/// replicator each time: every restart finds spooled and raw indexes side by side and resumes
+/// from both, and starts spooling anew (a kill between a spool's rename and its raw file's
+/// removal is `spool::tests::tidy_clears_what_a_crash_left`). Once the store is back the replica
+/// catches up in the same generation and restores the source.
+#[test]
+fn sigkill_at_random_points_while_spooling_loses_nothing() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
+    let scratch = Scratch::on(Backend::Gcs);
+    let proxy = FaultProxy::start(emulator::host(), seed());
+    let mut app = App::open(&scratch.db());
+    app.insert(50);
+    let mut replicator = start_proxied(&scratch, &proxy, scratch.path("replicate-0.log"));
+    wait_for_snapshot(&scratch);
+    let outage = Duration::from_secs(24);
+    proxy.black_hole(outage);
+    let started = Instant::now();
+    // Spooling starts once an ended index has waited 3 s in one run of the replicator.
+    let mut next_kill = started + Duration::from_millis(rng.gen_range(4500..7000));
+    let (mut round, mut kills) = (0, 0);
+    while started.elapsed() < outage - Duration::from_secs(1) {
+        app.insert(25);
+        round += 1;
+        if round % 40 == 0 {
+            app.checkpoint("TRUNCATE");
+        }
+        if Instant::now() >= next_kill {
+            replicator.kill();
+            kills += 1;
+            replicator = start_proxied(&scratch, &proxy, scratch.path(&format!("replicate-{kills}.log")));
+            next_kill = Instant::now() + Duration::from_millis(rng.gen_range(4500..7000));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    wait_for_replica_to_hold(
+        &scratch,
+        app.count(),
+        Duration::from_secs(120),
+        "the replica to catch up after the outage",
+    );
+    replicator.stop_ok();
+    let logs: String =
+        (0..=kills).map(|i| std::fs::read_to_string(scratch.path(&format!("replicate-{i}.log"))).unwrap()).collect();
+    eprintln!("{kills} kills, {} rows", app.count());
+    assert!(kills >= 3, "only {kills} kills; the test proves little");
+    assert!(logs.contains("they wait compressed"), "nothing was spooled:\n{logs}");
+    assert_eq!(scratch.generation_count(), 1, "every restart resumed the generation:\n{logs}");
+    scratch.assert_restores_source();
+}
+
 /// Under the default sync-interval a new WAL life waits for the next upload slot: the old
 /// index's tail goes up, the replica's position moves to the new index's start, and the old
 /// index's shadow file is deleted. When the next upload then fails past the store's own retries,
