@@ -242,3 +242,57 @@ fn unknown_keys_fail_naming_the_nearest_valid_one() {
     let output = walstream(&["config", "check", "-config", config.to_str().unwrap()]);
     assert!(output.status.success() && !stderr(&output).contains("ignored"), "{}", stderr(&output));
 }
+
+/// Litestream 0.5's directory entry (`dir`, `pattern`, `recursive`, one `replica`): every SQLite
+/// database under the directory that matches is replicated under the replica URL plus its path
+/// relative to the directory; a file of the pattern that is not SQLite is left alone. Each
+/// restores from its own URL, one of them by litestream v0.3.13, and `databases` lists them.
+#[test]
+fn a_directory_entry_replicates_each_matching_database_under_its_relative_path() {
+    let scratch = Scratch::new();
+    let tenants = scratch.path("tenants");
+    let mut apps = Vec::new();
+    for rel in ["acme.db", "enterprise/globex.db", "trial/deeper/initech.db"] {
+        let path = tenants.join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let mut app = App::open(&path);
+        app.insert(20);
+        apps.push((rel, path, app));
+    }
+    std::fs::write(tenants.join("notes.db"), "not a database").unwrap();
+    let replica_root = scratch.path("replica");
+    let config = scratch.path("dir.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "dbs:\n  - dir: {}\n    pattern: \"*.db\"\n    recursive: true\n    replica:\n      url: file://{}\n",
+            tenants.display(),
+            replica_root.display()
+        ),
+    )
+    .unwrap();
+    let listed = walstream(&["databases", "-config", config.to_str().unwrap()]);
+    assert!(listed.status.success(), "{}", stderr(&listed));
+    for (rel, path, _) in &apps {
+        assert!(stdout(&listed).contains(&path.display().to_string()), "{rel} not listed:\n{}", stdout(&listed));
+    }
+    assert!(!stdout(&listed).contains("notes.db"), "a file that is not SQLite was listed:\n{}", stdout(&listed));
+    let replicator = Replicator::start_args(&["-config".into(), config.into()], scratch.path("replicate.log"), &[]);
+    for (_, _, app) in &mut apps {
+        app.insert(30);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    replicator.stop_ok();
+    assert!(!replica_root.join("notes.db").exists(), "a file that is not SQLite was replicated");
+    for (i, (rel, path, _)) in apps.iter().enumerate() {
+        let url = format!("file://{}/{rel}", replica_root.display());
+        let out = scratch.path(&format!("restored-{i}.db"));
+        if i == 0 {
+            let output = Command::new(litestream_bin()).args(["restore", "-o"]).arg(&out).arg(&url).output().unwrap();
+            assert!(output.status.success(), "litestream restore of {url}: {}", stderr(&output));
+        } else {
+            restore(&url, &out);
+        }
+        assert_same_database(path, &out);
+    }
+}

@@ -27,7 +27,10 @@ impl std::error::Error for ConfigError {}
 /// The databases a config file names.
 #[derive(Debug, Default)]
 pub(crate) struct Config {
+    /// Every database, those found under a `dir` included once the file is loaded.
     pub(crate) dbs: Vec<DbConfig>,
+    /// The `dir` entries, until `load` has found their databases.
+    pub(crate) dirs: Vec<DirConfig>,
     /// The `exec` command, if any.
     pub(crate) exec: Option<String>,
     /// `addr`: where to serve metrics, health and the sync barrier (`host:port`, `:port`).
@@ -62,7 +65,7 @@ pub(crate) struct DbConfig {
     pub(crate) replicas: Vec<ReplicaConfig>,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct ReplicaConfig {
     /// Unique within its database; the type when not given.
     pub(crate) name: String,
@@ -114,6 +117,23 @@ struct RawDb {
     meta_path: Option<String>,
     #[serde(default)]
     replicas: Vec<RawReplica>,
+    /// Litestream 0.5's spelling of a single replica.
+    replica: Option<RawReplica>,
+    dir: Option<String>,
+    pattern: Option<String>,
+    recursive: Option<bool>,
+    watch: Option<bool>,
+}
+
+/// A `dbs` entry with `dir`: its databases are found when the file is loaded (`discover`).
+#[derive(Debug)]
+pub(crate) struct DirConfig {
+    /// Absolute, with `~` expanded.
+    pub(crate) dir: PathBuf,
+    pub(crate) pattern: String,
+    pub(crate) recursive: bool,
+    /// Each database's replicas are these with its relative path appended to the URL.
+    pub(crate) replicas: Vec<ReplicaConfig>,
 }
 
 #[derive(Deserialize)]
@@ -172,11 +192,41 @@ pub(crate) fn load(path: &Path, expand_env: bool) -> Result<Config, ConfigError>
         _ => ConfigError(format!("cannot read config file {}: {e}", path.display())),
     })?;
     let text = if expand_env { expand(&text, |name| std::env::var(name).ok()) } else { text };
-    let config = parse(&text).map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))?;
+    let mut config = parse(&text).map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))?;
     for warning in &config.warnings {
         tracing::warn!("config file {}: {warning}", path.display());
     }
+    find_directory_databases(&mut config).map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))?;
     Ok(config)
+}
+
+/// Adds to `config.dbs` the databases each `dir` entry holds now, each replicated under its
+/// replica URLs with its path relative to the directory appended (Litestream 0.5's layout).
+fn find_directory_databases(config: &mut Config) -> Result<(), String> {
+    for dir in std::mem::take(&mut config.dirs) {
+        let found = crate::discover::databases(&dir.dir, &dir.pattern, dir.recursive)
+            .map_err(|e| format!("dir {}: cannot read it: {e}", dir.dir.display()))?;
+        if found.is_empty() {
+            tracing::warn!(dir = %dir.dir.display(), pattern = %dir.pattern, recursive = dir.recursive, "no SQLite database matches in this directory");
+        }
+        for (path, relative) in found {
+            let replicas = dir
+                .replicas
+                .iter()
+                .map(|r| ReplicaConfig { url: crate::discover::replica_url(&r.url, &relative), ..r.clone() })
+                .collect();
+            config.dbs.push(DbConfig { path, meta_path: None, replicas });
+        }
+    }
+    let mut paths: Vec<&Path> = config.dbs.iter().map(|db| db.path.as_path()).collect();
+    paths.sort();
+    if let Some(twice) = paths.windows(2).find(|w| w[0] == w[1]) {
+        return Err(format!(
+            "database {} is named twice in dbs (by path or by dir); keep one entry for it",
+            twice[0].display()
+        ));
+    }
+    Ok(())
 }
 
 fn parse(text: &str) -> Result<Config, String> {
@@ -202,29 +252,76 @@ fn parse(text: &str) -> Result<Config, String> {
             }
         }
     }
-    let mut dbs = Vec::new();
+    let (mut dbs, mut dirs) = (Vec::new(), Vec::new());
     for (i, db) in raw.dbs.into_iter().enumerate() {
         let key = format!("dbs[{i}]");
-        let path = db.path.filter(|p| !p.is_empty()).ok_or_else(|| format!("{key}.path: required"))?;
+        let raw_replicas: Vec<(String, RawReplica)> = match (db.replica, db.replicas.is_empty()) {
+            (Some(_), false) => return Err(format!("{key}: give replica or replicas, not both")),
+            (Some(one), true) => vec![(format!("{key}.replica"), one)],
+            (None, _) => {
+                db.replicas.into_iter().enumerate().map(|(j, r)| (format!("{key}.replicas[{j}]"), r)).collect()
+            }
+        };
         let mut replicas: Vec<ReplicaConfig> = Vec::new();
-        for (j, replica) in db.replicas.into_iter().enumerate() {
+        for (replica_key, replica) in raw_replicas {
             let global = (raw.access_key_id.clone(), raw.secret_access_key.clone());
-            let replica = replica_config(replica, &format!("{key}.replicas[{j}]"), global, &mut warnings)?;
+            let replica = replica_config(replica, &replica_key, global, &mut warnings)?;
             if replicas.iter().any(|r| r.name == replica.name) {
                 return Err(format!(
-                    "{key}.replicas[{j}]: duplicate replica name {:?}; give each replica of a database its own name",
+                    "{replica_key}: duplicate replica name {:?}; give each replica of a database its own name",
                     replica.name
                 ));
             }
             replicas.push(replica);
         }
-        dbs.push(DbConfig {
-            path: absolute(&path),
-            meta_path: db.meta_path.filter(|p| !p.is_empty()).map(|p| absolute(&p)),
-            replicas,
-        });
+        let nonempty = |v: Option<String>| v.filter(|v| !v.is_empty());
+        match (nonempty(db.path), nonempty(db.dir)) {
+            (Some(_), Some(_)) => {
+                return Err(format!("{key}: give path (one database) or dir (a directory of them), not both"))
+            }
+            (None, None) => {
+                return Err(format!("{key}.path: required (or dir with pattern, for a directory of databases)"))
+            }
+            (Some(path), None) => {
+                for (field, set) in [
+                    ("pattern", db.pattern.is_some()),
+                    ("recursive", db.recursive.is_some()),
+                    ("watch", db.watch.is_some()),
+                ] {
+                    if set {
+                        return Err(format!("{key}.{field}: only with dir, which {key} does not have"));
+                    }
+                }
+                dbs.push(DbConfig {
+                    path: absolute(&path),
+                    meta_path: nonempty(db.meta_path).map(|p| absolute(&p)),
+                    replicas,
+                });
+            }
+            (None, Some(dir)) => {
+                let pattern =
+                    nonempty(db.pattern).ok_or_else(|| format!("{key}.pattern: required with dir, e.g. \"*.db\""))?;
+                crate::discover::check_pattern(&pattern).map_err(|e| format!("{key}.pattern: {pattern:?} {e}"))?;
+                if db.watch == Some(true) {
+                    return Err(format!("{key}.watch: walstream finds a directory's databases when it starts, not later; a database created since needs a restart (remove watch, or set it to false)"));
+                }
+                if db.meta_path.is_some() {
+                    return Err(format!("{key}.meta-path: names one database's local state; with dir each database keeps its own beside it (remove meta-path)"));
+                }
+                dirs.push(DirConfig {
+                    dir: absolute(&dir),
+                    pattern,
+                    recursive: db.recursive.unwrap_or(false),
+                    replicas,
+                });
+            }
+        }
     }
-    let any_s3 = dbs.iter().flat_map(|db| &db.replicas).any(|r| replica_url::kind(&r.url) == "s3");
+    let any_s3 = dbs
+        .iter()
+        .flat_map(|db| &db.replicas)
+        .chain(dirs.iter().flat_map(|d| &d.replicas))
+        .any(|r| replica_url::kind(&r.url) == "s3");
     for (field, set) in [("access-key-id", &raw.access_key_id), ("secret-access-key", &raw.secret_access_key)] {
         if set.is_some() && !any_s3 {
             warnings.push(format!("{field}: ignored: only s3 replicas use it, and this file has none"));
@@ -245,6 +342,7 @@ fn parse(text: &str) -> Result<Config, String> {
     let heartbeat_url = raw.heartbeat_url.filter(|u| !u.is_empty());
     Ok(Config {
         dbs,
+        dirs,
         exec: raw.exec.filter(|e| !e.trim().is_empty()),
         addr,
         health_lag,
@@ -546,11 +644,76 @@ health-lag: 30s
                 "dbs[0].replicas[0].retension: unknown key; did you mean retention?",
             ),
             ("dbs:\n  - path: [1, 2]\n", "line 2"),
+            ("dbs:\n  - path: /a\n    dir: /d\n    pattern: \"*.db\"\n", "dbs[0]: give path (one database) or dir"),
+            ("dbs:\n  - dir: /d\n    replica:\n      url: file:///r\n", "dbs[0].pattern: required with dir"),
+            ("dbs:\n  - dir: /d\n    pattern: \"[a-*.db\"\n", "dbs[0].pattern: \"[a-*.db\" has a [ with no closing ]"),
+            (
+                "dbs:\n  - dir: /d\n    pattern: \"*.db\"\n    watch: true\n",
+                "dbs[0].watch: walstream finds a directory's databases when it starts",
+            ),
+            ("dbs:\n  - path: /a\n    recursive: true\n", "dbs[0].recursive: only with dir"),
+            (
+                "dbs:\n  - dir: /d\n    pattern: \"*\"\n    meta-path: /m\n",
+                "dbs[0].meta-path: names one database's local state",
+            ),
+            (
+                "dbs:\n  - path: /a\n    replica:\n      url: file:///r\n    replicas:\n      - url: file:///s\n",
+                "dbs[0]: give replica or replicas, not both",
+            ),
+            (
+                "dbs:\n  - path: /a\n    replica:\n      urll: file:///r\n",
+                "dbs[0].replica.urll: unknown key; did you mean url?",
+            ),
         ];
         for (text, want) in cases {
             let error = parse(text).unwrap_err();
             assert!(error.contains(want), "{text:?}: {error}");
         }
+    }
+
+    /// Litestream 0.5's directory entry: its databases are found at load, each under its own
+    /// replica path; `replica:` (one) reads as a list of one.
+    #[test]
+    fn a_dir_entry_becomes_one_database_per_match_under_its_relative_path() {
+        let dir = tempfile::tempdir().unwrap();
+        for rel in ["t1.db", "team/t2.db", "notes.txt"] {
+            let path = dir.path().join(rel);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            rusqlite::Connection::open(&path).unwrap().execute_batch("CREATE TABLE t (x)").unwrap();
+        }
+        let file = dir.path().join("walstream.yml");
+        let text = format!(
+            "dbs:\n  - path: {}/main.sqlite\n    replica:\n      url: gcs://b/main\n  - dir: {}\n    pattern: \"*.db\"\n    recursive: true\n    replica:\n      url: gcs://b/tenants/\n      sync-interval: 5s\n",
+            dir.path().display(),
+            dir.path().display()
+        );
+        std::fs::write(&file, text).unwrap();
+        let config = load(&file, false).unwrap();
+        let dbs: Vec<(String, &str, Duration)> = config
+            .dbs
+            .iter()
+            .map(|db| (db.path.display().to_string(), db.replicas[0].url.as_str(), db.replicas[0].sync_interval))
+            .collect();
+        let root = dir.path().display();
+        assert_eq!(
+            dbs,
+            [
+                (format!("{root}/main.sqlite"), "gcs://b/main", Duration::from_secs(1)),
+                (format!("{root}/t1.db"), "gcs://b/tenants/t1.db", Duration::from_secs(5)),
+                (format!("{root}/team/t2.db"), "gcs://b/tenants/team/t2.db", Duration::from_secs(5)),
+            ]
+        );
+        // The same database by path and by dir would get two replicators.
+        let twice = dir.path().join("twice.yml");
+        std::fs::write(&twice, format!("dbs:\n  - path: {root}/t1.db\n    replica:\n      url: file:///r\n  - dir: {root}\n    pattern: \"t1.db\"\n    replica:\n      url: file:///s\n")).unwrap();
+        assert!(
+            load(&twice, false).unwrap_err().0.contains("t1.db is named twice"),
+            "{:?}",
+            load(&twice, false).unwrap_err()
+        );
+        let missing = dir.path().join("missing.yml");
+        std::fs::write(&missing, format!("dbs:\n  - dir: {root}/nowhere\n    pattern: \"*.db\"\n")).unwrap();
+        assert!(load(&missing, false).unwrap_err().0.contains("nowhere: cannot read it"));
     }
 
     #[test]

@@ -22,7 +22,7 @@ const TOP: &[&str] = &[
     "secret-access-key",
 ];
 const LOGGING: &[&str] = &["type", "level", "stderr"];
-const DB: &[&str] = &["path", "meta-path", "replicas"];
+const DB: &[&str] = &["path", "meta-path", "replicas", "replica", "dir", "pattern", "recursive", "watch"];
 const DB_IGNORED: &[Ignored] = &[
     ("monitor-interval", "walstream follows the WAL by file events, not on an interval"),
     ("checkpoint-interval", NO_CHECKPOINTS),
@@ -74,9 +74,11 @@ pub(crate) fn check(root: &Value) -> Result<Vec<String>, String> {
         let Some(db) = db.as_mapping() else { continue };
         level(db, &format!("dbs[{i}]."), DB, DB_IGNORED, &mut warnings)?;
         let replicas = db.get("replicas").and_then(Value::as_sequence).map_or(&[][..], Vec::as_slice);
-        for (j, replica) in replicas.iter().enumerate() {
+        // Litestream 0.5 also takes one replica as `replica:`.
+        let single = db.get("replica").map(|r| (format!("dbs[{i}].replica."), r));
+        let listed = replicas.iter().enumerate().map(|(j, r)| (format!("dbs[{i}].replicas[{j}]."), r));
+        for (prefix, replica) in single.into_iter().chain(listed) {
             let Some(replica) = replica.as_mapping() else { continue };
-            let prefix = format!("dbs[{i}].replicas[{j}].");
             level(replica, &prefix, REPLICA, REPLICA_IGNORED, &mut warnings)?;
             if let Some(age) = replica.get("age").and_then(Value::as_mapping) {
                 level(age, &format!("{prefix}age."), AGE, &[], &mut warnings)?;

@@ -5,6 +5,7 @@
 mod args;
 mod config;
 mod config_keys;
+mod discover;
 mod dry_run;
 mod exec;
 mod exit;
