@@ -236,3 +236,35 @@ fn a_writer_outrunning_the_sync_interval_ships_full_segments_and_keeps_its_gener
     assert_eq!(scratch.generation_count(), 1, "one generation throughout:\n{text}");
     scratch.assert_restores_source();
 }
+
+/// The database's files deleted under a running replicator, its last commits only in the WAL:
+/// the replica keeps every commit it had, in its generation. Before, the missing WAL read as a
+/// truncation with uncopied commits, and a new generation started from the unlinked database
+/// file, which lacks them: restores went back to before those commits.
+#[test]
+fn a_database_deleted_under_walstream_keeps_its_replica() {
+    let scratch = Scratch::new();
+    let mut app = App::open(&scratch.db());
+    app.insert(10);
+    let replicator = scratch.start_replicator();
+    wait_for_snapshot(&scratch);
+    app.insert(5);
+    let rows = app.count();
+    let probe = scratch.path("probe.db");
+    wait_until(Duration::from_secs(10), "the last commits to be shipped", || {
+        let output = walstream(&["restore", "-o", probe.to_str().unwrap(), &scratch.replica_url()]);
+        let shipped = output.status.success() && App::open(&probe).count() == rows;
+        let _ = std::fs::remove_file(&probe);
+        shipped
+    });
+    drop(app);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", scratch.db().display()));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    replicator.stop_ok();
+    assert_eq!(scratch.generation_count(), 1, "a generation started from the deleted file");
+    let restored = scratch.path("restored.db");
+    restore(&scratch.replica_url(), &restored);
+    assert_eq!(App::open(&restored).count(), rows, "the replica lost commits it had");
+}

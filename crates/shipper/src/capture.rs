@@ -554,6 +554,13 @@ impl Capturer {
 
     /// One pass: pin, copy, release the old pin, publish.
     fn pass(&mut self) -> Result<(), Error> {
+        // A deleted database has nothing more to replicate, and its WAL's absence says nothing
+        // of what the replicas hold: read as a truncation, it started a new generation from the
+        // unlinked file, older than the commits already shipped from its WAL, and restores then
+        // lost them. A file created at the path later is followed as a replaced one.
+        if !self.db_path.exists() {
+            return Ok(());
+        }
         if self.db.file_replaced() {
             self.follow_replaced_file()?;
         }
