@@ -2,6 +2,7 @@
 //! database path instead of a URL, and errors that name the file and the key.
 
 use std::process::Command;
+use std::time::Duration;
 
 use crate::harness::*;
 
@@ -281,7 +282,7 @@ fn a_directory_entry_replicates_each_matching_database_under_its_relative_path()
     for (_, _, app) in &mut apps {
         app.insert(30);
     }
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    std::thread::sleep(Duration::from_millis(500));
     replicator.stop_ok();
     assert!(!replica_root.join("notes.db").exists(), "a file that is not SQLite was replicated");
     for (i, (rel, path, _)) in apps.iter().enumerate() {
@@ -295,4 +296,72 @@ fn a_directory_entry_replicates_each_matching_database_under_its_relative_path()
         }
         assert_same_database(path, &out);
     }
+}
+
+/// `watch: true`: a database created after start, in a subdirectory made after start, is
+/// replicated within seconds (file events, not a poll); a database deleted is stopped and its
+/// local state removed, and its replica keeps every commit shipped before; a file of the
+/// pattern that is not SQLite is logged and left while the rest go on.
+#[test]
+fn a_watched_directory_follows_databases_created_and_deleted_after_start() {
+    let scratch = Scratch::new();
+    let tenants = scratch.path("tenants");
+    std::fs::create_dir_all(&tenants).unwrap();
+    let first = tenants.join("first.db");
+    let mut first_app = App::open(&first);
+    first_app.insert(10);
+    let replica_root = scratch.path("replica");
+    let config = scratch.path("watch.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "dbs:\n  - dir: {}\n    pattern: \"*.db\"\n    recursive: true\n    watch: true\n    replica:\n      url: file://{}\n",
+            tenants.display(),
+            replica_root.display()
+        ),
+    )
+    .unwrap();
+    let log = scratch.path("replicate.log");
+    let replicator = Replicator::start_args(&["-config".into(), config.into()], log.clone(), &[]);
+    let url = |rel: &str| format!("file://{}/{rel}", replica_root.display());
+    let holds = |rel: &str, rows: i64| {
+        let probe = scratch.path("probe.db");
+        let output = walstream(&["restore", "-o", probe.to_str().unwrap(), &url(rel)]);
+        let ok = output.status.success() && App::open(&probe).count() == rows;
+        let _ = std::fs::remove_file(&probe);
+        ok
+    };
+    wait_until(Duration::from_secs(10), "the database there at start to be replicated", || holds("first.db", 10));
+
+    std::fs::create_dir_all(tenants.join("team")).unwrap();
+    let second = tenants.join("team/second.db");
+    let mut second_app = App::open(&second);
+    second_app.insert(20);
+    wait_until(Duration::from_secs(10), "a database created after start to be replicated", || {
+        holds("team/second.db", 20)
+    });
+    std::fs::write(tenants.join("notes.db"), "not a database").unwrap();
+
+    first_app.insert(5);
+    let first_rows = first_app.count();
+    drop(first_app);
+    wait_until(Duration::from_secs(10), "the last commits to be shipped", || holds("first.db", first_rows));
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", first.display()));
+    }
+    wait_until(Duration::from_secs(10), "the deleted database's local state to be removed", || {
+        !tenants.join(".first.db-walstream").exists()
+    });
+    assert!(holds("first.db", first_rows), "the deleted database's replica lost commits");
+
+    second_app.insert(7);
+    wait_until(Duration::from_secs(10), "the other database to go on", || holds("team/second.db", 27));
+    replicator.stop_ok();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("not replicating this file of a watched directory"), "{text}");
+    assert!(text.contains("the database was deleted"), "{text}");
+    assert!(!replica_root.join("notes.db").join("generations").exists(), "a file that is not SQLite was replicated");
+    let out = scratch.path("second.db");
+    restore(&url("team/second.db"), &out);
+    assert_same_database(&second, &out);
 }

@@ -29,8 +29,10 @@ impl std::error::Error for ConfigError {}
 pub(crate) struct Config {
     /// Every database, those found under a `dir` included once the file is loaded.
     pub(crate) dbs: Vec<DbConfig>,
-    /// The `dir` entries, until `load` has found their databases.
+    /// The `dir` entries without `watch`, until `load` has found their databases.
     pub(crate) dirs: Vec<DirConfig>,
+    /// The `dir` entries with `watch`: `replicate` finds their databases as they come and go.
+    pub(crate) watched: Vec<DirConfig>,
     /// The `exec` command, if any.
     pub(crate) exec: Option<String>,
     /// `addr`: where to serve metrics, health and the sync barrier (`host:port`, `:port`).
@@ -125,8 +127,9 @@ struct RawDb {
     watch: Option<bool>,
 }
 
-/// A `dbs` entry with `dir`: its databases are found when the file is loaded (`discover`).
-#[derive(Debug)]
+/// A `dbs` entry with `dir`: its databases are found when the file is loaded (`discover`), or,
+/// with `watch`, as they come and go (`fleet`).
+#[derive(Clone, Debug)]
 pub(crate) struct DirConfig {
     /// Absolute, with `~` expanded.
     pub(crate) dir: PathBuf,
@@ -134,6 +137,18 @@ pub(crate) struct DirConfig {
     pub(crate) recursive: bool,
     /// Each database's replicas are these with its relative path appended to the URL.
     pub(crate) replicas: Vec<ReplicaConfig>,
+}
+
+impl DirConfig {
+    /// One database found under the directory: the replicas get its relative path.
+    pub(crate) fn database(&self, path: PathBuf, relative: &str) -> DbConfig {
+        let replicas = self
+            .replicas
+            .iter()
+            .map(|r| ReplicaConfig { url: crate::discover::replica_url(&r.url, relative), ..r.clone() })
+            .collect();
+        DbConfig { path, meta_path: None, replicas }
+    }
 }
 
 #[derive(Deserialize)]
@@ -210,12 +225,7 @@ fn find_directory_databases(config: &mut Config) -> Result<(), String> {
             tracing::warn!(dir = %dir.dir.display(), pattern = %dir.pattern, recursive = dir.recursive, "no SQLite database matches in this directory");
         }
         for (path, relative) in found {
-            let replicas = dir
-                .replicas
-                .iter()
-                .map(|r| ReplicaConfig { url: crate::discover::replica_url(&r.url, &relative), ..r.clone() })
-                .collect();
-            config.dbs.push(DbConfig { path, meta_path: None, replicas });
+            config.dbs.push(dir.database(path, &relative));
         }
     }
     let mut paths: Vec<&Path> = config.dbs.iter().map(|db| db.path.as_path()).collect();
@@ -252,7 +262,7 @@ fn parse(text: &str) -> Result<Config, String> {
             }
         }
     }
-    let (mut dbs, mut dirs) = (Vec::new(), Vec::new());
+    let (mut dbs, mut dirs, mut watched) = (Vec::new(), Vec::new(), Vec::new());
     for (i, db) in raw.dbs.into_iter().enumerate() {
         let key = format!("dbs[{i}]");
         let raw_replicas: Vec<(String, RawReplica)> = match (db.replica, db.replicas.is_empty()) {
@@ -302,25 +312,27 @@ fn parse(text: &str) -> Result<Config, String> {
                 let pattern =
                     nonempty(db.pattern).ok_or_else(|| format!("{key}.pattern: required with dir, e.g. \"*.db\""))?;
                 crate::discover::check_pattern(&pattern).map_err(|e| format!("{key}.pattern: {pattern:?} {e}"))?;
-                if db.watch == Some(true) {
-                    return Err(format!("{key}.watch: walstream finds a directory's databases when it starts, not later; a database created since needs a restart (remove watch, or set it to false)"));
+                let watch = db.watch.unwrap_or(false);
+                if watch && replicas.iter().any(|r| !r.validation_interval.is_zero()) {
+                    return Err(format!("{key}: validation-interval is not available on a watched directory's replicas (remove it, or watch: false)"));
                 }
                 if db.meta_path.is_some() {
                     return Err(format!("{key}.meta-path: names one database's local state; with dir each database keeps its own beside it (remove meta-path)"));
                 }
-                dirs.push(DirConfig {
-                    dir: absolute(&dir),
-                    pattern,
-                    recursive: db.recursive.unwrap_or(false),
-                    replicas,
-                });
+                let dir =
+                    DirConfig { dir: absolute(&dir), pattern, recursive: db.recursive.unwrap_or(false), replicas };
+                if watch {
+                    watched.push(dir);
+                } else {
+                    dirs.push(dir);
+                }
             }
         }
     }
     let any_s3 = dbs
         .iter()
         .flat_map(|db| &db.replicas)
-        .chain(dirs.iter().flat_map(|d| &d.replicas))
+        .chain(dirs.iter().chain(&watched).flat_map(|d| &d.replicas))
         .any(|r| replica_url::kind(&r.url) == "s3");
     for (field, set) in [("access-key-id", &raw.access_key_id), ("secret-access-key", &raw.secret_access_key)] {
         if set.is_some() && !any_s3 {
@@ -343,6 +355,7 @@ fn parse(text: &str) -> Result<Config, String> {
     Ok(Config {
         dbs,
         dirs,
+        watched,
         exec: raw.exec.filter(|e| !e.trim().is_empty()),
         addr,
         health_lag,
@@ -648,8 +661,8 @@ health-lag: 30s
             ("dbs:\n  - dir: /d\n    replica:\n      url: file:///r\n", "dbs[0].pattern: required with dir"),
             ("dbs:\n  - dir: /d\n    pattern: \"[a-*.db\"\n", "dbs[0].pattern: \"[a-*.db\" has a [ with no closing ]"),
             (
-                "dbs:\n  - dir: /d\n    pattern: \"*.db\"\n    watch: true\n",
-                "dbs[0].watch: walstream finds a directory's databases when it starts",
+                "dbs:\n  - dir: /d\n    pattern: \"*.db\"\n    watch: true\n    replica:\n      url: file:///r\n      validation-interval: 1m\n",
+                "dbs[0]: validation-interval is not available on a watched directory's replicas",
             ),
             ("dbs:\n  - path: /a\n    recursive: true\n", "dbs[0].recursive: only with dir"),
             (

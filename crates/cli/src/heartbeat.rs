@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
-use walstream_shipper::Handle;
 
 /// The least interval accepted. Litestream 0.5 wants a minute, since these services count in
 /// minutes; a shorter one only costs more pings, and lets a test see several.
@@ -21,7 +20,7 @@ const PING_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) async fn run(
     url: String,
     interval: Duration,
-    handles: Vec<Handle>,
+    databases: crate::fleet::Databases,
     health_lag: Duration,
     stop: CancellationToken,
 ) {
@@ -39,9 +38,9 @@ pub(crate) async fn run(
             _ = ticks.tick() => {}
             () = stop.cancelled() => return,
         }
-        let problems: Vec<String> = handles.iter().flat_map(|h| h.status().problems(health_lag)).collect();
+        let problems: Vec<String> = databases.list().iter().flat_map(|h| h.status().problems(health_lag)).collect();
         let waiting: Vec<String> =
-            handles.iter().filter(|h| !h.ready()).map(|h| h.db_path().display().to_string()).collect();
+            databases.list().iter().filter(|h| !h.ready()).map(|h| h.db_path().display().to_string()).collect();
         if !problems.is_empty() || !waiting.is_empty() {
             warn!(problems = ?problems, not_yet_replicated = ?waiting, "heartbeat withheld: not every replica is healthy");
             continue;

@@ -5,11 +5,13 @@
 mod args;
 mod config;
 mod config_keys;
+mod dir_watch;
 mod discover;
 mod dry_run;
 mod exec;
 mod exit;
 mod fd_limit;
+mod fleet;
 mod go_duration;
 mod heartbeat;
 mod list;

@@ -3,11 +3,12 @@
 //! the shippers at scrape time; nothing is kept between scrapes but the counters' totals.
 
 use prometheus::{CounterVec, Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
-use walstream_shipper::Handle;
 
 pub(crate) struct Metrics {
     registry: Registry,
-    handles: Vec<Handle>,
+    databases: crate::fleet::Databases,
+    /// Renders one at a time: each starts by clearing the per-database series.
+    rendering: std::sync::Mutex<()>,
     db_size: IntGaugeVec,
     wal_size: IntGaugeVec,
     total_wal_bytes: IntCounterVec,
@@ -33,7 +34,7 @@ const OPERATION: &[&str] = &["replica_type", "operation"];
 const VALIDATION: &[&str] = &["db", "name", "status"];
 
 impl Metrics {
-    pub(crate) fn new(handles: Vec<Handle>) -> Metrics {
+    pub(crate) fn new(databases: crate::fleet::Databases) -> Metrics {
         let registry = Registry::new();
         macro_rules! register {
             ($kind:ident, $name:literal, $help:literal, $labels:expr) => {{
@@ -121,15 +122,36 @@ impl Metrics {
                 VALIDATION
             ),
             registry,
-            handles,
+            databases,
+            rendering: Default::default(),
         }
     }
 
     /// The exposition text, in the content type [`CONTENT_TYPE`].
     pub(crate) fn render(&self) -> String {
+        let _one_at_a_time = self.rendering.lock().unwrap_or_else(|e| e.into_inner());
+        // A database a watched directory lost has no series any more; the others are set again
+        // below, counters to their totals.
+        for gauges in [&self.db_size, &self.wal_size, &self.shadow_wal_index, &self.shadow_wal_size, &self.disk_full] {
+            gauges.reset();
+        }
+        for gauges in [&self.replica_wal_index, &self.replica_wal_offset, &self.replica_pending_bytes] {
+            gauges.reset();
+        }
+        for counters in [
+            &self.total_wal_bytes,
+            &self.sync_count,
+            &self.sync_error_count,
+            &self.replica_wal_bytes,
+            &self.replica_validation_total,
+        ] {
+            counters.reset();
+        }
+        self.sync_seconds.reset();
+        self.replica_lag_seconds.reset();
         // Litestream labels operations by store type only: sum every replica of a type.
         let mut operations: std::collections::BTreeMap<(&str, &str), (u64, u64)> = Default::default();
-        for handle in &self.handles {
+        for handle in &self.databases.list() {
             let status = handle.status();
             let db = status.db_path.display().to_string();
             let db = [db.as_str()];

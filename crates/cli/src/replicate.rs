@@ -10,7 +10,7 @@ use walstream_shipper::{LeasePolicy, Replica, Shipper, ShipperConfig};
 
 use crate::args::ReplicateArgs;
 use crate::signals::{spawn_signal_handler, FIRST_SIGNAL};
-use crate::{config, exec, heartbeat, replica_url, server, validate};
+use crate::{config, exec, fleet, heartbeat, replica_url, server, validate};
 
 /// How long a replica may hold back a captured commit before `/healthz` fails.
 const DEFAULT_HEALTH_LAG: std::time::Duration = std::time::Duration::from_secs(60);
@@ -23,9 +23,10 @@ struct Job {
     validated: Vec<(usize, std::time::Duration)>,
 }
 
-/// What the config file adds to the jobs: its `exec` and `addr`.
+/// What the config file adds to the jobs: its `exec` and `addr`, and its watched directories.
 #[derive(Default)]
 struct Extras {
+    watched: Vec<fleet::Watched>,
     exec: Option<String>,
     addr: Option<String>,
     health_lag: Option<std::time::Duration>,
@@ -65,29 +66,14 @@ fn replication_jobs(args: &ReplicateArgs) -> anyhow::Result<(Vec<Job>, Extras)> 
     }
     let path = args.config.config.clone().unwrap_or_else(config::default_path);
     let file = config::load(&path, !args.config.no_expand_env)?;
-    if file.dbs.is_empty() {
+    if file.dbs.is_empty() && file.watched.is_empty() {
         return Err(
             config::ConfigError(format!("config file {}: no databases specified in dbs", path.display())).into()
         );
     }
     let mut jobs = Vec::new();
     for db in &file.dbs {
-        let replicas = db
-            .replicas
-            .iter()
-            .map(|r| {
-                if r.age.as_ref().is_some_and(|keys| !keys.seals()) {
-                    return Err(config::ConfigError(format!(
-                        "config file {}: replica {} of {}: age has identities but no recipients, so walstream would upload in the clear; add age.recipients",
-                        path.display(),
-                        r.name,
-                        db.path.display()
-                    ))
-                    .into());
-                }
-                Ok(Replica { policy: r.policy, sync_interval: r.sync_interval, age: r.age.clone(), ..open(&r.name, &r.url, &r.s3)? })
-            })
-            .collect::<anyhow::Result<_>>()?;
+        let replicas = replicas_of(db, &path)?;
         let config = ShipperConfig { meta_dir: db.meta_path.clone(), ..shipper_config(args, &db.path) };
         let validated = db
             .replicas
@@ -101,6 +87,7 @@ fn replication_jobs(args: &ReplicateArgs) -> anyhow::Result<(Vec<Job>, Extras)> 
     Ok((
         jobs,
         Extras {
+            watched: watched_dirs(args, &file, &path),
             exec: file.exec,
             addr: file.addr,
             health_lag: file.health_lag,
@@ -108,6 +95,53 @@ fn replication_jobs(args: &ReplicateArgs) -> anyhow::Result<(Vec<Job>, Extras)> 
             heartbeat_interval: file.heartbeat_interval,
         },
     ))
+}
+
+/// The replicas of one database of the config file.
+fn replicas_of(db: &config::DbConfig, path: &std::path::Path) -> anyhow::Result<Vec<Replica>> {
+    db.replicas
+        .iter()
+        .map(|r| {
+            if r.age.as_ref().is_some_and(|keys| !keys.seals()) {
+                return Err(config::ConfigError(format!(
+                    "config file {}: replica {} of {}: age has identities but no recipients, so walstream would upload in the clear; add age.recipients",
+                    path.display(),
+                    r.name,
+                    db.path.display()
+                ))
+                .into());
+            }
+            let store = replica_url::open_with(&r.url, &r.s3)?;
+            Ok(Replica {
+                policy: r.policy,
+                sync_interval: r.sync_interval,
+                age: r.age.clone(),
+                ..Replica::new(&r.name, Arc::from(store))
+            })
+        })
+        .collect()
+}
+
+/// The watched directories of the config file, each making the shipper of a database found in
+/// it as `replicate` would for a database the file names.
+fn watched_dirs(args: &ReplicateArgs, file: &config::Config, path: &std::path::Path) -> Vec<fleet::Watched> {
+    file.watched
+        .iter()
+        .map(|dir| {
+            let (template, path, entry) =
+                (shipper_config(args, std::path::Path::new("")), path.to_path_buf(), dir.clone());
+            fleet::Watched {
+                dir: dir.dir.clone(),
+                pattern: dir.pattern.clone(),
+                recursive: dir.recursive,
+                shipper_for: Box::new(move |db_path, relative| {
+                    let db = entry.database(db_path, relative);
+                    let replicas = replicas_of(&db, &path)?;
+                    Ok(Shipper::new(ShipperConfig { db_path: db.path, ..template.clone() }, replicas))
+                }),
+            }
+        })
+        .collect()
 }
 
 /// What the command line sets for every database it replicates.
@@ -125,30 +159,9 @@ fn lease_policy(args: &ReplicateArgs) -> Option<LeasePolicy> {
     (!args.no_lease).then_some(LeasePolicy { ttl: args.lease_ttl, wait: args.lease_timeout })
 }
 
-/// Replicates every job until `shutdown`, then flushes each. If one fails, the others are
-/// stopped (and flushed) too, and the first error is returned.
-async fn ship_all(shippers: Vec<Shipper>, shutdown: CancellationToken) -> anyhow::Result<()> {
-    use futures_util::stream::{FuturesUnordered, StreamExt};
-    let stop = shutdown.child_token();
-    let mut running: FuturesUnordered<_> = shippers
-        .into_iter()
-        .map(|shipper| {
-            let (stop, db) = (stop.clone(), shipper.handle().db_path().to_path_buf());
-            async move { shipper.run(stop).await.with_context(|| format!("replicate {}", db.display())) }
-        })
-        .collect();
-    let mut first_error = None;
-    while let Some(result) = running.next().await {
-        if let Err(e) = result {
-            stop.cancel();
-            first_error.get_or_insert(e);
-        }
-    }
-    first_error.map_or(Ok(()), Err)
-}
-
 pub(crate) async fn replicate(args: ReplicateArgs) -> anyhow::Result<()> {
-    let (jobs, extras) = replication_jobs(&args)?;
+    let (jobs, mut extras) = replication_jobs(&args)?;
+    let watched = std::mem::take(&mut extras.watched);
     crate::fd_limit::ensure_for(jobs.len())?;
     let command = args.exec.clone().or(extras.exec);
     let mut validations = Vec::new();
@@ -161,7 +174,7 @@ pub(crate) async fn replicate(args: ReplicateArgs) -> anyhow::Result<()> {
         }));
         shippers.push(shipper);
     }
-    let handles: Vec<_> = shippers.iter().map(Shipper::handle).collect();
+    let databases = fleet::Databases::default();
     // Bound before anything starts, so a taken port fails the command at once.
     let listener = match args.addr.clone().or(extras.addr) {
         Some(addr) => Some(server::bind(&addr).await?),
@@ -184,7 +197,8 @@ pub(crate) async fn replicate(args: ReplicateArgs) -> anyhow::Result<()> {
     };
     let signalled = CancellationToken::new();
     spawn_signal_handler(signalled.clone())?;
-    let dbs: Vec<String> = handles.iter().map(|h| h.db_path().display().to_string()).collect();
+    let mut dbs: Vec<String> = shippers.iter().map(|s| s.handle().db_path().display().to_string()).collect();
+    dbs.extend(watched.iter().map(|w| format!("{}/{} (watched)", w.dir.display(), w.pattern)));
     // Logged once signals are handled: from here on SIGTERM always means a final flush.
     info!(dbs = ?dbs, "walstream v{} started", env!("CARGO_PKG_VERSION"));
     // Served until replication has ended, so /sync keeps answering during the final flush.
@@ -193,20 +207,20 @@ pub(crate) async fn replicate(args: ReplicateArgs) -> anyhow::Result<()> {
     let health_lag = args.health_lag.or(extras.health_lag).unwrap_or(DEFAULT_HEALTH_LAG);
     // Like the server, ends with replication.
     if let Some((url, interval)) = heartbeat {
-        tokio::spawn(heartbeat::run(url, interval, handles.clone(), health_lag, stop_serving.clone()));
+        tokio::spawn(heartbeat::run(url, interval, databases.clone(), health_lag, stop_serving.clone()));
     }
     for validation in validations {
         tokio::spawn(validate::run(validation, stop_serving.clone()));
     }
     if let Some(listener) = listener {
-        tokio::spawn(server::serve(listener, handles, health_lag, stop_serving));
+        tokio::spawn(server::serve(listener, databases.clone(), health_lag, stop_serving));
     }
     let Some(command) = command else {
-        return ship_all(shippers, signalled).await;
+        return fleet::run(shippers, watched, databases, signalled).await;
     };
 
     let stop_shipping = CancellationToken::new();
-    let shipper = ship_all(shippers, stop_shipping.clone());
+    let shipper = fleet::run(shippers, watched, databases, stop_shipping.clone());
     tokio::pin!(shipper);
     let mut child = exec::spawn(&command)?;
     let mut forwarded = None;

@@ -24,7 +24,7 @@ pub(crate) const DEFAULT_SYNC_TIMEOUT: Duration = Duration::from_secs(30);
 
 struct Routes {
     metrics: Metrics,
-    handles: Vec<Handle>,
+    databases: crate::fleet::Databases,
     health_lag: Duration,
 }
 
@@ -43,11 +43,11 @@ pub(crate) async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
 /// captured commit for longer than `health_lag`.
 pub(crate) async fn serve(
     listener: TcpListener,
-    handles: Vec<Handle>,
+    databases: crate::fleet::Databases,
     health_lag: Duration,
     shutdown: CancellationToken,
 ) {
-    let routes = Arc::new(Routes { metrics: Metrics::new(handles.clone()), handles, health_lag });
+    let routes = Arc::new(Routes { metrics: Metrics::new(databases.clone()), databases, health_lag });
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -87,7 +87,7 @@ impl Routes {
             }
             (&Method::GET, "/healthz") => {
                 let problems: Vec<String> =
-                    self.handles.iter().flat_map(|h| h.status().problems(self.health_lag)).collect();
+                    self.databases.list().iter().flat_map(|h| h.status().problems(self.health_lag)).collect();
                 if problems.is_empty() {
                     text(StatusCode::OK, "ok\n".into())
                 } else {
@@ -95,8 +95,13 @@ impl Routes {
                 }
             }
             (&Method::GET, "/readyz") => {
-                let waiting: Vec<String> =
-                    self.handles.iter().filter(|h| !h.ready()).map(|h| h.db_path().display().to_string()).collect();
+                let waiting: Vec<String> = self
+                    .databases
+                    .list()
+                    .iter()
+                    .filter(|h| !h.ready())
+                    .map(|h| h.db_path().display().to_string())
+                    .collect();
                 if waiting.is_empty() {
                     text(StatusCode::OK, "ready\n".into())
                 } else {
@@ -129,8 +134,8 @@ impl Routes {
                 _ => return text(StatusCode::BAD_REQUEST, format!("unknown parameter {key:?}: use timeout and db\n")),
             }
         }
-        let chosen: Vec<&Handle> =
-            self.handles.iter().filter(|h| db.as_deref().is_none_or(|db| h.db_path() == db)).collect();
+        let all = self.databases.list();
+        let chosen: Vec<&Handle> = all.iter().filter(|h| db.as_deref().is_none_or(|db| h.db_path() == db)).collect();
         if chosen.is_empty() {
             return text(
                 StatusCode::NOT_FOUND,
