@@ -321,8 +321,10 @@ fn a_watched_directory_follows_databases_created_and_deleted_after_start() {
         ),
     )
     .unwrap();
+    let listed = walstream(&["databases", "-config", config.to_str().unwrap()]);
+    assert!(stdout(&listed).contains(&first.display().to_string()), "not listed:\n{}", stdout(&listed));
     let log = scratch.path("replicate.log");
-    let replicator = Replicator::start_args(&["-config".into(), config.into()], log.clone(), &[]);
+    let replicator = Replicator::start_args(&["-config".into(), config.clone().into()], log.clone(), &[]);
     let url = |rel: &str| format!("file://{}/{rel}", replica_root.display());
     let holds = |rel: &str, rows: i64| {
         let probe = scratch.path("probe.db");
@@ -332,6 +334,18 @@ fn a_watched_directory_follows_databases_created_and_deleted_after_start() {
         ok
     };
     wait_until(Duration::from_secs(10), "the database there at start to be replicated", || holds("first.db", 10));
+    // Restorable by its path through the config, like a database the file names.
+    let by_path = scratch.path("by-path.db");
+    let output = walstream(&[
+        "restore",
+        "-config",
+        config.to_str().unwrap(),
+        "-o",
+        by_path.to_str().unwrap(),
+        first.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(App::open(&by_path).count(), 10);
 
     std::fs::create_dir_all(tenants.join("team")).unwrap();
     let second = tenants.join("team/second.db");

@@ -65,6 +65,9 @@ pub(crate) struct DbConfig {
     /// `meta-path`: where walstream keeps its local state for this database.
     pub(crate) meta_path: Option<PathBuf>,
     pub(crate) replicas: Vec<ReplicaConfig>,
+    /// Found in a watched directory when the file was loaded: listed and restorable like the
+    /// others, but `replicate` leaves it to the directory's watch (`fleet`).
+    pub(crate) watched: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -147,7 +150,7 @@ impl DirConfig {
             .iter()
             .map(|r| ReplicaConfig { url: crate::discover::replica_url(&r.url, relative), ..r.clone() })
             .collect();
-        DbConfig { path, meta_path: None, replicas }
+        DbConfig { path, meta_path: None, replicas, watched: false }
     }
 }
 
@@ -218,14 +221,17 @@ pub(crate) fn load(path: &Path, expand_env: bool) -> Result<Config, ConfigError>
 /// Adds to `config.dbs` the databases each `dir` entry holds now, each replicated under its
 /// replica URLs with its path relative to the directory appended (Litestream 0.5's layout).
 fn find_directory_databases(config: &mut Config) -> Result<(), String> {
-    for dir in std::mem::take(&mut config.dirs) {
+    let watched = config.watched.iter().map(|dir| (dir.clone(), true));
+    let dirs: Vec<(DirConfig, bool)> =
+        std::mem::take(&mut config.dirs).into_iter().map(|dir| (dir, false)).chain(watched).collect();
+    for (dir, watched) in dirs {
         let found = crate::discover::databases(&dir.dir, &dir.pattern, dir.recursive)
             .map_err(|e| format!("dir {}: cannot read it: {e}", dir.dir.display()))?;
-        if found.is_empty() {
+        if found.is_empty() && !watched {
             tracing::warn!(dir = %dir.dir.display(), pattern = %dir.pattern, recursive = dir.recursive, "no SQLite database matches in this directory");
         }
         for (path, relative) in found {
-            config.dbs.push(dir.database(path, &relative));
+            config.dbs.push(DbConfig { watched, ..dir.database(path, &relative) });
         }
     }
     let mut paths: Vec<&Path> = config.dbs.iter().map(|db| db.path.as_path()).collect();
@@ -306,6 +312,7 @@ fn parse(text: &str) -> Result<Config, String> {
                     path: absolute(&path),
                     meta_path: nonempty(db.meta_path).map(|p| absolute(&p)),
                     replicas,
+                    watched: false,
                 });
             }
             (None, Some(dir)) => {

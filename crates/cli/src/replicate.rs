@@ -72,7 +72,7 @@ fn replication_jobs(args: &ReplicateArgs) -> anyhow::Result<(Vec<Job>, Extras)> 
         );
     }
     let mut jobs = Vec::new();
-    for db in &file.dbs {
+    for db in file.dbs.iter().filter(|db| !db.watched) {
         let replicas = replicas_of(db, &path)?;
         let config = ShipperConfig { meta_dir: db.meta_path.clone(), ..shipper_config(args, &db.path) };
         let validated = db
