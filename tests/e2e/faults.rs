@@ -249,7 +249,14 @@ fn an_outage_spools_ended_wal_lives_compressed_and_a_restart_loses_nothing() {
     let mut app = App::open(&scratch.db());
     app.insert(50);
     let log = scratch.path("replicate.log");
-    let replicator = start_proxied(&scratch, &proxy, log.clone());
+    let addr = format!("127.0.0.1:{}", free_port());
+    let replicator = Replicator::start_with_args(
+        &scratch.db(),
+        &[scratch.replica_url()],
+        log.clone(),
+        &[("STORAGE_EMULATOR_HOST", &proxy.addr)],
+        &["-addr", &addr],
+    );
     wait_for_snapshot(&scratch);
     let wal = std::path::PathBuf::from(format!("{}-wal", scratch.db().display()));
     let generations = scratch.path(".app.db-walstream").join("generations");
@@ -281,6 +288,17 @@ fn an_outage_spools_ended_wal_lives_compressed_and_a_restart_loses_nothing() {
     // Without spooling every byte waits raw (held ≥ lacked); the indexes of the last few
     // seconds and the current one are still raw.
     assert!(held * 2 < lacked, "walstream held {} KiB for {} KiB of WAL the replica lacked", held >> 10, lacked >> 10);
+    // What the replica lacks counts the spooled indexes at their WAL length.
+    let (status, metrics) = crate::emulator::request_on(&addr, "GET", "/metrics", None).unwrap();
+    let pending: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("walstream_replica_pending_bytes{"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no pending bytes in /metrics ({status}):\n{metrics}"));
+    assert!(
+        pending >= lacked as f64 / 2.0 && pending <= lacked as f64 * 2.0,
+        "/metrics says {pending} bytes pending for about {lacked} lacked"
+    );
     // Killed with its backlog spooled and the store still down: the next run resumes from the
     // spool files.
     replicator.kill();
