@@ -906,6 +906,10 @@ impl Capturer {
     /// so a start that fails (a full disk cannot take the snapshot) is the first thing the next
     /// pass tries again, whatever the live WAL looks like by then.
     fn start_new_generation(&mut self, reason: String) -> Result<(), Error> {
+        // Deleted since the pass began (see `pass`): a WAL that went with it is no truncation.
+        if !self.db_path.exists() {
+            return Ok(());
+        }
         let mut result = self.new_generation(&reason);
         if result.as_ref().err().is_some_and(Error::is_disk_full) {
             // The old generations' files are the room a new one needs, and hold nothing it will
