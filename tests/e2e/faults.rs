@@ -411,7 +411,7 @@ fn sigkill_at_random_points_while_spooling_loses_nothing() {
     let outage = Duration::from_secs(24);
     proxy.black_hole(outage);
     let started = Instant::now();
-    // Spooling starts once an ended index has waited 3 s in one run of the replicator.
+    // Spooling starts once an ended index has waited 2 s in one run of the replicator.
     let mut next_kill = started + Duration::from_millis(rng.gen_range(4500..7000));
     let (mut round, mut kills) = (0, 0);
     while started.elapsed() < outage - Duration::from_secs(1) {
