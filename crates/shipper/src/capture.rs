@@ -17,7 +17,7 @@ use crate::error::{io_err, Error};
 use crate::meta::{LocalSnapshot, MetaDir};
 use crate::protocol::{ShadowState, Wake, PASS_SPACING};
 use crate::shadow::{self, ShadowIndex, COPY_CHUNK_BYTES};
-use crate::source::{wal_path, SourceDb, WalIndexHeader};
+use crate::source::{wal_path, AtPath, SourceDb, WalIndexHeader};
 use crate::spool::Spooling;
 use crate::status::DbCounters;
 use crate::watch::Subscription;
@@ -554,15 +554,15 @@ impl Capturer {
 
     /// One pass: pin, copy, release the old pin, publish.
     fn pass(&mut self) -> Result<(), Error> {
-        // A deleted database has nothing more to replicate, and its WAL's absence says nothing
-        // of what the replicas hold: read as a truncation, it started a new generation from the
-        // unlinked file, older than the commits already shipped from its WAL, and restores then
-        // lost them. A file created at the path later is followed as a replaced one.
-        if !self.db_path.exists() {
-            return Ok(());
-        }
-        if self.db.file_replaced() {
-            self.follow_replaced_file()?;
+        match self.db.at_path() {
+            AtPath::Opened => {}
+            AtPath::Replaced => self.follow_replaced_file()?,
+            // A deleted database has nothing more to replicate, and its WAL's absence says
+            // nothing of what the replicas hold: read as a truncation, it started a new
+            // generation from the unlinked file, older than the commits already shipped from its
+            // WAL, and restores then lost them. A file created at the path later is followed as a
+            // replaced one.
+            AtPath::Gone => return Ok(()),
         }
         // The pin held now, if any, was taken before the previous copy and held ever since, so the
         // WAL cannot have lost a frame that copy did not see (see `SourceDb`).
@@ -907,7 +907,7 @@ impl Capturer {
     /// pass tries again, whatever the live WAL looks like by then.
     fn start_new_generation(&mut self, reason: String) -> Result<(), Error> {
         // Deleted since the pass began (see `pass`): a WAL that went with it is no truncation.
-        if !self.db_path.exists() {
+        if self.db.at_path() == AtPath::Gone {
             return Ok(());
         }
         let mut result = self.new_generation(&reason);
@@ -1147,8 +1147,17 @@ fn resume_generation(meta: &MetaDir) -> Option<Generation> {
         },
         None => None,
     };
+    // What a replica may still lack of the indexes the last run ended, raw or spooled.
+    let wal_dir = meta.wal_dir(&id);
+    let current = shadow.as_ref().map_or(0, |s| s.index);
+    let mut ended: Vec<(u32, u64)> = meta
+        .shadow_files_below(&id, current)
+        .into_iter()
+        .filter_map(|(index, _)| Some((index, crate::spool::index_len(&wal_dir, index)?)))
+        .collect();
+    ended.dedup_by_key(|&mut (index, _)| index);
     info!(generation = %id, "resuming generation");
-    Some(Generation { id, snapshot, shadow, wal_at_snapshot: 0, index_started_at: 0, ended: Vec::new() })
+    Some(Generation { id, snapshot, shadow, wal_at_snapshot: 0, index_started_at: 0, ended })
 }
 
 /// The least WAL since a snapshot that makes a new one: as much as `max-local-wal`'s default, so

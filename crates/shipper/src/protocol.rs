@@ -55,9 +55,22 @@ pub struct ShadowState {
     /// the shadow and the application's WAL (which the capturer's pin may keep from restarting)
     /// leave room for the app's writes.
     pub disk_tight: bool,
-    /// (index, length) of the ended indexes some replica may still lack, oldest first (those
-    /// ended since walstream started): with `end`, how much an uploader has waiting.
+    /// (index, length) of the ended indexes some replica may still lack, oldest first (those a
+    /// restart found on disk, then those ended since): with `end`, how much an uploader has
+    /// waiting ([`ShadowState::wal_past`]).
     pub ended: Vec<(u32, u64)>,
+}
+
+impl ShadowState {
+    /// The raw WAL published past `from`: the rest of its index, the ended indexes after it and
+    /// the current one up to `end`. `None` when `from` is in another generation or past `end`.
+    pub(crate) fn wal_past(&self, from: Pos) -> Option<u64> {
+        let end = self.end.filter(|end| from.generation == end.generation && from <= *end)?;
+        let rest = |index: u32, len: u64| if index == from.index { len.saturating_sub(from.offset) } else { len };
+        let ended: u64 =
+            self.ended.iter().filter(|&&(index, _)| index >= from.index).map(|&(i, len)| rest(i, len)).sum();
+        Some(ended + rest(end.index, end.offset))
+    }
 }
 
 /// Whether the capturer's pin vouches for the database file, for a snapshot framed straight
@@ -77,5 +90,26 @@ impl PinGate {
     /// Held while reading: `*guard` says whether the read may go ahead.
     pub(crate) fn hold(&self) -> std::sync::RwLockReadGuard<'_, bool> {
         self.0.read().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The rest of the replica's index, every ended index after it and the current one to its
+    /// end; nothing for another generation or a position past the end.
+    #[test]
+    fn wal_past_counts_what_a_position_lacks() {
+        let generation = GenerationId::time_ordered();
+        let pos = |index, offset| Pos { generation, index, offset };
+        let state =
+            ShadowState { end: Some(pos(5, 700)), ended: vec![(2, 1000), (3, 2000), (4, 4000)], ..Default::default() };
+        assert_eq!(state.wal_past(pos(3, 500)), Some(1500 + 4000 + 700));
+        assert_eq!(state.wal_past(pos(2, 1000)), Some(2000 + 4000 + 700));
+        assert_eq!(state.wal_past(pos(5, 200)), Some(500));
+        assert_eq!(state.wal_past(pos(5, 700)), Some(0));
+        assert_eq!(state.wal_past(pos(5, 701)), None);
+        assert_eq!(state.wal_past(Pos { generation: GenerationId::time_ordered(), index: 5, offset: 0 }), None);
     }
 }

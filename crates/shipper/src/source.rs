@@ -93,6 +93,14 @@ pub(crate) fn probe_file(path: &Path) -> Result<Presence, Error> {
     Ok(if len < MIN_DB_LEN { Presence::NotYet } else { Presence::Ready })
 }
 
+/// What a database's path names, against the file [`SourceDb`] opened.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum AtPath {
+    Opened,
+    Replaced,
+    Gone,
+}
+
 /// walstream's handle on the application's database.
 ///
 /// The read pin: walstream always tries to hold a read transaction that began before its latest
@@ -172,14 +180,16 @@ impl SourceDb {
         &self.db_file
     }
 
-    /// True when the path now names another file than the one opened (a restored copy moved
-    /// over it): every descriptor and connection here belongs to the old one.
-    pub(crate) fn file_replaced(&self) -> bool {
+    /// What the path names now, in one stat: the file opened, another one (a restored copy
+    /// moved over it: every descriptor and connection here belongs to the old one), or nothing
+    /// (the database was deleted).
+    pub(crate) fn at_path(&self) -> AtPath {
         use std::os::unix::fs::MetadataExt;
         match (std::fs::metadata(&self.path), self.db_file.metadata()) {
-            (Ok(now), Ok(held)) => (now.dev(), now.ino()) != (held.dev(), held.ino()),
-            // Gone or unreadable: nothing else to follow yet.
-            _ => false,
+            (Ok(now), Ok(held)) if (now.dev(), now.ino()) != (held.dev(), held.ino()) => AtPath::Replaced,
+            (Err(e), _) if e.kind() == std::io::ErrorKind::NotFound => AtPath::Gone,
+            // The same file, or unreadable: nothing else to follow yet.
+            _ => AtPath::Opened,
         }
     }
 

@@ -263,6 +263,14 @@ pub(crate) fn keep_length_only(wal_dir: &Path, index: u32) -> io::Result<()> {
     std::fs::remove_file(spool_path)
 }
 
+/// The WAL length of ended index `index`: its raw file's, or where its spool's records end.
+pub(crate) fn index_len(wal_dir: &Path, index: u32) -> Option<u64> {
+    match std::fs::metadata(wal_dir.join(name::shadow_wal_file_name(index))) {
+        Ok(meta) => Some(meta.len()),
+        Err(_) => SpoolReader::open(wal_dir, index).ok().flatten().map(|spool| spool.raw_len()),
+    }
+}
+
 /// Clears what a crash left: a temporary spool file, or a raw file whose spool was already in
 /// place.
 pub(crate) fn tidy(wal_dir: &Path) {

@@ -8,7 +8,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, watch};
-use walstream_format::{name, Pos};
+use walstream_format::Pos;
 
 use crate::protocol::{ShadowState, Wake};
 
@@ -245,11 +245,6 @@ impl Handle {
     pub fn status(&self) -> DbStatus {
         let state = self.state.borrow().clone();
         let len = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
-        // A spooled index's length is in its spool (`spool`), not in a raw file.
-        let shadow_len = |index: u32| match std::fs::metadata(state.wal_dir.join(name::shadow_wal_file_name(index))) {
-            Ok(meta) => meta.len(),
-            Err(_) => crate::spool::SpoolReader::open(&state.wal_dir, index).ok().flatten().map_or(0, |s| s.raw_len()),
-        };
         let shadow_size = match state.end {
             Some(_) => crate::shadow::disk_bytes(&state.wal_dir, None),
             None => 0,
@@ -261,13 +256,10 @@ impl Handle {
             .iter()
             .map(|r| {
                 let position = *r.position.borrow();
-                let pending_bytes = match (state.end, position) {
-                    (Some(end), Some(pos)) if pos.generation == end.generation && pos <= end => (pos.index..=end.index)
-                        .map(|i| if i == end.index { end.offset } else { shadow_len(i) })
-                        .sum::<u64>()
-                        .saturating_sub(pos.offset),
-                    (Some(_), _) => shadow_size,
-                    (None, _) => 0,
+                let pending_bytes = match (state.end, position.and_then(|pos| state.wal_past(pos))) {
+                    (_, Some(waiting)) => waiting,
+                    (Some(_), None) => shadow_size,
+                    (None, None) => 0,
                 };
                 let behind_since = *r.counters.behind_since.lock().unwrap_or_else(|e| e.into_inner());
                 ReplicaStatus {

@@ -489,7 +489,7 @@ enum Held {
     No,
     /// The slot came.
     Slot,
-    /// A full segment was waiting before the slot.
+    /// Enough was waiting before the slot ([`backlog_waits`]).
     Backlog,
 }
 
@@ -507,14 +507,8 @@ const TIGHT_DISK_BATCH_BYTES: u64 = 512 << 10;
 /// on the local disk (a flat-out writer made 250 MB of WAL a second, and a second of it passed
 /// `max-local-wal`).
 fn backlog_waits(state: &ShadowState, from: Option<Pos>) -> bool {
-    let (Some(end), Some(from)) = (state.end, from) else { return false };
-    if from.generation != end.generation {
-        return false;
-    }
-    let rest = |index: u32, len: u64| if index == from.index { len.saturating_sub(from.offset) } else { len };
-    let ended: u64 = state.ended.iter().filter(|&&(index, _)| index >= from.index).map(|&(i, len)| rest(i, len)).sum();
     let bound = if state.disk_tight { TIGHT_DISK_BATCH_BYTES } else { MAX_SEGMENT_RAW_BYTES as u64 };
-    ended + rest(end.index, end.offset) >= bound
+    from.and_then(|from| state.wal_past(from)).is_some_and(|waiting| waiting >= bound)
 }
 
 /// Whether `state` must go up without waiting for a slot: shutdown, a sync barrier since
