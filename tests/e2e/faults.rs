@@ -423,7 +423,14 @@ fn sigkill_at_random_points_while_spooling_loses_nothing() {
         if Instant::now() >= next_kill {
             replicator.kill();
             kills += 1;
-            replicator = start_proxied(&scratch, &proxy, scratch.path(&format!("replicate-{kills}.log")));
+            let log = scratch.path(&format!("replicate-{kills}.log"));
+            replicator = start_proxied(&scratch, &proxy, log.clone());
+            // The app's TRUNCATE while no walstream runs would cut commits nobody copied: a new
+            // generation by design, and not what this test is about.
+            wait_until(Duration::from_secs(10), "the restarted replicator to be up", || {
+                std::fs::read_to_string(&log).is_ok_and(|text| text.contains("replicating"))
+            });
+            std::thread::sleep(Duration::from_millis(100));
             next_kill = Instant::now() + Duration::from_millis(rng.gen_range(4500..7000));
         }
         std::thread::sleep(Duration::from_millis(5));
