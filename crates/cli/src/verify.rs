@@ -13,7 +13,6 @@ use crate::{progress, replica_url, source};
 pub(crate) async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
     let source = source::resolve(&args.source, &args.config, args.replica.as_deref())?;
     let target = Target { generation: args.generation, ..Target::default() };
-    let spill_dir = std::env::temp_dir();
     for replica in &source.replicas {
         let store = replica_url::open_with(&replica.url, &replica.s3)?;
         let context = || format!("verify replica {} ({})", replica.name, replica.url);
@@ -24,7 +23,6 @@ pub(crate) async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
             replica.age.as_deref(),
             plan,
             args.parallelism as usize,
-            &spill_dir,
             Some(progress.as_ref()),
         )
         .await

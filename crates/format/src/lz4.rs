@@ -331,6 +331,8 @@ pub struct FrameDecoder {
     /// The last 64 KiB decoded, for frames whose blocks are linked.
     history: Vec<u8>,
     checksum: Option<Xxh32>,
+    /// The caller checks every decoded byte itself: the content checksum is not computed.
+    content_checked_elsewhere: bool,
 }
 
 #[derive(Default, PartialEq)]
@@ -355,6 +357,13 @@ impl FrameDecoder {
         FrameDecoder::default()
     }
 
+    /// Whether the next frame's content checksum is skipped, by a caller that checks every
+    /// decoded byte and their number another way (a restore's WAL segments). Set before the
+    /// frame's first byte; [`reset`](FrameDecoder::reset) keeps it.
+    pub fn set_content_checked_elsewhere(&mut self, yes: bool) {
+        self.content_checked_elsewhere = yes;
+    }
+
     /// Expects the start of another frame, keeping the buffers: a restore decodes a frame per
     /// WAL segment, and a fresh decoder's 4 MiB block was a fresh mapping to fault in and zero
     /// every time (a sixth of a WAL-heavy restore's CPU).
@@ -364,7 +373,13 @@ impl FrameDecoder {
         pending.clear();
         history.clear();
         // The block's bytes are only ever read where a decode has just written them.
-        *self = FrameDecoder { pending, history, block, ..FrameDecoder::default() };
+        *self = FrameDecoder {
+            pending,
+            history,
+            block,
+            content_checked_elsewhere: self.content_checked_elsewhere,
+            ..FrameDecoder::default()
+        };
     }
 
     /// Decodes what `input` completes, calling `sink` with each block in order. Bytes after
@@ -456,7 +471,8 @@ impl FrameDecoder {
                         return Err(bad("frame header checksum mismatch"));
                     }
                     self.flg = flg;
-                    self.checksum = (flg & FLG_CONTENT_CHECKSUM != 0).then(|| Xxh32::new(0));
+                    self.checksum =
+                        (flg & FLG_CONTENT_CHECKSUM != 0 && !self.content_checked_elsewhere).then(|| Xxh32::new(0));
                     self.state = DecoderState::Blocks;
                     at += descriptor_end + 1;
                 }
@@ -464,8 +480,11 @@ impl FrameDecoder {
                     let Some(size) = rest.get(..4) else { return Ok(at) };
                     let size = u32::from_le_bytes(size.try_into().expect("4 bytes"));
                     if size == 0 {
-                        self.state =
-                            if self.checksum.is_some() { DecoderState::ContentChecksum } else { DecoderState::Done };
+                        self.state = if self.flg & FLG_CONTENT_CHECKSUM != 0 {
+                            DecoderState::ContentChecksum
+                        } else {
+                            DecoderState::Done
+                        };
                         at += 4;
                         continue;
                     }
@@ -524,7 +543,7 @@ impl FrameDecoder {
                 DecoderState::ContentChecksum => {
                     let Some(expected) = rest.get(..4) else { return Ok(at) };
                     let expected = u32::from_le_bytes(expected.try_into().expect("4 bytes"));
-                    if self.checksum.as_ref().map(Xxh32::digest) != Some(expected) {
+                    if self.checksum.as_ref().is_some_and(|checksum| checksum.digest() != expected) {
                         return Err(bad("content checksum mismatch"));
                     }
                     self.state = DecoderState::Done;
@@ -563,6 +582,34 @@ mod tests {
         frame.extend_from_slice(&[0, 0, 0, 0]);
         frame.extend_from_slice(&xxh32(payload).to_le_bytes());
         assert_eq!(decompress(&frame).unwrap(), payload);
+    }
+
+    /// A WAL decoder skips the content checksum, and only it: the frame must still be whole.
+    #[test]
+    fn a_decoder_told_the_content_is_checked_elsewhere_skips_only_the_checksum() {
+        let data: Vec<u8> = (0..(5 << 20) as u32).map(|i| (i % 251) as u8 ^ (i >> 13) as u8).collect();
+        let mut framed = compress(&data);
+        let last = framed.len() - 1;
+        framed[last] ^= 0x55;
+        let decode = |mut decoder: FrameDecoder, framed: &[u8]| {
+            let mut out = Vec::new();
+            let fed = decoder.feed(framed, &mut |block| {
+                out.extend_from_slice(block);
+                Ok(())
+            });
+            fed.map_err(|_| ()).and_then(|()| decoder.finish().map_err(|_| ())).map(|()| out)
+        };
+        assert!(decode(FrameDecoder::new(), &framed).is_err(), "a bad content checksum is corrupt by default");
+        let trusting = || {
+            let mut decoder = FrameDecoder::new();
+            decoder.set_content_checked_elsewhere(true);
+            decoder
+        };
+        let mut reset = trusting();
+        reset.reset();
+        assert!(decode(reset, &framed) == Ok(data), "skipped after a reset too");
+        let cut = &framed[..framed.len() - 4];
+        assert!(decode(trusting(), cut).is_err(), "a frame cut before its checksum is still truncated");
     }
 
     #[test]

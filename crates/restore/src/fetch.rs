@@ -1,11 +1,11 @@
 //! Downloading a plan's objects in bounded memory: every object comes as parts of at most
 //! [`PART`] stored bytes, a few in flight, decoded from LZ4 as they arrive in order. The snapshot
-//! is written block by block into the database file; WAL indexes are assembled one at a time,
-//! in the order asked for, in memory up to [`SPILL_AT`](crate::index::SPILL_AT) and in an unlinked file beside the
-//! output beyond it, so application can start while later indexes are still downloading and no
-//! index, however long its life was, has to fit in memory.
+//! is written block by block into the database file; a WAL index's frames are checked against
+//! its checksum chain as they are decoded and passed on in batches, so they are applied while
+//! later ones still download and no index, however long its life was, is held anywhere.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::stream::{self, StreamExt};
@@ -14,7 +14,7 @@ use walstream_format::age::{self, AgeKeys, OpenError};
 use walstream_format::lz4;
 use walstream_store::ObjectStore;
 
-use crate::index::{ChainCheck, FetchedIndex, IndexBytes, VerifiedIndex};
+use crate::index::{ChainCheck, FramePool, Segments, WalEvent};
 use crate::plan::{IndexPlan, SegmentRef};
 use crate::progress::Progress;
 use crate::Error;
@@ -202,52 +202,77 @@ fn feed_plain(
     }
 }
 
+/// How WAL indexes are checked beyond their checksum chains.
+pub(crate) struct IndexCheck {
+    /// The database's page size: an index of another is corrupt.
+    pub(crate) page_size: Option<u32>,
+    /// Whether every segment's LZ4 content checksum is computed too, not only each index's
+    /// last one's ([`Assembly::begin`] says why that is enough): `verify` vouches for every
+    /// checksum.
+    pub(crate) lz4_checksums: bool,
+}
+
 /// One downloaded part of a WAL segment, in plan order.
 struct SegmentPart {
-    index: u32,
     segment: SegmentRef,
     /// The segment's first and last parts.
     first: bool,
     last: bool,
     /// The index's last segment.
     ends_index: bool,
+    /// The segment is its index's last in the plan.
+    last_of_index: bool,
     body: Bytes,
 }
 
-/// Sends every index of `indexes`, in the order given, to `out` once it is whole and verified.
-/// Stops at the first error, which it sends too; stops quietly if `out` is closed. Indexes
-/// larger than [`SPILL_AT`](crate::index::SPILL_AT) are kept in unlinked files in `spill_dir`.
+/// Sends the frames of every index of `indexes`, in the order given, to `out` as they arrive
+/// and continue their index's checksum chain, then each index's verified end
+/// ([`WalEvent`]). `check.page_size` is the database's: an index of another is corrupt. Stops
+/// at the first error, which it sends too; stops quietly if `out` is closed.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn fetch_indexes(
     store: &dyn ObjectStore,
     age: Option<&AgeKeys>,
     indexes: Vec<&IndexPlan>,
-    spill_dir: PathBuf,
+    check: IndexCheck,
+    frames: Arc<FramePool>,
     parallelism: usize,
     progress: &dyn Progress,
-    out: mpsc::Sender<Result<VerifiedIndex, Error>>,
+    out: mpsc::Sender<Result<WalEvent, Error>>,
 ) {
     let (parts_tx, parts_rx) = mpsc::channel::<Result<SegmentPart, Error>>(1);
     let age = age.cloned();
-    let pool = std::sync::Arc::new(PartPool::for_store(store));
+    let pool = Arc::new(PartPool::for_store(store));
     let returned = pool.clone();
-    let assembler = tokio::task::spawn_blocking(move || assemble(parts_rx, age.as_ref(), &spill_dir, &returned, out));
+    let assembler = tokio::task::spawn_blocking(move || {
+        let assembly = Assembly {
+            current: None,
+            decoder: lz4::FrameDecoder::new(),
+            check,
+            batch: frames.take(),
+            frames: &frames,
+            out: &out,
+            closed: false,
+        };
+        assemble(parts_rx, age.as_ref(), &returned, assembly)
+    });
     let all_parts = indexes.iter().flat_map(|plan| {
         let last_segment = plan.segments.len().saturating_sub(1);
         plan.segments.iter().enumerate().flat_map(move |(n, segment)| {
-            parts(segment).map(move |(offset, len, last)| (plan.index, segment, offset, len, last, n == last_segment))
+            parts(segment).map(move |(offset, len, last)| (segment, offset, len, last, n == last_segment))
         })
     });
     let mut downloads = stream::iter(all_parts)
-        .map(|(index, segment, offset, len, last, ends_index)| {
+        .map(|(segment, offset, len, last, ends_index)| {
             let pool = &pool;
             async move {
                 let body = get_part(store, pool, segment, offset, len).await?;
                 Ok(SegmentPart {
-                    index,
                     segment: segment.clone(),
                     first: offset == 0,
                     last,
                     ends_index: ends_index && last,
+                    last_of_index: ends_index,
                     body,
                 })
             }
@@ -269,23 +294,21 @@ pub(crate) async fn fetch_indexes(
     let _ = assembler.await;
 }
 
-/// The blocking half of [`fetch_indexes`]: decodes parts into the current index, following its
-/// checksum chain as the bytes go by, and hands it on once its last segment is in.
+/// The blocking half of [`fetch_indexes`]: decodes parts, follows the current index's checksum
+/// chain as the bytes go by, and sends on what continues it.
 fn assemble(
     mut parts: mpsc::Receiver<Result<SegmentPart, Error>>,
     age: Option<&AgeKeys>,
-    spill_dir: &Path,
     pool: &PartPool,
-    out: mpsc::Sender<Result<VerifiedIndex, Error>>,
+    mut assembly: Assembly<'_>,
 ) {
-    let mut assembly = Assembly { current: None, decoder: lz4::FrameDecoder::new(), spill_dir };
     while let Some(part) = parts.blocking_recv() {
-        let ready = match (age, part) {
+        let done = match (age, part) {
             (_, Err(e)) => Err(e),
             // An encrypted segment: its later parts are pulled from the channel through the
             // decryptor, and the plaintext decoded as it comes.
             (Some(keys), Ok(part)) if part.first => match open_segment(keys, part, &mut parts, &mut assembly) {
-                Some(ready) => ready,
+                Some(done) => done,
                 None => return,
             },
             (None, Ok(part)) if part.first && age::is_sealed(&part.body) => {
@@ -293,83 +316,136 @@ fn assemble(
             }
             (_, Ok(part)) => (|| {
                 if part.first {
-                    assembly.begin(part.index, &part.segment)?;
+                    assembly.begin(&part.segment, part.last_of_index)?;
                 }
                 assembly.feed(&part.segment, &part.body)?;
-                let ended = part.last.then(|| assembly.end(&part.segment, part.ends_index));
+                if part.last {
+                    assembly.end(&part.segment, part.ends_index)?;
+                }
                 pool.give(part.body);
-                ended.unwrap_or(Ok(None))
+                Ok(())
             })(),
         };
-        let ready = match ready {
-            Ok(None) => continue,
-            Ok(Some(index)) => Ok(index),
-            Err(e) => Err(e),
-        };
-        let failed = ready.is_err();
-        if out.blocking_send(ready).is_err() || failed {
+        if let Err(e) = done {
+            let _ = assembly.out.blocking_send(Err(e));
+            return;
+        }
+        if assembly.closed {
             return;
         }
     }
 }
 
-/// The index being assembled, and the decoder of its current segment.
+/// The index being assembled, the decoder of its current segment, and the frames not sent yet.
 struct Assembly<'a> {
-    current: Option<(FetchedIndex, ChainCheck)>,
+    current: Option<OpenIndex>,
     decoder: lz4::FrameDecoder,
-    spill_dir: &'a Path,
+    check: IndexCheck,
+    /// Frames that continue the chain, sent once [`FramePool::BATCH`] bytes are in.
+    batch: Vec<u8>,
+    frames: &'a FramePool,
+    out: &'a mpsc::Sender<Result<WalEvent, Error>>,
+    /// `out`'s receiver went away: the restore stopped.
+    closed: bool,
+}
+
+/// An index some of whose segments are in.
+struct OpenIndex {
+    len: u64,
+    segments: Segments,
+    check: ChainCheck,
+    /// The segment just decoded, if its length is checked by where the next one starts (in
+    /// place of its LZ4 content checksum), and where it started.
+    length_unchecked: Option<(String, u64)>,
 }
 
 impl Assembly<'_> {
-    /// Starts `segment` of `index`, which must begin where the index's bytes so far end.
-    fn begin(&mut self, index: u32, segment: &SegmentRef) -> Result<(), Error> {
-        let (fetched, _) = self.current.get_or_insert_with(|| {
-            (FetchedIndex { index, wal: IndexBytes::default(), segments: Vec::new() }, ChainCheck::default())
+    /// Starts `segment`, which must begin where the index's bytes so far end.
+    ///
+    /// The checksum chain covers every byte of a segment, but not how many bytes it decodes
+    /// to: a corrupt one could decode short, by whole frames, and still chain. The next
+    /// segment's offset pins that length, so only an index's last segment needs its LZ4 content
+    /// checksum (unless `check.lz4_checksums` asks for all): hashing every byte took about a
+    /// fifth of a WAL-heavy restore's time on two cores (docs/benchmarks.md).
+    fn begin(&mut self, segment: &SegmentRef, last_of_index: bool) -> Result<(), Error> {
+        let page_size = self.check.page_size;
+        let open = self.current.get_or_insert_with(|| OpenIndex {
+            len: 0,
+            segments: Segments::default(),
+            check: ChainCheck::new(page_size),
+            length_unchecked: None,
         });
-        let expected = fetched.wal.len();
-        if segment.offset != expected {
-            return Err(Error::SegmentGap { key: segment.key.clone(), expected, found: segment.offset });
+        if segment.offset != open.len {
+            return Err(match open.length_unchecked.take() {
+                Some((key, start)) => Error::CorruptObject {
+                    key,
+                    source: walstream_format::Error::Lz4(format!(
+                        "decodes to {} bytes of WAL, but the next segment starts {} bytes after it",
+                        open.len - start,
+                        segment.offset.saturating_sub(start)
+                    )),
+                },
+                None => Error::SegmentGap { key: segment.key.clone(), expected: open.len, found: segment.offset },
+            });
         }
-        fetched.segments.push((segment.key.clone(), expected));
+        open.segments.push(segment.key.clone(), open.len);
+        let check_content = self.check.lz4_checksums || last_of_index;
+        open.length_unchecked = (!check_content).then(|| (segment.key.clone(), open.len));
         self.decoder.reset();
+        self.decoder.set_content_checked_elsewhere(!check_content);
         Ok(())
     }
 
-    /// Decodes the next LZ4 bytes of the current segment into the index.
+    /// Decodes the next LZ4 bytes of the current segment and passes on its frames.
     fn feed(&mut self, segment: &SegmentRef, lz4_bytes: &[u8]) -> Result<(), Error> {
-        let (fetched, check) = self.current.as_mut().expect("a segment was begun");
-        let wal = &mut fetched.wal;
-        let spill_dir = self.spill_dir;
-        self.decoder
+        let Assembly { current, decoder, batch, frames, out, closed, .. } = self;
+        let open = current.as_mut().expect("a segment was begun");
+        let mut send_frame = |frame: &[u8]| {
+            if batch.len() + frame.len() > FramePool::BATCH && !batch.is_empty() {
+                let full = std::mem::replace(batch, frames.take());
+                *closed |= out.blocking_send(Ok(WalEvent::Frames(full))).is_err();
+            }
+            batch.extend_from_slice(frame);
+        };
+        decoder
             .feed(lz4_bytes, &mut |block| {
-                check.feed(block);
-                wal.append(block, spill_dir)
+                open.len += block.len() as u64;
+                open.check.feed(block, &mut send_frame);
+                Ok(())
             })
-            .map_err(decode_error(&segment.key, spill_dir))
+            // The sink never fails: only a corrupt frame is an error here.
+            .map_err(decode_error(&segment.key, Path::new("")))
     }
 
-    /// Ends the current segment; when it `ends_index`, hands the index on, verified.
-    fn end(&mut self, segment: &SegmentRef, ends_index: bool) -> Result<Option<VerifiedIndex>, Error> {
+    /// Ends the current segment; when it `ends_index`, sends the index's last frames and its
+    /// verified end.
+    fn end(&mut self, segment: &SegmentRef, ends_index: bool) -> Result<(), Error> {
         self.decoder.finish().map_err(|source| Error::CorruptObject { key: segment.key.clone(), source })?;
         if !ends_index {
-            return Ok(None);
+            return Ok(());
         }
-        let (fetched, check) = self.current.take().expect("an index was started");
-        check.verified(fetched).map(Some)
+        let open = self.current.take().expect("an index was started");
+        let ended = open.check.verified(open.len, &open.segments)?;
+        if !self.batch.is_empty() {
+            let full = std::mem::replace(&mut self.batch, self.frames.take());
+            self.closed |= self.out.blocking_send(Ok(WalEvent::Frames(full))).is_err();
+        }
+        self.closed |= self.out.blocking_send(Ok(WalEvent::Ended(ended))).is_err();
+        Ok(())
     }
 }
 
 /// The encrypted segment whose first part is `first`, decrypted as its parts arrive and fed to
-/// `assembly`; returns what ending it gives. `None` when the download stopped (its receiver
+/// `assembly`. `None` when the download stopped (its receiver
 /// went away) before the segment was whole.
 fn open_segment(
     keys: &AgeKeys,
     first: SegmentPart,
     parts: &mut mpsc::Receiver<Result<SegmentPart, Error>>,
     assembly: &mut Assembly<'_>,
-) -> Option<Result<Option<VerifiedIndex>, Error>> {
+) -> Option<Result<(), Error>> {
     let segment = first.segment.clone();
-    if let Err(e) = assembly.begin(first.index, &segment) {
+    if let Err(e) = assembly.begin(&segment, first.last_of_index) {
         return Some(Err(e));
     }
     let (mut last, mut ends_index) = (first.last, first.ends_index);
@@ -413,6 +489,60 @@ fn open_segment(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use walstream_format::WAL_HEADER_SIZE;
+
+    /// What `fetch_indexes` makes of one index stored as `segments` (offset, bytes): the bytes
+    /// of WAL it passed on, or the first error.
+    async fn fetch_one_index(segments: &[(u64, Vec<u8>)], lz4_checksums: bool) -> Result<u64, Error> {
+        let dir = tempfile::tempdir().unwrap();
+        let store = walstream_store::FileStore::new(dir.path());
+        let mut plan = IndexPlan { index: 0, segments: Vec::new() };
+        for (offset, body) in segments {
+            let key = format!("generations/0000000000000001/wal/00000000_{offset:08x}.wal.lz4");
+            store.put(&key, body.clone().into()).await.unwrap();
+            plan.segments.push(SegmentRef { key, offset: *offset, size: body.len() as u64 });
+        }
+        let (sender, mut events) = mpsc::channel(1);
+        let frames = Arc::new(FramePool::default());
+        let check = IndexCheck { page_size: Some(512), lz4_checksums };
+        let fetch = fetch_indexes(&store, None, vec![&plan], check, frames, 2, &crate::progress::Silent, sender);
+        let read = async {
+            let mut applied = 0;
+            while let Some(event) = events.recv().await {
+                match event? {
+                    WalEvent::Frames(batch) => applied += batch.len() as u64,
+                    WalEvent::Ended(end) => assert_eq!(end.len, applied + WAL_HEADER_SIZE as u64),
+                }
+            }
+            Ok(applied)
+        };
+        tokio::join!(fetch, read).1
+    }
+
+    /// A segment that decodes to fewer whole frames than its successor's offset says still
+    /// chains, and its LZ4 frame is valid: the error must name it, not the next one.
+    #[tokio::test]
+    async fn a_segment_decoding_short_by_whole_frames_is_named_as_corrupt() {
+        // Six transactions of one page each (not page 1, whose header must agree with them).
+        let frames: Vec<(u32, u32, u8)> = (2..8).map(|pgno| (pgno, pgno, pgno as u8)).collect();
+        let wal = crate::test_wal::synthetic_wal(512, 5, &[], &frames);
+        let frame = 512 + walstream_format::FRAME_HEADER_SIZE;
+        let (cut, short) = (WAL_HEADER_SIZE + 3 * frame, WAL_HEADER_SIZE + 2 * frame);
+        let whole = [(0, lz4::compress(&wal[..cut])), (cut as u64, lz4::compress(&wal[cut..]))];
+        assert_eq!(fetch_one_index(&whole, false).await.unwrap(), 6 * frame as u64);
+        let shortened = [(0, lz4::compress(&wal[..short])), (cut as u64, lz4::compress(&wal[cut..]))];
+        for lz4_checksums in [false, true] {
+            match fetch_one_index(&shortened, lz4_checksums).await {
+                Err(Error::CorruptObject { key, .. }) if !lz4_checksums => assert!(key.ends_with("_00000000.wal.lz4")),
+                // With every content checksum checked the short segment is a valid frame, and
+                // the gap is reported where it shows.
+                Err(Error::SegmentGap { key, .. }) if lz4_checksums => {
+                    assert!(key.ends_with(&format!("_{cut:08x}.wal.lz4")))
+                }
+                other => panic!("lz4_checksums {lz4_checksums}: {other:?}"),
+            }
+        }
+    }
 
     #[tokio::test]
     async fn a_part_read_into_a_handed_back_buffer_reuses_its_memory() {

@@ -1,8 +1,9 @@
-//! One WAL index as a restore holds it: its bytes, assembled from its segments in memory or
-//! spilled to an unlinked file ([`FetchedIndex`], [`IndexBytes`]), and the check of its
-//! checksum chain as SQLite's recovery makes it ([`ChainCheck`], [`VerifiedIndex`]). A leaf
-//! module: `fetch` fills and checks indexes, `apply` writes verified ones, neither needs the
-//! other's internals.
+//! WAL indexes as a restore passes them on: the check of an index's checksum chain as SQLite's
+//! recovery makes it, frame by frame as the bytes arrive ([`ChainCheck`]), what `fetch` hands
+//! `apply` ([`WalEvent`]: frames that continue the chain, then the index's verified end), and
+//! bytes kept in memory or spilled to an unlinked file ([`IndexBytes`], for a transaction
+//! whose commit has not arrived yet). A leaf module: `fetch` checks indexes, `apply` writes
+//! them, neither needs the other's internals.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -16,18 +17,52 @@ use crate::Error;
 /// How much of one index is kept in memory before the rest goes to a temporary file.
 pub(crate) const SPILL_AT: usize = 1 << 20;
 
-/// One index's WAL bytes, its segments concatenated.
-pub(crate) struct FetchedIndex {
-    pub(crate) index: u32,
-    pub(crate) wal: IndexBytes,
-    /// Each segment's key and where it starts in `wal`, to name the culprit of a bad frame.
-    pub(crate) segments: Vec<(String, u64)>,
+/// What `fetch` hands `apply`, in plan order.
+pub(crate) enum WalEvent {
+    /// Whole frames of the current index that continue its checksum chain, in order; the
+    /// buffer goes back to the [`FramePool`] once written.
+    Frames(Vec<u8>),
+    /// The current index's last byte is in and its chain holds to the end.
+    Ended(IndexEnd),
 }
 
-impl FetchedIndex {
+/// Buffers of [`WalEvent::Frames`] handed back once written, for the next frames: a fresh
+/// buffer above glibc's mmap threshold (which `restore` keeps low) costs a page fault and a
+/// zeroed page per 4 KiB.
+#[derive(Default)]
+pub(crate) struct FramePool(std::sync::Mutex<Vec<Vec<u8>>>);
+
+impl FramePool {
+    /// Bytes of frames per event.
+    pub(crate) const BATCH: usize = 1 << 20;
+    /// Buffers kept: one being filled, one queued, one being written.
+    const KEEP: usize = 3;
+
+    pub(crate) fn take(&self) -> Vec<u8> {
+        self.0.lock().expect("frame pool lock").pop().unwrap_or_else(|| Vec::with_capacity(Self::BATCH))
+    }
+
+    pub(crate) fn give(&self, mut buf: Vec<u8>) {
+        buf.clear();
+        let mut kept = self.0.lock().expect("frame pool lock");
+        if kept.len() < Self::KEEP {
+            kept.push(buf);
+        }
+    }
+}
+
+/// Where an index's segments start in its bytes, to name the culprit of a bad frame.
+#[derive(Default)]
+pub(crate) struct Segments(Vec<(String, u64)>);
+
+impl Segments {
+    pub(crate) fn push(&mut self, key: String, start: u64) {
+        self.0.push((key, start));
+    }
+
     /// The segment holding byte `offset`.
-    pub(crate) fn segment_at(&self, offset: u64) -> &str {
-        self.segments.iter().rev().find(|(_, start)| *start <= offset).map_or("", |(key, _)| key.as_str())
+    pub(crate) fn at(&self, offset: u64) -> &str {
+        self.0.iter().rev().find(|(_, start)| *start <= offset).map_or("", |(key, _)| key.as_str())
     }
 }
 
@@ -66,6 +101,13 @@ impl IndexBytes {
         Ok(())
     }
 
+    /// Forgets every byte (a spill file goes with them), keeping the memory for the next ones.
+    pub(crate) fn clear(&mut self) {
+        self.memory.clear();
+        self.spill = None;
+        self.len = 0;
+    }
+
     /// Fills `buf` from `offset`, which with `buf` must lie within the bytes appended.
     pub(crate) fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         match &self.spill {
@@ -81,25 +123,20 @@ impl IndexBytes {
     }
 }
 
-/// An index checked as SQLite's recovery would check it, so that a corrupt segment is an
-/// error naming it rather than WAL that is silently cut short.
-pub(crate) struct VerifiedIndex {
-    pub(crate) fetched: FetchedIndex,
-    pub(crate) header: WalHeader,
+/// An index checked to its end as SQLite's recovery would check it, so that a corrupt segment
+/// is an error naming it rather than WAL that is silently cut short.
+pub(crate) struct IndexEnd {
     pub(crate) committed: Committed,
-}
-
-impl VerifiedIndex {
     /// Its bytes of WAL.
-    pub(crate) fn len(&self) -> u64 {
-        self.fetched.wal.len()
-    }
+    pub(crate) len: u64,
 }
 
 /// The checksum chain of one index, followed as SQLite's recovery follows it while the index's
 /// bytes arrive, so no byte is read twice to check it.
 #[derive(Default)]
 pub(crate) struct ChainCheck {
+    /// The database's page size: an index of another is corrupt.
+    page_size: Option<u32>,
     /// The header's bytes until all 32 are in.
     head: Vec<u8>,
     chain: Option<FrameChain>,
@@ -109,13 +146,19 @@ pub(crate) struct ChainCheck {
     frames: usize,
     /// A frame broke the chain: SQLite's recovery stops there, and the index must end there.
     broken: bool,
-    /// The header did not parse.
+    /// The header did not parse, or its page size is not the database's.
     bad_header: Option<walstream_format::Error>,
 }
 
 impl ChainCheck {
-    /// Follows the chain through `bytes`, the next ones of the index.
-    pub(crate) fn feed(&mut self, mut bytes: &[u8]) {
+    /// The check of an index of a database whose pages are `page_size` bytes (`None`: any).
+    pub(crate) fn new(page_size: Option<u32>) -> ChainCheck {
+        ChainCheck { page_size, ..ChainCheck::default() }
+    }
+
+    /// Follows the chain through `bytes`, the next ones of the index, handing each whole frame
+    /// that continues it to `frame`, in order.
+    pub(crate) fn feed(&mut self, mut bytes: &[u8], frame: &mut impl FnMut(&[u8])) {
         if self.chain.is_none() {
             let take = (WAL_HEADER_SIZE - self.head.len()).min(bytes.len());
             self.head.extend_from_slice(&bytes[..take]);
@@ -124,6 +167,10 @@ impl ChainCheck {
                 return;
             }
             match WalHeader::parse(&self.head) {
+                Ok(header) if self.page_size.is_some_and(|size| size != header.page_size) => {
+                    self.bad_header = Some(walstream_format::Error::BadPageSize { page_size: header.page_size });
+                    return;
+                }
                 Ok(header) => {
                     self.chain = Some(FrameChain::new(header));
                     self.committed = Some(Committed { valid_len: WAL_HEADER_SIZE as u64, frames: 0, db_pages: 0 });
@@ -142,24 +189,31 @@ impl ChainCheck {
             if self.partial.len() < frame_size {
                 return;
             }
-            let frame = std::mem::take(&mut self.partial);
-            self.accept(&frame);
+            let whole = std::mem::take(&mut self.partial);
+            if self.accept(&whole) {
+                frame(&whole);
+            }
+            self.partial = whole;
+            self.partial.clear();
         }
         let whole = bytes.len() / frame_size * frame_size;
-        for frame in bytes[..whole].chunks_exact(frame_size) {
-            self.accept(frame);
+        for one in bytes[..whole].chunks_exact(frame_size) {
+            if self.accept(one) {
+                frame(one);
+            }
         }
         self.partial.extend_from_slice(&bytes[whole..]);
     }
 
-    fn accept(&mut self, frame: &[u8]) {
+    /// Whether `frame` continues the chain.
+    fn accept(&mut self, frame: &[u8]) -> bool {
         if self.broken {
-            return;
+            return false;
         }
-        let (Some(chain), Some(committed)) = (self.chain.as_mut(), self.committed.as_mut()) else { return };
+        let (Some(chain), Some(committed)) = (self.chain.as_mut(), self.committed.as_mut()) else { return false };
         let Some(frame_header) = chain.accept(frame) else {
             self.broken = true;
-            return;
+            return false;
         };
         committed.valid_len += frame.len() as u64;
         self.frames += 1;
@@ -167,31 +221,26 @@ impl ChainCheck {
             committed.frames = self.frames;
             committed.db_pages = frame_header.commit_size;
         }
+        true
     }
 
-    /// The index, once every byte of it went through [`feed`](ChainCheck::feed): an error naming
-    /// the segment where the header is bad or the chain breaks before the end.
-    pub(crate) fn verified(self, fetched: FetchedIndex) -> Result<VerifiedIndex, Error> {
-        let header = match (&self.chain, self.bad_header) {
-            (Some(chain), _) => *chain.header(),
-            (None, Some(source)) => {
-                return Err(Error::CorruptObject { key: fetched.segment_at(0).to_string(), source })
-            }
-            (None, None) => {
-                return Err(Error::CorruptObject {
-                    key: fetched.segment_at(0).to_string(),
-                    source: walstream_format::Error::Short { need: WAL_HEADER_SIZE, have: self.head.len() },
-                })
-            }
+    /// The index's end, once all `len` bytes of it went through [`feed`](ChainCheck::feed): an
+    /// error naming the segment where the header is bad or the chain breaks before the end.
+    pub(crate) fn verified(self, len: u64, segments: &Segments) -> Result<IndexEnd, Error> {
+        let corrupt = |source| Error::CorruptObject { key: segments.at(0).to_string(), source };
+        if let Some(source) = self.bad_header {
+            return Err(corrupt(source));
+        }
+        let Some(committed) = self.committed else {
+            return Err(corrupt(walstream_format::Error::Short { need: WAL_HEADER_SIZE, have: self.head.len() }));
         };
-        let committed = self.committed.expect("set with the chain");
-        if committed.valid_len < fetched.wal.len() {
+        if committed.valid_len < len {
             return Err(Error::ChecksumBreak {
-                key: fetched.segment_at(committed.valid_len).to_string(),
+                key: segments.at(committed.valid_len).to_string(),
                 offset: committed.valid_len,
             });
         }
-        Ok(VerifiedIndex { fetched, header, committed })
+        Ok(IndexEnd { committed, len })
     }
 }
 

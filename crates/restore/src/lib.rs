@@ -3,8 +3,9 @@
 //! [`plan`] lists the replica and chooses what to apply for a [`Target`] (latest state, a
 //! generation, an index or a moment): a snapshot and the WAL indexes after it
 //! ([`RestorePlan`]). [`restore`] then downloads objects in parallel, verifies the checksum
-//! chain of every index, writes each index's committed pages straight into a temporary file (no
-//! SQLite checkpoint), runs `PRAGMA integrity_check` and links the result into place. On any
+//! chain of every index as its frames arrive, writes each committed transaction's pages
+//! straight into a temporary file (no SQLite checkpoint), runs `PRAGMA integrity_check` and
+//! links the result into place. On any
 //! failure nothing is left at the output path and no temporary file remains.
 #![deny(missing_docs)]
 
@@ -14,6 +15,8 @@ mod fetch;
 mod index;
 mod plan;
 mod progress;
+#[cfg(test)]
+mod test_wal;
 
 use std::path::{Path, PathBuf};
 
@@ -147,14 +150,12 @@ pub struct VerifyOutcome {
 
 /// Downloads and checks every object of `plan` as a restore would, without writing a database:
 /// the snapshot decodes (LZ4 frame and content checksum) to a SQLite database, and each index's
-/// checksum chain holds to its end. The first bad object is the error, naming it. Large
-/// indexes spill to unlinked files in `spill_dir`.
+/// checksum chain holds to its end. The first bad object is the error, naming it.
 pub async fn verify(
     store: &dyn ObjectStore,
     age: Option<&walstream_format::age::AgeKeys>,
     plan: RestorePlan,
     parallelism: usize,
-    spill_dir: &Path,
     progress: Option<&dyn Progress>,
 ) -> Result<VerifyOutcome, Error> {
     let progress = progress.unwrap_or(&progress::Silent);
@@ -165,7 +166,7 @@ pub async fn verify(
         age,
         &plan.snapshot,
         apply::HeaderOnly::default(),
-        spill_dir,
+        Path::new("(checked, not written)"),
         parallelism,
         progress,
     )
@@ -174,19 +175,24 @@ pub async fn verify(
         return Err(apply::not_a_database(&plan.snapshot.key));
     }
     let (sender, mut verified) = tokio::sync::mpsc::channel(1);
+    let frames = std::sync::Arc::new(index::FramePool::default());
     let downloads = fetch::fetch_indexes(
         store,
         age,
         plan.indexes.iter().collect(),
-        spill_dir.to_path_buf(),
+        fetch::IndexCheck { page_size: apply::header_page_size(&header.head), lz4_checksums: true },
+        frames.clone(),
         parallelism,
         progress,
         sender,
     );
     let check = async {
         let mut wal_bytes = 0;
-        while let Some(index) = verified.recv().await {
-            wal_bytes += index?.len();
+        while let Some(event) = verified.recv().await {
+            match event? {
+                index::WalEvent::Frames(batch) => frames.give(batch),
+                index::WalEvent::Ended(end) => wal_bytes += end.len,
+            }
         }
         Ok::<u64, Error>(wal_bytes)
     };

@@ -8,7 +8,10 @@ use rand::{Rng, SeedableRng};
 use rusqlite::Connection;
 
 use super::*;
-use crate::index::{ChainCheck, FetchedIndex};
+use walstream_format::WAL_HEADER_SIZE;
+
+use crate::index::{ChainCheck, Segments};
+use crate::test_wal::synthetic_wal;
 
 fn side(db: &Path, suffix: &str) -> PathBuf {
     let mut s = db.as_os_str().to_owned();
@@ -27,41 +30,33 @@ fn sqlite_replay(db: &Path, wal: &[u8]) {
     let _ = std::fs::remove_file(side(db, "-shm"));
 }
 
-/// Checks a whole index already in hand (the tests' way in; a restore checks each index as it
-/// arrives, with [`ChainCheck`]).
-fn verify_index(fetched: FetchedIndex) -> Result<VerifiedIndex, Error> {
-    let mut check = ChainCheck::default();
-    let mut buf = vec![0u8; FRAMES_READ];
-    let mut at = 0;
-    while at < fetched.wal.len() {
-        let n = usize::try_from(fetched.wal.len() - at).unwrap_or(usize::MAX).min(buf.len());
-        fetched.wal.read_at(&mut buf[..n], at).map_err(|source| Error::Io {
-            op: "read",
-            path: "wal index".into(),
-            source,
-        })?;
-        check.feed(&buf[..n]);
-        at += n as u64;
-    }
-    check.verified(fetched)
-}
-
-/// Applies `wals` (oldest first) to `db` the way a restore does: newest first through an
-/// [`Image`]. Each WAL is split into two segments to check that errors name the right one.
+/// Applies `wals` (oldest first) to `db` the way a restore does: each one's frames through its
+/// [`ChainCheck`] into a [`Replay`], in pieces of odd sizes, as decoded blocks arrive. Each WAL
+/// is split into two segments to check that errors name the right one.
 fn native_apply(db: &Path, wals: &[Vec<u8>], page_size: u32) -> Result<(), Error> {
     let file = std::fs::OpenOptions::new().read(true).write(true).open(db).unwrap();
-    let len = file.metadata().unwrap().len();
-    let mut image = Image::new(file, page_size, len);
-    for (n, wal) in wals.iter().enumerate().rev() {
+    let spill = tempfile::tempdir().unwrap();
+    let mut replay = Replay::new(file, page_size, spill.path().to_path_buf());
+    for wal in wals {
         let second = (WAL_HEADER_SIZE + 2 * (page_size as usize + FRAME_HEADER_SIZE)) as u64;
-        let index = FetchedIndex {
-            index: n as u32,
-            wal: wal.clone().into(),
-            segments: vec![("seg-a".into(), 0), ("seg-b".into(), second)],
-        };
-        image.apply_older(&verify_index(index)?)?;
+        let mut segments = Segments::default();
+        segments.push("seg-a".into(), 0);
+        segments.push("seg-b".into(), second);
+        let mut check = ChainCheck::new(Some(page_size));
+        // Batches as fetch sends them: whole frames, about `size` bytes each.
+        let size = page_size as usize * 3 + 1000;
+        let mut batch = Vec::new();
+        for piece in wal.chunks(7919) {
+            check.feed(piece, &mut |frame| batch.extend_from_slice(frame));
+            if batch.len() >= size {
+                replay.frames(&std::mem::take(&mut batch)).unwrap();
+            }
+        }
+        replay.frames(&batch).unwrap();
+        let end = check.verified(wal.len() as u64, &segments)?;
+        replay.end_index(&end).unwrap();
     }
-    image.finish().unwrap();
+    replay.finish();
     Ok(())
 }
 
@@ -181,7 +176,6 @@ fn a_broken_chain_names_the_segment_holding_it() {
         conn.execute("INSERT INTO t (v) VALUES (randomblob(?1))", [n * 100]).unwrap();
     }
     let mut wal = std::fs::read(side(&db, "-wal")).unwrap();
-    let before = std::fs::read(&copy).unwrap();
     // A flipped byte in the fourth frame: it lies in the second segment, which starts at the third.
     wal[WAL_HEADER_SIZE + 3 * (4096 + FRAME_HEADER_SIZE) + 200] ^= 0x55;
     match native_apply(&copy, &[wal.clone()], 4096) {
@@ -191,43 +185,10 @@ fn a_broken_chain_names_the_segment_holding_it() {
         }
         other => panic!("expected a checksum break, got {other:?}"),
     }
-    assert!(std::fs::read(&copy).unwrap() == before, "nothing is written from a corrupt index");
     assert!(
         matches!(native_apply(&copy, &[wal[..WAL_HEADER_SIZE].to_vec()], 8192), Err(Error::CorruptObject { .. })),
         "a page size that differs from the database's is corrupt"
     );
-}
-
-/// A WAL SQLite accepts, holding `frames` of (page number, commit size or 0, fill byte). Page 1
-/// is `page1` with its in-header size set to its transaction's, as SQLite checks that.
-fn synthetic_wal(page_size: u32, salt: u32, page1: &[u8], frames: &[(u32, u32, u8)]) -> Vec<u8> {
-    use walstream_format::wal::checksum_update;
-    use walstream_format::ByteOrder;
-    let mut wal = Vec::new();
-    for word in [0x377f_0682u32, 3_007_000, page_size, 0, salt, salt.rotate_left(7)] {
-        wal.extend_from_slice(&word.to_be_bytes());
-    }
-    let mut sum = checksum_update(ByteOrder::Little, (0, 0), &wal);
-    wal.extend_from_slice(&sum.0.to_be_bytes());
-    wal.extend_from_slice(&sum.1.to_be_bytes());
-    for (n, &(pgno, commit, fill)) in frames.iter().enumerate() {
-        let mut page = vec![fill; page_size as usize];
-        if pgno == 1 {
-            let size = frames[n..].iter().map(|f| f.1).find(|c| *c != 0).expect("page 1 in a committed transaction");
-            page.copy_from_slice(page1);
-            page[28..32].copy_from_slice(&size.to_be_bytes());
-        }
-        let mut head = Vec::new();
-        for word in [pgno, commit, salt, salt.rotate_left(7)] {
-            head.extend_from_slice(&word.to_be_bytes());
-        }
-        sum = checksum_update(ByteOrder::Little, checksum_update(ByteOrder::Little, sum, &head[..8]), &page);
-        wal.extend_from_slice(&head);
-        wal.extend_from_slice(&sum.0.to_be_bytes());
-        wal.extend_from_slice(&sum.1.to_be_bytes());
-        wal.extend_from_slice(&page);
-    }
-    wal
 }
 
 /// Truncations and regrowth without rewriting: pages a truncation emptied must read as zeros,
@@ -264,4 +225,39 @@ fn truncated_pages_stay_empty_when_the_file_grows_again() {
             .collect();
         assert!(differing.is_empty(), "after {n} indexes, pages {differing:?} differ from SQLite's replay");
     }
+}
+
+/// A transaction larger than what is kept in memory spills while its frames arrive in many
+/// batches, and is written only once its commit frame is in; a large one left open at the end
+/// of an index is never written.
+#[test]
+fn a_transaction_spanning_many_batches_is_written_once_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source.db");
+    let conn = wal_database(&source, 4096);
+    conn.execute("INSERT INTO t (v) VALUES (randomblob(1000))", []).unwrap();
+    conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)").unwrap();
+    let snapshot = std::fs::read(&source).unwrap();
+    let big = 3 * crate::index::SPILL_AT as i64;
+    conn.execute_batch(&format!(
+        "BEGIN; INSERT INTO t (v) VALUES (randomblob({big})); UPDATE t SET v = randomblob(10) WHERE id = 1; COMMIT;"
+    ))
+    .unwrap();
+    let committed = std::fs::read(side(&source, "-wal")).unwrap();
+    let frame = 4096 + FRAME_HEADER_SIZE;
+    assert!(committed.len() > big as usize, "the transaction's frames must outgrow the spill size");
+
+    let reference = dir.path().join("reference.db");
+    std::fs::write(&reference, &snapshot).unwrap();
+    sqlite_replay(&reference, &committed);
+    let native = dir.path().join("native.db");
+    std::fs::write(&native, &snapshot).unwrap();
+    native_apply(&native, std::slice::from_ref(&committed), 4096).unwrap();
+    assert!(std::fs::read(&native).unwrap() == std::fs::read(&reference).unwrap(), "differs from SQLite's replay");
+
+    // The same frames without the commit frame: nothing of them may reach the file.
+    let open = committed[..committed.len() - frame].to_vec();
+    std::fs::write(&native, &snapshot).unwrap();
+    native_apply(&native, &[open], 4096).unwrap();
+    assert!(std::fs::read(&native).unwrap() == snapshot, "an uncommitted transaction was written");
 }
