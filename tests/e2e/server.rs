@@ -222,3 +222,61 @@ on_both_backends! {
         scratch.assert_restores_source();
     }
 }
+
+/// With several databases, `/healthz`, `/readyz` and `/sync` answer for the one `db` names.
+#[test]
+fn health_readiness_and_sync_answer_for_the_database_named() {
+    let scratch = Scratch::new();
+    let (good, stuck) = (scratch.path("good.db"), scratch.path("stuck.db"));
+    for db in [&good, &stuck] {
+        App::open(db).insert(5);
+    }
+    let config = scratch.path("walstream.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "health-lag: 1s\ndbs:\n  - path: {}\n    replicas: [{{url: {}}}]\n  - path: {}\n    replicas: [{{url: {}}}]\n",
+            good.display(),
+            scratch.replica_url(),
+            stuck.display(),
+            scratch.unwritable_replica_url()
+        ),
+    )
+    .unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let replicator = Replicator::start_args(
+        &["-config".into(), config.into(), "-addr".into(), addr.clone().into()],
+        scratch.path("replicate.log"),
+        &[],
+    );
+    let query = |db: &std::path::Path| format!("db={}", db.display());
+    wait_until(Duration::from_secs(20), "the good database to turn ready", || {
+        get(&addr, &format!("/readyz?{}", query(&good))).0 == 200
+    });
+    let (status, body) = get(&addr, &format!("/readyz?{}", query(&stuck)));
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("stuck.db") && !body.contains("good.db"), "{body}");
+    assert_eq!(get(&addr, "/readyz").0, 503, "all of them: one is not ready");
+
+    App::open(&stuck).insert(1);
+    wait_until(Duration::from_secs(20), "the stuck database to turn unhealthy", || {
+        get(&addr, &format!("/healthz?{}", query(&stuck))).0 == 503
+    });
+    assert_eq!(get(&addr, &format!("/healthz?{}", query(&good))), (200, "ok\n".to_string()));
+    assert_eq!(get(&addr, "/healthz").0, 503);
+
+    let (status, body) = request_on(&addr, "POST", &format!("/sync?timeout=5s&{}", query(&good)), None).unwrap();
+    assert_eq!((status, body.trim()), (200, format!("synced {}", good.display()).as_str()));
+    let (status, body) = request_on(&addr, "POST", &format!("/sync?timeout=300ms&{}", query(&stuck)), None).unwrap();
+    assert_eq!(status, 504, "{body}");
+
+    let missing = scratch.path("missing.db");
+    for path in ["/healthz", "/readyz"] {
+        let (status, body) = get(&addr, &format!("{path}?{}", query(&missing)));
+        assert_eq!(status, 404, "{path}: {body}");
+        assert!(body.contains("missing.db"), "{path}: {body}");
+        let (status, body) = get(&addr, &format!("{path}?timeout=1s"));
+        assert_eq!((status, body.as_str()), (400, "unknown parameter \"timeout\": use db\n"), "{path}");
+    }
+    replicator.kill();
+}

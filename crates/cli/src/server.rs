@@ -1,6 +1,7 @@
 //! The HTTP server on `addr` while replicating: `/metrics`, `/healthz`, `/readyz`, and
 //! `POST /sync`, the durability barrier an application calls before it acknowledges a write
-//! that must survive the loss of this machine.
+//! that must survive the loss of this machine. The last three take `db=PATH` to ask about one
+//! database of many.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -85,32 +86,8 @@ impl Routes {
                     .body(Full::new(Bytes::from(text)))
                     .expect("valid response")
             }
-            (&Method::GET, "/healthz") => {
-                let problems: Vec<String> =
-                    self.databases.list().iter().flat_map(|h| h.status().problems(self.health_lag)).collect();
-                if problems.is_empty() {
-                    text(StatusCode::OK, "ok\n".into())
-                } else {
-                    text(StatusCode::SERVICE_UNAVAILABLE, format!("unhealthy:\n{}\n", problems.join("\n")))
-                }
-            }
-            (&Method::GET, "/readyz") => {
-                let waiting: Vec<String> = self
-                    .databases
-                    .list()
-                    .iter()
-                    .filter(|h| !h.ready())
-                    .map(|h| h.db_path().display().to_string())
-                    .collect();
-                if waiting.is_empty() {
-                    text(StatusCode::OK, "ready\n".into())
-                } else {
-                    text(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        format!("not ready: first sync not finished for {}\n", waiting.join(", ")),
-                    )
-                }
-            }
+            (&Method::GET, "/healthz") => self.healthz(query),
+            (&Method::GET, "/readyz") => self.readyz(query),
             (&Method::POST, "/sync") => self.sync(query).await,
             (_, "/metrics" | "/healthz" | "/readyz" | "/sync") => text(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -120,27 +97,47 @@ impl Routes {
         }
     }
 
+    /// `GET /healthz[?db=/data/db]`: every database, or the one named, replicating with no
+    /// replica held back past the health lag, no full disk and no failed validation.
+    fn healthz(&self, query: &str) -> Response<Full<Bytes>> {
+        let chosen = match self.parse(query, false) {
+            Ok((chosen, _)) => chosen,
+            Err((status, body)) => return text(status, body),
+        };
+        let problems: Vec<String> = chosen.iter().flat_map(|h| h.status().problems(self.health_lag)).collect();
+        if problems.is_empty() {
+            text(StatusCode::OK, "ok\n".into())
+        } else {
+            text(StatusCode::SERVICE_UNAVAILABLE, format!("unhealthy:\n{}\n", problems.join("\n")))
+        }
+    }
+
+    /// `GET /readyz[?db=/data/db]`: every database, or the one named, through its first sync.
+    fn readyz(&self, query: &str) -> Response<Full<Bytes>> {
+        let chosen = match self.parse(query, false) {
+            Ok((chosen, _)) => chosen,
+            Err((status, body)) => return text(status, body),
+        };
+        let waiting: Vec<String> =
+            chosen.iter().filter(|h| !h.ready()).map(|h| h.db_path().display().to_string()).collect();
+        if waiting.is_empty() {
+            text(StatusCode::OK, "ready\n".into())
+        } else {
+            text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: first sync not finished for {}\n", waiting.join(", ")),
+            )
+        }
+    }
+
     /// `POST /sync?timeout=10s&db=/data/db`: every database (or the one named) in every replica.
     async fn sync(&self, query: &str) -> Response<Full<Bytes>> {
-        let mut timeout = DEFAULT_SYNC_TIMEOUT;
-        let mut db = None;
-        for (key, value) in form_urlencoded::parse(query.as_bytes()) {
-            match &*key {
-                "timeout" => match crate::args::parse_duration(&value) {
-                    Ok(t) => timeout = t,
-                    Err(e) => return text(StatusCode::BAD_REQUEST, format!("timeout: {e}\n")),
-                },
-                "db" => db = Some(std::path::absolute(&*value).unwrap_or_else(|_| value.to_string().into())),
-                _ => return text(StatusCode::BAD_REQUEST, format!("unknown parameter {key:?}: use timeout and db\n")),
-            }
-        }
-        let all = self.databases.list();
-        let chosen: Vec<&Handle> = all.iter().filter(|h| db.as_deref().is_none_or(|db| h.db_path() == db)).collect();
+        let (chosen, timeout) = match self.parse(query, true) {
+            Ok(parsed) => parsed,
+            Err((status, body)) => return text(status, body),
+        };
         if chosen.is_empty() {
-            return text(
-                StatusCode::NOT_FOUND,
-                format!("no database {} is replicated here\n", db.unwrap_or_default().display()),
-            );
+            return text(StatusCode::NOT_FOUND, "no database is replicated here\n".into());
         }
         let results = futures_util::future::join_all(chosen.iter().map(|h| h.sync(timeout))).await;
         let mut body = String::new();
@@ -159,6 +156,35 @@ impl Routes {
             }
         }
         text(status, body)
+    }
+
+    /// The databases a query's `db` names (all when it names none) and its `timeout`, which
+    /// only `/sync` takes; a bad parameter or a database not replicated here is the response.
+    fn parse(&self, query: &str, takes_timeout: bool) -> Result<(Vec<Handle>, Duration), (StatusCode, String)> {
+        let mut timeout = DEFAULT_SYNC_TIMEOUT;
+        let mut db = None;
+        for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+            match &*key {
+                "timeout" if takes_timeout => match crate::args::parse_duration(&value) {
+                    Ok(t) => timeout = t,
+                    Err(e) => return Err((StatusCode::BAD_REQUEST, format!("timeout: {e}\n"))),
+                },
+                "db" => db = Some(std::path::absolute(&*value).unwrap_or_else(|_| value.to_string().into())),
+                _ => {
+                    let known = if takes_timeout { "timeout and db" } else { "db" };
+                    return Err((StatusCode::BAD_REQUEST, format!("unknown parameter {key:?}: use {known}\n")));
+                }
+            }
+        }
+        let mut chosen = self.databases.list();
+        chosen.retain(|h| db.as_deref().is_none_or(|db| h.db_path() == db));
+        if chosen.is_empty() && db.is_some() {
+            return Err((
+                StatusCode::NOT_FOUND,
+                format!("no database {} is replicated here\n", db.unwrap_or_default().display()),
+            ));
+        }
+        Ok((chosen, timeout))
     }
 }
 

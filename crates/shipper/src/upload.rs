@@ -94,7 +94,7 @@ impl Uploader {
     /// capturer goes away. Fails only when the replica belongs to another replicator.
     pub(crate) async fn run(mut self) -> Result<(), Error> {
         let lease = match self.lease_terms.clone() {
-            Some((holder, policy)) => Some(self.acquire_lease(&holder, policy).await?),
+            Some((holder, policy)) => Some(self.acquire_lease_observed(&holder, policy).await?),
             None => None,
         };
         self.right.grant(lease).await;
@@ -105,6 +105,27 @@ impl Uploader {
             }
         }
         result
+    }
+
+    /// [`acquire_lease`](Uploader::acquire_lease), while the replica's lag counts: a replica
+    /// whose store refuses even the lease (or whose lease another replicator holds) ships
+    /// nothing, and `/healthz` must say so once a commit has waited past the health lag.
+    async fn acquire_lease_observed(&self, holder: &str, policy: LeasePolicy) -> Result<Lease, Error> {
+        tokio::select! {
+            lease = self.acquire_lease(holder, policy) => lease,
+            never = self.observe_lag() => match never {},
+        }
+    }
+
+    /// Tells the replica's counters each new published end, until dropped.
+    async fn observe_lag(&self) -> std::convert::Infallible {
+        let mut state = self.state.clone();
+        loop {
+            self.counters.observe(*self.position.borrow(), state.borrow_and_update().end);
+            if state.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     /// Retries the lease's store errors (a replicator may start before the network is up),
