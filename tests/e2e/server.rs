@@ -223,23 +223,25 @@ on_both_backends! {
     }
 }
 
-/// With several databases, `/healthz`, `/readyz` and `/sync` answer for the one `db` names.
+/// With several databases, `/healthz`, `/readyz` and `/sync` answer for the one `db` names,
+/// and `/metrics` keeps series of their own for the most troubled within `metrics-db-limit`.
 #[test]
-fn health_readiness_and_sync_answer_for_the_database_named() {
+fn health_readiness_sync_and_metrics_answer_for_the_database_named() {
     let scratch = Scratch::new();
-    let (good, stuck) = (scratch.path("good.db"), scratch.path("stuck.db"));
-    for db in [&good, &stuck] {
+    let (good, other, stuck) = (scratch.path("good.db"), scratch.path("other.db"), scratch.path("stuck.db"));
+    for db in [&good, &other, &stuck] {
         App::open(db).insert(5);
     }
     let config = scratch.path("walstream.yml");
+    let entry =
+        |db: &std::path::Path, url: &str| format!("  - path: {}\n    replicas: [{{url: {url}}}]\n", db.display());
     std::fs::write(
         &config,
         format!(
-            "health-lag: 1s\ndbs:\n  - path: {}\n    replicas: [{{url: {}}}]\n  - path: {}\n    replicas: [{{url: {}}}]\n",
-            good.display(),
-            scratch.replica_url(),
-            stuck.display(),
-            scratch.unwritable_replica_url()
+            "health-lag: 1s\nmetrics-db-limit: 1\ndbs:\n{}{}{}",
+            entry(&good, &scratch.replica_url()),
+            entry(&other, &format!("{}-other", scratch.replica_url())),
+            entry(&stuck, &scratch.unwritable_replica_url())
         ),
     )
     .unwrap();
@@ -264,6 +266,21 @@ fn health_readiness_and_sync_answer_for_the_database_named() {
     });
     assert_eq!(get(&addr, &format!("/healthz?{}", query(&good))), (200, "ok\n".to_string()));
     assert_eq!(get(&addr, "/healthz").0, 503);
+
+    // Three databases, one unhealthy, a limit of one: only the unhealthy one has its series.
+    let series = scrape(&addr);
+    let by_state = |state: &str| {
+        series["walstream_databases"].iter().find(|(labels, _)| labels["state"] == state).map(|(_, v)| *v)
+    };
+    assert_eq!((by_state("all"), by_state("unhealthy"), by_state("omitted")), (Some(3.0), Some(1.0), Some(2.0)));
+    let dbs: Vec<&str> = series["litestream_db_size"].iter().map(|(labels, _)| labels["db"].as_str()).collect();
+    assert_eq!(dbs, [stuck.to_str().unwrap()], "only the most troubled database keeps its series");
+    assert!(
+        series["walstream_fleet_replica_lag_seconds_max"][0].1 > 1.0,
+        "{:?}",
+        series["walstream_fleet_replica_lag_seconds_max"]
+    );
+    assert!(series["walstream_fleet_replica_pending_bytes"][0].1 > 0.0);
 
     let (status, body) = request_on(&addr, "POST", &format!("/sync?timeout=5s&{}", query(&good)), None).unwrap();
     assert_eq!((status, body.trim()), (200, format!("synced {}", good.display()).as_str()));

@@ -39,6 +39,8 @@ pub(crate) struct Config {
     pub(crate) addr: Option<String>,
     /// `health-lag`: how long a replica may hold back a captured commit before `/healthz` fails.
     pub(crate) health_lag: Option<Duration>,
+    /// `metrics-db-limit`: how many databases get series of their own on `/metrics`.
+    pub(crate) metrics_db_limit: Option<usize>,
     /// `heartbeat-url` and `heartbeat-interval` (Litestream 0.5's keys).
     pub(crate) heartbeat_url: Option<String>,
     pub(crate) heartbeat_interval: Option<Duration>,
@@ -97,6 +99,7 @@ struct RawConfig {
     exec: Option<String>,
     addr: Option<String>,
     health_lag: Option<String>,
+    metrics_db_limit: Option<usize>,
     heartbeat_url: Option<String>,
     heartbeat_interval: Option<String>,
     logging: Option<RawLogging>,
@@ -366,6 +369,7 @@ fn parse(text: &str) -> Result<Config, String> {
         exec: raw.exec.filter(|e| !e.trim().is_empty()),
         addr,
         health_lag,
+        metrics_db_limit: raw.metrics_db_limit,
         heartbeat_url,
         heartbeat_interval,
         logging: logging_config,

@@ -16,6 +16,7 @@ const TOP: &[&str] = &[
     "addr",
     "logging",
     "health-lag",
+    "metrics-db-limit",
     "heartbeat-url",
     "heartbeat-interval",
     "access-key-id",

@@ -1,12 +1,27 @@
 //! `/metrics`: Prometheus text with Litestream v0.3.13's series names (spec §8), so existing
 //! dashboards keep working, plus walstream's lag and backlog per replica. Values are read from
 //! the shippers at scrape time; nothing is kept between scrapes but the counters' totals.
+//!
+//! Per-database series are bounded: at most `metrics-db-limit` databases (default
+//! [`DEFAULT_DB_LIMIT`]) get them, the most troubled first (unhealthy, then the longest replica
+//! lag, then the most WAL waiting, then by path), so ten thousand databases do not make a
+//! scrape of a million series while the ones that need a look still have theirs. The
+//! `walstream_databases*` and `walstream_fleet_*` series cover every database.
 
 use prometheus::{CounterVec, Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+
+/// How many databases get series of their own when `metrics-db-limit` is not set.
+pub(crate) const DEFAULT_DB_LIMIT: usize = 100;
 
 pub(crate) struct Metrics {
     registry: Registry,
     databases: crate::fleet::Databases,
+    /// What makes a database unhealthy, as on `/healthz`.
+    health_lag: std::time::Duration,
+    db_limit: usize,
+    fleet_databases: IntGaugeVec,
+    fleet_max_lag: prometheus::Gauge,
+    fleet_pending_bytes: prometheus::IntGauge,
     /// Renders one at a time: each starts by clearing the per-database series.
     rendering: std::sync::Mutex<()>,
     db_size: IntGaugeVec,
@@ -34,7 +49,7 @@ const OPERATION: &[&str] = &["replica_type", "operation"];
 const VALIDATION: &[&str] = &["db", "name", "status"];
 
 impl Metrics {
-    pub(crate) fn new(databases: crate::fleet::Databases) -> Metrics {
+    pub(crate) fn new(databases: crate::fleet::Databases, health_lag: std::time::Duration, db_limit: usize) -> Metrics {
         let registry = Registry::new();
         macro_rules! register {
             ($kind:ident, $name:literal, $help:literal, $labels:expr) => {{
@@ -43,7 +58,29 @@ impl Metrics {
                 metric
             }};
         }
+        let fleet_max_lag = prometheus::Gauge::new(
+            "walstream_fleet_replica_lag_seconds_max",
+            "The longest any replica of any database has been missing a captured commit",
+        )
+        .expect("valid metric definition");
+        registry.register(Box::new(fleet_max_lag.clone())).expect("metric names are unique");
+        let fleet_pending_bytes = prometheus::IntGauge::new(
+            "walstream_fleet_replica_pending_bytes",
+            "WAL bytes captured locally but not yet in a replica, summed over every replica of every database",
+        )
+        .expect("valid metric definition");
+        registry.register(Box::new(fleet_pending_bytes.clone())).expect("metric names are unique");
         Metrics {
+            health_lag,
+            db_limit,
+            fleet_databases: register!(
+                IntGaugeVec,
+                "walstream_databases",
+                "Databases replicated, by state: all, unhealthy (as /healthz judges), and without series of their own here (past metrics-db-limit)",
+                &["state"]
+            ),
+            fleet_max_lag,
+            fleet_pending_bytes,
             db_size: register!(IntGaugeVec, "litestream_db_size", "The current size of the real DB", DB),
             wal_size: register!(IntGaugeVec, "litestream_wal_size", "The current size of the real WAL", DB),
             total_wal_bytes: register!(
@@ -151,8 +188,32 @@ impl Metrics {
         self.replica_lag_seconds.reset();
         // Litestream labels operations by store type only: sum every replica of a type.
         let mut operations: std::collections::BTreeMap<(&str, &str), (u64, u64)> = Default::default();
-        for handle in &self.databases.list() {
-            let status = handle.status();
+        let mut statuses: Vec<_> = self.databases.list().iter().map(|h| h.status()).collect();
+        let unhealthy = |status: &walstream_shipper::DbStatus| !status.problems(self.health_lag).is_empty();
+        let max_lag = |status: &walstream_shipper::DbStatus| status.replicas.iter().map(|r| r.lag).max();
+        let pending =
+            |status: &walstream_shipper::DbStatus| status.replicas.iter().map(|r| r.pending_bytes).sum::<u64>();
+        let unhealthy_count = statuses.iter().filter(|s| unhealthy(s)).count();
+        self.fleet_databases.with_label_values(&["all"]).set(statuses.len() as i64);
+        self.fleet_databases.with_label_values(&["unhealthy"]).set(unhealthy_count as i64);
+        self.fleet_databases.with_label_values(&["omitted"]).set(statuses.len().saturating_sub(self.db_limit) as i64);
+        self.fleet_max_lag.set(statuses.iter().filter_map(max_lag).max().unwrap_or_default().as_secs_f64());
+        self.fleet_pending_bytes.set(statuses.iter().map(pending).sum::<u64>() as i64);
+        // Operations count every replica; per-database series only the most troubled.
+        for replica in statuses.iter().flat_map(|s| &s.replicas) {
+            for (op, requests, bytes) in replica.operations.into_iter().flatten() {
+                let total = operations.entry((replica.kind, op.label())).or_default();
+                total.0 += requests;
+                total.1 += bytes;
+            }
+        }
+        if statuses.len() > self.db_limit {
+            statuses.sort_by_cached_key(|s| {
+                (!unhealthy(s), std::cmp::Reverse(max_lag(s)), std::cmp::Reverse(pending(s)), s.db_path.clone())
+            });
+            statuses.truncate(self.db_limit);
+        }
+        for status in &statuses {
             let db = status.db_path.display().to_string();
             let db = [db.as_str()];
             self.db_size.with_label_values(&db).set(status.db_size as i64);
@@ -183,11 +244,6 @@ impl Metrics {
                     &self.replica_validation_total.with_label_values(&[db[0], replica.name.as_str(), "error"]),
                     replica.validations_failed,
                 );
-                for (op, requests, bytes) in replica.operations.into_iter().flatten() {
-                    let total = operations.entry((replica.kind, op.label())).or_default();
-                    total.0 += requests;
-                    total.1 += bytes;
-                }
             }
         }
         for ((kind, op), (requests, bytes)) in operations {

@@ -10,7 +10,7 @@ use walstream_shipper::{LeasePolicy, Replica, Shipper, ShipperConfig};
 
 use crate::args::ReplicateArgs;
 use crate::signals::{spawn_signal_handler, FIRST_SIGNAL};
-use crate::{config, exec, fleet, heartbeat, replica_url, server, validate};
+use crate::{config, exec, fleet, heartbeat, metrics, replica_url, server, validate};
 
 /// How long a replica may hold back a captured commit before `/healthz` fails.
 const DEFAULT_HEALTH_LAG: std::time::Duration = std::time::Duration::from_secs(60);
@@ -30,6 +30,7 @@ struct Extras {
     exec: Option<String>,
     addr: Option<String>,
     health_lag: Option<std::time::Duration>,
+    metrics_db_limit: Option<usize>,
     heartbeat_url: Option<String>,
     heartbeat_interval: Option<std::time::Duration>,
 }
@@ -91,6 +92,7 @@ fn replication_jobs(args: &ReplicateArgs) -> anyhow::Result<(Vec<Job>, Extras)> 
             exec: file.exec,
             addr: file.addr,
             health_lag: file.health_lag,
+            metrics_db_limit: file.metrics_db_limit,
             heartbeat_url: file.heartbeat_url,
             heartbeat_interval: file.heartbeat_interval,
         },
@@ -212,8 +214,16 @@ pub(crate) async fn replicate(args: ReplicateArgs) -> anyhow::Result<()> {
     for validation in validations {
         tokio::spawn(validate::run(validation, stop_serving.clone()));
     }
+    if listener.is_none() && extras.metrics_db_limit.is_some() {
+        tracing::warn!("metrics-db-limit: ignored: nothing serves /metrics; set addr, or give -addr");
+    }
     if let Some(listener) = listener {
-        tokio::spawn(server::serve(listener, databases.clone(), health_lag, stop_serving));
+        let metrics = metrics::Metrics::new(
+            databases.clone(),
+            health_lag,
+            extras.metrics_db_limit.unwrap_or(metrics::DEFAULT_DB_LIMIT),
+        );
+        tokio::spawn(server::serve(listener, databases.clone(), metrics, health_lag, stop_serving));
     }
     let Some(command) = command else {
         return fleet::run(shippers, watched, databases, signalled).await;

@@ -45,10 +45,11 @@ pub(crate) async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
 pub(crate) async fn serve(
     listener: TcpListener,
     databases: crate::fleet::Databases,
+    metrics: Metrics,
     health_lag: Duration,
     shutdown: CancellationToken,
 ) {
-    let routes = Arc::new(Routes { metrics: Metrics::new(databases.clone()), databases, health_lag });
+    let routes = Arc::new(Routes { metrics, databases, health_lag });
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
