@@ -171,12 +171,14 @@ pub(crate) struct Replay {
     open: IndexBytes,
     /// Where `open` spills a transaction too large to keep in memory.
     spill_dir: PathBuf,
+    /// Scratch for [`write_frames`](Replay::write_frames): page numbers and frame positions.
+    order: Vec<(u32, usize)>,
 }
 
 impl Replay {
     /// A replay onto `file`, which holds the snapshot, of pages of `page_size` bytes.
     pub(crate) fn new(file: File, page_size: u32, spill_dir: PathBuf) -> Replay {
-        Replay { file, page_size, open: IndexBytes::default(), spill_dir }
+        Replay { file, page_size, open: IndexBytes::default(), spill_dir, order: Vec::new() }
     }
 
     fn frame_size(&self) -> usize {
@@ -187,19 +189,17 @@ impl Replay {
     /// chain: writes every transaction they commit.
     pub(crate) fn frames(&mut self, batch: &[u8]) -> std::io::Result<()> {
         let frame_size = self.frame_size();
-        // Frames of `batch` from here on belong to a transaction not committed yet.
-        let mut uncommitted = 0;
-        for (n, frame) in batch.chunks_exact(frame_size).enumerate() {
-            let commit_size = u32::from_be_bytes(frame[4..8].try_into().expect("4 bytes"));
-            if commit_size == 0 {
-                continue;
-            }
+        let is_commit = |frame: &[u8]| frame[4..8] != [0; 4];
+        // Everything through the batch's last commit frame is committed.
+        let committed = match batch.chunks_exact(frame_size).rposition(is_commit) {
+            Some(last) => (last + 1) * frame_size,
+            None => 0,
+        };
+        if committed > 0 {
             self.write_open()?;
-            let through = (n + 1) * frame_size;
-            self.write_frames(&batch[uncommitted..through])?;
-            uncommitted = through;
+            self.write_frames(&batch[..committed])?;
         }
-        self.open.append(&batch[uncommitted..], &self.spill_dir)
+        self.open.append(&batch[committed..], &self.spill_dir)
     }
 
     /// The current index ended, its chain verified: what follows its last commit is dropped,
@@ -236,16 +236,30 @@ impl Replay {
         Ok(())
     }
 
-    /// Writes each of `frames` in place, in order.
-    fn write_frames(&self, frames: &[u8]) -> std::io::Result<()> {
-        for frame in frames.chunks_exact(self.frame_size()) {
-            let pgno = u32::from_be_bytes(frame[..4].try_into().expect("4 bytes"));
-            if pgno == 0 {
-                continue;
+    /// Writes `frames`, all committed, in place: each page's last version among them, in page
+    /// order (340,000 one-frame transactions took 1.41 s written one by one in WAL order).
+    fn write_frames(&mut self, frames: &[u8]) -> std::io::Result<()> {
+        let frame_size = self.frame_size();
+        let mut order = std::mem::take(&mut self.order);
+        order.clear();
+        order.extend(
+            frames
+                .chunks_exact(frame_size)
+                .enumerate()
+                .map(|(n, frame)| (u32::from_be_bytes(frame[..4].try_into().expect("4 bytes")), n))
+                .filter(|&(pgno, _)| pgno != 0),
+        );
+        order.sort_unstable();
+        let written = order.iter().enumerate().try_for_each(|(at, &(pgno, n))| {
+            // A later version of the same page follows in `order`: it wins.
+            if order.get(at + 1).is_some_and(|next| next.0 == pgno) {
+                return Ok(());
             }
-            self.file.write_all_at(&frame[FRAME_HEADER_SIZE..], u64::from(pgno - 1) * u64::from(self.page_size))?;
-        }
-        Ok(())
+            let page = &frames[n * frame_size + FRAME_HEADER_SIZE..(n + 1) * frame_size];
+            self.file.write_all_at(page, u64::from(pgno - 1) * u64::from(self.page_size))
+        });
+        self.order = order;
+        written
     }
 }
 
