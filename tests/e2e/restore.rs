@@ -351,6 +351,8 @@ on_both_backends! {
         assert!(peak_kib <= 32 << 10, "restore peaked at {peak_kib} KiB; the bound is 32 MiB");
         // No terminal here, as on Cloud Run: progress comes as log lines.
         assert!(log.contains("restore progress") && log.contains("total_mb=") && log.contains("restore: everything downloaded"), "progress lines without a terminal: {log}");
+        let done = log.lines().find(|l| l.contains("restore: everything downloaded")).unwrap();
+        assert!(done.contains("waiting_for_store_s=") && done.contains("applying_s="), "the split between the store and applying: {done}");
         assert_same_database(&scratch.db(), &out);
     }
 }

@@ -45,7 +45,8 @@ impl Progress for Bar {
 /// How often [`LogLines`] logs while a restore downloads.
 const LOG_EVERY: Duration = Duration::from_secs(5);
 
-/// Progress as log lines: downloaded bytes of the total, the rate, and objects.
+/// Progress as log lines: downloaded bytes of the total, the rate, objects, and how long the
+/// side that decodes and writes has waited for the store or been busy applying.
 struct LogLines {
     /// The command, first word of each line: `restore`, `verify`.
     command: &'static str,
@@ -60,6 +61,9 @@ struct LogState {
     objects: u64,
     total_objects: u64,
     last_logged: Option<Instant>,
+    /// [`Progress::split`]'s latest totals.
+    waiting_for_store: Duration,
+    applying: Duration,
 }
 
 impl LogLines {
@@ -79,6 +83,8 @@ impl LogLines {
                 mb_per_s = mb(rate(state.bytes, seconds)),
                 objects = state.objects,
                 total_objects = state.total_objects,
+                waiting_for_store_s = seconds_to_tenths(state.waiting_for_store),
+                applying_s = seconds_to_tenths(state.applying),
                 "{} progress",
                 self.command
             );
@@ -89,6 +95,11 @@ impl LogLines {
 /// Megabytes, to a tenth: numbers in the log's fields (and in JSON logs), not strings.
 fn mb(bytes: f64) -> f64 {
     (bytes / 1e5).round() / 10.0
+}
+
+/// Seconds, to a tenth.
+fn seconds_to_tenths(d: Duration) -> f64 {
+    (d.as_secs_f64() * 10.0).round() / 10.0
 }
 
 fn rate(bytes: u64, seconds: f64) -> f64 {
@@ -112,6 +123,10 @@ impl Progress for LogLines {
     fn downloading(&self, bytes: u64) {
         self.add(bytes, false);
     }
+    fn split(&self, waiting_for_store: Duration, applying: Duration) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        (state.waiting_for_store, state.applying) = (waiting_for_store, applying);
+    }
     fn finish(&self) {
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let seconds = self.started.elapsed().as_secs_f64();
@@ -120,6 +135,8 @@ impl Progress for LogLines {
             seconds = (seconds * 100.0).round() / 100.0,
             mb_per_s = mb(rate(state.bytes, seconds)),
             objects = state.objects,
+            waiting_for_store_s = seconds_to_tenths(state.waiting_for_store),
+            applying_s = seconds_to_tenths(state.applying),
             "{}: everything downloaded",
             self.command
         );

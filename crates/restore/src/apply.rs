@@ -26,7 +26,7 @@ use walstream_store::ObjectStore;
 use crate::fetch;
 use crate::index::{FramePool, IndexBytes, IndexEnd, WalEvent};
 use crate::plan::RestorePlan;
-use crate::progress::Progress;
+use crate::progress::{Progress, TimeSplit};
 use crate::Error;
 
 /// Builds `temp` from the plan: snapshot, the indexes in order, fsync, integrity check.
@@ -41,10 +41,19 @@ pub(crate) async fn apply(
 ) -> Result<(), Error> {
     let (objects, bytes) = plan.stored();
     progress.start(objects, bytes);
+    let split = Arc::new(TimeSplit::default());
 
-    let (SmallWrites(file), _) =
-        fetch::snapshot_into(store, age, &plan.snapshot, SmallWrites(create_new(temp)?), temp, parallelism, progress)
-            .await?;
+    let (SmallWrites(file), _) = fetch::snapshot_into(
+        store,
+        age,
+        &plan.snapshot,
+        SmallWrites(create_new(temp)?),
+        temp,
+        parallelism,
+        progress,
+        &split,
+    )
+    .await?;
     let page_size = db_page_size(&file).ok_or_else(|| not_a_database(&plan.snapshot.key))?;
     let spill_dir = temp.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
     let mut replay = Replay::new(file, page_size, spill_dir);
@@ -63,6 +72,7 @@ pub(crate) async fn apply(
         frames,
         parallelism,
         progress,
+        &split,
         sender,
     );
     let temp_path = temp.to_path_buf();
@@ -84,6 +94,7 @@ pub(crate) async fn apply(
     // this future (a signal) stops the downloads, whose end stops the writer.
     let ((), built) = tokio::join!(downloads, build);
     built.expect("apply task panicked")?;
+    split.report(progress);
     progress.finish();
     let temp = temp.to_path_buf();
     tokio::task::spawn_blocking(move || integrity_check(&temp, check)).await.expect("check task panicked")

@@ -16,7 +16,7 @@ use walstream_store::ObjectStore;
 
 use crate::index::{ChainCheck, FramePool, Segments, WalEvent};
 use crate::plan::{IndexPlan, SegmentRef};
-use crate::progress::Progress;
+use crate::progress::{Progress, TimeSplit};
 use crate::Error;
 
 /// Stored bytes asked for per GET (ranged for larger objects), and how many GETs are in
@@ -101,13 +101,16 @@ pub(crate) async fn snapshot_into<W: std::io::Write + Send + 'static>(
     path: &Path,
     parallelism: usize,
     progress: &dyn Progress,
+    split: &Arc<TimeSplit>,
 ) -> Result<(W, u64), Error> {
     let (parts_tx, mut parts_rx) = mpsc::channel::<Bytes>(1);
     let (key, path) = (snapshot.key.clone(), path.to_path_buf());
     let age = age.cloned();
     let pool = std::sync::Arc::new(PartPool::for_store(store));
     let returned = pool.clone();
+    let timing = split.clone();
     let writer = tokio::task::spawn_blocking(move || {
+        let mut last = std::time::Instant::now();
         let mut file = file;
         let mut decoder = lz4::FrameDecoder::new();
         let mut written = 0u64;
@@ -118,7 +121,7 @@ pub(crate) async fn snapshot_into<W: std::io::Write + Send + 'static>(
         match &age {
             None => {
                 let mut first = true;
-                while let Some(part) = parts_rx.blocking_recv() {
+                while let Some(part) = timing.recv(&mut parts_rx, &mut last) {
                     if std::mem::take(&mut first) && age::is_sealed(&part) {
                         return Err(Error::Encryption { key, problem: OpenError::NoIdentity });
                     }
@@ -127,7 +130,7 @@ pub(crate) async fn snapshot_into<W: std::io::Write + Send + 'static>(
                 }
             }
             Some(keys) => {
-                let parts = PartsReader::new(std::iter::from_fn(|| parts_rx.blocking_recv()));
+                let parts = PartsReader::new(std::iter::from_fn(|| timing.recv(&mut parts_rx, &mut last)));
                 let plain =
                     keys.opening_reader(parts).map_err(|problem| Error::Encryption { key: key.clone(), problem })?;
                 feed_plain(plain, &key, &mut |bytes| {
@@ -144,6 +147,7 @@ pub(crate) async fn snapshot_into<W: std::io::Write + Send + 'static>(
     while let Some(part) = downloads.next().await {
         let part = part?;
         progress.downloading(part.len() as u64);
+        split.report(progress);
         // Closed only when the writer failed: its error says why.
         if parts_tx.send(part).await.is_err() {
             break;
@@ -238,14 +242,18 @@ pub(crate) async fn fetch_indexes(
     frames: Arc<FramePool>,
     parallelism: usize,
     progress: &dyn Progress,
+    split: &Arc<TimeSplit>,
     out: mpsc::Sender<Result<WalEvent, Error>>,
 ) {
     let (parts_tx, parts_rx) = mpsc::channel::<Result<SegmentPart, Error>>(1);
     let age = age.cloned();
     let pool = Arc::new(PartPool::for_store(store));
     let returned = pool.clone();
+    let timing = split.clone();
     let assembler = tokio::task::spawn_blocking(move || {
         let assembly = Assembly {
+            timing,
+            last_part: std::time::Instant::now(),
             current: None,
             decoder: lz4::FrameDecoder::new(),
             check,
@@ -282,6 +290,7 @@ pub(crate) async fn fetch_indexes(
         let failed = part.is_err();
         if let Ok(part) = &part {
             progress.downloading(part.body.len() as u64);
+            split.report(progress);
             if part.last {
                 progress.downloaded(0);
             }
@@ -302,7 +311,7 @@ fn assemble(
     pool: &PartPool,
     mut assembly: Assembly<'_>,
 ) {
-    while let Some(part) = parts.blocking_recv() {
+    while let Some(part) = assembly.next_part(&mut parts) {
         let done = match (age, part) {
             (_, Err(e)) => Err(e),
             // An encrypted segment: its later parts are pulled from the channel through the
@@ -338,6 +347,9 @@ fn assemble(
 
 /// The index being assembled, the decoder of its current segment, and the frames not sent yet.
 struct Assembly<'a> {
+    timing: Arc<TimeSplit>,
+    /// When the last part arrived.
+    last_part: std::time::Instant,
     current: Option<OpenIndex>,
     decoder: lz4::FrameDecoder,
     check: IndexCheck,
@@ -360,6 +372,11 @@ struct OpenIndex {
 }
 
 impl Assembly<'_> {
+    /// The next downloaded part, the wait for it timed.
+    fn next_part<T>(&mut self, parts: &mut mpsc::Receiver<T>) -> Option<T> {
+        self.timing.recv(parts, &mut self.last_part)
+    }
+
     /// Starts `segment`, which must begin where the index's bytes so far end.
     ///
     /// The checksum chain covers every byte of a segment, but not how many bytes it decodes
@@ -451,6 +468,7 @@ fn open_segment(
     let (mut last, mut ends_index) = (first.last, first.ends_index);
     let (mut failed, mut stopped) = (None, false);
     let mut head = Some(first.body);
+    let (timing, mut last_part) = (assembly.timing.clone(), assembly.last_part);
     let bodies = std::iter::from_fn(|| {
         if let Some(body) = head.take() {
             return Some(body);
@@ -458,7 +476,7 @@ fn open_segment(
         if last || failed.is_some() || stopped {
             return None;
         }
-        match parts.blocking_recv() {
+        match timing.recv(parts, &mut last_part) {
             Some(Ok(part)) => {
                 (last, ends_index) = (part.last, part.ends_index);
                 Some(part.body)
@@ -477,6 +495,7 @@ fn open_segment(
         .opening_reader(PartsReader::new(bodies))
         .map_err(|problem| Error::Encryption { key: segment.key.clone(), problem })
         .and_then(|plain| feed_plain(plain, &segment.key, &mut |bytes| assembly.feed(&segment, bytes)));
+    assembly.last_part = last_part;
     if let Some(e) = failed {
         return Some(Err(e));
     }
@@ -505,7 +524,9 @@ mod tests {
         let (sender, mut events) = mpsc::channel(1);
         let frames = Arc::new(FramePool::default());
         let check = IndexCheck { page_size: Some(512), lz4_checksums };
-        let fetch = fetch_indexes(&store, None, vec![&plan], check, frames, 2, &crate::progress::Silent, sender);
+        let split = Arc::new(TimeSplit::default());
+        let fetch =
+            fetch_indexes(&store, None, vec![&plan], check, frames, 2, &crate::progress::Silent, &split, sender);
         let read = async {
             let mut applied = 0;
             while let Some(event) = events.recv().await {

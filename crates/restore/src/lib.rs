@@ -161,6 +161,7 @@ pub async fn verify(
     let progress = progress.unwrap_or(&progress::Silent);
     let (objects, bytes) = plan.stored();
     progress.start(objects, bytes);
+    let split = std::sync::Arc::new(progress::TimeSplit::default());
     let (header, snapshot_bytes) = fetch::snapshot_into(
         store,
         age,
@@ -169,6 +170,7 @@ pub async fn verify(
         Path::new("(checked, not written)"),
         parallelism,
         progress,
+        &split,
     )
     .await?;
     if !header.is_database() {
@@ -184,6 +186,7 @@ pub async fn verify(
         frames.clone(),
         parallelism,
         progress,
+        &split,
         sender,
     );
     let check = async {
@@ -197,6 +200,7 @@ pub async fn verify(
         Ok::<u64, Error>(wal_bytes)
     };
     let ((), wal_bytes) = tokio::join!(downloads, check);
+    split.report(progress);
     progress.finish();
     Ok(VerifyOutcome { plan, snapshot_bytes, wal_bytes: wal_bytes? })
 }
