@@ -9,7 +9,9 @@
 //! - `walstream-bench cost` (`scripts/bench-cost.sh`): object-store requests a minute and each
 //!   commit's lag at steady write rates from 0.1 to 1,000 commits a second, and what they cost;
 //! - `walstream-bench history` (`scripts/bench-history.sh`): restore time after 1, 10 and 100
-//!   rounds of rewriting the whole database, with and without automatic snapshots.
+//!   rounds of rewriting the whole database, with and without automatic snapshots;
+//! - `walstream-bench many` (`scripts/bench-many.sh`): descriptors, threads, memory, CPU and
+//!   lag of one process replicating 1, 1,000 and 10,000 databases.
 //!
 //! Timing lives here and nowhere in the test suite.
 
@@ -18,6 +20,7 @@ mod common;
 mod cost;
 mod emulator;
 mod history;
+mod many;
 mod proc_stats;
 mod replicate;
 mod replicator;
@@ -35,6 +38,9 @@ fn main() -> anyhow::Result<()> {
         Some("volume") => volume::run(args),
         Some("cost") => cost::run(args),
         Some("history") => history::run(args),
-        _ => bail!("usage: walstream-bench restore|replicate|volume|cost|history [FLAGS] (see scripts/bench-*.sh)"),
+        Some("many") => many::run(args),
+        _ => {
+            bail!("usage: walstream-bench restore|replicate|volume|cost|history|many [FLAGS] (see scripts/bench-*.sh)")
+        }
     }
 }
