@@ -56,7 +56,11 @@ pub fn run(mut args: impl Iterator<Item = String>) -> anyhow::Result<()> {
         }
     }
     ensure!(o.walstream.is_file() && o.litestream.is_file(), "--walstream and --litestream must name the binaries");
-    let mut rows = Vec::new();
+    // Each row as soon as it is measured: a long run stopped early still has its rows.
+    println!("one replicator process, {} databases each with a file:// replica; idle over {} s, then one commit per database spread over {} s", o.dbs.iter().map(usize::to_string).collect::<Vec<_>>().join(" / "), o.idle_secs, o.commit_secs);
+    println!();
+    println!("| tool | databases | descriptors / db (idle) | threads | RSS idle (MiB) | KiB / db | idle CPU (%) | commit phase CPU (s) | peak RSS (MiB) | lag p50 / p99 (ms) | commits shipped |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for &count in &o.dbs {
         for (tool, bin) in [("walstream", &o.walstream), ("litestream v0.3.13", &o.litestream)] {
             if tool.starts_with("litestream") && count > o.litestream_max {
@@ -65,37 +69,25 @@ pub fn run(mut args: impl Iterator<Item = String>) -> anyhow::Result<()> {
             }
             eprintln!("{tool}: {count} databases");
             match measure_fleet(&o, bin, count) {
-                Ok(fleet) => rows.push((tool, count, Ok(fleet))),
-                Err(e) if e.is::<Failed>() => rows.push((tool, count, Err(format!("{:#}", e.root_cause())))),
+                Ok(r) => println!(
+                    "| {tool} | {count} | {:.2} | {} | {:.1} | {:.0} | {:.2} | {:.2} | {:.1} | {:.0} / {:.0} | {} of {count} |",
+                    r.fds as f64 / count as f64,
+                    r.threads,
+                    r.rss_kib as f64 / 1024.0,
+                    r.rss_kib as f64 / count as f64,
+                    r.idle_cpu_percent,
+                    r.commit_cpu.as_secs_f64(),
+                    r.peak_rss_kib as f64 / 1024.0,
+                    millis(quantile(&r.lags, 0.5)),
+                    millis(quantile(&r.lags, 0.99)),
+                    r.shipped,
+                ),
+                Err(e) if e.is::<Failed>() => {
+                    println!("| {tool} | {count} | could not run: {} |||||||||", e.root_cause().to_string().replace('|', "/"))
+                }
                 Err(e) => return Err(e),
             }
         }
-    }
-    println!("one replicator process, {} databases each with a file:// replica; idle over {} s, then one commit per database spread over {} s", o.dbs.iter().map(usize::to_string).collect::<Vec<_>>().join(" / "), o.idle_secs, o.commit_secs);
-    println!();
-    println!("| tool | databases | descriptors / db (idle) | threads | RSS idle (MiB) | KiB / db | idle CPU (%) | commit phase CPU (s) | peak RSS (MiB) | lag p50 / p99 (ms) | commits shipped |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for (tool, count, r) in rows {
-        let r = match r {
-            Ok(r) => r,
-            Err(why) => {
-                println!("| {tool} | {count} | could not run: {} |||||||||", why.replace('|', "/"));
-                continue;
-            }
-        };
-        println!(
-            "| {tool} | {count} | {:.2} | {} | {:.1} | {:.0} | {:.2} | {:.2} | {:.1} | {:.0} / {:.0} | {} of {count} |",
-            r.fds as f64 / count as f64,
-            r.threads,
-            r.rss_kib as f64 / 1024.0,
-            r.rss_kib as f64 / count as f64,
-            r.idle_cpu_percent,
-            r.commit_cpu.as_secs_f64(),
-            r.peak_rss_kib as f64 / 1024.0,
-            millis(quantile(&r.lags, 0.5)),
-            millis(quantile(&r.lags, 0.99)),
-            r.shipped,
-        );
     }
     Ok(())
 }
@@ -145,15 +137,22 @@ fn measure_fleet(o: &Options, bin: &Path, count: usize) -> anyhow::Result<Fleet>
     let pid = child.0.id();
 
     let started = Instant::now();
+    let mut exited = None;
     wait_for(Duration::from_secs(900), || {
-        child.0.try_wait().ok().flatten().is_none()
-            && walk(&dir.path().join("replica"))
+        exited = child.0.try_wait().ok().flatten();
+        exited.is_some()
+            || walk(&dir.path().join("replica"))
                 .iter()
                 .filter(|p| p.to_string_lossy().ends_with(".snapshot.lz4"))
                 .count()
                 >= count
     })
     .with_context(|| format!("every database's first snapshot; see {}", dir.path().join("replicate.log").display()))?;
+    if let Some(status) = exited {
+        let log = std::fs::read_to_string(dir.path().join("replicate.log")).unwrap_or_default();
+        let last = log.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").to_string();
+        return Err(anyhow::anyhow!("exited {status} before every replica had its snapshot: {last}").context(Failed));
+    }
     eprintln!("  every replica has its snapshot after {:.1} s", started.elapsed().as_secs_f64());
     let before_wal: Vec<u64> = replicas.iter().map(|r| wal_bytes(r)).collect();
 
