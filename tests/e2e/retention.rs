@@ -118,8 +118,10 @@ fn retention_deleting_what_a_running_restore_planned_on_does_not_fail_the_restor
 
     let proxy = FaultProxy::start(crate::emulator::host(), seed());
     for (n, object) in ["snapshot.lz4", "wal.lz4"].into_iter().enumerate() {
-        proxy.target("GET", object, Fault::Delay(Duration::from_secs(3)), 1);
         let out = scratch.path(&format!("racing-{n}.db"));
+        let hold = Fault::Delay(Duration::from_secs(3));
+        let held = || proxy.injected().get(&(hold, "GET")).copied().unwrap_or(0);
+        proxy.target("GET", object, hold, 1);
         let restore = || {
             let _ = std::fs::remove_file(&out);
             let output = Command::new(walstream_bin())
@@ -130,14 +132,22 @@ fn retention_deleting_what_a_running_restore_planned_on_does_not_fail_the_restor
             let log = stderr(&output);
             (output, log)
         };
+        // Whether a given restore races depends on timing: its plan may start at a snapshot
+        // whose WAL has not gone up yet (the 1 s sync interval), or retention may not reach
+        // the held object within the 3 s. Such a restore must still succeed; the race is then
+        // tried again a little later, a few times at most, until one restore had to plan again.
+        // One GET is held at a time: the hold is armed again only once a restore has used it.
+        let mut before = held();
         let (mut output, mut log) = restore();
-        // With a snapshot every second, a plan can now and then start at a snapshot that no
-        // WAL follows yet: then no wal.lz4 was fetched, the delay is still armed, and the race
-        // is tried again (a few times at most).
-        for _ in 0..5 {
-            if !(object == "wal.lz4" && output.status.success() && log.contains("indexes=0")) {
+        for _ in 0..10 {
+            if !output.status.success() || log.contains("planning again") {
                 break;
             }
+            if held() > before {
+                proxy.target("GET", object, hold, 1);
+            }
+            std::thread::sleep(Duration::from_millis(300));
+            before = held();
             (output, log) = restore();
         }
         assert!(output.status.success(), "the restore racing retention on {object} failed ({}): {log}", output.status);

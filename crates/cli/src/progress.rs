@@ -18,6 +18,7 @@ struct Bar {
 impl Progress for Bar {
     fn start(&self, objects: u64, bytes: u64) {
         self.bar.set_length(bytes);
+        self.bar.set_position(0);
         self.bar.set_message(format!("0/{objects} objects"));
         self.bar.set_style(
             ProgressStyle::with_template(
@@ -114,6 +115,8 @@ impl Progress for LogLines {
     fn start(&self, objects: u64, bytes: u64) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         (state.total_objects, state.total_bytes) = (objects, bytes);
+        // A restore that plans again (retention deleted part of its plan) starts over.
+        (state.objects, state.bytes) = (0, 0);
         // The first part logs at once; then every LOG_EVERY.
         state.last_logged = None;
     }
