@@ -447,7 +447,14 @@ fn sigkill_at_random_points_while_spooling_loses_nothing() {
     eprintln!("{kills} kills, {} rows", app.count());
     assert!(kills >= 3, "only {kills} kills; the test proves little");
     assert!(logs.contains("they wait compressed"), "nothing was spooled:\n{logs}");
-    assert_eq!(scratch.generation_count(), 1, "every restart resumed the generation:\n{logs}");
+    assert_eq!(logs.matches("resuming generation").count(), kills, "every restart resumed:\n{logs}");
+    // A kill just after the app restarted its WAL, before walstream had copied the new life's
+    // header, leaves a life whose start no replicator saw: the restart cannot prove nothing was
+    // overwritten in between and starts a new generation, by design (seen once in a loaded
+    // full run). Anything else must stay in the one generation.
+    let overwritten = logs.matches("reason=\"wal overwritten by another process\"").count();
+    assert!(overwritten <= 1, "{overwritten} restarts found the WAL overwritten:\n{logs}");
+    assert_eq!(scratch.generation_count(), 1 + overwritten, "every other restart kept the generation:\n{logs}");
     scratch.assert_restores_source();
 }
 
