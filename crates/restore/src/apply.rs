@@ -109,7 +109,7 @@ fn db_page_size(db: &File) -> Option<u32> {
 
 /// The page size in a database header's first bytes (offset 16, big-endian, where 1 means
 /// 65536), if it is a valid one.
-pub(crate) fn header_page_size(head: &[u8]) -> Option<u32> {
+fn header_page_size(head: &[u8]) -> Option<u32> {
     let size = match u16::from_be_bytes(head.get(16..18)?.try_into().ok()?) {
         1 => 65536,
         raw => u32::from(raw),
@@ -153,13 +153,18 @@ impl std::io::Write for SmallWrites {
 /// header, counts the rest.
 #[derive(Default)]
 pub(crate) struct HeaderOnly {
-    pub(crate) head: Vec<u8>,
+    head: Vec<u8>,
 }
 
 impl HeaderOnly {
     /// The bytes begin as a SQLite database does, with a valid page size.
     pub(crate) fn is_database(&self) -> bool {
-        self.head.starts_with(b"SQLite format 3\0") && header_page_size(&self.head).is_some()
+        self.head.starts_with(b"SQLite format 3\0") && self.page_size().is_some()
+    }
+
+    /// The page size its header gives, if a valid one.
+    pub(crate) fn page_size(&self) -> Option<u32> {
+        header_page_size(&self.head)
     }
 }
 

@@ -75,12 +75,6 @@ pub(crate) struct IndexBytes {
     len: u64,
 }
 
-impl From<Vec<u8>> for IndexBytes {
-    fn from(memory: Vec<u8>) -> IndexBytes {
-        IndexBytes { len: memory.len() as u64, memory, spill: None }
-    }
-}
-
 impl IndexBytes {
     pub(crate) fn len(&self) -> u64 {
         self.len

@@ -182,7 +182,7 @@ pub async fn verify(
         store,
         age,
         plan.indexes.iter().collect(),
-        fetch::IndexCheck { page_size: apply::header_page_size(&header.head), lz4_checksums: true },
+        fetch::IndexCheck { page_size: header.page_size(), lz4_checksums: true },
         frames.clone(),
         parallelism,
         progress,
