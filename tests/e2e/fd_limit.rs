@@ -2,31 +2,12 @@
 //! litestream (Go) does silently, and names the limit when even the hard one is too low.
 
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::harness::*;
 
 const DATABASES: usize = 40;
-
-/// `DATABASES` databases with a few rows each, and a config file replicating each to its own
-/// file:// replica; returns the config's path and the databases.
-fn many_databases(scratch: &Scratch) -> (PathBuf, Vec<PathBuf>) {
-    let mut config = String::from("dbs:\n");
-    let dbs: Vec<PathBuf> = (0..DATABASES).map(|n| scratch.path(&format!("db-{n}.db"))).collect();
-    for (n, db) in dbs.iter().enumerate() {
-        App::open(db).insert(3);
-        config.push_str(&format!(
-            "  - path: {}\n    replicas:\n      - url: file://{}\n",
-            db.display(),
-            scratch.path(&format!("replica-{n}")).display()
-        ));
-    }
-    let path = scratch.path("walstream.yml");
-    std::fs::write(&path, config).unwrap();
-    (path, dbs)
-}
 
 /// `walstream replicate -config CONFIG` started with an open-file limit of `soft`:`hard`.
 fn replicate_with_limit(config: &std::path::Path, soft: u64, hard: u64, log: &std::path::Path) -> Command {
@@ -57,7 +38,7 @@ fn with_limit(command: &mut Command, soft: u64, hard: u64) {
 #[test]
 fn replicate_raises_its_soft_open_file_limit_for_many_databases() {
     let scratch = Scratch::new();
-    let (config, dbs) = many_databases(&scratch);
+    let (config, dbs) = many_databases(&scratch, DATABASES, "");
     let log = scratch.path("replicate.log");
     let child = replicate_with_limit(&config, 256, 4096, &log).spawn().unwrap();
     let pid = child.id();
@@ -99,7 +80,7 @@ fn replicate_raises_its_soft_open_file_limit_for_many_databases() {
 #[test]
 fn a_hard_open_file_limit_too_low_for_the_databases_is_named() {
     let scratch = Scratch::new();
-    let (config, _) = many_databases(&scratch);
+    let (config, _) = many_databases(&scratch, DATABASES, "");
     let log = scratch.path("replicate.log");
     let output = replicate_with_limit(&config, 256, 256, &log).output().unwrap();
     // In config mode walstream logs to stdout, as Litestream does.

@@ -370,6 +370,25 @@ impl App {
     }
 }
 
+/// `count` databases with a few rows each, and a config file (`walstream.yml`, starting with
+/// the lines `top`) replicating each to its own file:// replica `replica-N`; returns the
+/// config's path and the databases.
+pub fn many_databases(scratch: &Scratch, count: usize, top: &str) -> (PathBuf, Vec<PathBuf>) {
+    let mut config = format!("{top}dbs:\n");
+    let dbs: Vec<PathBuf> = (0..count).map(|n| scratch.path(&format!("db-{n}.db"))).collect();
+    for (n, db) in dbs.iter().enumerate() {
+        App::open(db).insert(3);
+        config.push_str(&format!(
+            "  - path: {}\n    replicas:\n      - url: file://{}\n",
+            db.display(),
+            scratch.path(&format!("replica-{n}")).display()
+        ));
+    }
+    let path = scratch.path("walstream.yml");
+    std::fs::write(&path, config).unwrap();
+    (path, dbs)
+}
+
 /// A running `walstream replicate`, its log kept in a file for failure messages.
 pub struct Replicator {
     child: Option<Child>,

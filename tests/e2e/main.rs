@@ -17,6 +17,7 @@ mod fd_limit;
 mod gcs;
 mod harness;
 mod health;
+mod idle;
 mod interop;
 mod lease;
 mod memory_volume;

@@ -44,6 +44,8 @@ pub(crate) struct Config {
     /// `heartbeat-url` and `heartbeat-interval` (Litestream 0.5's keys).
     pub(crate) heartbeat_url: Option<String>,
     pub(crate) heartbeat_interval: Option<Duration>,
+    /// `idle-release`: how long a database stays idle before walstream lets its pin go.
+    pub(crate) idle_release: Option<Duration>,
     pub(crate) logging: LoggingConfig,
     /// Keys accepted and ignored, each with why; logged when the file is loaded.
     pub(crate) warnings: Vec<String>,
@@ -102,6 +104,7 @@ struct RawConfig {
     metrics_db_limit: Option<usize>,
     heartbeat_url: Option<String>,
     heartbeat_interval: Option<String>,
+    idle_release: Option<String>,
     logging: Option<RawLogging>,
     /// S3 keys for every s3 replica that does not set its own (Litestream's global settings).
     access_key_id: Option<String>,
@@ -362,7 +365,10 @@ fn parse(text: &str) -> Result<Config, String> {
         .transpose()
         .map_err(|e| format!("heartbeat-interval: {e}"))?;
     let heartbeat_url = raw.heartbeat_url.filter(|u| !u.is_empty());
+    let idle_release =
+        raw.idle_release.as_deref().map(go_duration::parse).transpose().map_err(|e| format!("idle-release: {e}"))?;
     Ok(Config {
+        idle_release,
         dbs,
         dirs,
         watched,

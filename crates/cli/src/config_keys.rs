@@ -19,6 +19,7 @@ const TOP: &[&str] = &[
     "metrics-db-limit",
     "heartbeat-url",
     "heartbeat-interval",
+    "idle-release",
     "access-key-id",
     "secret-access-key",
 ];

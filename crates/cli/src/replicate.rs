@@ -61,7 +61,7 @@ fn replication_jobs(args: &ReplicateArgs) -> anyhow::Result<(Vec<Job>, Extras)> 
             })
             .collect::<anyhow::Result<_>>()?;
         return Ok((
-            vec![Job { config: shipper_config(args, db_path), replicas, validated: Vec::new() }],
+            vec![Job { config: shipper_config(args, db_path, args.idle_release), replicas, validated: Vec::new() }],
             Extras::default(),
         ));
     }
@@ -72,10 +72,14 @@ fn replication_jobs(args: &ReplicateArgs) -> anyhow::Result<(Vec<Job>, Extras)> 
             config::ConfigError(format!("config file {}: no databases specified in dbs", path.display())).into()
         );
     }
+    let idle_release = args.idle_release.or(file.idle_release).or_else(|| {
+        // Many databases: what an idle one holds counts; one: its pin costs nothing that matters.
+        (file.dbs.len() + file.watched.len() > 1).then_some(DEFAULT_IDLE_RELEASE_OF_MANY)
+    });
     let mut jobs = Vec::new();
     for db in file.dbs.iter().filter(|db| !db.watched) {
         let replicas = replicas_of(db, &path)?;
-        let config = ShipperConfig { meta_dir: db.meta_path.clone(), ..shipper_config(args, &db.path) };
+        let config = ShipperConfig { meta_dir: db.meta_path.clone(), ..shipper_config(args, &db.path, idle_release) };
         let validated = db
             .replicas
             .iter()
@@ -88,7 +92,7 @@ fn replication_jobs(args: &ReplicateArgs) -> anyhow::Result<(Vec<Job>, Extras)> 
     Ok((
         jobs,
         Extras {
-            watched: watched_dirs(args, &file, &path),
+            watched: watched_dirs(args, &file, &path, idle_release),
             exec: file.exec,
             addr: file.addr,
             health_lag: file.health_lag,
@@ -126,12 +130,17 @@ fn replicas_of(db: &config::DbConfig, path: &std::path::Path) -> anyhow::Result<
 
 /// The watched directories of the config file, each making the shipper of a database found in
 /// it as `replicate` would for a database the file names.
-fn watched_dirs(args: &ReplicateArgs, file: &config::Config, path: &std::path::Path) -> Vec<fleet::Watched> {
+fn watched_dirs(
+    args: &ReplicateArgs,
+    file: &config::Config,
+    path: &std::path::Path,
+    idle_release: Option<std::time::Duration>,
+) -> Vec<fleet::Watched> {
     file.watched
         .iter()
         .map(|dir| {
             let (template, path, entry) =
-                (shipper_config(args, std::path::Path::new("")), path.to_path_buf(), dir.clone());
+                (shipper_config(args, std::path::Path::new(""), idle_release), path.to_path_buf(), dir.clone());
             fleet::Watched {
                 dir: dir.dir.clone(),
                 pattern: dir.pattern.clone(),
@@ -146,9 +155,18 @@ fn watched_dirs(args: &ReplicateArgs, file: &config::Config, path: &std::path::P
         .collect()
 }
 
-/// What the command line sets for every database it replicates.
-fn shipper_config(args: &ReplicateArgs, db_path: &std::path::Path) -> ShipperConfig {
+/// `idle-release` when the process replicates more than one database and nothing sets it.
+const DEFAULT_IDLE_RELEASE_OF_MANY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// What the command line sets for every database it replicates; `idle_release` as resolved for
+/// the whole process (zero: never).
+fn shipper_config(
+    args: &ReplicateArgs,
+    db_path: &std::path::Path,
+    idle_release: Option<std::time::Duration>,
+) -> ShipperConfig {
     ShipperConfig {
+        idle_release: idle_release.filter(|d| !d.is_zero()),
         shutdown_deadline: args.shutdown_timeout,
         lease: lease_policy(args),
         max_local_wal: (args.max_local_wal > 0).then_some(args.max_local_wal),

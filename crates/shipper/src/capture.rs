@@ -96,6 +96,10 @@ const AFTER_DROP_WINDOW: Duration = Duration::from_millis(50);
 /// generation; seen in the 200 MB restore test under the suite's load).
 const DROP_PIN_RETRY: Duration = Duration::from_secs(1);
 
+/// How often a resting database's WAL is looked at (one `stat`) in case a file event was lost.
+/// Events wake it at once; this only bounds how late a lost one could be noticed.
+const REST_POLL: Duration = Duration::from_secs(30);
+
 /// How long the final copy at shutdown goes on retrying while the disk is full. Within the
 /// default shutdown deadline (8 s), which bounds the uploads that follow it.
 const FULL_DISK_FINAL_COPY: Duration = Duration::from_secs(4);
@@ -220,6 +224,24 @@ pub(crate) struct Capturer {
     spools_logged: crate::throttle::Throttle,
     /// Open while a snapshot framed straight from the database may be read (see `PinGate`).
     pin_gate: std::sync::Arc<crate::protocol::PinGate>,
+    /// See [`Capturer::rest_when_idle`].
+    idle_release: Option<Duration>,
+    /// See [`Capturer::hand_claim_to`].
+    claim_keeper: Option<ClaimKeeper>,
+}
+
+/// Where a capturer leaves its claim on the database when it ends (see `SourceDb::claim`).
+pub(crate) type ClaimKeeper = std::sync::Arc<std::sync::Mutex<Option<File>>>;
+
+impl Drop for Capturer {
+    fn drop(&mut self) {
+        if let Some(keeper) = &self.claim_keeper {
+            // A duplicate shares the open file and so its flock, which outlives the connections.
+            if let Ok(file) = self.db.db_file().try_clone() {
+                *keeper.lock().unwrap_or_else(|e| e.into_inner()) = Some(file);
+            }
+        }
+    }
 }
 
 impl Capturer {
@@ -268,7 +290,24 @@ impl Capturer {
             spooling: Spooling::default(),
             spools_logged: Default::default(),
             pin_gate: Default::default(),
+            idle_release: None,
+            claim_keeper: None,
         }
+    }
+
+    /// When the capturer ends, its claim on the database passes to `keeper`: the uploaders
+    /// drain after the capturer's last pass, and a second replicator must not start on the
+    /// shadow they read before they are done.
+    pub(crate) fn hand_claim_to(&mut self, keeper: ClaimKeeper) {
+        self.claim_keeper = Some(keeper);
+    }
+
+    /// Lets the database rest once nothing has changed for `after` and every replica holds all
+    /// of it: the pin is let go and only the database file stays open (see `SourceDb::rest`), so
+    /// an idle database costs one descriptor and no lock probes. A file event wakes it. `None`:
+    /// the pin is always held.
+    pub(crate) fn rest_when_idle(&mut self, after: Option<Duration>) {
+        self.idle_release = after;
     }
 
     /// The gate the uploaders read a snapshot framed from the database through.
@@ -283,6 +322,7 @@ impl Capturer {
             let after_drop = self.after_drop_until.is_some_and(|until| Instant::now() < until);
             let timeout = match (self.db.is_pinned(), self.last_change.elapsed() < self.timing.active_window) {
                 _ if after_drop => AFTER_DROP_SPACING,
+                _ if self.db.is_resting() => REST_POLL,
                 _ if self.polling => self.timing.pass_spacing,
                 (true, true) => self.timing.probe_active,
                 (true, false) => self.timing.probe_idle,
@@ -400,6 +440,74 @@ impl Capturer {
                 self.spool_waiting();
                 if let Err(e) = self.fsync_shadow() {
                     warn!(db = %self.db_path.display(), error = %e, "cannot fsync the shadow wal; retrying");
+                } else if self.may_rest() {
+                    self.rest();
+                }
+            }
+        }
+    }
+
+    /// Whether the database may rest now (see [`Capturer::rest_when_idle`]): idle long enough,
+    /// watched by file events, nothing asked of the capturer, and every replica holding
+    /// everything, so nothing the pin protects is waiting.
+    fn may_rest(&self) -> bool {
+        let Some(after) = self.idle_release else { return false };
+        let Some(generation) = &self.generation else { return false };
+        !self.db.is_resting()
+            && self.last_change.elapsed() >= after
+            && self.events.is_some()
+            && !self.polling
+            && self.pending_syncs.is_empty()
+            && self.pending_new_generation.is_none()
+            && !self.pending_snapshot
+            && self.after_drop_until.is_none_or(|until| Instant::now() >= until)
+            && generation.shadow.as_ref().is_none_or(|s| s.live_from.is_none())
+            && !self.database_snapshot_pending()
+            && all_hold(&self.replica_positions, generation.end())
+    }
+
+    /// Lets the pin and every descriptor but the database file go. If SQLite has back-filled the
+    /// whole WAL life, which the shadow holds to its end, and no other process reads WAL frames,
+    /// the application's next write restarts the WAL (a reader that starts now takes read-mark 0)
+    /// and nothing can be appended to this life: it is sealed, so the next life continues the
+    /// generation though it overwrites the old one's frames before the pass that wakes sees them.
+    fn rest(&mut self) {
+        let frame = walstream_format::wal::frame_size(self.db.page_size());
+        let before = self.db.wal_index_header();
+        let life_ends_here = match (before, self.generation.as_ref().and_then(|g| g.shadow.as_ref())) {
+            (Some(index), Some(shadow)) => {
+                index.max_frame > 0
+                    && index.backfilled == index.max_frame
+                    && index.salt1 == shadow.header.salt1
+                    && shadow.committed_len == WAL_HEADER_SIZE as u64 + u64::from(index.max_frame) * frame
+            }
+            _ => false,
+        };
+        self.db.release_all();
+        // Asked once the pin is gone (the probe sees only other processes' locks), and the header
+        // read again: a reader that took a read-mark past 0 before the back-fill completed, or a
+        // write since, shows here.
+        let sealed = life_ends_here && !self.db.wal_readers_past_mark0() && self.db.wal_index_header() == before;
+        let shadow_closed = match self.generation.as_mut().and_then(|g| g.shadow.as_mut()) {
+            Some(shadow) => shadow.close_file(),
+            None => Ok(()),
+        };
+        match shadow_closed.and_then(|()| self.db.rest()) {
+            Ok(()) => {
+                if let (true, Some(shadow)) = (sealed, self.generation.as_mut().and_then(|g| g.shadow.as_mut())) {
+                    shadow.sealed = true;
+                }
+                self.buf = Vec::new();
+                self.rolled_at_backfill = None;
+                debug!(db = %self.db_path.display(), sealed, "idle: resting (pin and connections released)");
+            }
+            Err(e) => {
+                // The file is locked exclusively right now (an application closing, or one in
+                // exclusive locking mode): stay awake and try again later.
+                debug!(db = %self.db_path.display(), error = %e, "cannot rest; staying awake");
+                self.last_change = Instant::now();
+                if let Err(e) = self.db.wake() {
+                    warn!(db = %self.db_path.display(), error = %e, "cannot reopen the database; retrying on the next change");
                 }
             }
         }
@@ -564,6 +672,11 @@ impl Capturer {
             // replaced one.
             AtPath::Gone => return Ok(()),
         }
+        if self.db.is_resting() {
+            self.db.wake()?;
+            self.buf.resize(COPY_CHUNK_BYTES, 0);
+            debug!(db = %self.db_path.display(), "woke from rest");
+        }
         // The pin held now, if any, was taken before the previous copy and held ever since, so the
         // WAL cannot have lost a frame that copy did not see (see `SourceDb`).
         let since_last_copy = if self.db.is_pinned() { Continuity::Pinned } else { Continuity::Unproven };
@@ -675,6 +788,7 @@ impl Capturer {
         // Opened first, so a file that is not a database leaves the old connections in place
         // and the error is retried on the next pass.
         let replacement = SourceDb::open(&self.db_path)?;
+        replacement.claim()?;
         // The path now names another file: no snapshot may be framed from it for the old one.
         self.pin_gate.set(false);
         drop(std::mem::replace(&mut self.db, replacement));
@@ -1406,6 +1520,25 @@ mod tests {
             self.capturer.db.release_all();
         }
 
+        /// A commit copied under a pin rolled to the WAL's end, then the application's passive
+        /// checkpoint, which back-fills it all; returns the WAL's frames.
+        fn backfill_under_a_rolled_pin(&mut self) -> i64 {
+            self.capturer.timing.pin_roll = Duration::ZERO;
+            self.capturer.pass().unwrap();
+            self.insert();
+            self.capturer.pass().unwrap();
+            let (busy, frames, backfilled): (i64, i64, i64) = self
+                .app
+                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .unwrap();
+            assert_eq!(
+                (busy, backfilled),
+                (0, frames),
+                "walstream's pin sits at the end of the WAL, so the app's checkpoint back-fills it all"
+            );
+            frames
+        }
+
         fn generation(&self) -> GenerationId {
             self.capturer.generation.as_ref().unwrap().id
         }
@@ -1556,18 +1689,8 @@ mod tests {
     #[test]
     fn the_wal_restarts_after_the_apps_checkpoint_while_walstream_stays_pinned() {
         let mut h = Harness::new();
-        h.capturer.timing.pin_roll = Duration::ZERO;
-        h.capturer.pass().unwrap();
-        h.insert();
-        h.capturer.pass().unwrap();
+        h.backfill_under_a_rolled_pin();
         let generation = h.generation();
-        let (busy, frames, backfilled): (i64, i64, i64) =
-            h.app.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap();
-        assert_eq!(
-            (busy, backfilled),
-            (0, frames),
-            "walstream's pin sits at the end of the WAL, so the app's checkpoint back-fills it all"
-        );
         let wal = wal_path(&h.capturer.db_path);
         let wal_header = || std::fs::read(&wal).unwrap()[..WAL_HEADER_SIZE].to_vec();
         let before = wal_header();
@@ -1601,6 +1724,85 @@ mod tests {
         h.capturer.timing.pin_roll = Duration::ZERO;
         h.capturer.pass().unwrap();
         assert_eq!(checkpoint(&h), (frames, frames), "once rolled, the pin sits at the end");
+    }
+
+    /// Lets the harness's capturer rest as soon as it is idle, as it would with file events.
+    fn resting_at_once(h: &mut Harness) -> std::sync::mpsc::Receiver<Wake> {
+        let (wake_tx, wake_rx) = std::sync::mpsc::channel();
+        h.capturer.take_events(crate::watch::watch(&h.capturer.db_path, wake_tx).unwrap());
+        h.capturer.rest_when_idle(Some(Duration::ZERO));
+        wake_rx
+    }
+
+    /// The application back-fills the whole WAL under walstream's pin, then walstream rests:
+    /// the life is sealed, so the next one, which overwrites its frames before any pass sees
+    /// them, still continues the generation.
+    #[test]
+    fn a_database_resting_on_a_backfilled_wal_continues_its_generation_after_a_restart() {
+        let mut h = Harness::new();
+        let _events = resting_at_once(&mut h);
+        let frames = h.backfill_under_a_rolled_pin();
+        let generation = h.generation();
+        assert!(h.capturer.may_rest());
+        h.capturer.rest();
+        assert!(h.capturer.db.is_resting());
+        assert!(h.capturer.generation.as_ref().unwrap().shadow.as_ref().unwrap().sealed);
+        // A new life longer than the old one: the old life's last frame is overwritten.
+        for _ in 0..(frames + 5) {
+            h.insert();
+        }
+        h.capturer.pass().unwrap();
+        assert!(!h.capturer.db.is_resting(), "the pass must wake the database");
+        assert_eq!(h.generation(), generation, "a sealed life's successor continues the generation");
+        let (index, len) = h.capturer.shadow_end().unwrap();
+        assert_eq!(index, 1, "the restarted WAL is the next index");
+        assert_eq!(len, std::fs::metadata(wal_path(&h.capturer.db_path)).unwrap().len());
+    }
+
+    /// Resting where the WAL is not back-filled proves nothing about what comes next: the
+    /// application may append, checkpoint and restart unseen, so a successor that has overwritten
+    /// the last frame walstream copied starts a new generation.
+    #[test]
+    fn a_database_resting_on_a_wal_not_backfilled_takes_no_overwritten_successor_on_trust() {
+        let mut h = Harness::new();
+        let _events = resting_at_once(&mut h);
+        h.capturer.pass().unwrap();
+        h.insert();
+        h.capturer.pass().unwrap();
+        let generation = h.generation();
+        h.capturer.rest();
+        assert!(h.capturer.db.is_resting());
+        assert!(!h.capturer.generation.as_ref().unwrap().shadow.as_ref().unwrap().sealed);
+        // Unseen: one more commit, a complete checkpoint, and a longer new life.
+        h.insert();
+        let frames: i64 = h.app.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get(1)).unwrap();
+        for _ in 0..(frames + 5) {
+            h.insert();
+        }
+        h.capturer.pass().unwrap();
+        assert_ne!(h.generation(), generation, "the commit walstream never saw must break the generation");
+    }
+
+    /// A resting database that nobody wrote to wakes (a sync, a snapshot request) into the same
+    /// life, and commits made while it rested are copied by the pass that wakes it.
+    #[test]
+    fn a_resting_database_wakes_into_the_same_life_and_copies_what_came_meanwhile() {
+        let mut h = Harness::new();
+        let _events = resting_at_once(&mut h);
+        h.capturer.pass().unwrap();
+        let generation = h.generation();
+        h.capturer.rest();
+        assert!(h.capturer.db.is_resting());
+        assert!(h.capturer.buf.is_empty(), "a resting database keeps no copy buffer");
+        h.capturer.pass().unwrap();
+        assert!(!h.capturer.db.is_resting());
+        h.capturer.rest();
+        for _ in 0..3 {
+            h.insert();
+        }
+        h.capturer.pass().unwrap();
+        assert_eq!(h.generation(), generation);
+        assert_eq!(h.capturer.shadow_end().unwrap().1, std::fs::metadata(wal_path(&h.capturer.db_path)).unwrap().len());
     }
 
     fn wait_for(rx: &mut watch::Receiver<ShadowState>, ready: impl Fn(&ShadowState) -> bool) -> ShadowState {

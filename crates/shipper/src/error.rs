@@ -107,9 +107,9 @@ pub enum Error {
         source: notify::Error,
     },
     /// Another walstream process is replicating this database.
-    #[error("another walstream is already replicating this database (it holds {}); stop it first, or replicate a different database", lock.display())]
+    #[error("another walstream is already replicating this database (it holds a lock on {}); stop it first, or replicate a different database", lock.display())]
     AlreadyReplicating {
-        /// The lock file the other process holds.
+        /// The database file the other process has claimed.
         lock: PathBuf,
     },
     /// Another replicator (another machine or container) holds the replica's lease.

@@ -86,6 +86,10 @@ pub struct ShipperConfig {
     /// database's size (and at least 256 MiB), so restore time stays flat however long the
     /// history; zero: only on `snapshot-interval` and new generations.
     pub snapshot_wal_ratio: f64,
+    /// Once the database has been idle this long and every replica holds all of it, walstream
+    /// lets its pin and connections go until the next change (see `Capturer::rest_when_idle`).
+    /// `None`: always held.
+    pub idle_release: Option<Duration>,
 }
 
 impl ShipperConfig {
@@ -98,6 +102,7 @@ impl ShipperConfig {
             lease: Some(LeasePolicy::default()),
             max_local_wal: Some(DEFAULT_MAX_LOCAL_WAL),
             snapshot_wal_ratio: DEFAULT_SNAPSHOT_WAL_RATIO,
+            idle_release: None,
         }
     }
 }
@@ -187,17 +192,22 @@ impl Shipper {
         if !wait_for_database(&db_path, shutdown).await? {
             return Ok(None);
         }
-        // Held until the workers have stopped. Taken once the path holds a SQLite database, so a
-        // path that is not one is refused without leaving a metadata directory behind.
+        // Claimed for as long as the source is open, before anything is written to the metadata
+        // directory; created only once the path holds a SQLite database, so a path that is not
+        // one is refused without leaving a metadata directory behind.
+        let source = {
+            let db_path = db_path.clone();
+            tokio::task::spawn_blocking(move || {
+                SourceDb::open(&db_path).and_then(|source| source.claim().map(|()| source))
+            })
+            .await
+            .expect("open task panicked")?
+        };
         let meta = meta::MetaDir::for_db(&db_path, config.meta_dir.as_deref());
-        let lock = meta.lock()?;
+        meta.create()?;
         let lease_terms = match config.lease {
             Some(policy) => Some((meta.lease_holder()?, policy)),
             None => None,
-        };
-        let source = {
-            let db_path = db_path.clone();
-            tokio::task::spawn_blocking(move || SourceDb::open(&db_path)).await.expect("open task panicked")?
         };
         info!(db = %db_path.display(), replicas = replicas.len(), "replicating");
 
@@ -244,6 +254,9 @@ impl Shipper {
         capturer.share_pin_gate(pin_gate);
         capturer.bound_local_wal(config.max_local_wal);
         capturer.snapshot_after_wal_ratio(config.snapshot_wal_ratio);
+        capturer.rest_when_idle(config.idle_release);
+        let claim = capture::ClaimKeeper::default();
+        capturer.hand_claim_to(claim.clone());
         if let Some(events) = watcher {
             capturer.take_events(events);
         }
@@ -265,7 +278,6 @@ impl Shipper {
         Ok(Some(Workers {
             db_path,
             shutdown_deadline: config.shutdown_deadline,
-            _lock: lock,
             wake_tx,
             state_rx,
             positions,
@@ -274,6 +286,7 @@ impl Shipper {
             upkeep,
             capture_rx,
             capture_ended: false,
+            _claim: claim,
         }))
     }
 }
@@ -282,8 +295,6 @@ impl Shipper {
 struct Workers {
     db_path: PathBuf,
     shutdown_deadline: Duration,
-    /// The metadata directory's lock, held until the workers have stopped.
-    _lock: std::fs::File,
     wake_tx: mpsc::Sender<Wake>,
     state_rx: tokio::sync::watch::Receiver<ShadowState>,
     positions: Vec<tokio::sync::watch::Receiver<Option<walstream_format::Pos>>>,
@@ -293,6 +304,8 @@ struct Workers {
     capture_rx: tokio::sync::oneshot::Receiver<Result<(), Error>>,
     /// The capturer's outcome was taken while watching.
     capture_ended: bool,
+    /// The database's claim once the capturer has ended, held until every worker has stopped.
+    _claim: capture::ClaimKeeper,
 }
 
 impl Workers {

@@ -47,29 +47,9 @@ impl MetaDir {
         MetaDir { root: dir.join(format!(".{file}-walstream")) }
     }
 
-    /// Takes `lock` in the directory exclusively for as long as the returned file is open, so a
-    /// second replicator of the same database refuses at once instead of interleaving its
-    /// shadow writes with ours. The kernel drops the lock when the process dies, so a crash
-    /// never leaves a stale one.
-    pub(crate) fn lock(&self) -> Result<fs::File, Error> {
-        use std::os::fd::AsRawFd;
-        fs::create_dir_all(&self.root).map_err(io_err("create", &self.root))?;
-        let path = self.root.join("lock");
-        let file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(io_err("open", &path))?;
-        // SAFETY: flock(2) on a descriptor this function owns; no memory is involved.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                return Err(Error::AlreadyReplicating { lock: path });
-            }
-            return Err(io_err("lock", &path)(e));
-        }
-        Ok(file)
+    /// Creates the directory if it is missing.
+    pub(crate) fn create(&self) -> Result<(), Error> {
+        fs::create_dir_all(&self.root).map_err(io_err("create", &self.root))
     }
 
     fn generation_file(&self) -> PathBuf {

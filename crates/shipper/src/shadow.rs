@@ -54,7 +54,8 @@ const BLOCK: u64 = 4096;
 pub(crate) struct ShadowIndex {
     pub(crate) index: u32,
     path: PathBuf,
-    file: File,
+    /// `None` while the database rests ([`ShadowIndex::close_file`]); reopened on next use.
+    file: Option<File>,
     pub(crate) header: WalHeader,
     header_bytes: [u8; WAL_HEADER_SIZE],
     pub(crate) committed_len: u64,
@@ -102,14 +103,15 @@ impl ShadowIndex {
             .truncate(true)
             .open(&path)
             .map_err(io_err("create", &path))?;
-        let mut shadow = ShadowIndex::header_only(index, path, file, header_bytes, header);
-        match shadow.file.write_all_at(&header_bytes, 0).and_then(|()| shadow.file.sync_data()) {
-            Ok(()) => {}
+        match file.write_all_at(&header_bytes, 0).and_then(|()| file.sync_data()) {
+            Ok(()) => Ok(ShadowIndex::header_only(index, path, file, header_bytes, header)),
             // Not even the header fits: the whole index is served from the live WAL.
-            Err(e) if is_disk_full(&e) => shadow.live_from = Some(0),
-            Err(e) => return Err(io_err("write", &shadow.path)(e)),
+            Err(e) if is_disk_full(&e) => Ok(ShadowIndex {
+                live_from: Some(0),
+                ..ShadowIndex::header_only(index, path, file, header_bytes, header)
+            }),
+            Err(e) => Err(io_err("write", &path)(e)),
         }
-        Ok(shadow)
     }
 
     /// Reopens an index after a restart of walstream, cutting any tail a crash left after the
@@ -129,15 +131,16 @@ impl ShadowIndex {
         let Ok(header) = WalHeader::parse(&header_bytes) else {
             return Ok(None);
         };
+        let file_for_scan = file.try_clone().map_err(io_err("open", &path))?;
         let mut shadow = ShadowIndex::header_only(index, path, file, header_bytes, header);
         // Shipped bytes were punched out: the chain resumes from the first whole frame after
         // them, whose header carries the running checksum through it.
-        let data_from = first_data(&shadow.file, BLOCK).unwrap_or(len);
+        let data_from = first_data(&file_for_scan, BLOCK).unwrap_or(len);
         if data_from > BLOCK && data_from < len {
             let frame = header.frame_size();
             let first = WAL_HEADER_SIZE as u64 + (data_from - WAL_HEADER_SIZE as u64).div_ceil(frame) * frame;
             let mut bytes = vec![0u8; frame as usize];
-            if first + frame > len || shadow.file.read_exact_at(&mut bytes, first).is_err() {
+            if first + frame > len || file_for_scan.read_exact_at(&mut bytes, first).is_err() {
                 return Ok(None);
             }
             let Ok(frame_header) = walstream_format::wal::FrameHeader::parse(&bytes) else {
@@ -152,8 +155,7 @@ impl ShadowIndex {
         }
         // Re-validate the rest of the file: it is the source of every future upload of this index.
         let mut buf = vec![0u8; COPY_CHUNK_BYTES];
-        let reader = shadow.file.try_clone().map_err(io_err("open", &shadow.path))?;
-        shadow.copy_from(&reader, len, len, &mut buf, Reading::OwnShadow)?;
+        shadow.copy_from(&file_for_scan, len, len, &mut buf, Reading::OwnShadow)?;
         if shadow.discarded > 0 {
             // Resumed mid-file: the end must still be a commit.
             let last = shadow.last_frame()?.and_then(|frame| walstream_format::wal::FrameHeader::parse(&frame).ok());
@@ -175,7 +177,7 @@ impl ShadowIndex {
         ShadowIndex {
             index,
             path,
-            file,
+            file: Some(file),
             header,
             header_bytes,
             committed_len: WAL_HEADER_SIZE as u64,
@@ -196,12 +198,13 @@ impl ShadowIndex {
     pub(crate) fn leave_live(&mut self) -> bool {
         let Some(from) = self.live_from else { return true };
         let frame = self.header.frame_size();
+        let Ok(file) = opened(&mut self.file, &self.path) else { return false };
         if self.committed_len >= from + frame
-            && self.file.write_all_at(&self.live_last_frame, self.committed_len - frame).is_err()
+            && file.write_all_at(&self.live_last_frame, self.committed_len - frame).is_err()
         {
             return false;
         }
-        if from == 0 && self.file.write_all_at(&self.header_bytes, 0).is_err() {
+        if from == 0 && file.write_all_at(&self.header_bytes, 0).is_err() {
             return false;
         }
         self.live_from = None;
@@ -213,7 +216,9 @@ impl ShadowIndex {
     /// Punches out what every replica holds (everything below `shipped`) but the last frame.
     pub(crate) fn discard_below(&mut self, shipped: u64) {
         let keep_from = shipped.min(self.committed_len.saturating_sub(self.header.frame_size()));
-        if keep_from >= self.discarded.max(BLOCK) + DISCARD_UNIT && punch(&self.file, keep_from).is_ok() {
+        if keep_from >= self.discarded.max(BLOCK) + DISCARD_UNIT
+            && opened(&mut self.file, &self.path).is_ok_and(|file| punch(file, keep_from).is_ok())
+        {
             self.discarded = keep_from;
         }
     }
@@ -238,7 +243,11 @@ impl ShadowIndex {
             return Ok(Some(self.live_last_frame.clone()));
         }
         let mut buf = vec![0u8; frame as usize];
-        self.file.read_exact_at(&mut buf, self.committed_len - frame).map_err(io_err("read", &self.path))?;
+        let read = match &self.file {
+            Some(file) => file.read_exact_at(&mut buf, self.committed_len - frame),
+            None => File::open(&self.path).and_then(|file| file.read_exact_at(&mut buf, self.committed_len - frame)),
+        };
+        read.map_err(io_err("read", &self.path))?;
         Ok(Some(buf))
     }
 
@@ -282,6 +291,7 @@ impl ShadowIndex {
         let mut chain = self.chain;
         let (mut commit_end, mut commit_chain) = (self.committed_len, self.chain);
         let mut storing = write && self.live_from.is_none();
+        let file = opened(&mut self.file, &self.path)?;
         'chunks: while offset + frame as u64 <= source_len {
             let frames_left = ((source_len - offset) / frame as u64) as usize;
             let n_frames = match committed_hint.min(source_len).saturating_sub(offset) / frame as u64 {
@@ -308,7 +318,7 @@ impl ShadowIndex {
                 }
             }
             if storing && n_valid > 0 {
-                if let Err(e) = self.file.write_all_at(&chunk[..n_valid * frame], offset) {
+                if let Err(e) = file.write_all_at(&chunk[..n_valid * frame], offset) {
                     if !is_disk_full(&e) {
                         return Err(io_err("write", &self.path)(e));
                     }
@@ -317,7 +327,7 @@ impl ShadowIndex {
                     let fitted = chunk[..n_valid * frame]
                         .chunks_exact(frame)
                         .enumerate()
-                        .take_while(|(i, bytes)| self.file.write_all_at(bytes, offset + (i * frame) as u64).is_ok())
+                        .take_while(|(i, bytes)| file.write_all_at(bytes, offset + (i * frame) as u64).is_ok())
                         .count();
                     let (mut stored_end, mut refit) = (commit_end, chain_at_chunk);
                     for (i, bytes) in chunk[..fitted * frame].chunks_exact(frame).enumerate() {
@@ -344,7 +354,7 @@ impl ShadowIndex {
         // crash cut short); a pass reads them again. A pass leaves them in the file, whose pages
         // the next frames reuse; reopening after a crash cuts them off.
         if !write && source_len != commit_end {
-            self.file.set_len(commit_end).map_err(io_err("truncate", &self.path))?;
+            file.set_len(commit_end).map_err(io_err("truncate", &self.path))?;
         }
         let newly_committed = commit_end - self.committed_len;
         self.committed_len = commit_end;
@@ -361,18 +371,27 @@ impl ShadowIndex {
     /// Ends the index: cuts the file to its committed length, so an uploader may take a
     /// finished index's file length for its end, and fsyncs it.
     pub(crate) fn finish(&mut self) -> Result<(), Error> {
-        if self.file.metadata().map_err(io_err("stat", &self.path))?.len() != self.committed_len {
-            self.file.set_len(self.committed_len).map_err(io_err("truncate", &self.path))?;
+        let file = opened(&mut self.file, &self.path)?;
+        if file.metadata().map_err(io_err("stat", &self.path))?.len() != self.committed_len {
+            file.set_len(self.committed_len).map_err(io_err("truncate", &self.path))?;
             self.dirty_since.get_or_insert_with(Instant::now);
         }
         self.fsync()
+    }
+
+    /// Lets the file's descriptor go, fsynced first: a resting database holds none. The next use
+    /// opens the file again.
+    pub(crate) fn close_file(&mut self) -> Result<(), Error> {
+        self.fsync()?;
+        self.file = None;
+        Ok(())
     }
 
     /// Fsyncs what [`FSYNC_SPACING`] left not fsynced: when the database is quiet, when a WAL life
     /// ends, and at shutdown.
     pub(crate) fn fsync(&mut self) -> Result<(), Error> {
         if self.dirty_since.is_some() {
-            self.file.sync_data().map_err(io_err("fsync", &self.path))?;
+            opened(&mut self.file, &self.path)?.sync_data().map_err(io_err("fsync", &self.path))?;
             self.dirty_since = None;
         }
         Ok(())
@@ -420,6 +439,14 @@ pub(crate) fn discard_shipped(path: &Path, shipped: u64) {
 pub(crate) fn discard_whole(path: &Path) {
     if let Ok(meta) = std::fs::metadata(path) {
         discard_shipped(path, meta.len().div_ceil(BLOCK) * BLOCK);
+    }
+}
+
+/// The shadow file, opened again if it was closed for a rest.
+fn opened<'f>(slot: &'f mut Option<File>, path: &Path) -> Result<&'f File, Error> {
+    match slot {
+        Some(file) => Ok(file),
+        None => Ok(slot.insert(OpenOptions::new().read(true).write(true).open(path).map_err(io_err("open", path))?)),
     }
 }
 
@@ -544,7 +571,7 @@ mod tests {
         let bytes = fs::read(&shadow.path).unwrap();
         assert_eq!(bytes.len() as u64, len);
         assert_eq!(bytes[..WAL_HEADER_SIZE], wal[..WAL_HEADER_SIZE]);
-        assert!(first_data(&shadow.file, 4096).unwrap() > 4096);
+        assert!(first_data(shadow.file.as_ref().unwrap(), 4096).unwrap() > 4096);
         // More commits after a punch: they are copied and resume the same way.
         for _ in 0..5 {
             db.app.execute("INSERT INTO t VALUES (randomblob(1000))", []).unwrap();

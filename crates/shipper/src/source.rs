@@ -24,6 +24,9 @@ const BUSY_TIMEOUT: Duration = Duration::from_millis(100);
 // Byte offsets of SQLite's WAL-index locks in the -shm file (wal.c: WALINDEX_LOCK_OFFSET = 120).
 const SHM_WRITE_LOCK: i64 = 120;
 const SHM_CKPT_LOCK: i64 = 121;
+/// Read-marks 1 to 4 (wal.c: `WAL_READ_LOCK(i)` is lock byte 3 + i); a reader on one of them reads
+/// frames of the WAL, and SQLite cannot restart the WAL while one is held.
+const SHM_READ_LOCKS_PAST_0: std::ops::RangeInclusive<i64> = 124..=127;
 
 /// The wal-index header (wal.c `WalIndexHdr`) is 48 bytes, stored twice at the start of -shm;
 /// the checkpoint info (`WalCkptInfo`) follows, starting with `nBackfill`.
@@ -112,7 +115,8 @@ pub(crate) enum AtPath {
 /// checkpoints for longer.
 pub(crate) struct SourceDb {
     path: PathBuf,
-    conns: [Connection; 2],
+    /// `None` while the database rests (see [`SourceDb::rest`]).
+    conns: Option<[Connection; 2]>,
     /// Which connection holds the current pin.
     pinned: Option<usize>,
     /// A pin taken by [`SourceDb::roll_pin`] whose predecessor has not been released yet.
@@ -129,18 +133,7 @@ pub(crate) struct SourceDb {
 impl SourceDb {
     /// Opens the database, switching it to WAL mode if it uses a rollback journal.
     pub(crate) fn open(path: &Path) -> Result<SourceDb, Error> {
-        let open = || -> Result<Connection, Error> {
-            // READ_WRITE without CREATE: walstream must never create the application's file.
-            let conn =
-                Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-                    .map_err(sqlite_err(path))?;
-            conn.busy_timeout(BUSY_TIMEOUT).map_err(sqlite_err(path))?;
-            // Closing walstream's connections must never checkpoint and delete the WAL: that
-            // would rewrite the database behind the application and break continuity.
-            conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true).map_err(sqlite_err(path))?;
-            Ok(conn)
-        };
-        let conns = [open()?, open()?];
+        let conns = open_connections(path)?;
         let mode: String = conns[0].query_row("PRAGMA journal_mode", [], |r| r.get(0)).map_err(sqlite_err(path))?;
         if !mode.eq_ignore_ascii_case("wal") {
             info!(db = %path.display(), from = %mode, "database is not in WAL mode, switching journal_mode to wal");
@@ -154,7 +147,7 @@ impl SourceDb {
         let db_file = File::open(path).map_err(io_err("open", path))?;
         let mut db = SourceDb {
             path: path.to_path_buf(),
-            conns,
+            conns: Some(conns),
             pinned: None,
             previous: None,
             pinned_at: None,
@@ -166,8 +159,51 @@ impl SourceDb {
         Ok(db)
     }
 
+    /// Takes this database for this process: a second replicator of it refuses at once instead
+    /// of interleaving its shadow writes with ours. An `flock`, which Linux keeps apart from the
+    /// POSIX locks SQLite takes on the same file, on the descriptor held for the process's life;
+    /// the kernel drops it when the process dies, so a crash never leaves a stale one.
+    pub(crate) fn claim(&self) -> Result<(), Error> {
+        // SAFETY: flock(2) on a descriptor this value owns; no memory is involved.
+        if unsafe { libc::flock(self.db_file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Err(Error::AlreadyReplicating { lock: self.path.clone() });
+            }
+            return Err(io_err("lock", &self.path)(e));
+        }
+        Ok(())
+    }
+
+    /// Lets an idle database go: both connections and the `-shm` are closed, and only the
+    /// database file stays open (one descriptor), with a read lock on SQLite's shared-lock
+    /// range in place of the connections' own. With no connection of walstream open, the
+    /// application's last connection to close would otherwise take the exclusive lock, checkpoint
+    /// and delete the WAL and wal-index, and the next life would start with new random salts:
+    /// continuity lost, a new generation. Closing the connections drops every POSIX lock this
+    /// process holds on the file, which is why the lock is taken after.
+    pub(crate) fn rest(&mut self) -> Result<(), Error> {
+        self.release_all();
+        self.conns = None;
+        self.shm_file = None;
+        lock_shared_range(&self.db_file).map_err(io_err("lock", &self.path))
+    }
+
+    /// Opens the connections again after [`SourceDb::rest`]; no pin is held yet.
+    pub(crate) fn wake(&mut self) -> Result<(), Error> {
+        if self.conns.is_none() {
+            self.conns = Some(open_connections(&self.path)?);
+            self.open_shm();
+        }
+        Ok(())
+    }
+
+    pub(crate) fn is_resting(&self) -> bool {
+        self.conns.is_none()
+    }
+
     fn open_shm(&mut self) {
-        if self.shm_file.is_none() {
+        if self.shm_file.is_none() && self.conns.is_some() {
             self.shm_file = File::open(shm_path(&self.path)).ok();
         }
     }
@@ -196,8 +232,9 @@ impl SourceDb {
     /// Starts a new read transaction and keeps the current one until [`SourceDb::release_previous`].
     /// Returns false if SQLite refused (busy); the caller then copies without a pin.
     pub(crate) fn roll_pin(&mut self) -> bool {
+        let Some(conns) = &self.conns else { return false };
         let next = self.pinned.map_or(0, |held| 1 - held);
-        let conn = &self.conns[next];
+        let conn = &conns[next];
         let began = conn
             .execute_batch("BEGIN")
             .and_then(|()| conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0)));
@@ -228,16 +265,16 @@ impl SourceDb {
 
     /// Ends the read transaction that [`SourceDb::roll_pin`] replaced.
     pub(crate) fn release_previous(&mut self) {
-        if let Some(previous) = self.previous.take() {
-            let _ = self.conns[previous].execute_batch("COMMIT");
+        if let (Some(previous), Some(conns)) = (self.previous.take(), &self.conns) {
+            let _ = conns[previous].execute_batch("COMMIT");
         }
     }
 
     /// Ends every read transaction walstream holds.
     pub(crate) fn release_all(&mut self) {
         self.release_previous();
-        if let Some(held) = self.pinned.take() {
-            let _ = self.conns[held].execute_batch("COMMIT");
+        if let (Some(held), Some(conns)) = (self.pinned.take(), &self.conns) {
+            let _ = conns[held].execute_batch("COMMIT");
         }
     }
 
@@ -254,10 +291,33 @@ impl SourceDb {
     /// FULL, RESTART or TRUNCATE checkpoint, which waits for readers such as walstream's pin.
     /// While the write lock is held nobody can append, so walstream can copy to the end and step
     /// aside without risk.
+    /// True when another process holds a read-mark other than 0: a reader of WAL frames, which
+    /// keeps SQLite from restarting the WAL even once every frame is back-filled.
+    pub(crate) fn wal_readers_past_mark0(&self) -> bool {
+        let Some(shm) = &self.shm_file else { return true };
+        SHM_READ_LOCKS_PAST_0.into_iter().any(|offset| locked_by_other(shm, offset))
+    }
+
     pub(crate) fn blocking_checkpoint_waiting(&self) -> bool {
         let Some(shm) = &self.shm_file else { return false };
         locked_by_other(shm, SHM_WRITE_LOCK) && locked_by_other(shm, SHM_CKPT_LOCK)
     }
+}
+
+/// walstream's two read connections to the database.
+fn open_connections(path: &Path) -> Result<[Connection; 2], Error> {
+    let open = || -> Result<Connection, Error> {
+        // READ_WRITE without CREATE: walstream must never create the application's file.
+        let conn =
+            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+                .map_err(sqlite_err(path))?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(sqlite_err(path))?;
+        // Closing walstream's connections must never checkpoint and delete the WAL: that
+        // would rewrite the database behind the application and break continuity.
+        conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true).map_err(sqlite_err(path))?;
+        Ok(conn)
+    };
+    Ok([open()?, open()?])
 }
 
 pub(crate) fn wal_path(db: &Path) -> PathBuf {
@@ -272,6 +332,24 @@ fn suffixed(db: &Path, suffix: &str) -> PathBuf {
     let mut s = db.as_os_str().to_owned();
     s.push(suffix);
     PathBuf::from(s)
+}
+
+/// Takes a read lock on the first byte of SQLite's shared-lock range (os_unix.c: `SHARED_FIRST`,
+/// two bytes past `PENDING_BYTE`), as a connection holding SQLite's SHARED lock does: another
+/// process cannot then take the EXCLUSIVE lock, which wants a write lock on the whole range.
+fn lock_shared_range(file: &File) -> std::io::Result<()> {
+    const SHARED_FIRST: i64 = 0x4000_0000 + 2;
+    // SAFETY: `flock` is plain data.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = libc::F_RDLCK as libc::c_short;
+    lock.l_whence = libc::SEEK_SET as libc::c_short;
+    lock.l_start = SHARED_FIRST;
+    lock.l_len = 1;
+    // SAFETY: a valid descriptor and a valid pointer to `lock`.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLK, &lock) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Asks the kernel whether another process holds a POSIX lock on one byte of `file`.

@@ -137,6 +137,12 @@ fn route(routes: &Mutex<Routes>, event: notify::Result<notify::Event>) {
         }
         return;
     };
+    // Opening and closing a file changes nothing in it (a write always makes a modify event
+    // too), and closing its own connections must not wake a database that has just gone to
+    // rest, nor an application's every open and close wake one.
+    if matches!(event.kind, notify::EventKind::Access(_)) {
+        return;
+    }
     for path in &event.paths {
         let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else { continue };
         let Some(subscribers) = routes.get(dir) else { continue };
