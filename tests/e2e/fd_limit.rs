@@ -2,6 +2,7 @@
 //! litestream (Go) does silently, and names the limit when even the hard one is too low.
 
 use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -32,6 +33,31 @@ fn with_limit(command: &mut Command, soft: u64, hard: u64) {
     }
 }
 
+/// Waits until each of the `DATABASES` replicas holds a snapshot.
+fn wait_for_every_snapshot(scratch: &Scratch, limit: Duration) {
+    let snapshots = || {
+        (0..DATABASES)
+            .filter(|n| {
+                files_under(&scratch.path(&format!("replica-{n}")))
+                    .iter()
+                    .any(|p| p.to_string_lossy().ends_with(".snapshot.lz4"))
+            })
+            .count()
+    };
+    wait_until(limit, "every database's snapshot", || snapshots() == DATABASES);
+}
+
+/// One more commit to every database, then SIGTERM to the replicator; its output.
+fn commit_to_each_then_stop(dbs: &[PathBuf], child: std::process::Child) -> std::process::Output {
+    for db in dbs {
+        App::open(db).insert(2);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.wait_with_output().unwrap()
+}
+
 /// 40 databases need more than a soft limit of 256: walstream raises it to the hard limit,
 /// replicates every one, and holds no more descriptors than `fd_limit` budgets (64, and 10 a
 /// database).
@@ -42,16 +68,7 @@ fn replicate_raises_its_soft_open_file_limit_for_many_databases() {
     let log = scratch.path("replicate.log");
     let child = replicate_with_limit(&config, 256, 4096, &log).spawn().unwrap();
     let pid = child.id();
-    let snapshots = |scratch: &Scratch| {
-        (0..DATABASES)
-            .filter(|n| {
-                files_under(&scratch.path(&format!("replica-{n}")))
-                    .iter()
-                    .any(|p| p.to_string_lossy().ends_with(".snapshot.lz4"))
-            })
-            .count()
-    };
-    wait_until(Duration::from_secs(60), "every database's snapshot", || snapshots(&scratch) == DATABASES);
+    wait_for_every_snapshot(&scratch, Duration::from_secs(60));
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
     let open_files = limits.lines().find(|l| l.starts_with("Max open files")).unwrap().to_string();
     let words: Vec<&str> = open_files.split_whitespace().collect();
@@ -60,15 +77,32 @@ fn replicate_raises_its_soft_open_file_limit_for_many_databases() {
     eprintln!("{DATABASES} databases: {descriptors} descriptors");
     assert!(descriptors <= 64 + 10 * DATABASES, "{descriptors} descriptors for {DATABASES} databases");
 
-    for db in &dbs {
-        App::open(db).insert(2);
-    }
-    std::thread::sleep(Duration::from_millis(500));
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-    let output = child.wait_with_output().unwrap();
+    let output = commit_to_each_then_stop(&dbs, child);
     assert!(output.status.success(), "replicate exited {}: {}", output.status, stderr(&output));
     for (n, db) in dbs.iter().enumerate().step_by(13) {
+        let restored = scratch.path(&format!("restored-{n}.db"));
+        restore(&format!("file://{}", scratch.path(&format!("replica-{n}")).display()), &restored);
+        assert_same_database(db, &restored);
+    }
+}
+
+/// A hard limit that lets only some of the databases be awake at once: 40 databases under 300
+/// open files, of which 19 may be awake (a resting one holds its database file alone). Every
+/// one still starts, takes its snapshot and ships the commits that wake it later, the awake
+/// ones resting as soon as they are shipped while others wait; nothing fails for descriptors.
+#[test]
+fn databases_beyond_what_the_open_file_limit_keeps_awake_take_turns() {
+    let scratch = Scratch::new();
+    let (config, dbs) = many_databases(&scratch, DATABASES, "");
+    let log = scratch.path("replicate.log");
+    let child = replicate_with_limit(&config, 300, 300, &log).spawn().unwrap();
+    wait_for_every_snapshot(&scratch, Duration::from_secs(120));
+    let output = commit_to_each_then_stop(&dbs, child);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(output.status.success(), "replicate exited {}: {}\n{text}", output.status, stderr(&output));
+    assert!(text.contains("awake=19"), "the budget is not the one expected:\n{text}");
+    assert!(!text.contains("Too many open files"), "{text}");
+    for (n, db) in dbs.iter().enumerate() {
         let restored = scratch.path(&format!("restored-{n}.db"));
         restore(&format!("file://{}", scratch.path(&format!("replica-{n}")).display()), &restored);
         assert_same_database(db, &restored);

@@ -9,9 +9,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tracing::debug;
 
-/// Descriptors one replicated database may hold at once: 294 in all were seen for 40 databases
-/// (`tests/e2e/fd_limit.rs` asserts this budget), 9.0 a database at 2,000 in the bench.
+/// Descriptors one replicated database may hold at once while awake: 294 in all were seen for
+/// 40 databases (`tests/e2e/fd_limit.rs` asserts this budget), 9.0 a database at 2,000 in the
+/// bench (7 since the lock file went).
 const PER_DATABASE: u64 = 10;
+
+/// Descriptors a resting database holds: its database file (see `idle-release`).
+const PER_RESTING_DATABASE: u64 = 1;
+
+/// Databases that can be awake at once however tight the limit, so a burst does not crawl.
+const MIN_AWAKE: u64 = 16;
 
 /// Descriptors for everything else: the runtime, the HTTP clients and server, logs.
 const BASE: u64 = 64;
@@ -41,27 +48,37 @@ impl std::fmt::Display for TooFewDescriptors {
 impl std::error::Error for TooFewDescriptors {}
 
 /// Raises the soft limit to the hard one, and fails if that is still too low for `databases`.
-pub(crate) fn ensure_for(databases: usize) -> Result<(), TooFewDescriptors> {
-    let needed = BASE + PER_DATABASE * databases as u64;
+/// Databases that rest when idle (`rest`) need their awake descriptors only while awake:
+/// returns how many of them may be awake at once within the limit (`None`: all of them, or
+/// databases that never rest, which need them all the time).
+pub(crate) fn ensure_for(databases: usize, rest: bool) -> Result<Option<usize>, TooFewDescriptors> {
+    let count = databases as u64;
+    let needed = match rest {
+        true => BASE + PER_RESTING_DATABASE * count + PER_DATABASE * count.min(MIN_AWAKE),
+        false => BASE + PER_DATABASE * count,
+    };
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit fills the struct it is given.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return Ok(());
+        return Ok(None);
     }
     let (soft, hard) = (limit.rlim_cur, limit.rlim_max);
     STARTED_WITH.store(soft, Ordering::Relaxed);
+    let mut usable = soft;
     if soft < hard {
         let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
         // SAFETY: setrlimit reads the struct it is given; raising the soft limit up to the hard
         // one needs no privilege.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
             debug!(from = soft, to = hard, "raised the open-file limit to its hard limit");
+            usable = hard;
         }
     }
     if needed > hard {
         return Err(TooFewDescriptors { databases, needed, hard });
     }
-    Ok(())
+    let awake = usable.saturating_sub(BASE + PER_RESTING_DATABASE * count) / PER_DATABASE;
+    Ok((rest && awake < count).then(|| awake.max(1) as usize))
 }
 
 /// Makes `command`'s process start with the soft limit walstream started with.

@@ -48,8 +48,15 @@ fn main() {
     if let Command::Restore(_) | Command::Verify(_) = &cli.command {
         restore::bound_allocator_caches();
     }
-    let runtime =
-        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
+    // Blocking work (opening databases, file:// replicas' writes) queues for 16 threads rather
+    // than Tokio's default of up to 512: with thousands of databases starting or shipping at
+    // once, the default made hundreds of threads.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(16)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     let result = runtime.block_on(run(cli));
     let code = match result {
         Ok(()) => exit::OK,

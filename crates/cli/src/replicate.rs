@@ -182,7 +182,11 @@ fn lease_policy(args: &ReplicateArgs) -> Option<LeasePolicy> {
 pub(crate) async fn replicate(args: ReplicateArgs) -> anyhow::Result<()> {
     let (jobs, mut extras) = replication_jobs(&args)?;
     let watched = std::mem::take(&mut extras.watched);
-    crate::fd_limit::ensure_for(jobs.len())?;
+    let rest = jobs.iter().all(|job| job.config.idle_release.is_some());
+    if let Some(awake) = crate::fd_limit::ensure_for(jobs.len(), rest)? {
+        tracing::info!(databases = jobs.len(), awake, "more databases than the open-file limit lets be awake at once: idle ones rest early while others wait to wake");
+        walstream_shipper::limit_awake_databases(awake);
+    }
     let command = args.exec.clone().or(extras.exec);
     let mut validations = Vec::new();
     let mut shippers = Vec::new();

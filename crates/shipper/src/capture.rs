@@ -1,11 +1,12 @@
-//! The capturer: the one thread that touches the live database. It copies committed WAL frames
+//! The capturer: the only code that touches the live database, a turn at a time on the capture
+//! pool (`pool`). It copies committed WAL frames
 //! into the shadow WAL, decides when a WAL restart starts a new index and when lost continuity
 //! starts a new generation, and publishes the shadow's end for the uploaders.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::watch;
@@ -99,6 +100,9 @@ const DROP_PIN_RETRY: Duration = Duration::from_secs(1);
 /// How often a resting database's WAL is looked at (one `stat`) in case a file event was lost.
 /// Events wake it at once; this only bounds how late a lost one could be noticed.
 const REST_POLL: Duration = Duration::from_secs(30);
+
+/// How soon a database that must wake, and may not yet (see `awake`), asks again.
+const AWAKE_RETRY: Duration = Duration::from_millis(20);
 
 /// How long the final copy at shutdown goes on retrying while the disk is full. Within the
 /// default shutdown deadline (8 s), which bounds the uploads that follow it.
@@ -228,6 +232,22 @@ pub(crate) struct Capturer {
     idle_release: Option<Duration>,
     /// See [`Capturer::hand_claim_to`].
     claim_keeper: Option<ClaimKeeper>,
+    /// Whether the first turn (the first pass) has run.
+    started: bool,
+    /// Wakes taken from the channel and not handled yet (see [`Capturer::turn`]).
+    woken_by: std::collections::VecDeque<Wake>,
+    /// A pass some wake asked for that waits for leave to wake (see `awake`).
+    owed_pass: bool,
+    /// Leave to be awake, held while the database does not rest.
+    awake: Option<crate::awake::Awake>,
+}
+
+/// What a turn of the capturer asks for next.
+pub(crate) enum Turn {
+    /// Another turn once this long has passed, or sooner if something wakes the capturer.
+    Again(Duration),
+    /// The capturer has stopped, with this outcome.
+    Done(Result<(), Error>),
 }
 
 /// Where a capturer leaves its claim on the database when it ends (see `SourceDb::claim`).
@@ -292,6 +312,10 @@ impl Capturer {
             pin_gate: Default::default(),
             idle_release: None,
             claim_keeper: None,
+            started: false,
+            woken_by: Default::default(),
+            owed_pass: false,
+            awake: None,
         }
     }
 
@@ -310,141 +334,212 @@ impl Capturer {
         self.idle_release = after;
     }
 
+    /// The leave to be awake that the database was opened under.
+    pub(crate) fn hold_awake(&mut self, awake: crate::awake::Awake) {
+        self.awake = Some(awake);
+    }
+
+    /// Leave to wake the resting database; false while none is free, and the turn comes again
+    /// after [`AWAKE_RETRY`].
+    fn leave_to_wake(&mut self) -> bool {
+        if !self.db.is_resting() || self.awake.is_some() {
+            return true;
+        }
+        self.awake = crate::awake::try_acquire();
+        self.awake.is_some()
+    }
+
     /// The gate the uploaders read a snapshot framed from the database through.
     pub(crate) fn share_pin_gate(&mut self, gate: std::sync::Arc<crate::protocol::PinGate>) {
         self.pin_gate = gate;
     }
 
-    /// Runs until [`Wake::Shutdown`] (or every sender is gone), then makes a last copy.
+    /// Runs on this thread until [`Wake::Shutdown`] (or every sender is gone), then makes a
+    /// last copy: the capture pool's turns, waiting between them here (the tests' driver).
+    #[cfg(test)]
     pub(crate) fn run(mut self, wakes: Receiver<Wake>) -> Result<(), Error> {
-        self.pass_logged();
         loop {
-            let after_drop = self.after_drop_until.is_some_and(|until| Instant::now() < until);
-            let timeout = match (self.db.is_pinned(), self.last_change.elapsed() < self.timing.active_window) {
-                _ if after_drop => AFTER_DROP_SPACING,
-                _ if self.db.is_resting() => REST_POLL,
-                _ if self.polling => self.timing.pass_spacing,
-                (true, true) => self.timing.probe_active,
-                (true, false) => self.timing.probe_idle,
-                (false, _) => self.timing.poll,
-            };
-            // A barrier waiting through a blocked pass keeps asking for one; polling, every
-            // wake-up is a pass.
-            let mut changed = !self.pending_syncs.is_empty() || self.polling || after_drop;
-            let mut shutdown = false;
-            let first = match wakes.recv_timeout(timeout) {
-                Ok(wake) => {
-                    if let Some(wait) = self.timing.pass_spacing.checked_sub(self.last_change.elapsed()) {
-                        std::thread::sleep(wait);
-                    }
-                    Some(wake)
-                }
-                Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => Some(Wake::Shutdown),
-            };
-            // Coalesce a burst of events into one pass.
-            for wake in first.into_iter().chain(std::iter::from_fn(|| wakes.try_recv().ok())) {
-                match wake {
-                    Wake::Changed => changed = true,
-                    Wake::NewGeneration(reason) => {
-                        self.pending_new_generation = Some(reason);
-                        changed = true;
-                    }
-                    Wake::Snapshot => {
-                        self.pending_snapshot = true;
-                        changed = true;
-                    }
-                    Wake::Sync(reply) => {
-                        self.pending_syncs.push(reply);
-                        self.syncs_requested += 1;
-                        changed = true;
-                    }
-                    Wake::Shutdown => shutdown = true,
-                }
-            }
-            if shutdown {
-                crate::fail_point::stall("final-pass");
-                let mut result = self.timed_pass().and_then(|()| self.fsync_shadow());
-                // On a full disk each pass copies what fits, and the uploads free the shadow's
-                // space as they ship it: the last commits still go out if passes go on a while.
-                let retry_until = Instant::now() + FULL_DISK_FINAL_COPY;
-                while result.as_ref().err().is_some_and(Error::is_disk_full) && Instant::now() < retry_until {
-                    std::thread::sleep(self.timing.pass_spacing.max(Duration::from_millis(5)));
-                    result = self.timed_pass().and_then(|()| self.fsync_shadow());
-                }
-                self.publish(true);
-                if result.is_ok() {
-                    self.answer_syncs();
-                }
-                // The uploads read what only the live WAL holds: the pin stays until they have.
-                while self.live_pending() && Instant::now() < retry_until + FULL_DISK_FINAL_COPY {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                if self.database_snapshot_pending() {
-                    // Out of time, and the snapshot only the database file holds is not shipped:
-                    // once the pin goes, the file no longer matches it.
-                    self.pin_gate.set(false);
-                    self.db.release_all();
-                    return Err(Error::FlushIncomplete {
-                        unshipped: 1,
-                        detail: "the local disk is full, and the new generation's snapshot, read straight from the database file, had not reached every replica before the deadline".into(),
-                    });
-                }
-                if self.live_pending() {
-                    // Out of time: once the pin goes, nothing vouches for those bytes. They are
-                    // withdrawn (the published end goes back to what the shadow file holds), so
-                    // no uploader reads them anywhere, and the flush is reported incomplete.
-                    let withdrawn = self.generation.as_mut().and_then(|g| g.shadow.as_mut()).and_then(|shadow| {
-                        let from = shadow.live_from.take()?;
-                        let to = std::mem::replace(&mut shadow.committed_len, from);
-                        Some((shadow.index, from, to))
-                    });
-                    self.publish(true);
-                    self.db.release_all();
-                    if let Some((index, from, to)) = withdrawn {
-                        return Err(Error::FlushIncomplete {
-                            unshipped: 1,
-                            detail: format!("the local disk is full, and committed WAL of index {index:08x} from offset {from} to {to} was only in the application's WAL; the replicas did not take it before the deadline"),
-                        });
+            match self.turn(&wakes) {
+                Turn::Again(wait) => {
+                    if let Ok(wake) = wakes.recv_timeout(wait) {
+                        self.woken_by.push_back(wake);
                     }
                 }
-                self.db.release_all();
-                return result;
-            }
-            if self.db.blocking_checkpoint_waiting() {
-                // Unpinned (the pin was dropped for a large WAL life), the commits since the last
-                // pass are still in the WAL until the checkpoint truncates or restarts it: a pin
-                // taken now holds that off (the checkpoint waits for readers) while they are
-                // copied. If the checkpoint has already back-filled everything, the pin cannot
-                // hold it, and the continuity checks see what was lost.
-                if !self.db.is_pinned() && self.db.roll_pin() {
-                    debug!(db = %self.db_path.display(), "pinned for a checkpoint that began while unpinned");
-                }
-                if self.db.is_pinned() {
-                    self.step_aside();
-                }
-                // Until the checkpoint finishes nothing can be appended: nothing to protect.
-                continue;
-            }
-            if changed || self.wal_stat_changed() {
-                self.last_change = Instant::now();
-                let before = self.shadow_end();
-                self.pass_logged();
-                let copied = self.shadow_end() != before;
-                if copied {
-                    crate::fail_point::hit("capture");
-                }
-                self.follow_events_or_poll(copied);
-            } else {
-                self.follow_backfill();
-                self.spool_waiting();
-                if let Err(e) = self.fsync_shadow() {
-                    warn!(db = %self.db_path.display(), error = %e, "cannot fsync the shadow wal; retrying");
-                } else if self.may_rest() {
-                    self.rest();
-                }
+                Turn::Done(result) => return result,
             }
         }
+    }
+
+    /// How long the capturer may wait for a wake before it has something to do on its own.
+    fn timeout(&self) -> Duration {
+        let after_drop = self.after_drop_until.is_some_and(|until| Instant::now() < until);
+        match (self.db.is_pinned(), self.last_change.elapsed() < self.timing.active_window) {
+            _ if after_drop => AFTER_DROP_SPACING,
+            _ if self.db.is_resting() => REST_POLL,
+            _ if self.polling => self.timing.pass_spacing,
+            (true, true) => self.timing.probe_active,
+            (true, false) => self.timing.probe_idle,
+            (false, _) => self.timing.poll,
+        }
+    }
+
+    /// One turn: handles every wake waiting (or, with none, what the timeout is for) and says
+    /// when the next turn is due if nothing wakes the capturer first. Never waits for a wake
+    /// itself, so a few threads can take turns for thousands of databases (`pool`).
+    pub(crate) fn turn(&mut self, wakes: &Receiver<Wake>) -> Turn {
+        if !self.started {
+            self.started = true;
+            self.pass_logged();
+            return Turn::Again(self.timeout());
+        }
+        let after_drop = self.after_drop_until.is_some_and(|until| Instant::now() < until);
+        // A barrier waiting through a blocked pass keeps asking for one; polling, every
+        // wake-up is a pass.
+        let mut changed = self.owed_pass || !self.pending_syncs.is_empty() || self.polling || after_drop;
+        let mut shutdown = false;
+        let first = match self.woken_by.pop_front().map(Ok).unwrap_or_else(|| wakes.try_recv()) {
+            Ok(wake) => {
+                // A commit right after the last pass waits for the pass spacing, with whatever
+                // else comes meanwhile.
+                if let Some(wait) = self.timing.pass_spacing.checked_sub(self.last_change.elapsed()) {
+                    if !wait.is_zero() && !matches!(wake, Wake::Shutdown) {
+                        self.woken_by.push_front(wake);
+                        return Turn::Again(wait);
+                    }
+                }
+                Some(wake)
+            }
+            Err(TryRecvError::Empty) => None,
+            Err(TryRecvError::Disconnected) => Some(Wake::Shutdown),
+        };
+        // Coalesce a burst of events into one pass.
+        let more = std::iter::from_fn(|| self.woken_by.pop_front()).collect::<Vec<_>>();
+        for wake in first.into_iter().chain(more).chain(std::iter::from_fn(|| wakes.try_recv().ok())) {
+            match wake {
+                Wake::Changed => changed = true,
+                Wake::NewGeneration(reason) => {
+                    self.pending_new_generation = Some(reason);
+                    changed = true;
+                }
+                Wake::Snapshot => {
+                    self.pending_snapshot = true;
+                    changed = true;
+                }
+                Wake::Sync(reply) => {
+                    self.pending_syncs.push(reply);
+                    self.syncs_requested += 1;
+                    changed = true;
+                }
+                Wake::Shutdown => shutdown = true,
+            }
+        }
+        if shutdown {
+            // A resting database nothing has written to since is left resting: it was shipped
+            // whole before it rested, and waking thousands at once for nothing would take as
+            // many descriptors.
+            let needs_pass = !self.db.is_resting() || changed || self.wal_stat_changed();
+            if needs_pass && !self.leave_to_wake() {
+                self.owed_pass = true;
+                self.woken_by.push_front(Wake::Shutdown);
+                return Turn::Again(AWAKE_RETRY);
+            }
+            return Turn::Done(self.final_pass(needs_pass));
+        }
+        if self.db.blocking_checkpoint_waiting() {
+            // Unpinned (the pin was dropped for a large WAL life), the commits since the last
+            // pass are still in the WAL until the checkpoint truncates or restarts it: a pin
+            // taken now holds that off (the checkpoint waits for readers) while they are
+            // copied. If the checkpoint has already back-filled everything, the pin cannot
+            // hold it, and the continuity checks see what was lost.
+            if !self.db.is_pinned() && self.db.roll_pin() {
+                debug!(db = %self.db_path.display(), "pinned for a checkpoint that began while unpinned");
+            }
+            if self.db.is_pinned() {
+                self.step_aside();
+            }
+            // Until the checkpoint finishes nothing can be appended: nothing to protect.
+            return Turn::Again(self.timeout());
+        }
+        if changed || self.wal_stat_changed() {
+            if !self.leave_to_wake() {
+                self.owed_pass = true;
+                return Turn::Again(AWAKE_RETRY);
+            }
+            self.owed_pass = false;
+            self.last_change = Instant::now();
+            let before = self.shadow_end();
+            self.pass_logged();
+            let copied = self.shadow_end() != before;
+            if copied {
+                crate::fail_point::hit("capture");
+            }
+            self.follow_events_or_poll(copied);
+        } else {
+            self.follow_backfill();
+            self.spool_waiting();
+            if let Err(e) = self.fsync_shadow() {
+                warn!(db = %self.db_path.display(), error = %e, "cannot fsync the shadow wal; retrying");
+            } else if self.may_rest() {
+                self.rest();
+            }
+        }
+        Turn::Again(self.timeout())
+    }
+
+    /// The last copy at shutdown, unless a resting database needs none.
+    fn final_pass(&mut self, needs_pass: bool) -> Result<(), Error> {
+        if !needs_pass {
+            self.publish(true);
+            self.answer_syncs();
+            return Ok(());
+        }
+        crate::fail_point::stall("final-pass");
+        let mut result = self.timed_pass().and_then(|()| self.fsync_shadow());
+        // On a full disk each pass copies what fits, and the uploads free the shadow's
+        // space as they ship it: the last commits still go out if passes go on a while.
+        let retry_until = Instant::now() + FULL_DISK_FINAL_COPY;
+        while result.as_ref().err().is_some_and(Error::is_disk_full) && Instant::now() < retry_until {
+            std::thread::sleep(self.timing.pass_spacing.max(Duration::from_millis(5)));
+            result = self.timed_pass().and_then(|()| self.fsync_shadow());
+        }
+        self.publish(true);
+        if result.is_ok() {
+            self.answer_syncs();
+        }
+        // The uploads read what only the live WAL holds: the pin stays until they have.
+        while self.live_pending() && Instant::now() < retry_until + FULL_DISK_FINAL_COPY {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if self.database_snapshot_pending() {
+            // Out of time, and the snapshot only the database file holds is not shipped:
+            // once the pin goes, the file no longer matches it.
+            self.pin_gate.set(false);
+            self.db.release_all();
+            return Err(Error::FlushIncomplete {
+                unshipped: 1,
+                detail: "the local disk is full, and the new generation's snapshot, read straight from the database file, had not reached every replica before the deadline".into(),
+            });
+        }
+        if self.live_pending() {
+            // Out of time: once the pin goes, nothing vouches for those bytes. They are
+            // withdrawn (the published end goes back to what the shadow file holds), so
+            // no uploader reads them anywhere, and the flush is reported incomplete.
+            let withdrawn = self.generation.as_mut().and_then(|g| g.shadow.as_mut()).and_then(|shadow| {
+                let from = shadow.live_from.take()?;
+                let to = std::mem::replace(&mut shadow.committed_len, from);
+                Some((shadow.index, from, to))
+            });
+            self.publish(true);
+            self.db.release_all();
+            if let Some((index, from, to)) = withdrawn {
+                return Err(Error::FlushIncomplete {
+                    unshipped: 1,
+                    detail: format!("the local disk is full, and committed WAL of index {index:08x} from offset {from} to {to} was only in the application's WAL; the replicas did not take it before the deadline"),
+                });
+            }
+        }
+        self.db.release_all();
+        result
     }
 
     /// Whether the database may rest now (see [`Capturer::rest_when_idle`]): idle long enough,
@@ -454,7 +549,7 @@ impl Capturer {
         let Some(after) = self.idle_release else { return false };
         let Some(generation) = &self.generation else { return false };
         !self.db.is_resting()
-            && self.last_change.elapsed() >= after
+            && (self.last_change.elapsed() >= after || crate::awake::contended())
             && self.events.is_some()
             && !self.polling
             && self.pending_syncs.is_empty()
@@ -499,6 +594,7 @@ impl Capturer {
                 }
                 self.buf = Vec::new();
                 self.rolled_at_backfill = None;
+                self.awake = None;
                 debug!(db = %self.db_path.display(), sealed, "idle: resting (pin and connections released)");
             }
             Err(e) => {
@@ -1432,7 +1528,7 @@ mod tests {
         app.execute_batch("PRAGMA journal_mode=wal; PRAGMA synchronous=normal; CREATE TABLE t(x);").unwrap();
         let source = SourceDb::open(&db_path).unwrap();
         let (state_tx, mut state_rx) = watch::channel(ShadowState::default());
-        let (wake_tx, wake_rx) = std::sync::mpsc::channel();
+        let (wake_tx, wake_rx) = crate::pool::wake_channel();
         let mut capturer = Capturer::new(
             db_path.clone(),
             MetaDir::for_db(&db_path, None),
@@ -1728,7 +1824,7 @@ mod tests {
 
     /// Lets the harness's capturer rest as soon as it is idle, as it would with file events.
     fn resting_at_once(h: &mut Harness) -> std::sync::mpsc::Receiver<Wake> {
-        let (wake_tx, wake_rx) = std::sync::mpsc::channel();
+        let (wake_tx, wake_rx) = crate::pool::wake_channel();
         h.capturer.take_events(crate::watch::watch(&h.capturer.db_path, wake_tx).unwrap());
         h.capturer.rest_when_idle(Some(Duration::ZERO));
         wake_rx

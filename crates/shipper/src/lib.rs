@@ -2,8 +2,8 @@
 //!
 //! [`Shipper::run`] waits for the database to exist, then runs two kinds of workers:
 //!
-//! - the capturer, a thread that owns walstream's SQLite connections. Woken by file events (and
-//!   a slow poll), it copies every committed, checksum-valid WAL frame into a local shadow WAL
+//! - the capturer, which owns walstream's SQLite connections and runs a turn at a time on the
+//!   process's capture pool. Woken by file events (and a slow poll), it copies every committed, checksum-valid WAL frame into a local shadow WAL
 //!   under a rolling read pin, follows WAL restarts as new indexes, and starts a new generation
 //!   with a snapshot when continuity is lost. It publishes the shadow's committed end as a
 //!   [`ShadowState`].
@@ -16,12 +16,14 @@
 //! before the signal, within a deadline.
 #![deny(missing_docs)]
 
+mod awake;
 mod capture;
 mod error;
 mod fail_point;
 mod lease;
 mod mapped;
 mod meta;
+mod pool;
 mod protocol;
 mod replica;
 mod retention;
@@ -36,13 +38,13 @@ mod upload;
 mod watch;
 
 use std::path::PathBuf;
-use std::sync::mpsc;
 use std::time::Duration;
 
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+pub use awake::limit_awake_databases;
 pub use error::Error;
 pub use lease::LeasePolicy;
 pub use meta::LocalSnapshot;
@@ -114,8 +116,8 @@ pub struct Shipper {
     replicas: Vec<Replica>,
     // Made up front so a [`Handle`] works before the database exists.
     db_path: PathBuf,
-    wake_tx: mpsc::Sender<Wake>,
-    wake_rx: mpsc::Receiver<Wake>,
+    wake_tx: pool::WakeSender,
+    wake_rx: std::sync::mpsc::Receiver<Wake>,
     state_tx: tokio::sync::watch::Sender<ShadowState>,
     positions: Vec<tokio::sync::watch::Sender<Option<walstream_format::Pos>>>,
     counters: std::sync::Arc<status::DbCounters>,
@@ -126,7 +128,7 @@ impl Shipper {
     /// A shipper for `config.db_path` to `replicas`.
     pub fn new(config: ShipperConfig, replicas: Vec<Replica>) -> Shipper {
         let db_path = std::path::absolute(&config.db_path).unwrap_or(config.db_path.clone());
-        let (wake_tx, wake_rx) = mpsc::channel();
+        let (wake_tx, wake_rx) = pool::wake_channel();
         let positions = replicas.iter().map(|_| tokio::sync::watch::channel(None).0).collect();
         let replica_counters = replicas.iter().map(|_| Default::default()).collect();
         Shipper {
@@ -195,6 +197,12 @@ impl Shipper {
         // Claimed for as long as the source is open, before anything is written to the metadata
         // directory; created only once the path holds a SQLite database, so a path that is not
         // one is refused without leaving a metadata directory behind.
+        // Opened awake; with thousands of databases starting at once, as many at a time as the
+        // open-file limit allows (see `awake`).
+        let awake = tokio::select! {
+            awake = awake::acquire() => awake,
+            () = shutdown.cancelled() => return Ok(None),
+        };
         let source = {
             let db_path = db_path.clone();
             tokio::task::spawn_blocking(move || {
@@ -255,26 +263,20 @@ impl Shipper {
         capturer.bound_local_wal(config.max_local_wal);
         capturer.snapshot_after_wal_ratio(config.snapshot_wal_ratio);
         capturer.rest_when_idle(config.idle_release);
+        capturer.hold_awake(awake);
         let claim = capture::ClaimKeeper::default();
         capturer.hand_claim_to(claim.clone());
         if let Some(events) = watcher {
             capturer.take_events(events);
         }
         let (capture_tx, capture_rx) = tokio::sync::oneshot::channel();
-        let capture_db = db_path.clone();
-        std::thread::Builder::new()
-            .name("walstream-capture".into())
-            .spawn(move || {
-                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| capturer.run(wake_rx)));
-                let _ = capture_tx.send(outcome.unwrap_or_else(|payload| {
-                    Err(worker_failed(
-                        &capture_db,
-                        "capture worker".into(),
-                        fail_point::panic_message(payload.as_ref()),
-                    ))
-                }));
-            })
-            .map_err(error::io_err("spawn capture thread", &db_path))?;
+        let waker = pool::spawn(Box::new(CaptureJob {
+            capturer: Some(capturer),
+            wakes: wake_rx,
+            outcome: Some(capture_tx),
+            db_path: db_path.clone(),
+        }));
+        wake_tx.wakes(waker);
         Ok(Some(Workers {
             db_path,
             shutdown_deadline: config.shutdown_deadline,
@@ -291,11 +293,40 @@ impl Shipper {
     }
 }
 
+/// A database's capturer as a job of the capture pool: its turns, until it ends or panics, and
+/// then its outcome for [`Workers`].
+struct CaptureJob {
+    capturer: Option<Capturer>,
+    wakes: std::sync::mpsc::Receiver<Wake>,
+    outcome: Option<tokio::sync::oneshot::Sender<Result<(), Error>>>,
+    db_path: PathBuf,
+}
+
+impl pool::Job for CaptureJob {
+    fn turn(&mut self) -> Option<Duration> {
+        let capturer = self.capturer.as_mut()?;
+        let turn = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| capturer.turn(&self.wakes)));
+        let outcome = match turn {
+            Ok(capture::Turn::Again(wait)) => return Some(wait),
+            Ok(capture::Turn::Done(result)) => result,
+            Err(payload) => {
+                Err(worker_failed(&self.db_path, "capture worker".into(), fail_point::panic_message(payload.as_ref())))
+            }
+        };
+        // Dropped first: its claim passes to the workers (`Capturer::hand_claim_to`).
+        self.capturer = None;
+        if let Some(tx) = self.outcome.take() {
+            let _ = tx.send(outcome);
+        }
+        None
+    }
+}
+
 /// A database's running workers, between [`Shipper::start`] and [`Workers::stop`].
 struct Workers {
     db_path: PathBuf,
     shutdown_deadline: Duration,
-    wake_tx: mpsc::Sender<Wake>,
+    wake_tx: pool::WakeSender,
     state_rx: tokio::sync::watch::Receiver<ShadowState>,
     positions: Vec<tokio::sync::watch::Receiver<Option<walstream_format::Pos>>>,
     counters: std::sync::Arc<status::DbCounters>,

@@ -7,7 +7,6 @@
 //! a snapshot and deletes nothing until that snapshot is on the replica.
 
 use std::collections::BTreeMap;
-use std::sync::mpsc;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
@@ -73,7 +72,7 @@ pub(crate) fn plan(objects: &[ObjectMeta], current: GenerationId, cutoff: System
 pub(crate) async fn run(
     replica: Replica,
     mut state: watch::Receiver<ShadowState>,
-    wake: mpsc::Sender<Wake>,
+    wake: crate::pool::WakeSender,
     right: std::sync::Arc<crate::lease::WriteRight>,
 ) {
     let policy = replica.policy;
@@ -153,7 +152,7 @@ async fn enforce(
     replica: &Replica,
     current: GenerationId,
     retention: Duration,
-    wake: &mpsc::Sender<Wake>,
+    wake: &crate::pool::WakeSender,
     right: &crate::lease::WriteRight,
 ) -> Result<Option<SystemTime>, Error> {
     let store_err = |source| Error::Store { replica: replica.name.clone(), source };

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, watch};
@@ -83,7 +83,7 @@ pub struct Handle {
     pub(crate) counters: Arc<DbCounters>,
     pub(crate) state: watch::Receiver<ShadowState>,
     pub(crate) replicas: Vec<ReplicaView>,
-    pub(crate) wake: mpsc::Sender<Wake>,
+    pub(crate) wake: crate::pool::WakeSender,
 }
 
 #[derive(Clone, Debug)]

@@ -29,7 +29,7 @@ pub(crate) struct Uploader {
     /// The replica's position; `None` until listed (and after an error, so it is listed again,
     /// as Litestream does).
     position: watch::Sender<Option<Pos>>,
-    new_generation: std::sync::mpsc::Sender<crate::protocol::Wake>,
+    new_generation: crate::pool::WakeSender,
     /// The newest snapshot this replica is known to hold.
     uploaded_snapshot: Option<LocalSnapshot>,
     /// What a snapshot framed straight from the database is read through.
@@ -61,7 +61,7 @@ impl Uploader {
         replica: Replica,
         state: watch::Receiver<ShadowState>,
         position: watch::Sender<Option<Pos>>,
-        new_generation: std::sync::mpsc::Sender<crate::protocol::Wake>,
+        new_generation: crate::pool::WakeSender,
         counters: Arc<ReplicaCounters>,
         lease_terms: Option<(String, LeasePolicy)>,
         right: Arc<WriteRight>,

@@ -7,17 +7,17 @@
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 
 use crate::error::Error;
+use crate::pool::WakeSender;
 use crate::protocol::Wake;
 
 /// Who wants events of which files: directory → (database file name, wake-up channel, id).
-type Routes = HashMap<PathBuf, Vec<(OsString, Sender<Wake>, u64)>>;
+type Routes = HashMap<PathBuf, Vec<(OsString, WakeSender, u64)>>;
 
 struct Shared {
     watcher: RecommendedWatcher,
@@ -40,7 +40,7 @@ pub(crate) struct Subscription {
 
 /// Wakes the capturer on any event for the database or its WAL (the WAL may not exist yet,
 /// and SQLite deletes and re-creates it, so the directory is watched).
-pub(crate) fn watch(db_path: &Path, wakes: Sender<Wake>) -> Result<Subscription, Error> {
+pub(crate) fn watch(db_path: &Path, wakes: WakeSender) -> Result<Subscription, Error> {
     let dir = db_path
         .parent()
         .map(Path::to_path_buf)
@@ -233,8 +233,8 @@ mod tests {
     #[test]
     fn a_directory_is_unwatched_only_while_all_its_databases_poll() {
         let dir = tempfile::tempdir().unwrap();
-        let (a_tx, a_rx) = std::sync::mpsc::channel();
-        let (b_tx, b_rx) = std::sync::mpsc::channel();
+        let (a_tx, a_rx) = crate::pool::wake_channel();
+        let (b_tx, b_rx) = crate::pool::wake_channel();
         let a = watch(&dir.path().join("a.db"), a_tx).unwrap();
         let b = watch(&dir.path().join("b.db"), b_tx).unwrap();
         // Waits long for an event that should come, briefly for one that should not.
@@ -253,7 +253,7 @@ mod tests {
             !woken_within(&b_rx, "b.db-wal", Duration::from_millis(300)),
             "events still came with every database polling"
         );
-        let (c_tx, c_rx) = std::sync::mpsc::channel();
+        let (c_tx, c_rx) = crate::pool::wake_channel();
         let c = watch(&dir.path().join("c.db"), c_tx).unwrap();
         assert!(is_watched(dir.path()));
         assert!(woken(&c_rx, "c.db-wal"), "a new subscription in an unwatched directory got no events");
@@ -286,8 +286,8 @@ mod tests {
     #[test]
     fn events_reach_only_the_database_they_name_and_stop_after_drop() {
         let dir = tempfile::tempdir().unwrap();
-        let (a_tx, a_rx) = std::sync::mpsc::channel();
-        let (b_tx, b_rx) = std::sync::mpsc::channel();
+        let (a_tx, a_rx) = crate::pool::wake_channel();
+        let (b_tx, b_rx) = crate::pool::wake_channel();
         let a = watch(&dir.path().join("a.db"), a_tx).unwrap();
         let _b = watch(&dir.path().join("b.db"), b_tx).unwrap();
         std::fs::write(dir.path().join("a.db-wal"), b"x").unwrap();
