@@ -2,8 +2,8 @@
 //! replicated to its own `file://` replica, at each count of `--dbs`.
 //!
 //! For each count and tool: creates the databases, starts `replicate -config` with an entry per
-//! database, waits until every replica has its first snapshot, then measures the idle process
-//! (descriptors, threads, RSS, CPU over `--idle-secs`), commits once to every database spread
+//! database, waits until every replica has its first snapshot and then `--settle-secs`, then
+//! measures the idle process (descriptors, threads, RSS, CPU over `--idle-secs`), commits once to every database spread
 //! over `--commit-secs`, and measures the lag of a sample of those commits (from the commit to a
 //! new WAL segment in that database's replica), the CPU and peak RSS of the phase, and how many
 //! databases' commits reached their replicas. litestream runs up to `--litestream-max`
@@ -24,6 +24,9 @@ use crate::replicator::{create_db, INSERT_ROW};
 
 struct Options {
     dbs: Vec<usize>,
+    /// From every replica's first snapshot to the idle window: longer than walstream's default
+    /// `idle-release` with many databases (10 s), so the window sees them at rest.
+    settle_secs: u64,
     idle_secs: u64,
     commit_secs: u64,
     lag_samples: usize,
@@ -35,6 +38,7 @@ struct Options {
 pub fn run(mut args: impl Iterator<Item = String>) -> anyhow::Result<()> {
     let mut o = Options {
         dbs: vec![1, 1000, 10_000],
+        settle_secs: 12,
         idle_secs: 10,
         commit_secs: 20,
         lag_samples: 200,
@@ -46,6 +50,7 @@ pub fn run(mut args: impl Iterator<Item = String>) -> anyhow::Result<()> {
         let value = args.next().with_context(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--dbs" => o.dbs = comma_separated(&value, "--dbs: database counts such as 1,1000,10000")?,
+            "--settle-secs" => o.settle_secs = value.parse()?,
             "--idle-secs" => o.idle_secs = value.parse()?,
             "--commit-secs" => o.commit_secs = value.parse()?,
             "--lag-samples" => o.lag_samples = value.parse()?,
@@ -57,7 +62,7 @@ pub fn run(mut args: impl Iterator<Item = String>) -> anyhow::Result<()> {
     }
     ensure!(o.walstream.is_file() && o.litestream.is_file(), "--walstream and --litestream must name the binaries");
     // Each row as soon as it is measured: a long run stopped early still has its rows.
-    println!("one replicator process, {} databases each with a file:// replica; idle over {} s, then one commit per database spread over {} s", o.dbs.iter().map(usize::to_string).collect::<Vec<_>>().join(" / "), o.idle_secs, o.commit_secs);
+    println!("one replicator process, {} databases each with a file:// replica; {} s after every first snapshot, idle over {} s, then one commit per database spread over {} s", o.dbs.iter().map(usize::to_string).collect::<Vec<_>>().join(" / "), o.settle_secs, o.idle_secs, o.commit_secs);
     println!();
     println!("| tool | databases | descriptors / db (idle) | threads | RSS idle (MiB) | KiB / db | idle CPU (%) | commit phase CPU (s) | peak RSS (MiB) | lag p50 / p99 (ms) | commits shipped |");
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
@@ -156,7 +161,7 @@ fn measure_fleet(o: &Options, bin: &Path, count: usize) -> anyhow::Result<Fleet>
     eprintln!("  every replica has its snapshot after {:.1} s", started.elapsed().as_secs_f64());
     let before_wal: Vec<u64> = replicas.iter().map(|r| wal_bytes(r)).collect();
 
-    std::thread::sleep(Duration::from_secs(3));
+    std::thread::sleep(Duration::from_secs(o.settle_secs));
     let idle_from = crate::proc_stats::read(pid)?;
     std::thread::sleep(Duration::from_secs(o.idle_secs));
     let idle_to = crate::proc_stats::read(pid)?;
