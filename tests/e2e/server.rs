@@ -224,12 +224,14 @@ on_both_backends! {
 }
 
 /// With several databases, `/healthz`, `/readyz` and `/sync` answer for the one `db` names,
-/// and `/metrics` keeps series of their own for the most troubled within `metrics-db-limit`.
+/// and `/metrics` keeps series of their own for the most troubled within `metrics-db-limit`; a
+/// database's own `health-lag` takes over the process's.
 #[test]
 fn health_readiness_sync_and_metrics_answer_for_the_database_named() {
     let scratch = Scratch::new();
     let (good, other, stuck) = (scratch.path("good.db"), scratch.path("other.db"), scratch.path("stuck.db"));
-    for db in [&good, &other, &stuck] {
+    let lenient = scratch.path("lenient.db");
+    for db in [&good, &other, &stuck, &lenient] {
         App::open(db).insert(5);
     }
     let config = scratch.path("walstream.yml");
@@ -238,10 +240,11 @@ fn health_readiness_sync_and_metrics_answer_for_the_database_named() {
     std::fs::write(
         &config,
         format!(
-            "health-lag: 1s\nmetrics-db-limit: 1\ndbs:\n{}{}{}",
+            "health-lag: 1s\nmetrics-db-limit: 1\ndbs:\n{}{}{}{}    health-lag: 1h\n",
             entry(&good, &scratch.replica_url()),
             entry(&other, &format!("{}-other", scratch.replica_url())),
-            entry(&stuck, &scratch.unwritable_replica_url())
+            entry(&stuck, &scratch.unwritable_replica_url()),
+            entry(&lenient, &format!("{}-lenient", scratch.unwritable_replica_url())),
         ),
     )
     .unwrap();
@@ -260,19 +263,25 @@ fn health_readiness_sync_and_metrics_answer_for_the_database_named() {
     assert!(body.contains("stuck.db") && !body.contains("good.db"), "{body}");
     assert_eq!(get(&addr, "/readyz").0, 503, "all of them: one is not ready");
 
+    App::open(&lenient).insert(1);
     App::open(&stuck).insert(1);
     wait_until(Duration::from_secs(20), "the stuck database to turn unhealthy", || {
         get(&addr, &format!("/healthz?{}", query(&stuck))).0 == 503
     });
     assert_eq!(get(&addr, &format!("/healthz?{}", query(&good))), (200, "ok\n".to_string()));
+    assert_eq!(
+        get(&addr, &format!("/healthz?{}", query(&lenient))),
+        (200, "ok\n".to_string()),
+        "held back as long as the stuck one, within its own health-lag of 1h"
+    );
     assert_eq!(get(&addr, "/healthz").0, 503);
 
-    // Three databases, one unhealthy, a limit of one: only the unhealthy one has its series.
+    // Four databases, one unhealthy, a limit of one: only the unhealthy one has its series.
     let series = scrape(&addr);
     let by_state = |state: &str| {
         series["walstream_databases"].iter().find(|(labels, _)| labels["state"] == state).map(|(_, v)| *v)
     };
-    assert_eq!((by_state("all"), by_state("unhealthy"), by_state("omitted")), (Some(3.0), Some(1.0), Some(2.0)));
+    assert_eq!((by_state("all"), by_state("unhealthy"), by_state("omitted")), (Some(4.0), Some(1.0), Some(3.0)));
     let dbs: Vec<&str> = series["litestream_db_size"].iter().map(|(labels, _)| labels["db"].as_str()).collect();
     assert_eq!(dbs, [stuck.to_str().unwrap()], "only the most troubled database keeps its series");
     assert!(

@@ -72,6 +72,8 @@ pub(crate) struct DbConfig {
     /// Found in a watched directory when the file was loaded: listed and restorable like the
     /// others, but `replicate` leaves it to the directory's watch (`fleet`).
     pub(crate) watched: bool,
+    /// `health-lag` for this database alone; `None`: the process's.
+    pub(crate) health_lag: Option<Duration>,
 }
 
 #[derive(Clone, Debug)]
@@ -134,6 +136,7 @@ struct RawDb {
     pattern: Option<String>,
     recursive: Option<bool>,
     watch: Option<bool>,
+    health_lag: Option<String>,
 }
 
 /// A `dbs` entry with `dir`: its databases are found when the file is loaded (`discover`), or,
@@ -146,6 +149,8 @@ pub(crate) struct DirConfig {
     pub(crate) recursive: bool,
     /// Each database's replicas are these with its relative path appended to the URL.
     pub(crate) replicas: Vec<ReplicaConfig>,
+    /// `health-lag` for each database found here; `None`: the process's.
+    pub(crate) health_lag: Option<Duration>,
 }
 
 impl DirConfig {
@@ -156,7 +161,7 @@ impl DirConfig {
             .iter()
             .map(|r| ReplicaConfig { url: crate::discover::replica_url(&r.url, relative), ..r.clone() })
             .collect();
-        DbConfig { path, meta_path: None, replicas, watched: false }
+        DbConfig { path, meta_path: None, replicas, watched: false, health_lag: self.health_lag }
     }
 }
 
@@ -297,6 +302,12 @@ fn parse(text: &str) -> Result<Config, String> {
             replicas.push(replica);
         }
         let nonempty = |v: Option<String>| v.filter(|v| !v.is_empty());
+        let health_lag = db
+            .health_lag
+            .as_deref()
+            .map(go_duration::parse)
+            .transpose()
+            .map_err(|e| format!("{key}.health-lag: {e}"))?;
         match (nonempty(db.path), nonempty(db.dir)) {
             (Some(_), Some(_)) => {
                 return Err(format!("{key}: give path (one database) or dir (a directory of them), not both"))
@@ -319,6 +330,7 @@ fn parse(text: &str) -> Result<Config, String> {
                     meta_path: nonempty(db.meta_path).map(|p| absolute(&p)),
                     replicas,
                     watched: false,
+                    health_lag,
                 });
             }
             (None, Some(dir)) => {
@@ -332,8 +344,13 @@ fn parse(text: &str) -> Result<Config, String> {
                 if db.meta_path.is_some() {
                     return Err(format!("{key}.meta-path: names one database's local state; with dir each database keeps its own beside it (remove meta-path)"));
                 }
-                let dir =
-                    DirConfig { dir: absolute(&dir), pattern, recursive: db.recursive.unwrap_or(false), replicas };
+                let dir = DirConfig {
+                    dir: absolute(&dir),
+                    pattern,
+                    recursive: db.recursive.unwrap_or(false),
+                    replicas,
+                    health_lag,
+                };
                 if watch {
                     watched.push(dir);
                 } else {
@@ -578,6 +595,7 @@ dbs:
         retention-check-interval: 10m
   - path: /data/other.db
     meta-path: /var/lib/walstream/other
+    health-lag: 5m
     replicas:
       - type: gcs
         bucket: b2
@@ -617,6 +635,8 @@ health-lag: 30s
         assert_eq!(config.exec.as_deref(), Some("node server.js"));
         assert_eq!(config.addr.as_deref(), Some(":9090"));
         assert_eq!(config.health_lag, Some(Duration::from_secs(30)));
+        assert_eq!(config.db("/data/other.db").unwrap().health_lag, Some(Duration::from_secs(300)));
+        assert_eq!(app.health_lag, None, "the process's");
         assert!(config.warnings.is_empty(), "{:?}", config.warnings);
         assert!(config
             .db("/data/missing.db")
@@ -669,6 +689,11 @@ health-lag: 30s
             ("logging:\n  type: xml\n", "logging.type: unknown value \"xml\""),
             ("addr: localhost\n", "addr: must specify port for bind address"),
             ("health-lag: soon\n", "health-lag: invalid duration \"soon\""),
+            ("idle-release: soon\n", "idle-release: invalid duration \"soon\""),
+            (
+                "dbs:\n  - path: /a\n    health-lag: later\n    replicas:\n      - url: file:///r\n",
+                "dbs[0].health-lag: invalid duration \"later\"",
+            ),
             (
                 "dbs:\n  - path: /a\n    replicas:\n      - url: file:///r\n        retension: 1h\n",
                 "dbs[0].replicas[0].retension: unknown key; did you mean retention?",

@@ -24,7 +24,7 @@ const TOP: &[&str] = &[
     "secret-access-key",
 ];
 const LOGGING: &[&str] = &["type", "level", "stderr"];
-const DB: &[&str] = &["path", "meta-path", "replicas", "replica", "dir", "pattern", "recursive", "watch"];
+const DB: &[&str] = &["path", "meta-path", "replicas", "replica", "dir", "pattern", "recursive", "watch", "health-lag"];
 const DB_IGNORED: &[Ignored] = &[
     ("monitor-interval", "walstream follows the WAL by file events, not on an interval"),
     ("checkpoint-interval", NO_CHECKPOINTS),

@@ -79,7 +79,11 @@ fn replication_jobs(args: &ReplicateArgs) -> anyhow::Result<(Vec<Job>, Extras)> 
     let mut jobs = Vec::new();
     for db in file.dbs.iter().filter(|db| !db.watched) {
         let replicas = replicas_of(db, &path)?;
-        let config = ShipperConfig { meta_dir: db.meta_path.clone(), ..shipper_config(args, &db.path, idle_release) };
+        let config = ShipperConfig {
+            meta_dir: db.meta_path.clone(),
+            health_lag: db.health_lag,
+            ..shipper_config(args, &db.path, idle_release)
+        };
         let validated = db
             .replicas
             .iter()
@@ -148,7 +152,10 @@ fn watched_dirs(
                 shipper_for: Box::new(move |db_path, relative| {
                     let db = entry.database(db_path, relative);
                     let replicas = replicas_of(&db, &path)?;
-                    Ok(Shipper::new(ShipperConfig { db_path: db.path, ..template.clone() }, replicas))
+                    Ok(Shipper::new(
+                        ShipperConfig { db_path: db.path, health_lag: db.health_lag, ..template.clone() },
+                        replicas,
+                    ))
                 }),
             }
         })

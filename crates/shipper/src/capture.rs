@@ -101,6 +101,10 @@ const DROP_PIN_RETRY: Duration = Duration::from_secs(1);
 /// Events wake it at once; this only bounds how late a lost one could be noticed.
 const REST_POLL: Duration = Duration::from_secs(30);
 
+/// How soon a resting database looks again after a file event that found nothing changed: the
+/// WAL is written before the wal-index says so.
+const REST_RECHECK: Duration = Duration::from_millis(20);
+
 /// How soon a database that must wake, and may not yet (see `awake`), asks again.
 const AWAKE_RETRY: Duration = Duration::from_millis(20);
 
@@ -240,6 +244,8 @@ pub(crate) struct Capturer {
     owed_pass: bool,
     /// Leave to be awake, held while the database does not rest.
     awake: Option<crate::awake::Awake>,
+    /// What the database looked like when it went to rest.
+    rest_fingerprint: Option<crate::source::RestFingerprint>,
 }
 
 /// What a turn of the capturer asks for next.
@@ -316,6 +322,7 @@ impl Capturer {
             woken_by: Default::default(),
             owed_pass: false,
             awake: None,
+            rest_fingerprint: None,
         }
     }
 
@@ -397,6 +404,7 @@ impl Capturer {
         // wake-up is a pass.
         let mut changed = self.owed_pass || !self.pending_syncs.is_empty() || self.polling || after_drop;
         let mut shutdown = false;
+        let mut file_event = false;
         let first = match self.woken_by.pop_front().map(Ok).unwrap_or_else(|| wakes.try_recv()) {
             Ok(wake) => {
                 // A commit right after the last pass waits for the pass spacing, with whatever
@@ -416,7 +424,7 @@ impl Capturer {
         let more = std::iter::from_fn(|| self.woken_by.pop_front()).collect::<Vec<_>>();
         for wake in first.into_iter().chain(more).chain(std::iter::from_fn(|| wakes.try_recv().ok())) {
             match wake {
-                Wake::Changed => changed = true,
+                Wake::Changed => file_event = true,
                 Wake::NewGeneration(reason) => {
                     self.pending_new_generation = Some(reason);
                     changed = true;
@@ -433,11 +441,23 @@ impl Capturer {
                 Wake::Shutdown => shutdown = true,
             }
         }
+        if self.db.is_resting() && !changed && !shutdown {
+            // A file event, or the rest poll. Other databases' connections, the application
+            // opening its own, a full event queue: most wake nothing here, and a resting database
+            // stays at rest unless its WAL or wal-index moved.
+            if self.rest_fingerprint.as_ref() == Some(&self.db.rest_fingerprint()) {
+                // The event may come before the writer updates the wal-index: look once more.
+                return Turn::Again(if file_event { REST_RECHECK } else { REST_POLL });
+            }
+            file_event = true;
+        }
+        changed |= file_event;
         if shutdown {
             // A resting database nothing has written to since is left resting: it was shipped
             // whole before it rested, and waking thousands at once for nothing would take as
             // many descriptors.
-            let needs_pass = !self.db.is_resting() || changed || self.wal_stat_changed();
+            let needs_pass =
+                !self.db.is_resting() || changed || self.rest_fingerprint.as_ref() != Some(&self.db.rest_fingerprint());
             if needs_pass && !self.leave_to_wake() {
                 self.owed_pass = true;
                 self.woken_by.push_front(Wake::Shutdown);
@@ -595,6 +615,7 @@ impl Capturer {
                 self.buf = Vec::new();
                 self.rolled_at_backfill = None;
                 self.awake = None;
+                self.rest_fingerprint = Some(self.db.rest_fingerprint());
                 debug!(db = %self.db_path.display(), sealed, "idle: resting (pin and connections released)");
             }
             Err(e) => {
@@ -1898,6 +1919,29 @@ mod tests {
         }
         h.capturer.pass().unwrap();
         assert_eq!(h.generation(), generation);
+        assert_eq!(h.capturer.shadow_end().unwrap().1, std::fs::metadata(wal_path(&h.capturer.db_path)).unwrap().len());
+    }
+
+    /// A file event that changed nothing (another database's, the application opening a
+    /// connection, a full event queue waking everyone) leaves a resting database at rest; a
+    /// commit wakes it.
+    #[test]
+    fn only_a_change_to_the_wal_wakes_a_resting_database() {
+        let mut h = Harness::new();
+        let _events = resting_at_once(&mut h);
+        h.capturer.timing.pass_spacing = Duration::ZERO;
+        let (wake_tx, wake_rx) = std::sync::mpsc::channel();
+        assert!(matches!(h.capturer.turn(&wake_rx), Turn::Again(_)), "the first turn passes");
+        h.capturer.rest();
+        assert!(h.capturer.db.is_resting());
+        wake_tx.send(Wake::Changed).unwrap();
+        assert!(matches!(h.capturer.turn(&wake_rx), Turn::Again(wait) if wait == REST_RECHECK));
+        assert!(h.capturer.db.is_resting(), "an event that changed nothing must not wake the database");
+        assert!(matches!(h.capturer.turn(&wake_rx), Turn::Again(wait) if wait == REST_POLL));
+        h.insert();
+        wake_tx.send(Wake::Changed).unwrap();
+        assert!(matches!(h.capturer.turn(&wake_rx), Turn::Again(_)));
+        assert!(!h.capturer.db.is_resting(), "a commit must wake the database");
         assert_eq!(h.capturer.shadow_end().unwrap().1, std::fs::metadata(wal_path(&h.capturer.db_path)).unwrap().len());
     }
 

@@ -92,6 +92,9 @@ pub struct ShipperConfig {
     /// lets its pin and connections go until the next change (see `Capturer::rest_when_idle`).
     /// `None`: always held.
     pub idle_release: Option<Duration>,
+    /// How long a replica may hold back a captured commit before this database counts as
+    /// unhealthy; `None`: what the caller passes to [`DbStatus::problems`].
+    pub health_lag: Option<Duration>,
 }
 
 impl ShipperConfig {
@@ -105,6 +108,7 @@ impl ShipperConfig {
             max_local_wal: Some(DEFAULT_MAX_LOCAL_WAL),
             snapshot_wal_ratio: DEFAULT_SNAPSHOT_WAL_RATIO,
             idle_release: None,
+            health_lag: None,
         }
     }
 }
@@ -164,6 +168,7 @@ impl Shipper {
                 })
                 .collect(),
             wake: self.wake_tx.clone(),
+            health_lag: self.config.health_lag,
         }
     }
 

@@ -71,6 +71,17 @@ impl WalIndexHeader {
     }
 }
 
+/// What says whether a resting database changed: any commit, checkpoint, restart or truncation
+/// moves the WAL file or SQLite's wal-index header, and a replaced database file another inode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct RestFingerprint {
+    at_path: AtPath,
+    /// The `-wal` file's (inode, length, modification time).
+    wal: Option<(u64, u64, std::time::SystemTime)>,
+    /// The wal-index header's (salt-1, frames, running checksum).
+    index: Option<(u32, u32, (u32, u32))>,
+}
+
 /// What a look at the database path found.
 pub(crate) enum Presence {
     /// Not there yet, or still being created.
@@ -196,6 +207,22 @@ impl SourceDb {
             self.open_shm();
         }
         Ok(())
+    }
+
+    /// Looks at the database without opening a connection: the `-shm` header is read through a
+    /// descriptor of its own, closed at once (a resting database holds no lock there to lose).
+    pub(crate) fn rest_fingerprint(&self) -> RestFingerprint {
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        let wal = std::fs::metadata(wal_path(&self.path))
+            .ok()
+            .map(|m| (m.ino(), m.len(), m.modified().unwrap_or(std::time::SystemTime::UNIX_EPOCH)));
+        let mut bytes = [0u8; WAL_INDEX_READ_SIZE];
+        let index = File::open(shm_path(&self.path))
+            .and_then(|shm| shm.read_exact_at(&mut bytes, 0))
+            .ok()
+            .and_then(|()| WalIndexHeader::parse(&bytes))
+            .map(|h| (h.salt1, h.max_frame, h.frame_checksum));
+        RestFingerprint { at_path: self.at_path(), wal, index }
     }
 
     pub(crate) fn is_resting(&self) -> bool {

@@ -84,6 +84,7 @@ pub struct Handle {
     pub(crate) state: watch::Receiver<ShadowState>,
     pub(crate) replicas: Vec<ReplicaView>,
     pub(crate) wake: crate::pool::WakeSender,
+    pub(crate) health_lag: Option<Duration>,
 }
 
 #[derive(Clone, Debug)]
@@ -122,6 +123,9 @@ pub struct DbStatus {
     pub stopped: Option<String>,
     /// One entry per replica, in configuration order.
     pub replicas: Vec<ReplicaStatus>,
+    /// This database's own `health-lag`, which [`DbStatus::problems`] takes over the one it is
+    /// given.
+    pub health_lag: Option<Duration>,
 }
 
 /// One replica's figures.
@@ -155,8 +159,9 @@ pub struct ReplicaStatus {
 impl DbStatus {
     /// Why the database is unhealthy, one line each naming it (and the replica); empty when it
     /// is healthy. A replica is unhealthy once it has held back a captured commit for longer
-    /// than `health_lag` (zero: never).
+    /// than `health_lag` (zero: never), or the database's own.
     pub fn problems(&self, health_lag: Duration) -> Vec<String> {
+        let health_lag = self.health_lag.unwrap_or(health_lag);
         let db = self.db_path.display();
         let mut problems = Vec::new();
         if let Some(why) = &self.stopped {
@@ -290,6 +295,7 @@ impl Handle {
             disk_full: self.counters.disk_full.load(Relaxed),
             stopped: self.counters.stopped.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             replicas,
+            health_lag: self.health_lag,
         }
     }
 
