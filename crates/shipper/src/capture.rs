@@ -97,16 +97,26 @@ const AFTER_DROP_WINDOW: Duration = Duration::from_millis(50);
 /// generation; seen in the 200 MB restore test under the suite's load).
 const DROP_PIN_RETRY: Duration = Duration::from_secs(1);
 
-/// How often a resting database's WAL is looked at (one `stat`) in case a file event was lost.
-/// Events wake it at once; this only bounds how late a lost one could be noticed.
-const REST_POLL: Duration = Duration::from_secs(30);
+/// How often a resting database is looked at (`RestFingerprint`) in case a file event was lost.
+/// Events wake it at once, and an overflowed event queue wakes every database; this only bounds
+/// how late an event the kernel never queued could be noticed. At 30 s, 10,000 resting databases
+/// took 4% of a core for it.
+const REST_POLL: Duration = Duration::from_secs(300);
+
+thread_local! {
+    /// The copy buffer, one for each thread that runs capturers' turns (a few in the pool), lent
+    /// to the capturer for the length of a turn: held by each database, it took a mebibyte of
+    /// memory per database woken, and kept it.
+    static COPY_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// How soon a resting database looks again after a file event that found nothing changed: the
 /// WAL is written before the wal-index says so.
 const REST_RECHECK: Duration = Duration::from_millis(20);
 
-/// How soon a database that must wake, and may not yet (see `awake`), asks again.
-const AWAKE_RETRY: Duration = Duration::from_millis(20);
+/// How soon a database that must wake, and may not yet (see `awake`), asks again if the queue
+/// for leave has not woken it first.
+const AWAKE_RETRY: Duration = Duration::from_secs(1);
 
 /// How long the final copy at shutdown goes on retrying while the disk is full. Within the
 /// default shutdown deadline (8 s), which bounds the uploads that follow it.
@@ -184,6 +194,7 @@ pub(crate) struct Capturer {
     meta: MetaDir,
     db: SourceDb,
     generation: Option<Generation>,
+    /// The thread's copy buffer during a turn or pass ([`COPY_BUF`]); empty between them.
     buf: Vec<u8>,
     state: watch::Sender<ShadowState>,
     replica_positions: Vec<watch::Receiver<Option<Pos>>>,
@@ -244,7 +255,13 @@ pub(crate) struct Capturer {
     owed_pass: bool,
     /// Leave to be awake, held while the database does not rest.
     awake: Option<crate::awake::Awake>,
-    /// What the database looked like when it went to rest.
+    /// This capturer's own wakes, for the queue of databases waiting for leave to wake.
+    own_wakes: Option<crate::pool::WakeSender>,
+    /// Queued for leave to wake, and not yet told it was given back.
+    awaiting_leave: bool,
+    /// What the database looked like when the last pass began: a resting database wakes when
+    /// it looks otherwise. Taken before the copy, so a commit after it shows as a difference
+    /// even if the database rests before any pass sees the commit.
     rest_fingerprint: Option<crate::source::RestFingerprint>,
 }
 
@@ -286,7 +303,7 @@ impl Capturer {
             meta,
             db,
             generation,
-            buf: vec![0u8; COPY_CHUNK_BYTES],
+            buf: Vec::new(),
             state,
             replica_positions,
             last_wal_stat: None,
@@ -322,6 +339,8 @@ impl Capturer {
             woken_by: Default::default(),
             owed_pass: false,
             awake: None,
+            own_wakes: None,
+            awaiting_leave: false,
             rest_fingerprint: None,
         }
     }
@@ -341,18 +360,22 @@ impl Capturer {
         self.idle_release = after;
     }
 
-    /// The leave to be awake that the database was opened under.
-    pub(crate) fn hold_awake(&mut self, awake: crate::awake::Awake) {
+    /// The leave to be awake that the database was opened under, and where the queue for leave
+    /// tells this capturer it may ask again.
+    pub(crate) fn hold_awake(&mut self, awake: crate::awake::Awake, own_wakes: crate::pool::WakeSender) {
         self.awake = Some(awake);
+        self.own_wakes = Some(own_wakes);
     }
 
-    /// Leave to wake the resting database; false while none is free, and the turn comes again
-    /// after [`AWAKE_RETRY`].
+    /// Leave to wake the resting database; false while none is free: the capturer is then
+    /// queued (once) and woken when some is given back, or asks again after [`AWAKE_RETRY`].
     fn leave_to_wake(&mut self) -> bool {
         if !self.db.is_resting() || self.awake.is_some() {
             return true;
         }
-        self.awake = crate::awake::try_acquire();
+        let queue = if self.awaiting_leave { None } else { self.own_wakes.as_ref() };
+        self.awake = crate::awake::try_acquire(queue);
+        self.awaiting_leave = self.awake.is_none() && (self.awaiting_leave || queue.is_some());
         self.awake.is_some()
     }
 
@@ -394,6 +417,10 @@ impl Capturer {
     /// when the next turn is due if nothing wakes the capturer first. Never waits for a wake
     /// itself, so a few threads can take turns for thousands of databases (`pool`).
     pub(crate) fn turn(&mut self, wakes: &Receiver<Wake>) -> Turn {
+        self.with_copy_buf(|capturer| capturer.turn_with_buf(wakes))
+    }
+
+    fn turn_with_buf(&mut self, wakes: &Receiver<Wake>) -> Turn {
         if !self.started {
             self.started = true;
             self.pass_logged();
@@ -439,6 +466,7 @@ impl Capturer {
                     changed = true;
                 }
                 Wake::Shutdown => shutdown = true,
+                Wake::LeaveFree => self.awaiting_leave = false,
             }
         }
         if self.db.is_resting() && !changed && !shutdown {
@@ -494,6 +522,9 @@ impl Capturer {
                 crate::fail_point::hit("capture");
             }
             self.follow_events_or_poll(copied);
+            if crate::awake::contended() && self.may_rest() {
+                self.rest();
+            }
         } else {
             self.follow_backfill();
             self.spool_waiting();
@@ -563,13 +594,16 @@ impl Capturer {
     }
 
     /// Whether the database may rest now (see [`Capturer::rest_when_idle`]): idle long enough,
-    /// watched by file events, nothing asked of the capturer, and every replica holding
-    /// everything, so nothing the pin protects is waiting.
+    /// watched by file events, nothing asked of the capturer, nothing the pin protects waiting,
+    /// and every replica holding everything. While other databases wait to wake (see `awake`),
+    /// at once, and once everything is in the shadow: the uploaders read that without the pin,
+    /// and the shipped shadow is cleared at the next wake instead of now.
     fn may_rest(&self) -> bool {
         let Some(after) = self.idle_release else { return false };
         let Some(generation) = &self.generation else { return false };
+        let pressed = crate::awake::contended();
         !self.db.is_resting()
-            && (self.last_change.elapsed() >= after || crate::awake::contended())
+            && (pressed || self.last_change.elapsed() >= after)
             && self.events.is_some()
             && !self.polling
             && self.pending_syncs.is_empty()
@@ -578,7 +612,7 @@ impl Capturer {
             && self.after_drop_until.is_none_or(|until| Instant::now() >= until)
             && generation.shadow.as_ref().is_none_or(|s| s.live_from.is_none())
             && !self.database_snapshot_pending()
-            && all_hold(&self.replica_positions, generation.end())
+            && (pressed || all_hold(&self.replica_positions, generation.end()))
     }
 
     /// Lets the pin and every descriptor but the database file go. If SQLite has back-filled the
@@ -612,10 +646,8 @@ impl Capturer {
                 if let (true, Some(shadow)) = (sealed, self.generation.as_mut().and_then(|g| g.shadow.as_mut())) {
                     shadow.sealed = true;
                 }
-                self.buf = Vec::new();
                 self.rolled_at_backfill = None;
                 self.awake = None;
-                self.rest_fingerprint = Some(self.db.rest_fingerprint());
                 debug!(db = %self.db_path.display(), sealed, "idle: resting (pin and connections released)");
             }
             Err(e) => {
@@ -779,6 +811,25 @@ impl Capturer {
 
     /// One pass: pin, copy, release the old pin, publish.
     fn pass(&mut self) -> Result<(), Error> {
+        self.with_copy_buf(Capturer::pass_with_buf)
+    }
+
+    /// Runs `f` with `buf` lent from the thread's copy buffer, unless it already holds it.
+    fn with_copy_buf<T>(&mut self, f: impl FnOnce(&mut Capturer) -> T) -> T {
+        if !self.buf.is_empty() {
+            return f(self);
+        }
+        self.buf = COPY_BUF.with(|buf| std::mem::take(&mut *buf.borrow_mut()));
+        if self.buf.is_empty() {
+            self.buf = vec![0u8; COPY_CHUNK_BYTES];
+        }
+        let result = f(self);
+        let buf = std::mem::take(&mut self.buf);
+        COPY_BUF.with(|slot| *slot.borrow_mut() = buf);
+        result
+    }
+
+    fn pass_with_buf(&mut self) -> Result<(), Error> {
         match self.db.at_path() {
             AtPath::Opened => {}
             AtPath::Replaced => self.follow_replaced_file()?,
@@ -789,9 +840,11 @@ impl Capturer {
             // replaced one.
             AtPath::Gone => return Ok(()),
         }
+        if self.idle_release.is_some() {
+            self.rest_fingerprint = Some(self.db.rest_fingerprint());
+        }
         if self.db.is_resting() {
             self.db.wake()?;
-            self.buf.resize(COPY_CHUNK_BYTES, 0);
             debug!(db = %self.db_path.display(), "woke from rest");
         }
         // The pin held now, if any, was taken before the previous copy and held ever since, so the
@@ -1942,6 +1995,24 @@ mod tests {
         wake_tx.send(Wake::Changed).unwrap();
         assert!(matches!(h.capturer.turn(&wake_rx), Turn::Again(_)));
         assert!(!h.capturer.db.is_resting(), "a commit must wake the database");
+        assert_eq!(h.capturer.shadow_end().unwrap().1, std::fs::metadata(wal_path(&h.capturer.db_path)).unwrap().len());
+    }
+
+    /// A commit after the last pass and before the rest (its event still on its way) is in
+    /// neither the shadow nor what the database looked like at that pass: the event wakes it.
+    #[test]
+    fn a_commit_between_the_last_pass_and_the_rest_wakes_the_database() {
+        let mut h = Harness::new();
+        let _events = resting_at_once(&mut h);
+        h.capturer.timing.pass_spacing = Duration::ZERO;
+        let (wake_tx, wake_rx) = std::sync::mpsc::channel();
+        assert!(matches!(h.capturer.turn(&wake_rx), Turn::Again(_)), "the first turn passes");
+        h.insert();
+        h.capturer.rest();
+        assert!(h.capturer.db.is_resting());
+        wake_tx.send(Wake::Changed).unwrap();
+        assert!(matches!(h.capturer.turn(&wake_rx), Turn::Again(_)));
+        assert!(!h.capturer.db.is_resting(), "the commit's event must wake the database");
         assert_eq!(h.capturer.shadow_end().unwrap().1, std::fs::metadata(wal_path(&h.capturer.db_path)).unwrap().len());
     }
 

@@ -204,9 +204,22 @@ impl Shipper {
         // one is refused without leaving a metadata directory behind.
         // Opened awake; with thousands of databases starting at once, as many at a time as the
         // open-file limit allows (see `awake`).
+        // Biased: with leave free at once, a shutdown already asked for must not win the race,
+        // or commits made since the database appeared would never be shipped (1 in 2 runs of
+        // the Cloud Run test, before). Asked for while waiting, leave is still waited for, within
+        // the deadline of the final flush that follows.
         let awake = tokio::select! {
+            biased;
             awake = awake::acquire() => awake,
-            () = shutdown.cancelled() => return Ok(None),
+            () = shutdown.cancelled() => match tokio::time::timeout(config.shutdown_deadline, awake::acquire()).await {
+                Ok(awake) => awake,
+                Err(_) => {
+                    return Err(Error::FlushIncomplete {
+                        unshipped: 1,
+                        detail: "the database was never opened: more databases than the open-file limit lets be awake at once, and the shutdown deadline passed first".into(),
+                    })
+                }
+            },
         };
         let source = {
             let db_path = db_path.clone();
@@ -268,7 +281,7 @@ impl Shipper {
         capturer.bound_local_wal(config.max_local_wal);
         capturer.snapshot_after_wal_ratio(config.snapshot_wal_ratio);
         capturer.rest_when_idle(config.idle_release);
-        capturer.hold_awake(awake);
+        capturer.hold_awake(awake, wake_tx.clone());
         let claim = capture::ClaimKeeper::default();
         capturer.hand_claim_to(claim.clone());
         if let Some(events) = watcher {

@@ -26,6 +26,8 @@ pub(crate) enum Wake {
     Sync(tokio::sync::oneshot::Sender<Option<Pos>>),
     /// Copy what is committed, publish it as final, and stop.
     Shutdown,
+    /// Leave to be awake was given back while this resting database waited for it (`awake`).
+    LeaveFree,
 }
 
 /// The shadow WAL's state, published to the uploaders after every pass.

@@ -209,19 +209,26 @@ impl SourceDb {
         Ok(())
     }
 
-    /// Looks at the database without opening a connection: the `-shm` header is read through a
-    /// descriptor of its own, closed at once (a resting database holds no lock there to lose).
-    pub(crate) fn rest_fingerprint(&self) -> RestFingerprint {
+    /// Looks at the database without a connection. Awake, the `-shm` header is read through the
+    /// descriptor held for the purpose; resting, through one of its own, closed at once: closing
+    /// a descriptor of `-shm` drops every POSIX lock this process holds there, the pin's
+    /// read-mark included, and a resting database holds none.
+    pub(crate) fn rest_fingerprint(&mut self) -> RestFingerprint {
         use std::os::unix::fs::{FileExt, MetadataExt};
         let wal = std::fs::metadata(wal_path(&self.path))
             .ok()
             .map(|m| (m.ino(), m.len(), m.modified().unwrap_or(std::time::SystemTime::UNIX_EPOCH)));
-        let mut bytes = [0u8; WAL_INDEX_READ_SIZE];
-        let index = File::open(shm_path(&self.path))
-            .and_then(|shm| shm.read_exact_at(&mut bytes, 0))
-            .ok()
-            .and_then(|()| WalIndexHeader::parse(&bytes))
-            .map(|h| (h.salt1, h.max_frame, h.frame_checksum));
+        let header = match self.conns {
+            Some(_) => self.wal_index_header(),
+            None => {
+                let mut bytes = [0u8; WAL_INDEX_READ_SIZE];
+                File::open(shm_path(&self.path))
+                    .and_then(|shm| shm.read_exact_at(&mut bytes, 0))
+                    .ok()
+                    .and_then(|()| WalIndexHeader::parse(&bytes))
+            }
+        };
+        let index = header.map(|h| (h.salt1, h.max_frame, h.frame_checksum));
         RestFingerprint { at_path: self.at_path(), wal, index }
     }
 

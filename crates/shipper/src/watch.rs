@@ -54,8 +54,9 @@ pub(crate) fn watch(db_path: &Path, wakes: WakeSender) -> Result<Subscription, E
             let routes = routes.clone();
             let mut pacer = Pacer::default();
             move |event: notify::Result<notify::Event>| {
+                let path = event.as_ref().ok().and_then(|e| e.paths.first().cloned());
                 route(&routes, event);
-                pacer.after_event(Instant::now());
+                pacer.after_event(Instant::now(), path);
             }
         })
         .map_err(|source| Error::Watch { path: dir.clone(), source })?;
@@ -130,12 +131,18 @@ impl Subscription {
 /// Sends each event to the databases whose files it names: the database, `-wal`, `-shm`.
 fn route(routes: &Mutex<Routes>, event: notify::Result<notify::Event>) {
     let routes = routes.lock().unwrap_or_else(|e| e.into_inner());
-    let Ok(event) = event else {
-        // An overflowed or broken watch: wake everyone, each pass finds what changed.
-        for (_, wakes, _) in routes.values().flatten() {
-            let _ = wakes.send(Wake::Changed);
+    // An overflowed queue (notify reports it as a rescan) or a broken watch: wake everyone, and
+    // each looks for what changed. Before, an overflow woke nobody, and a commit whose event it
+    // dropped waited for a resting database's 30 s look.
+    let event = match event {
+        Ok(event) if !event.need_rescan() => event,
+        _ => {
+            tracing::debug!("file events overflowed or failed; every database looks for changes");
+            for (_, wakes, _) in routes.values().flatten() {
+                let _ = wakes.send(Wake::Changed);
+            }
+            return;
         }
-        return;
     };
     // Opening and closing a file changes nothing in it (a write always makes a modify event
     // too), and closing its own connections must not wake a database that has just gone to
@@ -156,8 +163,11 @@ fn route(routes: &Mutex<Routes>, event: notify::Result<notify::Event>) {
 
 /// Paces the event thread through a stream of events. A saturated writer makes one event per
 /// commit, and reading them one by one (a wake-up, an `epoll_wait` and a `read` each) took 40%
-/// of walstream's CPU. Once events have come without a pause for [`Pacer::STREAK`], the thread
-/// sleeps for [`Pacer::PAUSE`]: meanwhile the kernel merges repeated events on one file into one,
+/// of walstream's CPU. Once events on one file have come without a pause for [`Pacer::STREAK`],
+/// the thread sleeps for [`Pacer::PAUSE`]: meanwhile the kernel merges repeated events on one
+/// file into one (only a run on one file: events on many files do not merge, and pausing after
+/// each of them let 100 events a second through, so thousands of databases overflowed the
+/// queue),
 /// and the next read takes what queued as a batch. An event after a quiet spell is delivered at
 /// once, and in a stream none waits longer than the pause. The pause is the capturer's pass
 /// spacing: a busy database's capturer passes every 10 ms whether woken or not, so waking it
@@ -165,8 +175,9 @@ fn route(routes: &Mutex<Routes>, event: notify::Result<notify::Event>) {
 /// CPU under a saturated writer (12.5 clock ticks of 236 in two 250,000-commit runs, 4 at 10 ms).
 #[derive(Default)]
 struct Pacer {
-    /// When the current unbroken run of events began, and when its last event came.
-    streak: Option<(Instant, Instant)>,
+    /// When the current unbroken run of events on one file began, when its last event came, and
+    /// the file.
+    streak: Option<(Instant, Instant, Option<PathBuf>)>,
 }
 
 impl Pacer {
@@ -174,18 +185,18 @@ impl Pacer {
     const PAUSE: Duration = crate::protocol::PASS_SPACING;
 
     /// Returns how long the thread slept.
-    fn after_event(&mut self, now: Instant) -> Duration {
-        let began = match self.streak {
-            Some((began, last)) if now.duration_since(last) < Pacer::STREAK => began,
+    fn after_event(&mut self, now: Instant, path: Option<PathBuf>) -> Duration {
+        let began = match &self.streak {
+            Some((began, last, on)) if now.duration_since(*last) < Pacer::STREAK && *on == path => *began,
             _ => now,
         };
         if now.duration_since(began) < Pacer::STREAK {
-            self.streak = Some((began, now));
+            self.streak = Some((began, now, path));
             return Duration::ZERO;
         }
         std::thread::sleep(Pacer::PAUSE);
         let woke = now + Pacer::PAUSE;
-        self.streak = Some((woke, woke));
+        self.streak = Some((woke, woke, path));
         Pacer::PAUSE
     }
 }
@@ -267,20 +278,32 @@ mod tests {
     }
 
     #[test]
-    fn the_pacer_pauses_only_a_stream_of_events() {
+    fn the_pacer_pauses_only_a_stream_of_events_on_one_file() {
         let mut pacer = Pacer::default();
         let start = Instant::now();
         let gap = Duration::from_micros(50);
+        let wal = Some(PathBuf::from("/d/app.db-wal"));
         // Events 50 µs apart: a pause after each 250 µs streak, none for the events that queued
         // during a pause (the kernel hands those over as one batch).
         let step = ((Pacer::PAUSE + Pacer::STREAK).as_micros() / gap.as_micros()) as u32;
         let paused: Vec<bool> =
-            (0..5 + 2 * step + step / 2).map(|i| !pacer.after_event(start + gap * i).is_zero()).collect();
+            (0..5 + 2 * step + step / 2).map(|i| !pacer.after_event(start + gap * i, wal.clone()).is_zero()).collect();
         let at: Vec<u32> = paused.iter().enumerate().filter(|(_, p)| **p).map(|(i, _)| i as u32).collect();
         assert_eq!(at, [5, 5 + step, 5 + 2 * step], "pauses after events number {at:?}");
         let mut pacer = Pacer::default();
         let quiet = Pacer::STREAK * 2;
-        assert!((0..10).all(|i| pacer.after_event(start + quiet * i).is_zero()), "events spaced apart were paused");
+        assert!(
+            (0..10).all(|i| pacer.after_event(start + quiet * i, wal.clone()).is_zero()),
+            "events spaced apart were paused"
+        );
+        // Many databases: events as close, but each on another file, do not merge; none pauses.
+        let mut pacer = Pacer::default();
+        assert!(
+            (0..1000).all(|i| pacer
+                .after_event(start + gap * i, Some(PathBuf::from(format!("/d/db-{}.db-wal", i % 300))))
+                .is_zero()),
+            "events on many files were paused"
+        );
     }
 
     #[test]
