@@ -648,6 +648,7 @@ impl Capturer {
                 }
                 self.rolled_at_backfill = None;
                 self.awake = None;
+                crate::trim::after_rest();
                 debug!(db = %self.db_path.display(), sealed, "idle: resting (pin and connections released)");
             }
             Err(e) => {

@@ -34,6 +34,7 @@ mod source;
 mod spool;
 mod status;
 mod throttle;
+mod trim;
 mod upload;
 mod watch;
 
