@@ -100,3 +100,34 @@ on_both_backends! {
         scratch.assert_restores_source();
     }
 }
+
+on_both_backends! {
+    /// The application's TRUNCATE checkpoint right after a commit that wakes a resting database
+    /// races the wake: walstream either copies the commit first or loses the WAL's frames and
+    /// starts a new generation from the database file. Either way the replica holds every row.
+    fn an_apps_truncate_right_after_the_waking_commit_loses_nothing(backend: Backend) {
+        let scratch = Scratch::on(backend);
+        let mut app = App::open(&scratch.db());
+        app.insert(5);
+        let replicator = Replicator::start_with_args(
+            &scratch.db(),
+            &[scratch.replica_url()],
+            scratch.path("replicate.log"),
+            &[],
+            &["-idle-release", "100ms"],
+        );
+        for _ in 0..10 {
+            wait_until(Duration::from_secs(30), "the database resting", || {
+                descriptors_of(replicator.pid(), &scratch.db()) == [1, 0, 0]
+            });
+            app.insert(3);
+            let (busy, _, _) = app.checkpoint("TRUNCATE");
+            assert_eq!(busy, 0, "nothing may hold the application's checkpoint back while walstream rests");
+        }
+        let log = replicator.log_text();
+        replicator.stop_ok();
+        eprintln!("generations: {}", scratch.generation_count());
+        assert!(log.contains("woke from rest"), "no database woke from rest: the test proves nothing");
+        scratch.assert_restores_source();
+    }
+}
