@@ -79,11 +79,7 @@ fn replicate_raises_its_soft_open_file_limit_for_many_databases() {
 
     let output = commit_to_each_then_stop(&dbs, child);
     assert!(output.status.success(), "replicate exited {}: {}", output.status, stderr(&output));
-    for (n, db) in dbs.iter().enumerate().step_by(13) {
-        let restored = scratch.path(&format!("restored-{n}.db"));
-        restore(&format!("file://{}", scratch.path(&format!("replica-{n}")).display()), &restored);
-        assert_same_database(db, &restored);
-    }
+    assert_many_databases_restore(&scratch, &dbs, 13);
 }
 
 /// A hard limit that lets only some of the databases be awake at once: 40 databases under 300
@@ -102,11 +98,7 @@ fn databases_beyond_what_the_open_file_limit_keeps_awake_take_turns() {
     assert!(output.status.success(), "replicate exited {}: {}\n{text}", output.status, stderr(&output));
     assert!(text.contains("awake=19"), "the budget is not the one expected:\n{text}");
     assert!(!text.contains("Too many open files"), "{text}");
-    for (n, db) in dbs.iter().enumerate() {
-        let restored = scratch.path(&format!("restored-{n}.db"));
-        restore(&format!("file://{}", scratch.path(&format!("replica-{n}")).display()), &restored);
-        assert_same_database(db, &restored);
-    }
+    assert_many_databases_restore(&scratch, &dbs, 1);
 }
 
 /// A hard limit too low for the databases asked for: one line naming it and the fix, exit 19,

@@ -389,6 +389,15 @@ pub fn many_databases(scratch: &Scratch, count: usize, top: &str) -> (PathBuf, V
     (path, dbs)
 }
 
+/// Restores every `step`-th of [`many_databases`]' replicas and compares it with its database.
+pub fn assert_many_databases_restore(scratch: &Scratch, dbs: &[PathBuf], step: usize) {
+    for (n, db) in dbs.iter().enumerate().step_by(step) {
+        let restored = scratch.path(&format!("restored-{n}.db"));
+        restore(&format!("file://{}", scratch.path(&format!("replica-{n}")).display()), &restored);
+        assert_same_database(db, &restored);
+    }
+}
+
 /// A running `walstream replicate`, its log kept in a file for failure messages.
 pub struct Replicator {
     child: Option<Child>,

@@ -26,6 +26,24 @@ fn descriptors_of(pid: i32, db: &Path) -> [usize; 3] {
     counts
 }
 
+/// The scratch database with a few rows, replicated with `-idle-release idle`.
+fn replicating_with_idle_release(scratch: &Scratch, idle: &str) -> (App, Replicator) {
+    let mut app = App::open(&scratch.db());
+    app.insert(5);
+    let replicator = Replicator::start_with_args(
+        &scratch.db(),
+        &[scratch.replica_url()],
+        scratch.path("replicate.log"),
+        &[],
+        &["-idle-release", idle],
+    );
+    (app, replicator)
+}
+
+fn wait_until_resting(replicator: &Replicator, db: &Path) {
+    wait_until(Duration::from_secs(30), "the database resting", || descriptors_of(replicator.pid(), db) == [1, 0, 0]);
+}
+
 fn all_resting(pid: i32, dbs: &[PathBuf]) -> bool {
     dbs.iter().all(|db| descriptors_of(pid, db) == [1, 0, 0])
 }
@@ -68,11 +86,7 @@ fn idle_databases_rest_on_one_descriptor_each_and_lose_nothing() {
     let generations = log.lines().filter(|l| l.contains("new generation")).count();
     assert_eq!(generations, DATABASES, "one generation a database:\n{log}");
     assert!(log.contains("woke from rest"), "no database woke from rest: the test proves nothing");
-    for (n, db) in dbs.iter().enumerate() {
-        let restored = scratch.path(&format!("restored-{n}.db"));
-        restore(&format!("file://{}", scratch.path(&format!("replica-{n}")).display()), &restored);
-        assert_same_database(db, &restored);
-    }
+    assert_many_databases_restore(&scratch, &dbs, 1);
 }
 
 on_both_backends! {
@@ -80,19 +94,9 @@ on_both_backends! {
     /// commits while it rests still reach the replica.
     fn a_database_given_idle_release_rests_and_ships_the_commit_that_wakes_it(backend: Backend) {
         let scratch = Scratch::on(backend);
-        let mut app = App::open(&scratch.db());
-        app.insert(5);
-        let replicator = Replicator::start_with_args(
-            &scratch.db(),
-            &[scratch.replica_url()],
-            scratch.path("replicate.log"),
-            &[],
-            &["-idle-release", "200ms"],
-        );
+        let (mut app, replicator) = replicating_with_idle_release(&scratch, "200ms");
         for _ in 0..3 {
-            wait_until(Duration::from_secs(30), "the database resting", || {
-                descriptors_of(replicator.pid(), &scratch.db()) == [1, 0, 0]
-            });
+            wait_until_resting(&replicator, &scratch.db());
             app.insert(7);
         }
         replicator.stop_ok();
@@ -107,19 +111,9 @@ on_both_backends! {
     /// starts a new generation from the database file. Either way the replica holds every row.
     fn an_apps_truncate_right_after_the_waking_commit_loses_nothing(backend: Backend) {
         let scratch = Scratch::on(backend);
-        let mut app = App::open(&scratch.db());
-        app.insert(5);
-        let replicator = Replicator::start_with_args(
-            &scratch.db(),
-            &[scratch.replica_url()],
-            scratch.path("replicate.log"),
-            &[],
-            &["-idle-release", "100ms"],
-        );
+        let (mut app, replicator) = replicating_with_idle_release(&scratch, "100ms");
         for _ in 0..10 {
-            wait_until(Duration::from_secs(30), "the database resting", || {
-                descriptors_of(replicator.pid(), &scratch.db()) == [1, 0, 0]
-            });
+            wait_until_resting(&replicator, &scratch.db());
             app.insert(3);
             let (busy, _, _) = app.checkpoint("TRUNCATE");
             assert_eq!(busy, 0, "nothing may hold the application's checkpoint back while walstream rests");

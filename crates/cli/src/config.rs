@@ -302,12 +302,7 @@ fn parse(text: &str) -> Result<Config, String> {
             replicas.push(replica);
         }
         let nonempty = |v: Option<String>| v.filter(|v| !v.is_empty());
-        let health_lag = db
-            .health_lag
-            .as_deref()
-            .map(go_duration::parse)
-            .transpose()
-            .map_err(|e| format!("{key}.health-lag: {e}"))?;
+        let health_lag = duration_key(&format!("{key}.health-lag"), db.health_lag.as_deref())?;
         match (nonempty(db.path), nonempty(db.dir)) {
             (Some(_), Some(_)) => {
                 return Err(format!("{key}: give path (one database) or dir (a directory of them), not both"))
@@ -373,17 +368,10 @@ fn parse(text: &str) -> Result<Config, String> {
     if let Some(addr) = &addr {
         check_addr(addr).map_err(|e| format!("addr: {e}"))?;
     }
-    let health_lag =
-        raw.health_lag.as_deref().map(go_duration::parse).transpose().map_err(|e| format!("health-lag: {e}"))?;
-    let heartbeat_interval = raw
-        .heartbeat_interval
-        .as_deref()
-        .map(go_duration::parse)
-        .transpose()
-        .map_err(|e| format!("heartbeat-interval: {e}"))?;
+    let health_lag = duration_key("health-lag", raw.health_lag.as_deref())?;
+    let heartbeat_interval = duration_key("heartbeat-interval", raw.heartbeat_interval.as_deref())?;
     let heartbeat_url = raw.heartbeat_url.filter(|u| !u.is_empty());
-    let idle_release =
-        raw.idle_release.as_deref().map(go_duration::parse).transpose().map_err(|e| format!("idle-release: {e}"))?;
+    let idle_release = duration_key("idle-release", raw.idle_release.as_deref())?;
     Ok(Config {
         idle_release,
         dbs,
@@ -398,6 +386,11 @@ fn parse(text: &str) -> Result<Config, String> {
         logging: logging_config,
         warnings,
     })
+}
+
+/// A duration key's value, Go's spelling; an error names the key (`dbs[0].health-lag`).
+fn duration_key(key: &str, value: Option<&str>) -> Result<Option<Duration>, String> {
+    value.map(go_duration::parse).transpose().map_err(|e| format!("{key}: {e}"))
 }
 
 /// `host:port` or `:port`, as Litestream accepts it.
@@ -480,9 +473,7 @@ fn replica_config(
     replica_url::open_with(&url, &s3).map_err(|e| format!("{key}: {e}"))?;
     let name = raw.name.filter(|n| !n.is_empty()).unwrap_or_else(|| replica_url::kind(&url).to_string());
     // Every timing key is checked so that a typo fails at load time, naming the key.
-    let duration = |field: &str, value: &Option<String>| -> Result<Option<Duration>, String> {
-        value.as_deref().map(go_duration::parse).transpose().map_err(|e| format!("{key}.{field}: {e}"))
-    };
+    let duration = |field: &str, value: &Option<String>| duration_key(&format!("{key}.{field}"), value.as_deref());
     let sync_interval =
         duration("sync-interval", &raw.sync_interval)?.unwrap_or(walstream_shipper::DEFAULT_SYNC_INTERVAL);
     let validation_interval = duration("validation-interval", &raw.validation_interval)?.unwrap_or_default();

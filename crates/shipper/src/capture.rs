@@ -473,7 +473,7 @@ impl Capturer {
             // A file event, or the rest poll. Other databases' connections, the application
             // opening its own, a full event queue: most wake nothing here, and a resting database
             // stays at rest unless its WAL or wal-index moved.
-            if self.rest_fingerprint.as_ref() == Some(&self.db.rest_fingerprint()) {
+            if self.rest_undisturbed() {
                 // The event may come before the writer updates the wal-index: look once more.
                 return Turn::Again(if file_event { REST_RECHECK } else { REST_POLL });
             }
@@ -484,8 +484,7 @@ impl Capturer {
             // A resting database nothing has written to since is left resting: it was shipped
             // whole before it rested, and waking thousands at once for nothing would take as
             // many descriptors.
-            let needs_pass =
-                !self.db.is_resting() || changed || self.rest_fingerprint.as_ref() != Some(&self.db.rest_fingerprint());
+            let needs_pass = !self.db.is_resting() || changed || !self.rest_undisturbed();
             if needs_pass && !self.leave_to_wake() {
                 self.owed_pass = true;
                 self.woken_by.push_front(Wake::Shutdown);
@@ -535,6 +534,11 @@ impl Capturer {
             }
         }
         Turn::Again(self.timeout())
+    }
+
+    /// Whether the resting database looks as it did when the last pass began.
+    fn rest_undisturbed(&mut self) -> bool {
+        self.rest_fingerprint.as_ref() == Some(&self.db.rest_fingerprint())
     }
 
     /// The last copy at shutdown, unless a resting database needs none.
@@ -1710,6 +1714,12 @@ mod tests {
             frames
         }
 
+        /// The shadow ends where the live WAL does.
+        fn assert_copied_to_the_wal_end(&self) {
+            let wal_len = std::fs::metadata(wal_path(&self.capturer.db_path)).unwrap().len();
+            assert_eq!(self.capturer.shadow_end().unwrap().1, wal_len);
+        }
+
         fn generation(&self) -> GenerationId {
             self.capturer.generation.as_ref().unwrap().id
         }
@@ -1891,10 +1901,22 @@ mod tests {
         assert_eq!(backfilled_after, backfilled, "the pin moved although it was younger than pin_roll");
         assert!(frames > backfilled_after);
         // Copying went on under the old pin: the shadow has every commit.
-        assert_eq!(h.capturer.shadow_end().unwrap().1, std::fs::metadata(wal_path(&h.capturer.db_path)).unwrap().len());
+        h.assert_copied_to_the_wal_end();
         h.capturer.timing.pin_roll = Duration::ZERO;
         h.capturer.pass().unwrap();
         assert_eq!(checkpoint(&h), (frames, frames), "once rolled, the pin sits at the end");
+    }
+
+    /// The harness's capturer, resting as soon as it is idle, driven turn by turn through the
+    /// channel returned (with no pass spacing), after the first turn's pass.
+    fn turned_after_a_first_pass(
+        h: &mut Harness,
+    ) -> (std::sync::mpsc::Receiver<Wake>, std::sync::mpsc::Sender<Wake>, std::sync::mpsc::Receiver<Wake>) {
+        let events = resting_at_once(h);
+        h.capturer.timing.pass_spacing = Duration::ZERO;
+        let (wake_tx, wake_rx) = std::sync::mpsc::channel();
+        assert!(matches!(h.capturer.turn(&wake_rx), Turn::Again(_)), "the first turn passes");
+        (events, wake_tx, wake_rx)
     }
 
     /// Lets the harness's capturer rest as soon as it is idle, as it would with file events.
@@ -1973,7 +1995,7 @@ mod tests {
         }
         h.capturer.pass().unwrap();
         assert_eq!(h.generation(), generation);
-        assert_eq!(h.capturer.shadow_end().unwrap().1, std::fs::metadata(wal_path(&h.capturer.db_path)).unwrap().len());
+        h.assert_copied_to_the_wal_end();
     }
 
     /// A file event that changed nothing (another database's, the application opening a
@@ -1982,10 +2004,7 @@ mod tests {
     #[test]
     fn only_a_change_to_the_wal_wakes_a_resting_database() {
         let mut h = Harness::new();
-        let _events = resting_at_once(&mut h);
-        h.capturer.timing.pass_spacing = Duration::ZERO;
-        let (wake_tx, wake_rx) = std::sync::mpsc::channel();
-        assert!(matches!(h.capturer.turn(&wake_rx), Turn::Again(_)), "the first turn passes");
+        let (_events, wake_tx, wake_rx) = turned_after_a_first_pass(&mut h);
         h.capturer.rest();
         assert!(h.capturer.db.is_resting());
         wake_tx.send(Wake::Changed).unwrap();
@@ -1996,7 +2015,7 @@ mod tests {
         wake_tx.send(Wake::Changed).unwrap();
         assert!(matches!(h.capturer.turn(&wake_rx), Turn::Again(_)));
         assert!(!h.capturer.db.is_resting(), "a commit must wake the database");
-        assert_eq!(h.capturer.shadow_end().unwrap().1, std::fs::metadata(wal_path(&h.capturer.db_path)).unwrap().len());
+        h.assert_copied_to_the_wal_end();
     }
 
     /// A commit after the last pass and before the rest (its event still on its way) is in
@@ -2004,17 +2023,14 @@ mod tests {
     #[test]
     fn a_commit_between_the_last_pass_and_the_rest_wakes_the_database() {
         let mut h = Harness::new();
-        let _events = resting_at_once(&mut h);
-        h.capturer.timing.pass_spacing = Duration::ZERO;
-        let (wake_tx, wake_rx) = std::sync::mpsc::channel();
-        assert!(matches!(h.capturer.turn(&wake_rx), Turn::Again(_)), "the first turn passes");
+        let (_events, wake_tx, wake_rx) = turned_after_a_first_pass(&mut h);
         h.insert();
         h.capturer.rest();
         assert!(h.capturer.db.is_resting());
         wake_tx.send(Wake::Changed).unwrap();
         assert!(matches!(h.capturer.turn(&wake_rx), Turn::Again(_)));
         assert!(!h.capturer.db.is_resting(), "the commit's event must wake the database");
-        assert_eq!(h.capturer.shadow_end().unwrap().1, std::fs::metadata(wal_path(&h.capturer.db_path)).unwrap().len());
+        h.assert_copied_to_the_wal_end();
     }
 
     fn wait_for(rx: &mut watch::Receiver<ShadowState>, ready: impl Fn(&ShadowState) -> bool) -> ShadowState {

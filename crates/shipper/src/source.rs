@@ -214,19 +214,13 @@ impl SourceDb {
     /// a descriptor of `-shm` drops every POSIX lock this process holds there, the pin's
     /// read-mark included, and a resting database holds none.
     pub(crate) fn rest_fingerprint(&mut self) -> RestFingerprint {
-        use std::os::unix::fs::{FileExt, MetadataExt};
+        use std::os::unix::fs::MetadataExt;
         let wal = std::fs::metadata(wal_path(&self.path))
             .ok()
             .map(|m| (m.ino(), m.len(), m.modified().unwrap_or(std::time::SystemTime::UNIX_EPOCH)));
         let header = match self.conns {
             Some(_) => self.wal_index_header(),
-            None => {
-                let mut bytes = [0u8; WAL_INDEX_READ_SIZE];
-                File::open(shm_path(&self.path))
-                    .and_then(|shm| shm.read_exact_at(&mut bytes, 0))
-                    .ok()
-                    .and_then(|()| WalIndexHeader::parse(&bytes))
-            }
+            None => File::open(shm_path(&self.path)).ok().and_then(|shm| read_wal_index_header(&shm)),
         };
         let index = header.map(|h| (h.salt1, h.max_frame, h.frame_checksum));
         RestFingerprint { at_path: self.at_path(), wal, index }
@@ -290,11 +284,8 @@ impl SourceDb {
 
     /// Reads the wal-index header from -shm; `None` if there is none or it is mid-update.
     pub(crate) fn wal_index_header(&mut self) -> Option<WalIndexHeader> {
-        use std::os::unix::fs::FileExt;
         self.open_shm();
-        let mut bytes = [0u8; WAL_INDEX_READ_SIZE];
-        self.shm_file.as_ref()?.read_exact_at(&mut bytes, 0).ok()?;
-        WalIndexHeader::parse(&bytes)
+        read_wal_index_header(self.shm_file.as_ref()?)
     }
 
     /// Ends the read transaction that [`SourceDb::roll_pin`] replaced.
@@ -336,6 +327,14 @@ impl SourceDb {
         let Some(shm) = &self.shm_file else { return false };
         locked_by_other(shm, SHM_WRITE_LOCK) && locked_by_other(shm, SHM_CKPT_LOCK)
     }
+}
+
+/// The wal-index header at the start of `shm`; `None` if it cannot be read or is mid-update.
+fn read_wal_index_header(shm: &File) -> Option<WalIndexHeader> {
+    use std::os::unix::fs::FileExt;
+    let mut bytes = [0u8; WAL_INDEX_READ_SIZE];
+    shm.read_exact_at(&mut bytes, 0).ok()?;
+    WalIndexHeader::parse(&bytes)
 }
 
 /// walstream's two read connections to the database.
