@@ -626,17 +626,27 @@ impl Capturer {
     /// generation though it overwrites the old one's frames before the pass that wakes sees them.
     fn rest(&mut self) {
         let frame = walstream_format::wal::frame_size(self.db.page_size());
-        let before = self.db.wal_index_header();
-        let life_ends_here = match (before, self.generation.as_ref().and_then(|g| g.shadow.as_ref())) {
-            (Some(index), Some(shadow)) => {
-                index.max_frame > 0
-                    && index.backfilled == index.max_frame
-                    && index.salt1 == shadow.header.salt1
-                    && shadow.committed_len == WAL_HEADER_SIZE as u64 + u64::from(index.max_frame) * frame
-            }
-            _ => false,
+        let shadow_holds_all = |index: &WalIndexHeader, shadow: &ShadowIndex| {
+            index.max_frame > 0
+                && index.salt1 == shadow.header.salt1
+                && shadow.committed_len == WAL_HEADER_SIZE as u64 + u64::from(index.max_frame) * frame
         };
         self.db.release_all();
+        // A life not yet back-filled is back-filled now, so that it can be sealed: otherwise an
+        // application checkpoint while the database rests, then a commit, restarts the WAL over
+        // frames no pass saw end, and costs a new generation and its snapshot. Everything is
+        // shipped, so SQLite may write those frames into the file (rule 9 in ARCHITECTURE.md).
+        let shadow = self.generation.as_ref().and_then(|g| g.shadow.as_ref());
+        if let (Some(index), Some(shadow)) = (self.db.wal_index_header(), shadow) {
+            if index.backfilled < index.max_frame && shadow_holds_all(&index, shadow) {
+                self.db.backfill();
+            }
+        }
+        let before = self.db.wal_index_header();
+        let life_ends_here = match (before, self.generation.as_ref().and_then(|g| g.shadow.as_ref())) {
+            (Some(index), Some(shadow)) => index.backfilled == index.max_frame && shadow_holds_all(&index, shadow),
+            _ => false,
+        };
         // Asked once the pin is gone (the probe sees only other processes' locks), and the header
         // read again: a reader that took a read-mark past 0 before the back-fill completed, or a
         // write since, shows here.
@@ -1714,10 +1724,13 @@ mod tests {
             frames
         }
 
-        /// The shadow ends where the live WAL does.
-        fn assert_copied_to_the_wal_end(&self) {
-            let wal_len = std::fs::metadata(wal_path(&self.capturer.db_path)).unwrap().len();
-            assert_eq!(self.capturer.shadow_end().unwrap().1, wal_len);
+        /// The shadow ends where the live WAL's life does (the file may be longer: a restarted
+        /// life overwrites it from the start).
+        fn assert_copied_to_the_wal_end(&mut self) {
+            let index = self.capturer.db.wal_index_header().unwrap();
+            let frame = walstream_format::wal::frame_size(self.capturer.db.page_size());
+            let life_end = WAL_HEADER_SIZE as u64 + u64::from(index.max_frame) * frame;
+            assert_eq!(self.capturer.shadow_end().unwrap().1, life_end);
         }
 
         fn generation(&self) -> GenerationId {
@@ -1952,9 +1965,10 @@ mod tests {
         assert_eq!(len, std::fs::metadata(wal_path(&h.capturer.db_path)).unwrap().len());
     }
 
-    /// Resting where the WAL is not back-filled proves nothing about what comes next: the
-    /// application may append, checkpoint and restart unseen, so a successor that has overwritten
-    /// the last frame walstream copied starts a new generation.
+    /// Resting where the WAL is not back-filled (another reader held the back-fill back) proves
+    /// nothing about what comes next: the application may append, checkpoint and restart unseen,
+    /// so a successor that has overwritten the last frame walstream copied starts a new
+    /// generation.
     #[test]
     fn a_database_resting_on_a_wal_not_backfilled_takes_no_overwritten_successor_on_trust() {
         let mut h = Harness::new();
@@ -1963,7 +1977,15 @@ mod tests {
         h.insert();
         h.capturer.pass().unwrap();
         let generation = h.generation();
+        // A reader that began before the last commit keeps walstream's back-fill from reaching
+        // the end of the life as it rests.
+        let reader = Connection::open(&h.capturer.db_path).unwrap();
+        reader.execute_batch("BEGIN").unwrap();
+        let _: i64 = reader.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0)).unwrap();
+        h.insert();
+        h.capturer.pass().unwrap();
         h.capturer.rest();
+        reader.execute_batch("COMMIT").unwrap();
         assert!(h.capturer.db.is_resting());
         assert!(!h.capturer.generation.as_ref().unwrap().shadow.as_ref().unwrap().sealed);
         // Unseen: one more commit, a complete checkpoint, and a longer new life.

@@ -312,10 +312,6 @@ impl SourceDb {
         self.pinned.and(self.pinned_at).map(|at| at.elapsed())
     }
 
-    /// True when another process holds both SQLite's WAL write lock and its checkpoint lock: a
-    /// FULL, RESTART or TRUNCATE checkpoint, which waits for readers such as walstream's pin.
-    /// While the write lock is held nobody can append, so walstream can copy to the end and step
-    /// aside without risk.
     /// True when another process holds a read-mark other than 0: a reader of WAL frames, which
     /// keeps SQLite from restarting the WAL even once every frame is back-filled.
     pub(crate) fn wal_readers_past_mark0(&self) -> bool {
@@ -323,6 +319,20 @@ impl SourceDb {
         SHM_READ_LOCKS_PAST_0.into_iter().any(|offset| locked_by_other(shm, offset))
     }
 
+    /// Back-fills the WAL into the database file with a PASSIVE checkpoint, the kind SQLite's
+    /// autocheckpoint runs: it waits for no reader and no writer, and copies only frames no
+    /// reader still needs. Only for a database about to rest (see `Capturer::rest`), with no pin
+    /// of walstream's own in the way. Whether it got every frame is read from the wal-index after.
+    pub(crate) fn backfill(&self) {
+        if let Some(conns) = &self.conns {
+            let _ = conns[0].query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+        }
+    }
+
+    /// True when another process holds both SQLite's WAL write lock and its checkpoint lock: a
+    /// FULL, RESTART or TRUNCATE checkpoint, which waits for readers such as walstream's pin.
+    /// While the write lock is held nobody can append, so walstream can copy to the end and step
+    /// aside without risk.
     pub(crate) fn blocking_checkpoint_waiting(&self) -> bool {
         let Some(shm) = &self.shm_file else { return false };
         locked_by_other(shm, SHM_WRITE_LOCK) && locked_by_other(shm, SHM_CKPT_LOCK)
