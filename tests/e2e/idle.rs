@@ -30,14 +30,18 @@ fn descriptors_of(pid: i32, db: &Path) -> [usize; 3] {
 fn replicating_with_idle_release(scratch: &Scratch, idle: &str) -> (App, Replicator) {
     let mut app = App::open(&scratch.db());
     app.insert(5);
-    let replicator = Replicator::start_with_args(
+    (app, start_with_idle_release(scratch, idle, "replicate.log", &[]))
+}
+
+/// `walstream replicate -idle-release idle` on the scratch database, logging to `log`.
+fn start_with_idle_release(scratch: &Scratch, idle: &str, log: &str, env: &[(&str, &str)]) -> Replicator {
+    Replicator::start_with_args(
         &scratch.db(),
         &[scratch.replica_url()],
-        scratch.path("replicate.log"),
-        &[],
+        scratch.path(log),
+        env,
         &["-idle-release", idle],
-    );
-    (app, replicator)
+    )
 }
 
 fn wait_until_resting(replicator: &Replicator, db: &Path) {
@@ -124,4 +128,121 @@ on_both_backends! {
         assert!(log.contains("woke from rest"), "no database woke from rest: the test proves nothing");
         scratch.assert_restores_source();
     }
+}
+
+const CHECKPOINT_MODES: [&str; 4] = ["PASSIVE", "FULL", "RESTART", "TRUNCATE"];
+
+on_both_backends! {
+    /// The application's own checkpoints, in every mode, while walstream rests (nothing of
+    /// walstream's may hold them back) and after the commits that follow, including ones that
+    /// restart the WAL before walstream has woken: the replica holds every row, in one
+    /// generation.
+    fn the_apps_checkpoints_in_every_mode_while_resting_lose_nothing(backend: Backend) {
+        let scratch = Scratch::on(backend);
+        let (mut app, replicator) = replicating_with_idle_release(&scratch, "100ms");
+        for round in 0..8 {
+            let mode = CHECKPOINT_MODES[round % 4];
+            wait_until_resting(&replicator, &scratch.db());
+            let (busy, _, _) = app.checkpoint(mode);
+            assert_eq!(busy, 0, "walstream, resting, held back the application's {mode} checkpoint");
+            // The first commit after a complete checkpoint restarts the WAL over frames walstream
+            // copied before it rested; the second lands before walstream can have woken.
+            app.insert(4);
+            app.insert(4);
+            if round % 2 == 1 {
+                app.checkpoint(mode);
+                app.insert(2);
+            }
+        }
+        wait_until_resting(&replicator, &scratch.db());
+        let log = replicator.log_text();
+        replicator.stop_ok();
+        assert!(log.contains("woke from rest"), "no database woke from rest: the test proves nothing");
+        scratch.assert_restores_source();
+        // Every life was back-filled and sealed as the database went to rest, so each restart
+        // continued the generation: no snapshot was uploaded again.
+        assert_eq!(scratch.generation_count(), 1, "{log}");
+    }
+}
+
+on_both_backends! {
+    /// SIGKILL while walstream rests, and at random moments after the commit that wakes it
+    /// (during the wake, the copy, the rest that follows), with the application checkpointing
+    /// in every mode meanwhile: a restart picks up where the replica is and loses nothing.
+    fn sigkill_while_resting_or_waking_loses_nothing(backend: Backend) {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
+        let scratch = Scratch::on(backend);
+        let (mut app, mut replicator) = replicating_with_idle_release(&scratch, "50ms");
+        let mut woke = 0;
+        for round in 0..10 {
+            wait_until_resting(&replicator, &scratch.db());
+            if round % 3 == 0 {
+                replicator.kill();
+            } else {
+                app.insert(rng.gen_range(1..20));
+                if rng.gen_bool(0.5) {
+                    app.checkpoint(CHECKPOINT_MODES[rng.gen_range(0..4)]);
+                    app.insert(1);
+                }
+                std::thread::sleep(Duration::from_micros(rng.gen_range(0..60_000)));
+                woke += replicator.log_text().matches("woke from rest").count();
+                replicator.kill();
+            }
+            eprintln!("round {round}: killed");
+            app.insert(3);
+            replicator = start_with_idle_release(&scratch, "50ms", &format!("replicate-{round}.log"), &[]);
+        }
+        replicator.stop_ok();
+        assert!(woke > 0, "no replicator woke from rest before it was killed: the test proves nothing");
+        scratch.assert_restores_source();
+    }
+}
+
+/// A database rests only once its replica holds everything: while the store refuses every
+/// request its commits wait awake, and under random store faults (every kind, on every request)
+/// rests and wakes still ship every commit. The last replicator is killed while it rests; the
+/// replica, read straight from the emulator, holds every row.
+#[test]
+fn a_database_rests_only_once_the_store_holds_everything_and_store_faults_lose_nothing() {
+    use crate::fault_proxy::{Fault, FaultProxy, ALL_FAULTS};
+    let scratch = Scratch::on(Backend::Gcs);
+    let proxy = FaultProxy::start(crate::emulator::host(), seed());
+    let mut app = App::open(&scratch.db());
+    app.insert(5);
+    let replicator =
+        start_with_idle_release(&scratch, "100ms", "replicate.log", &[("STORAGE_EMULATOR_HOST", &proxy.addr)]);
+    wait_until_resting(&replicator, &scratch.db());
+
+    proxy.inject(1.0, &[Fault::Status(503)]);
+    app.insert(10);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_ne!(
+        descriptors_of(replicator.pid(), &scratch.db()),
+        [1, 0, 0],
+        "the database rested while its replica lacked a commit"
+    );
+    app.checkpoint("TRUNCATE");
+    app.insert(10);
+
+    let injected_in_the_outage: u64 = proxy.injected().values().sum();
+    proxy.inject(0.3, &ALL_FAULTS);
+    for round in 0..8 {
+        wait_until_resting(&replicator, &scratch.db());
+        app.insert(10);
+        app.checkpoint(CHECKPOINT_MODES[round % 4]);
+        app.insert(1);
+    }
+    proxy.inject(0.0, &[]);
+    wait_until_resting(&replicator, &scratch.db());
+    let log = replicator.log_text();
+    replicator.kill();
+    eprintln!("faults injected: {:?}; generations: {}", proxy.injected(), scratch.generation_count());
+    assert!(log.contains("woke from rest"), "no database woke from rest: the test proves nothing");
+    assert!(injected_in_the_outage > 0, "the outage refused no request: the test proves nothing");
+    assert!(
+        proxy.injected().values().sum::<u64>() > injected_in_the_outage,
+        "no random fault hit a rest or a wake: the test proves nothing"
+    );
+    scratch.assert_restores_source();
 }
