@@ -211,13 +211,25 @@ fn measure_fleet(o: &Options, bin: &Path, count: usize) -> anyhow::Result<Fleet>
     let commit_to = crate::proc_stats::read(pid)?;
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     watcher.join().expect("lag watcher");
-    if drained.is_err() {
-        eprintln!("  only {shipped} of {count} databases' commits reached their replicas within 120 s");
-    }
     eprintln!("  commits written in {:.1} s", wrote.as_secs_f64());
     let lags = std::mem::take(&mut *lags.lock().unwrap());
     ensure!(!lags.is_empty(), "no sampled commit reached its replica");
     child.stop()?;
+    if drained.is_err() {
+        // Named, and the directory kept with the replicator's log: a commit that never ships
+        // is a fault to find, and whether the shutdown flush shipped it tells how bad it is.
+        let late: Vec<String> = dbs
+            .iter()
+            .zip(replicas.iter().zip(&before_wal))
+            .filter(|(_, (r, before))| wal_bytes(r) <= **before)
+            .map(|(db, _)| db.display().to_string())
+            .collect();
+        eprintln!(
+            "  only {shipped} of {count} databases' commits reached their replicas within 120 s; after SIGTERM {} still had not: {late:?}; kept {}",
+            late.len(),
+            dir.keep().display()
+        );
+    }
     Ok(Fleet {
         fds,
         threads,
