@@ -134,9 +134,11 @@ const CHECKPOINT_MODES: [&str; 4] = ["PASSIVE", "FULL", "RESTART", "TRUNCATE"];
 
 on_both_backends! {
     /// The application's own checkpoints, in every mode, while walstream rests (nothing of
-    /// walstream's may hold them back) and after the commits that follow, including ones that
-    /// restart the WAL before walstream has woken: the replica holds every row, in one
-    /// generation.
+    /// walstream's may hold them back), and the commits that follow, the first of which
+    /// restarts the WAL before walstream has woken: the replica holds every row, in one
+    /// generation. (A second checkpoint right after those commits races the wake, and losing
+    /// that race costs a generation, never a row: the SIGKILL test below and the TRUNCATE race
+    /// above run it.)
     fn the_apps_checkpoints_in_every_mode_while_resting_lose_nothing(backend: Backend) {
         let scratch = Scratch::on(backend);
         let (mut app, replicator) = replicating_with_idle_release(&scratch, "100ms");
@@ -146,13 +148,9 @@ on_both_backends! {
             let (busy, _, _) = app.checkpoint(mode);
             assert_eq!(busy, 0, "walstream, resting, held back the application's {mode} checkpoint");
             // The first commit after a complete checkpoint restarts the WAL over frames walstream
-            // copied before it rested; the second lands before walstream can have woken.
+            // copied before it rested; the second most often lands before walstream has woken.
             app.insert(4);
             app.insert(4);
-            if round % 2 == 1 {
-                app.checkpoint(mode);
-                app.insert(2);
-            }
         }
         wait_until_resting(&replicator, &scratch.db());
         let log = replicator.log_text();
