@@ -111,8 +111,10 @@ thread_local! {
 }
 
 /// How soon a resting database looks again after a file event that found nothing changed: the
-/// WAL is written before the wal-index says so. It keeps looking, each wait as long as the time
-/// since the event, for [`REST_WATCH`]: between SQLite's last write to the WAL (the last event)
+/// WAL is written before the wal-index says so. After an event on the WAL it keeps looking, each
+/// wait as long as the time since the event, for [`REST_WATCH`] (not after one on the database
+/// file, which every rest's back-fill makes: at 10,000 databases, some 100,000 looks for
+/// nothing): between SQLite's last write to the WAL (the last event)
 /// and its wal-index update (none) comes the WAL's fsync, as long as a busy disk makes it, and a
 /// WAL restarted over a longer file keeps its length (and, on coarse clocks, its modification
 /// time), so only the wal-index tells. One look 20 ms after the event left a commit unshipped
@@ -443,6 +445,7 @@ impl Capturer {
         let mut changed = self.owed_pass || !self.pending_syncs.is_empty() || self.polling || after_drop;
         let mut shutdown = false;
         let mut file_event = false;
+        let mut wal_event = false;
         let first = match self.woken_by.pop_front().map(Ok).unwrap_or_else(|| wakes.try_recv()) {
             Ok(wake) => {
                 // A commit right after the last pass waits for the pass spacing, with whatever
@@ -463,6 +466,10 @@ impl Capturer {
         for wake in first.into_iter().chain(more).chain(std::iter::from_fn(|| wakes.try_recv().ok())) {
             match wake {
                 Wake::Changed => file_event = true,
+                Wake::WalChanged => {
+                    file_event = true;
+                    wal_event = true;
+                }
                 Wake::NewGeneration(reason) => {
                     self.pending_new_generation = Some(reason);
                     changed = true;
@@ -486,10 +493,10 @@ impl Capturer {
             // stays at rest unless its WAL or wal-index moved.
             if self.rest_undisturbed() {
                 // The event may come before the writer updates the wal-index: look again.
-                if file_event {
+                if wal_event {
                     self.rest_event_at = Some(Instant::now());
                 }
-                return Turn::Again(self.rest_recheck());
+                return Turn::Again(if file_event && !wal_event { REST_RECHECK } else { self.rest_recheck() });
             }
             file_event = true;
         }
@@ -2064,14 +2071,15 @@ mod tests {
 
     /// The last event of a commit comes with its last WAL write; the wal-index update that
     /// follows the WAL's fsync raises none, and a busy disk can make that fsync long. A resting
-    /// database keeps looking, at growing intervals, for [`REST_WATCH`] after an event, and
-    /// wakes for a commit that shows only then; later it looks only every [`REST_POLL`].
+    /// database keeps looking, at growing intervals, for [`REST_WATCH`] after an event on the
+    /// WAL, and wakes for a commit that shows only then; later, or after an event on the
+    /// database file alone, it looks only every [`REST_POLL`].
     #[test]
     fn a_resting_database_keeps_looking_for_a_while_after_an_event() {
         let mut h = Harness::new();
         let (_events, wake_tx, wake_rx) = turned_after_a_first_pass(&mut h);
         h.capturer.rest();
-        wake_tx.send(Wake::Changed).unwrap();
+        wake_tx.send(Wake::WalChanged).unwrap();
         assert!(matches!(h.capturer.turn(&wake_rx), Turn::Again(wait) if wait == REST_RECHECK));
         let mut waits = Vec::new();
         for _ in 0..3 {
@@ -2090,8 +2098,13 @@ mod tests {
         assert!(matches!(h.capturer.turn(&wake_rx), Turn::Again(_)));
         assert!(!h.capturer.db.is_resting(), "the commit must wake the database");
         h.assert_copied_to_the_wal_end();
-        // Long after the event, a database at rest again looks only every REST_POLL.
+        // An event on the database file (every rest's back-fill makes one) gets one look.
         h.capturer.rest();
+        h.capturer.rest_event_at = None;
+        wake_tx.send(Wake::Changed).unwrap();
+        assert!(matches!(h.capturer.turn(&wake_rx), Turn::Again(wait) if wait == REST_RECHECK));
+        assert!(matches!(h.capturer.turn(&wake_rx), Turn::Again(wait) if wait == REST_POLL));
+        // Long after an event on the WAL, a resting database looks only every REST_POLL.
         h.capturer.rest_event_at = Some(Instant::now() - REST_WATCH);
         assert!(matches!(h.capturer.turn(&wake_rx), Turn::Again(wait) if wait == REST_POLL));
     }

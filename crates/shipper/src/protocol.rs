@@ -16,8 +16,11 @@ pub(crate) const PASS_SPACING: Duration = Duration::from_millis(10);
 /// What wakes the capturer.
 #[derive(Debug)]
 pub(crate) enum Wake {
-    /// A file event on the database or its WAL.
+    /// A file event on the database file or its `-shm`.
     Changed,
+    /// A file event on the `-wal`: a commit may be under way, its wal-index update still to
+    /// come (a resting database keeps looking for a while, see capture's `REST_RECHECK`).
+    WalChanged,
     /// An uploader found the replica inconsistent with the local shadow.
     NewGeneration(String),
     /// A replica's snapshot interval elapsed, or its retention found no snapshot to keep.
