@@ -159,7 +159,7 @@ fn measure_fleet(o: &Options, bin: &Path, count: usize) -> anyhow::Result<Fleet>
         return Err(anyhow::anyhow!("exited {status} before every replica had its snapshot: {last}").context(Failed));
     }
     eprintln!("  every replica has its snapshot after {:.1} s", started.elapsed().as_secs_f64());
-    let before_wal: Vec<u64> = replicas.iter().map(|r| wal_bytes(r)).collect();
+    let before_bytes: Vec<u64> = replicas.iter().map(|r| replica_bytes(r)).collect();
 
     std::thread::sleep(Duration::from_secs(o.settle_secs));
     let idle_from = crate::proc_stats::read(pid)?;
@@ -180,7 +180,7 @@ fn measure_fleet(o: &Options, bin: &Path, count: usize) -> anyhow::Result<Fleet>
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
                 let now = Instant::now();
                 pending.lock().unwrap().retain(|(replica, before, at)| {
-                    let shipped = wal_bytes(replica) > *before;
+                    let shipped = replica_bytes(replica) > *before;
                     if shipped {
                         lags.lock().unwrap().push(now - *at);
                     }
@@ -199,15 +199,15 @@ fn measure_fleet(o: &Options, bin: &Path, count: usize) -> anyhow::Result<Fleet>
         conn.busy_timeout(Duration::from_secs(10))?;
         conn.execute(INSERT_ROW, [])?;
         if n % every == 0 {
-            pending.lock().unwrap().push((replicas[n].clone(), before_wal[n], Instant::now()));
+            pending.lock().unwrap().push((replicas[n].clone(), before_bytes[n], Instant::now()));
         }
     }
     let wrote = start.elapsed();
     // Every database's commit must reach its replica.
     let drained = wait_for(Duration::from_secs(120), || {
-        replicas.iter().zip(&before_wal).all(|(r, before)| wal_bytes(r) > *before)
+        replicas.iter().zip(&before_bytes).all(|(r, before)| replica_bytes(r) > *before)
     });
-    let shipped = replicas.iter().zip(&before_wal).filter(|(r, before)| wal_bytes(r) > **before).count();
+    let shipped = replicas.iter().zip(&before_bytes).filter(|(r, before)| replica_bytes(r) > **before).count();
     let commit_to = crate::proc_stats::read(pid)?;
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     watcher.join().expect("lag watcher");
@@ -220,8 +220,8 @@ fn measure_fleet(o: &Options, bin: &Path, count: usize) -> anyhow::Result<Fleet>
         // is a fault to find, and whether the shutdown flush shipped it tells how bad it is.
         let late: Vec<String> = dbs
             .iter()
-            .zip(replicas.iter().zip(&before_wal))
-            .filter(|(_, (r, before))| wal_bytes(r) <= **before)
+            .zip(replicas.iter().zip(&before_bytes))
+            .filter(|(_, (r, before))| replica_bytes(r) <= **before)
             .map(|(db, _)| db.display().to_string())
             .collect();
         eprintln!(
@@ -242,14 +242,10 @@ fn measure_fleet(o: &Options, bin: &Path, count: usize) -> anyhow::Result<Fleet>
     })
 }
 
-/// Bytes of WAL segments under a replica (both tools' layout: `generations/*/wal/`).
-fn wal_bytes(replica: &Path) -> u64 {
-    walk(&replica.join("generations"))
-        .iter()
-        .filter(|p| p.to_string_lossy().contains("/wal/"))
-        .filter_map(|p| std::fs::metadata(p).ok())
-        .map(|m| m.len())
-        .sum()
+/// Bytes of WAL segments and snapshots under a replica (both tools' layout: `generations/`): a
+/// commit reaches the replica as WAL, or in the snapshot of a generation started after it.
+fn replica_bytes(replica: &Path) -> u64 {
+    walk(&replica.join("generations")).iter().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.len()).sum()
 }
 
 /// Open descriptors, threads and resident KiB of a process now.
