@@ -112,13 +112,12 @@ thread_local! {
 
 /// How soon a resting database looks again after a file event that found nothing changed: the
 /// WAL is written before the wal-index says so. After an event on the WAL it keeps looking, each
-/// wait as long as the time since the event, for [`REST_WATCH`] (not after one on the database
-/// file, which every rest's back-fill makes: at 10,000 databases, some 100,000 looks for
-/// nothing): between SQLite's last write to the WAL (the last event)
-/// and its wal-index update (none) comes the WAL's fsync, as long as a busy disk makes it, and a
-/// WAL restarted over a longer file keeps its length (and, on coarse clocks, its modification
-/// time), so only the wal-index tells. One look 20 ms after the event left a commit unshipped
-/// for `REST_POLL` in one of four bench runs at 10,000 databases.
+/// wait as long as the time since the event, for [`REST_WATCH`]: between SQLite's last write to
+/// the WAL (the last event) and its wal-index update (none) comes the WAL's fsync, as long as a
+/// busy disk makes it, and a WAL restarted over a longer file keeps its length (and, on coarse
+/// clocks, its modification time), so only the wal-index tells. Not after an event on the
+/// database file alone, which every rest's back-fill makes: at 10,000 databases that would be
+/// some 100,000 looks for nothing.
 const REST_RECHECK: Duration = Duration::from_millis(20);
 
 /// How long after a file event a resting database keeps looking (see [`REST_RECHECK`]).
@@ -496,7 +495,7 @@ impl Capturer {
                 if wal_event {
                     self.rest_event_at = Some(Instant::now());
                 }
-                return Turn::Again(if file_event && !wal_event { REST_RECHECK } else { self.rest_recheck() });
+                return Turn::Again(if file_event { REST_RECHECK } else { self.rest_recheck() });
             }
             file_event = true;
         }
@@ -664,19 +663,20 @@ impl Capturer {
         self.db.release_all();
         // A life not yet back-filled is back-filled now, so that it can be sealed: otherwise an
         // application checkpoint while the database rests, then a commit, restarts the WAL over
-        // frames no pass saw end, and costs a new generation and its snapshot. Everything is
-        // shipped, so SQLite may write those frames into the file (rule 9 in ARCHITECTURE.md).
-        // Not while other databases wait to wake: their wait would include its two fsyncs, and
-        // at 10,000 databases the bench's commit lag p50 went from about 10 ms to 61 and 75 ms
-        // in two runs of five.
+        // frames no pass saw end, and costs a new generation and its snapshot. The shadow holds
+        // the whole life, so SQLite may write those frames into the file (rule 9 in
+        // ARCHITECTURE.md). Not while other databases wait to wake: their wait would include
+        // its two fsyncs (in the bench at 10,000 databases, runs with it had commit lag p50 up to
+        // 75 ms; the cause is not established).
         let shadow = self.generation.as_ref().and_then(|g| g.shadow.as_ref());
-        if let (Some(index), Some(shadow), false) = (self.db.wal_index_header(), shadow, crate::awake::contended()) {
+        let mut before = self.db.wal_index_header();
+        if let (Some(index), Some(shadow), false) = (before, shadow, crate::awake::contended()) {
             if index.backfilled < index.max_frame && shadow_holds_all(&index, shadow) {
                 self.db.backfill();
+                before = self.db.wal_index_header();
             }
         }
-        let before = self.db.wal_index_header();
-        let life_ends_here = match (before, self.generation.as_ref().and_then(|g| g.shadow.as_ref())) {
+        let life_ends_here = match (before, shadow) {
             (Some(index), Some(shadow)) => index.backfilled == index.max_frame && shadow_holds_all(&index, shadow),
             _ => false,
         };

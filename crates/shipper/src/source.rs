@@ -196,7 +196,8 @@ impl SourceDb {
     /// application's last connection to close would otherwise take the exclusive lock, checkpoint
     /// and delete the WAL and wal-index, and the next life would start with new random salts:
     /// continuity lost, a new generation. Closing the connections drops every POSIX lock this
-    /// process holds on the file, which is why the lock is taken after.
+    /// process holds on the file, which is why the lock is an open-file-description lock, or,
+    /// where the kernel has none, a POSIX lock taken after they close.
     pub(crate) fn rest(&mut self) -> Result<(), Error> {
         self.release_all();
         // Taken before the connections close where the kernel has open-file-description locks,
