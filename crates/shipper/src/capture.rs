@@ -1110,13 +1110,24 @@ impl Capturer {
     }
 
     fn store_deferred_with_buf(&mut self) -> Result<(), Error> {
-        let Some(shadow) = self.generation.as_mut().and_then(|g| g.shadow.as_mut()) else { return Ok(()) };
+        let Some(generation) = self.generation.as_mut() else { return Ok(()) };
+        let generation_id = generation.id;
+        let Some(shadow) = generation.shadow.as_mut() else { return Ok(()) };
         if !shadow.deferred {
             return Ok(());
         }
         let before = shadow.committed_len;
+        // What every replica holds of this index need not be stored.
+        let shipped = self
+            .replica_positions
+            .iter()
+            .map(|p| {
+                p.borrow().filter(|p| p.generation == generation_id && p.index == shadow.index).map_or(0, |p| p.offset)
+            })
+            .min()
+            .unwrap_or(0);
         let intact = match LiveWal::open(&self.wal_path)? {
-            Some(live) => shadow.store_deferred(&live.file, live.len, &mut self.buf)?,
+            Some(live) => shadow.store_deferred(&live.file, live.len, &mut self.buf, shipped)?,
             None => false,
         };
         // Commits since the last pass come along: they count as copied (`wal_outgrew_snapshot`).
@@ -1477,7 +1488,13 @@ impl Capturer {
                 end: Some(generation.end()),
                 is_final,
                 syncs_requested: self.syncs_requested,
-                live_from: generation.shadow.as_ref().and_then(|s| Some((s.index, s.live_from?))),
+                // A life served from the live WAL from its first frame is served whole from
+                // there, its header too: the pin keeps that header as it is, and a header shipped
+                // from the shadow would be an object of its own, a request more per WAL life.
+                live_from: generation.shadow.as_ref().and_then(|s| {
+                    let from = s.live_from?;
+                    Some((s.index, if from <= WAL_HEADER_SIZE as u64 { 0 } else { from }))
+                }),
                 ship_now: self.live_for_space_pending(),
                 wal_path: self.wal_path.clone(),
                 disk_tight: disk_is_tight(&self.meta.wal_dir(&generation.id)),
@@ -1890,13 +1907,14 @@ mod tests {
 
     /// Under the pin, new frames stay in the live WAL while a replica lacks them: the shadow
     /// takes no room for them beside the application's own WAL. Before the pin goes they are
-    /// stored byte for byte, so the application's checkpoint may then truncate the WAL and the
-    /// generation goes on.
+    /// stored byte for byte, but for what every replica holds, and a restart resumes the file
+    /// to its end; the application's checkpoint may then truncate the WAL and the generation
+    /// goes on.
     #[test]
     fn frames_stay_in_the_live_wal_under_the_pin_and_are_stored_before_it_goes() {
         use std::os::unix::fs::MetadataExt;
         let mut h = Harness::new();
-        let (_position, replica) = watch::channel(None);
+        let (position, replica) = watch::channel(None);
         h.capturer.replica_positions = vec![replica];
         h.capturer.pass().unwrap();
         for _ in 0..100 {
@@ -1913,12 +1931,22 @@ mod tests {
         let on_disk = std::fs::metadata(&path).unwrap().blocks() * 512;
         assert!(on_disk <= 8192, "{on_disk} bytes of the shadow on disk while the pin keeps {len} in the live WAL");
 
+        // The replica holds the first 40 frames: those are not stored.
+        let frame = walstream_format::wal::frame_size(h.capturer.db.page_size());
+        let shipped = WAL_HEADER_SIZE as u64 + 40 * frame;
+        position.send_replace(Some(Pos { generation, index, offset: shipped }));
         h.capturer.store_deferred().unwrap();
         h.capturer.db.release_all();
         let stored = std::fs::read(&path).unwrap();
         let live = std::fs::read(wal_path(&h.capturer.db_path)).unwrap();
         assert_eq!(stored.len() as u64, len);
-        assert!(stored == live[..len as usize], "the stored bytes differ from the live WAL's");
+        let data_from = crate::shadow::first_data(&std::fs::File::open(&path).unwrap(), 4096).unwrap();
+        let resumed = WAL_HEADER_SIZE as u64 + (data_from - WAL_HEADER_SIZE as u64).div_ceil(frame) * frame;
+        assert!(resumed <= shipped && data_from > shipped - 4096, "stored from {data_from}");
+        let resumed = resumed as usize;
+        assert!(stored[resumed..] == live[resumed..len as usize], "the stored bytes differ from the live WAL's");
+        let reopened = ShadowIndex::open(&h.capturer.meta.wal_dir(&generation), index).unwrap().unwrap();
+        assert_eq!(reopened.committed_len, len, "a restart would not resume the stored index to its end");
         h.truncate();
         h.capturer.pass().unwrap();
         assert_eq!(h.generation(), generation);

@@ -17,7 +17,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use walstream_format::wal::{FrameChain, WalHeader};
+use walstream_format::wal::{FrameChain, FrameHeader, WalHeader};
 use walstream_format::{name, WAL_HEADER_SIZE};
 
 use crate::error::{io_err, is_disk_full, Error};
@@ -235,15 +235,31 @@ impl ShadowIndex {
     /// bytes long, still under the pin that vouched for it), before the pin goes. A disk too
     /// full for all of it leaves the rest served from the live WAL as a full disk does. False
     /// if the live WAL no longer holds those bytes: then nothing vouches for them.
+    ///
+    /// Bytes below `shipped` (every replica holds them) are left out: the file resumes at the
+    /// first frame of `shipped`'s block, where [`ShadowIndex::open`] would resume it too, its
+    /// chain taken from the frame before, as SQLite's running checksum allows.
     pub(crate) fn store_deferred(
         &mut self,
         source: &impl FileExt,
         source_len: u64,
         buf: &mut [u8],
+        shipped: u64,
     ) -> Result<bool, Error> {
         let (Some(from), true) = (self.live_from, self.deferred) else { return Ok(true) };
         let end = self.committed_len;
         (self.committed_len, self.chain) = (from, self.live_chain);
+        let frame = self.header.frame_size();
+        let header_size = WAL_HEADER_SIZE as u64;
+        let resume_at = header_size + (shipped / BLOCK * BLOCK).saturating_sub(header_size).div_ceil(frame) * frame;
+        if shipped <= end && resume_at <= shipped && resume_at >= from + frame {
+            let mut bytes = vec![0u8; frame as usize];
+            let before =
+                source.read_exact_at(&mut bytes, resume_at - frame).ok().and_then(|()| FrameHeader::parse(&bytes).ok());
+            if let Some(before) = before.filter(|h| (h.salt1, h.salt2) == (self.header.salt1, self.header.salt2)) {
+                (self.committed_len, self.chain) = (resume_at, FrameChain::resume(self.header, before.checksum));
+            }
+        }
         self.live_from = None;
         self.deferred = false;
         self.live_last_frame = Vec::new();
