@@ -1947,6 +1947,17 @@ mod tests {
         assert!(stored[resumed..] == live[resumed..len as usize], "the stored bytes differ from the live WAL's");
         let reopened = ShadowIndex::open(&h.capturer.meta.wal_dir(&generation), index).unwrap().unwrap();
         assert_eq!(reopened.committed_len, len, "a restart would not resume the stored index to its end");
+        // The replica holds everything: still the last frame is stored, which the next pass
+        // compares with the live WAL.
+        h.insert();
+        h.capturer.pass().unwrap();
+        let len = h.capturer.shadow_end().unwrap().1;
+        position.send_replace(Some(Pos { generation, index, offset: len }));
+        h.capturer.store_deferred().unwrap();
+        h.capturer.db.release_all();
+        let live = std::fs::read(wal_path(&h.capturer.db_path)).unwrap();
+        let last = h.capturer.generation.as_ref().unwrap().shadow.as_ref().unwrap().last_frame().unwrap().unwrap();
+        assert!(last == live[(len - frame) as usize..len as usize], "the last frame is not stored");
         h.truncate();
         h.capturer.pass().unwrap();
         assert_eq!(h.generation(), generation);

@@ -236,8 +236,8 @@ impl ShadowIndex {
     /// full for all of it leaves the rest served from the live WAL as a full disk does. False
     /// if the live WAL no longer holds those bytes: then nothing vouches for them.
     ///
-    /// Bytes below `shipped` (every replica holds them) are left out: the file resumes at the
-    /// first frame of `shipped`'s block, where [`ShadowIndex::open`] would resume it too, its
+    /// Bytes below `shipped` (every replica holds them) are left out, but for the last frame:
+    /// the file resumes at the first frame of `shipped`'s block, where [`ShadowIndex::open`] would resume it too, its
     /// chain taken from the frame before, as SQLite's running checksum allows.
     pub(crate) fn store_deferred(
         &mut self,
@@ -251,6 +251,8 @@ impl ShadowIndex {
         (self.committed_len, self.chain) = (from, self.live_chain);
         let frame = self.header.frame_size();
         let header_size = WAL_HEADER_SIZE as u64;
+        // The last frame is always stored: the capturer compares it with the live WAL.
+        let shipped = shipped.min(end.saturating_sub(frame));
         let resume_at = header_size + (shipped / BLOCK * BLOCK).saturating_sub(header_size).div_ceil(frame) * frame;
         if shipped <= end && resume_at <= shipped && resume_at >= from + frame {
             let mut bytes = vec![0u8; frame as usize];
