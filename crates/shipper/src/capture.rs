@@ -578,14 +578,13 @@ impl Capturer {
             return Ok(());
         }
         crate::fail_point::stall("final-pass");
-        // The pin goes at the end of this: what it kept in the live WAL is stored first.
-        let mut result = self.timed_pass().and_then(|()| self.store_deferred()).and_then(|()| self.fsync_shadow());
+        let mut result = self.timed_pass().and_then(|()| self.fsync_shadow());
         // On a full disk each pass copies what fits, and the uploads free the shadow's
         // space as they ship it: the last commits still go out if passes go on a while.
         let retry_until = Instant::now() + FULL_DISK_FINAL_COPY;
         while result.as_ref().err().is_some_and(Error::is_disk_full) && Instant::now() < retry_until {
             std::thread::sleep(self.timing.pass_spacing.max(Duration::from_millis(5)));
-            result = self.timed_pass().and_then(|()| self.store_deferred()).and_then(|()| self.fsync_shadow());
+            result = self.timed_pass().and_then(|()| self.fsync_shadow());
         }
         self.publish(true);
         if result.is_ok() {
@@ -644,7 +643,7 @@ impl Capturer {
             && self.pending_new_generation.is_none()
             && !self.pending_snapshot
             && self.after_drop_until.is_none_or(|until| Instant::now() >= until)
-            && generation.shadow.as_ref().is_none_or(|s| s.live_from.is_none() || s.deferred)
+            && generation.shadow.as_ref().is_none_or(|s| s.live_from.is_none())
             && !self.database_snapshot_pending()
             && (pressed || all_hold(&self.replica_positions, generation.end()))
     }
@@ -661,17 +660,6 @@ impl Capturer {
                 && index.salt1 == shadow.header.salt1
                 && shadow.committed_len == WAL_HEADER_SIZE as u64 + u64::from(index.max_frame) * frame
         };
-        // What the pin kept in the live WAL for the replicas is stored first (under contention a
-        // database rests before the replicas have everything); a disk without room for it keeps
-        // the pin.
-        self.leave_live_if_shipped();
-        if let Err(e) = self.store_deferred() {
-            debug!(db = %self.db_path.display(), error = %e, "cannot store what the pin kept; staying awake");
-            return;
-        }
-        if self.live_pending() {
-            return;
-        }
         self.db.release_all();
         // A life not yet back-filled is back-filled now, so that it can be sealed: otherwise an
         // application checkpoint while the database rests, then a commit, restarts the WAL over
@@ -847,11 +835,7 @@ impl Capturer {
         let started = Instant::now();
         let result = self.pass();
         self.counters.record_pass(started.elapsed(), result.is_ok());
-        let live = self
-            .generation
-            .as_ref()
-            .and_then(|g| g.shadow.as_ref())
-            .is_some_and(|s| s.live_from.is_some() && !s.deferred);
+        let live = self.generation.as_ref().and_then(|g| g.shadow.as_ref()).is_some_and(|s| s.live_from.is_some());
         let was_full = self
             .counters
             .disk_full
@@ -919,8 +903,7 @@ impl Capturer {
         if !self.live_pending() && self.db.pin_age().is_none_or(|age| age >= self.timing.pin_roll) {
             self.db.roll_pin();
         }
-        // Under the pin the new frames stay in the live WAL until shipped (see `store_deferred`).
-        let mut result = self.copy(since_last_copy, self.db.is_pinned());
+        let mut result = self.copy(since_last_copy);
         self.db.release_previous();
         if result.is_ok() && !self.pending_snapshot && self.wal_outgrew_snapshot() {
             self.pending_snapshot = true;
@@ -1037,7 +1020,7 @@ impl Capturer {
     /// the write lock, so one more copy captures the WAL life to its end; then walstream steps
     /// aside and the checkpoint proceeds.
     fn step_aside(&mut self) {
-        let result = self.store_deferred().and_then(|()| self.copy(Continuity::Pinned, false));
+        let result = self.copy(Continuity::Pinned);
         if self.live_pending() {
             // The checkpoint waits until the replicas hold what only the live WAL has.
             self.publish(false);
@@ -1086,62 +1069,6 @@ impl Capturer {
         shadow.committed_len > from && !all_hold(&self.replica_positions, generation.end())
     }
 
-    /// Whether the live WAL holds bytes of the current index that the disk had no room for, or
-    /// would have none for when the pin must go, and some replica lacks: the uploaders ship
-    /// them at once. On a full disk the application's WAL can only restart once they have.
-    fn live_for_space_pending(&self) -> bool {
-        if self.database_snapshot_pending() {
-            return true;
-        }
-        let Some(generation) = &self.generation else { return false };
-        let Some(shadow) = &generation.shadow else { return false };
-        let Some(from) = shadow.live_from.filter(|_| self.live_pending()) else { return false };
-        let unstored = shadow.committed_len - from;
-        !shadow.deferred
-            || disk_space(&self.meta.wal_dir(&generation.id))
-                .is_some_and(|(_, free)| free < unstored + STORE_ROOM_MARGIN)
-    }
-
-    /// Before the pin goes: stores what the passes left in the live WAL under it (see
-    /// `ShadowIndex::append_from`), so that nothing but the shadow needs the old WAL life. A disk
-    /// too full for it serves the rest from the live WAL as rule 7 does, and the pin stays.
-    fn store_deferred(&mut self) -> Result<(), Error> {
-        self.with_copy_buf(Capturer::store_deferred_with_buf)
-    }
-
-    fn store_deferred_with_buf(&mut self) -> Result<(), Error> {
-        let Some(generation) = self.generation.as_mut() else { return Ok(()) };
-        let generation_id = generation.id;
-        let Some(shadow) = generation.shadow.as_mut() else { return Ok(()) };
-        if !shadow.deferred {
-            return Ok(());
-        }
-        let before = shadow.committed_len;
-        // What every replica holds of this index need not be stored.
-        let shipped = self
-            .replica_positions
-            .iter()
-            .map(|p| {
-                p.borrow().filter(|p| p.generation == generation_id && p.index == shadow.index).map_or(0, |p| p.offset)
-            })
-            .min()
-            .unwrap_or(0);
-        let intact = match LiveWal::open(&self.wal_path)? {
-            Some(live) => shadow.store_deferred(&live.file, live.len, &mut self.buf, shipped)?,
-            None => false,
-        };
-        // Commits since the last pass come along: they count as copied (`wal_outgrew_snapshot`).
-        let newly = shadow.committed_len.saturating_sub(before);
-        self.counters.shadow_bytes.fetch_add(newly, std::sync::atomic::Ordering::Relaxed);
-        if !intact {
-            // The pin held since these bytes were read, so this should not happen; if it does,
-            // nothing vouches for them, and a new generation's snapshot holds every commit.
-            self.pending_new_generation =
-                Some("the wal no longer held bytes walstream's pin kept for the replicas".into());
-        }
-        Ok(())
-    }
-
     /// Stores the current index in its file again once the replicas hold what the live WAL
     /// served (see `ShadowIndex::leave_live`).
     fn leave_live_if_shipped(&mut self) {
@@ -1149,8 +1076,7 @@ impl Capturer {
             return;
         }
         if let Some(shadow) = self.generation.as_mut().and_then(|g| g.shadow.as_mut()) {
-            let for_space = !shadow.deferred;
-            if shadow.live_from.is_some() && shadow.leave_live() && for_space {
+            if shadow.live_from.is_some() && shadow.leave_live() {
                 debug!(db = %self.db_path.display(), index = shadow.index, "disk space again; the shadow wal is stored locally again");
             }
         }
@@ -1167,6 +1093,9 @@ impl Capturer {
         let Some((index, len)) = self.shadow_end() else {
             return;
         };
+        if self.live_pending() {
+            return;
+        }
         let frame = walstream_format::wal::frame_size(self.db.page_size());
         if len < WAL_HEADER_SIZE as u64 + DROP_PIN_WAL_FRAMES * frame {
             self.large_wal_since = None;
@@ -1191,43 +1120,12 @@ impl Capturer {
         let retry_due =
             in_window || self.last_drop.is_none_or(|(dropped, at)| dropped != index || at.elapsed() >= DROP_PIN_RETRY);
         if (busy || slow || len >= DROP_PIN_ANY_WRITER_BYTES) && retry_due && self.db.is_pinned() {
-            // What the replicas lack is stored, not shipped at once: a life ends about every
-            // second at 1,000 commits/s, and each one's last bytes shipped on their own would be
-            // a request more a second than litestream makes (issue 26). A full disk keeps the pin.
-            if self.store_deferred().is_err() || self.live_pending() {
-                return;
-            }
             if !in_window {
                 debug!(db = %self.db_path.display(), index, "wal life is large and never fully back-filled; dropping the pin so the application's checkpoint can restart it");
                 self.after_drop_until = Some(Instant::now() + AFTER_DROP_WINDOW);
                 self.last_drop = Some((index, Instant::now()));
             }
             self.db.release_all();
-            self.backfill_on_a_full_disk();
-        }
-    }
-
-    /// Right after a drop on a disk without room: the application's WAL has grown past the
-    /// space its earlier lives took while pinned, so its commits fail with SQLITE_FULL, and
-    /// SQLite's autocheckpoint, which runs only after a commit, never comes to restart it. A
-    /// PASSIVE checkpoint does its work (never waiting, as in rule 9) once the shadow holds the
-    /// whole life, so the app's next write restarts the WAL into the space it already has.
-    fn backfill_on_a_full_disk(&mut self) {
-        let Some(generation) = &self.generation else { return };
-        let Some(shadow) = &generation.shadow else { return };
-        if disk_space(&self.meta.wal_dir(&generation.id)).is_none_or(|(_, free)| free >= STORE_ROOM_MARGIN) {
-            return;
-        }
-        let frame = walstream_format::wal::frame_size(self.db.page_size());
-        let holds_all = self.db.wal_index_header().is_some_and(|index| {
-            index.max_frame > 0
-                && index.backfilled < index.max_frame
-                && index.salt1 == shadow.header.salt1
-                && shadow.committed_len == WAL_HEADER_SIZE as u64 + u64::from(index.max_frame) * frame
-        });
-        if holds_all {
-            self.db.backfill();
-            debug!(db = %self.db_path.display(), "disk full: back-filled the wal so the application's next write can restart it");
         }
     }
 
@@ -1267,7 +1165,7 @@ impl Capturer {
     /// Copies new committed frames into the shadow, following restarts and starting a new
     /// generation where continuity is lost: [`observe`](Capturer::observe) decides what the live
     /// WAL is to the shadow, and this acts on it.
-    fn copy(&mut self, since_last_copy: Continuity, defer: bool) -> Result<(), Error> {
+    fn copy(&mut self, since_last_copy: Continuity) -> Result<(), Error> {
         if let Some(reason) = self.pending_new_generation.take() {
             return self.start_new_generation(reason);
         }
@@ -1288,7 +1186,7 @@ impl Capturer {
                 let wal_dir = self.meta.wal_dir(&generation.id);
                 let mut shadow = ShadowIndex::create(&wal_dir, generation.snapshot.index, header_bytes, header)?;
                 added(WAL_HEADER_SIZE as u64);
-                added(shadow.append_from(&live.file, live.len, hint(&shadow.header), &mut self.buf, defer)?);
+                added(shadow.append_from(&live.file, live.len, hint(&shadow.header), &mut self.buf)?);
                 generation.shadow = Some(shadow);
                 Ok(())
             }
@@ -1304,7 +1202,7 @@ impl Capturer {
                 let shadow = generation.shadow.as_mut().expect("observed against a shadow");
                 shadow.sealed = false;
                 shadow.next_salt1 = None;
-                added(shadow.append_from(&live.file, live.len, hint(&shadow.header), &mut self.buf, defer)?);
+                added(shadow.append_from(&live.file, live.len, hint(&shadow.header), &mut self.buf)?);
                 Ok(())
             }
             Observed::Restarted { live, header_bytes, header, tail_intact } => {
@@ -1312,9 +1210,8 @@ impl Capturer {
                 // The new life overwrites from the front; frames of the old life beyond its
                 // reach may still be there, and carry the old salts, so the chain check
                 // accepts only them.
-                // No pin vouches for those: they are stored.
                 if tail_intact {
-                    added(shadow.append_from(&live.file, live.len, hint(&shadow.header), &mut self.buf, false)?);
+                    added(shadow.append_from(&live.file, live.len, hint(&shadow.header), &mut self.buf)?);
                 }
                 // A life that ends with bytes only the live WAL held (the disk was full) and
                 // that some replica lacks: the restart writes over them, so nothing vouches for
@@ -1331,7 +1228,7 @@ impl Capturer {
                 generation.index_started_at = added(WAL_HEADER_SIZE as u64);
                 debug!(db = %self.db_path.display(), index = next.index, "wal restarted; new index");
                 let shadow = generation.shadow.insert(next);
-                added(shadow.append_from(&live.file, live.len, hint(&shadow.header), &mut self.buf, defer)?);
+                added(shadow.append_from(&live.file, live.len, hint(&shadow.header), &mut self.buf)?);
                 Ok(())
             }
         }
@@ -1447,7 +1344,7 @@ impl Capturer {
                 let mut index = ShadowIndex::create(&self.meta.wal_dir(&id), 0, bytes, header)?;
                 self.counters.shadow_bytes.fetch_add(WAL_HEADER_SIZE as u64, std::sync::atomic::Ordering::Relaxed);
                 self.counters.shadow_bytes.fetch_add(
-                    index.append_from(&live.file, live.len, 0, &mut self.buf, self.db.is_pinned())?,
+                    index.append_from(&live.file, live.len, 0, &mut self.buf)?,
                     std::sync::atomic::Ordering::Relaxed,
                 );
                 shadow = Some(index);
@@ -1488,14 +1385,7 @@ impl Capturer {
                 end: Some(generation.end()),
                 is_final,
                 syncs_requested: self.syncs_requested,
-                // A life served from the live WAL from its first frame is served whole from
-                // there, its header too: the pin keeps that header as it is, and a header shipped
-                // from the shadow would be an object of its own, a request more per WAL life.
-                live_from: generation.shadow.as_ref().and_then(|s| {
-                    let from = s.live_from?;
-                    Some((s.index, if from <= WAL_HEADER_SIZE as u64 { 0 } else { from }))
-                }),
-                ship_now: self.live_for_space_pending(),
+                live_from: generation.shadow.as_ref().and_then(|s| Some((s.index, s.live_from?))),
                 wal_path: self.wal_path.clone(),
                 disk_tight: disk_is_tight(&self.meta.wal_dir(&generation.id)),
                 ended: generation.ended.clone(),
@@ -1626,25 +1516,17 @@ const TIGHT_DISK_MAX: u64 = 256 << 20;
 /// Whether the filesystem holding `dir` has less free space than the tight mark above; false
 /// when it cannot tell.
 fn disk_is_tight(dir: &Path) -> bool {
-    disk_space(dir).is_some_and(|(size, free)| free < (size / 4).clamp(TIGHT_DISK_MIN, TIGHT_DISK_MAX))
-}
-
-/// (size, bytes free) of the filesystem holding `dir`; `None` when it cannot tell.
-fn disk_space(dir: &Path) -> Option<(u64, u64)> {
     use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else { return false };
     // SAFETY: a valid C string and an out-pointer to a zeroed struct of the right type.
     let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
-        return None;
+        return false;
     }
     let block = stat.f_frsize as u64;
-    Some((stat.f_blocks as u64 * block, stat.f_bavail as u64 * block))
+    let (size, free) = (stat.f_blocks as u64 * block, stat.f_bavail as u64 * block);
+    free < (size / 4).clamp(TIGHT_DISK_MIN, TIGHT_DISK_MAX)
 }
-
-/// Room kept free beside what the pin keeps in the live WAL before it counts as having no room
-/// to store it (see `Capturer::live_for_space_pending`).
-const STORE_ROOM_MARGIN: u64 = 1 << 20;
 
 /// How far SQLite's wal-index says the WAL life with `header` is committed, or 0 if the index
 /// is unreadable or describes another life: a plan for the reads, never trusted for what to copy.
@@ -1853,7 +1735,6 @@ mod tests {
         /// pass on a huge WAL life or after stepping aside.
         fn pass_then_unpin(&mut self) {
             self.capturer.pass().unwrap();
-            self.capturer.store_deferred().unwrap();
             self.capturer.db.release_all();
         }
 
@@ -1903,64 +1784,6 @@ mod tests {
         let next = ShadowIndex::create(&wal_dir, index + 1, *shadow.header_bytes(), shadow.header).unwrap();
         generation.shadow = Some(next);
         assert_eq!(generation.end(), Pos { generation: generation.id, index: index + 1, offset: 0 });
-    }
-
-    /// Under the pin, new frames stay in the live WAL while a replica lacks them: the shadow
-    /// takes no room for them beside the application's own WAL. Before the pin goes they are
-    /// stored byte for byte, but for what every replica holds, and a restart resumes the file
-    /// to its end; the application's checkpoint may then truncate the WAL and the generation
-    /// goes on.
-    #[test]
-    fn frames_stay_in_the_live_wal_under_the_pin_and_are_stored_before_it_goes() {
-        use std::os::unix::fs::MetadataExt;
-        let mut h = Harness::new();
-        let (position, replica) = watch::channel(None);
-        h.capturer.replica_positions = vec![replica];
-        h.capturer.pass().unwrap();
-        for _ in 0..100 {
-            h.insert();
-        }
-        h.capturer.pass().unwrap();
-        let generation = h.generation();
-        let shadow = h.capturer.generation.as_ref().unwrap().shadow.as_ref().unwrap();
-        let (index, len) = (shadow.index, shadow.committed_len);
-        assert!(shadow.deferred && shadow.live_from.is_some_and(|from| from < len));
-        let path = h.capturer.meta.wal_dir(&generation).join(name::shadow_wal_file_name(index));
-        h.assert_copied_to_the_wal_end();
-        assert!(len > 100 * 4096, "the commits were not seen; the test proves nothing");
-        let on_disk = std::fs::metadata(&path).unwrap().blocks() * 512;
-        assert!(on_disk <= 8192, "{on_disk} bytes of the shadow on disk while the pin keeps {len} in the live WAL");
-
-        // The replica holds the first 40 frames: those are not stored.
-        let frame = walstream_format::wal::frame_size(h.capturer.db.page_size());
-        let shipped = WAL_HEADER_SIZE as u64 + 40 * frame;
-        position.send_replace(Some(Pos { generation, index, offset: shipped }));
-        h.capturer.store_deferred().unwrap();
-        h.capturer.db.release_all();
-        let stored = std::fs::read(&path).unwrap();
-        let live = std::fs::read(wal_path(&h.capturer.db_path)).unwrap();
-        assert_eq!(stored.len() as u64, len);
-        let data_from = crate::shadow::first_data(&std::fs::File::open(&path).unwrap(), 4096).unwrap();
-        let resumed = WAL_HEADER_SIZE as u64 + (data_from - WAL_HEADER_SIZE as u64).div_ceil(frame) * frame;
-        assert!(resumed <= shipped && data_from > shipped - 4096, "stored from {data_from}");
-        let resumed = resumed as usize;
-        assert!(stored[resumed..] == live[resumed..len as usize], "the stored bytes differ from the live WAL's");
-        let reopened = ShadowIndex::open(&h.capturer.meta.wal_dir(&generation), index).unwrap().unwrap();
-        assert_eq!(reopened.committed_len, len, "a restart would not resume the stored index to its end");
-        // The replica holds everything: still the last frame is stored, which the next pass
-        // compares with the live WAL.
-        h.insert();
-        h.capturer.pass().unwrap();
-        let len = h.capturer.shadow_end().unwrap().1;
-        position.send_replace(Some(Pos { generation, index, offset: len }));
-        h.capturer.store_deferred().unwrap();
-        h.capturer.db.release_all();
-        let live = std::fs::read(wal_path(&h.capturer.db_path)).unwrap();
-        let last = h.capturer.generation.as_ref().unwrap().shadow.as_ref().unwrap().last_frame().unwrap().unwrap();
-        assert!(last == live[(len - frame) as usize..len as usize], "the last frame is not stored");
-        h.truncate();
-        h.capturer.pass().unwrap();
-        assert_eq!(h.generation(), generation);
     }
 
     /// Once every replica is past an index, it takes no disk: the newest such file stays as a
