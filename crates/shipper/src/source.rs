@@ -391,9 +391,10 @@ fn suffixed(db: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// Takes a read lock on the first byte of SQLite's shared-lock range (os_unix.c: `SHARED_FIRST`,
-/// two bytes past `PENDING_BYTE`), as a connection holding SQLite's SHARED lock does: another
-/// process cannot then take the EXCLUSIVE lock, which wants a write lock on the whole range.
+/// The first byte of SQLite's shared-lock range (os_unix.c: `SHARED_FIRST`, two bytes past
+/// `PENDING_BYTE`).
+const SHARED_FIRST: i64 = 0x4000_0000 + 2;
+
 /// The lock of [`lock_shared_range`] as an open-file-description lock (Linux 3.15): held by the
 /// descriptor, so neither SQLite's closing its own descriptors of the file nor its unlocking
 /// the range drops it, as they drop a POSIX lock of the same process. It conflicts with the
@@ -402,8 +403,10 @@ fn hold_shared_range(file: &File) -> std::io::Result<()> {
     lock_shared_range(file, libc::F_OFD_SETLK)
 }
 
+/// Takes a read lock on [`SHARED_FIRST`] with `command` (`F_SETLK` or `F_OFD_SETLK`), as a
+/// connection holding SQLite's SHARED lock does: another process cannot then take the
+/// EXCLUSIVE lock, which wants a write lock on the whole range.
 fn lock_shared_range(file: &File, command: libc::c_int) -> std::io::Result<()> {
-    const SHARED_FIRST: i64 = 0x4000_0000 + 2;
     // SAFETY: `flock` is plain data.
     let mut lock: libc::flock = unsafe { std::mem::zeroed() };
     lock.l_type = libc::F_RDLCK as libc::c_short;
@@ -437,7 +440,7 @@ mod tests {
     /// Whether a POSIX write lock on SQLite's first shared-lock byte would be refused: what the
     /// application's last close asks for before it checkpoints and deletes the WAL.
     fn shared_range_locked(path: &Path) -> bool {
-        locked_by_other(&File::open(path).unwrap(), 0x4000_0000 + 2)
+        locked_by_other(&File::open(path).unwrap(), SHARED_FIRST)
     }
 
     /// The lock that keeps the application's last close from deleting the WAL outlives
