@@ -203,6 +203,17 @@ impl Scratch {
         restored
     }
 
+    /// Whether a restore of the replica now equals the source; for waiting on a replicator
+    /// that has not shipped everything yet. A restore that fails counts as not yet.
+    pub fn restores_source_now(&self) -> bool {
+        let restored = self.path("restored-now.db");
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", restored.display()));
+        }
+        let output = walstream(&["restore", "-o", restored.to_str().unwrap(), &self.replica_url()]);
+        output.status.success() && dump(&self.db()) == dump(&restored)
+    }
+
     /// Restores the replica with litestream v0.3.13 and asserts it equals `expected`.
     pub fn assert_litestream_restores(&self, expected: &Path) {
         let restored = self.path("by-litestream.db");

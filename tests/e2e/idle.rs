@@ -235,6 +235,12 @@ fn a_database_rests_only_once_the_store_holds_everything_and_store_faults_lose_n
         app.insert(1);
     }
     proxy.inject(0.0, &[]);
+    // Resting is not yet proof here: the last round's commits may not have woken walstream
+    // (under load its wake can trail the test by seconds, and it is at rest until then), and a
+    // kill now would find them unshipped but still in the WAL, lost to this test only. So the
+    // replica must come to hold them; a rest that came too early never wakes by itself, since
+    // nothing moves the WAL again, and this times out.
+    wait_until(Duration::from_secs(30), "the replica holding every commit", || scratch.restores_source_now());
     wait_until_resting(&replicator, &scratch.db());
     let log = replicator.log_text();
     replicator.kill();
