@@ -365,8 +365,11 @@ impl Uploader {
             debug!(replica = %self.replica.name, position = %pos, bytes = len, "shipped segment");
             pos.offset += len;
             self.counters.wal_bytes.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
+            // Counted before it is published: a sync answered on the new position finds no lag.
+            self.counters.observe(Some(pos), state.end);
             self.position.send_replace(Some(pos));
         }
+        self.counters.observe(Some(pos), state.end);
         self.position.send_replace(Some(pos));
         if self.uploaded_snapshot.as_ref() != Some(snapshot) {
             self.put_snapshot(&generation, snapshot).await?;
