@@ -213,6 +213,14 @@ pub(crate) struct Capturer {
     pending_snapshot: bool,
     /// The wal-index state (salt-1, frames) at which the pin last followed a complete back-fill.
     rolled_at_backfill: Option<(u32, u32)>,
+    /// Whether the pin held keeps every frame not yet copied from being overwritten, so that a
+    /// copy may count on continuity since the last (see [`Capturer::pin_covers`]). A pin that
+    /// SQLite gave read-mark 0 over frames the shadow lacked does not, until the next roll.
+    pin_vouches: bool,
+    /// Runs once, in the next copy, between reading what the WAL is and acting on it: where an
+    /// application's write can race a pass.
+    #[cfg(test)]
+    after_observe: Option<Box<dyn FnOnce() + Send>>,
     /// Sync barriers waiting for the next successful pass.
     pending_syncs: Vec<tokio::sync::oneshot::Sender<Option<Pos>>>,
     syncs_requested: u64,
@@ -322,6 +330,9 @@ impl Capturer {
             pending_new_generation: None,
             pending_snapshot: false,
             rolled_at_backfill: None,
+            pin_vouches: false,
+            #[cfg(test)]
+            after_observe: None,
             pending_syncs: Vec::new(),
             syncs_requested: 0,
             counters,
@@ -519,6 +530,8 @@ impl Capturer {
             // copied. If the checkpoint has already back-filled everything, the pin cannot
             // hold it, and the continuity checks see what was lost.
             if !self.db.is_pinned() && self.db.roll_pin() {
+                let at_pin = self.wal_index_at_pin();
+                self.pin_vouches = self.pin_covers(at_pin);
                 debug!(db = %self.db_path.display(), "pinned for a checkpoint that began while unpinned");
             }
             if self.db.is_pinned() {
@@ -896,14 +909,18 @@ impl Capturer {
             debug!(db = %self.db_path.display(), "woke from rest");
         }
         // The pin held now, if any, was taken before the previous copy and held ever since, so the
-        // WAL cannot have lost a frame that copy did not see (see `SourceDb`).
-        let since_last_copy = if self.db.is_pinned() { Continuity::Pinned } else { Continuity::Unproven };
+        // WAL cannot have lost a frame that copy did not see (see `SourceDb`), if it vouches.
+        let since_last_copy = self.continuity();
         self.leave_live_if_shipped();
         // While the live WAL holds bytes a replica lacks, the pin that protects them stays.
-        if !self.live_pending() && self.db.pin_age().is_none_or(|age| age >= self.timing.pin_roll) {
-            self.db.roll_pin();
-        }
+        let at_new_pin = (!self.live_pending() && self.db.pin_age().is_none_or(|age| age >= self.timing.pin_roll))
+            .then(|| self.db.roll_pin())
+            .filter(|&rolled| rolled)
+            .map(|_| self.wal_index_at_pin());
         let mut result = self.copy(since_last_copy);
+        if let Some(at_pin) = at_new_pin {
+            self.pin_vouches = result.is_ok() && self.pin_covers(at_pin);
+        }
         self.db.release_previous();
         if result.is_ok() && !self.pending_snapshot && self.wal_outgrew_snapshot() {
             self.pending_snapshot = true;
@@ -1020,7 +1037,7 @@ impl Capturer {
     /// the write lock, so one more copy captures the WAL life to its end; then walstream steps
     /// aside and the checkpoint proceeds.
     fn step_aside(&mut self) {
-        let result = self.copy(Continuity::Pinned);
+        let result = self.copy(self.continuity());
         if self.live_pending() {
             // The checkpoint waits until the replicas hold what only the live WAL has.
             self.publish(false);
@@ -1149,9 +1166,48 @@ impl Capturer {
         if self.rolled_at_backfill != Some(at) {
             self.rolled_at_backfill = Some(at);
             if self.db.roll_pin() {
+                let at_pin = self.wal_index_at_pin();
+                self.pin_vouches = self.pin_covers(at_pin);
                 self.db.release_previous();
             }
         }
+    }
+
+    /// What a copy may assume since the last one: only a pin that vouches (see `pin_vouches`).
+    fn continuity(&self) -> Continuity {
+        if self.db.is_pinned() && self.pin_vouches {
+            Continuity::Pinned
+        } else {
+            Continuity::Unproven
+        }
+    }
+
+    /// SQLite's wal-index header just after a new pin was taken (read twice if caught mid-update).
+    fn wal_index_at_pin(&mut self) -> Option<WalIndexHeader> {
+        self.db.wal_index_header().or_else(|| self.db.wal_index_header())
+    }
+
+    /// Whether the pin taken when the wal-index read `at_pin` keeps every frame walstream has not
+    /// copied from being overwritten: whether the shadow now holds every frame the index then said
+    /// was committed in its life. A pin taken while SQLite had back-filled the whole WAL gets
+    /// read-mark 0, which holds off back-fill but not a restart: the application may restart the
+    /// WAL over those frames (already in the database file) before the copy reads them, and a
+    /// copy that then finds fewer than the index said shows it happened. Once the shadow holds
+    /// them, a restart loses nothing, and frames appended later cannot be back-filled, so cannot
+    /// be lost, while that pin holds. A shadow already in a later life saw that restart in the
+    /// copy, which checked it as the previous pin allowed.
+    fn pin_covers(&self, at_pin: Option<WalIndexHeader>) -> bool {
+        let Some(at_pin) = at_pin else { return false };
+        if at_pin.max_frame == 0 {
+            return true;
+        }
+        let Some(shadow) = self.generation.as_ref().and_then(|g| g.shadow.as_ref()) else { return false };
+        if shadow.header.salt1 != at_pin.salt1 {
+            // One restart adds 1 to salt-1: a later life is at most a few restarts on.
+            return (shadow.header.salt1.wrapping_sub(at_pin.salt1) as i32) > 0;
+        }
+        let frame = walstream_format::wal::frame_size(self.db.page_size());
+        shadow.committed_len >= WAL_HEADER_SIZE as u64 + u64::from(at_pin.max_frame) * frame
     }
 
     fn wal_stat_changed(&mut self) -> bool {
@@ -1173,6 +1229,10 @@ impl Capturer {
         // Read after the WAL was opened, so it describes that file or a later state of it.
         let wal_index = self.db.wal_index_header();
         let observed = self.observe(since_last_copy, wal.as_ref(), wal_index)?;
+        #[cfg(test)]
+        if let Some(race) = self.after_observe.take() {
+            race();
+        }
         let Some(generation) = self.generation.as_mut() else {
             return self.start_new_generation("no generation exists".into());
         };
@@ -1769,6 +1829,45 @@ mod tests {
         fn generation(&self) -> GenerationId {
             self.capturer.generation.as_ref().unwrap().id
         }
+    }
+
+    /// Waking on a WAL life the application has already back-filled, walstream's pin gets
+    /// read-mark 0, which does not hold off a restart: the application's next write may overwrite
+    /// the life before the copy reads it (here between reading its header and its frames). That
+    /// pin must not vouch for continuity, or the next pass takes the restart for a harmless one
+    /// and the replica lacks the life's commits (seen as 10 rows missing from a restore under
+    /// heavy disk load). Continuity is unproven, so a new generation holds every commit.
+    #[test]
+    fn a_pin_on_a_backfilled_wal_vouches_only_for_frames_it_saw_copied() {
+        let mut h = Harness::new();
+        for _ in 0..10 {
+            h.insert();
+        }
+        h.pass_then_unpin();
+        let generation = h.generation();
+        let passive = |app: &Connection| {
+            let (busy, frames, backfilled): (i64, i64, i64) =
+                app.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap();
+            assert_eq!((busy, backfilled), (0, frames), "the app's checkpoint did not back-fill everything");
+        };
+        // Unpinned, the application back-fills, restarts the WAL with a commit and back-fills that.
+        passive(&h.app);
+        h.insert();
+        passive(&h.app);
+        let db_path = h.capturer.db_path.clone();
+        h.capturer.after_observe = Some(Box::new(move || {
+            let app = Connection::open(&db_path).unwrap();
+            app.execute("INSERT INTO t VALUES (randomblob(100))", []).unwrap();
+        }));
+        h.capturer.pass().unwrap();
+        let shadow = h.capturer.generation.as_ref().unwrap().shadow.as_ref().unwrap();
+        assert_eq!(
+            shadow.committed_len, WAL_HEADER_SIZE as u64,
+            "the write did not overwrite the life before its frames were read; the test proves nothing"
+        );
+        assert!(h.capturer.db.is_pinned());
+        h.capturer.pass().unwrap();
+        assert_ne!(h.generation(), generation, "a restart over frames never copied continued the generation");
     }
 
     #[test]
