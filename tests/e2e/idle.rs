@@ -48,6 +48,16 @@ fn wait_until_resting(replicator: &Replicator, db: &Path) {
     wait_until(Duration::from_secs(30), "the database resting", || descriptors_of(replicator.pid(), db) == [1, 0, 0]);
 }
 
+/// Waits until a restore equals the source, then until the database rests. Resting alone is no
+/// proof that walstream saw the last commits: under load its wake can trail the test by seconds,
+/// and it is at rest until then (a kill then finds them still in the WAL, lost to the test only;
+/// the next round's faults would miss their uploads). A rest with commits it had seen unshipped
+/// never wakes by itself, since nothing moves the WAL again: the wait times out.
+fn wait_until_shipped_and_resting(scratch: &Scratch, replicator: &Replicator) {
+    wait_until(Duration::from_secs(30), "the replica holding every commit", || scratch.restores_source_now());
+    wait_until_resting(replicator, &scratch.db());
+}
+
 fn all_resting(pid: i32, dbs: &[PathBuf]) -> bool {
     dbs.iter().all(|db| descriptors_of(pid, db) == [1, 0, 0])
 }
@@ -229,19 +239,13 @@ fn a_database_rests_only_once_the_store_holds_everything_and_store_faults_lose_n
     let injected_in_the_outage: u64 = proxy.injected().values().sum();
     proxy.inject(0.3, &ALL_FAULTS);
     for round in 0..8 {
-        wait_until_resting(&replicator, &scratch.db());
+        wait_until_shipped_and_resting(&scratch, &replicator);
         app.insert(10);
         app.checkpoint(CHECKPOINT_MODES[round % 4]);
         app.insert(1);
     }
+    wait_until_shipped_and_resting(&scratch, &replicator);
     proxy.inject(0.0, &[]);
-    // Resting is not yet proof here: the last round's commits may not have woken walstream
-    // (under load its wake can trail the test by seconds, and it is at rest until then), and a
-    // kill now would find them unshipped but still in the WAL, lost to this test only. So the
-    // replica must come to hold them; a rest that came too early never wakes by itself, since
-    // nothing moves the WAL again, and this times out.
-    wait_until(Duration::from_secs(30), "the replica holding every commit", || scratch.restores_source_now());
-    wait_until_resting(&replicator, &scratch.db());
     let log = replicator.log_text();
     replicator.kill();
     eprintln!("faults injected: {:?}; generations: {}", proxy.injected(), scratch.generation_count());
