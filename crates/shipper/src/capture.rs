@@ -530,8 +530,7 @@ impl Capturer {
             // copied. If the checkpoint has already back-filled everything, the pin cannot
             // hold it, and the continuity checks see what was lost.
             if !self.db.is_pinned() && self.db.roll_pin() {
-                let at_pin = self.wal_index_at_pin();
-                self.pin_vouches = self.pin_covers(at_pin);
+                self.pin_vouches = self.pin_covers(self.db.index_at_pin());
                 debug!(db = %self.db_path.display(), "pinned for a checkpoint that began while unpinned");
             }
             if self.db.is_pinned() {
@@ -913,13 +912,12 @@ impl Capturer {
         let since_last_copy = self.continuity();
         self.leave_live_if_shipped();
         // While the live WAL holds bytes a replica lacks, the pin that protects them stays.
-        let at_new_pin = (!self.live_pending() && self.db.pin_age().is_none_or(|age| age >= self.timing.pin_roll))
-            .then(|| self.db.roll_pin())
-            .filter(|&rolled| rolled)
-            .map(|_| self.wal_index_at_pin());
+        let rolled = !self.live_pending()
+            && self.db.pin_age().is_none_or(|age| age >= self.timing.pin_roll)
+            && self.db.roll_pin();
         let mut result = self.copy(since_last_copy);
-        if let Some(at_pin) = at_new_pin {
-            self.pin_vouches = result.is_ok() && self.pin_covers(at_pin);
+        if rolled {
+            self.pin_vouches = result.is_ok() && self.pin_covers(self.db.index_at_pin());
         }
         self.db.release_previous();
         if result.is_ok() && !self.pending_snapshot && self.wal_outgrew_snapshot() {
@@ -1166,8 +1164,7 @@ impl Capturer {
         if self.rolled_at_backfill != Some(at) {
             self.rolled_at_backfill = Some(at);
             if self.db.roll_pin() {
-                let at_pin = self.wal_index_at_pin();
-                self.pin_vouches = self.pin_covers(at_pin);
+                self.pin_vouches = self.pin_covers(self.db.index_at_pin());
                 self.db.release_previous();
             }
         }
@@ -1180,11 +1177,6 @@ impl Capturer {
         } else {
             Continuity::Unproven
         }
-    }
-
-    /// SQLite's wal-index header just after a new pin was taken (read twice if caught mid-update).
-    fn wal_index_at_pin(&mut self) -> Option<WalIndexHeader> {
-        self.db.wal_index_header().or_else(|| self.db.wal_index_header())
     }
 
     /// Whether the pin taken when the wal-index read `at_pin` keeps every frame walstream has not

@@ -134,6 +134,9 @@ pub(crate) struct SourceDb {
     previous: Option<usize>,
     /// When the current pin was taken.
     pinned_at: Option<std::time::Instant>,
+    /// The wal-index header just after the current pin was taken: what it can vouch for (see
+    /// `Capturer::pin_covers`).
+    index_at_pin: Option<WalIndexHeader>,
     page_size: u32,
     /// Kept open for the life of the process: closing any descriptor of a file drops every POSIX
     /// lock this process holds on it, including SQLite's own (Litestream does the same).
@@ -165,6 +168,7 @@ impl SourceDb {
             pinned: None,
             previous: None,
             pinned_at: None,
+            index_at_pin: None,
             page_size,
             db_file,
             shm_file: None,
@@ -285,7 +289,8 @@ impl SourceDb {
                 self.previous = self.pinned;
                 self.pinned = Some(next);
                 self.pinned_at = Some(std::time::Instant::now());
-                self.open_shm();
+                // Read twice if caught mid-update.
+                self.index_at_pin = self.wal_index_header().or_else(|| self.wal_index_header());
                 true
             }
             Err(e) => {
@@ -294,6 +299,11 @@ impl SourceDb {
                 false
             }
         }
+    }
+
+    /// The wal-index header read just after the current pin was taken.
+    pub(crate) fn index_at_pin(&self) -> Option<WalIndexHeader> {
+        self.index_at_pin
     }
 
     /// Reads the wal-index header from -shm; `None` if there is none or it is mid-update.

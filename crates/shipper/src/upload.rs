@@ -365,16 +365,20 @@ impl Uploader {
             debug!(replica = %self.replica.name, position = %pos, bytes = len, "shipped segment");
             pos.offset += len;
             self.counters.wal_bytes.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
-            // Counted before it is published: a sync answered on the new position finds no lag.
-            self.counters.observe(Some(pos), state.end);
-            self.position.send_replace(Some(pos));
+            self.publish_position(pos, state.end);
         }
-        self.counters.observe(Some(pos), state.end);
-        self.position.send_replace(Some(pos));
+        self.publish_position(pos, state.end);
         if self.uploaded_snapshot.as_ref() != Some(snapshot) {
             self.put_snapshot(&generation, snapshot).await?;
         }
         Ok(())
+    }
+
+    /// Publishes the replica's position, counted against `end` first: a sync answered on the new
+    /// position then finds no lag.
+    fn publish_position(&self, pos: Pos, end: Option<Pos>) {
+        self.counters.observe(Some(pos), end);
+        self.position.send_replace(Some(pos));
     }
 
     /// Streamed from disk: a snapshot may be far larger than the memory walstream may use.
