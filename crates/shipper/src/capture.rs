@@ -217,6 +217,9 @@ pub(crate) struct Capturer {
     /// copy may count on continuity since the last (see [`Capturer::pin_covers`]). A pin that
     /// SQLite gave read-mark 0 over frames the shadow lacked does not, until the next roll.
     pin_vouches: bool,
+    /// Whether the pin held keeps the WAL from restarting for as long as it is held, so that
+    /// frames may stay in the live WAL under it (see [`pin_holds_off_a_restart`]).
+    pin_may_defer: bool,
     /// Runs once, in the next copy, between reading what the WAL is and acting on it: where an
     /// application's write can race a pass.
     #[cfg(test)]
@@ -331,6 +334,7 @@ impl Capturer {
             pending_snapshot: false,
             rolled_at_backfill: None,
             pin_vouches: false,
+            pin_may_defer: false,
             #[cfg(test)]
             after_observe: None,
             pending_syncs: Vec::new(),
@@ -530,7 +534,9 @@ impl Capturer {
             // copied. If the checkpoint has already back-filled everything, the pin cannot
             // hold it, and the continuity checks see what was lost.
             if !self.db.is_pinned() && self.db.roll_pin() {
-                self.pin_vouches = self.pin_covers(self.db.index_at_pin());
+                let at_pin = self.db.index_at_pin();
+                self.pin_vouches = self.pin_covers(at_pin);
+                self.pin_may_defer = pin_holds_off_a_restart(at_pin);
                 debug!(db = %self.db_path.display(), "pinned for a checkpoint that began while unpinned");
             }
             if self.db.is_pinned() {
@@ -590,13 +596,14 @@ impl Capturer {
             return Ok(());
         }
         crate::fail_point::stall("final-pass");
-        let mut result = self.timed_pass().and_then(|()| self.fsync_shadow());
+        // The pin goes at the end of this: what it kept in the live WAL is stored first.
+        let mut result = self.timed_pass().and_then(|()| self.store_deferred()).and_then(|()| self.fsync_shadow());
         // On a full disk each pass copies what fits, and the uploads free the shadow's
         // space as they ship it: the last commits still go out if passes go on a while.
         let retry_until = Instant::now() + FULL_DISK_FINAL_COPY;
         while result.as_ref().err().is_some_and(Error::is_disk_full) && Instant::now() < retry_until {
             std::thread::sleep(self.timing.pass_spacing.max(Duration::from_millis(5)));
-            result = self.timed_pass().and_then(|()| self.fsync_shadow());
+            result = self.timed_pass().and_then(|()| self.store_deferred()).and_then(|()| self.fsync_shadow());
         }
         self.publish(true);
         if result.is_ok() {
@@ -655,7 +662,7 @@ impl Capturer {
             && self.pending_new_generation.is_none()
             && !self.pending_snapshot
             && self.after_drop_until.is_none_or(|until| Instant::now() >= until)
-            && generation.shadow.as_ref().is_none_or(|s| s.live_from.is_none())
+            && generation.shadow.as_ref().is_none_or(|s| s.live_from.is_none() || s.deferred)
             && !self.database_snapshot_pending()
             && (pressed || all_hold(&self.replica_positions, generation.end()))
     }
@@ -672,6 +679,17 @@ impl Capturer {
                 && index.salt1 == shadow.header.salt1
                 && shadow.committed_len == WAL_HEADER_SIZE as u64 + u64::from(index.max_frame) * frame
         };
+        // What the pin kept in the live WAL for the replicas is stored first (under contention a
+        // database rests before the replicas have everything); a disk without room for it keeps
+        // the pin.
+        self.leave_live_if_shipped();
+        if let Err(e) = self.store_deferred() {
+            debug!(db = %self.db_path.display(), error = %e, "cannot store what the pin kept; staying awake");
+            return;
+        }
+        if self.live_pending() {
+            return;
+        }
         self.db.release_all();
         // A life not yet back-filled is back-filled now, so that it can be sealed: otherwise an
         // application checkpoint while the database rests, then a commit, restarts the WAL over
@@ -847,7 +865,11 @@ impl Capturer {
         let started = Instant::now();
         let result = self.pass();
         self.counters.record_pass(started.elapsed(), result.is_ok());
-        let live = self.generation.as_ref().and_then(|g| g.shadow.as_ref()).is_some_and(|s| s.live_from.is_some());
+        let live = self
+            .generation
+            .as_ref()
+            .and_then(|g| g.shadow.as_ref())
+            .is_some_and(|s| s.live_from.is_some() && !s.deferred);
         let was_full = self
             .counters
             .disk_full
@@ -915,7 +937,17 @@ impl Capturer {
         let rolled = !self.live_pending()
             && self.db.pin_age().is_none_or(|age| age >= self.timing.pin_roll)
             && self.db.roll_pin();
-        let mut result = self.copy(since_last_copy);
+        if rolled {
+            self.pin_may_defer = pin_holds_off_a_restart(self.db.index_at_pin());
+        }
+        // Under a pin that holds off a restart the new frames stay in the live WAL until shipped
+        // (see `store_deferred`). Under one that may not, what earlier pins kept there is stored
+        // first, while the previous pin still holds.
+        let defer = self.db.is_pinned() && self.pin_may_defer;
+        let mut result = if defer { Ok(()) } else { self.store_deferred() };
+        if result.is_ok() {
+            result = self.copy(since_last_copy, defer);
+        }
         if rolled {
             self.pin_vouches = result.is_ok() && self.pin_covers(self.db.index_at_pin());
         }
@@ -1022,6 +1054,11 @@ impl Capturer {
         // and the error is retried on the next pass.
         let replacement = SourceDb::open(&self.db_path)?;
         replacement.claim()?;
+        // The old connections, and the pin with them, go: what it kept in the old file's WAL
+        // is stored first, so that no uploader reads the new file's WAL for it.
+        if let Err(e) = self.store_deferred() {
+            debug!(db = %self.db_path.display(), error = %e, "cannot store what the pin kept before following the replaced file");
+        }
         // The path now names another file: no snapshot may be framed from it for the old one.
         self.pin_gate.set(false);
         drop(std::mem::replace(&mut self.db, replacement));
@@ -1035,7 +1072,7 @@ impl Capturer {
     /// the write lock, so one more copy captures the WAL life to its end; then walstream steps
     /// aside and the checkpoint proceeds.
     fn step_aside(&mut self) {
-        let result = self.copy(self.continuity());
+        let result = self.store_deferred().and_then(|()| self.copy(self.continuity(), false));
         if self.live_pending() {
             // The checkpoint waits until the replicas hold what only the live WAL has.
             self.publish(false);
@@ -1084,6 +1121,67 @@ impl Capturer {
         shadow.committed_len > from && !all_hold(&self.replica_positions, generation.end())
     }
 
+    /// Whether the live WAL holds bytes of the current index that the disk had no room for, or
+    /// would have none for when the pin must go, and some replica lacks: the uploaders ship
+    /// them at once. On a full disk the application's WAL can only restart once they have.
+    fn live_for_space_pending(&self) -> bool {
+        if self.database_snapshot_pending() {
+            return true;
+        }
+        let Some(generation) = &self.generation else { return false };
+        let Some(shadow) = &generation.shadow else { return false };
+        let Some(from) = shadow.live_from.filter(|_| self.live_pending()) else { return false };
+        let unstored = shadow.committed_len - from;
+        !shadow.deferred
+            || disk_space(&self.meta.wal_dir(&generation.id))
+                .is_some_and(|(_, free)| free < unstored + STORE_ROOM_MARGIN)
+    }
+
+    /// Before the pin goes: stores what the passes left in the live WAL under it (see
+    /// `ShadowIndex::append_from`), so that nothing but the shadow needs the old WAL life. A disk
+    /// too full for it serves the rest from the live WAL as rule 7 does, and the pin stays.
+    fn store_deferred(&mut self) -> Result<(), Error> {
+        self.with_copy_buf(Capturer::store_deferred_with_buf)
+    }
+
+    fn store_deferred_with_buf(&mut self) -> Result<(), Error> {
+        let Some(generation) = self.generation.as_mut() else { return Ok(()) };
+        let generation_id = generation.id;
+        let Some(shadow) = generation.shadow.as_mut() else { return Ok(()) };
+        if !shadow.deferred {
+            return Ok(());
+        }
+        let before = shadow.committed_len;
+        // What every replica holds of this index need not be stored.
+        let shipped = self
+            .replica_positions
+            .iter()
+            .map(|p| {
+                p.borrow().filter(|p| p.generation == generation_id && p.index == shadow.index).map_or(0, |p| p.offset)
+            })
+            .min()
+            .unwrap_or(0);
+        let intact = match LiveWal::open(&self.wal_path)? {
+            Some(live) => shadow.store_deferred(&live.file, live.len, &mut self.buf, shipped)?,
+            None => false,
+        };
+        // Commits since the last pass come along: they count as copied (`wal_outgrew_snapshot`).
+        let newly = shadow.committed_len.saturating_sub(before);
+        self.counters.shadow_bytes.fetch_add(newly, std::sync::atomic::Ordering::Relaxed);
+        if !intact {
+            // The pin held since these bytes were read, so this should not happen; if it does,
+            // nothing vouches for them, and a new generation's snapshot holds every commit.
+            self.pending_new_generation =
+                Some("the wal no longer held bytes walstream's pin kept for the replicas".into());
+        }
+        // Published before the pin can go: an uploader that read those bytes from the live WAL
+        // checks after the read that they are still served there, and reads them again from the
+        // shadow if not. Published only after the release, a read of a WAL the app had already
+        // restarted could pass that check.
+        self.publish(false);
+        Ok(())
+    }
+
     /// Stores the current index in its file again once the replicas hold what the live WAL
     /// served (see `ShadowIndex::leave_live`).
     fn leave_live_if_shipped(&mut self) {
@@ -1091,7 +1189,8 @@ impl Capturer {
             return;
         }
         if let Some(shadow) = self.generation.as_mut().and_then(|g| g.shadow.as_mut()) {
-            if shadow.live_from.is_some() && shadow.leave_live() {
+            let for_space = !shadow.deferred;
+            if shadow.live_from.is_some() && shadow.leave_live() && for_space {
                 debug!(db = %self.db_path.display(), index = shadow.index, "disk space again; the shadow wal is stored locally again");
             }
         }
@@ -1108,9 +1207,6 @@ impl Capturer {
         let Some((index, len)) = self.shadow_end() else {
             return;
         };
-        if self.live_pending() {
-            return;
-        }
         let frame = walstream_format::wal::frame_size(self.db.page_size());
         if len < WAL_HEADER_SIZE as u64 + DROP_PIN_WAL_FRAMES * frame {
             self.large_wal_since = None;
@@ -1135,12 +1231,43 @@ impl Capturer {
         let retry_due =
             in_window || self.last_drop.is_none_or(|(dropped, at)| dropped != index || at.elapsed() >= DROP_PIN_RETRY);
         if (busy || slow || len >= DROP_PIN_ANY_WRITER_BYTES) && retry_due && self.db.is_pinned() {
+            // What the replicas lack is stored, not shipped at once: a life ends about every
+            // second at 1,000 commits/s, and each one's last bytes shipped on their own would be
+            // a request more a second than litestream makes (issue 26). A full disk keeps the pin.
+            if self.store_deferred().is_err() || self.live_pending() {
+                return;
+            }
             if !in_window {
                 debug!(db = %self.db_path.display(), index, "wal life is large and never fully back-filled; dropping the pin so the application's checkpoint can restart it");
                 self.after_drop_until = Some(Instant::now() + AFTER_DROP_WINDOW);
                 self.last_drop = Some((index, Instant::now()));
             }
             self.db.release_all();
+            self.backfill_on_a_full_disk();
+        }
+    }
+
+    /// Right after a drop on a disk without room: the application's WAL has grown past the
+    /// space its earlier lives took while pinned, so its commits fail with SQLITE_FULL, and
+    /// SQLite's autocheckpoint, which runs only after a commit, never comes to restart it. A
+    /// PASSIVE checkpoint does its work (never waiting, as in rule 9) once the shadow holds the
+    /// whole life, so the app's next write restarts the WAL into the space it already has.
+    fn backfill_on_a_full_disk(&mut self) {
+        let Some(generation) = &self.generation else { return };
+        let Some(shadow) = &generation.shadow else { return };
+        if disk_space(&self.meta.wal_dir(&generation.id)).is_none_or(|(_, free)| free >= STORE_ROOM_MARGIN) {
+            return;
+        }
+        let frame = walstream_format::wal::frame_size(self.db.page_size());
+        let holds_all = self.db.wal_index_header().is_some_and(|index| {
+            index.max_frame > 0
+                && index.backfilled < index.max_frame
+                && index.salt1 == shadow.header.salt1
+                && shadow.committed_len == WAL_HEADER_SIZE as u64 + u64::from(index.max_frame) * frame
+        });
+        if holds_all {
+            self.db.backfill();
+            debug!(db = %self.db_path.display(), "disk full: back-filled the wal so the application's next write can restart it");
         }
     }
 
@@ -1164,7 +1291,9 @@ impl Capturer {
         if self.rolled_at_backfill != Some(at) {
             self.rolled_at_backfill = Some(at);
             if self.db.roll_pin() {
-                self.pin_vouches = self.pin_covers(self.db.index_at_pin());
+                let at_pin = self.db.index_at_pin();
+                self.pin_vouches = self.pin_covers(at_pin);
+                self.pin_may_defer = pin_holds_off_a_restart(at_pin);
                 self.db.release_previous();
             }
         }
@@ -1213,7 +1342,7 @@ impl Capturer {
     /// Copies new committed frames into the shadow, following restarts and starting a new
     /// generation where continuity is lost: [`observe`](Capturer::observe) decides what the live
     /// WAL is to the shadow, and this acts on it.
-    fn copy(&mut self, since_last_copy: Continuity) -> Result<(), Error> {
+    fn copy(&mut self, since_last_copy: Continuity, defer: bool) -> Result<(), Error> {
         if let Some(reason) = self.pending_new_generation.take() {
             return self.start_new_generation(reason);
         }
@@ -1238,7 +1367,7 @@ impl Capturer {
                 let wal_dir = self.meta.wal_dir(&generation.id);
                 let mut shadow = ShadowIndex::create(&wal_dir, generation.snapshot.index, header_bytes, header)?;
                 added(WAL_HEADER_SIZE as u64);
-                added(shadow.append_from(&live.file, live.len, hint(&shadow.header), &mut self.buf)?);
+                added(shadow.append_from(&live.file, live.len, hint(&shadow.header), &mut self.buf, defer)?);
                 generation.shadow = Some(shadow);
                 Ok(())
             }
@@ -1254,7 +1383,7 @@ impl Capturer {
                 let shadow = generation.shadow.as_mut().expect("observed against a shadow");
                 shadow.sealed = false;
                 shadow.next_salt1 = None;
-                added(shadow.append_from(&live.file, live.len, hint(&shadow.header), &mut self.buf)?);
+                added(shadow.append_from(&live.file, live.len, hint(&shadow.header), &mut self.buf, defer)?);
                 Ok(())
             }
             Observed::Restarted { live, header_bytes, header, tail_intact } => {
@@ -1262,8 +1391,9 @@ impl Capturer {
                 // The new life overwrites from the front; frames of the old life beyond its
                 // reach may still be there, and carry the old salts, so the chain check
                 // accepts only them.
+                // No pin vouches for those: they are stored.
                 if tail_intact {
-                    added(shadow.append_from(&live.file, live.len, hint(&shadow.header), &mut self.buf)?);
+                    added(shadow.append_from(&live.file, live.len, hint(&shadow.header), &mut self.buf, false)?);
                 }
                 // A life that ends with bytes only the live WAL held (the disk was full) and
                 // that some replica lacks: the restart writes over them, so nothing vouches for
@@ -1280,7 +1410,7 @@ impl Capturer {
                 generation.index_started_at = added(WAL_HEADER_SIZE as u64);
                 debug!(db = %self.db_path.display(), index = next.index, "wal restarted; new index");
                 let shadow = generation.shadow.insert(next);
-                added(shadow.append_from(&live.file, live.len, hint(&shadow.header), &mut self.buf)?);
+                added(shadow.append_from(&live.file, live.len, hint(&shadow.header), &mut self.buf, defer)?);
                 Ok(())
             }
         }
@@ -1396,7 +1526,13 @@ impl Capturer {
                 let mut index = ShadowIndex::create(&self.meta.wal_dir(&id), 0, bytes, header)?;
                 self.counters.shadow_bytes.fetch_add(WAL_HEADER_SIZE as u64, std::sync::atomic::Ordering::Relaxed);
                 self.counters.shadow_bytes.fetch_add(
-                    index.append_from(&live.file, live.len, 0, &mut self.buf)?,
+                    index.append_from(
+                        &live.file,
+                        live.len,
+                        0,
+                        &mut self.buf,
+                        self.db.is_pinned() && self.pin_may_defer,
+                    )?,
                     std::sync::atomic::Ordering::Relaxed,
                 );
                 shadow = Some(index);
@@ -1437,7 +1573,14 @@ impl Capturer {
                 end: Some(generation.end()),
                 is_final,
                 syncs_requested: self.syncs_requested,
-                live_from: generation.shadow.as_ref().and_then(|s| Some((s.index, s.live_from?))),
+                // A life served from the live WAL from its first frame is served whole from
+                // there, its header too: the pin keeps that header as it is, and a header shipped
+                // from the shadow would be an object of its own, a request more per WAL life.
+                live_from: generation.shadow.as_ref().and_then(|s| {
+                    let from = s.live_from?;
+                    Some((s.index, if from <= WAL_HEADER_SIZE as u64 { 0 } else { from }))
+                }),
+                ship_now: self.live_for_space_pending(),
                 wal_path: self.wal_path.clone(),
                 disk_tight: disk_is_tight(&self.meta.wal_dir(&generation.id)),
                 ended: generation.ended.clone(),
@@ -1568,17 +1711,33 @@ const TIGHT_DISK_MAX: u64 = 256 << 20;
 /// Whether the filesystem holding `dir` has less free space than the tight mark above; false
 /// when it cannot tell.
 fn disk_is_tight(dir: &Path) -> bool {
+    disk_space(dir).is_some_and(|(size, free)| free < (size / 4).clamp(TIGHT_DISK_MIN, TIGHT_DISK_MAX))
+}
+
+/// (size, bytes free) of the filesystem holding `dir`; `None` when it cannot tell.
+fn disk_space(dir: &Path) -> Option<(u64, u64)> {
     use std::os::unix::ffi::OsStrExt;
-    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else { return false };
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
     // SAFETY: a valid C string and an out-pointer to a zeroed struct of the right type.
     let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
-        return false;
+        return None;
     }
     let block = stat.f_frsize as u64;
-    let (size, free) = (stat.f_blocks as u64 * block, stat.f_bavail as u64 * block);
-    free < (size / 4).clamp(TIGHT_DISK_MIN, TIGHT_DISK_MAX)
+    Some((stat.f_blocks as u64 * block, stat.f_bavail as u64 * block))
 }
+
+/// Whether a pin taken just before the wal-index read `at_pin` keeps the WAL from restarting
+/// while it is held. With a frame not back-filled it does: a read-mark past 0 holds off the
+/// restart, and read-mark 0 holds off the back-fill a restart needs. With the WAL back-filled
+/// whole, SQLite may have given it read-mark 0, and the application may restart the WAL at once.
+fn pin_holds_off_a_restart(at_pin: Option<WalIndexHeader>) -> bool {
+    at_pin.is_some_and(|h| h.max_frame == 0 || h.backfilled < h.max_frame)
+}
+
+/// Room kept free beside what the pin keeps in the live WAL before it counts as having no room
+/// to store it (see `Capturer::live_for_space_pending`).
+const STORE_ROOM_MARGIN: u64 = 1 << 20;
 
 /// How far SQLite's wal-index says the WAL life with `header` is committed, or 0 if the index
 /// is unreadable or describes another life: a plan for the reads, never trusted for what to copy.
@@ -1787,6 +1946,7 @@ mod tests {
         /// pass on a huge WAL life or after stepping aside.
         fn pass_then_unpin(&mut self) {
             self.capturer.pass().unwrap();
+            self.capturer.store_deferred().unwrap();
             self.capturer.db.release_all();
         }
 
@@ -1875,6 +2035,96 @@ mod tests {
         let next = ShadowIndex::create(&wal_dir, index + 1, *shadow.header_bytes(), shadow.header).unwrap();
         generation.shadow = Some(next);
         assert_eq!(generation.end(), Pos { generation: generation.id, index: index + 1, offset: 0 });
+    }
+
+    /// A pin taken on a WAL life the application has back-filled whole may have read-mark 0,
+    /// which does not hold off a restart: frames read under it are stored, not left in the live
+    /// WAL, where the application's next write could overwrite them before a replica has them.
+    #[test]
+    fn frames_read_under_a_pin_on_a_backfilled_wal_are_stored() {
+        let mut h = Harness::new();
+        let (_position, replica) = watch::channel(None);
+        h.capturer.replica_positions = vec![replica];
+        h.pass_then_unpin();
+        let generation = h.generation();
+        for _ in 0..5 {
+            h.insert();
+        }
+        let (busy, frames, backfilled): (i64, i64, i64) =
+            h.app.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap();
+        assert_eq!((busy, backfilled), (0, frames), "the app's checkpoint did not back-fill everything");
+        h.capturer.pass().unwrap();
+        h.assert_copied_to_the_wal_end();
+        let shadow = h.capturer.generation.as_ref().unwrap().shadow.as_ref().unwrap();
+        assert_eq!(shadow.live_from, None, "frames left in the live WAL under a pin that may not hold off a restart");
+        let (index, len) = (shadow.index, shadow.committed_len);
+        let path = h.capturer.meta.wal_dir(&generation).join(name::shadow_wal_file_name(index));
+        let stored = std::fs::read(&path).unwrap();
+        let live = std::fs::read(wal_path(&h.capturer.db_path)).unwrap();
+        assert!(stored.len() as u64 == len && stored[..] == live[..len as usize], "the shadow does not hold the life");
+        // The app restarts the WAL over those frames; the generation goes on, the life is kept.
+        h.insert();
+        h.capturer.pass().unwrap();
+        assert_eq!(h.generation(), generation);
+        assert_eq!(std::fs::read(&path).unwrap(), stored);
+    }
+
+    /// Under the pin, new frames stay in the live WAL while a replica lacks them: the shadow
+    /// takes no room for them beside the application's own WAL. Before the pin goes they are
+    /// stored byte for byte, but for what every replica holds, and a restart resumes the file
+    /// to its end; the application's checkpoint may then truncate the WAL and the generation
+    /// goes on.
+    #[test]
+    fn frames_stay_in_the_live_wal_under_the_pin_and_are_stored_before_it_goes() {
+        use std::os::unix::fs::MetadataExt;
+        let mut h = Harness::new();
+        let (position, replica) = watch::channel(None);
+        h.capturer.replica_positions = vec![replica];
+        h.capturer.pass().unwrap();
+        for _ in 0..100 {
+            h.insert();
+        }
+        h.capturer.pass().unwrap();
+        let generation = h.generation();
+        let shadow = h.capturer.generation.as_ref().unwrap().shadow.as_ref().unwrap();
+        let (index, len) = (shadow.index, shadow.committed_len);
+        assert!(shadow.deferred && shadow.live_from.is_some_and(|from| from < len));
+        let path = h.capturer.meta.wal_dir(&generation).join(name::shadow_wal_file_name(index));
+        h.assert_copied_to_the_wal_end();
+        assert!(len > 100 * 4096, "the commits were not seen; the test proves nothing");
+        let on_disk = std::fs::metadata(&path).unwrap().blocks() * 512;
+        assert!(on_disk <= 8192, "{on_disk} bytes of the shadow on disk while the pin keeps {len} in the live WAL");
+
+        // The replica holds the first 40 frames: those are not stored.
+        let frame = walstream_format::wal::frame_size(h.capturer.db.page_size());
+        let shipped = WAL_HEADER_SIZE as u64 + 40 * frame;
+        position.send_replace(Some(Pos { generation, index, offset: shipped }));
+        h.capturer.store_deferred().unwrap();
+        h.capturer.db.release_all();
+        let stored = std::fs::read(&path).unwrap();
+        let live = std::fs::read(wal_path(&h.capturer.db_path)).unwrap();
+        assert_eq!(stored.len() as u64, len);
+        let data_from = crate::shadow::first_data(&std::fs::File::open(&path).unwrap(), 4096).unwrap();
+        let resumed = WAL_HEADER_SIZE as u64 + (data_from - WAL_HEADER_SIZE as u64).div_ceil(frame) * frame;
+        assert!(resumed <= shipped && data_from > shipped - 4096, "stored from {data_from}");
+        let resumed = resumed as usize;
+        assert!(stored[resumed..] == live[resumed..len as usize], "the stored bytes differ from the live WAL's");
+        let reopened = ShadowIndex::open(&h.capturer.meta.wal_dir(&generation), index).unwrap().unwrap();
+        assert_eq!(reopened.committed_len, len, "a restart would not resume the stored index to its end");
+        // The replica holds everything: still the last frame is stored, which the next pass
+        // compares with the live WAL.
+        h.insert();
+        h.capturer.pass().unwrap();
+        let len = h.capturer.shadow_end().unwrap().1;
+        position.send_replace(Some(Pos { generation, index, offset: len }));
+        h.capturer.store_deferred().unwrap();
+        h.capturer.db.release_all();
+        let live = std::fs::read(wal_path(&h.capturer.db_path)).unwrap();
+        let last = h.capturer.generation.as_ref().unwrap().shadow.as_ref().unwrap().last_frame().unwrap().unwrap();
+        assert!(last == live[(len - frame) as usize..len as usize], "the last frame is not stored");
+        h.truncate();
+        h.capturer.pass().unwrap();
+        assert_eq!(h.generation(), generation);
     }
 
     /// Once every replica is past an index, it takes no disk: the newest such file stays as a

@@ -49,10 +49,15 @@ pub struct ShadowState {
     /// How many sync barriers (`walstream sync`, POST /sync) have been asked for: uploaders
     /// holding back for `sync-interval` ship at once when it changes.
     pub syncs_requested: u64,
-    /// While the disk is full: (index, offset) from which the current index is read from the
-    /// live WAL (`wal_path`) rather than its shadow file. Uploaders then ship at once, since the
-    /// capturer holds its pin, and the application's WAL cannot restart, until they have.
+    /// (index, offset) from which the current index is read from the live WAL (`wal_path`)
+    /// rather than its shadow file: the capturer's pin keeps those bytes there until every
+    /// replica has them or the capturer stores them, and the application's WAL cannot restart
+    /// meanwhile.
     pub live_from: Option<(u32, u64)>,
+    /// The capturer holds its pin for bytes only the live WAL has (`live_from`) because the
+    /// disk had no room for them: uploaders ship at once, since the application's WAL cannot
+    /// restart until they have.
+    pub ship_now: bool,
     /// The application's `-wal` file.
     pub wal_path: PathBuf,
     /// The shadow's disk is nearly full (see `capture::disk_is_tight`): uploaders hold commits

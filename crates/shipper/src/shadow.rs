@@ -2,7 +2,10 @@
 //!
 //! A shadow index file is a byte copy of one WAL life, header included, cut after its last
 //! committed frame. It is the durable staging area between the live WAL, which SQLite may
-//! overwrite after a checkpoint, and the uploads, which may lag behind a slow store.
+//! overwrite after a checkpoint, and the uploads, which may lag behind a slow store. Under the
+//! capturer's pin the live WAL itself holds the newest frames (`live_from`), and they are written
+//! here only when the pin must go before the replicas have them: the file then has holes where
+//! bytes went up straight from the live WAL.
 //!
 //! Bytes every replica holds are no use locally: they are punched out of the file
 //! ([`discard_shipped`]), so the shadow takes disk (on an in-memory volume, RAM) only for what
@@ -14,7 +17,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use walstream_format::wal::{FrameChain, WalHeader};
+use walstream_format::wal::{FrameChain, FrameHeader, WalHeader};
 use walstream_format::{name, WAL_HEADER_SIZE};
 
 use crate::error::{io_err, is_disk_full, Error};
@@ -71,10 +74,16 @@ pub(crate) struct ShadowIndex {
     dirty_since: Option<Instant>,
     /// Bytes below this are punched out of the file (every replica has them); 0 if none are.
     discarded: u64,
-    /// Set while the disk is full: bytes from here to `committed_len` are not in the file, only
-    /// in the live WAL, which the capturer's pin keeps from being overwritten until every
-    /// replica has them. Uploaders read them there.
+    /// Set while bytes from here to `committed_len` are not in the file, only in the live WAL,
+    /// which the capturer's pin keeps from being overwritten until every replica has them or
+    /// they are stored ([`ShadowIndex::store_deferred`]). Uploaders read them there. Why is
+    /// `deferred`.
     pub(crate) live_from: Option<u64>,
+    /// True when `live_from` was set by choice, under the pin (see [`ShadowIndex::append_from`]);
+    /// false when the disk was full.
+    pub(crate) deferred: bool,
+    /// The checksum chain at `live_from`, from which a deferred range is read again to store it.
+    live_chain: FrameChain,
     /// While `live_from` is set: the last committed frame, which the file may not hold.
     live_last_frame: Vec<u8>,
 }
@@ -84,7 +93,10 @@ pub(crate) struct ShadowIndex {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Reading {
     OwnShadow,
-    LiveWal,
+    /// `defer`: see [`ShadowIndex::append_from`].
+    LiveWal {
+        defer: bool,
+    },
 }
 
 impl ShadowIndex {
@@ -187,6 +199,8 @@ impl ShadowIndex {
             dirty_since: None,
             discarded: 0,
             live_from: None,
+            deferred: false,
+            live_chain: FrameChain::new(header),
             live_last_frame: Vec::new(),
         }
     }
@@ -207,10 +221,52 @@ impl ShadowIndex {
         if from == 0 && file.write_all_at(&self.header_bytes, 0).is_err() {
             return false;
         }
+        let wrote = self.committed_len >= from + frame || from == 0;
         self.live_from = None;
+        self.deferred = false;
         self.live_last_frame = Vec::new();
-        self.dirty_since.get_or_insert_with(Instant::now);
+        if wrote {
+            self.dirty_since.get_or_insert_with(Instant::now);
+        }
         true
+    }
+
+    /// Stores in the file what a deferred copy left in the live WAL (`source`, `source_len`
+    /// bytes long, still under the pin that vouched for it), before the pin goes. A disk too
+    /// full for all of it leaves the rest served from the live WAL as a full disk does. False
+    /// if the live WAL no longer holds those bytes: then nothing vouches for them.
+    ///
+    /// Bytes below `shipped` (every replica holds them) are left out, but for the last frame:
+    /// the file resumes at the first frame of `shipped`'s block, where [`ShadowIndex::open`] would resume it too, its
+    /// chain taken from the frame before, as SQLite's running checksum allows.
+    pub(crate) fn store_deferred(
+        &mut self,
+        source: &impl FileExt,
+        source_len: u64,
+        buf: &mut [u8],
+        shipped: u64,
+    ) -> Result<bool, Error> {
+        let (Some(from), true) = (self.live_from, self.deferred) else { return Ok(true) };
+        let end = self.committed_len;
+        (self.committed_len, self.chain) = (from, self.live_chain);
+        let frame = self.header.frame_size();
+        let header_size = WAL_HEADER_SIZE as u64;
+        // The last frame is always stored: the capturer compares it with the live WAL.
+        let shipped = shipped.min(end.saturating_sub(frame));
+        let resume_at = header_size + (shipped / BLOCK * BLOCK).saturating_sub(header_size).div_ceil(frame) * frame;
+        if shipped <= end && resume_at <= shipped && resume_at >= from + frame {
+            let mut bytes = vec![0u8; frame as usize];
+            let before =
+                source.read_exact_at(&mut bytes, resume_at - frame).ok().and_then(|()| FrameHeader::parse(&bytes).ok());
+            if let Some(before) = before.filter(|h| (h.salt1, h.salt2) == (self.header.salt1, self.header.salt2)) {
+                (self.committed_len, self.chain) = (resume_at, FrameChain::resume(self.header, before.checksum));
+            }
+        }
+        self.live_from = None;
+        self.deferred = false;
+        self.live_last_frame = Vec::new();
+        self.copy_from(source, source_len, end, buf, Reading::LiveWal { defer: false })?;
+        Ok(self.committed_len >= end)
     }
 
     /// Punches out what every replica holds (everything below `shipped`) but the last frame.
@@ -255,6 +311,10 @@ impl ShadowIndex {
     /// `committed_len` on, keeps those through the last commit, and fsyncs them. Returns the
     /// number of bytes newly committed.
     ///
+    /// With `defer` (the caller holds the pin, and will until the bytes are shipped or stored)
+    /// the new frames are checked and counted but left in the live WAL: most are shipped before
+    /// the pin must go, and a copy would only take as much room again beside the app's WAL.
+    ///
     /// `committed_hint` is how far SQLite's wal-index says this life is committed, 0 if unknown.
     /// It only plans the reads: up to it in whole chunks, past it one frame first, doubling. A
     /// restarted WAL keeps the old life's length, so without it a pass reads on past the new
@@ -266,8 +326,9 @@ impl ShadowIndex {
         source_len: u64,
         committed_hint: u64,
         buf: &mut [u8],
+        defer: bool,
     ) -> Result<u64, Error> {
-        self.copy_from(source, source_len, committed_hint, buf, Reading::LiveWal)
+        self.copy_from(source, source_len, committed_hint, buf, Reading::LiveWal { defer })
     }
 
     /// The shared loop of [`ShadowIndex::open`] (reading the shadow itself) and
@@ -280,7 +341,10 @@ impl ShadowIndex {
         buf: &mut [u8],
         reading: Reading,
     ) -> Result<u64, Error> {
-        let write = reading == Reading::LiveWal;
+        let write = reading != Reading::OwnShadow;
+        if reading == (Reading::LiveWal { defer: true }) && self.live_from.is_none() {
+            (self.live_from, self.live_chain, self.deferred) = (Some(self.committed_len), self.chain, true);
+        }
         let frame = self.header.frame_size() as usize;
         let frames_per_chunk = (buf.len() / frame).max(1);
         let mut frames_per_read = match committed_hint {
@@ -329,13 +393,13 @@ impl ShadowIndex {
                         .enumerate()
                         .take_while(|(i, bytes)| file.write_all_at(bytes, offset + (i * frame) as u64).is_ok())
                         .count();
-                    let (mut stored_end, mut refit) = (commit_end, chain_at_chunk);
+                    let (mut stored_end, mut stored_chain, mut refit) = (commit_end, commit_chain, chain_at_chunk);
                     for (i, bytes) in chunk[..fitted * frame].chunks_exact(frame).enumerate() {
                         if refit.accept(bytes).is_some_and(|h| h.is_commit()) {
-                            stored_end = offset + ((i + 1) * frame) as u64;
+                            (stored_end, stored_chain) = (offset + ((i + 1) * frame) as u64, refit);
                         }
                     }
-                    self.live_from = Some(stored_end);
+                    (self.live_from, self.live_chain, self.deferred) = (Some(stored_end), stored_chain, false);
                     storing = false;
                 }
             }
@@ -357,9 +421,11 @@ impl ShadowIndex {
             file.set_len(commit_end).map_err(io_err("truncate", &self.path))?;
         }
         let newly_committed = commit_end - self.committed_len;
+        // Only bytes written to the file need an fsync, not those left in the live WAL.
+        let stored = self.live_from.map_or(commit_end, |from| from.min(commit_end)) > self.committed_len;
         self.committed_len = commit_end;
         self.chain = commit_chain;
-        if newly_committed > 0 && write {
+        if stored && write {
             let since = *self.dirty_since.get_or_insert_with(Instant::now);
             if since.elapsed() >= FSYNC_SPACING {
                 self.fsync()?;
@@ -533,7 +599,7 @@ mod tests {
                 ShadowIndex::create(self.dir.path(), index, header_bytes, WalHeader::parse(&header_bytes).unwrap())
                     .unwrap();
             assert_eq!(
-                shadow.append_from(&file, bytes.len() as u64, 0, &mut vec![0; COPY_CHUNK_BYTES]).unwrap(),
+                shadow.append_from(&file, bytes.len() as u64, 0, &mut vec![0; COPY_CHUNK_BYTES], false).unwrap(),
                 bytes.len() as u64 - WAL_HEADER_SIZE as u64
             );
             shadow
@@ -577,7 +643,7 @@ mod tests {
             db.app.execute("INSERT INTO t VALUES (randomblob(1000))", []).unwrap();
         }
         let (file, wal) = db.wal();
-        shadow.append_from(&file, wal.len() as u64, 0, &mut vec![0; COPY_CHUNK_BYTES]).unwrap();
+        shadow.append_from(&file, wal.len() as u64, 0, &mut vec![0; COPY_CHUNK_BYTES], false).unwrap();
         assert_eq!(shadow.committed_len, wal.len() as u64);
         let reopened = ShadowIndex::open(db.dir.path(), 1).unwrap().unwrap();
         assert_eq!((reopened.committed_len, reopened.end_checksum()), (shadow.committed_len, shadow.end_checksum()));
@@ -632,7 +698,7 @@ mod tests {
         for (index, hint) in [(1, scan.committed_len), (2, 0)] {
             let mut shadow = ShadowIndex::create(db.dir.path(), index, header_bytes, scan.header).unwrap();
             let source = CountingReader(&file, Default::default());
-            shadow.append_from(&source, bytes.len() as u64, hint, &mut vec![0; COPY_CHUNK_BYTES]).unwrap();
+            shadow.append_from(&source, bytes.len() as u64, hint, &mut vec![0; COPY_CHUNK_BYTES], false).unwrap();
             assert_eq!(shadow.committed_len, scan.committed_len);
             read.push(source.1.get());
         }

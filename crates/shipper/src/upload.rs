@@ -54,6 +54,9 @@ pub(crate) struct Uploader {
     /// last segment ends exactly there resumes at the next index's start, rather than reading
     /// for the deleted file and taking it for a reset replica.
     index_shipped_whole: Option<Pos>,
+    /// Set when bytes read from the live WAL were let go of while they were read: the ship is
+    /// tried again at once with the state now published.
+    live_moved: bool,
 }
 
 impl Uploader {
@@ -78,6 +81,7 @@ impl Uploader {
             right,
             last_segment_put: None,
             index_shipped_whole: None,
+            live_moved: false,
             barriers_shipped: 0,
             framed: BytesMut::new(),
             failures: Default::default(),
@@ -171,6 +175,7 @@ impl Uploader {
             let shipped = self.ship(&state, reach).await;
             self.counters.observe(*self.position.borrow(), state.end);
             match shipped {
+                Ok(()) if std::mem::take(&mut self.live_moved) => continue,
                 Ok(()) => {
                     backoff = BACKOFF_MIN;
                     if let Some(unlogged) = self.failures.recovered() {
@@ -337,10 +342,13 @@ impl Uploader {
                     // end would raise SIGBUS), though not before the capturer's pin lets it.
                     let framed = frame_segment(Piece::Read(file), pos.offset, limit, &mut self.framed)
                         .map_err(io_err("read", &path))?;
-                    // Read under the capturer's pin only if it still serves them now (at shutdown it
-                    // withdraws them before letting the pin go).
+                    // Read under the capturer's pin only if it still serves them now. It stores them
+                    // before letting the pin go (or, out of room at shutdown, withdraws them): what was
+                    // read may postdate that, so it is read again wherever the new state says.
                     if self.state.borrow().live_from != state.live_from {
-                        return Err(Error::ShippedWalDiscarded { replica: self.replica.name.clone(), remote: pos });
+                        self.position.send_replace(Some(pos));
+                        self.live_moved = true;
+                        return Ok(());
                     }
                     framed
                 }
@@ -540,8 +548,9 @@ fn backlog_waits(state: &ShadowState, from: Option<Pos>) -> bool {
 }
 
 /// Whether `state` must go up without waiting for a slot: shutdown, a sync barrier since
-/// `syncs_seen`, or bytes served from the live WAL (they hold the capturer's pin until shipped).
-/// A tight disk waits for the slot too, but only while little waits ([`backlog_waits`]).
+/// `syncs_seen`, or bytes served from the live WAL that the capturer wants to let go of
+/// (`ShadowState::ship_now`). A tight disk waits for the slot too, but only while little waits
+/// ([`backlog_waits`]).
 fn must_ship_now(state: &ShadowState, syncs_seen: u64) -> bool {
-    state.is_final || state.syncs_requested != syncs_seen || state.live_from.is_some()
+    state.is_final || state.syncs_requested != syncs_seen || state.ship_now
 }
