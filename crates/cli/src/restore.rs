@@ -128,18 +128,3 @@ async fn choose_replica(
 fn target(args: &RestoreArgs) -> walstream_restore::Target {
     walstream_restore::Target { generation: args.generation, index: args.index, timestamp: args.timestamp }
 }
-
-/// A restore streams a snapshot through buffers of a few MiB on several threads. glibc gives
-/// each thread its own arena and, once a large buffer has been freed, serves the next ones from
-/// the arena instead of `mmap`, keeping every arena's high-water mark resident: about 11 MiB
-/// more than the buffers alive at once, measured on a 200 MB restore. Two arenas and a fixed
-/// `mmap` threshold return large buffers to the system as they are freed. Called before the
-/// runtime starts any thread.
-pub(crate) fn bound_allocator_caches() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: mallopt only changes allocator parameters; called before other threads exist.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
-    }
-}

@@ -103,12 +103,11 @@ const DROP_PIN_RETRY: Duration = Duration::from_secs(1);
 /// took 4% of a core for it.
 const REST_POLL: Duration = Duration::from_secs(300);
 
-thread_local! {
-    /// The copy buffer, one for each thread that runs capturers' turns (a few in the pool), lent
-    /// to the capturer for the length of a turn: held by each database, it took a mebibyte of
-    /// memory per database woken, and kept it.
-    static COPY_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
+/// Copy buffers not lent out, lent to a capturer for the length of a turn: held by each
+/// database, they took a mebibyte of memory per database woken, and kept it; kept by each pool
+/// thread, a mebibyte per thread that ever ran a turn (8 on two cores) for a single database.
+/// Shared, there are only as many as turns ever ran at once.
+static COPY_BUFS: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
 
 /// How soon a resting database looks again after a file event that found nothing changed: the
 /// WAL is written before the wal-index says so. After an event on the WAL it keeps looking, each
@@ -203,7 +202,7 @@ pub(crate) struct Capturer {
     meta: MetaDir,
     db: SourceDb,
     generation: Option<Generation>,
-    /// The thread's copy buffer during a turn or pass ([`COPY_BUF`]); empty between them.
+    /// The thread's copy buffer during a turn or pass ([`COPY_BUFS`]); empty between them.
     buf: Vec<u8>,
     state: watch::Sender<ShadowState>,
     replica_positions: Vec<watch::Receiver<Option<Pos>>>,
@@ -901,13 +900,11 @@ impl Capturer {
         if !self.buf.is_empty() {
             return f(self);
         }
-        self.buf = COPY_BUF.with(|buf| std::mem::take(&mut *buf.borrow_mut()));
-        if self.buf.is_empty() {
-            self.buf = vec![0u8; COPY_CHUNK_BYTES];
-        }
+        let lent = COPY_BUFS.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        self.buf = lent.unwrap_or_else(|| vec![0u8; COPY_CHUNK_BYTES]);
         let result = f(self);
         let buf = std::mem::take(&mut self.buf);
-        COPY_BUF.with(|slot| *slot.borrow_mut() = buf);
+        COPY_BUFS.lock().unwrap_or_else(|e| e.into_inner()).push(buf);
         result
     }
 
