@@ -21,7 +21,7 @@ use gcloud_storage::http::Error as HttpError;
 use tokio::sync::OnceCell;
 use tracing::debug;
 
-use crate::{read_chunk, read_whole, Body, Error, ObjectMeta, ObjectStore, Operation, OperationCounts, Version};
+use crate::{read_whole, Body, Error, ObjectMeta, ObjectStore, Operation, OperationCounts, Version};
 
 /// Objects above this size are sent as a resumable upload in chunks of this size, so a large
 /// snapshot never has to be in memory at once. A multiple of 256 KiB, as GCS requires.
@@ -249,8 +249,8 @@ impl GcsStore {
         (request, UploadType::Simple(Media::new(name.to_string())))
     }
 
-    /// One resumable upload of the whole body, `CHUNK_BYTES` at a time, each chunk read on a
-    /// blocking thread. The length comes from the opened body (for a file, the open file, not
+    /// One resumable upload of the whole body, `CHUNK_BYTES` a request, each chunk streamed as
+    /// it is read (`chunk_pieces`). The length comes from the opened body (for a file, the open file, not
     /// the path: a snapshot replaced by a newer one under the same name while this runs must not
     /// be uploaded as a mix of the two).
     ///
@@ -264,7 +264,7 @@ impl GcsStore {
         body: &dyn Body,
     ) -> Result<Result<(), Error>, HttpError> {
         let io = |op: &'static str| move |source: std::io::Error| Error::Io { op, path: body.source(), source };
-        let (len, mut reader) = match body.open() {
+        let (len, reader) = match body.open() {
             Ok(opened) => opened,
             Err(e) => return Ok(Err(io("open")(e))),
         };
@@ -273,19 +273,20 @@ impl GcsStore {
         }
         let (request, upload_type) = self.upload_request(name);
         let session = client.prepare_resumable_upload(&request, &upload_type).await?;
+        let reader = std::sync::Arc::new(std::sync::Mutex::new(reader));
         let mut sent = 0u64;
         loop {
-            let want = (len - sent).min(CHUNK_BYTES as u64) as usize;
-            let read;
-            (reader, read) = read_chunk(reader, want).await;
-            let chunk = match read {
-                Ok(chunk) => chunk,
-                Err(e) => return Ok(Err(io("read")(e))),
-            };
-            let range = ChunkSize::new(sent, sent + want as u64 - 1, Some(len));
-            match session.upload_multiple_chunk(chunk, &range).await? {
+            let want = (len - sent).min(CHUNK_BYTES as u64);
+            let failed_read = std::sync::Arc::new(std::sync::Mutex::new(None));
+            let chunk = reqwest::Body::wrap_stream(chunk_pieces(reader.clone(), want, failed_read.clone()));
+            let range = ChunkSize::new(sent, sent + want - 1, Some(len));
+            let status = session.upload_multiple_chunk(chunk, &range).await;
+            if let Some(e) = failed_read.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                return Ok(Err(io("read")(e)));
+            }
+            match status? {
                 UploadStatus::Ok(_) => return Ok(Ok(())),
-                UploadStatus::ResumeIncomplete(_) | UploadStatus::NotStarted => sent += want as u64,
+                UploadStatus::ResumeIncomplete(_) | UploadStatus::NotStarted => sent += want,
             }
             if sent >= len {
                 return Err(HttpError::HttpMiddleware(anyhow::anyhow!(
@@ -294,6 +295,44 @@ impl GcsStore {
             }
         }
     }
+}
+
+/// Bytes of a resumable upload's chunk read at a time: below glibc's `mmap` threshold as
+/// `walstream` sets it, so the pieces reuse the heap.
+const CHUNK_PIECE_BYTES: u64 = 128 << 10;
+
+/// The next `want` bytes of `reader` as a request body, read on blocking threads a piece at a
+/// time as the request sends them: a whole chunk read first was 8 MiB of the replicator's
+/// memory for every large snapshot upload. A read error is put in `failed_read` for the caller,
+/// which reports it as a local error rather than the request's.
+fn chunk_pieces(
+    reader: std::sync::Arc<std::sync::Mutex<crate::BodyReader>>,
+    want: u64,
+    failed_read: std::sync::Arc<std::sync::Mutex<Option<std::io::Error>>>,
+) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> + Send + 'static {
+    futures_util::stream::unfold(want, move |left| {
+        let (reader, failed_read) = (reader.clone(), failed_read.clone());
+        async move {
+            if left == 0 {
+                return None;
+            }
+            let n = left.min(CHUNK_PIECE_BYTES) as usize;
+            let read = tokio::task::spawn_blocking(move || {
+                let mut piece = vec![0u8; n];
+                let mut reader = reader.lock().unwrap_or_else(|e| e.into_inner());
+                std::io::Read::read_exact(&mut *reader, &mut piece).map(|()| Bytes::from(piece))
+            })
+            .await
+            .expect("a chunk read panicked");
+            match read {
+                Ok(piece) => Some((Ok(piece), left - n as u64)),
+                Err(e) => {
+                    *failed_read.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                    Some((Err(std::io::Error::other("the upload's source could not be read")), 0))
+                }
+            }
+        }
+    })
 }
 
 fn operation_of(op: &str) -> Operation {
