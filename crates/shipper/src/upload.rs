@@ -47,6 +47,8 @@ pub(crate) struct Uploader {
     /// A segment's frame, reused from one segment to the next: allocated fresh, its page faults
     /// and zeroing cost more CPU than the compression.
     framed: BytesMut,
+    /// The pieces read from the live WAL pass through this (see `Piece::Read`).
+    read_buf: Vec<u8>,
     /// Failed uploads, logged once a minute with a count.
     failures: crate::throttle::Throttle,
     /// The end of the last index this uploader shipped whole. Once every replica is past an
@@ -84,6 +86,7 @@ impl Uploader {
             live_moved: false,
             barriers_shipped: 0,
             framed: BytesMut::new(),
+            read_buf: Vec::new(),
             failures: Default::default(),
         }
     }
@@ -340,8 +343,9 @@ impl Uploader {
                 Source::File(file) if from_live_wal => {
                     // Read, not mapped: the application may truncate its WAL (a mapped page past the
                     // end would raise SIGBUS), though not before the capturer's pin lets it.
-                    let framed = frame_segment(Piece::Read(file), pos.offset, limit, &mut self.framed)
-                        .map_err(io_err("read", &path))?;
+                    let framed =
+                        frame_segment(Piece::Read(file, &mut self.read_buf), pos.offset, limit, &mut self.framed)
+                            .map_err(io_err("read", &path))?;
                     // Read under the capturer's pin only if it still serves them now. It stores them
                     // before letting the pin go (or, out of room at shutdown, withdraws them): what was
                     // read may postdate that, so it is read again wherever the new state says.
