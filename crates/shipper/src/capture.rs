@@ -533,9 +533,7 @@ impl Capturer {
             // copied. If the checkpoint has already back-filled everything, the pin cannot
             // hold it, and the continuity checks see what was lost.
             if !self.db.is_pinned() && self.db.roll_pin() {
-                let at_pin = self.db.index_at_pin();
-                self.pin_vouches = self.pin_covers(at_pin);
-                self.pin_may_defer = pin_holds_off_a_restart(at_pin);
+                self.judge_new_pin();
                 debug!(db = %self.db_path.display(), "pinned for a checkpoint that began while unpinned");
             }
             if self.db.is_pinned() {
@@ -672,12 +670,6 @@ impl Capturer {
     /// and nothing can be appended to this life: it is sealed, so the next life continues the
     /// generation though it overwrites the old one's frames before the pass that wakes sees them.
     fn rest(&mut self) {
-        let frame = walstream_format::wal::frame_size(self.db.page_size());
-        let shadow_holds_all = |index: &WalIndexHeader, shadow: &ShadowIndex| {
-            index.max_frame > 0
-                && index.salt1 == shadow.header.salt1
-                && shadow.committed_len == WAL_HEADER_SIZE as u64 + u64::from(index.max_frame) * frame
-        };
         // What the pin kept in the live WAL for the replicas is stored first (under contention a
         // database rests before the replicas have everything); a disk without room for it keeps
         // the pin.
@@ -700,13 +692,13 @@ impl Capturer {
         let shadow = self.generation.as_ref().and_then(|g| g.shadow.as_ref());
         let mut before = self.db.wal_index_header();
         if let (Some(index), Some(shadow), false) = (before, shadow, crate::awake::contended()) {
-            if index.backfilled < index.max_frame && shadow_holds_all(&index, shadow) {
+            if index.backfilled < index.max_frame && shadow_holds_life(&index, shadow) {
                 self.db.backfill();
                 before = self.db.wal_index_header();
             }
         }
         let life_ends_here = match (before, shadow) {
-            (Some(index), Some(shadow)) => index.backfilled == index.max_frame && shadow_holds_all(&index, shadow),
+            (Some(index), Some(shadow)) => index.backfilled == index.max_frame && shadow_holds_life(&index, shadow),
             _ => false,
         };
         // Asked once the pin is gone (the probe sees only other processes' locks), and the header
@@ -940,7 +932,7 @@ impl Capturer {
         // Under a pin that holds off a restart the new frames stay in the live WAL until shipped
         // (see `store_deferred`). Under one that may not, what earlier pins kept there is stored
         // first, while the previous pin still holds.
-        let defer = self.db.is_pinned() && self.pin_may_defer;
+        let defer = self.may_defer();
         let mut result = if defer { Ok(()) } else { self.store_deferred() };
         if result.is_ok() {
             result = self.copy(since_last_copy, defer);
@@ -1255,14 +1247,8 @@ impl Capturer {
         if disk_space(&self.meta.wal_dir(&generation.id)).is_none_or(|(_, free)| free >= STORE_ROOM_MARGIN) {
             return;
         }
-        let frame = walstream_format::wal::frame_size(self.db.page_size());
-        let holds_all = self.db.wal_index_header().is_some_and(|index| {
-            index.max_frame > 0
-                && index.backfilled < index.max_frame
-                && index.salt1 == shadow.header.salt1
-                && shadow.committed_len == WAL_HEADER_SIZE as u64 + u64::from(index.max_frame) * frame
-        });
-        if holds_all {
+        let index = self.db.wal_index_header();
+        if index.is_some_and(|index| index.backfilled < index.max_frame && shadow_holds_life(&index, shadow)) {
             self.db.backfill();
             debug!(db = %self.db_path.display(), "disk full: back-filled the wal so the application's next write can restart it");
         }
@@ -1288,12 +1274,24 @@ impl Capturer {
         if self.rolled_at_backfill != Some(at) {
             self.rolled_at_backfill = Some(at);
             if self.db.roll_pin() {
-                let at_pin = self.db.index_at_pin();
-                self.pin_vouches = self.pin_covers(at_pin);
-                self.pin_may_defer = pin_holds_off_a_restart(at_pin);
+                self.judge_new_pin();
                 self.db.release_previous();
             }
         }
+    }
+
+    /// After a pin taken outside a pass's copy: what it vouches for (`pin_vouches`) and whether
+    /// frames may stay in the live WAL under it (`pin_may_defer`), from the wal-index it was
+    /// taken at.
+    fn judge_new_pin(&mut self) {
+        let at_pin = self.db.index_at_pin();
+        self.pin_vouches = self.pin_covers(at_pin);
+        self.pin_may_defer = pin_holds_off_a_restart(at_pin);
+    }
+
+    /// Whether new frames may stay in the live WAL now: under a pin that holds off a restart.
+    fn may_defer(&self) -> bool {
+        self.db.is_pinned() && self.pin_may_defer
     }
 
     /// What a copy may assume since the last one: only a pin that vouches (see `pin_vouches`).
@@ -1522,14 +1520,9 @@ impl Capturer {
             if let Some((bytes, header)) = live.header {
                 let mut index = ShadowIndex::create(&self.meta.wal_dir(&id), 0, bytes, header)?;
                 self.counters.shadow_bytes.fetch_add(WAL_HEADER_SIZE as u64, std::sync::atomic::Ordering::Relaxed);
+                let defer = self.may_defer();
                 self.counters.shadow_bytes.fetch_add(
-                    index.append_from(
-                        &live.file,
-                        live.len,
-                        0,
-                        &mut self.buf,
-                        self.db.is_pinned() && self.pin_may_defer,
-                    )?,
+                    index.append_from(&live.file, live.len, 0, &mut self.buf, defer)?,
                     std::sync::atomic::Ordering::Relaxed,
                 );
                 shadow = Some(index);
@@ -1652,6 +1645,13 @@ fn live_tail_unshipped(
 ) -> bool {
     shadow.live_from.is_some_and(|from| shadow.committed_len > from)
         && !all_hold(positions, Pos { generation, index: shadow.index, offset: shadow.committed_len })
+}
+
+/// Whether `shadow` holds, to its end, the WAL life the wal-index header `index` describes.
+fn shadow_holds_life(index: &WalIndexHeader, shadow: &ShadowIndex) -> bool {
+    index.max_frame > 0
+        && index.salt1 == shadow.header.salt1
+        && shadow.committed_len == WAL_HEADER_SIZE as u64 + u64::from(index.max_frame) * shadow.header.frame_size()
 }
 
 /// True when every replica's position is at or past `at` (in its generation).

@@ -36,13 +36,12 @@ pub(crate) enum Piece<'a> {
 /// frame and the raw bytes it holds. The buffer is reused: once the store drops the returned
 /// bytes, the next call's `resize` takes the same allocation back.
 pub(crate) fn frame_segment(
-    source: Piece<'_>,
+    mut source: Piece<'_>,
     start: u64,
     limit: u64,
     framed: &mut BytesMut,
 ) -> std::io::Result<(Bytes, u64)> {
     use std::os::unix::fs::FileExt;
-    let mut source = source;
     framed.clear();
     // Reserved whole up front: grown block by block, the buffer doubled past what any frame needs.
     framed.reserve(SEGMENT_TARGET_BYTES + lz4::FrameBuilder::block_bound(PIECE_BYTES) + lz4::FrameBuilder::END_LEN);

@@ -150,19 +150,11 @@ impl ShadowIndex {
         let data_from = first_data(&file_for_scan, BLOCK).unwrap_or(len);
         if data_from > BLOCK && data_from < len {
             let frame = header.frame_size();
-            let first = WAL_HEADER_SIZE as u64 + (data_from - WAL_HEADER_SIZE as u64).div_ceil(frame) * frame;
-            let mut bytes = vec![0u8; frame as usize];
-            if first + frame > len || file_for_scan.read_exact_at(&mut bytes, first).is_err() {
-                return Ok(None);
-            }
-            let Ok(frame_header) = walstream_format::wal::FrameHeader::parse(&bytes) else {
-                return Ok(None);
-            };
-            if (frame_header.salt1, frame_header.salt2) != (header.salt1, header.salt2) {
-                return Ok(None);
-            }
+            let first = first_frame_from(data_from, frame);
+            let chain = (first + frame <= len).then(|| chain_through(&file_for_scan, first, header)).flatten();
+            let Some(chain) = chain else { return Ok(None) };
             shadow.committed_len = first + frame;
-            shadow.chain = FrameChain::resume(header, frame_header.checksum);
+            shadow.chain = chain;
             shadow.discarded = first;
         }
         // Re-validate the rest of the file: it is the source of every future upload of this index.
@@ -250,16 +242,12 @@ impl ShadowIndex {
         let end = self.committed_len;
         (self.committed_len, self.chain) = (from, self.live_chain);
         let frame = self.header.frame_size();
-        let header_size = WAL_HEADER_SIZE as u64;
         // The last frame is always stored: the capturer compares it with the live WAL.
         let shipped = shipped.min(end.saturating_sub(frame));
-        let resume_at = header_size + (shipped / BLOCK * BLOCK).saturating_sub(header_size).div_ceil(frame) * frame;
+        let resume_at = first_frame_from(shipped / BLOCK * BLOCK, frame);
         if shipped <= end && resume_at <= shipped && resume_at >= from + frame {
-            let mut bytes = vec![0u8; frame as usize];
-            let before =
-                source.read_exact_at(&mut bytes, resume_at - frame).ok().and_then(|()| FrameHeader::parse(&bytes).ok());
-            if let Some(before) = before.filter(|h| (h.salt1, h.salt2) == (self.header.salt1, self.header.salt2)) {
-                (self.committed_len, self.chain) = (resume_at, FrameChain::resume(self.header, before.checksum));
+            if let Some(chain) = chain_through(source, resume_at - frame, self.header) {
+                (self.committed_len, self.chain) = (resume_at, chain);
             }
         }
         self.live_from = None;
@@ -547,6 +535,21 @@ pub(crate) fn punched_to(file: &File) -> u64 {
         // No data past the header's block: punched through its end (or no longer than it).
         None => file.metadata().map_or(0, |m| m.len()),
     }
+}
+
+/// Where the first whole frame of a WAL life at or after `offset` begins.
+fn first_frame_from(offset: u64, frame: u64) -> u64 {
+    WAL_HEADER_SIZE as u64 + offset.saturating_sub(WAL_HEADER_SIZE as u64).div_ceil(frame) * frame
+}
+
+/// The checksum chain of the life with `header` through the frame at `at` of `source`, whose
+/// header carries the running checksum; `None` if that frame cannot be read or belongs to
+/// another life. The bytes before it need not be there (punched out, or never stored).
+fn chain_through(source: &impl FileExt, at: u64, header: WalHeader) -> Option<FrameChain> {
+    let mut bytes = vec![0u8; header.frame_size() as usize];
+    source.read_exact_at(&mut bytes, at).ok()?;
+    let frame = FrameHeader::parse(&bytes).ok()?;
+    ((frame.salt1, frame.salt2) == (header.salt1, header.salt2)).then(|| FrameChain::resume(header, frame.checksum))
 }
 
 /// The first offset at or after `from` that holds data rather than a punched hole; `None` if
