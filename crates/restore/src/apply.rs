@@ -43,17 +43,9 @@ pub(crate) async fn apply(
     progress.start(objects, bytes);
     let split = Arc::new(TimeSplit::default());
 
-    let (SmallWrites(file), _) = fetch::snapshot_into(
-        store,
-        age,
-        &plan.snapshot,
-        SmallWrites(create_new(temp)?),
-        temp,
-        parallelism,
-        progress,
-        &split,
-    )
-    .await?;
+    let pieces = SmallWrites { file: create_new(temp)?, piece: SmallWrites::piece_before(plan.indexes.len()) };
+    let (SmallWrites { file, .. }, _) =
+        fetch::snapshot_into(store, age, &plan.snapshot, pieces, temp, parallelism, progress, &split).await?;
     let page_size = db_page_size(&file).ok_or_else(|| not_a_database(&plan.snapshot.key))?;
     let spill_dir = temp.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
     let mut replay = Replay::new(file, page_size, spill_dir);
@@ -133,16 +125,32 @@ fn create_new(path: &Path) -> Result<File, Error> {
     })
 }
 
-/// A file written in pieces of at most 64 KiB. A large write puts its pages in large folios
-/// (ext4 since Linux 6.16), and every later write of one page into such a folio walks all of
-/// its blocks: 350,000 random page writes into a file written 1 MiB at a time took 1.9 s
-/// instead of 0.46 s, 4 MiB at a time 3.7 s; filling it 64 KiB at a time costs nothing
-/// measurable (docs/benchmarks.md).
-struct SmallWrites(File);
+/// A file written in pieces of at most `piece` bytes. A write puts its pages in folios of its
+/// size (ext4 since Linux 6.16), and every later write of one page into such a folio walks all
+/// of its blocks: 350,000 random page writes into a file written 1 MiB at a time took 1.9 s
+/// instead of 0.46 s, 4 MiB at a time 3.7 s, and at 64 KiB that walk was still a sixth of a
+/// WAL-heavy restore's CPU. Smaller pieces cost a lone snapshot more system calls
+/// (docs/benchmarks.md).
+struct SmallWrites {
+    file: File,
+    piece: usize,
+}
+
+impl SmallWrites {
+    /// The piece for a snapshot followed by `indexes` WAL indexes, whose frames are written
+    /// a page at a time.
+    fn piece_before(indexes: usize) -> usize {
+        if indexes == 0 {
+            64 << 10
+        } else {
+            16 << 10
+        }
+    }
+}
 
 impl std::io::Write for SmallWrites {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.write(&buf[..buf.len().min(64 << 10)])
+        self.file.write(&buf[..buf.len().min(self.piece)])
     }
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())

@@ -48,17 +48,17 @@ async fn get_part(
 /// The buffers of parts the decoder is done with, handed back for the next ranged GETs. Fresh
 /// 1 MiB buffers are above glibc's mmap threshold (which `restore` keeps low so freed memory
 /// leaves the process), so each one cost an mmap, a page fault and a zeroed page for every
-/// 4 KiB, and a munmap: a fifth of a large snapshot's restore CPU. A part is taken again soon
-/// after it is handed back, so two are kept: more stayed resident while nothing downloaded
-/// (1.5 MiB more peak RSS on GCS with six). Keeps nothing for a store that does not read into
-/// the buffers it is given.
+/// 4 KiB, and a munmap: a fifth of a large snapshot's restore CPU. As many are kept as parts
+/// are in flight: with two, a WAL-heavy restore still allocated fresh buffers (a tenth of its
+/// CPU in page faults and zeroing); more than that only stayed resident (docs/benchmarks.md).
+/// Keeps nothing for a store that does not read into the buffers it is given.
 struct PartPool {
     kept: std::sync::Mutex<Vec<BytesMut>>,
     enabled: bool,
 }
 
 impl PartPool {
-    const KEEP: usize = 2;
+    const KEEP: usize = PARTS_IN_FLIGHT;
 
     fn for_store(store: &dyn ObjectStore) -> PartPool {
         PartPool { kept: Default::default(), enabled: store.reads_into_buffers() }

@@ -97,16 +97,14 @@ impl ObjectStore for FileStore {
         let path = self.path_of(key)?;
         let key = key.to_string();
         tokio::task::spawn_blocking(move || {
-            use std::os::unix::fs::FileExt;
             let file = match std::fs::File::open(&path) {
                 Ok(file) => file,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Error::NotFound { key }),
                 Err(e) => return Err(io_error("open", &path)(e)),
             };
             let size = file.metadata().map_err(io_error("stat", &path))?.len();
-            // A reused buffer of the same length is not written before the read fills it.
-            buf.resize(usize::try_from(len.min(size.saturating_sub(offset))).unwrap_or(0), 0);
-            file.read_exact_at(&mut buf, offset).map_err(io_error("read", &path))?;
+            let want = usize::try_from(len.min(size.saturating_sub(offset))).unwrap_or(0);
+            read_exact_into(&file, &mut buf, want, offset).map_err(io_error("read", &path))?;
             Ok(buf.freeze())
         })
         .await
@@ -271,6 +269,37 @@ fn list_blocking(root: &Path, prefix: &str) -> Result<Vec<ObjectMeta>, Error> {
     }
     out.sort_by(|a, b| a.key.cmp(&b.key));
     Ok(out)
+}
+
+/// Reads `want` bytes at `offset` into `buf`, which it empties first, without zeroing them
+/// beforehand: a restore reads every stored byte through buffers of varying lengths, and
+/// zeroing each one's newly used part before the read overwrote it cost a memset of the replica.
+fn read_exact_into(file: &std::fs::File, buf: &mut BytesMut, want: usize, offset: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    buf.clear();
+    buf.reserve(want);
+    while buf.len() < want {
+        let have = buf.len();
+        let spare = &mut buf.spare_capacity_mut()[..want - have];
+        let at = libc::off_t::try_from(offset + have as u64).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+        // SAFETY: `spare` is writable memory of `spare.len()` bytes owned by `buf`; pread writes at
+        // most that many and returns how many it wrote.
+        let read = unsafe { libc::pread(file.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len(), at) };
+        match read {
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            n if n > 0 => {
+                // SAFETY: pread initialised the first `n` bytes of the spare capacity.
+                unsafe { buf.set_len(have + n as usize) }
+            }
+            _ => {
+                let error = std::io::Error::last_os_error();
+                if error.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(error);
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
