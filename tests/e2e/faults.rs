@@ -497,3 +497,47 @@ fn a_failed_upload_after_an_index_went_up_whole_resumes_in_the_same_generation()
     assert_eq!(scratch.generation_count(), 1, "one generation throughout; the log:\n{text}");
     scratch.assert_restores_source();
 }
+
+/// An automatic snapshot waits nine times as long as the last one took to go up: on a slow
+/// store, a writer making the ratio's WAL quickly would otherwise keep it uploading snapshots.
+#[test]
+fn automatic_snapshots_wait_nine_times_as_long_as_the_last_took_to_go_up() {
+    let scratch = Scratch::on(Backend::Gcs);
+    let proxy = FaultProxy::start(emulator::host(), seed());
+    proxy.target("PUT", "snapshot.lz4", Fault::Delay(Duration::from_secs(2)), 1);
+    let mut app = App::open(&scratch.db());
+    app.insert(1);
+    let env = [("STORAGE_EMULATOR_HOST", proxy.addr.as_str()), ("WALSTREAM_TEST_AUTO_SNAPSHOT_MIN_WAL", "262144")];
+    let replicator = Replicator::start_with_args(
+        &scratch.db(),
+        &[scratch.replica_url()],
+        scratch.path("ratio.log"),
+        &env,
+        &["-snapshot-wal-ratio", "1"],
+    );
+    wait_for_snapshot(&scratch);
+    let held = Instant::now();
+    // The same writes make a second snapshot at once on a fast store (interop's
+    // automatic_snapshots_keep_one_generation_and_litestream_restores_them).
+    crate::interop::write_wal_past_the_database(&mut app);
+    app.insert(3);
+    wait_until(Duration::from_secs(30), "the replica holding every commit", || scratch.restores_source_now());
+    assert!(
+        held.elapsed() < Duration::from_secs(15),
+        "the writes must end well within the 18 s the slow upload asks for"
+    );
+    let log = std::fs::read_to_string(scratch.path("ratio.log")).unwrap();
+    assert_eq!(
+        proxy.injected().get(&(Fault::Delay(Duration::from_secs(2)), "PUT")).copied(),
+        Some(1),
+        "the first snapshot's upload was slowed"
+    );
+    let snapshots = scratch.replica_keys().iter().filter(|k| k.contains("/snapshots/")).count();
+    assert_eq!(
+        snapshots, 1,
+        "no automatic snapshot while the last one's upload time times nine has not passed; log:\n{log}"
+    );
+    assert!(!log.contains("passed snapshot-wal-ratio times the database"), "log:\n{log}");
+    replicator.stop_ok();
+    scratch.assert_restores_source();
+}

@@ -59,6 +59,21 @@ on_both_backends! {
     }
 }
 
+/// 4 MiB of new rows in 64 KiB transactions, with the app's own checkpoints restarting its
+/// WAL: the database ends near 4 MiB, and the WAL passes its size on the way.
+pub(crate) fn write_wal_past_the_database(app: &mut App) {
+    for round in 0..64 {
+        app.insert_large(64 << 10);
+        app.insert(2);
+        if round % 8 == 7 {
+            app.checkpoint("TRUNCATE");
+            // Each WAL life seen before the next: lives restarted faster than walstream
+            // looks start a new generation instead (no commit lost, but not this test).
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
 on_both_backends! {
     /// `-snapshot-wal-ratio`: once the WAL since the last snapshot passes the database's size
     /// (the 256 MiB floor lowered to 256 KiB in this test build), walstream snapshots again in
@@ -70,18 +85,7 @@ on_both_backends! {
         let replicator = Replicator::start_with_args(&scratch.db(), &[scratch.replica_url()], scratch.path("replicate.log"), &[("WALSTREAM_TEST_AUTO_SNAPSHOT_MIN_WAL", "262144")], &["-snapshot-wal-ratio", "1"]);
         wait_for_snapshot(&scratch);
         let snapshots = || scratch.replica_keys().iter().filter(|k| k.contains("/snapshots/")).count();
-        // 4 MiB of new rows in 64 KiB transactions, with the app's own checkpoints restarting
-        // its WAL: the database ends near 4 MiB, and the WAL passes its size on the way.
-        for round in 0..64 {
-            app.insert_large(64 << 10);
-            app.insert(2);
-            if round % 8 == 7 {
-                app.checkpoint("TRUNCATE");
-                // Each WAL life seen before the next: lives restarted faster than walstream
-                // looks start a new generation instead (no commit lost, but not this test).
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
+        write_wal_past_the_database(&mut app);
         wait_until(Duration::from_secs(30), "a second snapshot in the replica", || snapshots() >= 2);
         app.insert(3);
         replicator.stop_ok();

@@ -107,7 +107,8 @@ pub(crate) struct ReplicateArgs {
     /// Take a new snapshot once the WAL captured since the last one passes RATIO times the
     /// database's size (and at least 256 MiB), so a restore never replays more than about that:
     /// restore time stays flat however long the history. Costs one snapshot upload per that
-    /// much WAL. 0 takes snapshots only at start and on `snapshot-interval`.
+    /// much WAL, spaced so that snapshots take at most a tenth of the time. 0 takes snapshots
+    /// only at start and on `snapshot-interval`.
     #[arg(long, value_name = "RATIO", default_value_t = walstream_shipper::DEFAULT_SNAPSHOT_WAL_RATIO, value_parser = parse_ratio)]
     pub(crate) snapshot_wal_ratio: f64,
     /// Once a database has been idle this long and its replicas hold all of it, let go of its

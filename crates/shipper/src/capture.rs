@@ -252,6 +252,8 @@ pub(crate) struct Capturer {
     replica_counters: Vec<std::sync::Arc<crate::status::ReplicaCounters>>,
     /// See [`Capturer::wal_outgrew_snapshot`].
     snapshot_wal_ratio: f64,
+    /// The last snapshot this process took, and when every replica held it.
+    snapshot_upload: Option<SnapshotUpload>,
     /// The ended shadow index kept, punched, for its length (see `remove_shipped_shadow`).
     ended_kept: Option<PathBuf>,
     /// The slowest replica's position when every replica's was last known.
@@ -353,6 +355,7 @@ impl Capturer {
             after_drop_until: None,
             last_drop: None,
             snapshot_wal_ratio: 0.0,
+            snapshot_upload: None,
             ended_kept: None,
             slowest_shipped: None,
             spooling: Spooling::default(),
@@ -740,12 +743,19 @@ impl Capturer {
     /// `snapshot_wal_ratio` times the database's size (and at least [`AUTO_SNAPSHOT_MIN_WAL`]):
     /// without a new snapshot restore time grows with history. Only once the WAL has restarted
     /// since the snapshot: a snapshot is taken at the current index, which a restore replays
-    /// whole, so one at the same index would save nothing. Not on a tight disk, where the local
+    /// whole, so one at the same index would save nothing. Not before the last snapshot this
+    /// process took is held by every replica, and then only after nine times as long as that
+    /// took ([`SnapshotUpload::allows_another`]). Not on a tight disk, where the local
     /// copy of the snapshot could fill it (every new instance on a memory volume starts a
     /// generation, with its own snapshot, anyway).
     fn wal_outgrew_snapshot(&mut self) -> bool {
         let Some(generation) = &self.generation else { return false };
         if self.snapshot_wal_ratio <= 0.0 || generation.end().index <= generation.snapshot.index {
+            return false;
+        }
+        let held_since = self.snapshot_held_since();
+        if self.snapshot_upload.as_ref().is_some_and(|upload| !upload.allows_another(&generation.snapshot, held_since))
+        {
             return false;
         }
         let (id, since) = (
@@ -1022,11 +1032,24 @@ impl Capturer {
 
     /// Whether every replica reports holding the generation's snapshot.
     fn snapshot_held_by_all(&self) -> bool {
-        let Some(generation) = &self.generation else { return false };
-        let held = |counters: &std::sync::Arc<crate::status::ReplicaCounters>| {
-            counters.snapshot_held.lock().unwrap_or_else(|e| e.into_inner()).as_ref() == Some(&generation.snapshot)
+        self.snapshot_held_since().is_some()
+    }
+
+    /// Since when every replica has reported holding the generation's snapshot (the last one's
+    /// report), if every one has.
+    fn snapshot_held_since(&self) -> Option<Instant> {
+        let generation = self.generation.as_ref()?;
+        let held = |counters: &std::sync::Arc<crate::status::ReplicaCounters>| match counters
+            .snapshot_held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            Some((snapshot, since)) if *snapshot == generation.snapshot => Some(*since),
+            _ => None,
         };
-        !self.replica_counters.is_empty() && self.replica_counters.iter().all(held)
+        let since: Option<Vec<Instant>> = self.replica_counters.iter().map(held).collect();
+        since?.into_iter().max()
     }
 
     /// A snapshot framed straight from the database (see `LocalSnapshot::from_database`) that
@@ -1091,6 +1114,7 @@ impl Capturer {
         self.pin_gate.set(false);
         self.meta.remove_snapshots_below(&generation.id, generation.snapshot.index);
         info!(db = %self.db_path.display(), generation = %generation.id, index, "snapshot taken");
+        self.snapshot_upload = Some(SnapshotUpload::started(&snapshot));
         generation.snapshot = snapshot;
         // Taken at the current index, which a restore from it replays from its start.
         generation.wal_at_snapshot = generation.index_started_at;
@@ -1542,6 +1566,7 @@ impl Capturer {
         self.meta.clean(&id);
         // Opened only once the generation is in place, whose pending snapshot holds the pin.
         self.pin_gate.set(snapshot.from_database);
+        self.snapshot_upload = Some(SnapshotUpload::started(&snapshot));
         self.generation = Some(Generation {
             id,
             snapshot,
@@ -1688,6 +1713,41 @@ fn resume_generation(meta: &MetaDir) -> Option<Generation> {
 /// a small database under a busy writer is snapshotted about once per 256 MiB of WAL, one upload
 /// against the hundreds of segments that carried it.
 const AUTO_SNAPSHOT_MIN_WAL: u64 = 256 << 20;
+
+/// The last snapshot this process took, timed from when it was taken to when every replica
+/// held it. Automatic snapshots take at most a tenth of the time this way: a writer flat out
+/// makes the 256 MiB of WAL that call for one in about a second, and a snapshot each time (a
+/// compressed copy of the database written locally, then uploaded) took the replicator's CPU
+/// in the saturated bench from about 2 to up to 5 CPU-s (docs/benchmarks.md). A fixed spacing
+/// would also space the cheap snapshots of a small database on a fast store, whose restores
+/// it keeps short.
+#[derive(Clone, Debug)]
+struct SnapshotUpload {
+    snapshot: LocalSnapshot,
+    taken_at: Instant,
+}
+
+impl SnapshotUpload {
+    fn started(snapshot: &LocalSnapshot) -> SnapshotUpload {
+        SnapshotUpload { snapshot: snapshot.clone(), taken_at: Instant::now() }
+    }
+
+    /// Whether an automatic snapshot may follow `current`, the generation's snapshot, which
+    /// every replica has held since `held_since` (`None`: some replica lacks it yet).
+    fn allows_another(&self, current: &LocalSnapshot, held_since: Option<Instant>) -> bool {
+        if self.snapshot != *current {
+            // Taken by an earlier process: nothing to go by.
+            return true;
+        }
+        held_since.is_some_and(|held| {
+            held.elapsed() >= held.saturating_duration_since(self.taken_at) * AUTO_SNAPSHOT_IDLE_FACTOR
+        })
+    }
+}
+
+/// How many times as long as the last snapshot took from being taken to being held by every
+/// replica an automatic one waits after it.
+const AUTO_SNAPSHOT_IDLE_FACTOR: u32 = 9;
 
 /// [`AUTO_SNAPSHOT_MIN_WAL`]; test builds may lower it, so a test need not write 256 MiB.
 fn auto_snapshot_min_wal() -> u64 {

@@ -51,9 +51,9 @@ pub(crate) struct ReplicaCounters {
     pub(crate) caught_up_once: AtomicBool,
     /// Since when the replica has been missing a commit the capturer had published.
     pub(crate) behind_since: Mutex<Option<Instant>>,
-    /// The newest local snapshot the replica is known to hold: once every replica holds it, the
-    /// capturer frees its local copy.
-    pub(crate) snapshot_held: Mutex<Option<crate::meta::LocalSnapshot>>,
+    /// The newest local snapshot the replica is known to hold, and since when: once every
+    /// replica holds it, the capturer frees its local copy (and times the upload).
+    pub(crate) snapshot_held: Mutex<Option<(crate::meta::LocalSnapshot, Instant)>>,
     /// Background validations (`validation-interval`) that found the replica equal to the
     /// database, and those that did not or could not run.
     pub(crate) validations_ok: AtomicU64,

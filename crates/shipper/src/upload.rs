@@ -426,7 +426,8 @@ impl Uploader {
     /// The replica holds `snapshot`: no upload of it again, and the capturer may free its copy.
     fn holds_snapshot(&mut self, snapshot: &LocalSnapshot) {
         self.uploaded_snapshot = Some(snapshot.clone());
-        *self.counters.snapshot_held.lock().unwrap_or_else(|e| e.into_inner()) = Some(snapshot.clone());
+        *self.counters.snapshot_held.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((snapshot.clone(), std::time::Instant::now()));
     }
 
     /// Finds where the replica stands in the current generation, uploading the generation's
