@@ -504,7 +504,8 @@ fn a_failed_upload_after_an_index_went_up_whole_resumes_in_the_same_generation()
 fn automatic_snapshots_wait_nine_times_as_long_as_the_last_took_to_go_up() {
     let scratch = Scratch::on(Backend::Gcs);
     let proxy = FaultProxy::start(emulator::host(), seed());
-    proxy.target("PUT", "snapshot.lz4", Fault::Delay(Duration::from_secs(2)), 1);
+    let slow = Fault::Delay(Duration::from_secs(2));
+    proxy.target("PUT", "snapshot.lz4", slow, 1);
     let mut app = App::open(&scratch.db());
     app.insert(1);
     let env = [("STORAGE_EMULATOR_HOST", proxy.addr.as_str()), ("WALSTREAM_TEST_AUTO_SNAPSHOT_MIN_WAL", "262144")];
@@ -527,11 +528,7 @@ fn automatic_snapshots_wait_nine_times_as_long_as_the_last_took_to_go_up() {
         "the writes must end well within the 18 s the slow upload asks for"
     );
     let log = std::fs::read_to_string(scratch.path("ratio.log")).unwrap();
-    assert_eq!(
-        proxy.injected().get(&(Fault::Delay(Duration::from_secs(2)), "PUT")).copied(),
-        Some(1),
-        "the first snapshot's upload was slowed"
-    );
+    assert_eq!(proxy.injected().get(&(slow, "PUT")).copied(), Some(1), "the first snapshot's upload was slowed");
     let snapshots = scratch.replica_keys().iter().filter(|k| k.contains("/snapshots/")).count();
     assert_eq!(
         snapshots, 1,

@@ -753,11 +753,6 @@ impl Capturer {
         if self.snapshot_wal_ratio <= 0.0 || generation.end().index <= generation.snapshot.index {
             return false;
         }
-        let held_since = self.snapshot_held_since();
-        if self.snapshot_upload.as_ref().is_some_and(|upload| !upload.allows_another(&generation.snapshot, held_since))
-        {
-            return false;
-        }
         let (id, since) = (
             generation.id,
             self.counters
@@ -766,6 +761,12 @@ impl Capturer {
                 .saturating_sub(generation.wal_at_snapshot),
         );
         if since < auto_snapshot_min_wal() {
+            return false;
+        }
+        // After the counter: this locks every replica's counters, and runs on every pass.
+        let held_since = self.snapshot_held_since();
+        if self.snapshot_upload.as_ref().is_some_and(|upload| !upload.allows_another(&generation.snapshot, held_since))
+        {
             return false;
         }
         // The database as its last commit left it, WAL included; the file alone lags behind.
@@ -1048,8 +1049,10 @@ impl Capturer {
             Some((snapshot, since)) if *snapshot == generation.snapshot => Some(*since),
             _ => None,
         };
-        let since: Option<Vec<Instant>> = self.replica_counters.iter().map(held).collect();
-        since?.into_iter().max()
+        // No replica, or one that lacks it: `None`; otherwise the latest report.
+        self.replica_counters
+            .iter()
+            .try_fold(None, |latest, counters| held(counters).map(|since| latest.max(Some(since))))?
     }
 
     /// A snapshot framed straight from the database (see `LocalSnapshot::from_database`) that
