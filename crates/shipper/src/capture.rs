@@ -79,20 +79,21 @@ const DROP_PIN_AFTER_SLOW: Duration = Duration::from_secs(1);
 /// is not polled, and without this its WAL grew without end (9.4 MiB in 12 s, and on).
 const DROP_PIN_ANY_WRITER_BYTES: u64 = 32 << 20;
 
-/// How long a WAL life stays past [`DROP_PIN_WAL_FRAMES`] under a busy writer before the pin is
-/// dropped: at 1,000 small commits a second, about 100 frames more.
-const DROP_PIN_AFTER: Duration = Duration::from_millis(100);
-
-/// After a drop the capturer passes this often, not every [`PASS_SPACING`], for
-/// [`AFTER_DROP_WINDOW`]: a flat-out writer fills a restarted WAL life to SQLite's checkpoint
-/// size in about 15 ms, and with a pass 10 ms after the drop the WAL restarted twice unseen (a
-/// new generation) in 1 of 3 bench runs. A pass that pins before the restart drops again.
+/// While a dropped pin waits for the WAL to restart (see [`PinDrop`]) the capturer passes this
+/// often, not every [`PASS_SPACING`]: a flat-out writer fills a restarted WAL life to SQLite's
+/// checkpoint size in about 15 ms, and with a pass 10 ms after the drop the WAL restarted twice
+/// unseen (a new generation) in 1 of 3 bench runs.
 const AFTER_DROP_SPACING: Duration = Duration::from_millis(1);
-const AFTER_DROP_WINDOW: Duration = Duration::from_millis(50);
 
-/// After a drop window in which the WAL did not restart (the application did not write, or
-/// wrote without a checkpoint), the pin is held this long before the next window. Dropping on
-/// every pass left a large life unpinned nearly all the time, so an application's TRUNCATE
+/// The longest a dropped pin waits for the WAL to restart before a pass pins again. The
+/// application's checkpoint of a large life (10,000-row updates back to back) takes a good
+/// part of this; with a pin taken again 50 ms after the drop, it held a read-mark past 0
+/// when that checkpoint ended, and the WAL grew to 464 MiB in 3 s against 4 MiB alone.
+const UNPINNED_AFTER_DROP: Duration = Duration::from_secs(1);
+
+/// After a drop in which the WAL did not restart (the application did not write, or wrote
+/// without a checkpoint), the pin is held this long before the next drop. Dropping on every
+/// pass left a large life unpinned nearly all the time, so an application's TRUNCATE
 /// checkpoint right after a commit usually beat the pass that would copy it (a new
 /// generation; seen in the 200 MB restore test under the suite's load).
 const DROP_PIN_RETRY: Duration = Duration::from_secs(1);
@@ -135,6 +136,11 @@ const FULL_DISK_FINAL_COPY: Duration = Duration::from_secs(4);
 /// [`PASS_SPACING`] on its own (see [`Capturer::follow_events_or_poll`]).
 const BUSY_PASSES_TO_POLL: u32 = 3;
 
+/// Where SQLite's autocheckpoint begins, in WAL bytes (see [`DROP_PIN_WAL_FRAMES`]).
+fn checkpoint_size(frame: u64) -> u64 {
+    WAL_HEADER_SIZE as u64 + DROP_PIN_WAL_FRAMES * frame
+}
+
 /// Start a new generation before an index's offsets stop fitting the 8 hex digits of a name.
 const MAX_INDEX_BYTES: u64 = name::MAX_SEGMENT_OFFSET - (256 << 20);
 
@@ -145,6 +151,22 @@ enum Continuity {
     Pinned,
     /// No pin was held: the copy checks the live WAL still holds the shadow's last frame.
     Unproven,
+}
+
+/// A pin let go so the application's checkpoint can restart a large WAL life
+/// (`Capturer::let_busy_wal_restart`). Until the restart, or the back-fill that frees it, the
+/// passes copy without a pin (see `Capturer::may_pin_after_drop`): one taken again at once holds a
+/// read-mark past 0, which forbids the restart, and the application's checkpoint of a large life
+/// outlasted the passes that let go again. Those copies are checked as any unpinned one
+/// (`Continuity::Unproven`).
+#[derive(Clone, Copy, Debug)]
+struct PinDrop {
+    /// The shadow index of the life let go, and its salt-1: a wal-index with another has restarted.
+    index: u32,
+    salt1: u32,
+    at: Instant,
+    /// When a pass pinned again; `None` while none has.
+    pinned_again: Option<Instant>,
 }
 
 /// What [`Capturer::observe`] found the live WAL to be, relative to the shadow.
@@ -241,10 +263,8 @@ pub(crate) struct Capturer {
     disk_full_spells: crate::throttle::Throttle,
     /// The index whose life first reached [`DROP_PIN_WAL_FRAMES`], and when.
     large_wal_since: Option<(u32, Instant)>,
-    /// Until when passes follow each other [`AFTER_DROP_SPACING`] apart after a drop.
-    after_drop_until: Option<Instant>,
-    /// The index of the life whose pin was last dropped, and when that drop window began.
-    last_drop: Option<(u32, Instant)>,
+    /// The last pin drop for a WAL life to restart.
+    last_drop: Option<PinDrop>,
     /// See [`Capturer::bound_local_wal`]; and when the shadow's size was last looked at.
     max_local_wal: Option<u64>,
     bound_checked: Instant,
@@ -352,7 +372,6 @@ impl Capturer {
             large_wal_since: None,
             max_local_wal: None,
             bound_checked: Instant::now(),
-            after_drop_until: None,
             last_drop: None,
             snapshot_wal_ratio: 0.0,
             snapshot_upload: None,
@@ -431,7 +450,7 @@ impl Capturer {
 
     /// How long the capturer may wait for a wake before it has something to do on its own.
     fn timeout(&self) -> Duration {
-        let after_drop = self.after_drop_until.is_some_and(|until| Instant::now() < until);
+        let after_drop = self.passes_fast();
         match (self.db.is_pinned(), self.last_change.elapsed() < self.timing.active_window) {
             _ if after_drop => AFTER_DROP_SPACING,
             _ if self.db.is_resting() => REST_POLL,
@@ -455,7 +474,7 @@ impl Capturer {
             self.pass_logged();
             return Turn::Again(self.timeout());
         }
-        let after_drop = self.after_drop_until.is_some_and(|until| Instant::now() < until);
+        let after_drop = self.passes_fast();
         // A barrier waiting through a blocked pass keeps asking for one; polling, every
         // wake-up is a pass.
         let mut changed = self.owed_pass || !self.pending_syncs.is_empty() || self.polling || after_drop;
@@ -661,7 +680,7 @@ impl Capturer {
             && self.pending_syncs.is_empty()
             && self.pending_new_generation.is_none()
             && !self.pending_snapshot
-            && self.after_drop_until.is_none_or(|until| Instant::now() >= until)
+            && !self.waiting_for_restart()
             && generation.shadow.as_ref().is_none_or(|s| s.live_from.is_none() || s.deferred)
             && !self.database_snapshot_pending()
             && (pressed || all_hold(&self.replica_positions, generation.end()))
@@ -935,6 +954,7 @@ impl Capturer {
         self.leave_live_if_shipped();
         // While the live WAL holds bytes a replica lacks, the pin that protects them stays.
         let rolled = !self.live_pending()
+            && self.may_pin_after_drop()
             && self.db.pin_age().is_none_or(|age| age >= self.timing.pin_roll)
             && self.db.roll_pin();
         if rolled {
@@ -961,6 +981,7 @@ impl Capturer {
         if result.is_ok() {
             self.let_busy_wal_restart();
         }
+        self.release_pass_pin();
         self.publish(false);
         self.remove_shipped_shadow();
         self.free_held_snapshot();
@@ -972,8 +993,8 @@ impl Capturer {
     /// Compresses, a step at a time, an ended index the store has not taken for a while: during
     /// an outage the backlog then takes its compressed size on the local disk, not its raw size.
     fn spool_waiting(&mut self) {
-        // Right after a pin drop passes come every millisecond to catch the next WAL life.
-        if self.after_drop_until.is_some_and(|until| Instant::now() < until) {
+        // After a pin drop passes come every millisecond to catch the next WAL life.
+        if self.waiting_for_restart() {
             return;
         }
         let Some(generation) = &self.generation else { return };
@@ -1220,11 +1241,16 @@ impl Capturer {
 
     /// See [`DROP_PIN_WAL_FRAMES`].
     fn let_busy_wal_restart(&mut self) {
-        let Some((index, len)) = self.shadow_end() else {
+        let Some(shadow) = self.generation.as_ref().and_then(|g| g.shadow.as_ref()) else {
             return;
         };
+        let (index, len, salt1) = (shadow.index, shadow.committed_len, shadow.header.salt1);
         let frame = walstream_format::wal::frame_size(self.db.page_size());
-        if len < WAL_HEADER_SIZE as u64 + DROP_PIN_WAL_FRAMES * frame {
+        // Let go before the commit that takes the life past SQLite's checkpoint size, if one as
+        // large as the last would: that commit's checkpoint then meets no pin, and the WAL
+        // restarts where it does without walstream. Let go after it, the life went on through
+        // another transaction or more (10,000-row updates: 3 to 6 of them, not 2).
+        if len + shadow.last_transaction < checkpoint_size(frame) {
             self.large_wal_since = None;
             return;
         }
@@ -1235,17 +1261,17 @@ impl Capturer {
         // and in 1 of 6 without the polling condition). A writer too slow to be polled (one
         // commit every 20 ms, or a second) is let go once its life has stayed past the size for
         // `DROP_PIN_AFTER_SLOW`, and any writer at `DROP_PIN_ANY_WRITER_BYTES`.
-        let since = *self.large_wal_since.get_or_insert((index, Instant::now()));
-        if since.0 != index {
-            self.large_wal_since = Some((index, Instant::now()));
-            return;
-        }
-        let busy = self.polling && since.1.elapsed() >= DROP_PIN_AFTER;
-        let slow = since.1.elapsed() >= DROP_PIN_AFTER_SLOW;
-        let in_window = self.after_drop_until.is_some_and(|until| Instant::now() < until);
-        // Within a window every pass drops again; a window that did not end the life waits.
-        let retry_due =
-            in_window || self.last_drop.is_none_or(|(dropped, at)| dropped != index || at.elapsed() >= DROP_PIN_RETRY);
+        let since = match self.large_wal_since {
+            Some((large, since)) if large == index => since,
+            _ => self.large_wal_since.insert((index, Instant::now())).1,
+        };
+        let busy = self.polling;
+        let slow = since.elapsed() >= DROP_PIN_AFTER_SLOW;
+        // A drop that did not end the life is tried again once the pin has been back a while.
+        let retry_due = self.last_drop.is_none_or(|drop| {
+            let pinned_again = drop.pinned_again.unwrap_or(drop.at + UNPINNED_AFTER_DROP);
+            drop.index != index || Instant::now().saturating_duration_since(pinned_again) >= DROP_PIN_RETRY
+        });
         if (busy || slow || len >= DROP_PIN_ANY_WRITER_BYTES) && retry_due && self.db.is_pinned() {
             // What the replicas lack is stored, not shipped at once: a life ends about every
             // second at 1,000 commits/s, and each one's last bytes shipped on their own would be
@@ -1253,11 +1279,8 @@ impl Capturer {
             if self.store_deferred().is_err() || self.live_pending() {
                 return;
             }
-            if !in_window {
-                debug!(db = %self.db_path.display(), index, "wal life is large and never fully back-filled; dropping the pin so the application's checkpoint can restart it");
-                self.after_drop_until = Some(Instant::now() + AFTER_DROP_WINDOW);
-                self.last_drop = Some((index, Instant::now()));
-            }
+            debug!(db = %self.db_path.display(), index, "wal life is large and never fully back-filled; dropping the pin so the application's checkpoint can restart it");
+            self.last_drop = Some(PinDrop { index, salt1, at: Instant::now(), pinned_again: None });
             self.db.release_all();
             self.backfill_on_a_full_disk();
         }
@@ -1316,9 +1339,68 @@ impl Capturer {
         self.pin_may_defer = pin_holds_off_a_restart(at_pin);
     }
 
-    /// Whether new frames may stay in the live WAL now: under a pin that holds off a restart.
+    /// Whether new frames may stay in the live WAL now: under a pin that holds off a restart,
+    /// and that stays after the pass.
     fn may_defer(&self) -> bool {
-        self.db.is_pinned() && self.pin_may_defer
+        self.db.is_pinned() && self.pin_may_defer && !self.waiting_for_restart()
+    }
+
+    /// Whether passes come every [`AFTER_DROP_SPACING`]: from a drop until the restart it let
+    /// happen is seen, and while a busy writer's next commit may bring its life to the drop
+    /// (see `let_busy_wal_restart`). Seen a pass spacing late, a writer of 10,000-row updates
+    /// had committed the next one meanwhile, and its lives were 3 transactions long, not 2.
+    fn passes_fast(&self) -> bool {
+        let Some(shadow) = self.generation.as_ref().and_then(|g| g.shadow.as_ref()) else { return false };
+        let restart_due = self.last_drop.is_some_and(|drop| {
+            drop.index == shadow.index && drop.at.elapsed() < UNPINNED_AFTER_DROP + AFTER_DROP_SPACING
+        });
+        let size = checkpoint_size(shadow.header.frame_size());
+        let (len, last) = (shadow.committed_len, shadow.last_transaction);
+        let drop_due_at_next_commit = self.polling && len + last < size && len + 2 * last >= size;
+        restart_due || drop_due_at_next_commit
+    }
+
+    /// True while a dropped pin waits for the WAL to restart (see [`PinDrop`]).
+    fn waiting_for_restart(&self) -> bool {
+        self.last_drop.is_some_and(|drop| drop.pinned_again.is_none())
+    }
+
+    /// Whether a pass may pin now. After a drop, a pass pins again to keep once the application
+    /// has restarted the WAL (the wal-index carries another salt-1), or its checkpoint has
+    /// back-filled the whole life (a pin then takes read-mark 0, which leaves the restart free
+    /// and holds off the next back-fill, so the WAL cannot restart twice unseen), or
+    /// [`UNPINNED_AFTER_DROP`] has passed. Until then a pass pins only while it copies
+    /// (`release_pass_pin`), and not at all while the application's checkpoint runs: a pin
+    /// taken then holds a read-mark past 0 when it ends, and the restart waits for the next
+    /// drop.
+    fn may_pin_after_drop(&mut self) -> bool {
+        if !self.waiting_for_restart() {
+            return true;
+        }
+        let index = self.db.wal_index_header();
+        let Some(drop) = self.last_drop.as_mut() else { return true };
+        let let_go = index.is_none_or(|h| h.salt1 != drop.salt1 || h.backfilled >= h.max_frame);
+        let timed_out = drop.at.elapsed() >= UNPINNED_AFTER_DROP;
+        if let_go || timed_out {
+            drop.pinned_again = Some(Instant::now());
+            debug!(db = %self.db_path.display(), after_ms = drop.at.elapsed().as_millis() as u64, index = ?index.map(|h| (h.salt1 != drop.salt1, h.backfilled, h.max_frame)), "pinning again after a drop");
+        }
+        if timed_out && !let_go {
+            // No checkpoint came: the drop was early for this writer (its last transaction was
+            // larger than the next). It waits for the life to pass the checkpoint size again.
+            if let Some(shadow) = self.generation.as_mut().and_then(|g| g.shadow.as_mut()) {
+                shadow.last_transaction = 0;
+            }
+        }
+        let_go || timed_out || !self.db.checkpoint_running()
+    }
+
+    /// After a pass that pinned only to copy (see [`Capturer::may_pin_after_drop`]): lets go
+    /// again. Nothing was left in the live WAL under it (`may_defer`).
+    fn release_pass_pin(&mut self) {
+        if self.waiting_for_restart() && self.db.is_pinned() {
+            self.db.release_all();
+        }
     }
 
     /// What a copy may assume since the last one: only a pin that vouches (see `pin_vouches`).
@@ -1427,8 +1509,13 @@ impl Capturer {
                 }
                 shadow.finish()?;
                 generation.ended.push((shadow.index, shadow.committed_len));
-                let next =
+                let mut next =
                     ShadowIndex::create(&self.meta.wal_dir(&generation.id), shadow.index + 1, header_bytes, header)?;
+                // A steady writer's next transaction is as large as its last (see
+                // `let_busy_wal_restart`); one past the checkpoint size on its own says nothing.
+                if shadow.last_transaction < checkpoint_size(shadow.header.frame_size()) {
+                    next.last_transaction = shadow.last_transaction;
+                }
                 generation.index_started_at = added(WAL_HEADER_SIZE as u64);
                 debug!(db = %self.db_path.display(), index = next.index, "wal restarted; new index");
                 let shadow = generation.shadow.insert(next);

@@ -86,6 +86,9 @@ pub(crate) struct ShadowIndex {
     live_chain: FrameChain,
     /// While `live_from` is set: the last committed frame, which the file may not hold.
     live_last_frame: Vec<u8>,
+    /// The bytes the last transaction copied from the live WAL added: how far the next commit
+    /// may take the life (see `Capturer::let_busy_wal_restart`).
+    pub(crate) last_transaction: u64,
 }
 
 /// What [`ShadowIndex::copy_from`] reads: the shadow file itself, to find where its valid
@@ -194,6 +197,7 @@ impl ShadowIndex {
             deferred: false,
             live_chain: FrameChain::new(header),
             live_last_frame: Vec::new(),
+            last_transaction: 0,
         }
     }
 
@@ -366,6 +370,10 @@ impl ShadowIndex {
                 };
                 n_valid += 1;
                 if frame_header.is_commit() {
+                    let previous_end = chunk_commit.map_or(commit_end, |(n, _)| offset + (n * frame) as u64);
+                    if write {
+                        self.last_transaction = offset + (n_valid * frame) as u64 - previous_end;
+                    }
                     chunk_commit = Some((n_valid, chain));
                 }
             }
@@ -612,6 +620,27 @@ mod tests {
     fn disk_bytes(path: &Path) -> u64 {
         use std::os::unix::fs::MetadataExt;
         fs::metadata(path).unwrap().blocks() * 512
+    }
+
+    /// The capturer predicts where the next commit takes a WAL life from the last transaction's
+    /// size, however many transactions one copy reads.
+    #[test]
+    fn the_last_transaction_copied_is_measured_in_whole_frames() {
+        let db = Db::new();
+        db.new_life(3);
+        db.app.execute_batch("BEGIN; INSERT INTO t SELECT randomblob(1000) FROM t, t AS u; COMMIT;").unwrap();
+        let before_large = db.wal().1.len() as u64;
+        db.app.execute("INSERT INTO t VALUES (randomblob(1000))", []).unwrap();
+        let (_, wal) = db.wal();
+        let shadow = db.shadow(1);
+        assert_eq!(shadow.last_transaction, wal.len() as u64 - before_large, "the last of five, read in one copy");
+        assert_eq!(shadow.last_transaction % shadow.header.frame_size(), 0);
+        let mut later = db.shadow(2);
+        db.app.execute_batch("BEGIN; INSERT INTO t SELECT randomblob(1000) FROM t, t AS u LIMIT 50; COMMIT;").unwrap();
+        let (file, grown) = db.wal();
+        later.append_from(&file, grown.len() as u64, 0, &mut vec![0; COPY_CHUNK_BYTES], false).unwrap();
+        assert_eq!(later.last_transaction, (grown.len() - wal.len()) as u64, "a copy that reads one transaction");
+        assert!(later.last_transaction > 10 * later.header.frame_size());
     }
 
     /// Shipped bytes leave the disk, the last frame stays for the capturer's comparison, and a
