@@ -1396,9 +1396,10 @@ impl Capturer {
     }
 
     /// After a pass that pinned only to copy (see [`Capturer::may_pin_after_drop`]): lets go
-    /// again. Nothing was left in the live WAL under it (`may_defer`).
+    /// again. Nothing was left in the live WAL under it by choice (`may_defer`); what a full disk
+    /// left there keeps it until the replicas have it (rule 7).
     fn release_pass_pin(&mut self) {
-        if self.waiting_for_restart() && self.db.is_pinned() {
+        if self.waiting_for_restart() && self.db.is_pinned() && !self.live_pending() {
             self.db.release_all();
         }
     }
@@ -1532,6 +1533,12 @@ impl Capturer {
         // Deleted since the pass began (see `pass`): a WAL that went with it is no truncation.
         if self.db.at_path() == AtPath::Gone {
             return Ok(());
+        }
+        // A generation starts under a pin (see `new_generation`) and keeps it: after a drop a
+        // pass may hold none (`may_pin_after_drop`), and one it holds would go at its end.
+        self.last_drop = self.last_drop.filter(|drop| drop.pinned_again.is_some());
+        if !self.db.is_pinned() && self.db.roll_pin() {
+            self.judge_new_pin();
         }
         let mut result = self.new_generation(&reason);
         if result.as_ref().err().is_some_and(Error::is_disk_full) {
