@@ -263,10 +263,33 @@ impl Uploader {
         }
     }
 
-    /// Ships what `state` holds, as far as `reach` says.
+    /// Ships what `state` holds, as far as `reach` says: its WAL, then its snapshot if the
+    /// replica lacks it.
     async fn ship(&mut self, state: &ShadowState, reach: Reach) -> Result<(), Error> {
+        let (Some(generation), Some(snapshot)) = (state.generation, &state.snapshot) else {
+            return Ok(());
+        };
+        self.ship_wal(state, reach).await?;
+        if self.live_moved || self.uploaded_snapshot.as_ref() == Some(snapshot) {
+            return Ok(());
+        }
+        // WAL published while the segments above went up goes first: the snapshot takes as long
+        // as the database to upload (about 1 s for 70 MB on the emulator), and in the replicate
+        // bench the last commits waited behind it (a 2.0 s drain against 1.0).
+        let fresh = self.state.borrow().clone();
+        if fresh.generation == state.generation && fresh.snapshot.is_some() && fresh.end > state.end {
+            self.ship_wal(&fresh, reach).await?;
+            if self.live_moved {
+                return Ok(());
+            }
+        }
+        self.put_snapshot(&generation, snapshot).await
+    }
+
+    /// Ships `state`'s WAL from the replica's position, as far as `reach` says.
+    async fn ship_wal(&mut self, state: &ShadowState, reach: Reach) -> Result<(), Error> {
         let defer_new_life = reach != Reach::End;
-        let (Some(generation), Some(end), Some(snapshot)) = (state.generation, state.end, &state.snapshot) else {
+        let (Some(generation), Some(end)) = (state.generation, state.end) else {
             return Ok(());
         };
         let known = *self.position.borrow();
@@ -380,9 +403,6 @@ impl Uploader {
             self.publish_position(pos, state.end);
         }
         self.publish_position(pos, state.end);
-        if self.uploaded_snapshot.as_ref() != Some(snapshot) {
-            self.put_snapshot(&generation, snapshot).await?;
-        }
         Ok(())
     }
 
