@@ -88,6 +88,7 @@ impl Drop for MemoryVolume {
 }
 
 /// What one instance's app did.
+#[derive(Default)]
 pub struct AppRun {
     pub commits: u64,
     /// Errors the app got from SQLite ("database or disk is full" among them).
@@ -317,20 +318,35 @@ fn a_full_memory_volume_loses_nothing_committed() {
     assert!(warm_up.errors.is_empty());
     fill(&volume);
     assert!(volume.used() > (8 << 20) - (64 << 10), "the volume is not full; the test proves nothing");
-    let app = std::thread::spawn({
-        let (volume_path, db) = (volume.dir.path().to_path_buf(), db.clone());
-        let mut rng = rng.clone();
-        move || run_app(&MemoryVolume::borrowed(volume_path), &db, 500, Duration::from_secs(6), &mut rng)
-    });
-    let mut saw_full = (false, false);
-    while !app.is_finished() {
-        let (status, body) = crate::emulator::request_on(&addr, "GET", "/healthz", None).unwrap();
-        saw_full.0 |= status == 503 && body.contains("disk full");
-        let (_, metrics) = crate::emulator::request_on(&addr, "GET", "/metrics", None).unwrap();
-        saw_full.1 |= metrics.lines().any(|l| l.starts_with("walstream_disk_full{") && l.ends_with(" 1"));
-        std::thread::sleep(Duration::from_millis(20));
+    // Six seconds at 500 tx/s, again (at most twice more) if walstream has not met the full disk
+    // yet: its writes there are a few index headers, and deletions of shipped files may free a
+    // page for each (once in a whole-suite run it never met it).
+    let disk_full_warnings = || {
+        let log = std::fs::read_to_string(scratch.path("replicate.log")).unwrap_or_default();
+        log.lines().filter(|l| l.contains("WARN") && l.contains("disk_full=true")).count()
+    };
+    let (mut saw_full, mut run) = ((false, false), AppRun::default());
+    for _ in 0..3 {
+        let app = std::thread::spawn({
+            let (volume_path, db) = (volume.dir.path().to_path_buf(), db.clone());
+            let mut rng = rng.clone();
+            move || run_app(&MemoryVolume::borrowed(volume_path), &db, 500, Duration::from_secs(6), &mut rng)
+        });
+        while !app.is_finished() {
+            let (status, body) = crate::emulator::request_on(&addr, "GET", "/healthz", None).unwrap();
+            saw_full.0 |= status == 503 && body.contains("disk full");
+            let (_, metrics) = crate::emulator::request_on(&addr, "GET", "/metrics", None).unwrap();
+            saw_full.1 |= metrics.lines().any(|l| l.starts_with("walstream_disk_full{") && l.ends_with(" 1"));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let phase = app.join().unwrap();
+        run.commits += phase.commits;
+        run.errors.extend(phase.errors);
+        rng = rand::rngs::StdRng::seed_from_u64(rng.gen());
+        if disk_full_warnings() > 0 {
+            break;
+        }
     }
-    let run = app.join().unwrap();
     let status = replicator.stop();
     let log = std::fs::read_to_string(scratch.path("replicate.log")).unwrap();
     let not_debug: Vec<&str> = log.lines().filter(|l| !l.contains(" DEBUG ")).collect();
@@ -341,8 +357,8 @@ fn a_full_memory_volume_loses_nothing_committed() {
         run.errors.len(),
         run.errors.first()
     );
-    let failures = log.lines().filter(|l| l.contains("WARN") && l.contains("disk_full=true")).count();
-    assert!(failures >= 1, "walstream never hit the full disk; the test proves nothing");
+    let failures = disk_full_warnings();
+    assert!(failures >= 1, "walstream never hit the full disk in 18 s; the test proves nothing");
     assert!(
         failures <= 2,
         "a full disk is logged once a minute, not once per pass: {failures} lines in 6 s:\n{}",
