@@ -154,10 +154,11 @@ enum Continuity {
 }
 
 /// A pin let go so the application's checkpoint can restart a large WAL life
-/// (`Capturer::let_busy_wal_restart`). Until the restart, or the back-fill that frees it, the
-/// passes copy without a pin (see `Capturer::may_pin_after_drop`): one taken again at once holds a
-/// read-mark past 0, which forbids the restart, and the application's checkpoint of a large life
-/// outlasted the passes that let go again. Those copies are checked as any unpinned one
+/// (`Capturer::let_busy_wal_restart`). Until the restart, or the back-fill that frees it, no
+/// pin outlives a pass, and none is taken while the application's checkpoint runs (see
+/// `Capturer::may_pin_after_drop`): one taken then holds a read-mark past 0, which forbids the
+/// restart, and the application's checkpoint of a large life outlasted the passes that let go
+/// again. Each pass begins unpinned, so its copy is checked as any unpinned one
 /// (`Continuity::Unproven`).
 #[derive(Clone, Copy, Debug)]
 struct PinDrop {
@@ -1251,7 +1252,7 @@ impl Capturer {
             return;
         };
         let (index, len, salt1) = (shadow.index, shadow.committed_len, shadow.header.salt1);
-        let frame = walstream_format::wal::frame_size(self.db.page_size());
+        let frame = shadow.header.frame_size();
         // Let go before the commit that takes the life past SQLite's checkpoint size, if one as
         // large as the last would: that commit's checkpoint then meets no pin, and the WAL
         // restarts where it does without walstream. Let go after it, the life went on through
