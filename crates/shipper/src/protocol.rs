@@ -81,6 +81,17 @@ impl ShadowState {
             self.ended.iter().filter(|&&(index, _)| index >= from.index).map(|&(i, len)| rest(i, len)).sum();
         Some(ended + rest(end.index, end.offset))
     }
+
+    /// What a replica at `position` lacks, in WAL bytes. One whose position is unknown (a
+    /// request failed, or none has landed yet) or in another generation may lack everything
+    /// kept locally: counted the same way, not as what the shadow takes on disk (spooled
+    /// indexes are compressed).
+    pub(crate) fn wal_lacked(&self, position: Option<Pos>) -> u64 {
+        position
+            .and_then(|pos| self.wal_past(pos))
+            .or_else(|| self.end.and_then(|end| self.wal_past(Pos { index: 0, offset: 0, ..end })))
+            .unwrap_or(0)
+    }
 }
 
 /// Whether the capturer's pin vouches for the database file, for a snapshot framed straight
@@ -121,5 +132,18 @@ mod tests {
         assert_eq!(state.wal_past(pos(5, 700)), Some(0));
         assert_eq!(state.wal_past(pos(5, 701)), None);
         assert_eq!(state.wal_past(Pos { generation: GenerationId::time_ordered(), index: 5, offset: 0 }), None);
+    }
+
+    /// An unknown position, or one from an older generation, lacks every byte kept locally.
+    #[test]
+    fn wal_lacked_counts_everything_kept_for_an_unknown_position() {
+        let generation = GenerationId::time_ordered();
+        let pos = |index, offset| Pos { generation, index, offset };
+        let state = ShadowState { end: Some(pos(5, 700)), ended: vec![(3, 2000), (4, 4000)], ..Default::default() };
+        assert_eq!(state.wal_lacked(Some(pos(4, 1000))), 3000 + 700);
+        assert_eq!(state.wal_lacked(None), 2000 + 4000 + 700);
+        let older = Pos { generation: GenerationId::time_ordered(), index: 9, offset: 0 };
+        assert_eq!(state.wal_lacked(Some(older)), 2000 + 4000 + 700);
+        assert_eq!(ShadowState::default().wal_lacked(None), 0);
     }
 }

@@ -141,7 +141,8 @@ pub struct ReplicaStatus {
     pub wal_bytes_total: u64,
     /// How long the replica has been missing a commit walstream had copied (0 when caught up).
     pub lag: Duration,
-    /// Shadow bytes captured but not yet in this replica.
+    /// WAL bytes captured but not yet in this replica (all kept locally while its position is
+    /// unknown).
     pub pending_bytes: u64,
     /// Whether the replica has once held everything captured (readiness).
     pub caught_up_once: bool,
@@ -261,11 +262,7 @@ impl Handle {
             .iter()
             .map(|r| {
                 let position = *r.position.borrow();
-                let pending_bytes = match (state.end, position.and_then(|pos| state.wal_past(pos))) {
-                    (_, Some(waiting)) => waiting,
-                    (Some(_), None) => shadow_size,
-                    (None, None) => 0,
-                };
+                let pending_bytes = state.wal_lacked(position);
                 let behind_since = *r.counters.behind_since.lock().unwrap_or_else(|e| e.into_inner());
                 ReplicaStatus {
                     name: r.name.clone(),

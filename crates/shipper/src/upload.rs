@@ -295,7 +295,13 @@ impl Uploader {
         let known = *self.position.borrow();
         let mut pos = match known {
             Some(pos) if pos.generation == generation => pos,
-            _ => self.resume_position(state).await?,
+            _ => {
+                // Read from the store: the replica holds this much, whatever the next request
+                // does (a metric counting what it lacks no longer waits for a segment to land).
+                let resumed = self.resume_position(state).await?;
+                self.publish_position(resumed, state.end);
+                resumed
+            }
         };
         if Some(pos) == self.index_shipped_whole {
             pos = Pos { index: pos.index + 1, offset: 0, ..pos };
