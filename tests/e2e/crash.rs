@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 
@@ -270,10 +270,14 @@ fn a_crash_between_two_wal_lives_keeps_the_generation() {
         app.insert(1);
     }
     app.checkpoint("TRUNCATE");
-    app.insert(1);
-    app.insert(1);
-    // The slot ships the old life's tail alone; the new life waits for the slot after it.
-    wait_until(Duration::from_secs(10), "the old life's tail", || segments(&scratch) > before_slot);
+    // The slot ships the old life's tail alone; the new life, still being written to, waits
+    // for the slot after it (a writer quiet at the slot would have it go up with the tail).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while segments(&scratch) == before_slot {
+        assert!(Instant::now() < deadline, "the old life's tail never went up");
+        app.insert(1);
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // One more commit, held for the next slot too: its capture pass frees what was shipped.
     app.insert(1);
     std::thread::sleep(Duration::from_millis(300));

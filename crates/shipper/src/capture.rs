@@ -584,6 +584,14 @@ impl Capturer {
             }
         } else {
             self.follow_backfill();
+            // What uploads that landed since the last pass shipped leaves the disk now, not at
+            // the next commit (in the replicate bench an index the replica already held was
+            // spooled when the writer stopped).
+            let shipped = self.generation.as_ref().and_then(|g| slowest_position(&self.replica_positions, g.id));
+            if shipped.is_some() && shipped != self.slowest_shipped && !self.waiting_for_restart() {
+                self.remove_shipped_shadow();
+                self.free_held_snapshot();
+            }
             self.spool_waiting();
             if let Err(e) = self.fsync_shadow() {
                 warn!(db = %self.db_path.display(), error = %e, "cannot fsync the shadow wal; retrying");
@@ -1703,9 +1711,12 @@ impl Capturer {
                 wal_path: self.wal_path.clone(),
                 disk_tight: disk_is_tight(&self.meta.wal_dir(&generation.id)),
                 ended: generation.ended.clone(),
+                end_moved_at: None,
             },
         };
         self.state.send_if_modified(|current| {
+            let mut state = state;
+            state.end_moved_at = if state.end != current.end { Some(Instant::now()) } else { current.end_moved_at };
             let modified = *current != state;
             *current = state;
             modified
@@ -1719,14 +1730,7 @@ impl Capturer {
         let Some(generation) = self.generation.as_mut() else {
             return;
         };
-        let mut shipped: Option<Pos> = None;
-        for position in &self.replica_positions {
-            match *position.borrow() {
-                Some(pos) if pos.generation == generation.id => shipped = Some(shipped.map_or(pos, |s| s.min(pos))),
-                _ => return,
-            }
-        }
-        let Some(shipped) = shipped else { return };
+        let Some(shipped) = slowest_position(&self.replica_positions, generation.id) else { return };
         generation.ended.retain(|&(index, _)| index >= shipped.index);
         let current = generation.shadow.as_ref().map_or(u32::MAX, |s| s.index);
         self.slowest_shipped = Some(shipped);
@@ -1781,6 +1785,17 @@ fn shadow_holds_life(index: &WalIndexHeader, shadow: &ShadowIndex) -> bool {
     index.max_frame > 0
         && index.salt1 == shadow.header.salt1
         && shadow.committed_len == WAL_HEADER_SIZE as u64 + u64::from(index.max_frame) * shadow.header.frame_size()
+}
+
+/// The position every replica of `generation` has reached: `None` while one's is unknown or
+/// in another generation.
+fn slowest_position(positions: &[watch::Receiver<Option<Pos>>], generation: GenerationId) -> Option<Pos> {
+    let mut slowest: Option<Pos> = None;
+    for position in positions {
+        let pos = (*position.borrow()).filter(|p| p.generation == generation)?;
+        slowest = Some(slowest.map_or(pos, |s| s.min(pos)));
+    }
+    slowest
 }
 
 /// True when every replica's position is at or past `at` (in its generation).
@@ -2347,6 +2362,41 @@ mod tests {
         h.pass_then_unpin();
         assert!(!index_0.exists(), "index 0 was kept although every replica has shipped a later one");
         assert!(wal_dir.join(name::shadow_wal_file_name(1)).exists(), "the newest ended index keeps its length");
+    }
+
+    /// Uploads that land while the writer is idle free what they shipped at the capturer's
+    /// next turn, with no commit to wake a pass: nothing every replica holds stays on the
+    /// disk to be spooled.
+    #[test]
+    fn an_idle_turn_frees_what_the_replicas_shipped_meanwhile() {
+        use std::os::unix::fs::MetadataExt;
+        let mut h = Harness::new();
+        let (position, replica) = watch::channel(None);
+        h.capturer.replica_positions = vec![replica];
+        h.pass_then_unpin();
+        let generation = h.generation();
+        for _ in 0..200 {
+            h.insert();
+        }
+        h.pass_then_unpin();
+        h.truncate();
+        h.pass_then_unpin();
+        h.insert();
+        h.pass_then_unpin();
+        let index_0 = h.capturer.meta.wal_dir(&generation).join(name::shadow_wal_file_name(0));
+        let on_disk = || std::fs::metadata(&index_0).unwrap().blocks() * 512;
+        assert!(on_disk() > 100 * 4096, "index 0 takes {} bytes; the test proves nothing", on_disk());
+        let (_wake_tx, wake_rx) = std::sync::mpsc::channel();
+        // The first turn passes, and so does the second, which first sees the WAL's stat.
+        for _ in 0..2 {
+            assert!(matches!(h.capturer.turn(&wake_rx), Turn::Again(_)));
+        }
+        assert!(on_disk() > 100 * 4096, "index 0 was freed before the replica had it");
+        assert!(!h.capturer.wal_stat_changed(), "the next turn would pass; the test proves nothing");
+
+        position.send_replace(Some(Pos { generation, index: 1, offset: 0 }));
+        assert!(matches!(h.capturer.turn(&wake_rx), Turn::Again(_)));
+        assert!(on_disk() <= 8192, "{} bytes of index 0 stay on disk after the replica shipped it", on_disk());
     }
 
     #[test]

@@ -69,6 +69,9 @@ pub struct ShadowState {
     /// restart found on disk, then those ended since): with `end`, how much an uploader has
     /// waiting ([`ShadowState::wal_past`]).
     pub ended: Vec<(u32, u64)>,
+    /// When `end` last moved: a writer quiet since then is not a steady stream, so an uploader
+    /// ships a new WAL life with the old one's tail rather than at the next slot.
+    pub end_moved_at: Option<std::time::Instant>,
 }
 
 impl ShadowState {

@@ -172,6 +172,7 @@ impl Uploader {
                 (_, false) => Reach::End,
                 (true, true) if state.disk_tight => Reach::End,
                 (true, true) => Reach::FullSegments,
+                (false, true) if writer_paused(&state) => Reach::End,
                 (false, true) => Reach::DeferNewLife,
             };
             woke_for_backlog = false;
@@ -582,6 +583,17 @@ fn backlog_waits(state: &ShadowState, from: Option<Pos>) -> bool {
 /// `syncs_seen`, or bytes served from the live WAL that the capturer wants to let go of
 /// (`ShadowState::ship_now`). A tight disk waits for the slot too, but only while little waits
 /// ([`backlog_waits`]).
+/// A writer that has committed nothing for this long is not the steady stream `DeferNewLife`
+/// keeps to one request a slot: its new WAL life goes up with the old one's tail (in the
+/// replicate bench, the last commits waited a second slot for it: a 2 s drain against 1).
+/// Shorter than the gap between a steady writer's commits wherever its WAL lives end about
+/// once a slot (hundreds of commits a second and more).
+const WRITER_PAUSED_AFTER: Duration = Duration::from_millis(50);
+
+fn writer_paused(state: &ShadowState) -> bool {
+    state.end_moved_at.is_some_and(|at| at.elapsed() >= WRITER_PAUSED_AFTER)
+}
+
 fn must_ship_now(state: &ShadowState, syncs_seen: u64) -> bool {
     state.is_final || state.syncs_requested != syncs_seen || state.ship_now
 }
