@@ -2118,6 +2118,22 @@ mod tests {
             assert_eq!(std::fs::metadata(wal_path(&self.capturer.db_path)).unwrap().len(), 0);
         }
 
+        /// 200 commits copied into index 0, which the app's TRUNCATE checkpoint ends, and one
+        /// into index 1; returns index 0's shadow file.
+        fn ended_index_0(&mut self) -> PathBuf {
+            self.pass_then_unpin();
+            for _ in 0..200 {
+                self.insert();
+            }
+            self.pass_then_unpin();
+            self.truncate();
+            self.pass_then_unpin();
+            self.insert();
+            self.pass_then_unpin();
+            assert_eq!(self.capturer.shadow_end().unwrap().0, 1);
+            self.capturer.meta.wal_dir(&self.generation()).join(name::shadow_wal_file_name(0))
+        }
+
         /// One capture pass, then walstream lets go of the WAL, as it does for a while after a
         /// pass on a huge WAL life or after stepping aside.
         fn pass_then_unpin(&mut self) {
@@ -2314,19 +2330,9 @@ mod tests {
         h.capturer.replica_positions = vec![replica];
         let (other, second_replica) = watch::channel(None);
         h.capturer.replica_positions.push(second_replica);
-        h.pass_then_unpin();
+        let index_0 = h.ended_index_0();
         let generation = h.generation();
         let wal_dir = h.capturer.meta.wal_dir(&generation);
-        for _ in 0..200 {
-            h.insert();
-        }
-        h.pass_then_unpin();
-        h.truncate();
-        h.pass_then_unpin();
-        h.insert();
-        h.pass_then_unpin();
-        assert_eq!(h.capturer.shadow_end().unwrap().0, 1);
-        let index_0 = wal_dir.join(name::shadow_wal_file_name(0));
         let len_0 = std::fs::metadata(&index_0).unwrap().len();
         assert!(
             std::fs::metadata(&index_0).unwrap().blocks() * 512 >= len_0 / 4096 * 4096,
@@ -2373,17 +2379,8 @@ mod tests {
         let mut h = Harness::new();
         let (position, replica) = watch::channel(None);
         h.capturer.replica_positions = vec![replica];
-        h.pass_then_unpin();
+        let index_0 = h.ended_index_0();
         let generation = h.generation();
-        for _ in 0..200 {
-            h.insert();
-        }
-        h.pass_then_unpin();
-        h.truncate();
-        h.pass_then_unpin();
-        h.insert();
-        h.pass_then_unpin();
-        let index_0 = h.capturer.meta.wal_dir(&generation).join(name::shadow_wal_file_name(0));
         let on_disk = || std::fs::metadata(&index_0).unwrap().blocks() * 512;
         assert!(on_disk() > 100 * 4096, "index 0 takes {} bytes; the test proves nothing", on_disk());
         let (_wake_tx, wake_rx) = std::sync::mpsc::channel();

@@ -579,22 +579,21 @@ fn backlog_waits(state: &ShadowState, from: Option<Pos>) -> bool {
     from.and_then(|from| state.wal_past(from)).is_some_and(|waiting| waiting >= bound)
 }
 
-/// Whether `state` must go up without waiting for a slot: shutdown, a sync barrier since
-/// `syncs_seen`, or bytes served from the live WAL that the capturer wants to let go of
-/// (`ShadowState::ship_now`). A tight disk waits for the slot too, but only while little waits
-/// ([`backlog_waits`]).
 /// A writer that has committed nothing for this long is not the steady stream `DeferNewLife`
 /// keeps to one request a slot: its new WAL life goes up with the old one's tail (in the
 /// replicate bench, the last commits waited a second slot for it: a 2 s drain against 1).
-/// The capturer's own mark of a paused writer (`Timing::active_window`). At 50 ms, a steady
-/// 1,000 commits a second made 70 requests a minute against litestream's 66: the commit that
-/// checkpoints and ends a life is itself slow, so a slot came during such a gap now and then.
+/// The capturer's own mark of a paused writer (`Timing::active_window`): far longer than the
+/// gaps of a writer whose WAL lives end about once a slot (hundreds of commits a second).
 const WRITER_PAUSED_AFTER: Duration = Duration::from_millis(250);
 
 fn writer_paused(state: &ShadowState) -> bool {
     state.end_moved_at.is_some_and(|at| at.elapsed() >= WRITER_PAUSED_AFTER)
 }
 
+/// Whether `state` must go up without waiting for a slot: shutdown, a sync barrier since
+/// `syncs_seen`, or bytes served from the live WAL that the capturer wants to let go of
+/// (`ShadowState::ship_now`). A tight disk waits for the slot too, but only while little waits
+/// ([`backlog_waits`]).
 fn must_ship_now(state: &ShadowState, syncs_seen: u64) -> bool {
     state.is_final || state.syncs_requested != syncs_seen || state.ship_now
 }
