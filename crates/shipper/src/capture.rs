@@ -131,13 +131,9 @@ const AWAKE_RETRY: Duration = Duration::from_secs(1);
 /// default shutdown deadline (8 s), which bounds the uploads that follow it.
 const FULL_DISK_FINAL_COPY: Duration = Duration::from_secs(4);
 
-/// Passes in a row that find new commits, each within two pass spacings of the one before,
-/// after which the capturer stops taking file events and passes every [`PASS_SPACING`] on its
-/// own (see [`Capturer::follow_events_or_poll`]). A pass that finds nothing between them does
-/// not break the row: the events of a large transaction's frames wake one before its commit,
-/// and with a writer of 10,000-row updates every 15 ms, whose passes so alternated, the first
-/// WAL life held 4 to 10 of them before the capturer polled and dropped its pin (see
-/// `let_busy_wal_restart`); SQLite's own lives hold 2.
+/// Passes in a row, each within two pass spacings of the one before and each finding new
+/// commits, after which the capturer stops taking file events and passes every
+/// [`PASS_SPACING`] on its own (see [`Capturer::follow_events_or_poll`]).
 const BUSY_PASSES_TO_POLL: u32 = 3;
 
 /// Where SQLite's autocheckpoint begins, in WAL bytes (see [`DROP_PIN_WAL_FRAMES`]).
@@ -170,8 +166,6 @@ struct PinDrop {
     index: u32,
     salt1: u32,
     at: Instant,
-    /// The life's frames when it was let go (see `Capturer::reader_holds_drop_back`).
-    at_frame: u32,
     /// When a pass pinned again; `None` while none has.
     pinned_again: Option<Instant>,
 }
@@ -272,8 +266,6 @@ pub(crate) struct Capturer {
     large_wal_since: Option<(u32, Instant)>,
     /// The last pin drop for a WAL life to restart.
     last_drop: Option<PinDrop>,
-    /// Whether `reader_holds_drop_back` last said so (logged when it starts).
-    held_back_logged: bool,
     /// See [`Capturer::bound_local_wal`]; and when the shadow's size was last looked at.
     max_local_wal: Option<u64>,
     bound_checked: Instant,
@@ -382,7 +374,6 @@ impl Capturer {
             max_local_wal: None,
             bound_checked: Instant::now(),
             last_drop: None,
-            held_back_logged: false,
             snapshot_wal_ratio: 0.0,
             snapshot_upload: None,
             ended_kept: None,
@@ -845,6 +836,7 @@ impl Capturer {
     fn follow_events_or_poll(&mut self, copied: bool) {
         let Some(events) = &self.events else { return };
         if !copied {
+            self.busy_passes = 0;
             let quiet = self.last_copy.is_none_or(|last| last.elapsed() >= self.timing.active_window);
             if self.polling && quiet {
                 match events.set_polling(false) {
@@ -1295,11 +1287,7 @@ impl Capturer {
             let pinned_again = drop.pinned_again.unwrap_or(drop.at + UNPINNED_AFTER_DROP);
             drop.index != index || Instant::now().saturating_duration_since(pinned_again) >= DROP_PIN_RETRY
         });
-        if (busy || slow || len >= DROP_PIN_ANY_WRITER_BYTES)
-            && retry_due
-            && self.db.is_pinned()
-            && !self.reader_holds_drop_back(index)
-        {
+        if (busy || slow || len >= DROP_PIN_ANY_WRITER_BYTES) && retry_due && self.db.is_pinned() {
             // What the replicas lack is stored, not shipped at once: a life ends about every
             // second at 1,000 commits/s, and each one's last bytes shipped on their own would be
             // a request more a second than litestream makes (issue 26). A full disk keeps the pin.
@@ -1307,30 +1295,10 @@ impl Capturer {
                 return;
             }
             debug!(db = %self.db_path.display(), index, "wal life is large and never fully back-filled; dropping the pin so the application's checkpoint can restart it");
-            let at_frame = self.db.wal_index_header().map_or(0, |h| h.max_frame);
-            self.last_drop = Some(PinDrop { index, salt1, at: Instant::now(), at_frame, pinned_again: None });
+            self.last_drop = Some(PinDrop { index, salt1, at: Instant::now(), pinned_again: None });
             self.db.release_all();
             self.backfill_on_a_full_disk();
         }
-    }
-
-    /// Whether the last drop of this life failed because another process reads the WAL from
-    /// before it (a long read transaction): that reader holds the back-fill, and with it the
-    /// restart, back to its read-mark, so another drop would free nothing and only store what
-    /// the pin kept in the live WAL. Beside a reader holding one transaction for 10 s, drops
-    /// every 2 s stored nearly the whole 3 GB WAL again (3,236 writes), doubling what went to
-    /// the app's disk. The app's writer reads from where its transaction began, so one begun
-    /// before the drop counts too, until it commits.
-    fn reader_holds_drop_back(&mut self, index: u32) -> bool {
-        let Some(drop) = self.last_drop.filter(|d| d.index == index) else {
-            return false;
-        };
-        let held_back = self.db.reader_older_than(drop.at_frame);
-        if held_back && !self.held_back_logged {
-            debug!(db = %self.db_path.display(), dropped_at_frame = drop.at_frame, "a reader older than the last drop holds the wal's back-fill back; keeping the pin");
-        }
-        self.held_back_logged = held_back;
-        held_back
     }
 
     /// Right after a drop on a disk without room: the application's WAL has grown past the
@@ -1416,45 +1384,30 @@ impl Capturer {
     /// has restarted the WAL (the wal-index carries another salt-1), or its checkpoint has
     /// back-filled the whole life (a pin then takes read-mark 0, which leaves the restart free
     /// and holds off the next back-fill, so the WAL cannot restart twice unseen), or
-    /// [`UNPINNED_AFTER_DROP`] has passed. Until then a pass pins only while it copies new
-    /// commits (`release_pass_pin`). No pass pins while the application's checkpoint runs, even
-    /// one that has back-filled the whole life: a pin taken then holds a read-mark past 0 when
-    /// it ends, and the restart waits for the next drop.
+    /// [`UNPINNED_AFTER_DROP`] has passed. Until then a pass pins only while it copies
+    /// (`release_pass_pin`), and not at all while the application's checkpoint runs: a pin
+    /// taken then holds a read-mark past 0 when it ends, and the restart waits for the next
+    /// drop.
     fn may_pin_after_drop(&mut self) -> bool {
         if !self.waiting_for_restart() {
             return true;
         }
-        let timed_out = self.last_drop.is_some_and(|drop| drop.at.elapsed() >= UNPINNED_AFTER_DROP);
-        // The application's checkpoint holds read-lock 0 until it ends, so a pin taken then
-        // gets a read-mark past 0 even once the whole life is back-filled, and holds off the
-        // restart it waited for: taken between the back-fill and the checkpoint's end, the pin
-        // stayed a second and the WAL grew to 157 MB (4 MiB alone).
-        if !timed_out && self.db.checkpoint_running() {
-            return false;
-        }
         let index = self.db.wal_index_header();
         let Some(drop) = self.last_drop.as_mut() else { return true };
         let let_go = index.is_none_or(|h| h.salt1 != drop.salt1 || h.backfilled >= h.max_frame);
+        let timed_out = drop.at.elapsed() >= UNPINNED_AFTER_DROP;
         if let_go || timed_out {
             drop.pinned_again = Some(Instant::now());
             debug!(db = %self.db_path.display(), after_ms = drop.at.elapsed().as_millis() as u64, index = ?index.map(|h| (h.salt1 != drop.salt1, h.backfilled, h.max_frame)), "pinning again after a drop");
-            if timed_out && !let_go {
-                // No checkpoint came: the drop was early for this writer (its last transaction
-                // was larger than the next). It waits for the life to pass the checkpoint size
-                // again.
-                if let Some(shadow) = self.generation.as_mut().and_then(|g| g.shadow.as_mut()) {
-                    shadow.last_transaction = 0;
-                }
-            }
-            return true;
         }
-        // Nothing committed past the shadow's end: no copy needs a pin. Passes come every
-        // millisecond now, and the wal-index's locks showed such a pin, taken before a commit
-        // and held as its checkpoint began, stopping that back-fill at the pin's read-mark: the
-        // life then took another transaction, and lives of 10,000-row updates ran to 5 of them
-        // where SQLite's own end at 2.
-        let shadow = self.generation.as_ref().and_then(|g| g.shadow.as_ref());
-        !index.is_some_and(|h| shadow.is_some_and(|s| shadow_holds_life(&h, s)))
+        if timed_out && !let_go {
+            // No checkpoint came: the drop was early for this writer (its last transaction was
+            // larger than the next). It waits for the life to pass the checkpoint size again.
+            if let Some(shadow) = self.generation.as_mut().and_then(|g| g.shadow.as_mut()) {
+                shadow.last_transaction = 0;
+            }
+        }
+        let_go || timed_out || !self.db.checkpoint_running()
     }
 
     /// After a pass that pinned only to copy (see [`Capturer::may_pin_after_drop`]): lets go
@@ -2259,41 +2212,6 @@ mod tests {
         assert!(h.capturer.db.is_pinned());
         h.capturer.pass().unwrap();
         assert_ne!(h.generation(), generation, "a restart over frames never copied continued the generation");
-    }
-
-    /// While a dropped pin waits for the WAL to restart, passes come every millisecond; one that
-    /// finds nothing new committed must not pin. Such a pin, taken before the application's next
-    /// commit and held as that commit's checkpoint ran, stopped the back-fill at its read-mark,
-    /// so the WAL could not restart and its life took another transaction.
-    #[test]
-    fn after_a_drop_a_pass_with_nothing_new_leaves_the_next_checkpoint_free() {
-        let mut h = Harness::new();
-        h.capturer.pass().unwrap();
-        for _ in 0..20 {
-            h.insert();
-        }
-        h.capturer.pass().unwrap();
-        h.capturer.store_deferred().unwrap();
-        let shadow = h.capturer.generation.as_ref().unwrap().shadow.as_ref().unwrap();
-        let (index, salt1) = (shadow.index, shadow.header.salt1);
-        h.capturer.last_drop = Some(PinDrop { index, salt1, at: Instant::now(), at_frame: 0, pinned_again: None });
-        h.capturer.db.release_all();
-        let db_path = h.capturer.db_path.clone();
-        let checkpointed = std::sync::Arc::new(std::sync::Mutex::new(None));
-        let seen = checkpointed.clone();
-        // The application commits and checkpoints while the pass reads the WAL.
-        h.capturer.after_observe = Some(Box::new(move || {
-            let app = Connection::open(&db_path).unwrap();
-            app.execute("INSERT INTO t VALUES (randomblob(100))", []).unwrap();
-            let frames: (i64, i64) =
-                app.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get(1)?, r.get(2)?))).unwrap();
-            *seen.lock().unwrap() = Some(frames);
-        }));
-        h.capturer.pass().unwrap();
-        let (frames, backfilled) = checkpointed.lock().unwrap().expect("the pass did not read the WAL");
-        assert!(frames > 20, "the commits did not stay in one WAL life; the test proves nothing");
-        assert_eq!(backfilled, frames, "walstream's pin held the application's checkpoint back");
-        assert!(h.capturer.waiting_for_restart(), "the drop ended; the test proves nothing");
     }
 
     #[test]
