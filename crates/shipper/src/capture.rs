@@ -166,6 +166,8 @@ struct PinDrop {
     index: u32,
     salt1: u32,
     at: Instant,
+    /// The life's frames when it was let go (see `Capturer::reader_holds_drop_back`).
+    at_frame: u32,
     /// When a pass pinned again; `None` while none has.
     pinned_again: Option<Instant>,
 }
@@ -266,6 +268,8 @@ pub(crate) struct Capturer {
     large_wal_since: Option<(u32, Instant)>,
     /// The last pin drop for a WAL life to restart.
     last_drop: Option<PinDrop>,
+    /// Whether `reader_holds_drop_back` last said so (logged when it starts).
+    held_back_logged: bool,
     /// See [`Capturer::bound_local_wal`]; and when the shadow's size was last looked at.
     max_local_wal: Option<u64>,
     bound_checked: Instant,
@@ -374,6 +378,7 @@ impl Capturer {
             max_local_wal: None,
             bound_checked: Instant::now(),
             last_drop: None,
+            held_back_logged: false,
             snapshot_wal_ratio: 0.0,
             snapshot_upload: None,
             ended_kept: None,
@@ -1287,7 +1292,11 @@ impl Capturer {
             let pinned_again = drop.pinned_again.unwrap_or(drop.at + UNPINNED_AFTER_DROP);
             drop.index != index || Instant::now().saturating_duration_since(pinned_again) >= DROP_PIN_RETRY
         });
-        if (busy || slow || len >= DROP_PIN_ANY_WRITER_BYTES) && retry_due && self.db.is_pinned() {
+        if (busy || slow || len >= DROP_PIN_ANY_WRITER_BYTES)
+            && retry_due
+            && self.db.is_pinned()
+            && !self.reader_holds_drop_back(index)
+        {
             // What the replicas lack is stored, not shipped at once: a life ends about every
             // second at 1,000 commits/s, and each one's last bytes shipped on their own would be
             // a request more a second than litestream makes (issue 26). A full disk keeps the pin.
@@ -1295,10 +1304,30 @@ impl Capturer {
                 return;
             }
             debug!(db = %self.db_path.display(), index, "wal life is large and never fully back-filled; dropping the pin so the application's checkpoint can restart it");
-            self.last_drop = Some(PinDrop { index, salt1, at: Instant::now(), pinned_again: None });
+            let at_frame = self.db.wal_index_header().map_or(0, |h| h.max_frame);
+            self.last_drop = Some(PinDrop { index, salt1, at: Instant::now(), at_frame, pinned_again: None });
             self.db.release_all();
             self.backfill_on_a_full_disk();
         }
+    }
+
+    /// Whether the last drop of this life failed because another process reads the WAL from
+    /// before it (a long read transaction): that reader holds the back-fill, and with it the
+    /// restart, back to its read-mark, so another drop would free nothing and only store what
+    /// the pin kept in the live WAL. Beside a reader holding one transaction for 10 s, drops
+    /// every 2 s stored nearly the whole 3 GB WAL again (3,236 writes), doubling what went to
+    /// the app's disk. The app's writer reads from where its transaction began, so one begun
+    /// before the drop counts too, until it commits.
+    fn reader_holds_drop_back(&mut self, index: u32) -> bool {
+        let Some(drop) = self.last_drop.filter(|d| d.index == index) else {
+            return false;
+        };
+        let held_back = self.db.reader_older_than(drop.at_frame);
+        if held_back && !self.held_back_logged {
+            debug!(db = %self.db_path.display(), dropped_at_frame = drop.at_frame, "a reader older than the last drop holds the wal's back-fill back; keeping the pin");
+        }
+        self.held_back_logged = held_back;
+        held_back
     }
 
     /// Right after a drop on a disk without room: the application's WAL has grown past the

@@ -23,15 +23,24 @@ const BUSY_TIMEOUT: Duration = Duration::from_millis(100);
 
 // Byte offsets of SQLite's WAL-index locks in the -shm file (wal.c: WALINDEX_LOCK_OFFSET = 120).
 const SHM_WRITE_LOCK: i64 = 120;
+/// How many more times, and how far apart, [`SourceDb::blocking_checkpoint_waiting`] looks
+/// before it believes a checkpoint waits.
+const CHECKPOINT_PROBES: u32 = 3;
+const CHECKPOINT_PROBE_SPACING: Duration = Duration::from_micros(300);
 const SHM_CKPT_LOCK: i64 = 121;
 /// Read-marks 1 to 4 (wal.c: `WAL_READ_LOCK(i)` is lock byte 3 + i); a reader on one of them reads
 /// frames of the WAL, and SQLite cannot restart the WAL while one is held.
 const SHM_READ_LOCKS_PAST_0: std::ops::RangeInclusive<i64> = 124..=127;
+const SHM_READ_LOCK_0: i64 = 123;
 
 /// The wal-index header (wal.c `WalIndexHdr`) is 48 bytes, stored twice at the start of -shm;
-/// the checkpoint info (`WalCkptInfo`) follows, starting with `nBackfill`.
+/// the checkpoint info (`WalCkptInfo`) follows: `nBackfill`, five read-marks, eight lock bytes,
+/// then `nBackfillAttempted`.
 const WAL_INDEX_HDR_SIZE: usize = 48;
-const WAL_INDEX_READ_SIZE: usize = 2 * WAL_INDEX_HDR_SIZE + 4;
+const READ_MARKS_AT: usize = 4;
+const WAL_INDEX_READ_SIZE: usize = 2 * WAL_INDEX_HDR_SIZE + READ_MARKS_AT + 4 * READ_MARKS;
+/// wal.c `WAL_NREADER`: read-mark 0 and the four of `SHM_READ_LOCKS_PAST_0`.
+const READ_MARKS: usize = 5;
 const WAL_INDEX_VERSION: u32 = 3_007_000;
 
 /// What SQLite's wal-index header says about the WAL's current life.
@@ -46,6 +55,9 @@ pub(crate) struct WalIndexHeader {
     pub(crate) salt1: u32,
     /// Frames already checkpointed into the database file.
     pub(crate) backfilled: u32,
+    /// The frame each read-mark stands at (`u32::MAX` unused); a reader holding read-lock `i`
+    /// reads the WAL up to `read_marks[i]`, and no checkpoint back-fills past it.
+    pub(crate) read_marks: [u32; READ_MARKS],
     /// The database's size in pages as of the last commit.
     pub(crate) db_pages: u32,
 }
@@ -66,6 +78,10 @@ impl WalIndexHeader {
             // The salts are the WAL header's own big-endian bytes.
             salt1: u32::from_be_bytes(first[32..36].try_into().expect("4 bytes")),
             backfilled: u32::from_ne_bytes(ckpt_info[..4].try_into().expect("4 bytes")),
+            read_marks: std::array::from_fn(|i| {
+                let at = READ_MARKS_AT + 4 * i;
+                u32::from_ne_bytes(ckpt_info[at..at + 4].try_into().expect("4 bytes"))
+            }),
             db_pages: native(20),
         })
     }
@@ -343,6 +359,18 @@ impl SourceDb {
         SHM_READ_LOCKS_PAST_0.into_iter().any(|offset| locked_by_other(shm, offset))
     }
 
+    /// True when another process reads this WAL life at a read-mark below `frame`: a reader
+    /// from before `frame` was written, which holds every checkpoint back to its mark and so
+    /// keeps the WAL from restarting whatever walstream does.
+    pub(crate) fn reader_older_than(&mut self, frame: u32) -> bool {
+        // A busy writer updates the header often, and a read mid-update gives none.
+        let Some(index) = (0..3).find_map(|_| self.wal_index_header()) else { return false };
+        let Some(shm) = &self.shm_file else { return false };
+        // Read-mark 0 too: a reader there reads the database file alone, and no checkpoint may
+        // write to it while one does (the e2e long reader began on a back-filled WAL).
+        (SHM_READ_LOCK_0..).zip(index.read_marks).any(|(offset, mark)| mark < frame && locked_by_other(shm, offset))
+    }
+
     /// Back-fills the WAL into the database file with a PASSIVE checkpoint, the kind SQLite's
     /// autocheckpoint runs: it waits for no reader and no writer, and copies only frames no
     /// reader still needs. Only for a database about to rest (see `Capturer::rest`), with no pin
@@ -364,7 +392,20 @@ impl SourceDb {
     /// aside without risk.
     pub(crate) fn blocking_checkpoint_waiting(&self) -> bool {
         let Some(shm) = &self.shm_file else { return false };
-        locked_by_other(shm, SHM_WRITE_LOCK) && locked_by_other(shm, SHM_CKPT_LOCK)
+        let both = || locked_by_other(shm, SHM_WRITE_LOCK) && locked_by_other(shm, SHM_CKPT_LOCK);
+        // The two probes are a moment apart, and a writer's transaction and the autocheckpoint
+        // after its commit hold the two locks one after the other: beside a flat-out writer
+        // whose checkpoints a long reader kept short, walstream saw a checkpoint waiting where
+        // there was none several times a second, and each time stored what its pin kept and let
+        // the pin go. A checkpoint that waits for the pin holds both for as long as the pin stays.
+        // Unpinned, one look still does: such a checkpoint then waits for nobody, and a pin
+        // taken at once is what holds it off.
+        both()
+            && (!self.is_pinned()
+                || (0..CHECKPOINT_PROBES).all(|_| {
+                    std::thread::sleep(CHECKPOINT_PROBE_SPACING);
+                    both()
+                }))
     }
 }
 
