@@ -23,19 +23,21 @@ const BUSY_TIMEOUT: Duration = Duration::from_millis(100);
 
 // Byte offsets of SQLite's WAL-index locks in the -shm file (wal.c: WALINDEX_LOCK_OFFSET = 120).
 const SHM_WRITE_LOCK: i64 = 120;
+const SHM_CKPT_LOCK: i64 = 121;
+/// Read-mark 0 (wal.c: `WAL_READ_LOCK(0)`): its readers read the database file alone, and no
+/// checkpoint may write to that file while one is held.
+const SHM_READ_LOCK_0: i64 = 123;
+/// Read-marks 1 to 4 (wal.c: `WAL_READ_LOCK(i)` is lock byte 3 + i); a reader on one of them reads
+/// frames of the WAL, and SQLite cannot restart the WAL while one is held.
+const SHM_READ_LOCKS_PAST_0: std::ops::RangeInclusive<i64> = 124..=127;
+
 /// How many more times, and how far apart, [`SourceDb::blocking_checkpoint_waiting`] looks
 /// before it believes a checkpoint waits.
 const CHECKPOINT_PROBES: u32 = 3;
 const CHECKPOINT_PROBE_SPACING: Duration = Duration::from_micros(300);
-const SHM_CKPT_LOCK: i64 = 121;
-/// Read-marks 1 to 4 (wal.c: `WAL_READ_LOCK(i)` is lock byte 3 + i); a reader on one of them reads
-/// frames of the WAL, and SQLite cannot restart the WAL while one is held.
-const SHM_READ_LOCKS_PAST_0: std::ops::RangeInclusive<i64> = 124..=127;
-const SHM_READ_LOCK_0: i64 = 123;
 
 /// The wal-index header (wal.c `WalIndexHdr`) is 48 bytes, stored twice at the start of -shm;
-/// the checkpoint info (`WalCkptInfo`) follows: `nBackfill`, five read-marks, eight lock bytes,
-/// then `nBackfillAttempted`.
+/// the checkpoint info (`WalCkptInfo`) follows: `nBackfill`, then the five read-marks.
 const WAL_INDEX_HDR_SIZE: usize = 48;
 const READ_MARKS_AT: usize = 4;
 const WAL_INDEX_READ_SIZE: usize = 2 * WAL_INDEX_HDR_SIZE + READ_MARKS_AT + 4 * READ_MARKS;
@@ -366,8 +368,7 @@ impl SourceDb {
         // A busy writer updates the header often, and a read mid-update gives none.
         let Some(index) = (0..3).find_map(|_| self.wal_index_header()) else { return false };
         let Some(shm) = &self.shm_file else { return false };
-        // Read-mark 0 too: a reader there reads the database file alone, and no checkpoint may
-        // write to it while one does (the e2e long reader began on a back-filled WAL).
+        // Read-mark 0 too (the e2e long reader began on a back-filled WAL, and took it).
         (SHM_READ_LOCK_0..).zip(index.read_marks).any(|(offset, mark)| mark < frame && locked_by_other(shm, offset))
     }
 
