@@ -2178,6 +2178,17 @@ mod tests {
 
         /// One capture pass, then walstream lets go of the WAL, as it does for a while after a
         /// pass on a huge WAL life or after stepping aside.
+        /// A commit copied by an unpinned pass, then the application's TRUNCATE checkpoint;
+        /// returns the generation.
+        fn copied_then_truncated(&mut self) -> GenerationId {
+            self.pass_then_unpin();
+            let generation = self.generation();
+            self.insert();
+            self.pass_then_unpin();
+            self.truncate();
+            generation
+        }
+
         fn pass_then_unpin(&mut self) {
             self.capturer.pass().unwrap();
             self.capturer.store_deferred().unwrap();
@@ -2473,11 +2484,7 @@ mod tests {
     #[test]
     fn truncation_after_everything_was_copied_keeps_the_generation() {
         let mut h = Harness::new();
-        h.pass_then_unpin();
-        let generation = h.generation();
-        h.insert();
-        h.pass_then_unpin();
-        h.truncate();
+        let generation = h.copied_then_truncated();
         h.pass_then_unpin();
         assert_eq!(h.generation(), generation, "nothing was lost, so the generation must go on");
         // Idle TRUNCATE checkpoints restart an empty WAL again; seen by a pass each, the next
@@ -2514,11 +2521,7 @@ mod tests {
                 .unwrap()
         };
         let mut h = Harness::new();
-        h.pass_then_unpin();
-        let generation = h.generation();
-        h.insert();
-        h.pass_then_unpin();
-        h.truncate();
+        let generation = h.copied_then_truncated();
         spill_uncommitted(&h);
         let wal_len = std::fs::metadata(wal_path(&h.capturer.db_path)).unwrap().len();
         assert!(wal_len > WAL_HEADER_SIZE as u64, "the transaction spilled nothing; the test proves nothing");
