@@ -196,6 +196,9 @@ struct Generation {
     snapshot: LocalSnapshot,
     /// The shadow of the current WAL life; `None` until the first WAL header is seen.
     shadow: Option<ShadowIndex>,
+    /// The wal-index as the generation found it with no WAL life on disk (see
+    /// [`nothing_committed_since`]); `None` for a resumed generation, which cannot tell.
+    index_before_first_life: Option<WalIndexHeader>,
     /// `DbCounters::shadow_bytes` when the snapshot's index began (0 for a resumed generation):
     /// a restore from the snapshot replays everything captured since.
     wal_at_snapshot: u64,
@@ -961,6 +964,7 @@ impl Capturer {
         if self.db.is_resting() {
             self.db.wake()?;
             debug!(db = %self.db_path.display(), "woke from rest");
+            crate::fail_point::pause("slow-wake");
         }
         // The pin held now, if any, was taken before the previous copy and held ever since, so the
         // WAL cannot have lost a frame that copy did not see (see `SourceDb`), if it vouches.
@@ -1515,7 +1519,14 @@ impl Capturer {
         let added = |bytes: u64| shadow_bytes.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
         match observed {
             Observed::NewGeneration(reason) => self.start_new_generation(reason.into()),
-            Observed::NoLife => Ok(()),
+            Observed::NoLife => {
+                // Nothing was committed up to this read (observe proved it): the next life is
+                // checked against it, so restarts with no commit between passes cost nothing.
+                if wal_index.is_some() {
+                    generation.index_before_first_life = wal_index;
+                }
+                Ok(())
+            }
             Observed::FirstLife { live, header_bytes, header } => {
                 let wal_dir = self.meta.wal_dir(&generation.id);
                 let mut shadow = ShadowIndex::create(&wal_dir, generation.snapshot.index, header_bytes, header)?;
@@ -1614,9 +1625,22 @@ impl Capturer {
             return Ok(Observed::NewGeneration("no generation exists"));
         };
         let page_size = self.db.page_size();
+        let pinned = since_last_copy == Continuity::Pinned;
         let Some(shadow) = generation.shadow.as_ref() else {
             // No WAL life seen yet in this generation: the first one is the snapshot's index.
-            return Ok(match wal.and_then(|live| live.header.map(|h| (live, h))) {
+            // Unless a pin vouches, a life may have come, been checkpointed into the file and
+            // truncated since the snapshot (a database resting, woken by a commit, its pass late
+            // for the app's TRUNCATE right after): taken for no life, it was lost, and each one
+            // after it, until a pass saw a life before it went.
+            let live = wal.and_then(|live| live.header.map(|h| (live, h)));
+            let first_since_snapshot = pinned
+                || generation.index_before_first_life.is_some_and(|then| {
+                    nothing_committed_since(then, wal_index, live.map(|(_, (_, header))| header.salt1))
+                });
+            return Ok(match live {
+                _ if !first_since_snapshot => Observed::NewGeneration(
+                    "the wal restarted with commits walstream had not copied before its first life",
+                ),
                 Some((_, (_, header))) if header.page_size != page_size => Observed::NewGeneration("page size changed"),
                 Some((live, (header_bytes, header))) => Observed::FirstLife { live, header_bytes, header },
                 None => Observed::NoLife,
@@ -1625,7 +1649,6 @@ impl Capturer {
         if shadow.committed_len >= MAX_INDEX_BYTES {
             return Ok(Observed::NewGeneration("max index size exceeded"));
         }
-        let pinned = since_last_copy == Continuity::Pinned;
         let Some((live, (header_bytes, header))) = wal.and_then(|live| live.header.map(|h| (live, h))) else {
             // Truncated (TRUNCATE checkpoint) or deleted (last connection closed).
             let (ended_at_shadow, next_salt1) = match wal_index {
@@ -1685,7 +1708,11 @@ impl Capturer {
         let index_started_at = self.counters.shadow_bytes.load(std::sync::atomic::Ordering::Relaxed);
         self.meta.create_generation(&id)?;
         let mut shadow = None;
-        if let Some(live) = LiveWal::open(&self.wal_path)? {
+        let live = LiveWal::open(&self.wal_path)?;
+        // Read after the WAL was opened, as in `copy`. A read mid-update gives none, and none
+        // would cost the next unpinned pass a generation: read again.
+        let index_before_first_life = (0..3).find_map(|_| self.db.wal_index_header());
+        if let Some(live) = live {
             if let Some((bytes, header)) = live.header {
                 let mut index = ShadowIndex::create(&self.meta.wal_dir(&id), 0, bytes, header)?;
                 self.counters.shadow_bytes.fetch_add(WAL_HEADER_SIZE as u64, std::sync::atomic::Ordering::Relaxed);
@@ -1716,6 +1743,7 @@ impl Capturer {
             id,
             snapshot,
             shadow,
+            index_before_first_life,
             wal_at_snapshot: index_started_at,
             index_started_at,
             ended: Vec::new(),
@@ -1804,6 +1832,23 @@ impl Capturer {
 
 /// Whether `shadow` ends with bytes only the live WAL held (the disk was full) that some replica
 /// still lacks.
+/// Whether the wal-index `now` shows that nothing was committed since it read `then`, when the
+/// WAL had no life on disk, other than in the life now in the live WAL (salt-1 `live_salt1`),
+/// whose committed frames are all still there. That life is the first since `then` if it has
+/// `then`'s salt-1: SQLite writes the header of the life after a restart with the salt-1 the
+/// restart set. Otherwise no commit may have happened at all: a restart adds to salt-1 but keeps
+/// the running checksum, and any commit changes it. A zero checksum is a wal-index SQLite
+/// rebuilt with no WAL (the last connection closed), and proves nothing: closing checkpoints and
+/// deletes the WAL, so commits before it leave no trace there either.
+fn nothing_committed_since(then: WalIndexHeader, now: Option<WalIndexHeader>, live_salt1: Option<u32>) -> bool {
+    if live_salt1 == Some(then.salt1) {
+        return true;
+    }
+    now.is_some_and(|now| {
+        now.max_frame == 0 && now.frame_checksum == then.frame_checksum && then.frame_checksum != (0, 0)
+    })
+}
+
 fn live_tail_unshipped(
     shadow: &ShadowIndex,
     generation: GenerationId,
@@ -1858,7 +1903,15 @@ fn resume_generation(meta: &MetaDir) -> Option<Generation> {
         .collect();
     ended.dedup_by_key(|&mut (index, _)| index);
     info!(generation = %id, "resuming generation");
-    Some(Generation { id, snapshot, shadow, wal_at_snapshot: 0, index_started_at: 0, ended })
+    Some(Generation {
+        id,
+        snapshot,
+        shadow,
+        index_before_first_life: None,
+        wal_at_snapshot: 0,
+        index_started_at: 0,
+        ended,
+    })
 }
 
 /// The least WAL since a snapshot that makes a new one: as much as `max-local-wal`'s default, so
@@ -2165,6 +2218,23 @@ mod tests {
             self.pass_then_unpin();
             assert_eq!(self.capturer.shadow_end().unwrap().0, 1);
             self.capturer.meta.wal_dir(&self.generation()).join(name::shadow_wal_file_name(0))
+        }
+
+        /// Unseen by any pass: a whole WAL life with a commit, gone again (then, if asked, a
+        /// commit in the next); the pass after must start a new generation.
+        fn assert_an_unseen_life_breaks_the_generation(&mut self, then_write_again: bool) {
+            let generation = self.generation();
+            self.insert();
+            self.truncate();
+            if then_write_again {
+                self.insert();
+            }
+            self.pass_then_unpin();
+            assert_ne!(
+                self.generation(),
+                generation,
+                "the unseen commit (then_write_again={then_write_again}) must break the generation"
+            );
         }
 
         /// One capture pass, then walstream lets go of the WAL, as it does for a while after a
@@ -2491,6 +2561,34 @@ mod tests {
         assert_ne!(h.generation(), generation, "an unverifiable salt jump must not be taken on trust");
     }
 
+    /// A generation that began on an empty WAL has no life to compare the next one with: the
+    /// wal-index as it found it stands in. Seen by a pass that holds no pin (a database resting,
+    /// woken by a commit, its pass late for the app's TRUNCATE right after), a life committed
+    /// and truncated meanwhile was taken for no life at all, and its rows never reached the
+    /// replica (the idle e2e test lost 27 of 35 with its wake delayed by 100 ms).
+    #[test]
+    fn a_first_life_gone_before_a_pass_saw_it_breaks_the_generation() {
+        let began_on_an_empty_wal = || {
+            let mut h = Harness::new();
+            h.truncate();
+            h.pass_then_unpin();
+            assert!(h.capturer.generation.as_ref().unwrap().shadow.is_none(), "the generation began with a life");
+            h
+        };
+        let mut h = began_on_an_empty_wal();
+        let generation = h.generation();
+        // Restarts with no commit keep the generation; so does the first life, seen. (A restart
+        // and then a commit, both unseen, cannot be told from a lost life.)
+        h.truncate();
+        h.pass_then_unpin();
+        h.insert();
+        h.pass_then_unpin();
+        assert_eq!(h.generation(), generation, "nothing was committed that the passes did not see");
+        for then_write_again in [false, true] {
+            began_on_an_empty_wal().assert_an_unseen_life_breaks_the_generation(then_write_again);
+        }
+    }
+
     #[test]
     fn truncation_after_an_uncopied_commit_starts_a_new_generation() {
         let mut h = Harness::new();
@@ -2510,20 +2608,8 @@ mod tests {
             h.pass_then_unpin();
             h.truncate();
             h.pass_then_unpin();
-            let generation = h.generation();
             assert!(h.capturer.generation.as_ref().unwrap().shadow.as_ref().unwrap().sealed);
-            // Unseen: a whole WAL life with a commit, gone again.
-            h.insert();
-            h.truncate();
-            if then_write_again {
-                h.insert();
-            }
-            h.pass_then_unpin();
-            assert_ne!(
-                h.generation(),
-                generation,
-                "the unseen commit (then_write_again={then_write_again}) must break the generation"
-            );
+            h.assert_an_unseen_life_breaks_the_generation(then_write_again);
         }
     }
 

@@ -30,6 +30,20 @@ pub(crate) fn stall(point: &str) {
 #[inline(always)]
 pub(crate) fn stall(_point: &str) {}
 
+/// Sleeps 100 ms here when the `fail-points` feature is on and `WALSTREAM_FAIL_POINT` is
+/// `point`: a stand-in for a replicator slowed by a loaded machine, to open a race's window.
+#[cfg(feature = "fail-points")]
+pub(crate) fn pause(point: &str) {
+    if std::env::var("WALSTREAM_FAIL_POINT").is_ok_and(|wanted| wanted == point) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Nothing: this build has no fail points.
+#[cfg(not(feature = "fail-points"))]
+#[inline(always)]
+pub(crate) fn pause(_point: &str) {}
+
 /// The message of a caught panic, for the error that reports it.
 pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     payload
