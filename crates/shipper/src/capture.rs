@@ -2358,12 +2358,13 @@ mod tests {
         // the second copy's frame count one ahead of the first's.
         let shm_path = format!("{}-shm", h.capturer.db_path.display());
         let shm = std::fs::OpenOptions::new().read(true).write(true).open(shm_path).unwrap();
+        let second_copys_frames = (crate::source::WAL_INDEX_HDR_SIZE + crate::source::WAL_INDEX_MAX_FRAME_AT) as u64;
         let mut frames = [0u8; 4];
-        shm.read_exact_at(&mut frames, 48 + 16).unwrap();
-        shm.write_all_at(&(u32::from_ne_bytes(frames) + 1).to_ne_bytes(), 48 + 16).unwrap();
+        shm.read_exact_at(&mut frames, second_copys_frames).unwrap();
+        shm.write_all_at(&(u32::from_ne_bytes(frames) + 1).to_ne_bytes(), second_copys_frames).unwrap();
         let torn = h.capturer.db.wal_index_header().is_none();
         h.capturer.may_pin_after_drop();
-        shm.write_all_at(&frames, 48 + 16).unwrap();
+        shm.write_all_at(&frames, second_copys_frames).unwrap();
         assert!(torn, "the header still read; the test proves nothing");
         assert!(h.capturer.waiting_for_restart(), "a torn wal-index header ended the wait for the restart");
         assert!(h.capturer.db.wal_index_header().is_some(), "the header was not put back");

@@ -38,7 +38,9 @@ const CHECKPOINT_PROBE_SPACING: Duration = Duration::from_micros(300);
 
 /// The wal-index header (wal.c `WalIndexHdr`) is 48 bytes, stored twice at the start of -shm;
 /// the checkpoint info (`WalCkptInfo`) follows: `nBackfill`, then the five read-marks.
-const WAL_INDEX_HDR_SIZE: usize = 48;
+pub(crate) const WAL_INDEX_HDR_SIZE: usize = 48;
+/// Where a wal-index header copy keeps its frame count (`mxFrame`).
+pub(crate) const WAL_INDEX_MAX_FRAME_AT: usize = 16;
 const READ_MARKS_AT: usize = 4;
 const WAL_INDEX_READ_SIZE: usize = 2 * WAL_INDEX_HDR_SIZE + READ_MARKS_AT + 4 * READ_MARKS;
 /// wal.c `WAL_NREADER`: read-mark 0 and the four of `SHM_READ_LOCKS_PAST_0`.
@@ -75,7 +77,7 @@ impl WalIndexHeader {
             return None;
         }
         Some(WalIndexHeader {
-            max_frame: native(16),
+            max_frame: native(WAL_INDEX_MAX_FRAME_AT),
             frame_checksum: (native(24), native(28)),
             // The salts are the WAL header's own big-endian bytes.
             salt1: u32::from_be_bytes(first[32..36].try_into().expect("4 bytes")),
