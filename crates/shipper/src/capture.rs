@@ -1718,9 +1718,9 @@ impl Capturer {
         self.meta.create_generation(&id)?;
         let mut shadow = None;
         let live = LiveWal::open(&self.wal_path)?;
-        // Read after the WAL was opened, as in `copy`. A read mid-update gives none, and none
-        // would cost the next unpinned pass a generation: read again.
-        let index_before_first_life = (0..3).find_map(|_| self.db.wal_index_header());
+        // Read after the WAL was opened, as in `copy`. None would cost the next unpinned pass a
+        // generation.
+        let index_before_first_life = self.db.settled_wal_index_header();
         if let Some(live) = live {
             if let Some((bytes, header)) = live.header {
                 let mut index = ShadowIndex::create(&self.meta.wal_dir(&id), 0, bytes, header)?;
@@ -1839,8 +1839,6 @@ impl Capturer {
     }
 }
 
-/// Whether `shadow` ends with bytes only the live WAL held (the disk was full) that some replica
-/// still lacks.
 /// Whether the wal-index `now` shows that nothing was committed since it read `then`, when the
 /// WAL had no life on disk, other than in the life now in the live WAL (salt-1 `live_salt1`),
 /// whose committed frames are all still there. That life is the first since `then` if it has
@@ -1858,6 +1856,8 @@ fn nothing_committed_since(then: WalIndexHeader, now: Option<WalIndexHeader>, li
     })
 }
 
+/// Whether `shadow` ends with bytes only the live WAL held (the disk was full) that some replica
+/// still lacks.
 fn live_tail_unshipped(
     shadow: &ShadowIndex,
     generation: GenerationId,

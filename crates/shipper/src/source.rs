@@ -332,6 +332,12 @@ impl SourceDb {
         read_wal_index_header(self.shm_file.as_ref()?)
     }
 
+    /// [`SourceDb::wal_index_header`], read up to three times: a busy writer updates the header
+    /// often, and a read mid-update gives none.
+    pub(crate) fn settled_wal_index_header(&mut self) -> Option<WalIndexHeader> {
+        (0..3).find_map(|_| self.wal_index_header())
+    }
+
     /// Ends the read transaction that [`SourceDb::roll_pin`] replaced.
     pub(crate) fn release_previous(&mut self) {
         if let (Some(previous), Some(conns)) = (self.previous.take(), &self.conns) {
@@ -367,8 +373,7 @@ impl SourceDb {
     /// from before `frame` was written, which holds every checkpoint back to its mark and so
     /// keeps the WAL from restarting whatever walstream does.
     pub(crate) fn reader_older_than(&mut self, frame: u32) -> bool {
-        // A busy writer updates the header often, and a read mid-update gives none.
-        let Some(index) = (0..3).find_map(|_| self.wal_index_header()) else { return false };
+        let Some(index) = self.settled_wal_index_header() else { return false };
         let Some(shm) = &self.shm_file else { return false };
         // Read-mark 0 too (the e2e long reader began on a back-filled WAL, and took it).
         (SHM_READ_LOCK_0..).zip(index.read_marks).any(|(offset, mark)| mark < frame && locked_by_other(shm, offset))
