@@ -18,7 +18,7 @@ use crate::error::{io_err, Error};
 use crate::meta::{LocalSnapshot, MetaDir};
 use crate::protocol::{ShadowState, Wake, PASS_SPACING};
 use crate::shadow::{self, ShadowIndex, COPY_CHUNK_BYTES};
-use crate::source::{wal_path, AtPath, SourceDb, WalIndexHeader};
+use crate::source::{wal_path, AtPath, FileStamp, SourceDb, WalIndexHeader};
 use crate::spool::Spooling;
 use crate::status::DbCounters;
 use crate::watch::Subscription;
@@ -68,6 +68,19 @@ const TIMING: Timing = Timing {
 /// writer's WAL grew to 32 MiB against 4 MiB without walstream. A TRUNCATE checkpoint landing
 /// in that gap right after a commit walstream has not copied costs a new generation, never data.
 const DROP_PIN_WAL_FRAMES: u64 = 1000;
+
+/// A generation with no WAL life yet proves its first life first by the database file
+/// (`Generation::file_before_first_life`): a life leaves the WAL only through a restart or a
+/// truncation, and SQLite does either only once the life is back-filled whole into the file, a
+/// write that moves its change time. So while the file's stamp is the one taken before a WAL
+/// read that found no life, every commit since that read is still in the WAL. A database that
+/// began with no WAL and rested till its first write otherwise had nothing to prove that life
+/// by (its writer's new connection picks random salts) and took a second generation, with a
+/// snapshot, at that write. The kernel stamps a write with a clock that moves in ticks (a few
+/// ms): a file changed less than this long before its stamp was taken proves nothing, as a
+/// write right after could carry the same times (on a filesystem that keeps whole seconds, 3 s:
+/// `FileStamp::settled`).
+const FILE_STAMP_SETTLED: Duration = Duration::from_millis(100);
 
 /// How long a WAL life of a writer the capturer does not poll stays past
 /// [`DROP_PIN_WAL_FRAMES`] before the pin is dropped: such a writer's commits each run SQLite's
@@ -199,6 +212,10 @@ struct Generation {
     /// The wal-index as the generation found it with no WAL life on disk (see
     /// [`nothing_committed_since`]); `None` for a resumed generation, which cannot tell.
     index_before_first_life: Option<WalIndexHeader>,
+    /// The database file as stamped before a WAL read that found no life and proved nothing
+    /// lost (see [`FILE_STAMP_SETTLED`]); `None` for a resumed generation, or when the file had
+    /// changed too recently to tell.
+    file_before_first_life: Option<FileStamp>,
     /// `DbCounters::shadow_bytes` when the snapshot's index began (0 for a resumed generation):
     /// a restore from the snapshot replays everything captured since.
     wal_at_snapshot: u64,
@@ -709,6 +726,18 @@ impl Capturer {
     /// and nothing can be appended to this life: it is sealed, so the next life continues the
     /// generation though it overwrites the old one's frames before the pass that wakes sees them.
     fn rest(&mut self) {
+        // A generation with no WAL life yet stamps the database file by a pass first (the stamp
+        // counts only before a read that found no life), unless the file changed too recently
+        // to stamp: a first life written while it rests is then proven by the file, not taken
+        // for a lost one that costs a generation and its snapshot.
+        let stamp_owed =
+            self.generation.as_ref().is_some_and(|g| g.shadow.is_none() && g.file_before_first_life.is_none());
+        if stamp_owed && self.settled_file_stamp().is_some() {
+            self.pass_logged();
+            if !self.may_rest() {
+                return;
+            }
+        }
         // What the pin kept in the live WAL for the replicas is stored first (under contention a
         // database rests before the replicas have everything); a disk without room for it keeps
         // the pin.
@@ -1493,6 +1522,11 @@ impl Capturer {
         shadow.committed_len >= WAL_HEADER_SIZE as u64 + u64::from(at_pin.max_frame) * frame
     }
 
+    /// The database file's stamp, unless it changed within [`FILE_STAMP_SETTLED`].
+    fn settled_file_stamp(&self) -> Option<FileStamp> {
+        self.db.file_stamp().filter(|stamp| stamp.settled(FILE_STAMP_SETTLED))
+    }
+
     fn wal_stat_changed(&mut self) -> bool {
         let stat =
             std::fs::metadata(&self.wal_path).ok().map(|m| (m.len(), m.modified().unwrap_or(SystemTime::UNIX_EPOCH)));
@@ -1508,6 +1542,12 @@ impl Capturer {
         if let Some(reason) = self.pending_new_generation.take() {
             return self.start_new_generation(reason);
         }
+        // Taken before the WAL is read: a first life proven absent in that read stands for
+        // everything committed before the stamp, too.
+        let file_stamp = match &self.generation {
+            Some(generation) if generation.shadow.is_none() => self.settled_file_stamp(),
+            _ => None,
+        };
         let wal = LiveWal::open(&self.wal_path)?;
         // Read after the WAL was opened, so it describes that file or a later state of it.
         let wal_index = self.db.wal_index_header();
@@ -1529,6 +1569,9 @@ impl Capturer {
                 // checked against it, so restarts with no commit between passes cost nothing.
                 if wal_index.is_some() {
                     generation.index_before_first_life = wal_index;
+                }
+                if file_stamp.is_some() {
+                    generation.file_before_first_life = file_stamp;
                 }
                 Ok(())
             }
@@ -1641,7 +1684,8 @@ impl Capturer {
             let first_since_snapshot = pinned
                 || generation.index_before_first_life.is_some_and(|then| {
                     nothing_committed_since(then, wal_index, live.map(|(_, (_, header))| header.salt1))
-                });
+                })
+                || generation.file_before_first_life.is_some_and(|then| self.db.file_stamp() == Some(then));
             return Ok(match live {
                 _ if !first_since_snapshot => Observed::NewGeneration(
                     "the wal restarted with commits walstream had not copied before its first life",
@@ -1722,6 +1766,7 @@ impl Capturer {
         let index_started_at = self.counters.shadow_bytes.load(std::sync::atomic::Ordering::Relaxed);
         self.meta.create_generation(&id)?;
         let mut shadow = None;
+        let file_before_first_life = self.settled_file_stamp();
         let live = LiveWal::open(&self.wal_path)?;
         // Read after the WAL was opened, as in `copy`. None would cost the next unpinned pass a
         // generation.
@@ -1758,6 +1803,7 @@ impl Capturer {
             snapshot,
             shadow,
             index_before_first_life,
+            file_before_first_life,
             wal_at_snapshot: index_started_at,
             index_started_at,
             ended: Vec::new(),
@@ -1922,6 +1968,7 @@ fn resume_generation(meta: &MetaDir) -> Option<Generation> {
         snapshot,
         shadow,
         index_before_first_life: None,
+        file_before_first_life: None,
         wal_at_snapshot: 0,
         index_started_at: 0,
         ended,
@@ -2608,6 +2655,43 @@ mod tests {
         assert_eq!(h.generation(), generation, "nothing was committed that the passes did not see");
         for then_write_again in [false, true] {
             began_on_an_empty_wal().assert_an_unseen_life_breaks_the_generation(then_write_again);
+        }
+    }
+
+    /// The database file proves what the wal-index cannot: a first life written by a new
+    /// connection, which picks random salts, seen by a pass that holds no pin (a database that
+    /// began with no WAL and rested till its first write, as thousands do in the many-databases
+    /// bench) continues the generation while the file is as stamped before a read that found no
+    /// life; a life committed and truncated unseen still breaks it, since its back-fill wrote
+    /// the file.
+    #[test]
+    fn a_first_life_on_a_database_file_untouched_since_no_life_continues_the_generation() {
+        let began_on_an_empty_wal_long_after_the_last_write = || {
+            let mut h = Harness::new();
+            h.truncate();
+            std::thread::sleep(FILE_STAMP_SETTLED + Duration::from_millis(50));
+            h.pass_then_unpin();
+            let generation = h.capturer.generation.as_ref().unwrap();
+            assert!(generation.shadow.is_none(), "the generation began with a life");
+            assert!(generation.file_before_first_life.is_some(), "no stamp for a file unchanged for 150 ms");
+            h
+        };
+        let mut h = began_on_an_empty_wal_long_after_the_last_write();
+        let generation = h.generation();
+        let then = h.capturer.generation.as_ref().unwrap().index_before_first_life.unwrap();
+        let writer = Connection::open(&h.capturer.db_path).unwrap();
+        writer.execute("INSERT INTO t VALUES (randomblob(100))", []).unwrap();
+        let live_salt1 = LiveWal::open(&h.capturer.wal_path).unwrap().unwrap().header.unwrap().1.salt1;
+        assert!(
+            !nothing_committed_since(then, h.capturer.db.wal_index_header(), Some(live_salt1)),
+            "the wal-index proves the first life; the test proves nothing"
+        );
+        h.pass_then_unpin();
+        assert_eq!(h.generation(), generation, "the file was untouched: the first life is the snapshot's");
+        h.assert_copied_to_the_wal_end();
+        for then_write_again in [false, true] {
+            began_on_an_empty_wal_long_after_the_last_write()
+                .assert_an_unseen_life_breaks_the_generation(then_write_again);
         }
     }
 

@@ -102,6 +102,30 @@ pub(crate) struct RestFingerprint {
     index: Option<(u32, u32, (u32, u32))>,
 }
 
+/// The database file as one `fstat` of its descriptor saw it: inode, size, and modification and
+/// change times (seconds, nanoseconds). Any write to the file moves the change time, which no
+/// one can set back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct FileStamp {
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileStamp {
+    /// Whether the file last changed long enough ago, by the wall clock, that any later write
+    /// must carry other times: longer than `tick`, the step of the kernel's coarse clock, or
+    /// where the filesystem keeps whole seconds (no nanoseconds in either time) longer than its
+    /// granularity, up to 2 s. A stamp taken sooner could be repeated by the next write.
+    pub(crate) fn settled(&self, tick: Duration) -> bool {
+        let settle = if self.mtime.1 == 0 && self.ctime.1 == 0 { Duration::from_secs(3) } else { tick };
+        let ctime = std::time::UNIX_EPOCH
+            + Duration::new(self.ctime.0.max(0) as u64, self.ctime.1.clamp(0, 999_999_999) as u32);
+        std::time::SystemTime::now().duration_since(ctime).is_ok_and(|ago| ago >= settle)
+    }
+}
+
 /// What a look at the database path found.
 pub(crate) enum Presence {
     /// Not there yet, or still being created.
@@ -262,6 +286,18 @@ impl SourceDb {
         };
         let index = header.map(|h| (h.salt1, h.max_frame, h.frame_checksum));
         RestFingerprint { at_path: self.at_path(), wal, index }
+    }
+
+    /// The database file's [`FileStamp`], from the descriptor held awake and resting.
+    pub(crate) fn file_stamp(&self) -> Option<FileStamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = self.db_file.metadata().ok()?;
+        Some(FileStamp {
+            ino: m.ino(),
+            size: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
     }
 
     pub(crate) fn is_resting(&self) -> bool {
