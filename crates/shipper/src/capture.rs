@@ -1685,6 +1685,8 @@ impl Capturer {
                 || generation.index_before_first_life.is_some_and(|then| {
                     nothing_committed_since(then, wal_index, live.map(|(_, (_, header))| header.salt1))
                 })
+                // Stamped after the WAL was read (`copy` opens it before this): a back-fill between
+                // that read and a stamp taken earlier could have removed a life unseen.
                 || generation.file_before_first_life.is_some_and(|then| self.db.file_stamp() == Some(then));
             return Ok(match live {
                 _ if !first_since_snapshot => Observed::NewGeneration(
