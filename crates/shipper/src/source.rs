@@ -405,6 +405,28 @@ impl SourceDb {
         SHM_READ_LOCKS_PAST_0.into_iter().any(|offset| locked_by_other(shm, offset))
     }
 
+    /// True when walstream's pin is certainly on a read-mark past 0, and so holds off a restart
+    /// of the WAL whatever was back-filled. SQLite gives a reader read-mark 0 on a WAL back-filled
+    /// whole only if it can take that lock at once; the application's checkpoint holds it
+    /// exclusively until just after it has written `nBackfill`, so a pin taken in that moment sees
+    /// the WAL back-filled and still reads past 0. A POSIX query (`F_GETLK`) sees only other
+    /// processes' locks, an open file description's (`F_OFD_GETLK`) sees walstream's own too: a
+    /// lock only the second sees is the pin's. Where another process shares the pin's lock the
+    /// answer is false: unsure, as before this was asked.
+    pub(crate) fn pin_reads_past_mark0(&self) -> bool {
+        let Some(shm) = &self.shm_file else { return false };
+        if self.pinned.is_none() || self.previous.is_some() {
+            return false;
+        }
+        let any_owner = |offset| lock_type(shm, offset, libc::F_OFD_GETLK);
+        let other = |offset| lock_type(shm, offset, libc::F_GETLK).ok().flatten();
+        // Without open file description locks (Linux before 3.15, some sandboxes) it cannot tell.
+        let Ok(at_0) = any_owner(SHM_READ_LOCK_0) else { return false };
+        let ours_alone = |offset| any_owner(offset).is_ok_and(|kind| kind.is_some()) && other(offset).is_none();
+        let not_ours_at_0 = at_0.is_none() || other(SHM_READ_LOCK_0) == Some(libc::F_WRLCK);
+        not_ours_at_0 || SHM_READ_LOCKS_PAST_0.into_iter().any(ours_alone)
+    }
+
     /// True when another process reads this WAL life at a read-mark below `frame`: a reader
     /// from before `frame` was written, which holds every checkpoint back to its mark and so
     /// keeps the WAL from restarting whatever walstream does.
@@ -522,15 +544,42 @@ fn lock_shared_range(file: &File, command: libc::c_int) -> std::io::Result<()> {
 
 /// Asks the kernel whether another process holds a POSIX lock on one byte of `file`.
 fn locked_by_other(file: &File, offset: i64) -> bool {
-    // SAFETY: `flock` is plain data, and F_GETLK only fills it in.
+    lock_type(file, offset, libc::F_GETLK).is_ok_and(|kind| kind.is_some())
+}
+
+/// The kind of lock on the byte at `offset` that a write lock would meet, if any, asked with
+/// `cmd`: `F_GETLK` sees other processes' locks, `F_OFD_GETLK` every owner's, this process's
+/// POSIX locks included.
+fn lock_type(file: &File, offset: i64, cmd: libc::c_int) -> std::io::Result<Option<libc::c_int>> {
+    // SAFETY: `flock` is plain data, and F_GETLK and F_OFD_GETLK only fill it in.
     let mut lock: libc::flock = unsafe { std::mem::zeroed() };
     lock.l_type = libc::F_WRLCK as libc::c_short;
     lock.l_whence = libc::SEEK_SET as libc::c_short;
     lock.l_start = offset;
     lock.l_len = 1;
     // SAFETY: a valid descriptor and a valid pointer to `lock`.
-    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETLK, &mut lock) };
-    rc == 0 && lock.l_type != libc::F_UNLCK as libc::c_short
+    if unsafe { libc::fcntl(file.as_raw_fd(), cmd, &mut lock) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let kind = libc::c_int::from(lock.l_type);
+    Ok((kind != libc::F_UNLCK).then_some(kind))
+}
+
+/// Holds read-mark 0 exclusively, as the application's checkpoint does while it back-fills, until
+/// the returned file is closed: an open file description's lock, so another owner than this
+/// process's SQLite connections, as the application is.
+#[cfg(test)]
+pub(crate) fn hold_read_mark_0(db: &Path) -> File {
+    let shm = std::fs::OpenOptions::new().read(true).write(true).open(format!("{}-shm", db.display())).unwrap();
+    // SAFETY: `flock` is plain data; F_OFD_SETLK reads it (l_pid must be 0).
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = libc::F_WRLCK as libc::c_short;
+    lock.l_whence = libc::SEEK_SET as libc::c_short;
+    lock.l_start = SHM_READ_LOCK_0;
+    lock.l_len = 1;
+    // SAFETY: a valid descriptor and a valid pointer to `lock`.
+    assert_eq!(unsafe { libc::fcntl(shm.as_raw_fd(), libc::F_OFD_SETLK, &lock) }, 0, "cannot lock read-mark 0");
+    shm
 }
 
 #[cfg(test)]
@@ -604,5 +653,46 @@ mod tests {
         assert_eq!(db.page_size(), 4096);
         let mode: String = Connection::open(&path).unwrap().query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
         assert_eq!(mode, "wal");
+    }
+
+    /// A pin on a WAL back-filled whole reads at read-mark 0, unless read-mark 0 is held
+    /// exclusively, as the application's checkpoint holds it until just after it has written the
+    /// back-fill: the pin then reads past 0 and holds off the restart. Frames not back-filled
+    /// put any pin past 0.
+    #[test]
+    fn a_pin_taken_while_read_mark_0_is_held_is_known_to_read_past_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("app.db");
+        let app = Connection::open(&path).unwrap();
+        app.execute_batch(
+            "PRAGMA journal_mode=wal; PRAGMA wal_autocheckpoint=0; CREATE TABLE t (x); INSERT INTO t VALUES (1);",
+        )
+        .unwrap();
+        let backfill = || {
+            let (busy, frames, backfilled): (i64, i64, i64) =
+                app.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap();
+            assert_eq!((busy, backfilled), (0, frames));
+        };
+        backfill();
+        let mut db = SourceDb::open(&path).unwrap();
+        assert!(db.roll_pin());
+        assert!(!db.pin_reads_past_mark0(), "a pin on a WAL back-filled whole reads at read-mark 0");
+        db.release_all();
+
+        let held = hold_read_mark_0(&path);
+        assert!(db.roll_pin());
+        let index = db.index_at_pin().unwrap();
+        assert_eq!(index.backfilled, index.max_frame, "the WAL was not back-filled whole; the test proves nothing");
+        assert!(db.pin_reads_past_mark0(), "the pin took read-mark 0 although it was held, or was not seen past it");
+        db.release_all();
+        drop(held);
+
+        app.execute("INSERT INTO t VALUES (2)", []).unwrap();
+        assert!(db.roll_pin());
+        assert!(db.pin_reads_past_mark0(), "a pin on frames not back-filled reads past read-mark 0");
+        db.release_all();
+        backfill();
+        assert!(db.roll_pin());
+        assert!(!db.pin_reads_past_mark0(), "once back-filled and free, read-mark 0 again");
     }
 }
