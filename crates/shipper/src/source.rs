@@ -411,8 +411,9 @@ impl SourceDb {
     /// exclusively until just after it has written `nBackfill`, so a pin taken in that moment sees
     /// the WAL back-filled and still reads past 0. A POSIX query (`F_GETLK`) sees only other
     /// processes' locks, an open file description's (`F_OFD_GETLK`) sees walstream's own too: a
-    /// lock only the second sees is the pin's. Where another process shares the pin's lock the
-    /// answer is false: unsure, as before this was asked.
+    /// lock only the second sees is the pin's, and read-mark 0 free or held exclusively by
+    /// another process is not. Where another process shares read-mark 0 and the pin's lock
+    /// cannot be told from theirs, the answer is false: unsure, as before this was asked.
     pub(crate) fn pin_reads_past_mark0(&self) -> bool {
         let Some(shm) = &self.shm_file else { return false };
         if self.pinned.is_none() || self.previous.is_some() {
