@@ -1493,8 +1493,8 @@ impl Capturer {
     /// checkpoint holds read-mark 0 until just after it wrote the back-fill; see
     /// `SourceDb::pin_reads_past_mark0`), and held, that pin forbids the restart the drop was for
     /// until the next drop, a second on at the earliest: WALs of 120 to 293 MB where the
-    /// application alone keeps 4 MB, in about 1 run in 25 of 10,000-row updates. The wait goes on instead, and this pin goes at the pass's
-    /// end (`release_pass_pin`).
+    /// application alone keeps 4 MB, in about 1 run in 25 of 10,000-row updates. The wait goes on
+    /// instead, and this pin goes at the pass's end (`release_pass_pin`).
     fn keep_waiting_if_pinned_past_mark0(&mut self) {
         let Some(drop) = self.last_drop.as_mut() else { return };
         let same_life = self.db.index_at_pin().is_some_and(|h| h.salt1 == drop.salt1);
@@ -2367,16 +2367,10 @@ mod tests {
             self.capturer.pass().unwrap();
             self.insert();
             self.capturer.pass().unwrap();
-            let (busy, frames, backfilled): (i64, i64, i64) = self
-                .app
-                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-                .unwrap();
-            assert_eq!(
-                (busy, backfilled),
-                (0, frames),
-                "walstream's pin sits at the end of the WAL, so the app's checkpoint back-fills it all"
-            );
-            frames
+            crate::source::backfill_whole(
+                &self.app,
+                "walstream's pin sits at the end of the WAL, so the app's checkpoint back-fills it all",
+            )
         }
 
         /// The shadow ends where the live WAL's life does (the file may be longer: a restarted
@@ -2408,9 +2402,7 @@ mod tests {
         h.pass_then_unpin();
         let generation = h.generation();
         let passive = |app: &Connection| {
-            let (busy, frames, backfilled): (i64, i64, i64) =
-                app.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap();
-            assert_eq!((busy, backfilled), (0, frames), "the app's checkpoint did not back-fill everything");
+            crate::source::backfill_whole(app, "the app's checkpoint did not back-fill everything");
         };
         // Unpinned, the application back-fills, restarts the WAL with a commit and back-fills that.
         passive(&h.app);
@@ -2459,15 +2451,13 @@ mod tests {
     /// After a drop, the application's checkpoint back-fills the life whole, and a pass pins
     /// again while that checkpoint still holds read-mark 0 (here an open file description's lock
     /// in its place): the pin reads past 0. Kept, it forbade the application's next write to
-    /// restart the WAL, which grew on until the next drop (WALs of 120 to 284 MB). The pass lets
+    /// restart the WAL, which grew on until the next drop (WALs of 120 to 293 MB). The pass lets
     /// it go and waits on, and the write restarts the WAL.
     #[test]
     fn a_pin_taken_again_as_the_apps_checkpoint_ends_does_not_hold_off_the_restart() {
         let mut h = Harness::new();
         let salt1 = h.copied_then_dropped();
-        let (busy, frames, backfilled): (i64, i64, i64) =
-            h.app.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap();
-        assert_eq!((busy, backfilled), (0, frames), "the app's checkpoint did not back-fill everything");
+        crate::source::backfill_whole(&h.app, "the app's checkpoint did not back-fill everything");
         let held = crate::source::hold_read_mark_0(&h.capturer.db_path);
         h.capturer.pass().unwrap();
         drop(held);
@@ -2508,9 +2498,7 @@ mod tests {
         for _ in 0..5 {
             h.insert();
         }
-        let (busy, frames, backfilled): (i64, i64, i64) =
-            h.app.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap();
-        assert_eq!((busy, backfilled), (0, frames), "the app's checkpoint did not back-fill everything");
+        crate::source::backfill_whole(&h.app, "the app's checkpoint did not back-fill everything");
         h.capturer.pass().unwrap();
         h.assert_copied_to_the_wal_end();
         let shadow = h.capturer.generation.as_ref().unwrap().shadow.as_ref().unwrap();

@@ -530,17 +530,24 @@ fn hold_shared_range(file: &File) -> std::io::Result<()> {
 /// connection holding SQLite's SHARED lock does: another process cannot then take the
 /// EXCLUSIVE lock, which wants a write lock on the whole range.
 fn lock_shared_range(file: &File, command: libc::c_int) -> std::io::Result<()> {
-    // SAFETY: `flock` is plain data.
-    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
-    lock.l_type = libc::F_RDLCK as libc::c_short;
-    lock.l_whence = libc::SEEK_SET as libc::c_short;
-    lock.l_start = SHARED_FIRST;
-    lock.l_len = 1;
+    let lock = byte_lock(libc::F_RDLCK, SHARED_FIRST);
     // SAFETY: a valid descriptor and a valid pointer to `lock`.
     if unsafe { libc::fcntl(file.as_raw_fd(), command, &lock) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// A lock of `kind` on the one byte at `offset`, with `l_pid` 0 as the open file description
+/// commands require.
+fn byte_lock(kind: libc::c_int, offset: i64) -> libc::flock {
+    // SAFETY: `flock` is plain data, for which all zeroes is a valid value.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = kind as libc::c_short;
+    lock.l_whence = libc::SEEK_SET as libc::c_short;
+    lock.l_start = offset;
+    lock.l_len = 1;
+    lock
 }
 
 /// Asks the kernel whether another process holds a POSIX lock on one byte of `file`.
@@ -552,13 +559,9 @@ fn locked_by_other(file: &File, offset: i64) -> bool {
 /// `cmd`: `F_GETLK` sees other processes' locks, `F_OFD_GETLK` every owner's, this process's
 /// POSIX locks included.
 fn lock_type(file: &File, offset: i64, cmd: libc::c_int) -> std::io::Result<Option<libc::c_int>> {
-    // SAFETY: `flock` is plain data, and F_GETLK and F_OFD_GETLK only fill it in.
-    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
-    lock.l_type = libc::F_WRLCK as libc::c_short;
-    lock.l_whence = libc::SEEK_SET as libc::c_short;
-    lock.l_start = offset;
-    lock.l_len = 1;
-    // SAFETY: a valid descriptor and a valid pointer to `lock`.
+    let mut lock = byte_lock(libc::F_WRLCK, offset);
+    // SAFETY: a valid descriptor and a valid pointer to `lock`, which F_GETLK and F_OFD_GETLK
+    // only fill in.
     if unsafe { libc::fcntl(file.as_raw_fd(), cmd, &mut lock) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -572,15 +575,20 @@ fn lock_type(file: &File, offset: i64, cmd: libc::c_int) -> std::io::Result<Opti
 #[cfg(test)]
 pub(crate) fn hold_read_mark_0(db: &Path) -> File {
     let shm = std::fs::OpenOptions::new().read(true).write(true).open(format!("{}-shm", db.display())).unwrap();
-    // SAFETY: `flock` is plain data; F_OFD_SETLK reads it (l_pid must be 0).
-    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
-    lock.l_type = libc::F_WRLCK as libc::c_short;
-    lock.l_whence = libc::SEEK_SET as libc::c_short;
-    lock.l_start = SHM_READ_LOCK_0;
-    lock.l_len = 1;
+    let lock = byte_lock(libc::F_WRLCK, SHM_READ_LOCK_0);
     // SAFETY: a valid descriptor and a valid pointer to `lock`.
     assert_eq!(unsafe { libc::fcntl(shm.as_raw_fd(), libc::F_OFD_SETLK, &lock) }, 0, "cannot lock read-mark 0");
     shm
+}
+
+/// The application's PASSIVE checkpoint, asserted (with `why`) to have back-filled every frame;
+/// returns the WAL's frames.
+#[cfg(test)]
+pub(crate) fn backfill_whole(app: &Connection, why: &str) -> i64 {
+    let (busy, frames, backfilled): (i64, i64, i64) =
+        app.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap();
+    assert_eq!((busy, backfilled), (0, frames), "{why}");
+    frames
 }
 
 #[cfg(test)]
@@ -669,11 +677,7 @@ mod tests {
             "PRAGMA journal_mode=wal; PRAGMA wal_autocheckpoint=0; CREATE TABLE t (x); INSERT INTO t VALUES (1);",
         )
         .unwrap();
-        let backfill = || {
-            let (busy, frames, backfilled): (i64, i64, i64) =
-                app.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap();
-            assert_eq!((busy, backfilled), (0, frames));
-        };
+        let backfill = || backfill_whole(&app, "the app's checkpoint did not back-fill everything");
         backfill();
         let mut db = SourceDb::open(&path).unwrap();
         assert!(db.roll_pin());
