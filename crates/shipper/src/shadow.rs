@@ -96,9 +96,11 @@ pub(crate) struct ShadowIndex {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Reading {
     OwnShadow,
-    /// `defer`: see [`ShadowIndex::append_from`].
+    /// `defer`: see [`ShadowIndex::append_from`]. `to_hint`: stop after the first commit past
+    /// `committed_hint` (a pass's copy; see `append_from`), or read every valid frame.
     LiveWal {
         defer: bool,
+        to_hint: bool,
     },
 }
 
@@ -257,7 +259,7 @@ impl ShadowIndex {
         self.live_from = None;
         self.deferred = false;
         self.live_last_frame = Vec::new();
-        self.copy_from(source, source_len, end, buf, Reading::LiveWal { defer: false })?;
+        self.copy_from(source, source_len, end, buf, Reading::LiveWal { defer: false, to_hint: false })?;
         Ok(self.committed_len >= end)
     }
 
@@ -308,7 +310,13 @@ impl ShadowIndex {
     /// the pin must go, and a copy would only take as much room again beside the app's WAL.
     ///
     /// `committed_hint` is how far SQLite's wal-index says this life is committed, 0 if unknown.
-    /// It only plans the reads: up to it in whole chunks, past it one frame first, doubling. A
+    /// It plans the reads: up to it in whole chunks, past it one frame first, doubling. And it
+    /// ends them at the first commit past it: that one may be a commit the wal-index does not
+    /// show yet, and anything later came after the pass began, whose file events (or the next
+    /// poll) bring another pass. Read on to the file's end, a pass chased a writer that appended
+    /// faster than it read into a WAL file a larger earlier life had grown, holding its pin, and
+    /// so the application's back-fill, back all the while: 250 ms once beside 10,000-row
+    /// updates and a replica on the GCS emulator, and such lives grew to 59–216 MB. A
     /// restarted WAL keeps the old life's length, so without it a pass reads on past the new
     /// life's end, doubling from [`FIRST_READ_BYTES`]: under a saturated writer the passes read
     /// 1.29 times what they copied, 1.09 times with it.
@@ -320,7 +328,7 @@ impl ShadowIndex {
         buf: &mut [u8],
         defer: bool,
     ) -> Result<u64, Error> {
-        self.copy_from(source, source_len, committed_hint, buf, Reading::LiveWal { defer })
+        self.copy_from(source, source_len, committed_hint, buf, Reading::LiveWal { defer, to_hint: true })
     }
 
     /// The shared loop of [`ShadowIndex::open`] (reading the shadow itself) and
@@ -334,7 +342,8 @@ impl ShadowIndex {
         reading: Reading,
     ) -> Result<u64, Error> {
         let write = reading != Reading::OwnShadow;
-        if reading == (Reading::LiveWal { defer: true }) && self.live_from.is_none() {
+        let to_hint = matches!(reading, Reading::LiveWal { to_hint: true, .. });
+        if matches!(reading, Reading::LiveWal { defer: true, .. }) && self.live_from.is_none() {
             (self.live_from, self.live_chain, self.deferred) = (Some(self.committed_len), self.chain, true);
         }
         let frame = self.header.frame_size() as usize;
@@ -375,6 +384,9 @@ impl ShadowIndex {
                         self.last_transaction = offset + (n_valid * frame) as u64 - previous_end;
                     }
                     chunk_commit = Some((n_valid, chain));
+                    if to_hint && committed_hint > 0 && offset + (n_valid * frame) as u64 > committed_hint {
+                        break;
+                    }
                 }
             }
             if storing && n_valid > 0 {
@@ -406,7 +418,7 @@ impl ShadowIndex {
                 }
             }
             offset += (n_valid * frame) as u64;
-            if n_valid < n_frames {
+            if n_valid < n_frames || (to_hint && committed_hint > 0 && commit_end > committed_hint) {
                 break 'chunks;
             }
         }
@@ -705,6 +717,38 @@ mod tests {
         fn write_at(&self, _: &[u8], _: u64) -> std::io::Result<usize> {
             unreachable!("the source is only read")
         }
+    }
+
+    /// A pass reads to the first commit past where the wal-index says the life is committed (a
+    /// commit it does not show yet) and stops there: the later ones came after the pass began,
+    /// and read on, a pass chased a writer faster than itself while its pin held the app's
+    /// back-fill back. Told nothing, it reads every valid frame, as before a drop.
+    #[test]
+    fn a_pass_reads_one_commit_past_the_wal_index_and_no_further() {
+        let db = Db::new();
+        for _ in 0..6 {
+            db.app.execute("INSERT INTO t VALUES (randomblob(3000))", []).unwrap();
+        }
+        let (file, bytes) = db.wal();
+        let scan = walstream_format::wal::scan(&bytes).unwrap();
+        let frame = scan.header.frame_size();
+        let header_bytes: [u8; WAL_HEADER_SIZE] = bytes[..WAL_HEADER_SIZE].try_into().unwrap();
+        // Where each transaction's commit frame ends.
+        let mut commits = Vec::new();
+        let mut chain = FrameChain::new(scan.header);
+        for (i, bytes) in bytes[WAL_HEADER_SIZE..scan.committed_len as usize].chunks_exact(frame as usize).enumerate() {
+            if chain.accept(bytes).unwrap().is_commit() {
+                commits.push(WAL_HEADER_SIZE as u64 + (i as u64 + 1) * frame);
+            }
+        }
+        assert!(commits.len() >= 6, "{} commits; the test proves nothing", commits.len());
+        let len = bytes.len() as u64;
+        let mut shadow = ShadowIndex::create(db.dir.path(), 1, header_bytes, scan.header).unwrap();
+        shadow.append_from(&file, len, commits[1], &mut vec![0; COPY_CHUNK_BYTES], false).unwrap();
+        assert_eq!(shadow.committed_len, commits[2], "the copy did not stop at the first commit past the hint");
+        let mut whole = ShadowIndex::create(db.dir.path(), 2, header_bytes, scan.header).unwrap();
+        whole.append_from(&file, len, 0, &mut vec![0; COPY_CHUNK_BYTES], false).unwrap();
+        assert_eq!(whole.committed_len, scan.committed_len);
     }
 
     /// A short life written over a long one (a RESTART keeps the file's length): told where the
