@@ -316,7 +316,7 @@ impl ShadowIndex {
     /// poll) bring another pass. Read on to the file's end, a pass chased a writer that appended
     /// faster than it read into a WAL file a larger earlier life had grown, holding its pin, and
     /// so the application's back-fill, back all the while: 250 ms once beside 10,000-row
-    /// updates and a replica on the GCS emulator, and such lives grew to 59–216 MB. A
+    /// updates and a replica on the GCS emulator, and such lives grew to 58–83 MiB. A
     /// restarted WAL keeps the old life's length, so without it a pass reads on past the new
     /// life's end, doubling from [`FIRST_READ_BYTES`]: under a saturated writer the passes read
     /// 1.29 times what they copied, 1.09 times with it.
