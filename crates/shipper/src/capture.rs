@@ -1495,10 +1495,10 @@ impl Capturer {
     /// to copy pins for nothing, and a pin held as the application's next commit runs its
     /// checkpoint keeps that checkpoint from back-filling the life whole, so the WAL goes on.
     fn commit_to_copy(&self, index: Option<WalIndexHeader>) -> bool {
-        let Some(index) = index else { return true };
         let Some(shadow) = self.generation.as_ref().and_then(|g| g.shadow.as_ref()) else { return true };
-        index.salt1 != shadow.header.salt1
-            || WAL_HEADER_SIZE as u64 + u64::from(index.max_frame) * shadow.header.frame_size() > shadow.committed_len
+        // 0: no header, or another life's.
+        let committed = committed_hint(index, &shadow.header);
+        committed == 0 || committed > shadow.committed_len
     }
 
     /// After a pass pinned again because the application's checkpoint back-filled the dropped

@@ -342,7 +342,11 @@ impl ShadowIndex {
         reading: Reading,
     ) -> Result<u64, Error> {
         let write = reading != Reading::OwnShadow;
-        let to_hint = matches!(reading, Reading::LiveWal { to_hint: true, .. });
+        // Where a pass's copy ends at the first commit past (see `append_from`).
+        let stop_past = match reading {
+            Reading::LiveWal { to_hint: true, .. } if committed_hint > 0 => committed_hint,
+            _ => u64::MAX,
+        };
         if matches!(reading, Reading::LiveWal { defer: true, .. }) && self.live_from.is_none() {
             (self.live_from, self.live_chain, self.deferred) = (Some(self.committed_len), self.chain, true);
         }
@@ -384,7 +388,7 @@ impl ShadowIndex {
                         self.last_transaction = offset + (n_valid * frame) as u64 - previous_end;
                     }
                     chunk_commit = Some((n_valid, chain));
-                    if to_hint && committed_hint > 0 && offset + (n_valid * frame) as u64 > committed_hint {
+                    if offset + (n_valid * frame) as u64 > stop_past {
                         break;
                     }
                 }
@@ -418,7 +422,7 @@ impl ShadowIndex {
                 }
             }
             offset += (n_valid * frame) as u64;
-            if n_valid < n_frames || (to_hint && committed_hint > 0 && commit_end > committed_hint) {
+            if n_valid < n_frames || commit_end > stop_past {
                 break 'chunks;
             }
         }
