@@ -2278,11 +2278,7 @@ mod tests {
         fn new() -> Harness {
             let dir = tempfile::tempdir().unwrap();
             let db_path = dir.path().join("db");
-            let app = Connection::open(&db_path).unwrap();
-            app.execute_batch(
-                "PRAGMA journal_mode=wal; PRAGMA wal_autocheckpoint=0; CREATE TABLE t(x); INSERT INTO t VALUES (1);",
-            )
-            .unwrap();
+            let app = crate::source::app_with_one_row(&db_path);
             let source = SourceDb::open(&db_path).unwrap();
             let (state_tx, _) = watch::channel(ShadowState::default());
             let capturer = Capturer::new(

@@ -583,6 +583,18 @@ pub(crate) fn hold_read_mark_0(db: &Path) -> File {
 
 /// The application's PASSIVE checkpoint, asserted (with `why`) to have back-filled every frame;
 /// returns the WAL's frames.
+/// The application's connection to a new database at `path`: WAL mode, no autocheckpoint (the
+/// tests checkpoint when they mean to), and one committed row in `t`.
+#[cfg(test)]
+pub(crate) fn app_with_one_row(path: &Path) -> Connection {
+    let app = Connection::open(path).unwrap();
+    app.execute_batch(
+        "PRAGMA journal_mode=wal; PRAGMA wal_autocheckpoint=0; CREATE TABLE t(x); INSERT INTO t VALUES (1);",
+    )
+    .unwrap();
+    app
+}
+
 #[cfg(test)]
 pub(crate) fn backfill_whole(app: &Connection, why: &str) -> i64 {
     let (busy, frames, backfilled): (i64, i64, i64) =
@@ -672,11 +684,7 @@ mod tests {
     fn a_pin_taken_while_read_mark_0_is_held_is_known_to_read_past_it() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("app.db");
-        let app = Connection::open(&path).unwrap();
-        app.execute_batch(
-            "PRAGMA journal_mode=wal; PRAGMA wal_autocheckpoint=0; CREATE TABLE t (x); INSERT INTO t VALUES (1);",
-        )
-        .unwrap();
+        let app = app_with_one_row(&path);
         let backfill = || backfill_whole(&app, "the app's checkpoint did not back-fill everything");
         backfill();
         let mut db = SourceDb::open(&path).unwrap();
