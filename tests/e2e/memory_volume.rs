@@ -331,7 +331,7 @@ fn a_full_memory_volume_loses_nothing_committed() {
         let log = std::fs::read_to_string(scratch.path("replicate.log")).unwrap_or_default();
         log.lines().filter(|l| l.contains("WARN") && l.contains("disk_full=true")).count()
     };
-    let (mut saw_full, mut run) = ((false, false), AppRun::default());
+    let (mut saw_full, mut spells, mut run) = ((false, false), 0u64, AppRun::default());
     for round in 0..3 {
         if round > 0 {
             fill_file(&volume, &format!("ballast-{round}"), 0);
@@ -346,6 +346,11 @@ fn a_full_memory_volume_loses_nothing_committed() {
             saw_full.0 |= status == 503 && body.contains("disk full");
             let (_, metrics) = crate::emulator::request_on(&addr, "GET", "/metrics", None).unwrap();
             saw_full.1 |= metrics.lines().any(|l| l.starts_with("walstream_disk_full{") && l.ends_with(" 1"));
+            spells = metrics
+                .lines()
+                .filter(|l| l.starts_with("walstream_disk_full_spells_total{"))
+                .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+                .unwrap_or(spells);
             std::thread::sleep(Duration::from_millis(20));
         }
         let phase = app.join().unwrap();
@@ -361,7 +366,7 @@ fn a_full_memory_volume_loses_nothing_committed() {
     let not_debug: Vec<&str> = log.lines().filter(|l| !l.contains(" DEBUG ")).collect();
     assert!(status.success(), "replicate exited {status}:\n{}", not_debug.join("\n"));
     eprintln!(
-        "{} commits, {} app errors ({:?}), healthz/metric saw the full disk: {saw_full:?}",
+        "{} commits, {} app errors ({:?}), healthz/metric saw the full disk: {saw_full:?}, {spells} spells",
         run.commits,
         run.errors.len(),
         run.errors.first()
@@ -377,6 +382,7 @@ fn a_full_memory_volume_loses_nothing_committed() {
         saw_full.0 && saw_full.1,
         "/healthz and walstream_disk_full must say the disk is full (healthz, metric): {saw_full:?}"
     );
+    assert!(spells >= 1, "walstream_disk_full_spells_total must count the full disk");
     assert!(run.commits > 500, "only {} commits; the test proves little", run.commits);
     let restored = scratch.path("restored.db");
     restore(&url, &restored);

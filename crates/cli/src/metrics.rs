@@ -30,6 +30,7 @@ pub(crate) struct Metrics {
     shadow_wal_index: IntGaugeVec,
     shadow_wal_size: IntGaugeVec,
     disk_full: IntGaugeVec,
+    disk_full_spells: IntCounterVec,
     sync_count: IntCounterVec,
     sync_error_count: IntCounterVec,
     sync_seconds: CounterVec,
@@ -104,7 +105,13 @@ impl Metrics {
             disk_full: register!(
                 IntGaugeVec,
                 "walstream_disk_full",
-                "1 while capture passes fail because the local disk is full",
+                "1 while capture passes meet a full local disk, and for a minute after",
+                DB
+            ),
+            disk_full_spells: register!(
+                IntCounterVec,
+                "walstream_disk_full_spells_total",
+                "Spells of a full local disk: each may be shorter than a scrape interval",
                 DB
             ),
             sync_count: register!(IntCounterVec, "litestream_sync_count", "Number of sync operations", DB),
@@ -177,6 +184,7 @@ impl Metrics {
         }
         for counters in [
             &self.total_wal_bytes,
+            &self.disk_full_spells,
             &self.sync_count,
             &self.sync_error_count,
             &self.replica_wal_bytes,
@@ -222,6 +230,7 @@ impl Metrics {
             self.shadow_wal_index.with_label_values(&db).set(status.shadow_index.map_or(0, i64::from));
             self.shadow_wal_size.with_label_values(&db).set(status.shadow_size as i64);
             self.disk_full.with_label_values(&db).set(i64::from(status.disk_full));
+            raise(&self.disk_full_spells.with_label_values(&db), status.disk_full_spells);
             raise(&self.sync_count.with_label_values(&db), status.passes);
             raise(&self.sync_error_count.with_label_values(&db), status.failed_passes);
             let seconds = self.sync_seconds.with_label_values(&db);

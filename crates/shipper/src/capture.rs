@@ -938,10 +938,7 @@ impl Capturer {
             .as_ref()
             .and_then(|g| g.shadow.as_ref())
             .is_some_and(|s| s.live_from.is_some() && !s.deferred);
-        let was_full = self
-            .counters
-            .disk_full
-            .swap(live || result.as_ref().err().is_some_and(Error::is_disk_full), std::sync::atomic::Ordering::Relaxed);
+        let was_full = self.counters.record_disk_full(live || result.as_ref().err().is_some_and(Error::is_disk_full));
         if live && !was_full {
             if let Some(unlogged) = self.disk_full_spells.failed() {
                 warn!(db = %self.db_path.display(), disk_full = true, spells_since_last_logged = unlogged, "local disk full: shipping straight from the live wal, and holding the application's wal until the replicas have it (logged once a minute while it recurs)");

@@ -12,6 +12,12 @@ use walstream_format::Pos;
 
 use crate::protocol::{ShadowState, Wake};
 
+/// How long `/healthz` and `walstream_disk_full` go on saying the disk is full after a pass
+/// last met it. On a nearly full disk a spell may last a few milliseconds (shipped bytes are
+/// freed, the next write fills the room again): shown only while it lasts, no probe or scrape
+/// would see it. A minute, as the warning is logged once a minute while spells recur.
+pub(crate) const DISK_FULL_SHOWN_FOR: Duration = crate::throttle::LOG_EVERY;
+
 /// Counters the capturer keeps for one database.
 #[derive(Debug, Default)]
 pub(crate) struct DbCounters {
@@ -21,8 +27,11 @@ pub(crate) struct DbCounters {
     pub(crate) pass_nanos: AtomicU64,
     /// Committed WAL bytes appended to the shadow.
     pub(crate) shadow_bytes: AtomicU64,
-    /// Set while capture passes fail because the local disk is full.
-    pub(crate) disk_full: AtomicBool,
+    /// Set while capture passes meet a full local disk (see [`DbCounters::record_disk_full`]).
+    disk_full: AtomicBool,
+    /// When a pass last met it, and how many spells of it began.
+    disk_full_last: Mutex<Option<Instant>>,
+    disk_full_spells: AtomicU64,
     /// Why replication of the database stopped on its own (a worker failed, a replica was
     /// taken over), for `/healthz` until the process exits.
     pub(crate) stopped: Mutex<Option<String>>,
@@ -31,6 +40,33 @@ pub(crate) struct DbCounters {
 impl DbCounters {
     pub(crate) fn record_failure(&self, e: &crate::Error) {
         self.stopped.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(|| e.to_string());
+    }
+
+    /// Records whether the latest pass met a full local disk; returns whether the one before
+    /// had.
+    pub(crate) fn record_disk_full(&self, full: bool) -> bool {
+        self.record_disk_full_at(full, Instant::now())
+    }
+
+    fn record_disk_full_at(&self, full: bool, now: Instant) -> bool {
+        let was_full = self.disk_full.swap(full, Relaxed);
+        if full {
+            *self.disk_full_last.lock().unwrap_or_else(|e| e.into_inner()) = Some(now);
+            if !was_full {
+                self.disk_full_spells.fetch_add(1, Relaxed);
+            }
+        }
+        was_full
+    }
+
+    /// Whether the disk is full, or was within [`DISK_FULL_SHOWN_FOR`].
+    fn shows_disk_full_at(&self, now: Instant) -> bool {
+        self.disk_full.load(Relaxed)
+            || self
+                .disk_full_last
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some_and(|last| now.saturating_duration_since(last) < DISK_FULL_SHOWN_FOR)
     }
 
     pub(crate) fn record_pass(&self, took: Duration, ok: bool) {
@@ -117,8 +153,10 @@ pub struct DbStatus {
     pub failed_passes: u64,
     /// Time spent in capture passes.
     pub pass_seconds: f64,
-    /// True while capture passes fail because the local disk is full.
+    /// True while capture passes meet a full local disk, and for a minute after.
     pub disk_full: bool,
+    /// Spells of a full local disk since start.
+    pub disk_full_spells: u64,
     /// Why replication of this database stopped on its own, once it has.
     pub stopped: Option<String>,
     /// One entry per replica, in configuration order.
@@ -169,7 +207,7 @@ impl DbStatus {
             problems.push(format!("{db}: replication stopped: {why}"));
         }
         if self.disk_full {
-            problems.push(format!("{db}: local disk full, capture failing; free space on its volume"));
+            problems.push(format!("{db}: local disk full within the last minute; free space on its volume"));
         }
         for replica in &self.replicas {
             if let Some(why) = &replica.validation_failure {
@@ -289,7 +327,8 @@ impl Handle {
             passes: self.counters.passes.load(Relaxed),
             failed_passes: self.counters.failed_passes.load(Relaxed),
             pass_seconds: self.counters.pass_nanos.load(Relaxed) as f64 / 1e9,
-            disk_full: self.counters.disk_full.load(Relaxed),
+            disk_full: self.counters.shows_disk_full_at(Instant::now()),
+            disk_full_spells: self.counters.disk_full_spells.load(Relaxed),
             stopped: self.counters.stopped.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             replicas,
             health_lag: self.health_lag,
@@ -353,5 +392,26 @@ impl Handle {
                 ),
             })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_shows_for_a_while_after_the_spell_and_each_spell_counts() {
+        let counters = DbCounters::default();
+        let start = Instant::now();
+        assert!(!counters.shows_disk_full_at(start));
+        assert!(!counters.record_disk_full_at(true, start));
+        assert!(counters.record_disk_full_at(true, start + Duration::from_millis(1)), "the same spell");
+        assert!(counters.record_disk_full_at(false, start + Duration::from_millis(2)));
+        let after = start + Duration::from_millis(1) + DISK_FULL_SHOWN_FOR;
+        assert!(counters.shows_disk_full_at(after - Duration::from_millis(1)), "a spell of 1 ms still shows");
+        assert!(!counters.shows_disk_full_at(after));
+        counters.record_disk_full_at(true, after);
+        counters.record_disk_full_at(false, after);
+        assert_eq!(counters.disk_full_spells.load(Relaxed), 2);
     }
 }
