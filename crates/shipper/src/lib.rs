@@ -3,12 +3,15 @@
 //! [`Shipper::run`] waits for the database to exist, then runs two kinds of workers:
 //!
 //! - the capturer, which owns walstream's SQLite connections and runs a turn at a time on the
-//!   process's capture pool. Woken by file events (and a slow poll), it copies every committed, checksum-valid WAL frame into a local shadow WAL
-//!   under a rolling read pin, follows WAL restarts as new indexes, and starts a new generation
-//!   with a snapshot when continuity is lost. It publishes the shadow's committed end as a
+//!   process's capture pool. Woken by file events (and polling while the writer is busy), it
+//!   reads every committed, checksum-valid WAL frame under a rolling read pin, which keeps
+//!   them in the live WAL until the replicas have them; what the pin must let go of first is
+//!   stored in a local shadow WAL. It follows WAL restarts as new indexes, and starts a new
+//!   generation with a snapshot when continuity is lost. It publishes the committed end as a
 //!   [`ShadowState`].
-//! - one uploader task per [`Replica`], which ships the shadow in (index, offset) order as
-//!   LZ4 segments named exactly as Litestream v0.3.13 names them, and the latest snapshot.
+//! - one uploader task per [`Replica`], which ships that WAL (from the live WAL or the shadow)
+//!   in (index, offset) order as LZ4 segments named exactly as Litestream v0.3.13 names them,
+//!   and the latest snapshot.
 //! - one upkeep task per replica, which asks the capturer for snapshots on the replica's
 //!   snapshot interval and deletes what its retention no longer needs.
 //!
