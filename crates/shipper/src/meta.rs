@@ -184,12 +184,7 @@ impl MetaDir {
     }
 
     /// Compresses the database file, as it is now, into a snapshot at WAL index `index`, the
-    /// index the capturer is in.
-    ///
-    /// Every earlier index is wholly in the file: SQLite restarts or truncates the WAL only after
-    /// back-filling all of it. Pages of index `index` may be back-filled while the file is read;
-    /// restore replays that index from offset 0 over the snapshot, so the result is consistent
-    /// (the argument Litestream's snapshots rest on too).
+    /// index the capturer is in, and puts it in place ([`UnsealedSnapshot::seal`]).
     pub(crate) fn write_snapshot(
         &self,
         generation: &GenerationId,
@@ -197,6 +192,23 @@ impl MetaDir {
         db_file: &fs::File,
         buf: &mut [u8],
     ) -> Result<LocalSnapshot, Error> {
+        self.write_unsealed_snapshot(generation, index, db_file, buf)?.seal()
+    }
+
+    /// Compresses the database file, as it is now, into a snapshot at WAL index `index`, the
+    /// index the capturer is in, under a temporary name: only this needs the capturer's pin.
+    ///
+    /// Every earlier index is wholly in the file: SQLite restarts or truncates the WAL only after
+    /// back-filling all of it. Pages of index `index` may be back-filled while the file is read;
+    /// restore replays that index from offset 0 over the snapshot, so the result is consistent
+    /// (the argument Litestream's snapshots rest on too).
+    pub(crate) fn write_unsealed_snapshot(
+        &self,
+        generation: &GenerationId,
+        index: u32,
+        db_file: &fs::File,
+        buf: &mut [u8],
+    ) -> Result<UnsealedSnapshot, Error> {
         use std::io::Write;
         let path = self.snapshots_dir(generation).join(format!("{index:08x}.snapshot.lz4"));
         let temp = path.with_extension("lz4.tmp");
@@ -212,21 +224,56 @@ impl MetaDir {
                 writer.write_all(&buf[..n]).map_err(io_err("write", &temp))?;
                 offset += n as u64;
             }
-            let file = writer
+            writer
                 .finish()
                 .map_err(io_err("write", &temp))?
                 .into_inner()
-                .map_err(|e| io_err("write", &temp)(e.into_error()))?;
-            file.sync_all().map_err(io_err("fsync", &temp))
+                .map_err(|e| io_err("write", &temp)(e.into_error()))
         })();
-        if let Err(e) = written {
-            // A full disk must get its space back.
+        match written {
+            Ok(file) => Ok(UnsealedSnapshot { index, file, temp, path }),
+            Err(e) => {
+                // A full disk must get its space back.
+                let _ = fs::remove_file(&temp);
+                Err(e)
+            }
+        }
+    }
+}
+
+/// A snapshot written whole under its temporary name, not yet fsynced or in place. Dropped
+/// unsealed, it is removed.
+pub(crate) struct UnsealedSnapshot {
+    index: u32,
+    file: fs::File,
+    temp: PathBuf,
+    path: PathBuf,
+}
+
+impl UnsealedSnapshot {
+    /// Fsyncs the snapshot and renames it into place: an fsync of a compressed 12 MB database
+    /// took 8 to 12 ms, which need not be spent under the pin.
+    pub(crate) fn seal(mut self) -> Result<LocalSnapshot, Error> {
+        let (temp, path) = (std::mem::take(&mut self.temp), std::mem::take(&mut self.path));
+        let sealed = self
+            .file
+            .sync_all()
+            .map_err(io_err("fsync", &temp))
+            .and_then(|()| fs::rename(&temp, &path).map_err(io_err("rename", &temp)));
+        if let Err(e) = sealed {
             let _ = fs::remove_file(&temp);
             return Err(e);
         }
-        fs::rename(&temp, &path).map_err(io_err("rename", &temp))?;
         let created = fs::metadata(&path).and_then(|m| m.modified()).map_err(io_err("stat", &path))?;
-        Ok(LocalSnapshot { index, path, created, from_database: false })
+        Ok(LocalSnapshot { index: self.index, path, created, from_database: false })
+    }
+}
+
+impl Drop for UnsealedSnapshot {
+    fn drop(&mut self) {
+        if !self.temp.as_os_str().is_empty() {
+            let _ = fs::remove_file(&self.temp);
+        }
     }
 }
 
@@ -238,4 +285,40 @@ fn write_atomic(path: &Path, data: &[u8]) -> Result<(), Error> {
     fs::write(&temp, data).map_err(io_err("write", &temp))?;
     fs::File::open(&temp).and_then(|f| f.sync_all()).map_err(io_err("fsync", &temp))?;
     fs::rename(&temp, path).map_err(io_err("rename", &temp))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> =
+            fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn a_snapshot_is_in_place_only_once_sealed_and_an_unsealed_one_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = MetaDir::for_db(&dir.path().join("db"), None);
+        let id = GenerationId::random();
+        fs::create_dir_all(meta.snapshots_dir(&id)).unwrap();
+        let db = dir.path().join("db");
+        let contents: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        fs::write(&db, &contents).unwrap();
+        let db_file = fs::File::open(&db).unwrap();
+        let mut buf = vec![0u8; 64 << 10];
+
+        let unsealed = meta.write_unsealed_snapshot(&id, 3, &db_file, &mut buf).unwrap();
+        assert!(meta.local_snapshots(&id).is_empty(), "not a snapshot before it is sealed");
+        drop(unsealed);
+        assert_eq!(names(&meta.snapshots_dir(&id)), Vec::<String>::new(), "dropped unsealed, nothing is left");
+
+        let sealed = meta.write_unsealed_snapshot(&id, 3, &db_file, &mut buf).unwrap().seal().unwrap();
+        assert_eq!(names(&meta.snapshots_dir(&id)), vec!["00000003.snapshot.lz4".to_string()]);
+        assert_eq!((sealed.index, sealed.from_database), (3, false));
+        let framed = fs::read(&sealed.path).unwrap();
+        assert_eq!(walstream_format::lz4::decompress(&framed).unwrap(), contents);
+    }
 }
