@@ -581,8 +581,6 @@ pub(crate) fn hold_read_mark_0(db: &Path) -> File {
     shm
 }
 
-/// The application's PASSIVE checkpoint, asserted (with `why`) to have back-filled every frame;
-/// returns the WAL's frames.
 /// The application's connection to a new database at `path`: WAL mode, no autocheckpoint (the
 /// tests checkpoint when they mean to), and one committed row in `t`.
 #[cfg(test)]
@@ -595,6 +593,8 @@ pub(crate) fn app_with_one_row(path: &Path) -> Connection {
     app
 }
 
+/// The application's PASSIVE checkpoint, asserted (with `why`) to have back-filled every frame;
+/// returns the WAL's frames.
 #[cfg(test)]
 pub(crate) fn backfill_whole(app: &Connection, why: &str) -> i64 {
     let (busy, frames, backfilled): (i64, i64, i64) =
