@@ -390,7 +390,15 @@ fn a_replica_down_beside_a_healthy_one_catches_up_from_the_spool_encrypted() {
         assert!(output.status.success(), "restore from {replica}: {}", stderr(&output));
         assert_same_database(&scratch.db(), &out);
     }
-    assert_eq!(scratch.generation_count(), 1, "the gcs replica went on in the same generation");
+    let why: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            ["new generation", "dropping the pin", "stepped aside", "max-local-wal", "overwritten"]
+                .iter()
+                .any(|m| l.contains(m))
+        })
+        .collect();
+    assert_eq!(scratch.generation_count(), 1, "the gcs replica went on in the same generation:\n{}", why.join("\n"));
 }
 
 /// SIGKILL at seeded random moments (4.5 to 7 s apart) during a 24 s outage, restarting the
