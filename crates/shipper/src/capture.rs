@@ -1353,6 +1353,7 @@ impl Capturer {
         if (busy || slow || len >= DROP_PIN_ANY_WRITER_BYTES)
             && retry_due
             && self.db.is_pinned()
+            && !self.restarted_since_copy(salt1)
             && !self.reader_holds_drop_back(index)
         {
             // What the replicas lack is stored, not shipped at once: a life ends about every
@@ -1367,6 +1368,18 @@ impl Capturer {
             self.db.release_all();
             self.backfill_on_a_full_disk();
         }
+    }
+
+    /// Whether the application restarted the WAL after this pass's copy, which a pin with
+    /// read-mark 0 allows (one taken on a life SQLite had back-filled whole). A drop then would
+    /// let go of the only thing keeping the new life's frames, which no copy has read, from
+    /// being back-filled and written over: the next pass could not tell that apart from a lost
+    /// life and would start a new generation. Beside 10,000-row updates the WAL restarted so
+    /// during each new generation's 86 ms snapshot, and each such start, in a store outage past
+    /// `max-local-wal`, was followed 90 ms later by a second generation and a second snapshot
+    /// (25 of 25 in one run). Kept, the pin lets the next pass follow the restart.
+    fn restarted_since_copy(&mut self, shadow_salt1: u32) -> bool {
+        self.db.wal_index_header().is_some_and(|index| index.salt1 != shadow_salt1)
     }
 
     /// Whether the last drop of this life failed because another process reads the WAL from
@@ -2455,6 +2468,51 @@ mod tests {
         assert!(h.capturer.db.is_pinned());
         h.capturer.pass().unwrap();
         assert_ne!(h.generation(), generation, "a restart over frames never copied continued the generation");
+    }
+
+    /// A large life copied whole and back-filled, then a pin rolled onto it (read-mark 0) and
+    /// a restart by the application that no copy has followed, as during a new generation's
+    /// snapshot: the drop must wait for a pass to copy the new life, or the pass after the drop
+    /// finds the old life's tail overwritten unguarded and starts a new generation.
+    #[test]
+    fn no_drop_lets_go_of_a_restart_no_copy_has_followed() {
+        let mut h = Harness::new();
+        h.capturer.timing.pin_roll = Duration::ZERO;
+        h.capturer.pass().unwrap();
+        // One transaction of about 1,100 pages: a life past SQLite's checkpoint size.
+        let large = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1100) INSERT INTO t SELECT randomblob(3000) FROM n";
+        h.app.execute(large, []).unwrap();
+        h.capturer.pass().unwrap();
+        let generation = h.generation();
+        let (index, salt1) = {
+            let shadow = h.capturer.generation.as_ref().unwrap().shadow.as_ref().unwrap();
+            assert!(
+                shadow.committed_len >= checkpoint_size(shadow.header.frame_size()),
+                "the life is too small to drop; the test proves nothing"
+            );
+            (shadow.index, shadow.header.salt1)
+        };
+        crate::source::backfill_whole(&h.app, "the pin sits at the WAL's end, so the whole life back-fills");
+        h.capturer.pass().unwrap();
+        assert!(
+            !pin_holds_off_a_restart(h.capturer.db.index_at_pin()),
+            "the pin holds off a restart; the test proves nothing"
+        );
+        // The application restarts the WAL under that pin, writing over the old life's tail.
+        h.app.execute(&large.replace("1100", "1300"), []).unwrap();
+        assert_ne!(
+            h.capturer.db.wal_index_header().unwrap().salt1,
+            salt1,
+            "the WAL did not restart; the test proves nothing"
+        );
+        // The life has been past the checkpoint size longer than a slow writer's drop waits.
+        h.capturer.large_wal_since = Some((index, Instant::now() - 2 * DROP_PIN_AFTER_SLOW));
+        h.capturer.let_busy_wal_restart();
+        assert!(h.capturer.db.is_pinned(), "the pin was let go over a restart no copy had followed");
+        h.capturer.pass().unwrap();
+        assert_eq!(h.generation(), generation, "the restart, held under the pin, cost a new generation");
+        assert_eq!(h.capturer.shadow_end().unwrap().0, index + 1);
+        h.assert_copied_to_the_wal_end();
     }
 
     /// While a dropped pin waits for the WAL to restart, a wal-index header read between its two
