@@ -10,9 +10,15 @@ shrinks it, so the peak is the largest WAL life) and the first life's size, then
 
     scripts/build-release.sh
     python3 scripts/measure-large-transactions.py none target/dist/walstream --runs 6 --secs 3
+
+With --outage SIZE the replica is `gcs://` on a closed port (a store outage for the whole run)
+and walstream runs with `-max-local-wal SIZE`; each run also prints the new generations by
+reason and by how much the local shadow had passed the bound when each was started.
 """
 import argparse
+import collections
 import os
+import re
 import shutil
 import sqlite3
 import statistics
@@ -21,7 +27,7 @@ import tempfile
 import time
 
 
-def run(binary, secs):
+def run(binary, secs, outage=None):
     d = tempfile.mkdtemp(prefix="walstream-large-tx-")
     db = os.path.join(d, "app.db")
     c = sqlite3.connect(db, isolation_level=None)
@@ -37,7 +43,13 @@ def run(binary, secs):
     if binary != "none":
         log = open(os.path.join(d, "walstream.log"), "w")
         replica = "file://" + os.path.join(d, "replica")
-        replicator = subprocess.Popen([binary, "replicate", db, replica], stdout=log, stderr=log)
+        env, extra = None, []
+        if outage:
+            # Port 1 refuses every connection: the store is down for the whole run.
+            replica = "gcs://dead/db"
+            env = dict(os.environ, STORAGE_EMULATOR_HOST="http://127.0.0.1:1")
+            extra = ["-max-local-wal", outage]
+        replicator = subprocess.Popen([binary, "replicate", *extra, db, replica], stdout=log, stderr=log, env=env)
         time.sleep(1.5)  # its first snapshot
     wal = db + "-wal"
     first_life, peak, commits, first_salt = 0, 0, 0, None
@@ -55,11 +67,20 @@ def run(binary, secs):
                 first_life = max(first_life, size)
     if replicator:
         replicator.terminate()
-        if replicator.wait(timeout=30) != 0:
+        # In an outage the final flush cannot ship: exit 8 says so, and is expected.
+        if replicator.wait(timeout=30) not in ((0, 8) if outage else (0,)):
             raise SystemExit(f"{binary} exited {replicator.returncode}; its log is in {d}")
     c.close()
+    generations = None
+    if replicator and outage:
+        text = open(os.path.join(d, "walstream.log")).read()
+        reasons = collections.Counter(
+            re.sub(r"\(\d+ bytes > \d+\)", "(...)", m) for m in re.findall(r'new generation.*?reason="([^"]*)"', text)
+        )
+        past = [int(u) - int(b) for u, b in re.findall(r"passed max-local-wal \((\d+) bytes > (\d+)\)", text)]
+        generations = (dict(reasons), (min(past) >> 10, max(past) >> 10) if past else None)
     shutil.rmtree(d)
-    return commits, peak, first_life
+    return commits, peak, first_life, generations
 
 
 def main():
@@ -67,13 +88,17 @@ def main():
     parser.add_argument("binaries", nargs="+", help="walstream binaries, or none for the app alone")
     parser.add_argument("--runs", type=int, default=6)
     parser.add_argument("--secs", type=float, default=3.0)
+    parser.add_argument("--outage", metavar="SIZE", help="replica down all run, with -max-local-wal SIZE")
     args = parser.parse_args()
     peaks = {b: [] for b in args.binaries}
     for n in range(args.runs):
         for binary in args.binaries:
-            commits, peak, first_life = run(binary, args.secs)
+            commits, peak, first_life, generations = run(binary, args.secs, args.outage)
             peaks[binary].append(peak)
             print(f"run {n + 1} {binary}: {commits} commits, WAL peak {peak >> 10} KiB, first life {first_life >> 10} KiB", flush=True)
+            if generations:
+                reasons, past = generations
+                print(f"  new generations by reason: {reasons}; past the bound by {past} KiB (least, most)", flush=True)
     for binary, p in peaks.items():
         print(f"{binary}: WAL peak median {statistics.median(p) / 1024:.0f} KiB, range {min(p) >> 10}-{max(p) >> 10} KiB")
 
