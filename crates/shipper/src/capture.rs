@@ -1433,7 +1433,8 @@ impl Capturer {
     /// life and would start a new generation. Beside 10,000-row updates the WAL restarted so
     /// during each new generation's 86 ms snapshot, and each such start, in a store outage past
     /// `max-local-wal`, was followed 90 ms later by a second generation and a second snapshot
-    /// (25 of 25 in one run). Kept, the pin lets the next pass follow the restart.
+    /// (22 of 24 in one run). Kept, the pin lets a copy follow the restart first: the one the
+    /// pass makes after its snapshot (see `pass_with_buf`), or the next pass's.
     fn restarted_since_copy(&mut self) -> bool {
         let Some(salt1) = self.generation.as_ref().and_then(|g| g.shadow.as_ref()).map(|s| s.header.salt1) else {
             return false;
