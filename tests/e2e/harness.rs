@@ -333,8 +333,11 @@ pub struct App {
 impl App {
     pub fn open(path: &Path) -> App {
         let conn = Connection::open(path).unwrap();
-        conn.pragma_update(None, "journal_mode", "wal").unwrap();
+        // First: walstream switches a database it finds in rollback mode to WAL itself, and the
+        // two switches at once left the app's, with no timeout yet, busy (once in a fresh-clone
+        // run, on a database replaced under walstream).
         conn.busy_timeout(Duration::from_secs(10)).unwrap();
+        conn.pragma_update(None, "journal_mode", "wal").unwrap();
         conn.execute_batch("CREATE TABLE IF NOT EXISTS items (id INTEGER PRIMARY KEY, body TEXT NOT NULL, blob BLOB)")
             .unwrap();
         let next_id = conn.query_row("SELECT coalesce(max(id), 0) + 1 FROM items", [], |r| r.get(0)).unwrap();
