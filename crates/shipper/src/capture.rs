@@ -1121,11 +1121,11 @@ impl Capturer {
         if last.at.elapsed() < due {
             return;
         }
+        let shadow = generation.shadow.as_ref();
         // The current index is the WAL life the app's own WAL holds too, needed whatever happens.
-        let used =
-            crate::shadow::disk_bytes(&self.meta.wal_dir(&generation.id), generation.shadow.as_ref().map(|s| s.index));
+        let used = crate::shadow::disk_bytes(&self.meta.wal_dir(&generation.id), shadow.map(|s| s.index));
         // Once it ends it counts, whole if no replica has taken it, stored or still in the live WAL.
-        let current = generation.shadow.as_ref().map_or(0, |s| s.committed_len);
+        let current = shadow.map_or(0, |s| s.committed_len);
         self.bound_checked = BoundLook { at: Instant::now(), copied, used: used + current };
         if used > bound {
             warn!(db = %self.db_path.display(), generation = %generation.id, used, bound, "the local shadow wal passed max-local-wal while a replica could not take it: the history it lacks is dropped, and a new generation's snapshot holds every commit");
