@@ -448,11 +448,6 @@ impl SourceDb {
         }
     }
 
-    /// True when another process holds SQLite's checkpoint lock: a checkpoint is running.
-    pub(crate) fn checkpoint_running(&self) -> bool {
-        self.shm_file.as_ref().is_some_and(|shm| locked_by_other(shm, SHM_CKPT_LOCK))
-    }
-
     /// True when another process holds both SQLite's WAL write lock and its checkpoint lock: a
     /// FULL, RESTART or TRUNCATE checkpoint, which waits for readers such as walstream's pin.
     /// While the write lock is held nobody can append, so walstream can copy to the end and step
@@ -570,14 +565,31 @@ fn lock_type(file: &File, offset: i64, cmd: libc::c_int) -> std::io::Result<Opti
 }
 
 /// Holds read-mark 0 exclusively, as the application's checkpoint does while it back-fills, until
-/// the returned file is closed: an open file description's lock, so another owner than this
-/// process's SQLite connections, as the application is.
+/// the returned file is closed.
 #[cfg(test)]
 pub(crate) fn hold_read_mark_0(db: &Path) -> File {
+    hold_shm_lock(db, SHM_READ_LOCK_0)
+}
+
+/// Holds SQLite's checkpoint lock, as the application's checkpoint does while it runs, until the
+/// returned file is closed.
+#[cfg(test)]
+pub(crate) fn hold_checkpoint_lock(db: &Path) -> File {
+    hold_shm_lock(db, SHM_CKPT_LOCK)
+}
+
+/// Holds the wal-index lock at `offset` exclusively: an open file description's lock, so another
+/// owner than this process's SQLite connections, as the application is.
+#[cfg(test)]
+fn hold_shm_lock(db: &Path, offset: i64) -> File {
     let shm = std::fs::OpenOptions::new().read(true).write(true).open(format!("{}-shm", db.display())).unwrap();
-    let lock = byte_lock(libc::F_WRLCK, SHM_READ_LOCK_0);
+    let lock = byte_lock(libc::F_WRLCK, offset);
     // SAFETY: a valid descriptor and a valid pointer to `lock`.
-    assert_eq!(unsafe { libc::fcntl(shm.as_raw_fd(), libc::F_OFD_SETLK, &lock) }, 0, "cannot lock read-mark 0");
+    assert_eq!(
+        unsafe { libc::fcntl(shm.as_raw_fd(), libc::F_OFD_SETLK, &lock) },
+        0,
+        "cannot take wal-index lock {offset}"
+    );
     shm
 }
 
