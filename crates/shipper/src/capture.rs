@@ -2768,7 +2768,7 @@ mod tests {
 
     /// While a drop waits and the application's checkpoint of the dropped life runs, a pass with
     /// a commit to copy pins for its copy: that checkpoint may end while the copy runs, and the
-    /// app then restart the WAL and truncate it again before the next pass, ending a life no
+    /// app may then restart the WAL and truncate it again before the next pass, ending a life no
     /// copy has read (`Capturer::may_pin_after_drop`). Here all of that happens as the copy
     /// reads the WAL; the app's TRUNCATE finds the pin and leaves the WAL alone.
     #[test]
