@@ -392,14 +392,7 @@ fn a_replica_down_beside_a_healthy_one_catches_up_from_the_spool_encrypted() {
     }
     // The 80 log lines before each generation after the first: the race behind one (seen in
     // about 1 run of 50 under load) is in what the capturer did just before it.
-    let lines: Vec<&str> = text.lines().collect();
-    let why: Vec<&str> = lines
-        .iter()
-        .enumerate()
-        .filter(|(_, l)| l.contains("new generation"))
-        .skip(1)
-        .flat_map(|(at, _)| lines[at.saturating_sub(80)..=at].iter().copied())
-        .collect();
+    let why = log_before_later_generations(&text, 80);
     assert_eq!(scratch.generation_count(), 1, "the gcs replica went on in the same generation:\n{}", why.join("\n"));
 }
 

@@ -546,6 +546,19 @@ pub fn peak_rss_kib(pid: i32) -> u64 {
 }
 
 /// Waits until `cond` holds, failing the test after `limit`.
+/// The `before` lines of a replicator's log that lead up to each generation after the first,
+/// each with its own line: a second generation's race is in what the capturer did just before.
+pub fn log_before_later_generations(log: &str, before: usize) -> Vec<&str> {
+    let lines: Vec<&str> = log.lines().collect();
+    lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.contains("new generation"))
+        .skip(1)
+        .flat_map(|(at, _)| lines[at.saturating_sub(before)..=at].iter().copied())
+        .collect()
+}
+
 pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !cond() {

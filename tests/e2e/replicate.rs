@@ -56,13 +56,10 @@ on_both_backends! {
         // With what moved the pin around it: a new generation here has come from a pin dropped
         // just before a TRUNCATE checkpoint.
         let mut why: Vec<&str> = log.lines().filter(|l| ["new generation", "dropping the pin", "stepped aside", "busy writer", "new index"].iter().any(|s| l.contains(s))).collect();
-        // And everything the capturer logged in the 80 lines before a second generation: the race
-        // behind one (reliability.md, "Races known and not fixed") is in what it did just before.
-        let lines: Vec<&str> = log.lines().collect();
-        if let Some(at) = lines.iter().enumerate().filter(|(_, l)| l.contains("new generation")).nth(1).map(|(at, _)| at) {
-            why.push("-- the 80 lines before the second generation:");
-            why.extend(&lines[at.saturating_sub(80)..=at]);
-        }
+        // And everything the capturer logged just before any later generation: the race behind
+        // one (reliability.md, "Races known and not fixed") is in what it did then.
+        why.push("-- the 80 lines before each later generation:");
+        why.extend(log_before_later_generations(&log, 80));
         assert_eq!(generations, 1, "app checkpoints must not start new generations:\n{}", why.join("\n"));
     }
 }
