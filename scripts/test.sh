@@ -8,6 +8,8 @@ export CARGO_INCREMENTAL=0
 # The gates come first: a formatting or lint failure needs no emulator to report.
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# And on any doc link that no longer resolves: moved or renamed items leave them behind.
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --document-private-items --locked
 echo "test: $(df -h --output=avail . | tail -1 | tr -d ' ') free on $(df --output=target . | tail -1)"
 # Build every binary once (the e2e tests run target/debug/walstream), then run all tests.
 cargo build --workspace --all-targets --locked

@@ -1,5 +1,5 @@
 //! Go's `time.Duration` text, which Litestream's flags, config and listings use: [`parse`] for
-//! what the user writes (`1h30m`, `500ms`), [`format`] for what `walstream` prints (`1h2m3s`).
+//! what the user writes (`1h30m`, `500ms`), [`format()`] for what `walstream` prints (`1h2m3s`).
 
 use std::time::Duration;
 

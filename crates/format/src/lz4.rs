@@ -38,7 +38,7 @@ const FLG_DICT_ID: u8 = 0x01;
 // small WAL segments costs more than the compression itself.
 
 /// A writer that LZ4-frames everything written to it; call [`FrameWriter::finish`] to write the
-/// end mark and content checksum. Memory is bounded by one block ([`WRITTEN_BLOCK`]) and its
+/// end mark and content checksum. Memory is bounded by one block (`WRITTEN_BLOCK`) and its
 /// compressed form.
 pub struct FrameWriter<W: Write> {
     inner: W,

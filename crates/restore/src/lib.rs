@@ -1,6 +1,6 @@
 //! Restores a database from a replica written by walstream or Litestream v0.3.13.
 //!
-//! [`plan`] lists the replica and chooses what to apply for a [`Target`] (latest state, a
+//! [`plan()`] lists the replica and chooses what to apply for a [`Target`] (latest state, a
 //! generation, an index or a moment): a snapshot and the WAL indexes after it
 //! ([`RestorePlan`]). [`restore`] then downloads objects in parallel, verifies the checksum
 //! chain of every index as its frames arrive, writes each committed transaction's pages

@@ -1,6 +1,6 @@
 //! One writer per replica across machines: a small lease object at the replica's root, beside
 //! `generations/` (where Litestream v0.3.13 never looks), taken and renewed by compare-and-swap
-//! ([`ObjectStore::put_if`]: GCS generation preconditions).
+//! ([`ObjectStore::put_if`](walstream_store::ObjectStore::put_if): GCS generation preconditions).
 //!
 //! The lease is renewed only when it is about to be used, before an upload, once two thirds of
 //! its term have passed: the 40 s left of the default 120 s term cover an upload under way, and

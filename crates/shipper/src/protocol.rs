@@ -67,7 +67,7 @@ pub struct ShadowState {
     pub disk_tight: bool,
     /// (index, length) of the ended indexes some replica may still lack, oldest first (those a
     /// restart found on disk, then those ended since): with `end`, how much an uploader has
-    /// waiting ([`ShadowState::wal_past`]).
+    /// waiting (`ShadowState::wal_past`).
     pub ended: Vec<(u32, u64)>,
     /// When `end` last moved: a writer quiet since then is not a steady stream, so an uploader
     /// ships a new WAL life with the old one's tail rather than at the next slot.
