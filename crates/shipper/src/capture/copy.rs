@@ -11,7 +11,8 @@ use walstream_format::wal::WalHeader;
 use walstream_format::{name, GenerationId, Pos, WAL_HEADER_SIZE};
 
 use super::pin::checkpoint_size;
-use super::{all_hold, Capturer, Generation, SnapshotUpload};
+use super::snapshot::SnapshotUpload;
+use super::{all_hold, Capturer, Generation};
 use crate::error::{io_err, Error};
 use crate::meta::LocalSnapshot;
 use crate::shadow::ShadowIndex;
