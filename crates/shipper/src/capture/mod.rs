@@ -435,8 +435,12 @@ impl Capturer {
         let first = match self.woken_by.pop_front().map(Ok).unwrap_or_else(|| wakes.try_recv()) {
             Ok(wake) => {
                 // A commit right after the last pass waits for the pass spacing, with whatever
-                // else comes meanwhile.
-                if let Some(wait) = self.timing.pass_spacing.checked_sub(self.last_change.elapsed()) {
+                // else comes meanwhile; after a drop only as long as the timer would
+                // (`passes_fast`). A writer the capturer does not poll sends an event with each
+                // commit, and each held the pass that would see the restart for the whole
+                // spacing, 10 ms where the timer alone passes every 1.
+                let spacing = if after_drop { AFTER_DROP_SPACING } else { self.timing.pass_spacing };
+                if let Some(wait) = spacing.checked_sub(self.last_change.elapsed()) {
                     if !wait.is_zero() && !matches!(wake, Wake::Shutdown) {
                         self.woken_by.push_front(wake);
                         return Turn::Again(wait);

@@ -940,6 +940,25 @@ fn turned_after_a_first_pass(
     (events, wake_tx, wake_rx)
 }
 
+/// After a drop, a pass woken by a file event comes as soon as the timer's would
+/// ([`AFTER_DROP_SPACING`]), not a pass spacing after the last pass: a writer the capturer does
+/// not poll sends an event with each commit, and each such event held back the pass that would
+/// see the restart.
+#[test]
+fn after_a_drop_a_file_event_waits_no_longer_than_the_timer() {
+    let mut h = Harness::new();
+    let (_events, wake_tx, wake_rx) = turned_after_a_first_pass(&mut h);
+    h.capturer.timing.pass_spacing = Duration::from_millis(100);
+    h.copied_then_dropped();
+    h.capturer.last_change = Instant::now();
+    h.insert();
+    wake_tx.send(Wake::WalChanged).unwrap();
+    match h.capturer.turn(&wake_rx) {
+        Turn::Again(wait) => assert!(wait <= AFTER_DROP_SPACING, "a file event after a drop waited {wait:?}"),
+        Turn::Done(_) => panic!("the capturer stopped"),
+    }
+}
+
 /// Lets the harness's capturer rest as soon as it is idle, as it would with file events.
 fn resting_at_once(h: &mut Harness) -> std::sync::mpsc::Receiver<Wake> {
     let (wake_tx, wake_rx) = crate::pool::wake_channel();
