@@ -578,6 +578,13 @@ pub(crate) fn hold_checkpoint_lock(db: &Path) -> File {
     hold_shm_lock(db, SHM_CKPT_LOCK)
 }
 
+/// Holds SQLite's write lock and checkpoint lock, as the application's FULL, RESTART or TRUNCATE
+/// checkpoint does while it waits for readers, until the returned files are closed.
+#[cfg(test)]
+pub(crate) fn hold_blocking_checkpoint_locks(db: &Path) -> [File; 2] {
+    [hold_shm_lock(db, SHM_WRITE_LOCK), hold_shm_lock(db, SHM_CKPT_LOCK)]
+}
+
 /// Holds the wal-index lock at `offset` exclusively: an open file description's lock, so another
 /// owner than this process's SQLite connections, as the application is.
 #[cfg(test)]

@@ -517,6 +517,41 @@ fn a_copy_while_the_apps_checkpoint_runs_holds_off_a_second_restart() {
     assert_eq!(h.generation(), generation, "the commits made while the pass copied were lost to the replicas");
 }
 
+/// While a drop waits, a pass pins for its copy and lets go at its end; commits made during the
+/// copy, after it read the WAL, are not in it. An application's TRUNCATE begun meanwhile waits
+/// for that pin, holding the write lock: the pass steps aside, copying those commits first,
+/// instead of handing the TRUNCATE a life with commits no copy has read
+/// (`Capturer::release_pass_pin`). The waiting checkpoint's two locks are held from open file
+/// descriptions, as another process's are (this process's own are invisible to the probe).
+#[test]
+fn a_truncate_waiting_as_a_copying_pass_ends_finds_every_commit_copied() {
+    let mut h = Harness::new();
+    h.copied_then_dropped();
+    let generation = h.generation();
+    // A commit for the pass to copy, so that it pins.
+    h.insert();
+    let db_path = h.capturer.db_path.clone();
+    let waiting = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let held = waiting.clone();
+    h.capturer.after_observe = Some(Box::new(move || {
+        let app = Connection::open(&db_path).unwrap();
+        for _ in 0..3 {
+            app.execute("INSERT INTO t VALUES (randomblob(100))", []).unwrap();
+        }
+        *held.lock().unwrap() = Some(crate::source::hold_blocking_checkpoint_locks(&db_path));
+    }));
+    h.capturer.pass().unwrap();
+    let locks = waiting.lock().unwrap().take().expect("the pass did not read the WAL");
+    assert!(!h.capturer.db.is_pinned(), "the pin taken for the copy outlived the pass");
+    h.assert_copied_to_the_wal_end();
+    // The checkpoint goes on once no pin is in its way.
+    drop(locks);
+    let busy: i64 = h.app.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0)).unwrap();
+    assert_eq!(busy, 0, "the app's TRUNCATE did not get through");
+    h.capturer.pass().unwrap();
+    assert_eq!(h.generation(), generation, "the commits made while the pass copied were lost to the replicas");
+}
+
 /// A new generation numbers its indexes from 0 again: a drop of the old generation's index 0,
 /// kept, held off the new generation's first drop for `DROP_PIN_RETRY`, and the WAL grew to
 /// 233 MB meanwhile beside 10,000-row updates in a store outage.
