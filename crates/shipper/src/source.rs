@@ -571,6 +571,13 @@ pub(crate) fn hold_read_mark_0(db: &Path) -> File {
     hold_shm_lock(db, SHM_READ_LOCK_0)
 }
 
+/// Shares read-mark 1, as another process's reader of WAL frames does, until the returned file is
+/// closed.
+#[cfg(test)]
+pub(crate) fn hold_read_mark_1(db: &Path) -> File {
+    hold_shm_lock_as(db, SHM_READ_LOCK_0 + 1, libc::F_RDLCK)
+}
+
 /// Holds SQLite's checkpoint lock, as the application's checkpoint does while it runs, until the
 /// returned file is closed.
 #[cfg(test)]
@@ -589,8 +596,14 @@ pub(crate) fn hold_blocking_checkpoint_locks(db: &Path) -> [File; 2] {
 /// owner than this process's SQLite connections, as the application is.
 #[cfg(test)]
 fn hold_shm_lock(db: &Path, offset: i64) -> File {
+    hold_shm_lock_as(db, offset, libc::F_WRLCK)
+}
+
+/// The same, holding it as `kind` (`F_RDLCK` or `F_WRLCK`).
+#[cfg(test)]
+fn hold_shm_lock_as(db: &Path, offset: i64, kind: libc::c_int) -> File {
     let shm = std::fs::OpenOptions::new().read(true).write(true).open(format!("{}-shm", db.display())).unwrap();
-    let lock = byte_lock(libc::F_WRLCK, offset);
+    let lock = byte_lock(kind, offset);
     // SAFETY: a valid descriptor and a valid pointer to `lock`.
     assert_eq!(
         unsafe { libc::fcntl(shm.as_raw_fd(), libc::F_OFD_SETLK, &lock) },
