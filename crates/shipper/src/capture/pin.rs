@@ -61,9 +61,9 @@ pub(super) fn checkpoint_size(frame: u64) -> u64 {
 /// pin outlives a pass, and none is taken while the application's checkpoint runs (see
 /// `Capturer::may_pin_after_drop`): one taken then holds a read-mark past 0, which forbids the
 /// restart, and the application's checkpoint of a large life outlasted the passes that let go
-/// again; a pin that still reads past 0 is let go and the wait goes on
-/// (`Capturer::keep_waiting_if_the_pin_holds_off_the_restart`). Each pass begins unpinned, so its copy is
-/// checked as any unpinned one (`Continuity::Unproven`).
+/// again; a pin that would still hold off the restart is let go and the wait goes on
+/// (`Capturer::keep_waiting_if_the_pin_holds_off_the_restart`). Each pass begins unpinned, so
+/// its copy is checked as any unpinned one (`Continuity::Unproven`).
 #[derive(Clone, Copy, Debug)]
 pub(super) struct PinDrop {
     /// The shadow index of the life let go, and its salt-1: a wal-index with another has restarted.
