@@ -448,6 +448,12 @@ impl SourceDb {
         }
     }
 
+    /// True when another process holds SQLite's checkpoint lock: its checkpoint runs (or a FULL,
+    /// RESTART or TRUNCATE one waits, see [`SourceDb::blocking_checkpoint_waiting`]).
+    pub(crate) fn checkpoint_running(&self) -> bool {
+        self.shm_file.as_ref().is_some_and(|shm| locked_by_other(shm, SHM_CKPT_LOCK))
+    }
+
     /// True when another process holds both SQLite's WAL write lock and its checkpoint lock: a
     /// FULL, RESTART or TRUNCATE checkpoint, which waits for readers such as walstream's pin.
     /// While the write lock is held nobody can append, so walstream can copy to the end and step

@@ -480,6 +480,25 @@ fn a_pin_taken_again_while_the_apps_writer_reads_past_read_mark_0_does_not_hold_
     assert_ne!(index.salt1, salt1, "the application's next write did not restart the WAL");
 }
 
+/// A drop's wait runs out while the application's checkpoint runs (its lock held from an open
+/// file description): the pass does not pin again then, for that pin would read past read-mark
+/// 0 and forbid the restart the checkpoint is about to allow. It pins once the checkpoint ends.
+#[test]
+fn a_drops_wait_runs_out_but_no_pin_is_kept_while_the_apps_checkpoint_runs() {
+    let mut h = Harness::new();
+    h.copied_then_dropped();
+    h.capturer.last_drop.as_mut().unwrap().at -= UNPINNED_AFTER_DROP;
+    let checkpoint = crate::source::hold_checkpoint_lock(&h.capturer.db_path);
+    h.insert();
+    h.capturer.pass().unwrap();
+    assert!(h.capturer.waiting_for_restart(), "the wait ended while the application's checkpoint ran");
+    assert!(!h.capturer.db.is_pinned(), "a pin taken while the application's checkpoint ran outlived the pass");
+    drop(checkpoint);
+    h.capturer.pass().unwrap();
+    assert!(!h.capturer.waiting_for_restart(), "the wait did not end once the checkpoint had");
+    assert!(h.capturer.db.is_pinned(), "no pin after the wait ran out");
+}
+
 /// A snapshot falls due while a drop waits for the restart: the pass that pins to copy does not
 /// take it, for it would hold that pin as long as it reads the database, and the application's
 /// checkpoints could back-fill only up to it (beside 10,000-row updates the wait then timed out
