@@ -460,7 +460,7 @@ impl SourceDb {
     /// aside without risk.
     pub(crate) fn blocking_checkpoint_waiting(&self) -> bool {
         let Some(shm) = &self.shm_file else { return false };
-        let both = || locked_by_other(shm, SHM_WRITE_LOCK) && locked_by_other(shm, SHM_CKPT_LOCK);
+        let both = || locked_by_other(shm, SHM_WRITE_LOCK) && self.checkpoint_running();
         // The two probes are a moment apart, and a writer's transaction and the autocheckpoint
         // after its commit hold the two locks one after the other: beside a flat-out writer
         // whose checkpoints a long reader kept short, walstream saw a checkpoint waiting where
